@@ -1,0 +1,168 @@
+-- Shared test setup: temp dirs, free loopback ports, starting real peers by PID with a time
+-- bound, waiting for them, and TLS material made at test time.
+local helper = {}
+
+local function sh(cmd)
+  local p = assert(io.popen(cmd, "r"))
+  local out = p:read("a") or p:read("*a")
+  local ok, _, code = p:close()
+  return out, ok, code
+end
+helper.sh = sh
+
+function helper.quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+local q = helper.quote
+
+helper.root = os.getenv("PWD") or "."
+helper.lua = os.getenv("SMTP_TEST_LUA") or "lua5.4"
+helper.python = "/usr/bin/python3"
+
+-- A fresh directory removed at exit of the process (best effort).
+local made = {}
+function helper.tmpdir()
+  local d = sh("mktemp -d /tmp/lua-smtp-test.XXXXXX"):gsub("%s+$", "")
+  made[#made + 1] = d
+  return d
+end
+
+function helper.write(path, data)
+  local f = assert(io.open(path, "wb")); f:write(data); f:close()
+end
+
+function helper.read(path)
+  local f = io.open(path, "rb"); if not f then return nil end
+  local d = f:read("a") or f:read("*a"); f:close(); return d
+end
+
+-- Sleeps without a scheduler (tests only).
+function helper.sleep(s) sh("sleep " .. tostring(s)) end
+
+-- A TCP port on `host` that nothing listens on right now (the kernel picks it).
+function helper.free_port(host)
+  host = host or "127.0.0.1"
+  local out = sh(helper.python .. " -c " .. q(
+    "import socket,sys\n" ..
+    "s=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)\n" ..
+    "s.bind((sys.argv[1],0)); print(s.getsockname()[1])") .. " " .. q(host))
+  return assert(tonumber(out), "free_port: " .. tostring(out))
+end
+
+-- True once something accepts TCP connections on host:port, false after `timeout` seconds.
+function helper.wait_port(host, port, timeout)
+  local out = sh(helper.python .. " -c " .. q(
+    "import socket,sys,time\n" ..
+    "end=time.time()+float(sys.argv[3])\n" ..
+    "while time.time()<end:\n" ..
+    "  try:\n" ..
+    "    socket.create_connection((sys.argv[1],int(sys.argv[2])),0.5).close(); print('up'); break\n" ..
+    "  except OSError: time.sleep(0.05)\n") .. " " .. q(host) .. " " .. port .. " " .. (timeout or 10))
+  return out:match("up") ~= nil
+end
+
+-- Starts a command in the background, bounded by `limit` seconds (default 600), with its output
+-- in a log file. Returns a process handle; :stop() kills exactly that PID.
+local procs = {}
+function helper.spawn(argv, opts)
+  opts = opts or {}
+  local parts = {}
+  for i, a in ipairs(argv) do parts[i] = q(a) end
+  local log = opts.log or (helper.tmpdir() .. "/out.log")
+  local env = ""
+  for k, v in pairs(opts.env or {}) do env = env .. k .. "=" .. q(v) .. " " end
+  local cmd = string.format("%s exec timeout -s TERM %d %s >%s 2>&1 </dev/null & echo $!",
+    env ~= "" and ("env " .. env) or "", opts.limit or 600, table.concat(parts, " "), q(log))
+  if opts.cwd then cmd = "cd " .. q(opts.cwd) .. " && " .. cmd end
+  local pid = tonumber((sh("sh -c " .. q(cmd))))
+  assert(pid, "spawn failed: " .. cmd)
+  local p = { pid = pid, log = log }
+  function p:alive() return select(2, sh("kill -0 " .. self.pid .. " 2>/dev/null")) == true end
+  function p:stop(sig)
+    if self.stopped then return end
+    self.stopped = true
+    sh("kill -" .. (sig or "TERM") .. " " .. self.pid .. " 2>/dev/null")
+    for _ = 1, 50 do
+      if not self:alive() then return end
+      sh("sleep 0.05")
+    end
+    sh("kill -KILL " .. self.pid .. " 2>/dev/null")
+  end
+  function p:output() return helper.read(self.log) or "" end
+  procs[#procs + 1] = p
+  return p
+end
+
+function helper.stop_all()
+  for _, p in ipairs(procs) do p:stop() end
+  procs = {}
+end
+
+-- TLS material made at test time in `dir` (default a new temp dir): a CA, a server certificate for
+-- localhost and 127.0.0.1 signed by it, one for a wrong name, an expired one, a self-signed one,
+-- and a second CA that signed nothing the server uses. Returns a table of paths.
+local cert_cache
+function helper.certs(dir)
+  if cert_cache and not dir then return cert_cache end
+  dir = dir or helper.tmpdir()
+  local script = [[
+set -e
+cd "$1"
+cat > ext.cnf <<'X'
+[srv]
+subjectAltName = DNS:localhost, IP:127.0.0.1, IP:::1
+basicConstraints = CA:FALSE
+keyUsage = digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+[wrong]
+subjectAltName = DNS:wrong.example
+extendedKeyUsage = serverAuth
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+X
+q() { "$@" >/dev/null 2>&1; }
+q openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj "/CN=lua-smtp test CA" -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+q openssl req -x509 -newkey rsa:2048 -nodes -keyout other-ca.key -out other-ca.pem -days 2 -subj "/CN=lua-smtp other CA" -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+for n in server wrong; do
+  q openssl req -newkey rsa:2048 -nodes -keyout $n.key -out $n.csr -subj "/CN=$n"
+done
+q openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext.cnf -extensions srv
+q openssl x509 -req -in wrong.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out wrong.pem -days 2 -extfile ext.cnf -extensions wrong
+# Expired: a CA-signed certificate whose validity ended in 2001 (openssl ca takes explicit dates).
+mkdir -p db && : > db/index.txt && echo 01 > db/serial
+cat > ca.cnf <<'X'
+[ca]
+default_ca = d
+[d]
+dir = db
+database = db/index.txt
+serial = db/serial
+new_certs_dir = db
+default_md = sha256
+policy = p
+copy_extensions = copy
+unique_subject = no
+[p]
+commonName = supplied
+X
+q openssl req -newkey rsa:2048 -nodes -keyout expired.key -out expired.csr -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1"
+q openssl ca -batch -config ca.cnf -cert ca.pem -keyfile ca.key -in expired.csr -out expired.pem -startdate 20000101000000Z -enddate 20010101000000Z -notext
+q openssl req -x509 -newkey rsa:2048 -nodes -keyout self.key -out self.pem -days 2 -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1"
+cat server.pem ca.pem > server-chain.pem
+echo ok
+]]
+  local out = sh("bash -c " .. q(script) .. " x " .. q(dir))
+  assert(out:match("ok"), "certificate generation failed: " .. out)
+  local c = { dir = dir }
+  for _, n in ipairs { "ca", "other-ca", "server", "wrong", "expired", "self" } do
+    c[n:gsub("-", "_")] = dir .. "/" .. n .. ".pem"
+    c[n:gsub("-", "_") .. "_key"] = dir .. "/" .. n .. ".key"
+  end
+  c.server_chain = dir .. "/server-chain.pem"
+  if not cert_cache then cert_cache = c end
+  return c
+end
+
+return helper
