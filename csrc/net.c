@@ -233,7 +233,7 @@ static int l_read(lua_State *L)
         max = SMTP_READ_MAX;
     if (s->ssl) {
         err[0] = '\0';
-        r = smtp_tls_read(s, buf, (size_t)max, &got, err, sizeof err);
+        r = smtp_tls_read(s, buf, (size_t)max, &got, err, sizeof err, &e);
     } else {
         r = plain_read(s, buf, (size_t)max, &got, &e);
     }
@@ -275,7 +275,7 @@ static int l_write(lua_State *L)
     }
     if (s->ssl) {
         err[0] = '\0';
-        r = smtp_tls_write(s, str, len, &put, err, sizeof err);
+        r = smtp_tls_write(s, str, len, &put, err, sizeof err, &e);
     } else {
         r = plain_write(s, str, len, &put, &e);
     }
@@ -291,7 +291,7 @@ static int l_write(lua_State *L)
         return smtp_push_fail(L, "closed", NULL);
     default:
         if (s->ssl)
-            return smtp_push_fail(L, err, "TLS");
+            return smtp_push_fail(L, err, e ? errno_name(e) : "TLS");
         return push_errno(L, e);
     }
 }

@@ -28,11 +28,12 @@ typedef struct smtp_sock {
 /* Result of one non-blocking I/O step. */
 enum io_result { IO_OK = 0, IO_WANTREAD, IO_WANTWRITE, IO_CLOSED, IO_ERROR };
 
-/* tls.c: non-blocking read/write through the socket's SSL; on IO_ERROR writes a message to err. */
+/* tls.c: non-blocking read/write through the socket's SSL; on IO_ERROR writes a message to err
+ * and the errno (0 when the failure is OpenSSL's own) to *errnum. */
 enum io_result smtp_tls_read(smtp_sock *s, char *buf, size_t len, size_t *got,
-                             char *err, size_t errlen);
+                             char *err, size_t errlen, int *errnum);
 enum io_result smtp_tls_write(smtp_sock *s, const char *buf, size_t len, size_t *put,
-                              char *err, size_t errlen);
+                              char *err, size_t errlen, int *errnum);
 /* Frees the socket's SSL (sending close_notify once, best effort, if the handshake finished). */
 void smtp_tls_free(smtp_sock *s);
 

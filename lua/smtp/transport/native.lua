@@ -161,6 +161,98 @@ function Conn:read(timeout, max)
   end
 end
 
+-- TLS ---------------------------------------------------------------------------------------
+
+-- Client contexts are costly to build (the system trust store is parsed each time), so one per
+-- distinct set of options is kept for the life of the process.
+local client_ctx_cache = {}
+
+local function ctx_options_check(o, fname)
+  for _, k in ipairs { "cafile", "capath", "min_version", "max_version", "ciphers", "cert", "key" } do
+    optcheck(o[k], "string", fname, k)
+  end
+  optcheck(o.verify, "boolean", fname, "verify")
+end
+
+-- t.tls_client_context{ verify=true, cafile=, capath=, min_version=, max_version=, ciphers= }
+function M.tls_client_context(o)
+  argcheck(type(o) == "table", 1, "tls_client_context", "table expected, got " .. type(o))
+  ctx_options_check(o, "tls_client_context")
+  local verify = o.verify ~= false
+  local key = table.concat({ tostring(verify), o.cafile or "", o.capath or "", o.min_version or "",
+    o.max_version or "", o.ciphers or "", o.cert or "", o.key or "" }, "\0")
+  local ctx = client_ctx_cache[key]
+  if ctx then return ctx end
+  local err
+  ctx, err = core.tls_context { mode = "client", verify = verify, cafile = o.cafile, capath = o.capath,
+    min_version = o.min_version, max_version = o.max_version, ciphers = o.ciphers, cert = o.cert, key = o.key }
+  if not ctx then return fail("tls", err) end
+  client_ctx_cache[key] = ctx
+  return ctx
+end
+
+-- t.tls_server_context{ cert=, key=, min_version=, max_version=, ciphers= } -> ctx | nil, err
+function M.tls_server_context(o)
+  argcheck(type(o) == "table", 1, "tls_server_context", "table expected, got " .. type(o))
+  ctx_options_check(o, "tls_server_context")
+  argcheck(type(o.cert) == "string", 1, "tls_server_context", "option 'cert': string expected, got " .. type(o.cert))
+  argcheck(type(o.key) == "string", 1, "tls_server_context", "option 'key': string expected, got " .. type(o.key))
+  local ctx, err = core.tls_context { mode = "server", verify = o.verify, cafile = o.cafile,
+    capath = o.capath, cert = o.cert, key = o.key, min_version = o.min_version,
+    max_version = o.max_version, ciphers = o.ciphers }
+  if not ctx then return fail("tls", err) end
+  return ctx
+end
+
+local function handshake(self, ctx, name, timeout, what)
+  local deadline = deadline_of(timeout, self.default_timeout)
+  self._tls = true
+  local ok, e = self.sock:tls_start(ctx, name)
+  if not ok then self:close(); return fail("tls", e) end
+  while true do
+    local done, msg, code = self.sock:tls_handshake()
+    if done then return true end
+    if msg == "wantread" or msg == "wantwrite" then
+      local w, werr = await(self, msg, deadline, what)
+      if not w then return nil, werr end
+    else
+      self:close()
+      return fail("tls", msg, { reason = code })
+    end
+  end
+end
+
+-- s:starttls{ servername=, verify=true, cafile=, capath=, timeout=, min_version=, ctx= }
+-- Client side of implicit TLS and of STARTTLS. This transport keeps no read buffer, so there is
+-- nothing to drop here; the engine must drop the plaintext bytes it had buffered (RFC 3207 §4).
+-- On failure the connection is closed.
+function Conn:starttls(o)
+  o = o or {}
+  argcheck(type(o) == "table", 1, "starttls", "table expected, got " .. type(o))
+  optcheck(o.servername, "string", "starttls", "servername")
+  optcheck(o.timeout, "number", "starttls", "timeout")
+  local ok, err = check_conn(self, "starttls")
+  if not ok then return nil, err end
+  if self._tls then error("starttls: TLS is already on for this connection", 2) end
+  local ctx = o.ctx
+  if ctx == nil then
+    ctx, err = M.tls_client_context(o)
+    if not ctx then self:close(); return nil, err end
+  end
+  local name = o.servername or self.host or self.address
+  return handshake(self, ctx, name, o.timeout, "TLS handshake")
+end
+
+-- s:tls_accept(ctx, timeout) -> true | nil, err: server side, with a ctx from tls_server_context.
+function Conn:tls_accept(ctx, timeout)
+  argcheck(type(ctx) == "userdata", 1, "tls_accept", "TLS context expected, got " .. type(ctx))
+  argcheck(timeout == nil or type(timeout) == "number", 2, "tls_accept", "number expected")
+  local ok, err = check_conn(self, "tls_accept")
+  if not ok then return nil, err end
+  if self._tls then error("tls_accept: TLS is already on for this connection", 2) end
+  return handshake(self, ctx, nil, timeout, "TLS handshake")
+end
+
 -- Sends FIN: the peer reads end of stream, we can still read its answer.
 function Conn:shutdown()
   if self.sock then return self.sock:shutdown_write() end
