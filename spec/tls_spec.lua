@@ -1,6 +1,7 @@
 -- Native transport TLS: verification on by default with reasons for each failure, verify=false,
 -- server side (tls_accept), implicit TLS, TLS 1.2 minimum against a real openssl s_server.
 local helper = require "helper"
+local support = require "support.transport"
 local native = require "smtp.transport.native"
 local loop = require "smtp.loop"
 
@@ -43,7 +44,7 @@ end
 describe("smtp.transport.native (TLS)", function()
   local procs = {}
   after_each(function()
-    for _, p in ipairs(procs) do p:stop() end
+    for _, p in ipairs(procs) do support.stop(p) end
     procs = {}
   end)
 
