@@ -275,6 +275,8 @@ size_t smtp_dkim_header_relaxed(const char *in0, size_t n, char *out)
         nameend--;
     for (size_t j = 0; j < nameend; j++) {
         unsigned char c = in[j];
+        if (c == '\r' || c == '\n')
+            continue;               /* unfolding covers the whole field */
         *o++ = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
     }
     if (i < n) {
