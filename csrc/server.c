@@ -88,6 +88,7 @@ struct smtp_server {
     int end_pending;             /* END to report after the last DATA chunk */
     int begin_pending;           /* BEGIN to report before the first chunk */
     int tls_pending;             /* STARTTLS to report */
+    int msg_abort;               /* a BDAT message ended by RSET/EHLO/QUIT: END without reply */
     /* auth exchange */
     enum authstep austep;
     char *auth_buf;              /* decoded credentials, wiped after use */
@@ -1179,8 +1180,14 @@ static void command(smtp_server *s, const char *line, size_t n)
         alen--;
     for (size_t i = 0; i < sizeof verbs / sizeof verbs[0]; i++) {
         if (ieq(line, vl, verbs[i].name)) {
+            int begun = s->msg_begun && s->bdat_tx;
             if (verbs[i].check(s, arg, alen))
                 verbs[i].proceed(s, arg, alen);
+            /* a started BDAT message dropped by RSET, EHLO, QUIT...: its reader must learn it */
+            if (begun && (!s->msg_begun || s->mode == M_CLOSED) && !s->end_pending) {
+                s->end_pending = 1;
+                s->msg_abort = 1;
+            }
             return;
         }
     }
@@ -1358,10 +1365,19 @@ static void idle_trim(smtp_server *s)
 static int ev_end(smtp_server *s, smtp_server_event *ev)
 {
     s->end_pending = 0;
-    s->mode = M_CMD;
+    if (s->mode != M_CLOSED)
+        s->mode = M_CMD;
     memset(ev, 0, sizeof *ev);
     ev->kind = SMTP_SRV_END;
-    if (s->msg_over) {
+    if (s->msg_abort) {
+        s->msg_abort = 0;
+        ev->code = 451;
+        ev->a = "Transaction aborted";
+        if (s->mode == M_CLOSED) {
+            ev->alen = strlen(ev->a);
+            return ev->kind;
+        }
+    } else if (s->msg_over) {
         ev->code = 552;
         ev->a = "Message size exceeds fixed maximum message size";
         reply(s, 552, "5.3.4", "%s", ev->a);
