@@ -20,6 +20,9 @@ describe_or_skip("smtp inside nginx", function()
       locations = [[
     location = /transport { content_by_lua_block { require("support.openresty_handlers").transport() } }
     location = /ping { content_by_lua_block { ngx.say("pong") } }
+    location = /slow { content_by_lua_block { require("support.openresty_handlers").slow() } }
+    location = /pooled { content_by_lua_block { require("support.openresty_handlers").pooled() } }
+    location = /dns { content_by_lua_block { require("support.openresty_handlers").dns() } }
     location = /logphase {
       content_by_lua_block { ngx.say("ok") }
       log_by_lua_block {
@@ -55,6 +58,79 @@ describe_or_skip("smtp inside nginx", function()
       .. "&servername=wrong.example"))
     assert.are.equal(500, status)
     assert.truthy(body:match("^starttls: tls %(tls%): TLS handshake with wrong%.example failed: certificate host mismatch"), body)
+  end)
+
+  it("answers another request at once while one waits on a slow SMTP server (one worker)", function()
+    local slow = nginx_support.smtpd { tls = false, greeting_delay = 2 }
+    local dir = helper.tmpdir()
+    local q = helper.quote
+    helper.sh("sh -c " .. q(
+      "curl -s -m 20 -o " .. q(dir .. "/slow.out") .. " -w '%{time_total}' "
+        .. q(ngx_srv:url("/slow?port=" .. slow.port)) .. " > " .. q(dir .. "/slow.time") .. " & "
+        .. "sleep 0.5; "
+        .. "curl -s -m 20 -o " .. q(dir .. "/ping.out") .. " -w '%{time_total}' "
+        .. q(ngx_srv:url("/ping")) .. " > " .. q(dir .. "/ping.time") .. "; wait"))
+    slow.stop()
+    local slow_t, ping_t = tonumber(helper.read(dir .. "/slow.time")), tonumber(helper.read(dir .. "/ping.time"))
+    assert.are.equal("pong\n", helper.read(dir .. "/ping.out"))
+    assert.truthy(helper.read(dir .. "/slow.out"):match("^220 smtpd%.test "), helper.read(dir .. "/slow.out"))
+    assert.is_true(slow_t >= 1.9, "slow request took " .. slow_t)
+    assert.is_true(ping_t < 0.3, "ping took " .. ping_t .. " while the slow request waited")
+  end)
+
+  it("reuses pooled sessions: 100 requests in a row open one SMTP connection", function()
+    local conns, msgs = smtpd.connections(), smtpd.messages()
+    local out = helper.sh("curl -s -m 60 " .. helper.quote(ngx_srv:url("/pooled?port=" .. smtpd.port .. "&n=[1-100]")))
+    local lines = {}
+    for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    assert.are.equal(100, #lines, out)
+    assert.are.equal("fresh 0 TLSv1.3 kept AUTH LOGIN PLAIN stale=0", lines[1])
+    for i = 2, 100 do
+      assert.are.equal("reused " .. (i - 1) .. " TLSv1.3 kept AUTH LOGIN PLAIN stale=0", lines[i])
+    end
+    assert.are.equal(1, smtpd.connections() - conns, "before: " .. conns)
+    assert.are.equal(100, smtpd.messages() - msgs)
+    assert.are.equal("Subject: pooled 1\r\n\r\nbody 1\r\n", smtpd.message(msgs + 1))
+    assert.are.equal("Subject: pooled 100\r\n\r\nbody 100\r\n", smtpd.message(msgs + 100))
+  end)
+
+  it("replaces a pooled session the server dropped", function()
+    local other = nginx_support.smtpd { tls = true }
+    local url = ngx_srv:url("/pooled?port=" .. other.port .. "&n=1")
+    local status, body = nginx_support.request(url)
+    assert.are.equal(200, status, body)
+    assert.truthy(body:match("^fresh 0 "), body)
+    other.stop()                       -- the pooled session dies with the server
+    other = nginx_support.smtpd { tls = true, port = other.port }
+    status, body = nginx_support.request(url)
+    other.stop()
+    assert.are.equal(200, status, body)
+    assert.truthy(body:match("^fresh 0 TLSv1.3 kept "), body)
+    assert.are.equal(1, other.messages())
+  end)
+
+  it("looks up MX and addresses through resty.dns.resolver with the nameservers given", function()
+    local port = helper.free_port()
+    local dns = helper.spawn({ "/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
+      "--no-resolv", "--no-hosts", "--port=" .. port, "--listen-address=127.0.0.1", "--bind-interfaces",
+      "--pid-file=", "--local=/test/", "--local-ttl=300",
+      "--mx-host=example.test,mx2.example.test,20", "--mx-host=example.test,mx1.example.test,10",
+      "--host-record=mx1.example.test,127.0.0.1,::1", "--mx-host=nullmx.test,.,0",
+      "--host-record=nomx.test,127.0.0.4" }, { limit = 120 })
+    assert(helper.wait_port("127.0.0.1", port, 10), dns:output())
+    local function ask(name, typ)
+      local status, body = nginx_support.request(ngx_srv:url("/dns?ns=127.0.0.1:" .. port .. "&name=" .. name .. "&type=" .. typ))
+      assert.are.equal(200, status, body)
+      return body
+    end
+    assert.are.equal("mx1.example.test 10\nmx2.example.test 20\nnull=nil dropped=0\n", ask("example.test", "MX"))
+    assert.are.equal("::1\n127.0.0.1\nnull=nil dropped=nil\n", ask("mx1.example.test", "resolve"))
+    assert.are.equal("null=true dropped=0\n", ask("nullmx.test", "MX"))
+    assert.are.equal("null=nil dropped=0\n", ask("nomx.test", "MX"))
+    assert.are.equal("error dns nxdomain false\n", ask("nothere.test", "MX"))
+    assert.are.equal("error dns nxdomain false\n", ask("nothere.test", "resolve"))
+    dns:stop()
+    assert.are.equal("error dns connrefused true\n", ask("example.test", "MX"))
   end)
 
   it("fails at once in the log phase with an error that points to ngx.timer.at", function()

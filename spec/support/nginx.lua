@@ -100,7 +100,7 @@ end
 function M.smtpd(opts)
   opts = opts or {}
   local dir = helper.tmpdir()
-  local port = helper.free_port()
+  local port = opts.port or helper.free_port()
   local argv = { helper.python, helper.root .. "/spec/support/openresty_smtpd.py", "127.0.0.1",
     tostring(port), dir }
   if opts.tls ~= false then

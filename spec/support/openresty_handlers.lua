@@ -69,6 +69,82 @@ function M.transport()
   ngx.print(table.concat(out))
 end
 
+-- /slow?port=N: waits for the greeting of a server that takes its time.
+function M.slow()
+  local t = require("smtp.transport").get()
+  local s, err = t.connect { host = "127.0.0.1", port = tonumber(arg("port")), timeout = 10 }
+  if not s then return fail("connect", err) end
+  local r
+  r, err = reply(s)
+  if not r then return fail("read", err) end
+  s:close()
+  ngx.print(r)
+end
+
+-- /pooled?port=N: one message per request over a pooled session, by hand, the way smtp.send
+-- uses the transport: acquire (RSET probe on a reused connection), a full greeting/EHLO/STARTTLS
+-- only on a fresh one, MAIL/RCPT/DATA, then keepalive with the learned state.
+function M.pooled()
+  local t = require "smtp.transport.ngx"
+  local port = tonumber(arg("port"))
+  local key = t.pool_key { server = "localhost", port = port, tls = "starttls", servername = "localhost" }
+  local buf
+  local function step(s, cmd, want)
+    if cmd then
+      local ok, werr = s:write(cmd, 5)
+      if not ok then return nil, werr end
+    end
+    local r, rerr = reply(s, buf)
+    if not r then return nil, rerr end
+    if want and r:sub(1, 3) ~= want then return nil, r end
+    return r
+  end
+  local s, state = t.acquire({ host = "127.0.0.1", port = port, timeout = 5, pool = key, pool_size = 4 },
+    function(c)
+      buf = { data = "" }
+      return step(c, "RSET\r\n", "250") ~= nil
+    end)
+  if not s then return fail("acquire", state) end
+  local fresh = state == nil
+  if fresh then
+    buf = { data = "" }
+    local ok, err = step(s, nil, "220")
+    if ok then ok, err = step(s, "EHLO client.test\r\n", "250") end
+    if ok then ok, err = step(s, "STARTTLS\r\n", "220") end
+    if ok then ok, err = s:starttls { servername = "localhost", timeout = 5 } end
+    if ok then ok, err = step(s, "EHLO client.test\r\n", "250") end
+    if not ok then s:close(); return fail("session", err) end
+    state = { extensions = ok }
+  end
+  local n = arg("n") or "0"
+  local ok, err = step(s, "MAIL FROM:<a@client.test>\r\n", "250")
+  if ok then ok, err = step(s, "RCPT TO:<b@smtpd.test>\r\n", "250") end
+  if ok then ok, err = step(s, "DATA\r\n", "354") end
+  if ok then ok, err = step(s, "Subject: pooled " .. n .. "\r\n\r\nbody " .. n .. "\r\n.\r\n", "250") end
+  if not ok then s:close(); return fail("transaction", err) end
+  local info = s:info()
+  local kept, kerr = s:keepalive(30, 4, state)
+  ngx.say(fresh and "fresh" or "reused", " ", info.reused, " ", tostring(info.tls), " ",
+    kept and "kept" or tostring(kerr), " ", state.extensions:match("AUTH[^\r]*") or "-", " stale=", t.stale)
+end
+
+-- /dns?ns=127.0.0.1:P&name=N&type=MX|A|AAAA|resolve: what ngx_dns answers, one line per record.
+function M.dns()
+  local d = require("smtp.transport").dns()
+  local opts = { nameservers = { arg("ns") }, timeout = 3 }
+  local typ = arg("type")
+  local res, err
+  if typ == "resolve" then res, err = d.resolve(arg("name"), opts) else res, err = d.query(arg("name"), typ, opts) end
+  if not res then
+    ngx.say("error ", err.kind, " ", tostring(err.rcode), " ", tostring(err.temporary))
+    return
+  end
+  for _, r in ipairs(res) do
+    if type(r) == "table" then ngx.say(r.host, " ", r.preference) else ngx.say(r) end
+  end
+  ngx.say("null=", tostring(res.null), " dropped=", tostring(res.dropped))
+end
+
 -- /phase: what the transport says in this phase (used from log_by_lua, header_filter, ...).
 function M.phase_error()
   local t = require("smtp.transport").get()

@@ -38,7 +38,9 @@ class Recorder:
 
 class CountingSMTP(SMTP):
     def connection_made(self, transport):
-        bump("connections")
+        # aiosmtpd calls this again with the TLS transport after STARTTLS: count TCP only.
+        if transport.get_extra_info("sslcontext") is None:
+            bump("connections")
         super().connection_made(transport)
 
     async def _handle_client(self):

@@ -175,8 +175,9 @@ function M.connect(opts)
 
   local host = opts.host:gsub("^%[(.*)%]$", "%1")
   local addresses, err
-  if ngx_dns.is_ip(host) then
-    addresses = { host }
+  local lit = ngx_dns.literal(host)
+  if lit then
+    addresses = { lit }
   else
     addresses, err = ngx_dns.resolve(host, { nameservers = opts.nameservers, timeout = timeout })
     if not addresses then return nil, err end
@@ -226,6 +227,34 @@ function M.connect(opts)
   return nil, last
 end
 
+-- acquire(connect_opts, probe) -> s, state | nil, err
+-- A connection for `connect_opts.pool`: a pooled one that passes `probe(s)` (the caller's RSET or
+-- NOOP; it returns true when the session answered 250), else a fresh one. `state` is what
+-- s:keepalive() stored for the pool when the connection is a reused one, nil for a fresh one
+-- (which then needs greeting, EHLO, STARTTLS and AUTH). Stale pooled connections are closed and
+-- the next one tried, so a server that dropped idle sessions costs the caller nothing.
+function M.acquire(opts, probe)
+  if type(opts) ~= "table" then error("bad argument #1 to 'acquire' (table expected)", 2) end
+  if type(probe) ~= "function" then error("bad argument #2 to 'acquire' (function expected)", 2) end
+  local tries = (tonumber(opts.pool_size) or 30) + 1
+  local s, err
+  for _ = 1, tries do
+    s, err = M.connect(opts)
+    if not s then return nil, err end
+    if s.reused_times == 0 then return s, nil end
+    local state = s:state()
+    if state ~= nil and probe(s) == true then return s, state end
+    s:close()
+    M.stale = M.stale + 1
+  end
+  -- Every try found a stale one (the pool was refilled meanwhile): one without the pool.
+  local fresh = {}
+  for k, v in pairs(opts) do fresh[k] = v end
+  fresh.pool = nil
+  return M.connect(fresh)
+end
+M.stale = 0   -- stale pooled connections replaced in this worker (for tests and monitoring)
+
 -- Raw cosocket access for code that needs nginx-specific calls.
 function S:cosocket() check_sock(self, "cosocket"); return self.sock end
 
@@ -274,7 +303,7 @@ function S:starttls(opts)
   if self.tls then return true end          -- a pooled connection that already speaks TLS
   local verify = opts.verify ~= false
   local name = opts.servername
-  if name == nil and not ngx_dns.is_ip(self.host) then name = self.host end
+  if name == nil and not ngx_dns.literal(self.host) then name = self.host end
   local t = ms(opts.timeout)
   if t then self.sock:settimeouts(t, t, t) end
   local sess, err = self.sock:sslhandshake(nil, name, verify)
@@ -324,7 +353,13 @@ end
 function S:keepalive(idle_timeout, size, state)
   check_sock(self, "keepalive")
   if self.closed then return nil, closed_error("keepalive") end
-  if self.pool and state ~= nil then
+  if not self.pool then
+    -- Without a pool name nginx would file it under "address:port", shared with anyone.
+    self:close()
+    return nil, errors.new { kind = "closed", phase = "keepalive", temporary = true,
+      text = "connection was not made with a pool; closed instead" }
+  end
+  if state ~= nil then
     if type(state) == "table" and self.tls_info and state.tls_info == nil then
       state.tls_info = self.tls_info
     end

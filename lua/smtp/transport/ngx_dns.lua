@@ -5,6 +5,11 @@ local errors = require "smtp.errors"
 
 local M = { _VERSION = "0.1.0" }
 
+M.default_timeout = 10   -- seconds for a whole lookup
+M.tries = 2              -- attempts per query
+M.max_addresses = 16     -- addresses returned by resolve (AAAA then A)
+M.max_mx = 32            -- MX hosts kept
+
 local resolver_mod
 local function resolver()
   if resolver_mod == nil then
@@ -17,14 +22,72 @@ local function resolver()
   return resolver_mod or nil
 end
 
-local function dns_error(text, temporary, name)
-  return nil, errors.new { kind = "dns", phase = "dns", text = text, temporary = temporary, name = name }
-end
+local rcode_names = { [1] = "formerr", [2] = "servfail", [3] = "nxdomain", [4] = "notimp", [5] = "refused" }
+local temporary_rcode = {
+  servfail = true, refused = true, timeout = true, connrefused = true, formerr = true, notimp = true, badresp = true,
+  error = true,
+}
+local rcode_text = {
+  nxdomain = "domain does not exist (NXDOMAIN)",
+  servfail = "server failure (SERVFAIL)",
+  refused = "query refused (REFUSED)",
+  timeout = "no answer from the name servers (timeout)",
+  connrefused = "name servers unreachable",
+  formerr = "name server reported a format error",
+  badresp = "malformed answer",
+  notimp = "query type not implemented by the name server",
+  nodata = "no records of that type",
+}
 
-local function is_ipv4(s) return s:match("^%d+%.%d+%.%d+%.%d+$") ~= nil end
-local function is_ipv6(s) return s:find(":", 1, true) ~= nil and s:match("^[%x:%.]+$") ~= nil end
+-- The error value for a failed lookup, as smtp.dns makes it: kind "dns", `rcode` names the case.
+local function dns_error(name, rcode, text)
+  return nil, errors.new {
+    kind = "dns", rcode = rcode, name = name,
+    text = text or (tostring(name) .. ": " .. (rcode_text[rcode] or rcode)),
+    temporary = temporary_rcode[rcode] == true,
+  }
+end
+M.error = function(...) return select(2, dns_error(...)) end
+
+local function is_ipv4(s)
+  local a, b, c, d = s:match("^(%d%d?%d?)%.(%d%d?%d?)%.(%d%d?%d?)%.(%d%d?%d?)$")
+  return a ~= nil and tonumber(a) < 256 and tonumber(b) < 256 and tonumber(c) < 256 and tonumber(d) < 256
+end
+local function is_ipv6(s)
+  return s:find(":", 1, true) ~= nil and s:match("^[%x:%.]+$") ~= nil and #s <= 45
+end
 M.is_ipv4, M.is_ipv6 = is_ipv4, is_ipv6
 function M.is_ip(s) return is_ipv4(s) or is_ipv6(s) end
+
+-- Literal address in `name` ("192.0.2.1", "::1", "[::1]"), or nil.
+function M.literal(name)
+  local inner = name:match("^%[(.*)%]$") or name
+  if M.is_ip(inner) then return inner end
+  return nil
+end
+
+-- A host name as RFC 1123 allows it (letters, digits, inner hyphens; labels of 1..63; 253 in all).
+local function valid_hostname(n)
+  if n == "" or #n > 253 then return false end
+  for label in (n .. "."):gmatch("([^.]*)%.") do
+    if #label == 0 or #label > 63 or not label:match("^[%w%-]+$")
+      or label:sub(1, 1) == "-" or label:sub(-1) == "-" then
+      return false
+    end
+  end
+  return true
+end
+M.valid_hostname = valid_hostname
+
+-- Normalized domain name or nil: lower case, no final dot, a valid host name.
+function M.normalize(name)
+  if type(name) ~= "string" then return nil end
+  local n = name:gsub("%.$", ""):lower()
+  if not valid_hostname(n) then return nil end
+  return n
+end
+
+local function is_localhost(n) return n == "localhost" or n:sub(-10) == ".localhost" end
 
 -- "127.0.0.1:5353" -> {"127.0.0.1", 5353}; "[::1]:53" -> {"::1", 53}; "10.0.0.1" -> {"10.0.0.1", 53}
 local function parse_nameserver(ns)
@@ -79,122 +142,161 @@ local function hosts_table()
   return hosts
 end
 
-local function new_resolver(opts)
+local function new_resolver(opts, name)
   local R = resolver()
   if not R then
-    return dns_error("no DNS resolver inside nginx: install lua-resty-dns (resty.dns.resolver) "
-      .. "or Debian's lua-nginx-dns (nginx.dns.resolver)", false)
+    return dns_error(name, "error", "no DNS resolver inside nginx: install lua-resty-dns "
+      .. "(resty.dns.resolver) or Debian's lua-nginx-dns (nginx.dns.resolver)")
   end
   local list = {}
-  local given = opts.nameservers
-  if type(given) == "string" then given = { given } end
-  for _, ns in ipairs(given or system_nameservers()) do
+  for _, ns in ipairs(opts.nameservers or system_nameservers()) do
     list[#list + 1] = parse_nameserver(ns)
   end
-  if #list == 0 then return dns_error("no nameservers (none given, none in /etc/resolv.conf)", true) end
-  local timeout = tonumber(opts.timeout) or 5
-  local retrans = 2
+  if #list == 0 then return dns_error(name, "error", "no nameservers (none given, none in /etc/resolv.conf)") end
+  local timeout = opts.timeout or M.default_timeout
+  local retrans = opts.tries or M.tries
   local r, err = R:new { nameservers = list, retrans = retrans,
-    timeout = math.max(1, math.floor(timeout * 1000 / retrans)) }
-  if not r then return dns_error("resolver: " .. tostring(err), true) end
+    timeout = math.max(1, math.floor(timeout * 1000 / (retrans * #list))) }
+  if not r then return dns_error(name, "error", "resolver: " .. tostring(err)) end
   return r
 end
 
--- One query; returns answers (a list, possibly empty) or nil, err.
+-- One query: the answer records (a list, possibly empty) | nil, err.
 local function query(r, name, qtype)
   local answers, err = r:query(name, { qtype = qtype })
   if not answers then
-    return dns_error(name .. ": " .. tostring(err), true, name)
+    local e = tostring(err)
+    local rcode = e:find("timeout", 1, true) and "timeout"
+      or e:find("connection refused", 1, true) and "connrefused" or "error"
+    return dns_error(name, rcode, rcode == "error" and (name .. ": " .. e) or nil)
   end
   if answers.errcode then
-    -- 3 = NXDOMAIN: the name does not exist, which no retry cures; anything else (SERVFAIL,
-    -- REFUSED) may pass.
-    local permanent = answers.errcode == 3
-    return dns_error(name .. ": " .. tostring(answers.errstr or ("rcode " .. answers.errcode)),
-      not permanent, name), answers.errcode
+    return dns_error(name, rcode_names[answers.errcode] or "error")
   end
   return answers
 end
 
-local function check_name(name, what)
-  if type(name) ~= "string" then
-    error("bad argument #1 to '" .. what .. "' (string expected, got " .. type(name) .. ")", 3)
+local function check_opts(opts)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then error("bad argument 'opts': table expected", 3) end
+  if opts.nameservers ~= nil and type(opts.nameservers) ~= "table" then
+    error("bad argument 'opts.nameservers': table of \"host:port\" strings expected", 3)
   end
-  if name == "" or #name > 255 or name:find("[%z\1-\32\127]") then
-    return errors.invalid("bad domain name: " .. name:sub(1, 64))
+  if opts.timeout ~= nil and type(opts.timeout) ~= "number" then
+    error("bad argument 'opts.timeout': number expected", 3)
   end
-  return true
+  return opts
 end
 
--- resolve(name, { nameservers = {"127.0.0.1:5353"}, timeout = 5 })
---   -> { "192.0.2.1", "2001:db8::1", ... } | nil, err (kind "dns", temporary true|false)
+local function addresses_of(r, answers, qtype)
+  local out = {}
+  for _, a in ipairs(answers) do
+    if a.type == qtype and a.address then
+      out[#out + 1] = qtype == r.TYPE_AAAA and r.compress_ipv6_addr and r.compress_ipv6_addr(a.address)
+        or a.address
+    end
+  end
+  return out
+end
+
+-- resolve(name, { nameservers = {"127.0.0.1:5353"}, timeout = 10 })
+--   -> { "2001:db8::1", "192.0.2.1", ... } (AAAA, then A) | nil, err (kind "dns", `rcode`,
+--   temporary true|false). Without nameservers, /etc/hosts first, as the system would.
 function M.resolve(name, opts)
-  local ok, err = check_name(name, "resolve")
-  if not ok then return nil, err end
-  opts = opts or {}
-  if M.is_ip(name) then return { name } end
-  local lname = name:lower():gsub("%.$", "")
+  if type(name) ~= "string" then error("bad argument 'name': string expected", 2) end
+  opts = check_opts(opts)
+  local lit = M.literal(name)
+  if lit then return { lit } end
+  local host = M.normalize(name)
+  if not host then return errors.invalid("not a valid host name: " .. ("%q"):format(name)) end
+  if is_localhost(host) then return { "::1", "127.0.0.1" } end
   if not opts.nameservers then
-    local h = hosts_table()[lname]
+    local h = hosts_table()[host]
     if h then
       local copy = {}
       for i, a in ipairs(h) do copy[i] = a end
       return copy
     end
   end
-  local r
-  r, err = new_resolver(opts)
+  local r, err = new_resolver(opts, host)
   if not r then return nil, err end
-  local out, errs, nx = {}, {}, 0
-  for _, qtype in ipairs { r.TYPE_A, r.TYPE_AAAA } do
-    local answers, qerr, rcode = query(r, lname, qtype)
-    if answers then
-      for _, a in ipairs(answers) do
-        if a.type == r.TYPE_A then
-          out[#out + 1] = a.address
-        elseif a.type == r.TYPE_AAAA then
-          out[#out + 1] = r.compress_ipv6_addr and r.compress_ipv6_addr(a.address) or a.address
-        end
-      end
-    else
-      errs[#errs + 1] = qerr
-      if rcode == 3 then nx = nx + 1 end
+  local six, err6 = query(r, host, r.TYPE_AAAA)
+  local four, err4 = query(r, host, r.TYPE_A)
+  local out = {}
+  for _, list in ipairs { six and addresses_of(r, six, r.TYPE_AAAA) or {},
+                          four and addresses_of(r, four, r.TYPE_A) or {} } do
+    for _, a in ipairs(list) do
+      if #out < M.max_addresses then out[#out + 1] = a end
     end
   end
   if #out > 0 then return out end
-  if nx == 2 then return dns_error(lname .. ": no such domain", false, lname) end
-  for _, e in ipairs(errs) do
-    if e.temporary then return nil, e end
-  end
-  return dns_error(lname .. ": no A or AAAA record", false, lname)
+  if err6 and err6.rcode == "nxdomain" then return nil, err6 end
+  if err4 and err4.rcode == "nxdomain" then return nil, err4 end
+  if err4 then return nil, err4 end
+  if err6 then return nil, err6 end
+  return dns_error(host, "nodata", host .. ": no address records")
 end
 
--- mx(name, opts) -> { { host = "mx1.example.org", preference = 10 }, ... } ordered by preference;
--- {} when the domain exists without MX records; a null MX (RFC 7505) is { host = "", preference = 0 }.
-function M.mx(name, opts)
-  local ok, err = check_name(name, "mx")
-  if not ok then return nil, err end
-  opts = opts or {}
-  local lname = name:lower():gsub("%.$", "")
-  local r
-  r, err = new_resolver(opts)
+-- query(name, "MX"|"A"|"AAAA", opts) -> answer | nil, err, as smtp.dns.query:
+-- A/AAAA a list of address strings; MX a list of { host=, preference= } in preference order
+-- (ties keep the server's order), `null = true` for a null MX (RFC 7505, then the list is empty)
+-- and `dropped` = records left out (invalid host names, duplicates). NOERROR without records of
+-- the type is an empty list.
+function M.query(name, qtype, opts)
+  if type(name) ~= "string" then error("bad argument 'name': string expected", 2) end
+  if qtype ~= "A" and qtype ~= "AAAA" and qtype ~= "MX" then
+    error("bad argument 'qtype': \"A\", \"AAAA\" or \"MX\" expected", 2)
+  end
+  opts = check_opts(opts)
+  local host = M.normalize(name)
+  if not host then return errors.invalid("not a valid domain name: " .. ("%q"):format(name)) end
+  local r, err = new_resolver(opts, host)
   if not r then return nil, err end
-  local answers, qerr = query(r, lname, r.TYPE_MX)
-  if not answers then return nil, qerr end
-  local list = {}
+  local answers
+  answers, err = query(r, host, r["TYPE_" .. qtype])
+  if not answers then return nil, err end
+  if qtype ~= "MX" then return addresses_of(r, answers, r["TYPE_" .. qtype]) end
+  local cand, seen, total, roots, dropped = {}, {}, 0, 0, 0
   for _, a in ipairs(answers) do
     if a.type == r.TYPE_MX then
-      list[#list + 1] = { host = (a.exchange or ""):gsub("%.$", ""), preference = a.preference }
+      total = total + 1
+      local h = (a.exchange or ""):gsub("%.$", ""):lower()
+      if h == "" then
+        roots = roots + 1
+      elseif not valid_hostname(h) then
+        dropped = dropped + 1
+      elseif seen[h] then
+        -- A duplicate keeps the better preference.
+        if a.preference < seen[h].preference then seen[h].preference = a.preference end
+        dropped = dropped + 1
+      elseif #cand >= M.max_mx then
+        dropped = dropped + 1
+      else
+        local e = { host = h, preference = a.preference, i = #cand + 1 }
+        cand[#cand + 1] = e
+        seen[h] = e
+      end
     end
   end
-  -- Stable order by preference (ties keep the server's order).
-  for i, e in ipairs(list) do e.i = i end
-  table.sort(list, function(a, b)
-    if a.preference ~= b.preference then return a.preference < b.preference end
-    return a.i < b.i
+  local out = { dropped = 0 }
+  -- RFC 7505: a null MX is the only record of its domain; a "." next to real hosts is junk.
+  if total == 1 and roots == 1 then
+    out.null = true
+    return out
+  end
+  table.sort(cand, function(x, y)
+    if x.preference ~= y.preference then return x.preference < y.preference end
+    return x.i < y.i
   end)
-  for _, e in ipairs(list) do e.i = nil end
-  return list
+  for i, e in ipairs(cand) do
+    e.i = nil
+    out[i] = e
+  end
+  out.dropped = dropped + roots
+  return out
 end
+
+-- mx(name, opts): query(name, "MX", opts).
+function M.mx(name, opts) return M.query(name, "MX", opts) end
 
 return M
