@@ -60,6 +60,19 @@ describe_or_skip("smtp inside nginx", function()
     assert.truthy(body:match("^starttls: tls %(tls%): TLS handshake with wrong%.example failed: certificate host mismatch"), body)
   end)
 
+  it("speaks implicit TLS, and connects over IPv6 with a literal and through localhost's addresses", function()
+    local tls = nginx_support.smtpd { implicit = true, host = "::1" }
+    local status, body = nginx_support.request(ngx_srv:url("/transport?implicit=1&host=::1&port=" .. tls.port))
+    assert.are.equal(200, status, body)
+    assert.truthy(body:match("^220 smtpd%.test openresty%-spec\r\n250%-smtpd%.test\r\n"), body)
+    assert.truthy(body:find("\r\n221 Bye\r\nTLS TLSv1.3 ::1\r\n$"), body)
+    tls.stop()
+    -- "localhost" is ::1 then 127.0.0.1; the peer listens on 127.0.0.1 only.
+    status, body = nginx_support.request(ngx_srv:url("/transport?host=localhost&port=" .. smtpd.port))
+    assert.are.equal(200, status, body)
+    assert.truthy(body:find("221 Bye\r\n", 1, true), body)
+  end)
+
   it("answers another request at once while one waits on a slow SMTP server (one worker)", function()
     local slow = nginx_support.smtpd { tls = false, greeting_delay = 2 }
     local dir = helper.tmpdir()

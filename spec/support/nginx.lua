@@ -95,13 +95,13 @@ function M.request(url, body, timeout)
 end
 
 -- The recording aiosmtpd peer (spec/support/openresty_smtpd.py) on a free loopback port:
--- M.smtpd{ tls = true, greeting_delay = 2, require_tls = false } -> handle with .port, .dir,
+-- M.smtpd{ tls = true, implicit = false, greeting_delay = 2, require_tls = false, host =, port = } -> handle with .port, .dir,
 -- :connections(), :messages(), :message(n), :envelope(n), :stop().
 function M.smtpd(opts)
   opts = opts or {}
   local dir = helper.tmpdir()
   local port = opts.port or helper.free_port()
-  local argv = { helper.python, helper.root .. "/spec/support/openresty_smtpd.py", "127.0.0.1",
+  local argv = { helper.python, helper.root .. "/spec/support/openresty_smtpd.py", opts.host or "127.0.0.1",
     tostring(port), dir }
   if opts.tls ~= false then
     local c = helper.certs()
@@ -112,6 +112,7 @@ function M.smtpd(opts)
     argv[#argv + 1] = "--greeting-delay"; argv[#argv + 1] = tostring(opts.greeting_delay)
   end
   if opts.require_tls then argv[#argv + 1] = "--require-tls" end
+  if opts.implicit then argv[#argv + 1] = "--implicit" end
   local proc = helper.spawn(argv, { limit = opts.limit or 300 })
   local h = { port = port, dir = dir, proc = proc }
   local function count(name) return tonumber(helper.read(dir .. "/" .. name) or "0") or 0 end

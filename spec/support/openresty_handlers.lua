@@ -36,10 +36,25 @@ end
 
 -- /transport?port=N&servername=localhost: a whole session by hand over the cosocket transport:
 -- greeting, EHLO, STARTTLS, TLS handshake, EHLO, one message, QUIT.
+-- &implicit=1: TLS before the greeting, no STARTTLS; &host=H: connect to H (default 127.0.0.1).
 function M.transport()
   local t = require("smtp.transport").get()
-  local s, err = t.connect { host = "127.0.0.1", port = tonumber(arg("port")), timeout = 5 }
+  local s, err = t.connect { host = arg("host") or "127.0.0.1", port = tonumber(arg("port")), timeout = 5 }
   if not s then return fail("connect", err) end
+  if arg("implicit") == "1" then
+    local ok, terr = s:starttls { servername = "localhost", timeout = 5 }
+    if not ok then return fail("starttls", terr) end
+    local out, buf = {}, { data = "" }
+    for _, cmd in ipairs { false, "EHLO client.test\r\n", "QUIT\r\n" } do
+      if cmd then assert(s:write(cmd, 5)) end
+      local r, rerr = reply(s, buf)
+      if not r then return fail("read", rerr) end
+      out[#out + 1] = r
+    end
+    out[#out + 1] = "TLS " .. tostring(s:info().tls) .. " " .. s:info().address .. "\r\n"
+    s:close()
+    return ngx.print(table.concat(out))
+  end
   local out = {}
   local buf = { data = "" }
   local function step(cmd)

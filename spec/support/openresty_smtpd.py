@@ -12,6 +12,7 @@ ap.add_argument("host"); ap.add_argument("port", type=int); ap.add_argument("dir
 ap.add_argument("--cert"); ap.add_argument("--key")
 ap.add_argument("--greeting-delay", type=float, default=0.0)
 ap.add_argument("--require-tls", action="store_true")
+ap.add_argument("--implicit", action="store_true", help="TLS from the first byte (port 465 style)")
 a = ap.parse_args()
 
 state = {"connections": 0, "messages": 0}
@@ -61,7 +62,11 @@ if a.cert:
     kw["tls_context"] = ctx
     kw["require_starttls"] = a.require_tls
 
-ctl = C(Recorder(), hostname=a.host, port=a.port, ready_timeout=10, **kw)
+ckw = {}
+if a.implicit:
+    ckw["ssl_context"] = kw.pop("tls_context")
+    kw.pop("require_starttls", None)
+ctl = C(Recorder(), hostname=a.host, port=a.port, ready_timeout=10, **ckw, **kw)
 ctl.start()
 print("ready", flush=True)
 try:
