@@ -22,6 +22,7 @@ describe_or_skip("smtp inside nginx", function()
     location = /ping { content_by_lua_block { ngx.say("pong") } }
     location = /slow { content_by_lua_block { require("support.openresty_handlers").slow() } }
     location = /pooled { content_by_lua_block { require("support.openresty_handlers").pooled() } }
+    location = /errors { content_by_lua_block { require("support.openresty_handlers").errors() } }
     location = /dns { content_by_lua_block { require("support.openresty_handlers").dns() } }
     location = /logphase {
       content_by_lua_block { ngx.say("ok") }
@@ -71,6 +72,23 @@ describe_or_skip("smtp inside nginx", function()
     status, body = nginx_support.request(ngx_srv:url("/transport?host=localhost&port=" .. smtpd.port))
     assert.are.equal(200, status, body)
     assert.truthy(body:find("221 Bye\r\n", 1, true), body)
+  end)
+
+  it("returns the transport's error values: timeout, refused, cafile, misuse, DNS", function()
+    local slow = nginx_support.smtpd { tls = false, greeting_delay = 2 }
+    local closed = helper.free_port()
+    local status, body = nginx_support.request(ngx_srv:url("/errors?port=" .. slow.port .. "&closed=" .. closed))
+    slow.stop()
+    assert.are.equal(200, status, body)
+    assert.are.equal(table.concat({
+      "read | nil | timeout (read): read timed out (temporary) | true",
+      "write after timeout | nil | closed (write): socket is closed (temporary)",
+      "refused | nil | connect (connect): connect to 127.0.0.1:" .. closed .. ": connection refused (temporary)",
+      "cafile | nil | invalid (tls): cafile/capath cannot be used inside nginx: cosockets check "
+        .. "certificates against lua_ssl_trusted_certificate; put the CA there and leave cafile unset",
+      "misuse | false | bad argument #1 to 'connect' (port must be an integer 1..65535)",
+      "dns | nil | dns | connrefused",
+    }, "\n") .. "\n", body)
   end)
 
   it("answers another request at once while one waits on a slow SMTP server (one worker)", function()

@@ -51,7 +51,7 @@ function M.transport()
       if not r then return fail("read", rerr) end
       out[#out + 1] = r
     end
-    out[#out + 1] = "TLS " .. tostring(s:info().tls) .. " " .. s:info().address .. "\r\n"
+    out[#out + 1] = "TLS " .. tostring(s:info().version) .. " " .. s:info().address .. "\r\n"
     s:close()
     return ngx.print(table.concat(out))
   end
@@ -73,7 +73,7 @@ function M.transport()
   local ok
   ok, err = s:starttls { servername = arg("servername") or "localhost", verify = arg("verify") ~= "0", timeout = 5 }
   if not ok then return fail("starttls", err) end
-  out[#out + 1] = "TLS " .. tostring(s:info().tls) .. " " .. tostring(s:info().cipher) .. "\r\n"
+  out[#out + 1] = "TLS " .. tostring(s:info().version) .. " " .. tostring(s:info().cipher) .. "\r\n"
   step("EHLO client.test\r\n")
   step("MAIL FROM:<a@client.test>\r\n")
   step("RCPT TO:<b@smtpd.test>\r\n")
@@ -139,7 +139,7 @@ function M.pooled()
   if not ok then s:close(); return fail("transaction", err) end
   local info = s:info()
   local kept, kerr = s:keepalive(30, 4, state)
-  ngx.say(fresh and "fresh" or "reused", " ", info.reused, " ", tostring(info.tls), " ",
+  ngx.say(fresh and "fresh" or "reused", " ", info.reused, " ", tostring(info.version), " ",
     kept and "kept" or tostring(kerr), " ", state.extensions:match("AUTH[^\r]*") or "-", " stale=", t.stale)
 end
 
@@ -158,6 +158,29 @@ function M.dns()
     if type(r) == "table" then ngx.say(r.host, " ", r.preference) else ngx.say(r) end
   end
   ngx.say("null=", tostring(res.null), " dropped=", tostring(res.dropped))
+end
+
+-- /errors?port=N&closed=M: the error values of the transport, one per line: a read timeout
+-- against a server slow to greet (N), a refused connection (M), a cafile, misuse.
+function M.errors()
+  local t = require "smtp.transport.ngx"
+  local function line(...) ngx.say(table.concat({ ... }, " | ")) end
+  local s = assert(t.connect { host = "127.0.0.1", port = tonumber(arg("port")), timeout = 5 })
+  local data, err = s:read(0.2)
+  line("read", tostring(data), tostring(err), tostring(s.closed))
+  data, err = s:write("NOOP\r\n")
+  line("write after timeout", tostring(data), tostring(err))
+  s, err = t.connect { host = "127.0.0.1", port = tonumber(arg("closed")), timeout = 2 }
+  line("refused", tostring(s), tostring(err))
+  s = assert(t.connect { host = "127.0.0.1", port = tonumber(arg("port")), timeout = 5 })
+  local ok
+  ok, err = s:starttls { cafile = "/etc/ssl/certs/ca-certificates.crt" }
+  line("cafile", tostring(ok), tostring(err))
+  s:close()
+  ok, err = pcall(t.connect, { host = "127.0.0.1", port = 0 })
+  line("misuse", tostring(ok), tostring(err))
+  s, err = t.connect { host = "no-such-host.invalid", port = 25, timeout = 2, nameservers = { "127.0.0.1:" .. arg("closed") } }
+  line("dns", tostring(s), tostring(err and err.kind), tostring(err and err.rcode))
 end
 
 -- /phase: what the transport says in this phase (used from log_by_lua, header_filter, ...).

@@ -36,9 +36,13 @@ local function phase_error(phase)
 end
 M.phase_error = phase_error
 
+local DEFAULT_TIMEOUT = 30
+local MAX_MS = 2 ^ 31 - 1   -- nginx keeps timers in milliseconds; math.huge means "no limit"
+
 local function ms(seconds, default)
   seconds = tonumber(seconds) or default
   if not seconds then return nil end
+  if seconds >= MAX_MS / 1000 then return MAX_MS end
   -- Cosockets take whole milliseconds; 0 would mean "the nginx default", so keep at least 1.
   return math.max(1, math.floor(seconds * 1000 + 0.5))
 end
@@ -170,7 +174,11 @@ function M.connect(opts)
   if not usable then return nil, phase_error(phase) end
   local ngx = ngx_table()
   ngx.update_time()
-  local timeout = tonumber(opts.timeout) or 30
+  if opts.timeout ~= nil and type(opts.timeout) ~= "number" then
+    error("bad argument #1 to 'connect' (option 'timeout': number expected)", 2)
+  end
+  local timeout = opts.timeout or DEFAULT_TIMEOUT
+  if timeout >= MAX_MS / 1000 then timeout = MAX_MS / 1000 end
   local deadline = ngx.now() + timeout
 
   local host = opts.host:gsub("^%[(.*)%]$", "%1")
@@ -188,9 +196,12 @@ function M.connect(opts)
     copts = { pool = opts.pool, pool_size = opts.pool_size, backlog = opts.backlog }
   end
   local last
-  for _, addr in ipairs(addresses) do
+  for i, addr in ipairs(addresses) do
     ngx.update_time()
     local left = deadline - ngx.now()
+    -- Each address gets a fair share of what is left (the last one all of it), so one
+    -- black-holed address cannot eat the whole deadline.
+    if left > 0 and i < #addresses then left = left / (#addresses - i + 1) end
     if left <= 0 then
       last = errors.new { kind = "timeout", phase = "connect", temporary = true,
         text = "connect to " .. host .. ":" .. port .. " timed out" }
@@ -206,13 +217,18 @@ function M.connect(opts)
       local reused = sock:getreusedtimes() or 0
       local s = setmetatable({
         sock = sock, host = host, address = addr, port = port, pool = opts.pool,
-        reused_times = reused, tls = false,
+        reused_times = reused, tls = false, default_timeout = opts.timeout or DEFAULT_TIMEOUT,
       }, S_mt)
       if reused > 0 and opts.pool then
         local st = sessions[opts.pool]
         if st and st.tls_info then
           s.tls, s.tls_info = true, st.tls_info
         end
+      end
+      -- Implicit TLS (port 465): tls = true or a starttls options table.
+      if opts.tls and not s.tls then
+        local ok, terr = s:starttls(type(opts.tls) == "table" and opts.tls or opts)
+        if not ok then return nil, terr end
       end
       return s
     end
@@ -268,22 +284,34 @@ function S:write(data, timeout)
   check_sock(self, "write")
   if type(data) ~= "string" then error("bad argument #1 to 'write' (string expected)", 2) end
   if self.closed then return nil, closed_error("write") end
-  local t = ms(timeout)
-  if t then self.sock:settimeouts(t, t, t) end
+  local t = ms(timeout, self.default_timeout)
+  self.sock:settimeouts(t, t, t)
   local n, err = self.sock:send(data)
-  if not n then return nil, io_error(err, "write", "write") end
+  if not n then
+    -- As the native transport: a failed or timed-out write leaves nothing worth keeping.
+    self:close()
+    return nil, io_error(err, "write", "write")
+  end
   return true
 end
 
 function S:read(timeout, max)
   check_sock(self, "read")
+  if timeout ~= nil and type(timeout) ~= "number" then
+    error("bad argument #1 to 'read' (number expected)", 2)
+  end
+  if max ~= nil and (type(max) ~= "number" or max < 1) then
+    error("bad argument #2 to 'read' (positive number expected)", 2)
+  end
   if self.closed then return nil, closed_error("read") end
-  local t = ms(timeout)
-  if t then self.sock:settimeouts(t, t, t) end
-  max = tonumber(max) or 65536
-  if max < 1 then error("bad argument #2 to 'read' (max must be positive)", 2) end
-  local data, err = self.sock:receiveany(max)
-  if not data then return nil, io_error(err, "read", "read") end
+  local t = ms(timeout, self.default_timeout)
+  self.sock:settimeouts(t, t, t)
+  local data, err = self.sock:receiveany(math.floor(max or 65536))
+  if not data then
+    -- A timeout closes the connection (DESIGN: no QUIT after a timeout), as natively.
+    self:close()
+    return nil, io_error(err, "read", "read")
+  end
   return data
 end
 
@@ -300,7 +328,11 @@ function S:starttls(opts)
       .. "against lua_ssl_trusted_certificate; put the CA there and leave cafile unset", { phase = "tls" })
   end
   if self.closed then return nil, closed_error("tls") end
-  if self.tls then return true end          -- a pooled connection that already speaks TLS
+  if self.tls then
+    -- A pooled connection already speaks TLS; anything else is a caller's mistake.
+    if self.reused_times > 0 then return true end
+    error("starttls: TLS is already on for this connection", 2)
+  end
   local verify = opts.verify ~= false
   local name = opts.servername
   if name == nil and not ngx_dns.literal(self.host) then name = self.host end
@@ -340,8 +372,8 @@ function S:info()
   check_sock(self, "info")
   local ti = self.tls_info or {}
   return {
-    address = self.address, port = self.port,
-    tls = self.tls and (ti.version or "TLS") or nil, cipher = ti.cipher, peer_subject = ti.peer_subject,
+    address = self.address, port = self.port, tls = self.tls == true,
+    version = ti.version, cipher = ti.cipher, peer_subject = ti.peer_subject,
     reused = self.reused_times,
   }
 end
