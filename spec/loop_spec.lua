@@ -91,6 +91,40 @@ describe("smtp.loop", function()
     assert.same({ 1, 2, 3 }, out)
   end)
 
+  it("does not keep the timers of waits that finished early", function()
+    local native = require "smtp.transport.native"
+    local l = assert(native.listen { port = 0 })
+    local peak = 0
+    -- An idle reader whose earlier deadline keeps the finished waits' timers off the heap's top.
+    local idle = assert(native.connect { host = "127.0.0.1", port = l.port })
+    local idle_server = assert(l:accept(5))
+    loop.spawn(function() idle:read(100) end)
+    loop.spawn(function()
+      local c = assert(l:accept(5))
+      for _ = 1, 5000 do
+        assert(c:write("x", 300))
+        assert.equal("y", c:read(300))
+      end
+      c:close()
+    end)
+    loop.spawn(function()
+      local s = assert(native.connect { host = "127.0.0.1", port = l.port })
+      for _ = 1, 5000 do
+        assert.equal("x", s:read(300))
+        assert(s:write("y", 300))
+        local t = loop.stats().timers
+        if t > peak then peak = t end
+      end
+      s:close()
+      idle_server:close()
+    end)
+    loop.run()
+    l:close()
+    -- 10,000 reads with a 300 s timeout each, all done in well under a second.
+    assert.is_true(peak <= 2100, "timer heap peaked at " .. peak)
+    assert.same({ tasks = 0, waiting = 0 }, { tasks = loop.stats().tasks, waiting = loop.stats().waiting })
+  end)
+
   it("sleeps on the main thread by blocking", function()
     local t0 = core.now()
     wait.sleep(0.03)

@@ -287,3 +287,43 @@ describe("smtp.transport.native with misbehaving peers", function()
     assert.equal("got 3", got)
   end)
 end)
+
+describe("smtp.transport.native resolving names through smtp.dns", function()
+  local has_dns = pcall(require, "smtp.dns")
+  if not has_dns then
+    pending("smtp.dns is not there yet")
+    return
+  end
+  local dnsmasq = require "support.dnsmasq"
+  local ns
+  setup(function()
+    ns = dnsmasq.start { "--host-record=both.test,127.0.0.1,::1", "--host-record=v4.test,127.0.0.1" }
+  end)
+  teardown(function() support.stop(ns.proc) end)
+
+  it("tries each address of a name in turn, IPv6 and IPv4", function()
+    for _, host in ipairs { "::1", "127.0.0.1" } do
+      local l = assert(native.listen { host = host, port = 0 })
+      local s, err = native.connect { host = "both.test", port = l.port, timeout = 5, nameservers = { ns.nameserver } }
+      assert.is_nil(err)
+      assert.equal(host, s.address)
+      assert.equal("both.test", s.host)
+      s:close()
+      l:close()
+    end
+  end)
+
+  it("reports a name that does not exist as kind dns", function()
+    local s, err = native.connect { host = "nothing.test", port = 25, timeout = 5, nameservers = { ns.nameserver } }
+    assert.is_nil(s)
+    assert.equal("dns", err.kind)
+  end)
+
+  it("reports kind connect when every address refuses", function()
+    local port = helper.free_port()
+    local s, err = native.connect { host = "v4.test", port = port, timeout = 5, nameservers = { ns.nameserver } }
+    assert.is_nil(s)
+    assert.equal("connect", err.kind)
+    assert.equal("127.0.0.1 port " .. port .. ": Connection refused", err.text)
+  end)
+end)
