@@ -166,6 +166,7 @@ local function check_address(a)
   if #l > 64 then return nil, "local part over 64 octets: " .. a end
   if #d > 255 then return nil, "domain over 255 octets: " .. a end
   if #a > 254 then return nil, "address over 254 octets" end
+  if not is_ascii(a) and not core.utf8_valid(a) then return nil, "address is not UTF-8" end
   -- dot-atom local part (UTF-8 allowed: RFC 6532); no quoted local parts
   for atom in (l .. "."):gmatch("(.-)%.") do
     if atom == "" or not atom:gsub("[\128-\255]", "a"):match(atext) then
