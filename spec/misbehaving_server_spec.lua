@@ -5,8 +5,6 @@
 local peers = require "support.client_peers"
 local core = require "smtp.core"
 
-local have_transport = pcall(require, "smtp.transport.native")
-local describe_net = have_transport and describe or pending
 local smtp = require "smtp"
 
 local EHLO = { "send", "250-fake.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n" }
@@ -28,7 +26,7 @@ local function run(steps, o)
   return res, err, got, took
 end
 
-describe_net("against misbehaving servers", function()
+describe("against misbehaving servers", function()
   setup(function() f = peers.fake() end)
   teardown(function() f.stop() end)
 

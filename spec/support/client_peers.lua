@@ -16,7 +16,7 @@ def authenticator(server, session, envelope, mechanism, auth_data):
     ok = isinstance(auth_data, LoginPassword) and auth_data.login == b'user' and auth_data.password == b'secret pass'
     with open(record + '.auth', 'a') as f:
         f.write(json.dumps({'mechanism': mechanism, 'ok': ok}) + '\n')
-    return AuthResult(success=ok)
+    return AuthResult(success=ok, handled=False)
 
 class Handler:
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
@@ -33,7 +33,7 @@ class Handler:
                 'from': envelope.mail_from, 'to': envelope.rcpt_tos,
                 'mail_options': envelope.mail_options, 'rcpt_options': envelope.rcpt_options,
                 'data': base64.b64encode(envelope.original_content).decode(),
-                'tls': session.ssl is not None, 'auth': bool(session.authenticated),
+                'tls': session.ssl is not None or server.transport.get_extra_info('sslcontext') is not None, 'auth': bool(session.authenticated),
             }) + '\n')
         return '250 2.0.0 OK queued as X1'
 
