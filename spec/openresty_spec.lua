@@ -140,6 +140,23 @@ describe_or_skip("smtp inside nginx", function()
     assert.are.equal(1, other.messages())
   end)
 
+  it("replaces a pooled session that fails its RSET check", function()
+    local gone = nginx_support.smtpd { tls = true, rset_status = "421 4.3.2 going away" }
+    local url = ngx_srv:url("/pooled?port=" .. gone.port .. "&n=1")
+    local status1, body1 = nginx_support.request(url)
+    local status2, body2 = nginx_support.request(url)
+    local conns, rsets, msgs = gone.connections(), gone.rsets(), gone.messages()
+    gone.stop()
+    assert.are.equal(200, status1, body1)
+    assert.are.equal(200, status2, body2)
+    assert.truthy(body1:match("^fresh 0 TLSv1%.3 kept .* stale=(%d+)\n$"), body1)
+    local stale1 = tonumber(body1:match("stale=(%d+)"))
+    assert.are.equal("fresh 0 TLSv1.3 kept AUTH LOGIN PLAIN stale=" .. (stale1 + 1) .. "\n", body2)
+    assert.are.equal(1 + 2, conns)    -- the controller's own check, then two sessions
+    assert.are.equal(1, rsets)
+    assert.are.equal(2, msgs)
+  end)
+
   it("looks up MX and addresses through resty.dns.resolver with the nameservers given", function()
     local port = helper.free_port()
     local dns = helper.spawn({ "/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
@@ -300,6 +317,21 @@ describe_send("smtp.send inside nginx", function()
     assert.are.equal(200, status, body)
     assert.truthy(body:match("^b@smtpd%.test 250 2%.0%.0 stored 1 tls=true"), body)
     assert.are.equal(1, got)
+  end)
+
+  it("replaces a pooled session that fails its RSET check", function()
+    local gone = nginx_support.smtpd { tls = true, rset_status = "421 4.3.2 going away" }
+    local status1, body1 = nginx_support.request(send_url(gone.port))
+    local status2, body2 = nginx_support.request(send_url(gone.port))
+    local conns, rsets, msgs = gone.connections(), gone.rsets(), gone.messages()
+    gone.stop()
+    assert.are.equal(200, status1, body1)
+    assert.are.equal(200, status2, body2)
+    assert.are.equal("b@smtpd.test 250 2.0.0 stored 1 tls=true reused=0\n", body1)
+    assert.are.equal("b@smtpd.test 250 2.0.0 stored 2 tls=true reused=0\n", body2)
+    assert.are.equal(1 + 2, conns)    -- the controller's own check, then two sessions
+    assert.are.equal(1, rsets)
+    assert.are.equal(2, msgs)
   end)
 
   it("runs the shipped example: a report with an attachment, and a log-phase notice via a timer", function()

@@ -132,7 +132,8 @@ function M.request(url, body, timeout)
 end
 
 -- The recording aiosmtpd peer (spec/support/openresty_smtpd.py) on a free loopback port:
--- M.smtpd{ tls = true, implicit = false, greeting_delay = 2, require_tls = false, host =, port = } -> handle with .port, .dir,
+-- M.smtpd{ tls = true, implicit = false, greeting_delay = 2, require_tls = false, host =, port =,
+--          rset_status = "421 ..." (RSET answered so, counted in :rsets()) } -> handle with .port, .dir,
 -- :connections(), :messages(), :message(n), :envelope(n), :stop().
 function M.smtpd(opts)
   opts = opts or {}
@@ -150,11 +151,13 @@ function M.smtpd(opts)
   end
   if opts.require_tls then argv[#argv + 1] = "--require-tls" end
   if opts.implicit then argv[#argv + 1] = "--implicit" end
+  if opts.rset_status then argv[#argv + 1] = "--rset-status"; argv[#argv + 1] = opts.rset_status end
   local proc = helper.spawn(argv, { limit = opts.limit or 300 })
   local h = { port = port, dir = dir, proc = proc }
   local function count(name) return tonumber(helper.read(dir .. "/" .. name) or "0") or 0 end
   function h.connections() return count("connections") end
   function h.messages() return count("messages") end
+  function h.rsets() return count("rsets") end
   function h.message(n) return helper.read(dir .. "/" .. n .. ".eml") end
   function h.envelope(n) return helper.read(dir .. "/" .. n .. ".env") end
   function h.stop() stop(proc) end
