@@ -23,6 +23,7 @@ describe_or_skip("smtp inside nginx", function()
     location = /slow { content_by_lua_block { require("support.openresty_handlers").slow() } }
     location = /pooled { content_by_lua_block { require("support.openresty_handlers").pooled() } }
     location = /errors { content_by_lua_block { require("support.openresty_handlers").errors() } }
+    location = /mx { content_by_lua_block { require("support.openresty_handlers").mx() } }
     location = /dns { content_by_lua_block { require("support.openresty_handlers").dns() } }
     location = /logphase {
       content_by_lua_block { ngx.say("ok") }
@@ -179,6 +180,30 @@ describe_or_skip("smtp inside nginx", function()
     assert.are.equal("error dns nxdomain false\n", ask("nothere.test", "resolve"))
     nginx_support.stop(dns)
     assert.are.equal("error dns connrefused true\n", ask("example.test", "MX"))
+  end)
+
+  local has_mx = run and pcall(require, "smtp.mx")
+  local it_mx = has_mx and it or function(name) pending(name .. ": smtp.mx has not landed on this branch yet") end
+  it_mx("runs smtp.mx.lookup over resty.dns.resolver, never the native resolver", function()
+    local port = helper.free_port()
+    local dns = helper.spawn({ "/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
+      "--no-resolv", "--no-hosts", "--port=" .. port, "--listen-address=127.0.0.1", "--bind-interfaces",
+      "--pid-file=", "--local=/test/", "--local-ttl=300",
+      "--mx-host=example.test,mx2.example.test,20", "--mx-host=example.test,mx1.example.test,10",
+      "--host-record=mx1.example.test,127.0.0.1,::1", "--host-record=mx2.example.test,127.0.0.2",
+      "--mx-host=nullmx.test,.,0", "--host-record=nomx.test,127.0.0.4" }, { limit = 120 })
+    assert(helper.wait_port("127.0.0.1", port, 10), dns:output())
+    local function lookup(domain)
+      local status, body = nginx_support.request(ngx_srv:url("/mx?ns=127.0.0.1:" .. port .. "&domain=" .. domain))
+      assert.are.equal(200, status, body)
+      return body
+    end
+    local a, b, c = lookup("example.test"), lookup("nomx.test"), lookup("nullmx.test")
+    nginx_support.stop(dns)
+    assert.are.equal("mx1.example.test 10 ::1,127.0.0.1\nmx2.example.test 20 127.0.0.2\n"
+      .. "native smtp.dns loaded: false\n", a)
+    assert.are.equal("nomx.test 0 127.0.0.4 implicit\nnative smtp.dns loaded: false\n", b)
+    assert.are.equal("error dns nullmx false 5.1.10\nnative smtp.dns loaded: false\n", c)
   end)
 
   it("fails at once in the log phase with an error that points to ngx.timer.at", function()

@@ -214,6 +214,21 @@ function M.send_in_log_phase()
   ngx.log(ngx.ERR, "SENDLOG ", tostring(res), " ", tostring(err), " kind=", err and err.kind)
 end
 
+-- /mx?ns=127.0.0.1:P&domain=D: smtp.mx.lookup inside nginx; says which resolver module ran.
+function M.mx()
+  local mx = require "smtp.mx"
+  local res, err = mx.lookup(arg("domain"), { nameservers = { arg("ns") }, timeout = 3,
+    random = function() return 1 end })
+  if not res then
+    ngx.say("error ", err.kind, " ", tostring(err.rcode), " ", tostring(err.temporary), " ", tostring(err.enhanced))
+  else
+    for _, h in ipairs(res) do
+      ngx.say(h.host, " ", h.preference, " ", table.concat(h.addresses, ","), h.implicit and " implicit" or "")
+    end
+  end
+  ngx.say("native smtp.dns loaded: ", tostring(package.loaded["smtp.dns"] ~= nil))
+end
+
 -- /phase: what the transport says in this phase (used from log_by_lua, header_filter, ...).
 function M.phase_error()
   local t = require("smtp.transport").get()
