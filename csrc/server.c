@@ -1,8 +1,2077 @@
-/* Placeholder for the server part of the C core; filled in by its own change. */
+/* SMTP server part of the C core: a sans-I/O server engine (client bytes in; commands, message
+ * data and replies out) with its Lua binding `core.server_engine{...}`, and a small file helper
+ * (`core.sink_file`) that lets the sink fsync and lock what it stores. */
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <openssl/evp.h>
 #include "core.h"
+#include "server.h"
+
+/* ------------------------------------------------------------------------------------------ */
+/* Engine                                                                                       */
+/* ------------------------------------------------------------------------------------------ */
+
+#define LONG_LINE_CLOSE (64 * 1024) /* a client this far into one command line is cut off */
+#define IN_EXTRA 8192               /* input buffer = max_line + this (pipelined commands) */
+#define MAX_PATH_LEN 256
+#define MAX_ERRORS_DEFAULT 10
+
+/* What the engine is doing with the next input bytes. */
+enum mode { M_CMD, M_SKIPLINE, M_DATA, M_BDAT, M_AUTH, M_CLOSED };
+static const char *const mode_names[] = { "command", "skipline", "data", "bdat", "auth", "closed" };
+
+/* Where a DATA byte stream is: decides unstuffing and the only end marker, CRLF.CRLF. */
+enum dstate { D_BOL, D_MID, D_CR, D_DOT, D_DOTCR };
+
+/* What the pending decision is for. */
+enum await { A_NONE, A_MAIL, A_RCPT, A_END, A_AUTH };
+
+enum authstep { AU_PLAIN, AU_LOGIN_USER, AU_LOGIN_PASS };
+
+const char *const smtp_server_event_names[] = {
+    "none", "mail", "rcpt", "begin", "data", "end", "auth", "starttls", "close"
+};
+
+struct addr {
+    char *block;                 /* one allocation: the address then the parameter values */
+    const char *addr;
+    smtp_server_params p;
+};
+
+struct smtp_server {
+    smtp_server_config cfg;
+    char hostname[256];
+    enum mode mode;
+    enum await await;
+    /* input: [in_pos, in_len) not yet processed */
+    char *in;
+    size_t in_cap, in_len, in_pos;
+    size_t skipped;              /* bytes of an over-long command line thrown away */
+    /* output */
+    char *out;
+    size_t out_len, out_alloc;
+    /* unstuffed data of the current step */
+    char *dbuf;
+    size_t dlen;
+    /* session */
+    int helo;                    /* 0 none, 1 HELO, 2 EHLO */
+    char helo_name[256];
+    int tls;
+    int authed;
+    char user[256];
+    unsigned errors;
+    int close_reported;
+    /* transaction */
+    int in_tx;
+    struct addr from;
+    struct addr *rcpts;
+    unsigned nrcpt, rcpt_alloc;
+    struct addr pending;         /* MAIL/RCPT waiting for a decision */
+    int bdat_tx;                 /* the transaction started BDAT (no DATA then) */
+    int data_tx;
+    int msg_begun;
+    /* message */
+    enum dstate ds;
+    unsigned long long msg_size;
+    int msg_bad;                 /* bare CR/LF seen (reject mode) */
+    int msg_over;                /* over max_message_size */
+    unsigned long long bdat_left;
+    int bdat_last, bdat_discard;
+    int end_pending;             /* END to report after the last DATA chunk */
+    int begin_pending;           /* BEGIN to report before the first chunk */
+    int tls_pending;             /* STARTTLS to report */
+    int msg_abort;               /* a BDAT message ended by RSET/EHLO/QUIT: END without reply */
+    /* auth exchange */
+    enum authstep austep;
+    char *auth_buf;              /* decoded credentials, wiped after use */
+    size_t auth_len;
+    char *auth_user;
+};
+
+/* --- output ----------------------------------------------------------------------------- */
+
+static void out_add(smtp_server *s, const char *p, size_t n)
+{
+    if (s->out_len + n > s->out_alloc) {
+        size_t na = s->out_alloc ? s->out_alloc : 512;
+        while (na < s->out_len + n)
+            na *= 2;
+        char *nb = realloc(s->out, na);
+        if (!nb)
+            abort(); /* out of memory: nothing sane to answer */
+        s->out = nb;
+        s->out_alloc = na;
+    }
+    memcpy(s->out + s->out_len, p, n);
+    s->out_len += n;
+}
+
+/* One reply line. Protocol errors (not 452, not hook verdicts) count toward max_errors. */
+static void reply(smtp_server *s, int code, const char *enh, const char *fmt, ...)
+{
+    char line[600];
+    int n;
+    if (enh)
+        n = snprintf(line, sizeof line, "%d %s ", code, enh);
+    else
+        n = snprintf(line, sizeof line, "%d ", code);
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(line + n, sizeof line - n - 2, fmt, ap);
+    va_end(ap);
+    if (m < 0)
+        m = 0;
+    if ((size_t)m > sizeof line - n - 3)
+        m = (int)(sizeof line - n - 3);
+    n += m;
+    line[n++] = '\r';
+    line[n++] = '\n';
+    out_add(s, line, (size_t)n);
+}
+
+static void close_with(smtp_server *s, int code, const char *enh, const char *text)
+{
+    reply(s, code, enh, "%s", text);
+    s->mode = M_CLOSED;
+}
+
+/* An engine-made error reply; too many of them end the session. */
+static void fail(smtp_server *s, int code, const char *enh, const char *text)
+{
+    reply(s, code, enh, "%s", text);
+    if (++s->errors >= s->cfg.max_errors)
+        close_with(s, 421, "4.7.0", "Too many errors, closing connection");
+}
+
+/* --- transaction -------------------------------------------------------------------------- */
+
+static void addr_clear(struct addr *a)
+{
+    free(a->block);
+    memset(a, 0, sizeof *a);
+}
+
+static void wipe_auth(smtp_server *s)
+{
+    if (s->auth_buf) {
+        smtp_wipe(s->auth_buf, s->auth_len);
+        free(s->auth_buf);
+    }
+    s->auth_buf = NULL;
+    s->auth_len = 0;
+    s->auth_user = NULL;
+}
+
+static void reset_tx(smtp_server *s)
+{
+    addr_clear(&s->from);
+    addr_clear(&s->pending);
+    for (unsigned i = 0; i < s->nrcpt; i++)
+        addr_clear(&s->rcpts[i]);
+    s->nrcpt = 0;
+    s->in_tx = s->bdat_tx = s->data_tx = s->msg_begun = 0;
+    s->msg_size = 0;
+    s->msg_bad = s->msg_over = 0;
+}
+
+/* --- helpers ------------------------------------------------------------------------------ */
+
+static int ieq(const char *a, size_t alen, const char *b)
+{
+    size_t bl = strlen(b);
+    if (alen != bl)
+        return 0;
+    for (size_t i = 0; i < bl; i++)
+        if (toupper((unsigned char)a[i]) != b[i])
+            return 0;
+    return 1;
+}
+
+static int iprefix(const char *a, size_t alen, const char *b)
+{
+    size_t bl = strlen(b);
+    return alen >= bl && ieq(a, bl, b);
+}
+
+/* Strict UTF-8 (no overlongs, no surrogates, at most U+10FFFF). */
+static int utf8_valid(const unsigned char *p, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        unsigned c = p[i];
+        if (c < 0x80) { i++; continue; }
+        size_t k;
+        unsigned min, cp;
+        if ((c & 0xE0) == 0xC0) { k = 1; cp = c & 0x1F; min = 0x80; }
+        else if ((c & 0xF0) == 0xE0) { k = 2; cp = c & 0x0F; min = 0x800; }
+        else if ((c & 0xF8) == 0xF0) { k = 3; cp = c & 0x07; min = 0x10000; }
+        else return 0;
+        for (size_t j = 1; j <= k; j++) {
+            if (i + j >= n || (p[i + j] & 0xC0) != 0x80)
+                return 0;
+            cp = (cp << 6) | (p[i + j] & 0x3F);
+        }
+        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+            return 0;
+        i += k + 1;
+    }
+    return 1;
+}
+
+static int has_8bit(const char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)p[i] >= 0x80)
+            return 1;
+    return 0;
+}
+
+/* Strict base64 with OpenSSL doing the decoding; -1 when malformed. `out` holds 3*n/4 bytes. */
+static long b64_decode(const char *in, size_t n, unsigned char *out)
+{
+    if (n % 4)
+        return -1;
+    size_t pad = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)in[i];
+        if (c == '=') {
+            if (i < n - 2)
+                return -1;
+            pad++;
+            continue;
+        }
+        if (pad)
+            return -1; /* data after padding */
+        if (!(isalnum(c) || c == '+' || c == '/'))
+            return -1;
+    }
+    if (n == 0)
+        return 0;
+    int r = EVP_DecodeBlock(out, (const unsigned char *)in, (int)n);
+    if (r < 0)
+        return -1;
+    return (long)r - (long)pad;
+}
+
+static int hexval(int c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+}
+
+/* RFC 3461 xtext into `out` (NUL-terminated); -1 when malformed or it decodes to controls. */
+static int xtext_decode(const char *p, size_t n, char *out, size_t cap)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (c == '+') {
+            if (i + 2 >= n)
+                return -1;
+            int h = hexval(p[i + 1]), l = hexval(p[i + 2]);
+            if (h < 0 || l < 0)
+                return -1;
+            c = (unsigned char)(h * 16 + l);
+            i += 2;
+            if (c < 32 || c == 127)
+                return -1; /* CR/LF/NUL smuggled through xtext */
+        } else if (c < 33 || c > 126 || c == '=') {
+            return -1;
+        }
+        if (o + 1 >= cap)
+            return -1;
+        out[o++] = (char)c;
+    }
+    out[o] = 0;
+    return 0;
+}
+
+/* --- path and parameter parsing ----------------------------------------------------------- */
+
+static int atext(unsigned char c, int utf8)
+{
+    return isalnum(c) || strchr("!#$%&'*+-/=?^_`{|}~", c) != NULL || (utf8 && c >= 0x80);
+}
+
+/* Parses "<...>" at p[0..n); sets *end after '>', the mailbox without route into [*a, *a+*alen).
+ * Returns 0, or an SMTP error code (501 syntax, 553 8-bit without SMTPUTF8). */
+static int parse_path(const char *p, size_t n, size_t *end, const char **a, size_t *alen,
+                      int allow_null, int allow_postmaster)
+{
+    size_t i = 0;
+    if (n == 0 || p[0] != '<')
+        return 501;
+    i = 1;
+    if (i < n && p[i] == '>') {
+        if (!allow_null)
+            return 501;
+        *a = p + 1;
+        *alen = 0;
+        *end = 2;
+        return 0;
+    }
+    if (i < n && p[i] == '@') { /* source route: obsolete, ignored */
+        while (i < n && p[i] != ':') {
+            unsigned char c = (unsigned char)p[i];
+            if (!(isalnum(c) || c == '@' || c == ',' || c == '.' || c == '-' || c == '[' ||
+                  c == ']'))
+                return 501;
+            i++;
+        }
+        if (i >= n)
+            return 501;
+        i++;
+    }
+    size_t start = i;
+    /* local part */
+    if (i < n && p[i] == '"') {
+        i++;
+        while (i < n && p[i] != '"') {
+            unsigned char c = (unsigned char)p[i];
+            if (c == '\\') {
+                i++;
+                if (i >= n || (unsigned char)p[i] < 32 || (unsigned char)p[i] == 127)
+                    return 501;
+            } else if (c < 32 || c == 127) {
+                return 501;
+            }
+            i++;
+        }
+        if (i >= n)
+            return 501;
+        i++;
+    } else {
+        size_t ls = i;
+        int lastdot = 1;
+        while (i < n && p[i] != '@' && p[i] != '>') {
+            unsigned char c = (unsigned char)p[i];
+            if (c == '.') {
+                if (lastdot)
+                    return 501;
+                lastdot = 1;
+            } else if (atext(c, 1)) {
+                lastdot = 0;
+            } else {
+                return 501;
+            }
+            i++;
+        }
+        if (i == ls || (lastdot && i < n && p[i] == '@'))
+            return 501;
+        if (i < n && p[i] == '>') {
+            if (allow_postmaster && ieq(p + ls, i - ls, "POSTMASTER")) {
+                *a = p + start;
+                *alen = i - start;
+                *end = i + 1;
+                return 0;
+            }
+            return 501;
+        }
+    }
+    if (i - start > 64)
+        return 501;
+    if (i >= n || p[i] != '@')
+        return 501;
+    i++;
+    size_t ds = i;
+    if (i < n && p[i] == '[') {
+        while (i < n && p[i] != ']') {
+            unsigned char c = (unsigned char)p[i];
+            if (c < 33 || c > 126 || c == '\\')
+                return 501;
+            i++;
+        }
+        if (i >= n)
+            return 501;
+        i++;
+    } else {
+        int lastsep = 1;
+        while (i < n && p[i] != '>') {
+            unsigned char c = (unsigned char)p[i];
+            if (c == '.') {
+                if (lastsep)
+                    return 501;
+                lastsep = 1;
+            } else if (isalnum(c) || c == '-' || c == '_' || c >= 0x80) {
+                lastsep = 0;
+            } else {
+                return 501;
+            }
+            i++;
+        }
+        if (i == ds)
+            return 501;
+    }
+    if (i - ds > 255)
+        return 501;
+    if (i >= n || p[i] != '>')
+        return 501;
+    if (i + 1 > MAX_PATH_LEN)
+        return 501;
+    *a = p + start;
+    *alen = i - start;
+    *end = i + 1;
+    return 0;
+}
+
+/* Builds an address record: address then parameter values, in one block. */
+static void addr_make(struct addr *d, const char *a, size_t alen, const smtp_server_params *p)
+{
+    const char *vals[5] = { p->body, p->ret, p->envid, p->notify, p->orcpt };
+    size_t need = alen + 1;
+    for (int i = 0; i < 5; i++)
+        if (vals[i])
+            need += strlen(vals[i]) + 1;
+    char *b = malloc(need);
+    if (!b)
+        abort();
+    memcpy(b, a, alen);
+    b[alen] = 0;
+    d->block = b;
+    d->addr = b;
+    d->p = *p;
+    size_t o = alen + 1;
+    const char **dst[5] = { &d->p.body, &d->p.ret, &d->p.envid, &d->p.notify, &d->p.orcpt };
+    for (int i = 0; i < 5; i++) {
+        if (!vals[i]) {
+            *dst[i] = NULL;
+            continue;
+        }
+        size_t l = strlen(vals[i]) + 1;
+        memcpy(b + o, vals[i], l);
+        *dst[i] = b + o;
+        o += l;
+    }
+}
+
+/* Parses " KEY[=VALUE]..." after a path. Values land in `scratch`. Returns 0 or an error with
+ * *enh and *msg set. */
+static int parse_params(smtp_server *s, const char *p, size_t n, int is_mail,
+                        smtp_server_params *out, char *scratch, size_t cap, const char **enh,
+                        const char **msg)
+{
+    memset(out, 0, sizeof *out);
+    out->size = -1;
+    size_t o = 0, i = 0;
+    while (i < n) {
+        if (p[i] != ' ') {
+            *enh = "5.5.4"; *msg = "Syntax error in parameters";
+            return 501;
+        }
+        while (i < n && p[i] == ' ')
+            i++;
+        if (i >= n)
+            break;
+        size_t ks = i;
+        while (i < n && p[i] != ' ' && p[i] != '=')
+            i++;
+        const char *k = p + ks;
+        size_t kl = i - ks;
+        const char *v = NULL;
+        size_t vl = 0;
+        if (i < n && p[i] == '=') {
+            i++;
+            size_t vs = i;
+            while (i < n && p[i] != ' ') {
+                unsigned char c = (unsigned char)p[i];
+                if (c < 33 || c > 126 || c == '=') {
+                    *enh = "5.5.4"; *msg = "Bad parameter value";
+                    return 501;
+                }
+                i++;
+            }
+            v = p + vs;
+            vl = i - vs;
+            if (vl == 0) {
+                *enh = "5.5.4"; *msg = "Empty parameter value";
+                return 501;
+            }
+        }
+        if (s->helo != 2) {
+            *enh = "5.5.4"; *msg = "Parameters need EHLO";
+            return 555;
+        }
+        const char **slot = NULL;
+        int xtext = 0;
+        if (is_mail && ieq(k, kl, "SIZE")) {
+            if (!v || vl > 18 || out->size >= 0) goto bad;
+            long long sz = 0;
+            for (size_t j = 0; j < vl; j++) {
+                if (!isdigit((unsigned char)v[j])) goto bad;
+                sz = sz * 10 + (v[j] - '0');
+            }
+            out->size = sz;
+            if (s->cfg.max_message_size && (unsigned long long)sz > s->cfg.max_message_size) {
+                *enh = "5.3.4"; *msg = "Message size exceeds fixed maximum message size";
+                return 552;
+            }
+            continue;
+        } else if (is_mail && ieq(k, kl, "SMTPUTF8")) {
+            if (v || out->smtputf8) goto bad;
+            out->smtputf8 = 1;
+            continue;
+        } else if (is_mail && ieq(k, kl, "BODY")) {
+            if (!v || out->body || !(ieq(v, vl, "7BIT") || ieq(v, vl, "8BITMIME"))) goto bad;
+            slot = &out->body;
+        } else if (is_mail && ieq(k, kl, "RET")) {
+            if (!v || out->ret || !(ieq(v, vl, "FULL") || ieq(v, vl, "HDRS"))) goto bad;
+            slot = &out->ret;
+        } else if (is_mail && ieq(k, kl, "ENVID")) {
+            if (!v || out->envid || vl > 100) goto bad;
+            slot = &out->envid;
+            xtext = 1;
+        } else if (!is_mail && ieq(k, kl, "NOTIFY")) {
+            if (!v || out->notify) goto bad;
+            /* NEVER alone, or a list of SUCCESS, FAILURE, DELAY */
+            size_t j = 0;
+            int never = 0, items = 0;
+            while (j <= vl) {
+                size_t e = j;
+                while (e < vl && v[e] != ',')
+                    e++;
+                if (ieq(v + j, e - j, "NEVER")) never = 1;
+                else if (!(ieq(v + j, e - j, "SUCCESS") || ieq(v + j, e - j, "FAILURE") ||
+                           ieq(v + j, e - j, "DELAY")))
+                    goto bad;
+                items++;
+                j = e + 1;
+            }
+            if (never && items > 1) goto bad;
+            slot = &out->notify;
+        } else if (!is_mail && ieq(k, kl, "ORCPT")) {
+            if (!v || out->orcpt || vl > 500) goto bad;
+            const char *semi = memchr(v, ';', vl);
+            if (!semi || semi == v) goto bad;
+            slot = &out->orcpt;
+            xtext = 2;
+        } else {
+            *enh = "5.5.4"; *msg = "Unsupported parameter";
+            return 555;
+        }
+        if (o + vl + 2 > cap) goto bad;
+        char *dst = scratch + o;
+        if (xtext == 1) {
+            if (xtext_decode(v, vl, dst, cap - o) < 0) goto bad;
+        } else if (xtext == 2) {
+            size_t tl = (size_t)((const char *)memchr(v, ';', vl) - v) + 1;
+            for (size_t j = 0; j + 1 < tl; j++)
+                if (!(isalnum((unsigned char)v[j]) || v[j] == '-')) goto bad;
+            memcpy(dst, v, tl);
+            if (xtext_decode(v + tl, vl - tl, dst + tl, cap - o - tl) < 0) goto bad;
+        } else {
+            for (size_t j = 0; j < vl; j++)
+                dst[j] = (char)toupper((unsigned char)v[j]);
+            dst[vl] = 0;
+        }
+        *slot = dst;
+        o += strlen(dst) + 1;
+    }
+    return 0;
+bad:
+    *enh = "5.5.4";
+    *msg = "Invalid parameter";
+    return 501;
+}
+
+/* --- verbs -------------------------------------------------------------------------------- */
+
+typedef struct verb {
+    const char *name;
+    int (*check)(smtp_server *s, const char *arg, size_t alen); /* 0: refused (replied) */
+    void (*proceed)(smtp_server *s, const char *arg, size_t alen);
+} verb;
+
+static int auth_offered(const smtp_server *s)
+{
+    return s->cfg.auth_enabled && (s->tls || s->cfg.auth_plaintext);
+}
+
+static int starttls_offered(const smtp_server *s)
+{
+    return s->cfg.tls_available && !s->tls;
+}
+
+static int check_none(smtp_server *s, const char *arg, size_t alen)
+{
+    (void)s; (void)arg; (void)alen;
+    return 1;
+}
+
+static int check_noarg(smtp_server *s, const char *arg, size_t alen)
+{
+    (void)arg;
+    if (alen) {
+        fail(s, 501, "5.5.4", "Syntax error: no parameters allowed");
+        return 0;
+    }
+    return 1;
+}
+
+static int check_helo(smtp_server *s, const char *arg, size_t alen)
+{
+    if (alen == 0) {
+        fail(s, 501, "5.5.4", "Syntax: EHLO hostname");
+        return 0;
+    }
+    size_t n = 0;
+    while (n < alen && arg[n] != ' ')
+        n++;
+    if (n > 255 || !utf8_valid((const unsigned char *)arg, n)) {
+        fail(s, 501, "5.5.4", "Invalid domain name");
+        return 0;
+    }
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)arg[i];
+        if (c < 33 || c == 127) {
+            fail(s, 501, "5.5.4", "Invalid domain name");
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static void set_helo(smtp_server *s, const char *arg, size_t alen, int ehlo)
+{
+    size_t n = 0;
+    while (n < alen && arg[n] != ' ')
+        n++;
+    memcpy(s->helo_name, arg, n);
+    s->helo_name[n] = 0;
+    s->helo = ehlo ? 2 : 1;
+    reset_tx(s);
+}
+
+static void do_helo(smtp_server *s, const char *arg, size_t alen)
+{
+    set_helo(s, arg, alen, 0);
+    reply(s, 250, NULL, "%s", s->hostname);
+}
+
+static void do_ehlo(smtp_server *s, const char *arg, size_t alen)
+{
+    char line[300];
+    set_helo(s, arg, alen, 1);
+    int n = snprintf(line, sizeof line, "250-%s\r\n", s->hostname);
+    out_add(s, line, (size_t)n);
+    out_add(s, "250-PIPELINING\r\n", 16);
+    if (s->cfg.max_message_size)
+        n = snprintf(line, sizeof line, "250-SIZE %llu\r\n",
+                     (unsigned long long)s->cfg.max_message_size);
+    else
+        n = snprintf(line, sizeof line, "250-SIZE\r\n");
+    out_add(s, line, (size_t)n);
+    if (starttls_offered(s))
+        out_add(s, "250-STARTTLS\r\n", 14);
+    if (auth_offered(s) && !s->authed)
+        out_add(s, "250-AUTH PLAIN LOGIN\r\n", 22);
+    static const char tail[] = "250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n"
+                               "250-CHUNKING\r\n250 DSN\r\n";
+    out_add(s, tail, sizeof tail - 1);
+}
+
+static int check_mail(smtp_server *s, const char *arg, size_t alen)
+{
+    (void)arg; (void)alen;
+    if (!s->helo) {
+        fail(s, 503, "5.5.1", "Error: send HELO/EHLO first");
+        return 0;
+    }
+    if (s->cfg.require_auth && !s->authed) {
+        fail(s, 530, "5.7.0", "Authentication required");
+        return 0;
+    }
+    if (s->in_tx) {
+        fail(s, 503, "5.5.1", "Error: nested MAIL command");
+        return 0;
+    }
+    return 1;
+}
+
+/* MAIL and RCPT share the path + parameters syntax. Returns 0 with s->pending filled. */
+static int parse_cmd_path(smtp_server *s, const char *arg, size_t alen, const char *kw,
+                          int is_mail)
+{
+    char scratch[1200];
+    size_t kl = strlen(kw);
+    if (!iprefix(arg, alen, kw)) {
+        fail(s, 501, "5.5.4", is_mail ? "Syntax: MAIL FROM:<address>" : "Syntax: RCPT TO:<address>");
+        return -1;
+    }
+    arg += kl;
+    alen -= kl;
+    while (alen && *arg == ' ') { arg++; alen--; } /* tolerated: "MAIL FROM: <a@b>" */
+    const char *a;
+    size_t al, end;
+    if (parse_path(arg, alen, &end, &a, &al, is_mail, !is_mail)) {
+        fail(s, 501, "5.1.7", "Bad address syntax");
+        return -1;
+    }
+    smtp_server_params p;
+    const char *enh, *msg;
+    int rc = parse_params(s, arg + end, alen - end, is_mail, &p, scratch, sizeof scratch, &enh, &msg);
+    if (rc) {
+        fail(s, rc, enh, msg);
+        return -1;
+    }
+    int utf8 = is_mail ? p.smtputf8 : s->from.p.smtputf8;
+    if (has_8bit(a, al)) {
+        if (!utf8) {
+            fail(s, 553, "5.6.7", "Non-ASCII address needs SMTPUTF8");
+            return -1;
+        }
+        if (!utf8_valid((const unsigned char *)a, al)) {
+            fail(s, 553, "5.6.7", "Invalid UTF-8 in address");
+            return -1;
+        }
+    }
+    addr_clear(&s->pending);
+    addr_make(&s->pending, a, al, &p);
+    return 0;
+}
+
+static void accept_mail(smtp_server *s)
+{
+    addr_clear(&s->from);
+    s->from = s->pending;
+    memset(&s->pending, 0, sizeof s->pending);
+    s->in_tx = 1;
+    reply(s, 250, "2.1.0", "Ok");
+}
+
+static void do_mail(smtp_server *s, const char *arg, size_t alen)
+{
+    if (parse_cmd_path(s, arg, alen, "FROM:", 1))
+        return;
+    if (s->cfg.hook_mail)
+        s->await = A_MAIL;
+    else
+        accept_mail(s);
+}
+
+static int check_rcpt(smtp_server *s, const char *arg, size_t alen)
+{
+    (void)arg; (void)alen;
+    if (!s->in_tx) {
+        fail(s, 503, "5.5.1", "Error: need MAIL command");
+        return 0;
+    }
+    if (s->msg_begun) {
+        fail(s, 503, "5.5.1", "Error: message already started");
+        return 0;
+    }
+    if (s->nrcpt >= s->cfg.max_recipients) {
+        reply(s, 452, "4.5.3", "Error: too many recipients"); /* not an error (RFC 5321 4.5.3.1.10) */
+        return 0;
+    }
+    return 1;
+}
+
+static void accept_rcpt(smtp_server *s)
+{
+    if (s->nrcpt == s->rcpt_alloc) {
+        unsigned na = s->rcpt_alloc ? s->rcpt_alloc * 2 : 4;
+        struct addr *nr = realloc(s->rcpts, na * sizeof *nr);
+        if (!nr)
+            abort();
+        s->rcpts = nr;
+        s->rcpt_alloc = na;
+    }
+    s->rcpts[s->nrcpt++] = s->pending;
+    memset(&s->pending, 0, sizeof s->pending);
+    reply(s, 250, "2.1.5", "Ok");
+}
+
+static void do_rcpt(smtp_server *s, const char *arg, size_t alen)
+{
+    if (parse_cmd_path(s, arg, alen, "TO:", 0))
+        return;
+    if (s->cfg.hook_rcpt)
+        s->await = A_RCPT;
+    else
+        accept_rcpt(s);
+}
+
+static int check_data(smtp_server *s, const char *arg, size_t alen)
+{
+    if (!check_noarg(s, arg, alen))
+        return 0;
+    if (!s->in_tx) {
+        fail(s, 503, "5.5.1", "Error: need MAIL command");
+        return 0;
+    }
+    if (s->bdat_tx) {
+        fail(s, 503, "5.5.1", "Error: DATA after BDAT in one transaction");
+        return 0;
+    }
+    if (s->nrcpt == 0) {
+        fail(s, 554, "5.5.1", "Error: no valid recipients");
+        return 0;
+    }
+    return 1;
+}
+
+static void do_data(smtp_server *s, const char *arg, size_t alen)
+{
+    (void)arg; (void)alen;
+    reply(s, 354, NULL, "End data with <CR><LF>.<CR><LF>");
+    s->mode = M_DATA;
+    s->ds = D_BOL;
+    s->data_tx = 1;
+    s->msg_begun = 1;
+    s->begin_pending = 1;
+    s->msg_size = 0;
+    s->msg_bad = s->msg_over = 0;
+}
+
+/* BDAT refusals must still swallow the chunk (RFC 3030), so the size is parsed first. */
+static int parse_bdat(const char *arg, size_t alen, unsigned long long *size, int *last)
+{
+    size_t i = 0;
+    unsigned long long n = 0;
+    if (alen == 0 || !isdigit((unsigned char)arg[0]))
+        return -1;
+    while (i < alen && isdigit((unsigned char)arg[i])) {
+        if (i >= 15)
+            return -1;
+        n = n * 10 + (unsigned long long)(arg[i] - '0');
+        i++;
+    }
+    *last = 0;
+    if (i < alen) {
+        if (arg[i] != ' ')
+            return -1;
+        while (i < alen && arg[i] == ' ')
+            i++;
+        if (!ieq(arg + i, alen - i, "LAST"))
+            return -1;
+        *last = 1;
+    }
+    *size = n;
+    return 0;
+}
+
+static int check_bdat(smtp_server *s, const char *arg, size_t alen)
+{
+    unsigned long long n;
+    int last;
+    if (parse_bdat(arg, alen, &n, &last)) {
+        fail(s, 501, "5.5.4", "Syntax: BDAT size [LAST]");
+        return 0;
+    }
+    const char *err = NULL;
+    int code = 503;
+    const char *enh = "5.5.1";
+    if (!s->in_tx)
+        err = "Error: need MAIL command";
+    else if (s->data_tx)
+        err = "Error: BDAT after DATA";
+    else if (s->nrcpt == 0) {
+        code = 554;
+        err = "Error: no valid recipients";
+    }
+    if (err) {
+        fail(s, code, enh, err);
+        if (s->mode != M_CLOSED) {
+            s->mode = M_BDAT;
+            s->bdat_left = n;
+            s->bdat_discard = 1;
+            s->bdat_last = 0;
+        }
+        return 0;
+    }
+    return 1;
+}
+
+static void do_bdat(smtp_server *s, const char *arg, size_t alen)
+{
+    unsigned long long n;
+    int last;
+    parse_bdat(arg, alen, &n, &last);
+    s->mode = M_BDAT;
+    s->bdat_left = n;
+    s->bdat_last = last;
+    s->bdat_discard = 0;
+    s->bdat_tx = 1;
+    if (!s->msg_begun) {
+        s->msg_begun = 1;
+        s->begin_pending = 1;
+        s->msg_size = 0;
+        s->msg_bad = s->msg_over = 0;
+    }
+}
+
+static void do_rset(smtp_server *s, const char *arg, size_t alen)
+{
+    (void)arg; (void)alen;
+    reset_tx(s);
+    reply(s, 250, "2.0.0", "Ok");
+}
+
+static void do_noop(smtp_server *s, const char *arg, size_t alen)
+{
+    (void)arg; (void)alen;
+    reply(s, 250, "2.0.0", "Ok");
+}
+
+static void do_quit(smtp_server *s, const char *arg, size_t alen)
+{
+    (void)arg; (void)alen;
+    close_with(s, 221, "2.0.0", "Bye");
+}
+
+static int check_vrfy(smtp_server *s, const char *arg, size_t alen)
+{
+    (void)arg;
+    if (!alen) {
+        fail(s, 501, "5.5.4", "Syntax: VRFY address");
+        return 0;
+    }
+    return 1;
+}
+
+static void do_vrfy(smtp_server *s, const char *arg, size_t alen)
+{
+    (void)arg; (void)alen;
+    reply(s, 252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery");
+}
+
+static void do_help(smtp_server *s, const char *arg, size_t alen)
+{
+    (void)arg; (void)alen;
+    reply(s, 214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP%s%s",
+          starttls_offered(s) ? " STARTTLS" : "", auth_offered(s) ? " AUTH" : "");
+}
+
+static int check_starttls(smtp_server *s, const char *arg, size_t alen)
+{
+    if (!check_noarg(s, arg, alen))
+        return 0;
+    if (!s->cfg.tls_available && !s->tls) {
+        fail(s, 502, "5.5.1", "Error: command not implemented");
+        return 0;
+    }
+    if (s->tls) {
+        fail(s, 503, "5.5.1", "Error: TLS already active");
+        return 0;
+    }
+    if (s->in_tx) {
+        fail(s, 503, "5.5.1", "Error: STARTTLS inside a mail transaction");
+        return 0;
+    }
+    return 1;
+}
+
+static void do_starttls(smtp_server *s, const char *arg, size_t alen)
+{
+    (void)arg; (void)alen;
+    reply(s, 220, "2.0.0", "Ready to start TLS");
+    s->tls_pending = 1;
+    /* Everything the client sent after STARTTLS in clear is dropped (CVE-2011-0411). */
+    s->in_pos = s->in_len;
+    s->tls = 1;
+    s->helo = 0;
+    s->helo_name[0] = 0;
+    s->authed = 0;
+    s->user[0] = 0;
+    reset_tx(s);
+}
+
+static int check_auth(smtp_server *s, const char *arg, size_t alen)
+{
+    if (!s->cfg.auth_enabled) {
+        fail(s, 502, "5.5.1", "Error: authentication not enabled");
+        return 0;
+    }
+    if (!auth_offered(s)) {
+        fail(s, 538, "5.7.11", "Encryption required for requested authentication mechanism");
+        return 0;
+    }
+    if (!s->helo) {
+        fail(s, 503, "5.5.1", "Error: send HELO/EHLO first");
+        return 0;
+    }
+    if (s->authed) {
+        fail(s, 503, "5.5.1", "Error: already authenticated");
+        return 0;
+    }
+    if (s->in_tx) {
+        fail(s, 503, "5.5.1", "Error: AUTH not allowed during a mail transaction");
+        return 0;
+    }
+    if (alen == 0) {
+        fail(s, 501, "5.5.4", "Syntax: AUTH mechanism");
+        return 0;
+    }
+    return 1;
+}
+
+/* Decodes a base64 response into s->auth_buf (appended); -1 on malformed input (replied). */
+static int auth_take(smtp_server *s, const char *b64, size_t n, int *cancelled)
+{
+    *cancelled = 0;
+    if (n == 1 && b64[0] == '*') {
+        *cancelled = 1;
+        wipe_auth(s);
+        fail(s, 501, "5.7.0", "Authentication cancelled");
+        return -1;
+    }
+    size_t need = s->auth_len + n / 4 * 3 + 4;
+    char *nb = malloc(need);
+    if (!nb)
+        abort();
+    if (s->auth_buf) {
+        memcpy(nb, s->auth_buf, s->auth_len);
+        smtp_wipe(s->auth_buf, s->auth_len);
+        free(s->auth_buf);
+    }
+    s->auth_buf = nb;
+    long r = (n == 1 && b64[0] == '=') ? 0 : b64_decode(b64, n, (unsigned char *)nb + s->auth_len);
+    if (r < 0) {
+        wipe_auth(s);
+        fail(s, 501, "5.5.2", "Invalid base64 data");
+        return -1;
+    }
+    s->auth_len += (size_t)r;
+    return 0;
+}
+
+/* Once credentials are complete: check them and ask for a decision. */
+static void auth_ready(smtp_server *s)
+{
+    if (s->austep == AU_PLAIN) {
+        /* authzid NUL authcid NUL passwd */
+        char *z1 = memchr(s->auth_buf, 0, s->auth_len);
+        char *z2 = z1 ? memchr(z1 + 1, 0, s->auth_len - (size_t)(z1 + 1 - s->auth_buf)) : NULL;
+        if (!z1 || !z2 || memchr(z2 + 1, 0, s->auth_len - (size_t)(z2 + 1 - s->auth_buf)) ||
+            z2 == z1 + 1 || (size_t)(z2 - z1 - 1) >= sizeof s->user) {
+            wipe_auth(s);
+            fail(s, 501, "5.5.2", "Malformed PLAIN credentials");
+            return;
+        }
+    }
+    s->await = A_AUTH;
+}
+
+static void do_auth(smtp_server *s, const char *arg, size_t alen)
+{
+    size_t m = 0;
+    while (m < alen && arg[m] != ' ')
+        m++;
+    const char *init = m < alen ? arg + m + 1 : NULL;
+    size_t initlen = init ? alen - m - 1 : 0;
+    int cancelled;
+    wipe_auth(s);
+    if (ieq(arg, m, "PLAIN")) {
+        s->austep = AU_PLAIN;
+        if (init) {
+            if (auth_take(s, init, initlen, &cancelled) == 0)
+                auth_ready(s);
+        } else {
+            reply(s, 334, NULL, "");
+            s->mode = M_AUTH;
+        }
+    } else if (ieq(arg, m, "LOGIN")) {
+        if (init) {
+            if (auth_take(s, init, initlen, &cancelled))
+                return;
+            if (s->auth_len == 0 || memchr(s->auth_buf, 0, s->auth_len) ||
+                s->auth_len >= sizeof s->user) {
+                wipe_auth(s);
+                fail(s, 501, "5.5.2", "Malformed user name");
+                return;
+            }
+            s->austep = AU_LOGIN_PASS;
+            reply(s, 334, NULL, "UGFzc3dvcmQ6");
+        } else {
+            s->austep = AU_LOGIN_USER;
+            reply(s, 334, NULL, "VXNlcm5hbWU6");
+        }
+        s->mode = M_AUTH;
+    } else {
+        fail(s, 504, "5.5.4", "Unrecognized authentication mechanism");
+    }
+}
+
+/* A response line during AUTH. */
+static void auth_line(smtp_server *s, const char *line, size_t n)
+{
+    int cancelled;
+    s->mode = M_CMD;
+    if (s->austep == AU_PLAIN) {
+        if (auth_take(s, line, n, &cancelled) == 0)
+            auth_ready(s);
+    } else if (s->austep == AU_LOGIN_USER) {
+        if (auth_take(s, line, n, &cancelled))
+            return;
+        if (s->auth_len == 0 || memchr(s->auth_buf, 0, s->auth_len) ||
+            s->auth_len >= sizeof s->user) {
+            wipe_auth(s);
+            fail(s, 501, "5.5.2", "Malformed user name");
+            return;
+        }
+        s->austep = AU_LOGIN_PASS;
+        reply(s, 334, NULL, "UGFzc3dvcmQ6");
+        s->mode = M_AUTH;
+    } else {
+        size_t ul = s->auth_len;
+        if (auth_take(s, line, n, &cancelled))
+            return;
+        if (memchr(s->auth_buf + ul, 0, s->auth_len - ul)) {
+            wipe_auth(s);
+            fail(s, 501, "5.5.2", "Malformed password");
+            return;
+        }
+        /* store as user NUL password for the event */
+        char *nb = malloc(s->auth_len + 2);
+        if (!nb)
+            abort();
+        memcpy(nb, s->auth_buf, ul);
+        nb[ul] = 0;
+        memcpy(nb + ul + 1, s->auth_buf + ul, s->auth_len - ul);
+        nb[s->auth_len + 1] = 0;
+        size_t total = s->auth_len + 1;
+        wipe_auth(s);
+        s->auth_buf = nb;
+        s->auth_len = total;
+        s->auth_user = nb; /* user NUL secret */
+        s->await = A_AUTH;
+    }
+}
+
+static const verb verbs[] = {
+    { "HELO", check_helo, do_helo },
+    { "EHLO", check_helo, do_ehlo },
+    { "MAIL", check_mail, do_mail },
+    { "RCPT", check_rcpt, do_rcpt },
+    { "DATA", check_data, do_data },
+    { "BDAT", check_bdat, do_bdat },
+    { "RSET", check_noarg, do_rset },
+    { "NOOP", check_none, do_noop },
+    { "QUIT", check_noarg, do_quit },
+    { "VRFY", check_vrfy, do_vrfy },
+    { "HELP", check_none, do_help },
+    { "STARTTLS", check_starttls, do_starttls },
+    { "AUTH", check_auth, do_auth },
+};
+
+static void command(smtp_server *s, const char *line, size_t n)
+{
+    if (memchr(line, 0, n)) {
+        fail(s, 500, "5.5.2", "Error: NUL byte in command");
+        return;
+    }
+    size_t vl = 0;
+    while (vl < n && line[vl] != ' ')
+        vl++;
+    const char *arg = vl < n ? line + vl + 1 : line + n;
+    size_t alen = vl < n ? n - vl - 1 : 0;
+    /* trailing spaces are not part of the argument */
+    while (alen && arg[alen - 1] == ' ')
+        alen--;
+    for (size_t i = 0; i < sizeof verbs / sizeof verbs[0]; i++) {
+        if (ieq(line, vl, verbs[i].name)) {
+            int begun = s->msg_begun && s->bdat_tx;
+            if (verbs[i].check(s, arg, alen))
+                verbs[i].proceed(s, arg, alen);
+            /* a started BDAT message dropped by RSET, EHLO, QUIT...: its reader must learn it */
+            if (begun && (!s->msg_begun || s->mode == M_CLOSED) && !s->end_pending) {
+                s->end_pending = 1;
+                s->msg_abort = 1;
+            }
+            return;
+        }
+    }
+    fail(s, 500, "5.5.2", "Error: command not recognized");
+}
+
+/* --- data --------------------------------------------------------------------------------- */
+
+static void data_bad(smtp_server *s)
+{
+    if (!s->cfg.normalize_newlines)
+        s->msg_bad = 1;
+}
+
+/* Appends unstuffed bytes unless the message is already refused; counts the size. */
+static void demit(smtp_server *s, const char *p, size_t n)
+{
+    if (s->msg_bad || s->msg_over)
+        return;
+    s->msg_size += n;
+    if (s->cfg.max_message_size && s->msg_size > s->cfg.max_message_size) {
+        s->msg_over = 1;
+        return;
+    }
+    memcpy(s->dbuf + s->dlen, p, n);
+    s->dlen += n;
+}
+
+/* Runs the DATA byte machine over the input; returns 1 when CRLF.CRLF was reached. */
+static int data_scan(smtp_server *s)
+{
+    const char *in = s->in;
+    size_t i = s->in_pos, n = s->in_len;
+    int done = 0;
+    while (i < n && !done) {
+        unsigned char c = (unsigned char)in[i];
+        switch (s->ds) {
+        case D_BOL:
+            if (c == '.') { s->ds = D_DOT; i++; break; }
+            s->ds = D_MID;
+            break; /* reprocess as a mid-line byte */
+        case D_MID: {
+            size_t j = i;
+            while (j < n && in[j] != '\r' && in[j] != '\n')
+                j++;
+            if (j > i)
+                demit(s, in + i, j - i);
+            i = j;
+            if (i < n) {
+                if (in[i] == '\r') {
+                    s->ds = D_CR;
+                } else { /* bare LF: never a line start, so LF.LF cannot end the data */
+                    data_bad(s);
+                    demit(s, "\r\n", 2);
+                }
+                i++;
+            }
+            break;
+        }
+        case D_CR:
+            if (c == '\n') {
+                demit(s, "\r\n", 2);
+                s->ds = D_BOL;
+                i++;
+            } else { /* bare CR */
+                data_bad(s);
+                demit(s, "\r\n", 2);
+                s->ds = D_MID;
+            }
+            break;
+        case D_DOT:
+            if (c == '\r') { s->ds = D_DOTCR; i++; break; }
+            s->ds = D_MID; /* the leading dot was stuffing: drop it */
+            break;
+        case D_DOTCR:
+            if (c == '\n') {
+                done = 1;
+                i++;
+            } else { /* "." then bare CR */
+                data_bad(s);
+                demit(s, "\r\n", 2);
+                s->ds = D_MID;
+            }
+            break;
+        }
+    }
+    s->in_pos = i;
+    return done;
+}
+
+/* --- public engine API -------------------------------------------------------------------- */
+
+smtp_server *smtp_server_new(const smtp_server_config *cfg)
+{
+    smtp_server *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->cfg = *cfg;
+    if (!s->cfg.max_line || s->cfg.max_line < 64)
+        s->cfg.max_line = 512;
+    if (s->cfg.max_line > 65536)
+        s->cfg.max_line = 65536;
+    if (!s->cfg.max_recipients)
+        s->cfg.max_recipients = 100;
+    if (!s->cfg.max_errors)
+        s->cfg.max_errors = MAX_ERRORS_DEFAULT;
+    if (!s->cfg.out_cap)
+        s->cfg.out_cap = 64 * 1024;
+    snprintf(s->hostname, sizeof s->hostname, "%s", cfg->hostname ? cfg->hostname : "localhost");
+    for (char *p = s->hostname; *p; p++)
+        if ((unsigned char)*p < 33 || (unsigned char)*p > 126)
+            *p = '_';
+    s->cfg.hostname = s->hostname;
+    s->tls = cfg->tls_active;
+    s->in_cap = s->cfg.max_line + IN_EXTRA;
+    s->mode = M_CMD;
+    reply(s, 220, NULL, "%s ESMTP lua-smtp", s->hostname);
+    return s;
+}
+
+void smtp_server_free(smtp_server *s)
+{
+    if (!s)
+        return;
+    reset_tx(s);
+    wipe_auth(s);
+    free(s->rcpts);
+    free(s->in);
+    free(s->out);
+    free(s->dbuf);
+    free(s);
+}
+
+size_t smtp_server_space(const smtp_server *s)
+{
+    if (s->mode == M_CLOSED)
+        return 0;
+    return s->in_cap - (s->in_len - s->in_pos);
+}
+
+size_t smtp_server_feed(smtp_server *s, const char *data, size_t len)
+{
+    if (s->mode == M_CLOSED)
+        return len; /* nothing more is read after the end: swallow */
+    if (!s->in) {
+        s->in = malloc(s->in_cap);
+        if (!s->in)
+            abort();
+    }
+    if (s->in_pos) {
+        memmove(s->in, s->in + s->in_pos, s->in_len - s->in_pos);
+        s->in_len -= s->in_pos;
+        s->in_pos = 0;
+    }
+    size_t n = len < s->in_cap - s->in_len ? len : s->in_cap - s->in_len;
+    memcpy(s->in + s->in_len, data, n);
+    s->in_len += n;
+    return n;
+}
+
+/* Drops the buffers of an idle session: a waiting connection costs only the struct. */
+static void idle_trim(smtp_server *s)
+{
+    if (s->in && s->in_pos == s->in_len) {
+        free(s->in);
+        s->in = NULL;
+        s->in_len = s->in_pos = 0;
+    }
+    if (s->dbuf && s->mode != M_DATA && s->mode != M_BDAT) {
+        free(s->dbuf);
+        s->dbuf = NULL;
+    }
+}
+
+static int ev_end(smtp_server *s, smtp_server_event *ev)
+{
+    s->end_pending = 0;
+    if (s->mode != M_CLOSED)
+        s->mode = M_CMD;
+    memset(ev, 0, sizeof *ev);
+    ev->kind = SMTP_SRV_END;
+    if (s->msg_abort) {
+        s->msg_abort = 0;
+        ev->code = 451;
+        ev->a = "Transaction aborted";
+        if (s->mode == M_CLOSED) {
+            ev->alen = strlen(ev->a);
+            return ev->kind;
+        }
+    } else if (s->msg_over) {
+        ev->code = 552;
+        ev->a = "Message size exceeds fixed maximum message size";
+        reply(s, 552, "5.3.4", "%s", ev->a);
+        reset_tx(s);
+    } else if (s->msg_bad) {
+        ev->code = 550;
+        ev->a = "Bare CR or LF in message data not allowed";
+        reply(s, 550, "5.6.11", "%s", ev->a);
+        reset_tx(s);
+    } else {
+        s->await = A_END;
+    }
+    ev->alen = ev->a ? strlen(ev->a) : 0;
+    return ev->kind;
+}
+
+int smtp_server_next(smtp_server *s, smtp_server_event *ev)
+{
+    memset(ev, 0, sizeof *ev);
+    if (s->await != A_NONE)
+        return SMTP_SRV_NONE;
+    for (;;) {
+        if (s->end_pending)
+            return ev_end(s, ev);
+        if (s->mode == M_CLOSED) {
+            if (!s->close_reported) {
+                s->close_reported = 1;
+                wipe_auth(s);
+                ev->kind = SMTP_SRV_CLOSE;
+                return ev->kind;
+            }
+            return SMTP_SRV_NONE;
+        }
+        if (s->out_len >= s->cfg.out_cap)
+            return SMTP_SRV_NONE; /* the client does not read: stop taking its input */
+        if (s->begin_pending) {
+            s->begin_pending = 0;
+            ev->kind = SMTP_SRV_BEGIN;
+            return ev->kind;
+        }
+        if ((s->mode == M_DATA || s->mode == M_BDAT) && !s->dbuf) {
+            /* bare CR/LF become CRLF: up to twice the input */
+            s->dbuf = malloc(2 * s->in_cap + 8);
+            if (!s->dbuf)
+                abort();
+        }
+        /* a BDAT chunk may be empty ("BDAT 0 LAST"): it completes without input */
+        if (s->in_pos >= s->in_len && !(s->mode == M_BDAT && s->bdat_left == 0)) {
+            idle_trim(s);
+            return SMTP_SRV_NONE;
+        }
+        switch (s->mode) {
+        case M_DATA: {
+            s->dlen = 0;
+            int done = data_scan(s);
+            if (done)
+                s->end_pending = 1;
+            if (s->dlen) {
+                ev->kind = SMTP_SRV_DATA;
+                ev->a = s->dbuf;
+                ev->alen = s->dlen;
+                return ev->kind;
+            }
+            continue;
+        }
+        case M_BDAT: {
+            size_t avail = s->in_len - s->in_pos;
+            size_t take = s->bdat_left < avail ? (size_t)s->bdat_left : avail;
+            const char *p = s->in + s->in_pos;
+            s->in_pos += take;
+            s->bdat_left -= take;
+            s->dlen = 0;
+            if (!s->bdat_discard)
+                demit(s, p, take);
+            if (s->bdat_left == 0) {
+                s->mode = M_CMD;
+                if (s->bdat_discard) {
+                    s->bdat_discard = 0;
+                } else if (s->bdat_last) {
+                    s->end_pending = 1;
+                } else if (s->msg_over) {
+                    /* refuse at once: the rest of the transaction is void */
+                    s->end_pending = 1;
+                } else {
+                    reply(s, 250, "2.0.0", "%llu octets received",
+                          (unsigned long long)s->msg_size);
+                }
+            }
+            if (s->dlen) {
+                ev->kind = SMTP_SRV_DATA;
+                ev->a = s->dbuf;
+                ev->alen = s->dlen;
+                return ev->kind;
+            }
+            continue;
+        }
+        case M_SKIPLINE: {
+            char *lf = memchr(s->in + s->in_pos, '\n', s->in_len - s->in_pos);
+            size_t upto = lf ? (size_t)(lf - s->in) + 1 : s->in_len;
+            s->skipped += upto - s->in_pos;
+            s->in_pos = upto;
+            if (s->skipped > LONG_LINE_CLOSE) {
+                close_with(s, 421, "4.7.0", "Line too long, closing connection");
+                continue;
+            }
+            if (lf) {
+                s->mode = M_CMD;
+                fail(s, 500, "5.5.2", "Error: line too long");
+            }
+            continue;
+        }
+        case M_CMD:
+        case M_AUTH: {
+            char *start = s->in + s->in_pos;
+            size_t avail = s->in_len - s->in_pos;
+            char *lf = memchr(start, '\n', avail);
+            if (!lf) {
+                if (avail >= s->cfg.max_line) {
+                    s->skipped = avail;
+                    s->in_pos = s->in_len;
+                    if (s->mode == M_AUTH) {
+                        s->mode = M_SKIPLINE;
+                        wipe_auth(s);
+                    } else {
+                        s->mode = M_SKIPLINE;
+                    }
+                    continue;
+                }
+                idle_trim(s);
+                return SMTP_SRV_NONE;
+            }
+            size_t n = (size_t)(lf - start);
+            s->in_pos += n + 1;
+            if (n + 1 > s->cfg.max_line) {
+                if (s->mode == M_AUTH) {
+                    wipe_auth(s);
+                    s->mode = M_CMD;
+                }
+                fail(s, 500, "5.5.2", "Error: line too long");
+                continue;
+            }
+            if (n && start[n - 1] == '\r')
+                n--;
+            if (s->mode == M_AUTH)
+                auth_line(s, start, n);
+            else
+                command(s, start, n);
+            if (s->await == A_MAIL || s->await == A_RCPT) {
+                ev->kind = s->await == A_MAIL ? SMTP_SRV_MAIL : SMTP_SRV_RCPT;
+                ev->a = s->pending.addr;
+                ev->alen = strlen(s->pending.addr);
+                return ev->kind;
+            }
+            if (s->await == A_AUTH) {
+                ev->kind = SMTP_SRV_AUTH;
+                if (s->austep == AU_PLAIN) {
+                    char *z1 = memchr(s->auth_buf, 0, s->auth_len);
+                    char *z2 = memchr(z1 + 1, 0, s->auth_len - (size_t)(z1 + 1 - s->auth_buf));
+                    ev->a = "PLAIN"; ev->alen = 5;
+                    ev->b = z1 + 1; ev->blen = (size_t)(z2 - z1 - 1);
+                    ev->c = z2 + 1; ev->clen = s->auth_len - (size_t)(z2 + 1 - s->auth_buf);
+                } else {
+                    size_t ul = strlen(s->auth_buf);
+                    ev->a = "LOGIN"; ev->alen = 5;
+                    ev->b = s->auth_buf; ev->blen = ul;
+                    ev->c = s->auth_buf + ul + 1; ev->clen = s->auth_len - ul - 1;
+                }
+                return ev->kind;
+            }
+            if (s->tls_pending) {
+                s->tls_pending = 0;
+                ev->kind = SMTP_SRV_STARTTLS;
+                return ev->kind;
+            }
+            continue;
+        }
+        case M_CLOSED:
+            continue;
+        }
+    }
+}
+
+int smtp_server_decide(smtp_server *s, int accept, int code, const char *enh, const char *text)
+{
+    enum await a = s->await;
+    if (a == A_NONE)
+        return -1;
+    s->await = A_NONE;
+    switch (a) {
+    case A_MAIL:
+        if (accept)
+            accept_mail(s);
+        else {
+            addr_clear(&s->pending);
+            reply(s, code ? code : 550, enh ? enh : "5.7.1", "%s", text ? text : "Sender rejected");
+        }
+        break;
+    case A_RCPT:
+        if (accept)
+            accept_rcpt(s);
+        else {
+            addr_clear(&s->pending);
+            reply(s, code ? code : 550, enh ? enh : "5.1.1", "%s", text ? text : "Recipient rejected");
+        }
+        break;
+    case A_END:
+        if (accept)
+            reply(s, 250, "2.0.0", "%s", text ? text : "Ok: queued");
+        else
+            reply(s, code ? code : 554, enh ? enh : "5.6.0", "%s", text ? text : "Message rejected");
+        reset_tx(s);
+        break;
+    case A_AUTH:
+        if (accept) {
+            const char *u = s->austep == AU_PLAIN ? (const char *)memchr(s->auth_buf, 0, s->auth_len) + 1
+                                                  : s->auth_buf;
+            snprintf(s->user, sizeof s->user, "%s", u);
+            s->authed = 1;
+            reply(s, 235, "2.7.0", "Authentication successful");
+        } else {
+            fail(s, code ? code : 535, enh ? enh : "5.7.8",
+                 text ? text : "Authentication credentials invalid");
+        }
+        wipe_auth(s);
+        break;
+    default:
+        break;
+    }
+    return 0;
+}
+
+const char *smtp_server_output(const smtp_server *s, size_t *len)
+{
+    *len = s->out_len;
+    return s->out;
+}
+
+void smtp_server_output_done(smtp_server *s, size_t n)
+{
+    if (n >= s->out_len) {
+        s->out_len = 0;
+        if (s->out_alloc > 4096) { /* idle sessions keep no big buffer */
+            free(s->out);
+            s->out = NULL;
+            s->out_alloc = 0;
+        }
+        return;
+    }
+    memmove(s->out, s->out + n, s->out_len - n);
+    s->out_len -= n;
+}
+
+void smtp_server_shutdown(smtp_server *s, int code, const char *enh, const char *text)
+{
+    if (s->mode == M_CLOSED)
+        return;
+    s->await = A_NONE;
+    close_with(s, code, enh, text);
+}
+
+int smtp_server_closed(const smtp_server *s) { return s->mode == M_CLOSED; }
+const char *smtp_server_state_name(const smtp_server *s) { return mode_names[s->mode]; }
+const char *smtp_server_helo(const smtp_server *s) { return s->helo ? s->helo_name : NULL; }
+const char *smtp_server_user(const smtp_server *s) { return s->authed ? s->user : NULL; }
+int smtp_server_tls(const smtp_server *s) { return s->tls; }
+
+const char *smtp_server_from(const smtp_server *s, const smtp_server_params **p)
+{
+    if (!s->in_tx)
+        return NULL;
+    if (p)
+        *p = &s->from.p;
+    return s->from.addr;
+}
+
+unsigned smtp_server_rcpt_count(const smtp_server *s) { return s->nrcpt; }
+
+const char *smtp_server_rcpt(const smtp_server *s, unsigned i, const smtp_server_params **p)
+{
+    if (i >= s->nrcpt)
+        return NULL;
+    if (p)
+        *p = &s->rcpts[i].p;
+    return s->rcpts[i].addr;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Lua binding                                                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+#define ENGINE_MT "smtp.server_engine"
+#define FILE_MT "smtp.sink_file"
+
+typedef struct { smtp_server *s; } lengine;
+
+static smtp_server *check_engine(lua_State *L)
+{
+    lengine *e = luaL_checkudata(L, 1, ENGINE_MT);
+    if (!e->s)
+        luaL_error(L, "server engine already freed");
+    return e->s;
+}
+
+static lua_Integer opt_int(lua_State *L, int t, const char *k, lua_Integer d)
+{
+    lua_getfield(L, t, k);
+    lua_Integer v = lua_isnil(L, -1) ? d : luaL_checkinteger(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+static int opt_bool(lua_State *L, int t, const char *k)
+{
+    lua_getfield(L, t, k);
+    int v = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+/* core.server_engine{ hostname=, max_line=, max_message_size=, max_recipients=, max_errors=,
+ *   out_cap=, tls=, tls_active=, auth=, auth_plaintext=, require_auth=, normalize=, hook_mail=,
+ *   hook_rcpt= } -> engine (its greeting already queued) */
+static int l_engine_new(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    smtp_server_config c;
+    memset(&c, 0, sizeof c);
+    lua_getfield(L, 1, "hostname");
+    c.hostname = luaL_optstring(L, -1, "localhost");
+    c.max_line = (size_t)opt_int(L, 1, "max_line", 512);
+    c.max_message_size = (size_t)opt_int(L, 1, "max_message_size", 0);
+    c.max_recipients = (unsigned)opt_int(L, 1, "max_recipients", 100);
+    c.max_errors = (unsigned)opt_int(L, 1, "max_errors", MAX_ERRORS_DEFAULT);
+    c.out_cap = (size_t)opt_int(L, 1, "out_cap", 64 * 1024);
+    c.tls_available = opt_bool(L, 1, "tls");
+    c.tls_active = opt_bool(L, 1, "tls_active");
+    c.auth_enabled = opt_bool(L, 1, "auth");
+    c.auth_plaintext = opt_bool(L, 1, "auth_plaintext");
+    c.require_auth = opt_bool(L, 1, "require_auth");
+    c.normalize_newlines = opt_bool(L, 1, "normalize");
+    c.hook_mail = opt_bool(L, 1, "hook_mail");
+    c.hook_rcpt = opt_bool(L, 1, "hook_rcpt");
+    if (c.max_line < 64 || c.max_line > 65536)
+        return luaL_argerror(L, 1, "max_line must be within 64..65536");
+    lengine *e = lua_newuserdata(L, sizeof *e);
+    e->s = NULL;
+    luaL_setmetatable(L, ENGINE_MT);
+    e->s = smtp_server_new(&c);
+    if (!e->s)
+        return luaL_error(L, "out of memory");
+    return 1;
+}
+
+static int l_engine_gc(lua_State *L)
+{
+    lengine *e = luaL_checkudata(L, 1, ENGINE_MT);
+    smtp_server_free(e->s);
+    e->s = NULL;
+    return 0;
+}
+
+/* e:feed(str [, i]) -> bytes taken from str starting at byte i */
+static int l_feed(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    size_t len;
+    const char *d = luaL_checklstring(L, 2, &len);
+    lua_Integer i = luaL_optinteger(L, 3, 1);
+    if (i < 1 || (size_t)i > len + 1)
+        return luaL_argerror(L, 3, "out of range");
+    lua_pushinteger(L, (lua_Integer)smtp_server_feed(s, d + i - 1, len - (size_t)(i - 1)));
+    return 1;
+}
+
+static int l_space(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)smtp_server_space(check_engine(L)));
+    return 1;
+}
+
+static void push_params(lua_State *L, const smtp_server_params *p)
+{
+    lua_createtable(L, 0, 4);
+    if (p->size >= 0) {
+        lua_pushinteger(L, (lua_Integer)p->size);
+        lua_setfield(L, -2, "SIZE");
+    }
+    if (p->smtputf8) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "SMTPUTF8");
+    }
+    const char *names[] = { "BODY", "RET", "ENVID", "NOTIFY", "ORCPT" };
+    const char *vals[] = { p->body, p->ret, p->envid, p->notify, p->orcpt };
+    for (int i = 0; i < 5; i++) {
+        if (vals[i]) {
+            lua_pushstring(L, vals[i]);
+            lua_setfield(L, -2, names[i]);
+        }
+    }
+}
+
+/* e:next() -> nil | "mail", addr, params | "rcpt", addr, params | "begin" | "data", chunk |
+ *   "end", code|nil, text | "auth", mechanism, user, secret | "starttls" | "close" */
+static int l_next(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    smtp_server_event ev;
+    int k = smtp_server_next(s, &ev);
+    if (k == SMTP_SRV_NONE) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_pushstring(L, smtp_server_event_names[k]);
+    switch (k) {
+    case SMTP_SRV_MAIL:
+    case SMTP_SRV_RCPT:
+        lua_pushlstring(L, ev.a, ev.alen);
+        push_params(L, &s->pending.p);
+        return 3;
+    case SMTP_SRV_DATA:
+        lua_pushlstring(L, ev.a, ev.alen);
+        return 2;
+    case SMTP_SRV_END:
+        if (ev.code) {
+            lua_pushinteger(L, ev.code);
+            lua_pushlstring(L, ev.a, ev.alen);
+            return 3;
+        }
+        return 1;
+    case SMTP_SRV_AUTH:
+        lua_pushlstring(L, ev.a, ev.alen);
+        lua_pushlstring(L, ev.b, ev.blen);
+        lua_pushlstring(L, ev.c, ev.clen);
+        return 4;
+    default:
+        return 1;
+    }
+}
+
+/* e:decide(ok [, code, enhanced, text]) */
+static int l_decide(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    int ok = lua_toboolean(L, 2);
+    int code = (int)luaL_optinteger(L, 3, 0);
+    const char *enh = luaL_optstring(L, 4, NULL);
+    const char *text = luaL_optstring(L, 5, NULL);
+    if (code && (code < 200 || code > 599))
+        return luaL_argerror(L, 3, "reply code out of range");
+    if (text && strpbrk(text, "\r\n"))
+        return luaL_argerror(L, 5, "CR or LF in reply text");
+    if (enh && (strlen(enh) > 12 || strpbrk(enh, "\r\n ")))
+        return luaL_argerror(L, 4, "bad enhanced status code");
+    if (smtp_server_decide(s, ok, code, enh, text) < 0)
+        return luaL_error(L, "no decision pending");
+    return 0;
+}
+
+/* e:output() -> pending reply bytes (taken) or nil */
+static int l_output(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    size_t n;
+    const char *p = smtp_server_output(s, &n);
+    if (!n) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_pushlstring(L, p, n);
+    smtp_server_output_done(s, n);
+    return 1;
+}
+
+static int l_envelope(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    const smtp_server_params *p;
+    const char *from = smtp_server_from(s, &p);
+    if (!from) {
+        lua_pushnil(L);
+        return 1;
+    }
+    unsigned n = smtp_server_rcpt_count(s);
+    lua_createtable(L, 0, 4);
+    lua_pushstring(L, from);
+    lua_setfield(L, -2, "from");
+    push_params(L, p);
+    lua_setfield(L, -2, "params");
+    lua_createtable(L, (int)n, 0);
+    lua_createtable(L, (int)n, 0);
+    for (unsigned i = 0; i < n; i++) {
+        const smtp_server_params *rp = NULL;
+        lua_pushstring(L, smtp_server_rcpt(s, i, &rp));
+        lua_rawseti(L, -3, (lua_Integer)i + 1);
+        push_params(L, rp);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    lua_setfield(L, -3, "rcpt_params");
+    lua_setfield(L, -2, "to");
+    return 1;
+}
+
+static int l_shutdown(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    int code = (int)luaL_optinteger(L, 2, 421);
+    const char *enh = luaL_optstring(L, 3, "4.3.2");
+    const char *text = luaL_optstring(L, 4, "Service shutting down");
+    if (strpbrk(text, "\r\n") || strpbrk(enh, "\r\n"))
+        return luaL_argerror(L, 4, "CR or LF in reply");
+    smtp_server_shutdown(s, code, enh, text);
+    return 0;
+}
+
+static int l_closed(lua_State *L)
+{
+    lua_pushboolean(L, smtp_server_closed(check_engine(L)));
+    return 1;
+}
+
+static int l_state(lua_State *L)
+{
+    lua_pushstring(L, smtp_server_state_name(check_engine(L)));
+    return 1;
+}
+
+static int l_helo(lua_State *L)
+{
+    lua_pushstring(L, smtp_server_helo(check_engine(L)));
+    return 1;
+}
+
+static int l_user(lua_State *L)
+{
+    lua_pushstring(L, smtp_server_user(check_engine(L)));
+    return 1;
+}
+
+static int l_tls(lua_State *L)
+{
+    lua_pushboolean(L, smtp_server_tls(check_engine(L)));
+    return 1;
+}
+
+static int l_engine_tostring(lua_State *L)
+{
+    lengine *e = luaL_checkudata(L, 1, ENGINE_MT);
+    lua_pushfstring(L, ENGINE_MT " (%s)", e->s ? smtp_server_state_name(e->s) : "freed");
+    return 1;
+}
+
+/* --- sink files: exclusive create or locked append, with fsync ----------------------------- */
+
+typedef struct { int fd; } lfile;
+
+static lfile *check_file(lua_State *L)
+{
+    lfile *f = luaL_checkudata(L, 1, FILE_MT);
+    if (f->fd < 0)
+        luaL_error(L, "file already closed");
+    return f;
+}
+
+static int push_errno(lua_State *L, const char *what)
+{
+    int e = errno;
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s", what, strerror(e));
+    return 2;
+}
+
+/* core.sink_file(path, "create" | "append") -> file | nil, msg
+ * "create" fails if the file exists (Maildir tmp/); "append" takes an exclusive flock (mbox). */
+static int l_sink_file(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    static const char *const modes[] = { "create", "append", NULL };
+    int m = luaL_checkoption(L, 2, NULL, modes);
+    int flags = O_WRONLY | O_CLOEXEC | O_CREAT | (m == 0 ? O_EXCL : O_APPEND);
+    int fd = open(path, flags, 0600);
+    if (fd < 0)
+        return push_errno(L, path);
+    if (m == 1 && flock(fd, LOCK_EX) < 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return push_errno(L, path);
+    }
+    lfile *f = lua_newuserdata(L, sizeof *f);
+    f->fd = fd;
+    luaL_setmetatable(L, FILE_MT);
+    return 1;
+}
+
+static int l_file_write(lua_State *L)
+{
+    lfile *f = check_file(L);
+    size_t n;
+    const char *p = luaL_checklstring(L, 2, &n);
+    while (n) {
+        ssize_t w = write(f->fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return push_errno(L, "write");
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_file_sync(lua_State *L)
+{
+    lfile *f = check_file(L);
+    if (fsync(f->fd) < 0)
+        return push_errno(L, "fsync");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* Size of the file now (the mbox offset a message starts at, to cut it back on failure). */
+static int l_file_size(lua_State *L)
+{
+    lfile *f = check_file(L);
+    struct stat st;
+    if (fstat(f->fd, &st) < 0)
+        return push_errno(L, "fstat");
+    lua_pushinteger(L, (lua_Integer)st.st_size);
+    return 1;
+}
+
+static int l_file_truncate(lua_State *L)
+{
+    lfile *f = check_file(L);
+    lua_Integer n = luaL_checkinteger(L, 2);
+    if (ftruncate(f->fd, (off_t)n) < 0)
+        return push_errno(L, "ftruncate");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_file_close(lua_State *L)
+{
+    lfile *f = luaL_checkudata(L, 1, FILE_MT);
+    if (f->fd >= 0) {
+        close(f->fd); /* also drops the flock */
+        f->fd = -1;
+    }
+    return 0;
+}
+
+/* core.fsync_dir(path): makes a rename into a directory durable. */
+static int l_fsync_dir(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return push_errno(L, path);
+    int r = fsync(fd);
+    int e = errno;
+    close(fd);
+    if (r < 0) {
+        errno = e;
+        return push_errno(L, path);
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
 
 int smtp_open_server(lua_State *L)
 {
-    (void)L;
+    static const luaL_Reg methods[] = {
+        { "feed", l_feed }, { "space", l_space }, { "next", l_next }, { "decide", l_decide },
+        { "output", l_output }, { "envelope", l_envelope }, { "shutdown", l_shutdown },
+        { "closed", l_closed }, { "state", l_state }, { "helo", l_helo }, { "user", l_user },
+        { "tls", l_tls }, { NULL, NULL }
+    };
+    static const luaL_Reg meta[] = {
+        { "__gc", l_engine_gc }, { "__tostring", l_engine_tostring }, { NULL, NULL }
+    };
+    static const luaL_Reg fmethods[] = {
+        { "write", l_file_write }, { "sync", l_file_sync }, { "size", l_file_size },
+        { "truncate", l_file_truncate }, { "close", l_file_close }, { NULL, NULL }
+    };
+    static const luaL_Reg fmeta[] = { { "__gc", l_file_close }, { NULL, NULL } };
+    smtp_newclass(L, ENGINE_MT, methods, meta);
+    smtp_newclass(L, FILE_MT, fmethods, fmeta);
+    lua_pushcfunction(L, l_engine_new);
+    lua_setfield(L, -2, "server_engine");
+    lua_pushcfunction(L, l_sink_file);
+    lua_setfield(L, -2, "sink_file");
+    lua_pushcfunction(L, l_fsync_dir);
+    lua_setfield(L, -2, "fsync_dir");
     return 0;
 }

@@ -1,0 +1,77 @@
+/* Sans-I/O SMTP server engine: client bytes in, events and reply bytes out (used by server.c's
+ * Lua binding and by fuzz/server_fuzz.c). */
+#ifndef SMTP_SERVER_H
+#define SMTP_SERVER_H
+
+#include <stddef.h>
+
+typedef struct smtp_server smtp_server;
+
+typedef struct smtp_server_config {
+    const char *hostname;        /* name in the greeting and the EHLO reply */
+    size_t max_line;             /* command line limit, CRLF included (512) */
+    size_t max_message_size;     /* after unstuffing; 0 = no limit */
+    unsigned max_recipients;     /* 452 past it (100) */
+    unsigned max_errors;         /* 421 and close once reached (10) */
+    size_t out_cap;              /* stop consuming input while this much output waits (64 KB) */
+    int tls_available;           /* offer STARTTLS */
+    int tls_active;              /* implicit TLS: the session starts encrypted */
+    int auth_enabled;            /* AUTH PLAIN LOGIN through SMTP_SRV_AUTH events */
+    int auth_plaintext;          /* offer AUTH without TLS (loopback or configured) */
+    int require_auth;            /* MAIL before AUTH: 530 */
+    int normalize_newlines;      /* bare CR/LF in DATA become CRLF instead of a 550 */
+    int hook_mail, hook_rcpt;    /* report MAIL/RCPT as events needing a decision */
+} smtp_server_config;
+
+enum smtp_server_event_kind {
+    SMTP_SRV_NONE = 0,   /* needs input, or output to be written first */
+    SMTP_SRV_MAIL,       /* a = reverse path ("" for <>); decide */
+    SMTP_SRV_RCPT,       /* a = forward path; decide */
+    SMTP_SRV_BEGIN,      /* a message starts (354 sent, or first BDAT chunk) */
+    SMTP_SRV_DATA,       /* a = chunk of the unstuffed message */
+    SMTP_SRV_END,        /* end of message; code == 0: decide; else the engine refused it
+                            with `code` (already replied) and a = its text */
+    SMTP_SRV_AUTH,       /* a = mechanism, b = user, c = secret; decide */
+    SMTP_SRV_STARTTLS,   /* 220 queued: write the output, then run the TLS handshake */
+    SMTP_SRV_CLOSE       /* final reply queued: write the output, then close */
+};
+
+typedef struct smtp_server_event {
+    int kind;
+    const char *a, *b, *c;
+    size_t alen, blen, clen;
+    int code;
+} smtp_server_event;
+
+/* Parsed ESMTP parameters of MAIL or RCPT (values decoded; NULL when absent). */
+typedef struct smtp_server_params {
+    long long size;              /* -1 when absent */
+    const char *body, *ret, *envid, *notify, *orcpt;
+    int smtputf8;
+} smtp_server_params;
+
+extern const char *const smtp_server_event_names[];
+
+smtp_server *smtp_server_new(const smtp_server_config *cfg);
+void smtp_server_free(smtp_server *s);
+size_t smtp_server_space(const smtp_server *s);
+size_t smtp_server_feed(smtp_server *s, const char *data, size_t len);
+int smtp_server_next(smtp_server *s, smtp_server_event *ev);
+/* Answers the pending MAIL/RCPT/END/AUTH event: accept, or reject with code/enh/text (NULLs give
+ * a default 550/451/535). Returns 0, or -1 when no event waits. */
+int smtp_server_decide(smtp_server *s, int accept, int code, const char *enh, const char *text);
+const char *smtp_server_output(const smtp_server *s, size_t *len);
+void smtp_server_output_done(smtp_server *s, size_t n);
+/* Queues a final reply (421 on shutdown or timeout) and closes the session. */
+void smtp_server_shutdown(smtp_server *s, int code, const char *enh, const char *text);
+int smtp_server_closed(const smtp_server *s);
+const char *smtp_server_state_name(const smtp_server *s);
+const char *smtp_server_helo(const smtp_server *s);
+const char *smtp_server_user(const smtp_server *s);
+int smtp_server_tls(const smtp_server *s);
+/* Envelope of the current transaction. */
+const char *smtp_server_from(const smtp_server *s, const smtp_server_params **p);
+unsigned smtp_server_rcpt_count(const smtp_server *s);
+const char *smtp_server_rcpt(const smtp_server *s, unsigned i, const smtp_server_params **p);
+
+#endif
