@@ -642,18 +642,21 @@ function Message:_signature()
 end
 
 -- msg:source() -> iterator of chunks (nil at the end). An attachment file that went away
--- since message.new raises, since the bytes already handed out cannot be taken back.
+-- since message.new raises an smtp.errors value (kind "invalid"): returning nil would read as
+-- the end of the message and send it cut short.
 function Message:source()
   local co = coroutine.wrap(function()
     local put, flush = buffered(coroutine.yield)
     if self.signer then
       local sig, err = self:_signature()
-      if not sig then error(tostring(err), 0) end
+      if not sig then
+        error(errors.is(err) and err or errors.new{ kind = "invalid", text = "message: " .. tostring(err) }, 0)
+      end
       put(sig)
     end
     put(self:_header_block())
     local ok, err = emit_body(self.body, put, true)
-    if not ok then error(err, 0) end
+    if not ok then error(errors.new{ kind = "invalid", text = "message: " .. err }, 0) end
     flush()
   end)
   local done = false
