@@ -145,6 +145,50 @@ describe("smtp.send with aiosmtpd", function()
   end)
 end)
 
+describe("lua-smtp send", function()
+  local peer
+  setup(function() peer = peers.aiosmtpd() end)
+  teardown(function() if peer then peer.stop() end end)
+
+  local function cli(args)
+    local function sink()
+      local t = {}
+      return { write = function(self, ...) for _, v in ipairs { ... } do t[#t + 1] = v end return self end,
+        text = function() return table.concat(t) end }
+    end
+    local out, err = sink(), sink()
+    local code = require("smtp.cli.send").main(args, out, err)
+    return code, out.text(), err.text()
+  end
+
+  it("exits 2 on usage errors", function()
+    local code, _, err = cli { "--server", "localhost:1", "--to", "b@example.org" }
+    assert.equal(2, code)
+    assert.truthy(err:find("--from is required", 1, true))
+    assert.equal(2, (cli { "--bogus" }))
+    assert.equal(2, (cli { "--server", "localhost:1", "--from", "a@b.test", "--to", "x\r\n@y" }))
+  end)
+
+  it("sends a raw file with STARTTLS and exits 0", function()
+    local path = helper.tmpdir() .. "/raw.eml"
+    helper.write(path, "Subject: cli\n\nraw body\n")
+    local code, out = cli { "--server", "localhost:" .. peer.port, "--cafile", peer.ca, "--from", "a@example.com",
+      "--to", "b@example.org", "c@example.org", "--raw", path, "--timeout", "10" }
+    assert.equal(0, code)
+    assert.equal("sent: 250 2.0.0 OK queued as X1\n  accepted: b@example.org\n  accepted: c@example.org\n", out)
+    local m = peer.messages()[#peer.messages()]
+    assert.same({ "b@example.org", "c@example.org" }, m.to)
+    assert.equal("Subject: cli\r\n\r\nraw body\r\n", m.data)
+  end)
+
+  it("composes a message and exits 1 with the reason when a recipient is refused", function()
+    local code, _, err = cli { "--server", "localhost:" .. peer.port, "--cafile", peer.ca, "--from", "a@example.com",
+      "--to", "reject@example.org", "--subject", "s", "--body", "hello", "--timeout", "10" }
+    assert.equal(1, code)
+    assert.truthy(err:find("reject@example.org: 550 5.1.1 no such user here", 1, true))
+  end)
+end)
+
 describe("smtp.connect with smtp-sink", function()
   local sink
   setup(function() sink = peers.sink() end)

@@ -907,7 +907,7 @@ function Conn:_transaction(tx)
   return {
     accepted = accepted, rejected = rejected,
     reply = { code = final.code, enhanced = final.enhanced, text = final.text },
-    message_id = id or nil,
+    message_id = (is_message(tx.message) and tx.message.message_id) or id or nil,
     server = self:info(),
   }
 end
