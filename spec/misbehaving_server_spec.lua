@@ -175,6 +175,35 @@ describe("against misbehaving servers", function()
     assert.equal("#CONNECT\nEHLO client.test\r\nQUIT\r\n", got)
   end)
 
+  it("send_many pipelines the next transaction behind the end-of-data and RSETs after a failed one", function()
+    f.script { { "send", "220 fake\r\n" }, { "line" }, EHLO, { "line" }, { "line" }, { "line" },
+      { "send", "250 ok\r\n550 5.1.1 no such user\r\n554 5.5.1 no valid recipients\r\n" },
+      { "line" }, { "line" }, { "line" }, { "line" }, { "send", "250 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n" },
+      { "data" }, { "line" }, { "line" }, { "line" },
+      { "send", "250 2.0.0 first\r\n250 ok\r\n250 ok\r\n354 go\r\n" }, { "data" },
+      { "send", "250 2.0.0 second\r\n" }, { "line" }, { "send", "221 bye\r\n" } }
+    local conn = assert(smtp.connect { server = "127.0.0.1", port = f.port, tls = "none", helo = "client.test", timeout = 5 })
+    local results = conn:send_many {
+      { from = "a@example.com", to = "bad@example.org", message = "one\r\n" },
+      { from = "a@example.com", to = "b@example.org", message = "two\r\n" },
+      { from = "a@example.com", to = "\r\nbad", message = "never" },
+      { from = "a@example.com", to = "c@example.org", message = "three" },
+    }
+    conn:close()
+    require("helper").sleep(0.2)
+    assert.equal("rejected", results[1].kind)
+    assert.equal(550, results[1].code)
+    assert.equal("2.0.0", results[2].reply.enhanced)
+    assert.equal("first", results[2].reply.text)
+    assert.equal("invalid", results[3].kind)
+    assert.equal("second", results[4].reply.text)
+    assert.equal("#CONNECT\nEHLO client.test\r\n" ..
+      "MAIL FROM:<a@example.com> BODY=8BITMIME\r\nRCPT TO:<bad@example.org>\r\nDATA\r\n" ..
+      "RSET\r\nMAIL FROM:<a@example.com> BODY=8BITMIME\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" ..
+      "two\r\n.\r\nMAIL FROM:<a@example.com> BODY=8BITMIME\r\nRCPT TO:<c@example.org>\r\nDATA\r\n" ..
+      "three\r\n.\r\nQUIT\r\n", f.received())
+  end)
+
   describe("invalid input opens no connection", function()
     local long_local = ("l"):rep(65) .. "@example.org"
     local long_domain = "a@" .. ("d"):rep(256)

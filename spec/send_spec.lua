@@ -207,6 +207,24 @@ describe("smtp.connect with smtp-sink", function()
     conn:close()
   end)
 
+  it("sends a batch with send_many, one result per message", function()
+    local conn = assert(smtp.connect { server = "127.0.0.1", port = sink.port, tls = "none", timeout = 10 })
+    local batch = {}
+    for i = 1, 50 do
+      batch[i] = { from = "a@example.com", to = { "b@example.org", "c@example.org" },
+        message = "Message-ID: <" .. i .. "@x>\r\n\r\nbody " .. i .. "\r\n" }
+    end
+    local results = conn:send_many(batch)
+    assert.equal(50, #results)
+    for i, r in ipairs(results) do
+      assert.is_nil(r.kind)
+      assert.equal(250, r.reply.code)
+      assert.same({ "b@example.org", "c@example.org" }, r.accepted)
+      assert.equal("<" .. i .. "@x>", r.message_id)
+    end
+    conn:close()
+  end)
+
   it("offers the lower-level session methods", function()
     local conn = assert(smtp.connect { server = "127.0.0.1", port = sink.port, tls = "none", timeout = 10 })
     assert.equal(250, conn:noop().code)
