@@ -204,6 +204,29 @@ describe("against misbehaving servers", function()
       "three\r\n.\r\nQUIT\r\n", f.received())
   end)
 
+  it("sends the whole small message as one pipelined BDAT LAST when CHUNKING is offered, DATA when opted out", function()
+    local body = "Subject: b\n\n.line\r\n"
+    local wire = "Subject: b\r\n\r\n.line\r\n"
+    local steps = { { "send", "220 fake\r\n" }, { "line" },
+      { "send", "250-fake\r\n250-PIPELINING\r\n250 CHUNKING\r\n" }, { "line" }, { "line" }, { "line" },
+      { "bytes", #wire }, { "send", "250 ok\r\n250 ok\r\n250 2.0.0 chunked\r\n" }, { "line" },
+      { "send", "221 bye\r\n" } }
+    local res, err, got = run(steps, { message = body })
+    assert.is_nil(err)
+    assert.equal("chunked", res.reply.text)
+    assert.equal("#CONNECT\nEHLO client.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n" ..
+      "BDAT " .. #wire .. " LAST\r\n" .. wire .. "QUIT\r\n", got)
+    steps = { { "send", "220 fake\r\n" }, { "line" },
+      { "send", "250-fake\r\n250-PIPELINING\r\n250 CHUNKING\r\n" }, { "line" }, { "line" }, { "line" },
+      { "send", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "data" }, { "send", "250 2.0.0 data\r\n" }, { "line" },
+      { "send", "221 bye\r\n" } }
+    res, err, got = run(steps, { message = body, chunking = false })
+    assert.is_nil(err)
+    assert.equal("data", res.reply.text)
+    assert.equal("#CONNECT\nEHLO client.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n" ..
+      "DATA\r\nSubject: b\r\n\r\n..line\r\n.\r\nQUIT\r\n", got)
+  end)
+
   describe("invalid input opens no connection", function()
     local long_local = ("l"):rep(65) .. "@example.org"
     local long_domain = "a@" .. ("d"):rep(256)

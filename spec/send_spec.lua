@@ -127,6 +127,20 @@ describe("smtp.send with aiosmtpd", function()
     assert.equal("Subject: fn\r\n\r\na\r\nb\r\n", peer.messages()[#peer.messages()].data)
   end)
 
+  it("sends a real smtp.message: envelope from its headers, Bcc only in the envelope, Message-ID in the result", function()
+    local message = require "smtp.message"
+    local msg = assert(message.new { from = "Alice <alice@example.com>", to = { "bob@example.org" },
+      bcc = { "hidden@example.org" }, subject = "Grüße", text = "hello\n.\nbye\n" })
+    local res, err = smtp.send { server = "localhost", port = peer.port, cafile = peer.ca, message = msg, timeout = 10 }
+    assert.is_nil(err)
+    assert.same({ "bob@example.org", "hidden@example.org" }, res.accepted)
+    assert.equal(msg.message_id, res.message_id)
+    local m = peer.messages()[#peer.messages()]
+    assert.equal("alice@example.com", m.from)
+    assert.equal(msg:tostring(), m.data)
+    assert.is_nil(m.data:find("hidden@", 1, true))
+  end)
+
   it("sends an smtp.message-like object with its envelope", function()
     local msg = {
       envelope = function() return "env@example.com", { "r1@example.org", "r2@example.org" } end,
@@ -179,6 +193,25 @@ describe("lua-smtp send", function()
     local m = peer.messages()[#peer.messages()]
     assert.same({ "b@example.org", "c@example.org" }, m.to)
     assert.equal("Subject: cli\r\n\r\nraw body\r\n", m.data)
+  end)
+
+  it("sends to every address of --to-file in its own transaction over several sessions, with --json", function()
+    local path = helper.tmpdir() .. "/rcpts"
+    helper.write(path, "r1@example.org\n# comment\n\nreject9@example.org\nr2@example.org\nlater@example.org\n")
+    local before = #peer.messages()
+    local code, out, err = cli { "--server", "localhost:" .. peer.port, "--cafile", peer.ca, "--from", "a@example.com",
+      "--to-file", path, "--concurrency", "3", "--subject", "bulk", "--body", "hi", "--timeout", "10" }
+    assert.equal(1, code)
+    assert.truthy(out:find("r1@example.org: sent 250 2.0.0 OK queued as X1\n", 1, true))
+    assert.truthy(err:find("reject9@example.org: failed 550 5.1.1 no such user here\n", 1, true))
+    assert.truthy(err:find("later@example.org: deferred 450 4.2.1 try again later\n", 1, true))
+    assert.truthy(out:find("sent 2, failed 1, deferred 1\n", 1, true))
+    assert.equal(before + 2, #peer.messages())
+    helper.write(path, "r1@example.org\n")
+    code, out = cli { "--server", "localhost:" .. peer.port, "--cafile", peer.ca, "--from", "a@example.com",
+      "--to-file", path, "--json", "--subject", "bulk", "--body", "hi", "--timeout", "10" }
+    assert.equal(0, code)
+    assert.equal('[{"recipient":"r1@example.org","status":"sent","code":250,"enhanced":"2.0.0","text":"OK queued as X1"}]\n', out)
   end)
 
   it("composes a message and exits 1 with the reason when a recipient is refused", function()

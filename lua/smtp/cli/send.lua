@@ -3,23 +3,28 @@
 -- some or all did not (the reasons on stderr), 2 for usage errors.
 local M = {}
 
-local usage = [[
+local usage = [==[
 usage: lua-smtp send --server HOST[:PORT] [--tls starttls|implicit|opportunistic|none]
                      [--user U --password P] [--allow-plaintext-auth]
                      --from ADDR --to ADDR... [--cc ADDR...] [--bcc ADDR...] [--subject S]
                      [--body TEXT | --body-file F] [--html-file F] [--attach FILE...] [--raw FILE]
                      [--helo NAME] [--cafile F] [--insecure] [--timeout SECONDS]
+                     [--to-file FILE [--concurrency N]] [--json]
 Without --server the message goes straight to each recipient domain's MX hosts.
 --raw sends FILE as it is (line ends normalized); --from and --to are then the envelope.
-Exit status: 0 accepted, 1 not accepted (reason on stderr), 2 usage error.]]
+--to-file sends the message to each address in FILE (one a line) in its own transaction, over
+N sessions at once (--concurrency, default 1), printing one line per recipient and a summary.
+--json prints the results as one JSON array instead.
+Exit status: 0 accepted, 1 not accepted (reason on stderr), 2 usage error.]==]
 
 -- Options that take one value, options that take one or more values, and flags.
 local single = {
   server = true, tls = true, user = true, password = true, from = true, subject = true, body = true,
   ["body-file"] = true, ["html-file"] = true, raw = true, cafile = true, timeout = true, helo = true,
+  ["to-file"] = true, concurrency = true,
 }
 local multi = { to = true, cc = true, bcc = true, attach = true }
-local flags = { insecure = true, ["allow-plaintext-auth"] = true }
+local flags = { insecure = true, ["allow-plaintext-auth"] = true, json = true }
 
 local function parse(args)
   local o = { to = {}, cc = {}, bcc = {}, attach = {} }
@@ -68,6 +73,67 @@ local function bare(a)
   return a:match("<([^>]*)>%s*$") or a
 end
 
+local function json_string(v)
+  return '"' .. tostring(v):gsub('[%c"\\]', function(c)
+    local map = { ['"'] = '\\"', ["\\"] = "\\\\", ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t" }
+    return map[c] or ("\\u%04x"):format(c:byte())
+  end) .. '"'
+end
+
+local function json_results(results)
+  local items = {}
+  for i, r in ipairs(results) do
+    local f = { '"recipient":' .. json_string(r.recipient), '"status":' .. json_string(r.status) }
+    if r.code then f[#f + 1] = '"code":' .. tostring(r.code) end
+    if r.enhanced then f[#f + 1] = '"enhanced":' .. json_string(r.enhanced) end
+    if r.text then f[#f + 1] = '"text":' .. json_string(r.text) end
+    if r.host then f[#f + 1] = '"host":' .. json_string(r.host) end
+    items[i] = "{" .. table.concat(f, ",") .. "}"
+  end
+  return "[" .. table.concat(items, ",") .. "]\n"
+end
+
+local function status_of(e)
+  return e.temporary and "deferred" or "failed"
+end
+
+-- One message to many recipients, one transaction each, over `n` sessions in smtp.loop.
+local function bulk(smtp, copts, message, from, rcpts, n, line)
+  local results, nexti = {}, 1
+  local function worker()
+    local conn
+    while nexti <= #rcpts do
+      local i = nexti
+      nexti = nexti + 1
+      local rcpt = rcpts[i]
+      local res, e
+      if not conn then conn, e = smtp.connect(copts) end
+      if conn then
+        res, e = conn:send { message = message, from = from, to = { rcpt } }
+        if not res and (e.kind == "closed" or e.kind == "timeout" or e.kind == "protocol") then
+          conn:close(); conn = nil
+        end
+      end
+      local r
+      if res then
+        r = { recipient = rcpt, status = "sent", code = res.reply.code, enhanced = res.reply.enhanced, text = res.reply.text }
+      else
+        local rej = e.rejected and e.rejected[1]
+        r = { recipient = rcpt, status = status_of(rej or e), code = rej and rej.code or e.code,
+          enhanced = rej and rej.enhanced or e.enhanced, text = rej and rej.text or e.text or tostring(e) }
+        if rej then r.status = rej.code < 500 and "deferred" or "failed" end
+      end
+      results[i] = r
+      line(r)
+    end
+    if conn then conn:close() end
+  end
+  local loop = require "smtp.loop"
+  for _ = 1, math.min(n, #rcpts) do loop.spawn(worker) end
+  loop.run()
+  return results
+end
+
 function M.main(args, out, err)
   out, err = out or io.stdout, err or io.stderr
   local o, perr = parse(args or {})
@@ -81,7 +147,25 @@ function M.main(args, out, err)
     return 2
   end
   if not o.from then return usage_error("--from is required") end
-  if #o.to + #o.cc + #o.bcc == 0 then return usage_error("--to is required") end
+  local listed = {}
+  if o["to-file"] then
+    local text, ferr = read_file(o["to-file"])
+    if not text then err:write("lua-smtp send: ", tostring(ferr), "\n"); return 2 end
+    for l in text:gmatch("[^\r\n]+") do
+      l = l:match("^%s*(.-)%s*$")
+      if l ~= "" and l:sub(1, 1) ~= "#" then listed[#listed + 1] = l end
+    end
+    if #listed == 0 then return usage_error("--to-file lists no recipient") end
+  end
+  local concurrency = 1
+  if o.concurrency then
+    concurrency = tonumber(o.concurrency)
+    if not concurrency or concurrency < 1 or concurrency % 1 ~= 0 then
+      return usage_error("bad --concurrency '" .. o.concurrency .. "'")
+    end
+    if not o["to-file"] then return usage_error("--concurrency goes with --to-file") end
+  end
+  if #o.to + #o.cc + #o.bcc + #listed == 0 then return usage_error("--to is required") end
   if o.body and o["body-file"] then return usage_error("--body and --body-file exclude each other") end
   if o.raw and (o.body or o["body-file"] or o["html-file"] or #o.attach > 0 or o.subject) then
     return usage_error("--raw excludes --subject, --body, --body-file, --html-file and --attach")
@@ -143,6 +227,44 @@ function M.main(args, out, err)
   end
 
   local smtp = require "smtp"
+  if #listed > 0 then
+    local all = {}
+    for _, a in ipairs(envelope_to) do all[#all + 1] = a end
+    for _, a in ipairs(listed) do all[#all + 1] = bare(a) end
+    local env_from = from or bare(o.from)
+    local results
+    local function line(r)
+      if o.json then return end
+      local w = r.status == "sent" and out or err
+      w:write(("%s: %s %s %s %s\n"):format(r.recipient, r.status, tostring(r.code or ""), r.enhanced or "", r.text or ""))
+    end
+    if o.server then
+      if io.type(message) == "file" then
+        -- the same bytes go out once per recipient
+        local data = message:read("*a"); message:close(); message = data
+      end
+      results = bulk(smtp, {
+        server = host, port = port, tls = tls, auth = o.user and { user = o.user, password = o.password } or nil,
+        helo = o.helo, cafile = o.cafile, verify = not o.insecure, timeout = timeout,
+        allow_plaintext_auth = o["allow-plaintext-auth"] or nil,
+      }, message, env_from, all, concurrency, line)
+    else
+      local derr
+      results, derr = smtp.deliver { message = message, from = env_from, to = all, helo = o.helo,
+        tls = tls or "opportunistic", timeout = timeout, cafile = o.cafile, verify = not o.insecure }
+      if not results then
+        err:write("lua-smtp send: not sent: ", tostring(derr), "\n")
+        return 1
+      end
+      for _, r in ipairs(results) do line(r) end
+    end
+    local count = { sent = 0, failed = 0, deferred = 0 }
+    for _, r in ipairs(results) do count[r.status] = (count[r.status] or 0) + 1 end
+    if o.json then out:write(json_results(results)) else
+      out:write(("sent %d, failed %d, deferred %d\n"):format(count.sent, count.failed, count.deferred))
+    end
+    return count.sent == #results and 0 or 1
+  end
   if o.server then
     local auth = o.user and { user = o.user, password = o.password } or nil
     local res, serr = smtp.send {
