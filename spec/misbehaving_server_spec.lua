@@ -227,6 +227,39 @@ describe("against misbehaving servers", function()
       "DATA\r\nSubject: b\r\n\r\n..line\r\n.\r\nQUIT\r\n", got)
   end)
 
+  it("calls auth.token for a fresh token and prefers OAUTHBEARER; plaintext AUTH only to loopback", function()
+    local b64 = function(x)
+      local out = require("helper").sh("printf %s " .. require("helper").quote(x) .. " | base64 -w0")
+      return out
+    end
+    local calls = 0
+    local res, err, got = run({ { "send", "220 fake\r\n" }, { "line" },
+      { "send", "250-fake\r\n250-PIPELINING\r\n250 AUTH PLAIN XOAUTH2 OAUTHBEARER\r\n" }, { "line" },
+      { "send", "235 2.7.0 ok\r\n" }, { "line" }, { "line" }, { "line" },
+      { "send", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "data" }, { "send", "250 ok\r\n" }, { "line" },
+      { "send", "221 bye\r\n" } },
+      { auth = { user = "u@example.com", token = function() calls = calls + 1; return "tok" .. calls end } })
+    assert.is_nil(err)
+    assert.equal(250, res.reply.code)
+    assert.equal(1, calls)
+    assert.equal("OAUTHBEARER", res.server.auth)
+    assert.truthy(got:find("AUTH OAUTHBEARER " .. b64("n,a=u@example.com,\1auth=Bearer tok1\1\1") .. "\r\n", 1, true))
+  end)
+
+  it("refuses CR/LF in low-level command parameters without writing them", function()
+    f.script { { "send", "220 fake\r\n" }, { "line" }, EHLO_PLAIN, { "line" }, { "send", "221 bye\r\n" } }
+    local conn = assert(smtp.connect { server = "127.0.0.1", port = f.port, tls = "none", helo = "client.test", timeout = 5 })
+    local r, err = conn:mail("a@example.com", "X=1\r\nRSET")
+    assert.is_nil(r)
+    assert.equal("invalid", err.kind)
+    r, err = conn:rcpt("b@example.org\r\nDATA")
+    assert.is_nil(r)
+    assert.equal("invalid", err.kind)
+    conn:close()
+    require("helper").sleep(0.2)
+    assert.equal("#CONNECT\nEHLO client.test\r\nQUIT\r\n", f.received())
+  end)
+
   describe("invalid input opens no connection", function()
     local long_local = ("l"):rep(65) .. "@example.org"
     local long_domain = "a@" .. ("d"):rep(256)
