@@ -135,6 +135,17 @@ describe("against misbehaving servers", function()
     assert.is_true(err.temporary)
   end)
 
+  it("never ends the data when the message source fails midway", function()
+    local n = 0
+    local res, err, got = run({ { "send", "220 fake\r\n" }, { "line" }, EHLO, { "line" }, { "line" }, { "line" },
+      { "send", "250 ok\r\n250 ok\r\n354 go\r\n" } },
+      { message = function() n = n + 1; if n == 1 then return "Subject: x\r\n\r\npart\r\n" end error("disk on fire") end })
+    assert.is_nil(res)
+    assert.equal("invalid", err.kind)
+    assert.equal("message source failed: disk on fire", err.text:gsub("^.-:%d+: ", "message source failed: "))
+    assert.is_nil(got:find("\r\n.\r\n", 1, true))
+  end)
+
   it("honours the phase timeout when the server stops answering, and sends no QUIT", function()
     local res, err, got, took = run({ { "send", "220 fake\r\n" }, { "line" }, EHLO_PLAIN, { "line" }, { "sleep", 30 } },
       { timeout = { mail = 1 } })

@@ -249,7 +249,11 @@ local function source_of(m)
       if last then size = last - here end
       m:seek("set", here)
     end
-    return function() return m:read(65536) end, size
+    return function()
+      local d, err = m:read(65536)
+      if d == nil and err then error(err, 0) end  -- a read error must not end the message early
+      return d
+    end, size
   elseif t == "function" then
     return m, nil
   elseif is_message(m) then
@@ -642,11 +646,13 @@ function Conn:_body(src, keep)
   local e = self.engine
   local id, head = nil, true
   while true do
-    local chunk = src()
-    if chunk == nil then break end
-    if type(chunk) ~= "string" then
+    local okc, chunk = pcall(src)
+    if okc and chunk == nil then break end
+    if not okc or type(chunk) ~= "string" then
+      -- close without the end-of-data: the server must not take a truncated message
       self:_abort()
-      return invalid("message source gave a " .. type(chunk) .. " instead of a string")
+      return invalid(okc and ("message source gave a " .. type(chunk) .. " instead of a string")
+        or ("message source failed: " .. tostring(chunk)))
     end
     if head then
       -- the Message-ID from the header section of the first chunk, for the result
