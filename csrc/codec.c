@@ -1,8 +1,907 @@
-/* Placeholder for the codec part of the C core; filled in by its own change. */
+/* Codecs for message composition and DKIM: base64, quoted-printable, xtext, DKIM canonicalization,
+ * SHA-256 and DKIM signing (rsa-sha256, ed25519-sha256) with OpenSSL 3. Plain C engine first, the
+ * Lua binding at the bottom. */
+#include <stdlib.h>
+#include <string.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/err.h>
+#include <openssl/rand.h>
 #include "core.h"
+#include "codec.h"
+
+/* ---------------------------------------------------------------------------------------------
+ * Base64
+ * ------------------------------------------------------------------------------------------- */
+
+static const char b64chars[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+size_t smtp_b64_encoded_len(size_t n, size_t linelen)
+{
+    size_t len = (n + 2) / 3 * 4;
+    if (linelen && len > linelen)
+        len += (len - 1) / linelen * 2;
+    return len;
+}
+
+size_t smtp_b64_encode(const unsigned char *in, size_t n, char *out, size_t linelen)
+{
+    char *o = out;
+    size_t col = 0, i = 0;
+    /* linelen is a multiple of 4, so a line break never falls inside a quad. */
+    for (; i + 3 <= n; i += 3) {
+        unsigned v = (unsigned)in[i] << 16 | (unsigned)in[i + 1] << 8 | in[i + 2];
+        if (linelen && col == linelen) {
+            *o++ = '\r'; *o++ = '\n'; col = 0;
+        }
+        o[0] = b64chars[v >> 18];
+        o[1] = b64chars[(v >> 12) & 63];
+        o[2] = b64chars[(v >> 6) & 63];
+        o[3] = b64chars[v & 63];
+        o += 4; col += 4;
+    }
+    if (i < n) {
+        unsigned v = (unsigned)in[i] << 16 | (i + 1 < n ? (unsigned)in[i + 1] << 8 : 0);
+        if (linelen && col == linelen) {
+            *o++ = '\r'; *o++ = '\n';
+        }
+        o[0] = b64chars[v >> 18];
+        o[1] = b64chars[(v >> 12) & 63];
+        o[2] = i + 1 < n ? b64chars[(v >> 6) & 63] : '=';
+        o[3] = '=';
+        o += 4;
+    }
+    return (size_t)(o - out);
+}
+
+static signed char b64val[256];
+static int b64ready;
+
+static void b64init(void)
+{
+    if (b64ready)
+        return;
+    memset(b64val, -1, sizeof b64val);
+    for (int i = 0; i < 64; i++)
+        b64val[(unsigned char)b64chars[i]] = (signed char)i;
+    b64ready = 1;
+}
+
+size_t smtp_b64_decode(const char *in, size_t n, unsigned char *out)
+{
+    unsigned char *o = out;
+    unsigned v = 0;
+    int k = 0, pad = 0;
+    b64init();
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)in[i];
+        if (ch == '\r' || ch == '\n' || ch == ' ' || ch == '\t')
+            continue;
+        if (ch == '=') {
+            /* padding only completes a quad that has 2 or 3 characters */
+            if (k < 2 || pad + k >= 4)
+                return (size_t)-1;
+            pad++;
+            if (k + pad == 4) {
+                if (k == 2) *o++ = (unsigned char)(v >> 4);
+                else { *o++ = (unsigned char)(v >> 10); *o++ = (unsigned char)(v >> 2); }
+                k = 0; v = 0;
+                pad = -100;   /* nothing but whitespace may follow */
+            }
+            continue;
+        }
+        if (pad != 0 || b64val[ch] < 0)
+            return (size_t)-1;
+        v = v << 6 | (unsigned)b64val[ch];
+        if (++k == 4) {
+            *o++ = (unsigned char)(v >> 16);
+            *o++ = (unsigned char)(v >> 8);
+            *o++ = (unsigned char)v;
+            k = 0; v = 0;
+        }
+    }
+    if (pad > 0 || k == 1)
+        return (size_t)-1;
+    /* unpadded tail: accepted, as many decoders do */
+    if (k == 2) *o++ = (unsigned char)(v >> 4);
+    else if (k == 3) { *o++ = (unsigned char)(v >> 10); *o++ = (unsigned char)(v >> 2); }
+    return (size_t)(o - out);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Quoted-printable
+ * ------------------------------------------------------------------------------------------- */
+
+static const char hexdig[] = "0123456789ABCDEF";
+
+size_t smtp_qp_encoded_max(size_t n)
+{
+    return 4 * n + 8;
+}
+
+/* Is position i the start of a line end (LF or CRLF) or the end of the input? */
+static int at_eol(const unsigned char *in, size_t n, size_t i)
+{
+    return i >= n || in[i] == '\n' || (in[i] == '\r' && i + 1 < n && in[i + 1] == '\n');
+}
+
+size_t smtp_qp_encode(const unsigned char *in, size_t n, char *out)
+{
+    char *o = out;
+    size_t col = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = in[i];
+        if (ch == '\n' || (ch == '\r' && i + 1 < n && in[i + 1] == '\n')) {
+            if (ch == '\r')
+                i++;
+            *o++ = '\r'; *o++ = '\n'; col = 0;
+            continue;
+        }
+        int lit = (ch >= 33 && ch <= 126 && ch != '=') ||
+                  ((ch == ' ' || ch == '\t') && !at_eol(in, n, i + 1));
+        size_t len = lit ? 1 : 3;
+        if (col + len > 75) {
+            *o++ = '='; *o++ = '\r'; *o++ = '\n'; col = 0;
+        }
+        if (col == 0 && ch == '.') {
+            lit = 0; len = 3;
+        }
+        if (lit) {
+            *o++ = (char)ch;
+        } else {
+            *o++ = '='; *o++ = hexdig[ch >> 4]; *o++ = hexdig[ch & 15];
+        }
+        col += len;
+    }
+    return (size_t)(o - out);
+}
+
+static int hexval(unsigned char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+}
+
+size_t smtp_qp_decode(const char *in0, size_t n, unsigned char *out)
+{
+    const unsigned char *in = (const unsigned char *)in0;
+    unsigned char *o = out;
+    size_t i = 0;
+    while (i < n) {
+        size_t s = i, e, next;
+        int haseol;
+        while (i < n && in[i] != '\n')
+            i++;
+        haseol = i < n;
+        next = haseol ? i + 1 : i;
+        e = i;
+        if (haseol && e > s && in[e - 1] == '\r')
+            e--;
+        while (e > s && (in[e - 1] == ' ' || in[e - 1] == '\t'))
+            e--;
+        int soft = e > s && in[e - 1] == '=';
+        if (soft)
+            e--;
+        for (size_t j = s; j < e; j++) {
+            int h, l;
+            if (in[j] == '=' && j + 2 < e && (h = hexval(in[j + 1])) >= 0 &&
+                (l = hexval(in[j + 2])) >= 0) {
+                *o++ = (unsigned char)(h << 4 | l);
+                j += 2;
+            } else {
+                *o++ = in[j];
+            }
+        }
+        if (haseol && !soft) {
+            /* "\r\n" is 2 bytes of input for 2 of output; a bare LF would grow the output, so it
+             * stays a bare LF: the decoder never writes more than it reads. */
+            if (i > s && in[i - 1] == '\r') { *o++ = '\r'; *o++ = '\n'; }
+            else *o++ = '\n';
+        }
+        i = next;
+    }
+    return (size_t)(o - out);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * xtext (RFC 3461)
+ * ------------------------------------------------------------------------------------------- */
+
+size_t smtp_xtext_encode(const unsigned char *in, size_t n, char *out)
+{
+    char *o = out;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = in[i];
+        if (ch >= 33 && ch <= 126 && ch != '+' && ch != '=') {
+            *o++ = (char)ch;
+        } else {
+            *o++ = '+'; *o++ = hexdig[ch >> 4]; *o++ = hexdig[ch & 15];
+        }
+    }
+    return (size_t)(o - out);
+}
+
+static int uhexval(unsigned char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+size_t smtp_xtext_decode(const char *in0, size_t n, unsigned char *out)
+{
+    const unsigned char *in = (const unsigned char *)in0;
+    unsigned char *o = out;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = in[i];
+        if (ch < 33 || ch > 126 || ch == '=')
+            return (size_t)-1;
+        if (ch == '+') {
+            int h, l;
+            if (i + 2 >= n)
+                return (size_t)-1;
+            if ((h = uhexval(in[i + 1])) < 0 || (l = uhexval(in[i + 2])) < 0)
+                return (size_t)-1;
+            *o++ = (unsigned char)(h << 4 | l);
+            i += 2;
+        } else {
+            *o++ = ch;
+        }
+    }
+    return (size_t)(o - out);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * DKIM canonicalization (RFC 6376 3.4)
+ * ------------------------------------------------------------------------------------------- */
+
+static int is_wsp(unsigned char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+size_t smtp_dkim_header_relaxed(const char *in0, size_t n, char *out)
+{
+    const unsigned char *in = (const unsigned char *)in0;
+    char *o = out;
+    size_t i = 0, nameend;
+    while (i < n && in[i] != ':')
+        i++;
+    nameend = i;
+    while (nameend > 0 && (is_wsp(in[nameend - 1]) || in[nameend - 1] == '\r' || in[nameend - 1] == '\n'))
+        nameend--;
+    for (size_t j = 0; j < nameend; j++) {
+        unsigned char c = in[j];
+        if (c == '\r' || c == '\n')
+            continue;               /* unfolding covers the whole field */
+        *o++ = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
+    }
+    if (i < n) {
+        int pending = 0, started = 0;
+        *o++ = ':';
+        for (i++; i < n; i++) {
+            unsigned char c = in[i];
+            if (c == '\r' || c == '\n')
+                continue;           /* unfolding */
+            if (is_wsp(c)) {
+                pending = 1;
+                continue;
+            }
+            if (pending && started)
+                *o++ = ' ';
+            pending = 0;
+            started = 1;
+            *o++ = (char)c;
+        }
+    }
+    *o++ = '\r'; *o++ = '\n';
+    return (size_t)(o - out);
+}
+
+size_t smtp_dkim_header_simple(const char *in, size_t n, char *out)
+{
+    while (n > 0 && (in[n - 1] == '\r' || in[n - 1] == '\n'))
+        n--;
+    memcpy(out, in, n);
+    out[n] = '\r'; out[n + 1] = '\n';
+    return n + 2;
+}
+
+void smtp_bodycanon_init(struct smtp_bodycanon *c, int relaxed, smtp_canon_sink sink, void *ud)
+{
+    memset(c, 0, offsetof(struct smtp_bodycanon, buf));
+    c->relaxed = relaxed;
+    c->sink = sink;
+    c->ud = ud;
+}
+
+static void bc_flush(struct smtp_bodycanon *c)
+{
+    if (c->blen) {
+        c->sink(c->ud, c->buf, c->blen);
+        c->blen = 0;
+    }
+}
+
+static void bc_put(struct smtp_bodycanon *c, char ch)
+{
+    if (c->blen == sizeof c->buf)
+        bc_flush(c);
+    c->buf[c->blen++] = ch;
+}
+
+static void bc_content(struct smtp_bodycanon *c, unsigned char ch)
+{
+    /* held-back line ends were not trailing after all */
+    for (; c->crlfs; c->crlfs--) {
+        bc_put(c, '\r');
+        bc_put(c, '\n');
+    }
+    if (c->wsp) {
+        bc_put(c, ' ');
+        c->wsp = 0;
+    }
+    bc_put(c, (char)ch);
+    c->any = 1;
+    c->open_line = 1;
+}
+
+static void bc_eol(struct smtp_bodycanon *c)
+{
+    c->wsp = 0;          /* relaxed: whitespace at the end of a line is ignored */
+    c->crlfs++;
+    c->open_line = 0;
+}
+
+void smtp_bodycanon_feed(struct smtp_bodycanon *c, const char *p0, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)p0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = p[i];
+        if (ch == '\n') {
+            if (c->cr)
+                c->cr = 0;   /* the CR already ended this line */
+            else
+                bc_eol(c);
+            continue;
+        }
+        c->cr = 0;
+        if (ch == '\r') {
+            bc_eol(c);
+            c->cr = 1;
+        } else if (c->relaxed && is_wsp(ch)) {
+            c->wsp = 1;
+        } else {
+            bc_content(c, ch);
+        }
+    }
+}
+
+void smtp_bodycanon_finish(struct smtp_bodycanon *c)
+{
+    /* One CRLF ends the last line with content (added when missing); an empty body is CRLF in
+     * simple and nothing in relaxed (RFC 6376 3.4.3, 3.4.4, errata 3192). */
+    if (c->any || !c->relaxed) {
+        bc_put(c, '\r');
+        bc_put(c, '\n');
+    }
+    c->crlfs = 0;
+    c->wsp = 0;
+    c->cr = 0;
+    bc_flush(c);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Lua binding
+ * ------------------------------------------------------------------------------------------- */
+
+#define KEY_CLASS "smtp.dkim_key"
+#define BODY_CLASS "smtp.dkim_body"
+
+static void *xalloc(lua_State *L, size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p)
+        luaL_error(L, "out of memory");
+    return p;
+}
+
+static int l_b64encode(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    lua_Integer linelen = luaL_optinteger(L, 2, 0);
+    luaL_argcheck(L, linelen >= 0 && linelen % 4 == 0 && linelen <= 1000, 2,
+                  "line length must be a multiple of 4 up to 1000");
+    luaL_Buffer b;
+    size_t cap = smtp_b64_encoded_len(n, (size_t)linelen);
+    char *out = luaL_buffinitsize(L, &b, cap);
+    size_t len = smtp_b64_encode((const unsigned char *)s, n, out, (size_t)linelen);
+    luaL_pushresultsize(&b, len);
+    return 1;
+}
+
+static int l_b64decode(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    luaL_Buffer b;
+    unsigned char *out = (unsigned char *)luaL_buffinitsize(L, &b, n / 4 * 3 + 3);
+    size_t len = smtp_b64_decode(s, n, out);
+    if (len == (size_t)-1) {
+        luaL_pushresultsize(&b, 0);
+        lua_pushnil(L);
+        lua_pushliteral(L, "invalid base64");
+        return 2;
+    }
+    luaL_pushresultsize(&b, len);
+    return 1;
+}
+
+static int l_qpencode(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    luaL_Buffer b;
+    char *out = luaL_buffinitsize(L, &b, smtp_qp_encoded_max(n));
+    luaL_pushresultsize(&b, smtp_qp_encode((const unsigned char *)s, n, out));
+    return 1;
+}
+
+static int l_qpdecode(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    luaL_Buffer b;
+    unsigned char *out = (unsigned char *)luaL_buffinitsize(L, &b, n + 1);
+    luaL_pushresultsize(&b, smtp_qp_decode(s, n, out));
+    return 1;
+}
+
+static int l_xtext_encode(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    luaL_Buffer b;
+    char *out = luaL_buffinitsize(L, &b, 3 * n + 1);
+    luaL_pushresultsize(&b, smtp_xtext_encode((const unsigned char *)s, n, out));
+    return 1;
+}
+
+static int l_xtext_decode(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    luaL_Buffer b;
+    unsigned char *out = (unsigned char *)luaL_buffinitsize(L, &b, n + 1);
+    size_t len = smtp_xtext_decode(s, n, out);
+    if (len == (size_t)-1) {
+        luaL_pushresultsize(&b, 0);
+        lua_pushnil(L);
+        lua_pushliteral(L, "invalid xtext");
+        return 2;
+    }
+    luaL_pushresultsize(&b, len);
+    return 1;
+}
+
+/* core.is_7bit(s): ASCII without NUL, CR only as part of CRLF, and no line over 998 octets, so
+ * the text can go as 7bit once bare LFs are made CRLF. */
+static int l_is_7bit(lua_State *L)
+{
+    size_t n, col = 0;
+    const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = s[i];
+        if (ch == '\n') {
+            col = 0;
+            continue;
+        }
+        if (ch == 0 || ch >= 0x80 || (ch == '\r' && (i + 1 >= n || s[i + 1] != '\n')) ||
+            (ch != '\r' && ++col > 998)) {
+            lua_pushboolean(L, 0);
+            return 1;
+        }
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* core.utf8_valid(s): well-formed UTF-8 (no overlongs, surrogates or values past U+10FFFF). */
+static int l_utf8_valid(lua_State *L)
+{
+    size_t n, i = 0;
+    const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+    while (i < n) {
+        unsigned c = s[i];
+        size_t len;
+        unsigned min, cp;
+        if (c < 0x80) { i++; continue; }
+        else if (c >= 0xC2 && c <= 0xDF) { len = 2; min = 0x80; cp = c & 0x1F; }
+        else if (c >= 0xE0 && c <= 0xEF) { len = 3; min = 0x800; cp = c & 0x0F; }
+        else if (c >= 0xF0 && c <= 0xF4) { len = 4; min = 0x10000; cp = c & 0x07; }
+        else goto bad;
+        if (i + len > n) goto bad;
+        for (size_t k = 1; k < len; k++) {
+            if ((s[i + k] & 0xC0) != 0x80) goto bad;
+            cp = cp << 6 | (s[i + k] & 0x3F);
+        }
+        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) goto bad;
+        i += len;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+bad:
+    lua_pushboolean(L, 0);
+    return 1;
+}
+
+static int l_sha256(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    unsigned char md[32];
+    unsigned int len = 0;
+    if (!EVP_Digest(s, n, md, &len, EVP_sha256(), NULL))
+        return luaL_error(L, "sha256 failed");
+    lua_pushlstring(L, (const char *)md, len);
+    return 1;
+}
+
+static int l_random(lua_State *L)
+{
+    lua_Integer n = luaL_checkinteger(L, 1);
+    luaL_argcheck(L, n >= 0 && n <= 4096, 1, "0..4096 bytes");
+    unsigned char buf[4096];
+    if (RAND_bytes(buf, (int)n) != 1)
+        return luaL_error(L, "RAND_bytes failed");
+    lua_pushlstring(L, (const char *)buf, (size_t)n);
+    return 1;
+}
+
+static int canon_mode(lua_State *L, int idx)
+{
+    static const char *const modes[] = { "simple", "relaxed", NULL };
+    return luaL_checkoption(L, idx, "relaxed", modes);
+}
+
+static int l_dkim_header(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    int relaxed = canon_mode(L, 2);
+    luaL_Buffer b;
+    char *out = luaL_buffinitsize(L, &b, n + 2);
+    size_t len = relaxed ? smtp_dkim_header_relaxed(s, n, out) : smtp_dkim_header_simple(s, n, out);
+    luaL_pushresultsize(&b, len);
+    return 1;
+}
+
+/* Body canonicalizer object: a running SHA-256 over the canonical body. */
+struct body_obj {
+    EVP_MD_CTX *md;
+    int done;
+    struct smtp_bodycanon c;
+};
+
+static void sink_md(void *ud, const char *p, size_t n)
+{
+    EVP_DigestUpdate((EVP_MD_CTX *)ud, p, n);
+}
+
+static struct body_obj *check_body(lua_State *L)
+{
+    return (struct body_obj *)luaL_checkudata(L, 1, BODY_CLASS);
+}
+
+static int l_dkim_body(lua_State *L)
+{
+    int relaxed = canon_mode(L, 1);
+    struct body_obj *b = (struct body_obj *)lua_newuserdata(L, sizeof *b);
+    b->md = NULL;
+    b->done = 0;
+    luaL_setmetatable(L, BODY_CLASS);
+    b->md = EVP_MD_CTX_new();
+    if (!b->md || !EVP_DigestInit_ex(b->md, EVP_sha256(), NULL))
+        return luaL_error(L, "sha256 init failed");
+    smtp_bodycanon_init(&b->c, relaxed, sink_md, b->md);
+    return 1;
+}
+
+static int body_update(lua_State *L)
+{
+    struct body_obj *b = check_body(L);
+    size_t n;
+    const char *s = luaL_checklstring(L, 2, &n);
+    if (b->done)
+        return luaL_error(L, "dkim body hash already finished");
+    smtp_bodycanon_feed(&b->c, s, n);
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int body_digest(lua_State *L)
+{
+    struct body_obj *b = check_body(L);
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int len = 0;
+    if (b->done)
+        return luaL_error(L, "dkim body hash already finished");
+    smtp_bodycanon_finish(&b->c);
+    b->done = 1;
+    if (!EVP_DigestFinal_ex(b->md, md, &len))
+        return luaL_error(L, "sha256 failed");
+    lua_pushlstring(L, (const char *)md, len);
+    return 1;
+}
+
+static int body_gc(lua_State *L)
+{
+    struct body_obj *b = check_body(L);
+    if (b->md) {
+        EVP_MD_CTX_free(b->md);
+        b->md = NULL;
+    }
+    return 0;
+}
+
+struct growbuf {
+    char *p;
+    size_t len, cap;
+    int oom;
+};
+
+static void sink_grow(void *ud, const char *p, size_t n)
+{
+    struct growbuf *g = (struct growbuf *)ud;
+    if (g->oom)
+        return;
+    if (g->len + n > g->cap) {
+        size_t cap = (g->len + n) * 2 + 64;
+        char *q = (char *)realloc(g->p, cap);
+        if (!q) {
+            g->oom = 1;
+            return;
+        }
+        g->p = q;
+        g->cap = cap;
+    }
+    memcpy(g->p + g->len, p, n);
+    g->len += n;
+}
+
+/* core.dkim_canon_body(s, mode) -> the canonical body (tests and debugging). */
+static int l_dkim_canon_body(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    int relaxed = canon_mode(L, 2);
+    struct smtp_bodycanon *c = (struct smtp_bodycanon *)xalloc(L, sizeof *c);
+    struct growbuf g = { NULL, 0, 0, 0 };
+    smtp_bodycanon_init(c, relaxed, sink_grow, &g);
+    smtp_bodycanon_feed(c, s, n);
+    smtp_bodycanon_finish(c);
+    free(c);
+    if (g.oom) {
+        free(g.p);
+        return luaL_error(L, "out of memory");
+    }
+    lua_pushlstring(L, g.p ? g.p : "", g.len);
+    free(g.p);
+    return 1;
+}
+
+/* Signing keys. */
+struct key_obj {
+    EVP_PKEY *pkey;
+    int ed25519;
+};
+
+static struct key_obj *check_key(lua_State *L)
+{
+    struct key_obj *k = (struct key_obj *)luaL_checkudata(L, 1, KEY_CLASS);
+    if (!k->pkey)
+        luaL_error(L, "key is closed");
+    return k;
+}
+
+static int push_ssl_error(lua_State *L, const char *what)
+{
+    unsigned long e = ERR_peek_last_error();
+    char buf[256];
+    lua_pushnil(L);
+    if (e) {
+        ERR_error_string_n(e, buf, sizeof buf);
+        lua_pushfstring(L, "%s: %s", what, buf);
+    } else {
+        lua_pushstring(L, what);
+    }
+    ERR_clear_error();
+    return 2;
+}
+
+static int l_dkim_key(lua_State *L)
+{
+    size_t n;
+    const char *pem = luaL_checklstring(L, 1, &n);
+    struct key_obj *k = (struct key_obj *)lua_newuserdata(L, sizeof *k);
+    k->pkey = NULL;
+    k->ed25519 = 0;
+    luaL_setmetatable(L, KEY_CLASS);
+    ERR_clear_error();
+    if (n > 64 * 1024) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "key: PEM text too long");
+        return 2;
+    }
+    BIO *bio = BIO_new_mem_buf(pem, (int)n);
+    if (!bio)
+        return push_ssl_error(L, "key");
+    /* A NULL password callback with an empty passphrase: encrypted keys fail instead of asking
+     * on the terminal. */
+    k->pkey = PEM_read_bio_PrivateKey(bio, NULL, NULL, (void *)"");
+    BIO_free(bio);
+    if (!k->pkey)
+        return push_ssl_error(L, "key does not parse as a PEM private key");
+    int id = EVP_PKEY_get_base_id(k->pkey);
+    if (id == EVP_PKEY_ED25519) {
+        k->ed25519 = 1;
+    } else if (id == EVP_PKEY_RSA) {
+        if (EVP_PKEY_get_bits(k->pkey) < 1024) {
+            EVP_PKEY_free(k->pkey);
+            k->pkey = NULL;
+            lua_pushnil(L);
+            lua_pushliteral(L, "key: RSA keys under 1024 bits are refused by verifiers");
+            return 2;
+        }
+    } else {
+        EVP_PKEY_free(k->pkey);
+        k->pkey = NULL;
+        lua_pushnil(L);
+        lua_pushliteral(L, "key: only RSA and Ed25519 keys can sign DKIM");
+        return 2;
+    }
+    return 1;
+}
+
+static int key_type(lua_State *L)
+{
+    struct key_obj *k = check_key(L);
+    lua_pushstring(L, k->ed25519 ? "ed25519" : "rsa");
+    return 1;
+}
+
+static int key_bits(lua_State *L)
+{
+    struct key_obj *k = check_key(L);
+    lua_pushinteger(L, EVP_PKEY_get_bits(k->pkey));
+    return 1;
+}
+
+/* key:sign(data): rsa-sha256 signs data with PKCS#1 v1.5 over SHA-256; ed25519-sha256 signs the
+ * SHA-256 digest of data with PureEdDSA (RFC 8463 3). Returns the raw signature. */
+static int key_sign(lua_State *L)
+{
+    struct key_obj *k = check_key(L);
+    size_t n;
+    const char *data = luaL_checklstring(L, 2, &n);
+    unsigned char md[32], sig[1024];
+    size_t siglen = sizeof sig;
+    const unsigned char *tbs = (const unsigned char *)data;
+    size_t tbslen = n;
+    int ok;
+    ERR_clear_error();
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    if (!ctx)
+        return push_ssl_error(L, "sign");
+    if (k->ed25519) {
+        unsigned int mdlen = 0;
+        if (!EVP_Digest(data, n, md, &mdlen, EVP_sha256(), NULL)) {
+            EVP_MD_CTX_free(ctx);
+            return push_ssl_error(L, "sign");
+        }
+        tbs = md;
+        tbslen = mdlen;
+        ok = EVP_DigestSignInit(ctx, NULL, NULL, NULL, k->pkey) == 1;
+    } else {
+        if ((size_t)EVP_PKEY_get_size(k->pkey) > sizeof sig) {
+            EVP_MD_CTX_free(ctx);
+            lua_pushnil(L);
+            lua_pushliteral(L, "sign: key too large");
+            return 2;
+        }
+        ok = EVP_DigestSignInit(ctx, NULL, EVP_sha256(), NULL, k->pkey) == 1;
+    }
+    ok = ok && EVP_DigestSign(ctx, sig, &siglen, tbs, tbslen) == 1;
+    EVP_MD_CTX_free(ctx);
+    if (!ok)
+        return push_ssl_error(L, "sign");
+    lua_pushlstring(L, (const char *)sig, siglen);
+    return 1;
+}
+
+/* key:public() -> the p= value of the key record, base64: the SubjectPublicKeyInfo for RSA, the
+ * raw 32-byte public key for Ed25519 (RFC 8463 4). */
+static int key_public(lua_State *L)
+{
+    struct key_obj *k = check_key(L);
+    unsigned char raw[64], *der = NULL;
+    size_t len = sizeof raw;
+    const unsigned char *p;
+    int dlen = 0;
+    ERR_clear_error();
+    if (k->ed25519) {
+        if (EVP_PKEY_get_raw_public_key(k->pkey, raw, &len) != 1)
+            return push_ssl_error(L, "public");
+        p = raw;
+    } else {
+        dlen = i2d_PUBKEY(k->pkey, &der);
+        if (dlen <= 0)
+            return push_ssl_error(L, "public");
+        p = der;
+        len = (size_t)dlen;
+    }
+    size_t cap = smtp_b64_encoded_len(len, 0);
+    char *out = (char *)malloc(cap + 1);
+    if (!out) {
+        OPENSSL_free(der);
+        return luaL_error(L, "out of memory");
+    }
+    size_t olen = smtp_b64_encode(p, len, out, 0);
+    OPENSSL_free(der);
+    lua_pushlstring(L, out, olen);
+    free(out);
+    return 1;
+}
+
+static int key_close(lua_State *L)
+{
+    struct key_obj *k = (struct key_obj *)luaL_checkudata(L, 1, KEY_CLASS);
+    if (k->pkey) {
+        /* EVP_PKEY_free clears the private key material (BN_clear_free / OPENSSL_secure_clear_free) */
+        EVP_PKEY_free(k->pkey);
+        k->pkey = NULL;
+    }
+    smtp_wipe(k, sizeof *k);
+    return 0;
+}
+
+static int key_tostring(lua_State *L)
+{
+    struct key_obj *k = (struct key_obj *)luaL_checkudata(L, 1, KEY_CLASS);
+    lua_pushfstring(L, "%s (%s)", KEY_CLASS, !k->pkey ? "closed" : k->ed25519 ? "ed25519" : "rsa");
+    return 1;
+}
 
 int smtp_open_codec(lua_State *L)
 {
-    (void)L;
+    static const luaL_Reg body_methods[] = {
+        { "update", body_update }, { "digest", body_digest }, { NULL, NULL }
+    };
+    static const luaL_Reg body_meta[] = { { "__gc", body_gc }, { NULL, NULL } };
+    static const luaL_Reg key_methods[] = {
+        { "type", key_type }, { "bits", key_bits }, { "sign", key_sign },
+        { "public", key_public }, { "close", key_close }, { NULL, NULL }
+    };
+    static const luaL_Reg key_meta[] = {
+        { "__gc", key_close }, { "__tostring", key_tostring }, { NULL, NULL }
+    };
+    static const luaL_Reg funcs[] = {
+        { "b64encode", l_b64encode }, { "b64decode", l_b64decode },
+        { "qpencode", l_qpencode }, { "qpdecode", l_qpdecode },
+        { "xtext_encode", l_xtext_encode }, { "xtext_decode", l_xtext_decode },
+        { "is_7bit", l_is_7bit }, { "utf8_valid", l_utf8_valid },
+        { "sha256", l_sha256 }, { "random", l_random },
+        { "dkim_header", l_dkim_header }, { "dkim_body", l_dkim_body },
+        { "dkim_canon_body", l_dkim_canon_body }, { "dkim_key", l_dkim_key },
+        { NULL, NULL }
+    };
+    b64init();
+    smtp_newclass(L, BODY_CLASS, body_methods, body_meta);
+    smtp_newclass(L, KEY_CLASS, key_methods, key_meta);
+    luaL_setfuncs(L, funcs, 0);
     return 0;
 }

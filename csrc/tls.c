@@ -1,8 +1,515 @@
-/* Placeholder for the tls part of the C core; filled in by its own change. */
-#include "core.h"
+/* TLS for the native transport: OpenSSL 3 contexts (client and server) and TLS over an existing
+ * smtp.socket, for implicit TLS and for the STARTTLS upgrade. */
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <arpa/inet.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+#include "net.h"
+
+/* ---- plain C: contexts, a socket BIO, error text ---------------------------------------- */
+
+typedef struct tls_ctx {
+    SSL_CTX *ctx;
+    int server;
+} tls_ctx;
+
+/* OpenSSL's own socket BIO writes with write(2), which raises SIGPIPE when the peer has gone;
+ * this one sends with MSG_NOSIGNAL so a vanished peer is an error, never a dead process. */
+static BIO_METHOD *sock_bio_method;
+
+static int bio_fd(BIO *b)
+{
+    return (int)(intptr_t)BIO_get_data(b);
+}
+
+static int bio_write(BIO *b, const char *buf, int len)
+{
+    ssize_t n;
+    BIO_clear_retry_flags(b);
+    do
+        n = send(bio_fd(b), buf, (size_t)len, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        BIO_set_retry_write(b);
+    return (int)n;
+}
+
+static int bio_read(BIO *b, char *buf, int len)
+{
+    ssize_t n;
+    BIO_clear_retry_flags(b);
+    do
+        n = recv(bio_fd(b), buf, (size_t)len, 0);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        BIO_set_retry_read(b);
+    return (int)n;
+}
+
+static int bio_puts(BIO *b, const char *s)
+{
+    return bio_write(b, s, (int)strlen(s));
+}
+
+static long bio_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+    (void)b; (void)num; (void)ptr;
+    return cmd == BIO_CTRL_FLUSH ? 1 : 0;
+}
+
+static int bio_create(BIO *b)
+{
+    BIO_set_init(b, 1);
+    return 1;
+}
+
+static BIO_METHOD *bio_method(void)
+{
+    if (!sock_bio_method) {
+        BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "smtp socket");
+        if (!m)
+            return NULL;
+        BIO_meth_set_write(m, bio_write);
+        BIO_meth_set_read(m, bio_read);
+        BIO_meth_set_puts(m, bio_puts);
+        BIO_meth_set_ctrl(m, bio_ctrl);
+        BIO_meth_set_create(m, bio_create);
+        sock_bio_method = m;
+    }
+    return sock_bio_method;
+}
+
+static int is_ip_text(const char *s)
+{
+    unsigned char tmp[16];
+    return inet_pton(AF_INET, s, tmp) == 1 || inet_pton(AF_INET6, s, tmp) == 1;
+}
+
+static int parse_version(const char *v)
+{
+    static const struct { const char *name; int version; } versions[] = {
+        { "TLSv1", TLS1_VERSION }, { "TLSv1.0", TLS1_VERSION }, { "TLSv1.1", TLS1_1_VERSION },
+        { "TLSv1.2", TLS1_2_VERSION }, { "TLSv1.3", TLS1_3_VERSION },
+    };
+    size_t i;
+    for (i = 0; i < sizeof versions / sizeof versions[0]; i++)
+        if (strcmp(v, versions[i].name) == 0)
+            return versions[i].version;
+    return -1;
+}
+
+/* The newest queued OpenSSL reason, e.g. "unsupported protocol"; NULL if the queue is empty. */
+static const char *ssl_reason(void)
+{
+    unsigned long e = ERR_peek_last_error();
+    const char *r = e ? ERR_reason_error_string(e) : NULL;
+    return r ? r : (e ? "unknown OpenSSL error" : NULL);
+}
+
+/* Why a handshake or an I/O call failed, in words a user can act on. Returns the short code. */
+static const char *tls_failure(SSL *ssl, int ret, char *buf, size_t len, int *errnum)
+{
+    int e = SSL_get_error(ssl, ret);
+    long v = SSL_get_verify_result(ssl);
+    const char *reason;
+    *errnum = 0;
+    if (e == SSL_ERROR_SSL && v != X509_V_OK && SSL_get_verify_mode(ssl) != SSL_VERIFY_NONE) {
+        const char *why = X509_verify_cert_error_string(v);
+        X509_VERIFY_PARAM *param = SSL_get0_param(ssl);
+        switch (v) {
+        case X509_V_ERR_HOSTNAME_MISMATCH: {
+            const char *host = X509_VERIFY_PARAM_get0_host(param, 0);
+            snprintf(buf, len, "certificate verify failed: %s (the certificate is not for %s)",
+                     why, host ? host : "the name we connected to");
+            break;
+        }
+        case X509_V_ERR_IP_ADDRESS_MISMATCH: {
+            char *ip = X509_VERIFY_PARAM_get1_ip_asc(param);
+            snprintf(buf, len, "certificate verify failed: %s (the certificate is not for %s)",
+                     why, ip ? ip : "the address we connected to");
+            OPENSSL_free(ip);
+            break;
+        }
+        case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY:
+        case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT:
+            snprintf(buf, len, "certificate verify failed: %s (issued by an unknown CA)", why);
+            break;
+        default:
+            snprintf(buf, len, "certificate verify failed: %s", why);
+            break;
+        }
+        return "certificate verify failed";
+    }
+    switch (e) {
+    case SSL_ERROR_ZERO_RETURN:
+        snprintf(buf, len, "connection closed by peer");
+        return "closed";
+    case SSL_ERROR_SYSCALL:
+        if (errno) {
+            *errnum = errno;
+            snprintf(buf, len, "%s", strerror(errno));
+            return "syscall";
+        }
+        snprintf(buf, len, "connection closed by peer");
+        return "closed";
+    default:
+        reason = ssl_reason();
+        if (!reason)
+            reason = "unknown failure";
+        if (strstr(reason, "protocol version") || strstr(reason, "unsupported protocol"))
+            snprintf(buf, len, "TLS handshake failed: %s (no TLS version both sides accept; "
+                     "ours start at %s)", reason,
+                     SSL_get_min_proto_version(ssl) == TLS1_3_VERSION ? "TLSv1.3" :
+                     SSL_get_min_proto_version(ssl) == TLS1_2_VERSION ? "TLSv1.2" :
+                     SSL_get_min_proto_version(ssl) == TLS1_1_VERSION ? "TLSv1.1" : "TLSv1");
+        else
+            snprintf(buf, len, "TLS failed: %s", reason);
+        return reason;
+    }
+}
+
+enum io_result smtp_tls_read(smtp_sock *s, char *buf, size_t len, size_t *got,
+                             char *err, size_t errlen, int *errnum)
+{
+    int r, e;
+    ERR_clear_error();
+    errno = 0;
+    r = SSL_read_ex(s->ssl, buf, len, got);
+    if (r == 1)
+        return IO_OK;
+    e = SSL_get_error(s->ssl, r);
+    if (e == SSL_ERROR_WANT_READ)
+        return IO_WANTREAD;
+    if (e == SSL_ERROR_WANT_WRITE)
+        return IO_WANTWRITE;
+    if (e == SSL_ERROR_ZERO_RETURN || (e == SSL_ERROR_SYSCALL && errno == 0))
+        return IO_CLOSED;
+    tls_failure(s->ssl, r, err, errlen, errnum);
+    return IO_ERROR;
+}
+
+enum io_result smtp_tls_write(smtp_sock *s, const char *buf, size_t len, size_t *put,
+                              char *err, size_t errlen, int *errnum)
+{
+    int r, e;
+    ERR_clear_error();
+    errno = 0;
+    r = SSL_write_ex(s->ssl, buf, len, put);
+    if (r == 1)
+        return IO_OK;
+    e = SSL_get_error(s->ssl, r);
+    if (e == SSL_ERROR_WANT_READ)
+        return IO_WANTREAD;
+    if (e == SSL_ERROR_WANT_WRITE)
+        return IO_WANTWRITE;
+    if (e == SSL_ERROR_ZERO_RETURN)
+        return IO_CLOSED;
+    tls_failure(s->ssl, r, err, errlen, errnum);
+    return IO_ERROR;
+}
+
+void smtp_tls_free(smtp_sock *s)
+{
+    if (!s->ssl)
+        return;
+    /* One non-blocking close_notify, best effort: SMTP's QUIT already ended the session. */
+    if ((s->flags & SOCK_F_HANDSHAKEN) && !(s->flags & SOCK_F_EOF) && s->fd >= 0) {
+        ERR_clear_error();
+        SSL_shutdown(s->ssl);
+    }
+    SSL_free(s->ssl);
+    ERR_clear_error();
+    s->ssl = NULL;
+    s->flags &= ~SOCK_F_HANDSHAKEN;
+}
+
+/* ---- Lua binding ----------------------------------------------------------------------- */
+
+static tls_ctx *check_ctx(lua_State *L, int idx)
+{
+    tls_ctx *c = (tls_ctx *)luaL_checkudata(L, idx, SMTP_TLS_CTX);
+    if (!c->ctx)
+        luaL_error(L, "attempt to use a freed TLS context");
+    return c;
+}
+
+static const char *opt_string(lua_State *L, int t, const char *name)
+{
+    const char *v;
+    lua_getfield(L, t, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return NULL;
+    }
+    if (lua_type(L, -1) != LUA_TSTRING)
+        luaL_error(L, "bad argument #1 to 'tls_context' (option '%s': string expected, got %s)",
+                   name, luaL_typename(L, -1));
+    v = lua_tostring(L, -1);
+    lua_pop(L, 1); /* still referenced by the options table */
+    return v;
+}
+
+static int ctx_fail(lua_State *L, SSL_CTX *ctx, const char *what, const char *arg)
+{
+    const char *r = ssl_reason();
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s%s%s: %s", what, arg ? " " : "", arg ? arg : "",
+             r ? r : "failed");
+    SSL_CTX_free(ctx);
+    ERR_clear_error();
+    return smtp_push_fail(L, msg, r ? r : "TLS");
+}
+
+/* core.tls_context{ mode="client"|"server", verify=, cafile=, capath=, cert=, key=, ciphers=,
+ *                   min_version="TLSv1.2", max_version= } -> ctx | nil, msg */
+static int l_tls_context(lua_State *L)
+{
+    const char *mode, *cafile, *capath, *cert, *key, *minv, *maxv, *ciphers;
+    int server, verify, vmin, vmax = 0;
+    SSL_CTX *ctx;
+    tls_ctx *c;
+    luaL_checktype(L, 1, LUA_TTABLE);
+    mode = opt_string(L, 1, "mode");
+    cafile = opt_string(L, 1, "cafile");
+    capath = opt_string(L, 1, "capath");
+    cert = opt_string(L, 1, "cert");
+    key = opt_string(L, 1, "key");
+    minv = opt_string(L, 1, "min_version");
+    maxv = opt_string(L, 1, "max_version");
+    ciphers = opt_string(L, 1, "ciphers");
+    if (mode && strcmp(mode, "client") != 0 && strcmp(mode, "server") != 0)
+        return luaL_error(L, "bad argument #1 to 'tls_context' (option 'mode': \"client\" or \"server\" expected)");
+    server = mode && strcmp(mode, "server") == 0;
+    lua_getfield(L, 1, "verify");
+    /* Clients verify unless told not to; servers do not ask for client certificates. */
+    verify = lua_isnil(L, -1) ? !server : lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    vmin = parse_version(minv ? minv : "TLSv1.2");
+    if (vmin < 0)
+        return smtp_push_fail(L, "unknown min_version (TLSv1, TLSv1.1, TLSv1.2, TLSv1.3)", "EINVAL");
+    if (maxv && (vmax = parse_version(maxv)) < 0)
+        return smtp_push_fail(L, "unknown max_version (TLSv1, TLSv1.1, TLSv1.2, TLSv1.3)", "EINVAL");
+    if (server && (!cert || !key))
+        return smtp_push_fail(L, "a server context needs cert and key", "EINVAL");
+
+    ERR_clear_error();
+    ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
+    if (!ctx)
+        return ctx_fail(L, NULL, "cannot create TLS context", NULL);
+    SSL_CTX_set_min_proto_version(ctx, vmin);
+    if (vmax)
+        SSL_CTX_set_max_proto_version(ctx, vmax);
+    /* Partial and moving writes: Lua retries a write from a new offset of the same string.
+     * Released buffers: an idle TLS connection should not hold 34 KB of empty buffers. */
+    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+                          SSL_MODE_RELEASE_BUFFERS);
+    /* SMTP frames its own data, so a TCP close without close_notify is an ordinary close. */
+    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION |
+                             SSL_OP_IGNORE_UNEXPECTED_EOF);
+    if (ciphers && !SSL_CTX_set_cipher_list(ctx, ciphers))
+        return ctx_fail(L, ctx, "bad ciphers", ciphers);
+    if (verify) {
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | (server ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT : 0), NULL);
+        if (cafile || capath) {
+            if (!SSL_CTX_load_verify_locations(ctx, cafile, capath))
+                return ctx_fail(L, ctx, "cannot load CA certificates from", cafile ? cafile : capath);
+        } else if (!SSL_CTX_set_default_verify_paths(ctx)) {
+            return ctx_fail(L, ctx, "cannot load the system trust store", NULL);
+        }
+    } else {
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+    }
+    if (cert && !SSL_CTX_use_certificate_chain_file(ctx, cert))
+        return ctx_fail(L, ctx, "cannot load certificate", cert);
+    if (key && !SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM))
+        return ctx_fail(L, ctx, "cannot load private key", key);
+    if (cert && key && !SSL_CTX_check_private_key(ctx))
+        return ctx_fail(L, ctx, "certificate and key do not match:", cert);
+
+    c = (tls_ctx *)lua_newuserdata(L, sizeof *c);
+    c->ctx = ctx;
+    c->server = server;
+    luaL_setmetatable(L, SMTP_TLS_CTX);
+    return 1;
+}
+
+static int l_ctx_gc(lua_State *L)
+{
+    tls_ctx *c = (tls_ctx *)luaL_checkudata(L, 1, SMTP_TLS_CTX);
+    if (c->ctx) {
+        SSL_CTX_free(c->ctx);
+        c->ctx = NULL;
+    }
+    return 0;
+}
+
+static int l_ctx_mode(lua_State *L)
+{
+    lua_pushstring(L, check_ctx(L, 1)->server ? "server" : "client");
+    return 1;
+}
+
+static int l_ctx_tostring(lua_State *L)
+{
+    tls_ctx *c = (tls_ctx *)luaL_checkudata(L, 1, SMTP_TLS_CTX);
+    lua_pushfstring(L, "smtp.tls_context (%s)", c->server ? "server" : "client");
+    return 1;
+}
+
+/* sock:tls_start(ctx, servername|nil): TLS from now on; the side (client/server) follows ctx.
+ * The caller must already have dropped every plaintext byte it read (STARTTLS injection). */
+static int l_tls_start(lua_State *L)
+{
+    smtp_sock *s = smtp_check_sock(L, 1);
+    tls_ctx *c = check_ctx(L, 2);
+    const char *name = luaL_optstring(L, 3, NULL);
+    BIO_METHOD *m;
+    BIO *b;
+    SSL *ssl;
+    if (s->fd < 0)
+        return luaL_error(L, "attempt to use a closed socket");
+    if (s->ssl)
+        return luaL_error(L, "TLS is already on for this socket");
+    ERR_clear_error();
+    m = bio_method();
+    ssl = SSL_new(c->ctx);
+    b = m ? BIO_new(m) : NULL;
+    if (!ssl || !b) {
+        SSL_free(ssl);
+        BIO_free(b);
+        return smtp_push_fail(L, "out of memory", "ENOMEM");
+    }
+    BIO_set_data(b, (void *)(intptr_t)s->fd);
+    SSL_set_bio(ssl, b, b);
+    if (c->server) {
+        SSL_set_accept_state(ssl);
+    } else {
+        SSL_set_connect_state(ssl);
+        if (name && *name) {
+            int ip = is_ip_text(name);
+            /* SNI carries host names only (RFC 6066); an IP is checked as an IP. */
+            if (!ip)
+                SSL_set_tlsext_host_name(ssl, name);
+            if (SSL_get_verify_mode(ssl) != SSL_VERIFY_NONE) {
+                int ok = ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name)
+                            : SSL_set1_host(ssl, name);
+                if (!ok) {
+                    SSL_free(ssl);
+                    return smtp_push_fail(L, "cannot set the name to verify", "EINVAL");
+                }
+                SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+            }
+        }
+    }
+    s->ssl = ssl;
+    s->flags &= ~SOCK_F_HANDSHAKEN;
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* sock:tls_handshake() -> true | nil,"wantread"/"wantwrite" | nil,msg,code */
+static int l_tls_handshake(lua_State *L)
+{
+    smtp_sock *s = smtp_check_sock(L, 1);
+    char msg[512];
+    const char *code;
+    int r, e, errnum;
+    if (s->fd < 0 || !s->ssl)
+        return luaL_error(L, s->fd < 0 ? "attempt to use a closed socket" : "tls_start() first");
+    if (s->flags & SOCK_F_HANDSHAKEN) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    ERR_clear_error();
+    errno = 0;
+    r = SSL_do_handshake(s->ssl);
+    if (r == 1) {
+        s->flags |= SOCK_F_HANDSHAKEN;
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    e = SSL_get_error(s->ssl, r);
+    if (e == SSL_ERROR_WANT_READ)
+        return smtp_push_fail(L, "wantread", NULL);
+    if (e == SSL_ERROR_WANT_WRITE)
+        return smtp_push_fail(L, "wantwrite", NULL);
+    code = tls_failure(s->ssl, r, msg, sizeof msg, &errnum);
+    if (errnum)
+        code = strerrorname_np(errnum);
+    ERR_clear_error();
+    return smtp_push_fail(L, msg, code);
+}
+
+static void set_name(lua_State *L, X509_NAME *n, const char *field)
+{
+    BIO *b = BIO_new(BIO_s_mem());
+    char *p;
+    long len;
+    if (!b)
+        return;
+    X509_NAME_print_ex(b, n, 0, XN_FLAG_RFC2253);
+    len = BIO_get_mem_data(b, &p);
+    lua_pushlstring(L, p, (size_t)len);
+    lua_setfield(L, -2, field);
+    BIO_free(b);
+}
+
+/* sock:tls_info() -> nil | { version=, cipher=, bits=, peer_subject=, peer_issuer= } */
+static int l_tls_info(lua_State *L)
+{
+    smtp_sock *s = smtp_check_sock(L, 1);
+    X509 *peer;
+    if (!s->ssl || !(s->flags & SOCK_F_HANDSHAKEN)) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_createtable(L, 0, 5);
+    lua_pushstring(L, SSL_get_version(s->ssl));
+    lua_setfield(L, -2, "version");
+    lua_pushstring(L, SSL_get_cipher_name(s->ssl));
+    lua_setfield(L, -2, "cipher");
+    lua_pushinteger(L, SSL_get_cipher_bits(s->ssl, NULL));
+    lua_setfield(L, -2, "bits");
+    peer = SSL_get1_peer_certificate(s->ssl);
+    if (peer) {
+        set_name(L, X509_get_subject_name(peer), "peer_subject");
+        set_name(L, X509_get_issuer_name(peer), "peer_issuer");
+        X509_free(peer);
+    }
+    return 1;
+}
+
+static const luaL_Reg sock_tls_methods[] = {
+    { "tls_start", l_tls_start },
+    { "tls_handshake", l_tls_handshake },
+    { "tls_info", l_tls_info },
+    { NULL, NULL },
+};
+
+static const luaL_Reg ctx_methods[] = {
+    { "mode", l_ctx_mode },
+    { NULL, NULL },
+};
+
+static const luaL_Reg ctx_meta[] = {
+    { "__gc", l_ctx_gc },
+    { "__tostring", l_ctx_tostring },
+    { NULL, NULL },
+};
+
+static const luaL_Reg funcs[] = {
+    { "tls_context", l_tls_context },
+    { NULL, NULL },
+};
 
 int smtp_open_tls(lua_State *L)
 {
-    (void)L;
+    smtp_newclass(L, SMTP_TLS_CTX, ctx_methods, ctx_meta);
+    smtp_net_add_methods(L, sock_tls_methods);
+    luaL_setfuncs(L, funcs, 0);
     return 0;
 }

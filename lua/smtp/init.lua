@@ -1,3 +1,949 @@
--- smtp: send mail (smtp.send, smtp.connect, smtp.deliver). Filled in by the client work.
+-- smtp: send mail through a submission server (smtp.send, smtp.connect and the session methods)
+-- and direct delivery (smtp.deliver). Policy lives here; the protocol bytes come from the C
+-- engine (core.client_engine) and move through a transport (smtp.transport.native by default).
+local core = require "smtp.core"
+local errors = require "smtp.errors"
+
 local M = { _VERSION = "0.1.0" }
+
+local type, pairs, ipairs, tostring, tonumber, select = type, pairs, ipairs, tostring, tonumber, select
+local concat, sort = table.concat, table.sort
+local now = core.now
+
+-- RFC 5321 §4.5.3.2 waits are the upper defaults; connect, ehlo, tls, auth and quit have no RFC
+-- value and get shorter ones. `data_block` bounds each write of the body.
+local DEFAULT_TIMEOUTS = {
+  connect = 30, greeting = 300, ehlo = 300, tls = 60, auth = 120, mail = 300, rcpt = 300,
+  data = 120, data_block = 180, data_end = 600, quit = 60,
+}
+M.DEFAULT_TIMEOUTS = DEFAULT_TIMEOUTS
+local PORTS = { starttls = 587, implicit = 465, opportunistic = 25, none = 25 }
+local MECHANISMS = { PLAIN = true, LOGIN = true, ["CRAM-MD5"] = true, XOAUTH2 = true, OAUTHBEARER = true }
+-- Strongest first among what the server offers.
+local PASSWORD_ORDER = { "CRAM-MD5", "PLAIN", "LOGIN" }
+local TOKEN_ORDER = { "OAUTHBEARER", "XOAUTH2" }
+local WRITE_BATCH = 256 * 1024   -- body bytes gathered before one write
+local BDAT_CHUNK = 1024 * 1024   -- bytes per BDAT chunk
+
+local function misuse(fname, msg)
+  error("bad argument to '" .. fname .. "' (" .. msg .. ")", 3)
+end
+
+local function invalid(text)
+  return nil, errors.new { kind = "invalid", text = text, temporary = false }
+end
+
+-- ---- input validation (all of it happens before any connection is opened) -----------------
+
+local function has_ctl(s) return s:find("[%z\1-\31\127]") ~= nil end
+
+-- An address as it goes between the angle brackets of MAIL FROM / RCPT TO.
+local function check_address(a, what, allow_null)
+  if type(a) ~= "string" then return invalid(what .. ": address must be a string") end
+  if a == "" then
+    if allow_null then return true end
+    return invalid(what .. ": empty address")
+  end
+  if has_ctl(a) then return invalid(what .. ": control character (CR, LF, NUL, ...) in address") end
+  if a:find("[<>]") then return invalid(what .. ": '<' or '>' in address") end
+  local at = a:match("^.*()@")
+  if not at or at == 1 or at == #a then return invalid(what .. ": not an address: " .. a) end
+  local localpart, domain = a:sub(1, at - 1), a:sub(at + 1)
+  if #localpart > 64 then return invalid(what .. ": local part over 64 octets") end
+  if #domain > 255 then return invalid(what .. ": domain over 255 octets") end
+  if #a + 2 > 256 then return invalid(what .. ": path over 256 octets") end
+  if a:find("[ \t]") and not localpart:match('^".*"$') then
+    return invalid(what .. ": space in address")
+  end
+  if domain:find("[%s\"\\]") then return invalid(what .. ": bad character in domain") end
+  return true
+end
+M.check_address = check_address
+
+local function non_ascii(s) return s:find("[\128-\255]") ~= nil end
+
+-- xtext (RFC 3461 §4): '+', '=' and anything outside 33..126 as +XX.
+local function xtext(s)
+  return (s:gsub("[^\33-\42\44-\60\62-\126]", function(c) return ("+%02X"):format(c:byte()) end))
+end
+M.xtext = xtext
+
+local NOTIFY = { NEVER = true, SUCCESS = true, FAILURE = true, DELAY = true }
+
+local function check_dsn(dsn)
+  if dsn == nil then return true end
+  if type(dsn) ~= "table" then misuse("send", "dsn: table expected") end
+  local out = {}
+  if dsn.notify ~= nil then
+    local list = type(dsn.notify) == "string" and { dsn.notify } or dsn.notify
+    if type(list) ~= "table" then misuse("send", "dsn.notify: list expected") end
+    local seen, never = {}, false
+    for _, v in ipairs(list) do
+      if type(v) ~= "string" or not NOTIFY[v:upper()] then
+        return invalid("dsn.notify: not NEVER, SUCCESS, FAILURE or DELAY: " .. tostring(v))
+      end
+      v = v:upper()
+      if v == "NEVER" then never = true end
+      if not seen[v] then seen[#seen + 1] = v; seen[v] = true end
+    end
+    if #seen == 0 then return invalid("dsn.notify: empty list") end
+    if never and #seen > 1 then return invalid("dsn.notify: NEVER goes alone") end
+    out.notify = concat(seen, ",")
+  end
+  if dsn.ret ~= nil then
+    local r = type(dsn.ret) == "string" and dsn.ret:upper()
+    if r ~= "FULL" and r ~= "HDRS" then return invalid("dsn.ret: FULL or HDRS") end
+    out.ret = r
+  end
+  if dsn.envid ~= nil then
+    if type(dsn.envid) ~= "string" then misuse("send", "dsn.envid: string expected") end
+    if has_ctl(dsn.envid) then return invalid("dsn.envid: control character") end
+    if #dsn.envid > 100 or non_ascii(dsn.envid) then return invalid("dsn.envid: over 100 ASCII characters") end
+    out.envid = xtext(dsn.envid)
+  end
+  out.orcpt = dsn.orcpt ~= false
+  return out
+end
+
+local function check_helo(h)
+  if type(h) ~= "string" then misuse("connect", "helo: string expected") end
+  if h == "" or #h > 255 or has_ctl(h) or h:find("[%s<>]") then
+    return invalid("helo: not a host name or address literal: " .. h)
+  end
+  return true
+end
+
+local function default_helo()
+  local f = io.open("/proc/sys/kernel/hostname", "r")
+  local name = f and f:read("*l")
+  if f then f:close() end
+  if not name or name == "" or has_ctl(name) or name:find("%s") then name = "localhost" end
+  return name
+end
+
+local function check_timeouts(t)
+  local out = {}
+  for k, v in pairs(DEFAULT_TIMEOUTS) do out[k] = v end
+  if t == nil then return out end
+  if type(t) == "number" then
+    if t <= 0 then misuse("connect", "timeout must be positive") end
+    for k in pairs(out) do out[k] = t end
+  elseif type(t) == "table" then
+    for k, v in pairs(t) do
+      if DEFAULT_TIMEOUTS[k] == nil then misuse("connect", "timeout: unknown phase " .. tostring(k)) end
+      if type(v) ~= "number" or v <= 0 then misuse("connect", "timeout." .. k .. ": positive number expected") end
+      out[k] = v
+    end
+  else
+    misuse("connect", "timeout: number or table expected")
+  end
+  return out
+end
+
+local function check_auth(a)
+  if a == nil then return true end
+  if type(a) ~= "table" then misuse("connect", "auth: table expected") end
+  if type(a.user) ~= "string" then misuse("connect", "auth.user: string expected") end
+  if has_ctl(a.user) then return invalid("auth.user: control character (CR, LF, NUL, ...)") end
+  if a.authzid ~= nil and (type(a.authzid) ~= "string" or has_ctl(a.authzid)) then
+    return invalid("auth.authzid: control character or not a string")
+  end
+  local has_pw, has_tok = a.password ~= nil, a.token ~= nil
+  if has_pw == has_tok then misuse("connect", "auth: give password or token") end
+  if has_pw and type(a.password) ~= "string" then misuse("connect", "auth.password: string expected") end
+  if has_pw and a.password:find("%z") then return invalid("auth.password: NUL character") end
+  if has_tok and type(a.token) ~= "string" and type(a.token) ~= "function" then
+    misuse("connect", "auth.token: string or function expected")
+  end
+  if type(a.token) == "string" and has_ctl(a.token) then return invalid("auth.token: control character") end
+  if a.mechanism ~= nil then
+    if type(a.mechanism) ~= "string" or not MECHANISMS[a.mechanism:upper()] then
+      return invalid("auth.mechanism: one of PLAIN, LOGIN, CRAM-MD5, XOAUTH2, OAUTHBEARER")
+    end
+    local m = a.mechanism:upper()
+    if has_tok ~= (m == "XOAUTH2" or m == "OAUTHBEARER") then
+      return invalid("auth.mechanism " .. m .. " does not go with " .. (has_tok and "a token" or "a password"))
+    end
+  end
+  return true
+end
+
+local function is_loopback_name(h)
+  return h == "localhost" or h:match("^127%.%d+%.%d+%.%d+$") ~= nil or h == "::1" or h == "[::1]"
+end
+
+-- Connection options -> a validated config, or nil, err. Raises on misuse.
+local function connect_config(opts, fname)
+  if type(opts) ~= "table" then misuse(fname, "options table expected") end
+  if type(opts.server) ~= "string" or opts.server == "" then misuse(fname, "server: host name expected") end
+  if has_ctl(opts.server) or opts.server:find("%s") then return invalid("server: bad host name") end
+  local tls = opts.tls == nil and "starttls" or opts.tls
+  if PORTS[tls] == nil then misuse(fname, "tls: starttls, implicit, opportunistic or none") end
+  local port = opts.port == nil and PORTS[tls] or tonumber(opts.port)
+  if not port or port < 1 or port > 65535 or port % 1 ~= 0 then misuse(fname, "port: 1..65535") end
+  local helo = opts.helo
+  if helo == nil then helo = default_helo() else
+    local ok, err = check_helo(helo); if not ok then return nil, err end
+  end
+  local ok, err = check_auth(opts.auth)
+  if not ok then return nil, err end
+  if opts.auth and tls == "none" and not opts.allow_plaintext_auth and not is_loopback_name(opts.server) then
+    return invalid("auth over a plaintext connection: use TLS or allow_plaintext_auth = true")
+  end
+  local servername = opts.servername
+  if servername ~= nil and (type(servername) ~= "string" or has_ctl(servername)) then
+    misuse(fname, "servername: string expected")
+  end
+  if opts.cafile ~= nil and type(opts.cafile) ~= "string" then misuse(fname, "cafile: string expected") end
+  return {
+    server = opts.server, port = port, tls = tls, helo = helo, auth = opts.auth,
+    verify = opts.verify ~= false, cafile = opts.cafile,
+    servername = servername or (opts.server:gsub("^%[(.*)%]$", "%1")),
+    timeouts = check_timeouts(opts.timeout),
+    allow_plaintext_auth = opts.allow_plaintext_auth == true,
+    chunking = opts.chunking ~= false,
+    pipelining = opts.pipelining ~= false,
+    nameservers = opts.nameservers,
+    transport = opts.transport,
+  }
+end
+
+-- ---- message sources ---------------------------------------------------------------------
+
+local function is_message(m)
+  return (type(m) == "table" or type(m) == "userdata") and type(m.source) == "function"
+end
+
+-- The header section of a raw string (for Message-ID and the SMTPUTF8 decision).
+local function headers_of(s)
+  local e = s:find("\r?\n\r?\n")
+  return e and s:sub(1, e) or s
+end
+
+-- -> iterator of chunks, size or nil
+local function source_of(m)
+  local t = type(m)
+  if t == "string" then
+    local done = false
+    return function()
+      if done then return nil end
+      done = true
+      return m
+    end, #m
+  elseif io.type(m) == "file" then
+    local size
+    local here = m:seek()
+    if here then
+      local last = m:seek("end")
+      if last then size = last - here end
+      m:seek("set", here)
+    end
+    return function() return m:read(65536) end, size
+  elseif t == "function" then
+    return m, nil
+  elseif is_message(m) then
+    return m:source(), nil
+  end
+end
+
+local function to_list(v, fname, what)
+  if v == nil then return nil end
+  if type(v) == "string" then return { v } end
+  if type(v) ~= "table" then misuse(fname, what .. ": string or list expected") end
+  local out = {}
+  for i, a in ipairs(v) do out[i] = a end
+  return out
+end
+
+-- Message options -> a transaction description, or nil, err. Raises on misuse.
+local function message_config(opts, fname)
+  if type(opts) ~= "table" then misuse(fname, "options table expected") end
+  local m = opts.message
+  local mt = type(m)
+  if not (mt == "string" or mt == "function" or io.type(m) == "file" or is_message(m)) then
+    misuse(fname, "message: string, file, function or smtp.message expected")
+  end
+  local from, to = opts.from, to_list(opts.to, fname, "to")
+  local needs_utf8 = false
+  if is_message(m) then
+    if (from == nil or to == nil) and type(m.envelope) == "function" then
+      local ef, et = m:envelope()
+      if from == nil then from = ef end
+      if to == nil then to = to_list(et, fname, "to") end
+    end
+    if type(m.needs) == "function" then
+      local n = m:needs()
+      needs_utf8 = type(n) == "table" and n.smtputf8 == true
+    end
+  elseif mt == "string" then
+    needs_utf8 = non_ascii(headers_of(m))
+  end
+  if from == nil then return invalid("from: no envelope sender (give from = ...)") end
+  if type(from) ~= "string" then misuse(fname, "from: string expected") end
+  local ok, err = check_address(from, "from", true)
+  if not ok then return nil, err end
+  if to == nil or #to == 0 then return invalid("to: no recipients") end
+  for _, r in ipairs(to) do
+    if type(r) ~= "string" then misuse(fname, "to: strings expected") end
+    ok, err = check_address(r, "to")
+    if not ok then return nil, err end
+    if non_ascii(r) then needs_utf8 = true end
+  end
+  if non_ascii(from) then needs_utf8 = true end
+  local dsn
+  dsn, err = check_dsn(opts.dsn)
+  if not dsn then return nil, err end
+  return { message = m, from = from, to = to, dsn = opts.dsn and dsn or nil, smtputf8 = needs_utf8 }
+end
+
+-- ---- the session ---------------------------------------------------------------------------
+
+local Conn = { __name = "smtp.connection" }
+Conn.__index = Conn
+
+local function new_error(t)
+  return errors.new(t)
+end
+
+-- Closes the socket at once (timeouts, protocol errors, 421): no QUIT.
+function Conn:_abort()
+  if self.sock then self.sock:close() end
+  self.sock = nil
+  self.dead = true
+end
+
+local function reply_error(kind, r, phase, extra)
+  local t = extra or {}
+  t.kind, t.code, t.enhanced, t.text, t.phase = kind, r.code, r.enhanced, r.text, phase
+  return new_error(t)
+end
+
+-- A transport failure, with the phase it happened in. The session is over.
+function Conn:_io_error(err, phase)
+  self:_abort()
+  local t = { phase = phase }
+  if type(err) == "table" then
+    for k, v in pairs(err) do t[k] = v end
+  else
+    t.kind, t.text = "closed", tostring(err)
+  end
+  t.phase = phase
+  if t.kind == "closed" then t.temporary = true end
+  if t.kind == "timeout" then t.temporary = true end
+  return nil, errors.new(t)
+end
+
+function Conn:_write(data, phase)
+  if data == "" then return true end
+  local ok, err = self.sock:write(data, self.timeouts[phase])
+  if not ok then return self:_io_error(err, phase) end
+  return true
+end
+
+-- Writes whatever the engine has to say (pipelined commands, SASL answers).
+function Conn:_flush(phase)
+  return self:_write(self.engine:take(), phase)
+end
+
+-- The next reply, in order; 421 and protocol errors end the session here.
+function Conn:_reply(phase)
+  local e = self.engine
+  local limit = self.timeouts[phase]
+  local deadline = now and now() + limit
+  while true do
+    local r, perr = e:reply()
+    if r then
+      if r.code == 421 and r.command ~= "QUIT" then
+        self:_abort()
+        return nil, reply_error("closed", r, phase, { temporary = true })
+      end
+      return r
+    end
+    if perr then
+      self:_abort()
+      return nil, new_error { kind = "protocol", text = perr, phase = phase, temporary = false }
+    end
+    local ok, err = self:_flush(phase)
+    if not ok then return nil, err end
+    local t = limit
+    if deadline then
+      t = deadline - now()
+      if t <= 0 then
+        self:_abort()
+        return nil, new_error { kind = "timeout", text = phase .. " timed out", phase = phase, temporary = true }
+      end
+    end
+    local data, rerr = self.sock:read(t)
+    if not data then return self:_io_error(rerr, phase) end
+    ok, perr = e:feed(data)
+    if not ok then
+      self:_abort()
+      return nil, new_error { kind = "protocol", text = perr, phase = phase, temporary = false }
+    end
+  end
+end
+
+local function alive(self, fname)
+  if getmetatable(self) ~= Conn then error("bad self to '" .. fname .. "' (smtp connection expected)", 3) end
+  if self.dead or not self.sock then
+    return nil, new_error { kind = "closed", text = "the session is closed", temporary = true, phase = fname }
+  end
+  return true
+end
+
+local function command(self, phase, fn, ...)
+  local ok, err = fn(self.engine, ...)
+  if not ok then return invalid(err) end
+  ok, err = self:_flush(phase)
+  if not ok then return nil, err end
+  return self:_reply(phase)
+end
+
+local function parse_auth_list(ext)
+  local offered = {}
+  local v = ext and ext.AUTH
+  if v then for m in v:gmatch("%S+") do offered[m:upper()] = true end end
+  return offered
+end
+
+-- EHLO (HELO when EHLO is refused): the extensions table.
+function Conn:_hello()
+  local r, err = command(self, "ehlo", self.engine.ehlo, self.cfg.helo)
+  if not r then return nil, err end
+  if r.code >= 500 and r.code <= 502 then
+    r, err = command(self, "ehlo", self.engine.helo, self.cfg.helo)
+    if not r then return nil, err end
+    if r.code ~= 250 then return nil, reply_error("rejected", r, "ehlo") end
+    self.ext = {}
+    return self.ext
+  end
+  if r.code ~= 250 then return nil, reply_error(r.code < 500 and "closed" or "rejected", r, "ehlo") end
+  self.ext = r.extensions or {}
+  return self.ext
+end
+
+function Conn:_starttls()
+  local cfg = self.cfg
+  local r, err = command(self, "tls", self.engine.starttls)
+  if not r then return nil, err end
+  if r.code ~= 220 then
+    return nil, reply_error("tls", r, "tls")
+  end
+  -- Anything the server sent with or after its 220 was read before the handshake: a man in the
+  -- middle could have put it there (STARTTLS response injection). Drop it and end the session.
+  local dropped = self.engine:upgrade()
+  if dropped > 0 then
+    self:_abort()
+    return nil, new_error { kind = "tls", phase = "tls", temporary = false,
+      text = ("the server sent %d bytes after its STARTTLS 220 (response injection?)"):format(dropped) }
+  end
+  local ok, terr = self.sock:starttls { servername = cfg.servername, verify = cfg.verify,
+    cafile = cfg.cafile, timeout = cfg.timeouts.tls }
+  if not ok then
+    self:_abort()
+    local t = { kind = "tls", phase = "tls", temporary = false,
+      text = type(terr) == "table" and terr.text or tostring(terr) }
+    return nil, new_error(t)
+  end
+  self.tls = true
+  return self:_hello()
+end
+
+-- The secret for one AUTH attempt (a token function is called for a fresh token each time).
+local function secret_of(a)
+  if a.password then return a.password end
+  if type(a.token) == "function" then
+    local ok, tok = pcall(a.token)
+    if not ok or type(tok) ~= "string" or tok == "" or has_ctl(tok) then
+      return nil, new_error { kind = "auth", phase = "auth", temporary = false,
+        text = "auth.token function gave no usable token: " .. tostring(tok) }
+    end
+    return tok
+  end
+  return a.token
+end
+
+function Conn:_auth()
+  local a = self.cfg.auth
+  if not self.tls and not self.cfg.allow_plaintext_auth and not self.loopback then
+    self:quit()
+    return nil, new_error { kind = "tls", phase = "auth", temporary = false,
+      text = "refusing AUTH over a plaintext connection (allow_plaintext_auth = true permits it)" }
+  end
+  local offered = parse_auth_list(self.ext)
+  local mech
+  if a.mechanism then
+    mech = a.mechanism:upper()
+    if not offered[mech] then mech = nil end
+  else
+    for _, m in ipairs(a.token and TOKEN_ORDER or PASSWORD_ORDER) do
+      if offered[m] then mech = m; break end
+    end
+  end
+  if not mech then
+    self:quit()
+    return nil, new_error { kind = "auth", phase = "auth", temporary = false,
+      text = "the server offers no usable AUTH mechanism (" .. tostring(self.ext.AUTH or "none") .. ")" }
+  end
+  local secret, serr = secret_of(a)
+  if not secret then self:quit(); return nil, serr end
+  local r, err = command(self, "auth", self.engine.auth, mech, a.user, secret, a.authzid)
+  if not r then return nil, err end
+  if r.code ~= 235 then
+    self:quit()
+    return nil, reply_error("auth", r, "auth")
+  end
+  self.auth_mechanism = mech
+  return true
+end
+
+function Conn:_open()
+  local cfg = self.cfg
+  local transport = cfg.transport or require "smtp.transport.native"
+  local sock, err = transport.connect { host = cfg.server, port = cfg.port,
+    timeout = cfg.timeouts.connect, nameservers = cfg.nameservers }
+  if not sock then
+    if errors.is(err) then err.phase = err.phase or "connect"; return nil, err end
+    return nil, new_error { kind = "connect", text = tostring(err), phase = "connect" }
+  end
+  self.sock = sock
+  local info = sock.info and sock:info() or {}
+  self.address = info.address
+  self.loopback = is_loopback_name(info.address or cfg.server)
+  if cfg.tls == "implicit" then
+    local ok, terr = sock:starttls { servername = cfg.servername, verify = cfg.verify,
+      cafile = cfg.cafile, timeout = cfg.timeouts.tls }
+    if not ok then
+      self:_abort()
+      return nil, new_error { kind = "tls", phase = "tls", temporary = false,
+        text = type(terr) == "table" and terr.text or tostring(terr) }
+    end
+    self.tls = true
+  end
+  local r
+  r, err = self:_reply("greeting")
+  if not r then return nil, err end
+  if r.code ~= 220 then
+    self:quit()
+    return nil, reply_error(r.code < 500 and "closed" or "rejected", r, "greeting")
+  end
+  self.greeting = r
+  local ext
+  ext, err = self:_hello()
+  if not ext then self:quit(); return nil, err end
+  if cfg.tls == "starttls" or cfg.tls == "opportunistic" then
+    if ext.STARTTLS then
+      local ok, terr = self:_starttls()
+      if not ok then
+        if cfg.tls == "starttls" or self.dead or terr.kind ~= "tls" or terr.code == nil then
+          self:quit()
+          return nil, terr
+        end
+        -- opportunistic: a refused STARTTLS leaves the plaintext session as it was
+      end
+    elseif cfg.tls == "starttls" then
+      self:quit()
+      return nil, new_error { kind = "tls", phase = "tls", temporary = false,
+        text = "the server does not offer STARTTLS and tls = \"starttls\" requires it" }
+    end
+  end
+  if cfg.auth then
+    local ok, aerr = self:_auth()
+    if not ok then return nil, aerr end
+  end
+  return true
+end
+
+-- smtp.connect{...} -> conn | nil, err
+function M.connect(opts)
+  local cfg, err = connect_config(opts, "connect")
+  if not cfg then return nil, err end
+  local self = setmetatable({ cfg = cfg, timeouts = cfg.timeouts, engine = core.client_engine(), ext = {} }, Conn)
+  local ok
+  ok, err = self:_open()
+  if not ok then self:_abort(); return nil, err end
+  return self
+end
+
+function Conn:extensions()
+  return self.ext
+end
+
+function Conn:info()
+  local info = self.sock and self.sock.info and self.sock:info() or {}
+  local ext = {}
+  for k, v in pairs(self.ext or {}) do ext[k] = v end
+  return { host = self.cfg.server, port = self.cfg.port, address = info.address or self.address,
+    tls = self.tls and (info.version or true) or false, cipher = info.cipher, extensions = ext,
+    auth = self.auth_mechanism }
+end
+
+-- Lower-level session methods: each returns the reply table, or nil, err.
+function Conn:ehlo()
+  local ok, err = alive(self, "ehlo"); if not ok then return nil, err end
+  return self:_hello()
+end
+
+local function params_string(p, fname)
+  if p == nil then return nil end
+  if type(p) == "string" then return p end
+  if type(p) ~= "table" then misuse(fname, "params: string or table expected") end
+  local keys, out = {}, {}
+  for k in pairs(p) do keys[#keys + 1] = k end
+  sort(keys)
+  for _, k in ipairs(keys) do
+    local v = p[k]
+    out[#out + 1] = (v == true) and k or (k .. "=" .. tostring(v))
+  end
+  return concat(out, " ")
+end
+
+function Conn:mail(from, params)
+  local ok, err = alive(self, "mail"); if not ok then return nil, err end
+  ok, err = check_address(from, "from", true); if not ok then return nil, err end
+  return command(self, "mail", self.engine.mail, from, params_string(params, "mail"))
+end
+
+function Conn:rcpt(to, params)
+  local ok, err = alive(self, "rcpt"); if not ok then return nil, err end
+  ok, err = check_address(to, "to"); if not ok then return nil, err end
+  return command(self, "rcpt", self.engine.rcpt, to, params_string(params, "rcpt"))
+end
+
+function Conn:rset()
+  local ok, err = alive(self, "rset"); if not ok then return nil, err end
+  return command(self, "mail", self.engine.rset)
+end
+
+function Conn:noop()
+  local ok, err = alive(self, "noop"); if not ok then return nil, err end
+  return command(self, "mail", self.engine.noop)
+end
+
+-- Streams a body after DATA's 354; the last body bytes and the end-of-data go in one write.
+function Conn:_body(src)
+  local e = self.engine
+  local id, head = nil, true
+  while true do
+    local chunk = src()
+    if chunk == nil then break end
+    if type(chunk) ~= "string" then
+      self:_abort()
+      return invalid("message source gave a " .. type(chunk) .. " instead of a string")
+    end
+    if head then
+      -- the Message-ID from the header section of the first chunk, for the result
+      local h = chunk:find("\r?\n\r?\n") and chunk:sub(1, chunk:find("\r?\n\r?\n")) or chunk
+      id = h:match("\n[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)") or
+        h:match("^[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)")
+      head = false
+    end
+    e:body(chunk)
+    if e:outlen() >= WRITE_BATCH then
+      local ok, err = self:_flush("data_block")
+      if not ok then return nil, err end
+    end
+  end
+  e:body_end()
+  local ok, err = self:_flush("data_block")
+  if not ok then return nil, err end
+  return true, id
+end
+
+function Conn:data(source)
+  local ok, err = alive(self, "data"); if not ok then return nil, err end
+  local src = source_of(source)
+  if not src then misuse("data", "source: string, file, function or smtp.message expected") end
+  local r
+  r, err = command(self, "data", self.engine.data)
+  if not r then return nil, err end
+  if r.code ~= 354 then return r end
+  ok, err = self:_body(src)
+  if not ok then return nil, err end
+  return self:_reply("data_end")
+end
+
+function Conn:quit()
+  if self.dead or not self.sock then self.dead = true; return true end
+  if self.engine:state() == "ready" or self.engine:state() == "greeting" then
+    self.engine:quit()
+    local ok = self:_flush("quit")
+    if ok then self:_reply("quit") end
+  end
+  self:_abort()
+  return true
+end
+
+function Conn:close()
+  if getmetatable(self) ~= Conn then error("bad self to 'close' (smtp connection expected)", 2) end
+  return self:quit()
+end
+Conn.__close = function(self) self:close() end
+Conn.__gc = function(self) if self.sock then self.sock:close() end end
+
+local function entry(addr, r)
+  return { recipient = addr, code = r.code, enhanced = r.enhanced, text = r.text }
+end
+
+-- RSET after a failed transaction keeps the session usable.
+function Conn:_reset()
+  if self.dead then return end
+  local r = command(self, "mail", self.engine.rset)
+  if r and r.code ~= 250 then self:_abort() end
+end
+
+-- BDAT pieces: CRLF-normalized chunks of about BDAT_CHUNK bytes, the last one flagged.
+local function bdat_pieces(src)
+  local st = core.stuffer(false)
+  local finished = false
+  local function piece()
+    while not finished do
+      local c = src()
+      if c == nil then
+        finished = true
+        local f = st:finish()
+        if f ~= "" then return f end
+        return nil
+      end
+      if type(c) ~= "string" then error("message source gave a " .. type(c) .. " instead of a string", 0) end
+      local o = st:feed(c)
+      if o ~= "" then return o end
+    end
+  end
+  local ahead = piece()
+  return function()
+    if ahead == nil and finished then
+      if finished == "done" then return nil end
+      finished = "done"
+      return "", true
+    end
+    local parts, n = {}, 0
+    while ahead and n < BDAT_CHUNK do
+      parts[#parts + 1] = ahead; n = n + #ahead
+      ahead = piece()
+    end
+    local last = ahead == nil
+    if last then finished = "done" end
+    return concat(parts), last
+  end
+end
+
+-- One transaction; `tx` comes from message_config.
+function Conn:_transaction(tx)
+  local ext, e = self.ext, self.engine
+  if tx.smtputf8 and not ext.SMTPUTF8 then
+    return invalid("the message needs SMTPUTF8 (non-ASCII address or header) and the server does not offer it")
+  end
+  local src, size = source_of(tx.message)
+  local mparams = {}
+  if ext.SIZE then
+    local limit = tonumber(ext.SIZE:match("^%d+"))
+    if size then
+      if limit and limit > 0 and size > limit then
+        return nil, new_error { kind = "rejected", code = 552, enhanced = "5.3.4", phase = "mail",
+          temporary = false, text = ("message of %d bytes over the server's limit of %d"):format(size, limit) }
+      end
+      mparams[#mparams + 1] = "SIZE=" .. size
+    end
+  end
+  if ext["8BITMIME"] then mparams[#mparams + 1] = "BODY=8BITMIME" end
+  if tx.smtputf8 then mparams[#mparams + 1] = "SMTPUTF8" end
+  local dsn = tx.dsn and ext.DSN and tx.dsn
+  if dsn then
+    if dsn.ret then mparams[#mparams + 1] = "RET=" .. dsn.ret end
+    if dsn.envid then mparams[#mparams + 1] = "ENVID=" .. dsn.envid end
+  end
+  local pipelining = ext.PIPELINING and self.cfg.pipelining
+  local bdat = ext.CHUNKING and self.cfg.chunking
+  local ok, err = e:mail(tx.from, #mparams > 0 and concat(mparams, " ") or nil)
+  if not ok then return invalid(err) end
+  local function step(phase)
+    if pipelining then return true end
+    local fok, ferr = self:_flush(phase)
+    if not fok then return nil, ferr end
+    return true
+  end
+  -- Without PIPELINING each reply is awaited before the next command.
+  local replies = {}
+  local function await(phase)
+    local r, rerr = self:_reply(phase)
+    if not r then return nil, rerr end
+    replies[#replies + 1] = r
+    return r
+  end
+  if not pipelining then
+    local fok, ferr = self:_flush("mail")
+    if not fok then return nil, ferr end
+    local r, rerr = await("mail")
+    if not r then return nil, rerr end
+    if r.code ~= 250 then
+      self:_reset()
+      return nil, reply_error("rejected", r, "mail")
+    end
+  end
+  for _, rcpt in ipairs(tx.to) do
+    local rp = {}
+    if dsn then
+      if dsn.notify then rp[#rp + 1] = "NOTIFY=" .. dsn.notify end
+      if dsn.orcpt and not non_ascii(rcpt) then rp[#rp + 1] = "ORCPT=rfc822;" .. xtext(rcpt) end
+    end
+    ok, err = e:rcpt(rcpt, #rp > 0 and concat(rp, " ") or nil)
+    if not ok then return invalid(err) end
+    if not pipelining then
+      local fok, ferr = step("rcpt")
+      if not fok then return nil, ferr end
+      local r, rerr = await("rcpt")
+      if not r then return nil, rerr end
+    end
+  end
+  local pieces, first_piece, first_last
+  if bdat then
+    pieces = bdat_pieces(src)
+    local pok, p, l = pcall(pieces)
+    if not pok then self:_reset(); return invalid(tostring(p)) end
+    first_piece, first_last = p, l
+  end
+  -- The group ends with DATA, or with the first BDAT chunk (the whole message when it is small).
+  local nwait = 0
+  if pipelining then
+    if bdat then e:bdat(first_piece, first_last) else e:data() end
+    local fok, ferr = self:_flush("mail")
+    if not fok then return nil, ferr end
+    local r, rerr = await("mail")
+    if not r then return nil, rerr end
+    for _ = 1, #tx.to do
+      r, rerr = await("rcpt")
+      if not r then return nil, rerr end
+    end
+    nwait = 1
+  end
+  -- replies[1] is MAIL's, then one per recipient
+  local mail_r = replies[1]
+  local accepted, rejected = {}, {}
+  for i, rcpt in ipairs(tx.to) do
+    local r = replies[i + 1]
+    if r and r.code >= 200 and r.code < 300 then accepted[#accepted + 1] = rcpt
+    elseif r then rejected[#rejected + 1] = entry(rcpt, r) end
+  end
+  local function finish_failed(kind, r, phase, extra)
+    local err2 = reply_error(kind, r, phase, extra)
+    self:_reset()
+    return nil, err2
+  end
+  if mail_r.code ~= 250 then
+    if nwait == 1 then
+      local dr, derr = await(bdat and "data_end" or "data")
+      if not dr then return nil, derr end
+      if not bdat and dr.code == 354 then
+        e:body_end(); local f2, fe2 = self:_flush("data_block"); if not f2 then return nil, fe2 end
+        local er, eerr = self:_reply("data_end"); if not er then return nil, eerr end
+      end
+    end
+    return finish_failed("rejected", mail_r, "mail", { rejected = rejected })
+  end
+  local function all_rejected()
+    local first = rejected[1]
+    return nil, new_error { kind = "rejected", phase = "rcpt", code = first and first.code,
+      enhanced = first and first.enhanced, text = first and first.text or "every recipient was rejected",
+      rejected = rejected, temporary = first and first.code < 500 or false }
+  end
+  local id, final
+  if bdat then
+    local piece, last = first_piece, first_last
+    local sent_first = pipelining
+    while true do
+      if not sent_first then
+        if #accepted == 0 then self:_reset(); return all_rejected() end
+        e:bdat(piece, last)
+        local fok, ferr = self:_flush("data_block")
+        if not fok then return nil, ferr end
+      end
+      sent_first = false
+      if not id then
+        id = piece:sub(1, 65536):match("\n[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)") or
+          piece:match("^[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)") or false
+      end
+      local r, rerr = self:_reply(last and "data_end" or "data_block")
+      if not r then return nil, rerr end
+      if r.code ~= 250 then
+        if #accepted == 0 then self:_reset(); return all_rejected() end
+        if last then return nil, reply_error("rejected", r, "data_end", { rejected = rejected }) end
+        return finish_failed("rejected", r, "data", { rejected = rejected })
+      end
+      if last then final = r; break end
+      local pok, p, l = pcall(pieces)
+      if not pok then self:_reset(); return invalid(tostring(p)) end
+      piece, last = p, l
+    end
+  else
+    if not pipelining then
+      if #accepted == 0 then self:_reset(); return all_rejected() end
+      e:data()
+    end
+    local dr, derr = await("data")
+    if not dr then return nil, derr end
+    if dr.code ~= 354 then
+      if #accepted == 0 then self:_reset(); return all_rejected() end
+      return finish_failed("rejected", dr, "data", { rejected = rejected })
+    end
+    if #accepted == 0 then
+      -- a server that said 354 with no valid recipient: end the empty data, send nothing
+      e:body_end()
+      local fok, ferr = self:_flush("data_block"); if not fok then return nil, ferr end
+      local er, eerr = self:_reply("data_end"); if not er then return nil, eerr end
+      return all_rejected()
+    end
+    local bok
+    bok, id = self:_body(src)
+    if not bok then return nil, id end
+    local r, rerr = self:_reply("data_end")
+    if not r then return nil, rerr end
+    if r.code ~= 250 then
+      return nil, reply_error("rejected", r, "data_end", { rejected = rejected })
+    end
+    final = r
+  end
+  if #accepted == 0 then return all_rejected() end
+  return {
+    accepted = accepted, rejected = rejected,
+    reply = { code = final.code, enhanced = final.enhanced, text = final.text },
+    message_id = id or nil,
+    server = self:info(),
+  }
+end
+
+-- conn:send{ message =, from =, to =, dsn = } -> result | nil, err
+function Conn:send(opts)
+  if getmetatable(self) ~= Conn then error("bad self to 'send' (smtp connection expected)", 2) end
+  local tx, err = message_config(opts, "send")
+  if not tx then return nil, err end
+  local ok
+  ok, err = alive(self, "send")
+  if not ok then return nil, err end
+  return self:_transaction(tx)
+end
+
+-- smtp.send{...}: connect, one transaction, QUIT. Everything is checked before connecting.
+function M.send(opts)
+  local cfg, err = connect_config(opts, "send")
+  if not cfg then return nil, err end
+  local tx
+  tx, err = message_config(opts, "send")
+  if not tx then return nil, err end
+  local conn = setmetatable({ cfg = cfg, timeouts = cfg.timeouts, engine = core.client_engine(), ext = {} }, Conn)
+  local ok
+  ok, err = conn:_open()
+  if not ok then conn:_abort(); return nil, err end
+  local res
+  res, err = conn:_transaction(tx)
+  conn:close()
+  return res, err
+end
+
+M.deliver = function(opts) return require("smtp.deliver").deliver(opts) end
+
+-- For smtp.deliver and the command line: the same checks send() makes.
+M._connect_config = connect_config
+M._message_config = message_config
+
 return M

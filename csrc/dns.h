@@ -1,0 +1,47 @@
+/* Plain-C part of the dns resolver (no Lua): answer parsing and host name checks, shared by
+ * dns.c's Lua binding and the fuzz harness fuzz/mx_fuzz.c. */
+#ifndef SMTP_DNS_H
+#define SMTP_DNS_H
+
+#include <netinet/in.h>
+#include <arpa/inet.h>
+
+/* Caps on what one answer may hand to the delivery logic: a hostile zone cannot make us try
+ * thousands of hosts or addresses. */
+#define DNS_MAX_MX      16      /* MX hosts kept, the most preferred first */
+#define DNS_MAX_ADDRS   16      /* addresses kept per A or AAAA answer */
+#define DNS_HOST_MAX    253     /* longest host name in text form, without the final dot */
+#define DNS_ADDR_MAX    INET6_ADDRSTRLEN
+
+struct dns_mx {
+    unsigned short preference;
+    char host[DNS_HOST_MAX + 1];
+};
+
+struct dns_mx_answer {
+    int count;                  /* valid hosts in mx[], sorted by preference (stable) */
+    int null_mx;                /* 1: the answer is exactly one MX of "." (RFC 7505) */
+    int dropped;                /* records left out: bad host names, duplicates, over the cap */
+    struct dns_mx mx[DNS_MAX_MX];
+};
+
+struct dns_addr_answer {
+    int count;
+    char addr[DNS_MAX_ADDRS][DNS_ADDR_MAX];
+};
+
+/* 1 when s is a usable host name: letters, digits and hyphens in dot-separated labels of 1 to 63
+ * bytes that neither start nor end with a hyphen, at most 253 bytes, an optional final dot. */
+int dns_valid_hostname(const char *s);
+
+/* Parses an MX answer (c-ares does the wire format) and keeps only valid host names, lower-cased,
+ * without duplicates, ordered by preference, at most DNS_MAX_MX. Returns an ARES_* status:
+ * ARES_SUCCESS (possibly with count 0), ARES_ENODATA for an answer without MX records, or the parse
+ * error. */
+int dns_parse_mx(const unsigned char *abuf, int alen, struct dns_mx_answer *out);
+
+/* Parses an A (family AF_INET) or AAAA (AF_INET6) answer, CNAMEs in the answer followed, into
+ * numeric address strings, at most DNS_MAX_ADDRS. Returns an ARES_* status. */
+int dns_parse_addrs(const unsigned char *abuf, int alen, int family, struct dns_addr_answer *out);
+
+#endif

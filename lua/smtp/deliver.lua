@@ -1,0 +1,273 @@
+-- Direct delivery (smtp.deliver): groups recipients by domain, looks up each domain's MX hosts and
+-- walks them in order (RFC 5321 §5), one transaction per domain with all its recipients, the
+-- domains concurrently inside smtp.loop. Results are per recipient; "sent" only when a host
+-- accepted that recipient and the message.
+local errors = require "smtp.errors"
+local dns = require "smtp.dns"
+local mx = require "smtp.mx"
+
+local M = {}
+
+M.max_attempts = 10     -- addresses tried per domain, across its MX hosts
+
+local tls_modes = { opportunistic = true, starttls = true, none = true }
+
+-- Plain address of a recipient or sender: "a@b", "<a@b>" or "Name <a@b>" -> "a@b".
+local function bare(addr)
+  return addr:match("<([^<>]*)>%s*$") or addr:match("^%s*(.-)%s*$")
+end
+
+-- The domain part used for routing, lower-cased: "example.org" or "[192.0.2.1]".
+local function domain_of(addr)
+  local d = addr:match("@([^@]+)$")
+  if not d then return nil end
+  return d:lower()
+end
+
+-- "[127.0.0.1]" / "[IPv6:::1]" -> the address, else nil.
+local function literal_of(domain)
+  local inner = domain:match("^%[(.*)%]$")
+  if not inner then return nil end
+  inner = inner:gsub("^[Ii][Pp][Vv]6:", "")
+  if dns.is_ipv4(inner) or dns.is_ipv6(inner) then return inner end
+  return false
+end
+
+-- A message source that can be sent more than once (several domains, several hosts).
+local function replayable(message)
+  local t = type(message)
+  if t == "string" or t == "table" then return message end
+  if t == "function" then
+    local parts = {}
+    for chunk in message do parts[#parts + 1] = chunk end
+    return table.concat(parts)
+  end
+  if io.type(message) == "file" then
+    return message:read("*a")
+  end
+  return nil
+end
+
+local function envelope(opts, message)
+  local from, to = opts.from, opts.to
+  if (from == nil or to == nil) and type(message) == "table" and message.envelope then
+    local mfrom, mto = message:envelope()
+    if from == nil then from = mfrom end
+    if to == nil then to = mto end
+  end
+  if type(to) == "string" then to = { to } end
+  return from, to
+end
+
+-- How a domain whose lookup failed is reported for each of its recipients.
+local function dns_result(err)
+  if err.enhanced == "5.1.10" then
+    return "failed", err.code or 556, "5.1.10"
+  elseif err.temporary then
+    return "deferred", 451, "4.4.3"
+  else
+    return "failed", 550, "5.1.2"
+  end
+end
+
+local function status_of(code)
+  if code and code >= 200 and code < 300 then return "sent" end
+  if code and code >= 500 then return "failed" end
+  return "deferred"
+end
+
+-- Delivers one domain's recipients; fills results[i] for each index in `idx`.
+local function deliver_domain(job, results, ctx)
+  local opts, smtp = ctx.opts, ctx.smtp
+  local function set_all(fields)
+    for _, i in ipairs(job.idx) do
+      local r = { recipient = ctx.to[i] }
+      for k, v in pairs(fields) do r[k] = v end
+      results[i] = r
+    end
+  end
+
+  local hosts
+  local lit = literal_of(job.domain)
+  if lit then
+    hosts = { { host = job.domain, preference = 0, addresses = { lit } } }
+  else
+    local err
+    hosts, err = mx.lookup(job.domain, { nameservers = opts.nameservers, timeout = ctx.dns_timeout,
+                                          random = opts.random })
+    if not hosts then
+      local status, code, enhanced = dns_result(err)
+      set_all { status = status, code = code, enhanced = enhanced, text = err.text }
+      return
+    end
+  end
+
+  local last = nil
+  local attempts = 0
+  for _, h in ipairs(hosts) do
+    for _, address in ipairs(h.addresses) do
+      if attempts >= M.max_attempts then break end
+      attempts = attempts + 1
+      local copts = {
+        server = address, port = ctx.port, tls = ctx.tls, helo = opts.helo,
+        timeout = opts.timeout,
+      }
+      if ctx.tls == "starttls" then
+        copts.verify = opts.verify ~= false
+        copts.cafile = opts.cafile
+        if not h.host:match("^%[") then copts.servername = h.host end
+      else
+        copts.verify = false
+      end
+      local conn, err = smtp.connect(copts)
+      if conn then
+        local rcpts = {}
+        for k, i in ipairs(job.idx) do rcpts[k] = ctx.bare_to[i] end
+        local res
+        res, err = conn:send { message = ctx.message, from = ctx.from, to = rcpts, dsn = opts.dsn }
+        if res then
+          conn:close()
+          local rejected, accepted = {}, {}
+          for _, rj in ipairs(res.rejected or {}) do rejected[bare(rj.recipient)] = rj end
+          for _, a in ipairs(res.accepted or {}) do accepted[bare(a)] = true end
+          local reply = res.reply or {}
+          for k, i in ipairs(job.idx) do
+            local rj = rejected[rcpts[k]]
+            local r = { recipient = ctx.to[i], host = h.host, address = address }
+            if rj then
+              r.code, r.enhanced, r.text = rj.code, rj.enhanced, rj.text
+              r.status = (rj.code and rj.code >= 500) and "failed" or "deferred"
+            else
+              r.code, r.enhanced, r.text = reply.code, reply.enhanced, reply.text
+              r.status = status_of(reply.code)
+              -- Only what the host named as accepted counts as sent.
+              if r.status == "sent" and not accepted[rcpts[k]] then r.status = "deferred" end
+            end
+            results[i] = r
+          end
+          return
+        end
+        conn:close()
+      end
+      last = { err = err, host = h.host, address = address }
+      -- A 5xx (greeting, MAIL, DATA, every recipient refused) is final; the same goes for input
+      -- the client refused to send. Anything else may work at the next address.
+      if errors.is(err) and (err.kind == "invalid" or (err.code and err.code >= 500)) then
+        if err.rejected then
+          local by = {}
+          for _, rj in ipairs(err.rejected) do by[rj.recipient] = rj end
+          for _, i in ipairs(job.idx) do
+            local rj = by[ctx.bare_to[i]] or err
+            results[i] = { recipient = ctx.to[i], status = status_of(rj.code) == "sent" and "failed"
+                           or status_of(rj.code), code = rj.code, enhanced = rj.enhanced,
+                           text = rj.text, host = h.host, address = address }
+          end
+        else
+          set_all { status = "failed", code = err.code, enhanced = err.enhanced, text = err.text,
+                    host = h.host, address = address }
+        end
+        return
+      end
+    end
+  end
+  local e = last and last.err
+  set_all {
+    status = "deferred",
+    code = errors.is(e) and e.code or nil,
+    enhanced = errors.is(e) and e.enhanced or nil,
+    text = e and (errors.is(e) and e.text or tostring(e)) or "no MX host could be reached",
+    host = last and last.host, address = last and last.address,
+  }
+end
+
+-- Runs fns concurrently in smtp.loop; one after the other inside a cqueues controller (each wait
+-- there yields to cqueues already) or when there is a single domain.
+local function run_all(fns)
+  local cq = package.loaded.cqueues
+  local in_cqueues = type(cq) == "table" and cq.running and cq.running()
+  local ok, loop = pcall(require, "smtp.loop")
+  if #fns == 1 or in_cqueues or not ok or type(loop) ~= "table" or not loop.spawn then
+    for _, f in ipairs(fns) do f() end
+    return
+  end
+  local left = #fns
+  local failure
+  for _, f in ipairs(fns) do
+    loop.spawn(function()
+      local fine, e = pcall(f)
+      if not fine then failure = failure or e end
+      left = left - 1
+    end)
+  end
+  if loop.current and loop.current() then
+    -- Already a loop task: the others run beside us; look again now and then.
+    while left > 0 do loop.sleep(0.005) end
+  else
+    loop.run()
+  end
+  if failure then error(failure, 0) end
+end
+
+-- deliver{ message=, from=, to=, helo=, tls="opportunistic", nameservers=, port=25, timeout=30,
+--          dns_timeout=, random=, verify=, cafile=, dsn= } -> results | nil, err (invalid input)
+function M.deliver(opts)
+  if type(opts) ~= "table" then error("bad argument #1 to 'deliver': table expected", 2) end
+  local tls = opts.tls or "opportunistic"
+  if not tls_modes[tls] then
+    error("bad argument 'tls': \"opportunistic\", \"starttls\" or \"none\" expected", 2)
+  end
+  if opts.port ~= nil and (type(opts.port) ~= "number" or opts.port % 1 ~= 0) then
+    error("bad argument 'port': integer expected", 2)
+  end
+  if opts.port ~= nil and (opts.port < 1 or opts.port > 65535) then
+    return errors.invalid("port out of range: " .. tostring(opts.port))
+  end
+  if opts.message == nil then error("bad argument 'message': message expected", 2) end
+  local message = replayable(opts.message)
+  if message == nil then error("bad argument 'message': string, smtp.message, file or function expected", 2) end
+
+  local from, to = envelope(opts, opts.message)
+  if type(from) ~= "string" then return errors.invalid("from: an envelope sender is required") end
+  if type(to) ~= "table" or #to == 0 then return errors.invalid("to: no recipients") end
+
+  local bare_to, jobs, by_domain = {}, {}, {}
+  for i, addr in ipairs(to) do
+    if type(addr) ~= "string" then return errors.invalid("to[" .. i .. "]: string expected") end
+    local b = bare(addr)
+    if b:find("[%c]") then return errors.invalid("to[" .. i .. "]: control characters in address") end
+    local d = domain_of(b)
+    if not d then return errors.invalid("to[" .. i .. "]: no domain in " .. ("%q"):format(addr)) end
+    if literal_of(d) == false or (not literal_of(d) and not dns.normalize(d)) then
+      return errors.invalid("to[" .. i .. "]: bad domain in " .. ("%q"):format(addr))
+    end
+    d = literal_of(d) and d or dns.normalize(d)
+    bare_to[i] = b
+    local job = by_domain[d]
+    if not job then
+      job = { domain = d, idx = {} }
+      by_domain[d] = job
+      jobs[#jobs + 1] = job
+    end
+    job.idx[#job.idx + 1] = i
+  end
+
+  local smtp = require "smtp"
+  if type(smtp.connect) ~= "function" then
+    error("smtp.connect is not available", 2)
+  end
+  local timeout = opts.timeout
+  local ctx = {
+    opts = opts, smtp = smtp, message = message, from = bare(from), to = to, bare_to = bare_to,
+    tls = tls, port = opts.port or 25,
+    dns_timeout = opts.dns_timeout or (type(timeout) == "number" and timeout) or nil,
+  }
+  local results = {}
+  local fns = {}
+  for _, job in ipairs(jobs) do
+    fns[#fns + 1] = function() deliver_domain(job, results, ctx) end
+  end
+  run_all(fns)
+  return results
+end
+
+return M

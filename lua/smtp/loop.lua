@@ -1,0 +1,293 @@
+-- smtp.loop: the built-in scheduler: one coroutine per task, epoll for sockets, a heap of timers.
+-- Tasks block through smtp.wait, which yields here when it runs inside a loop task.
+local core = require "smtp.core"
+
+local M = {}
+
+local now = core.now
+local cocreate, coresume, costatus, coyield, corunning =
+  coroutine.create, coroutine.resume, coroutine.status, coroutine.yield, coroutine.running
+local unpack = table.unpack or unpack
+local traceback = debug.traceback
+
+-- What a task yields when it waits through this module; any other yield just gives way.
+local TOKEN = setmetatable({}, { __name = "smtp.loop.token" })
+
+local tasks = {}          -- co -> true while the task lives
+local ntasks = 0
+local ready, ready_v = {}, {}   -- run queue: coroutines and the value each is resumed with
+local rhead, rtail = 1, 0
+local readers, writers = {}, {} -- fd -> co waiting for that direction
+local interest = {}       -- fd -> 1 (r), 2 (w), 3 (both): what epoll watches right now
+local nwaiting = 0        -- coroutines parked on an fd
+local waiting_fd = {}     -- co -> fd it waits on (with waiting_dir) so a timer can unhook it
+local waiting_dir = {}
+local timer_of = {}       -- co -> its pending timer entry
+local heap = {}           -- binary heap of timers { t = deadline, co = co }, earliest first
+local ncancelled = 0      -- entries in heap whose co is nil
+local poller
+local running = false
+local fds, evs = {}, {}   -- reused by poller:wait
+
+local EV = { r = 1, w = 2 }
+local EVNAME = { "r", "w", "rw" }
+
+local function push_ready(co, v)
+  rtail = rtail + 1
+  ready[rtail], ready_v[rtail] = co, v
+end
+
+-- Timers ------------------------------------------------------------------------------------
+
+local function heap_push(e)
+  local i = #heap + 1
+  heap[i] = e
+  while i > 1 do
+    local p = (i - i % 2) / 2
+    if heap[p].t <= e.t then break end
+    heap[i], heap[p] = heap[p], e
+    i = p
+  end
+end
+
+local function heap_pop()
+  local n = #heap
+  local top = heap[1]
+  local last = heap[n]
+  heap[n] = nil
+  n = n - 1
+  if n > 0 then
+    local i = 1
+    while true do
+      local l = 2 * i
+      if l > n then break end
+      local c = l
+      if l + 1 <= n and heap[l + 1].t < heap[l].t then c = l + 1 end
+      if heap[c].t >= last.t then break end
+      heap[i] = heap[c]
+      i = c
+    end
+    heap[i] = last
+  end
+  return top
+end
+
+local function add_timer(co, deadline)
+  local e = { t = deadline, co = co }
+  timer_of[co] = e
+  heap_push(e)
+end
+
+-- Rebuilds the heap from its live entries. A server whose reads finish long before their
+-- timeouts would otherwise keep every finished read's timer until its deadline passed.
+local function compact()
+  local live = {}
+  for i = 1, #heap do
+    if heap[i].co then live[#live + 1] = heap[i] end
+  end
+  table.sort(live, function(a, b) return a.t < b.t end)   -- a sorted array is a valid heap
+  heap = live
+  ncancelled = 0
+end
+
+local function cancel_timer(co)
+  local e = timer_of[co]
+  if e then
+    e.co = nil      -- left in the heap, skipped when it comes up
+    timer_of[co] = nil
+    ncancelled = ncancelled + 1
+    if ncancelled > 1024 and ncancelled * 2 > #heap then compact() end
+  end
+end
+
+local function pop_timer()
+  local e = heap_pop()
+  if not e.co then ncancelled = ncancelled - 1 end
+  return e
+end
+
+-- Interest in fds ---------------------------------------------------------------------------
+
+local function set_interest(fd, m)
+  local old = interest[fd] or 0
+  if m == old then return true end
+  local ok, err, code
+  if m == 0 then
+    ok, err, code = poller:del(fd)
+    interest[fd] = nil
+    return true
+  elseif old == 0 then
+    ok, err, code = poller:add(fd, EVNAME[m])
+    if not ok and code then ok, err = poller:mod(fd, EVNAME[m]) end
+  else
+    ok, err, code = poller:mod(fd, EVNAME[m])
+    if not ok and code then ok, err = poller:add(fd, EVNAME[m]) end
+  end
+  if not ok then return nil, err end
+  interest[fd] = m
+  return true
+end
+
+local function unhook(co)
+  local fd, dir = waiting_fd[co], waiting_dir[co]
+  if not fd then return end
+  waiting_fd[co], waiting_dir[co] = nil, nil
+  nwaiting = nwaiting - 1
+  local m = interest[fd] or 0
+  if dir == "r" then
+    readers[fd] = nil
+    if m % 2 == 1 then m = m - 1 end
+  else
+    writers[fd] = nil
+    if m >= 2 then m = m - 2 end
+  end
+  set_interest(fd, m)
+end
+
+-- Public ------------------------------------------------------------------------------------
+
+-- The running loop task, or nil outside one (on the main thread or in a foreign coroutine).
+function M.current()
+  local co = corunning()
+  if co and tasks[co] then return co end
+  return nil
+end
+
+function M.now() return now() end
+
+-- Counts for tests and diagnostics: live tasks, tasks parked on fds, timer entries held.
+function M.stats()
+  return { tasks = ntasks, waiting = nwaiting, timers = #heap, cancelled_timers = ncancelled }
+end
+
+function M.spawn(fn, ...)
+  if type(fn) ~= "function" then error("bad argument #1 to 'spawn' (function expected)", 2) end
+  local args, n = { ... }, select("#", ...)
+  local co = cocreate(function() return fn(unpack(args, 1, n)) end)
+  tasks[co] = true
+  ntasks = ntasks + 1
+  push_ready(co, true)
+  return co
+end
+
+-- Parks the running task until fd is ready for "r" or "w", or until deadline (absolute now()).
+-- Returns true, or nil, "timeout" / "closed" (another task closed the fd).
+function M.wait_fd(fd, what, deadline)
+  local co = M.current()
+  if not co then error("smtp.loop.wait_fd called outside a loop task", 2) end
+  if what ~= "r" and what ~= "w" then error("bad argument #2 to 'wait_fd' (\"r\" or \"w\" expected)", 2) end
+  if deadline and deadline <= now() then return nil, "timeout" end
+  local waiters = what == "r" and readers or writers
+  if waiters[fd] then error("two tasks wait to " .. (what == "r" and "read" or "write") .. " fd " .. fd, 2) end
+  local m = interest[fd] or 0
+  local bit = EV[what]
+  if (bit == 1 and m % 2 == 0) or (bit == 2 and m < 2) then
+    local ok = set_interest(fd, m + bit)
+    -- An fd epoll cannot watch (a regular file) is always ready.
+    if not ok then return true end
+  end
+  waiters[fd] = co
+  waiting_fd[co], waiting_dir[co] = fd, what
+  nwaiting = nwaiting + 1
+  if deadline then add_timer(co, deadline) end
+  local ok, err = coyield(TOKEN)
+  return ok, err
+end
+
+function M.sleep(seconds)
+  local co = M.current()
+  if not co then
+    core.wait(-1, "r", seconds)
+    return
+  end
+  add_timer(co, now() + (seconds or 0))
+  coyield(TOKEN)
+end
+
+-- Wakes whoever waits on fd with nil, "closed" and stops watching it; call before closing it.
+function M.forget(fd)
+  local r, w = readers[fd], writers[fd]
+  if r then cancel_timer(r); unhook(r); push_ready(r, "closed") end
+  if w then cancel_timer(w); unhook(w); push_ready(w, "closed") end
+  if interest[fd] and poller then set_interest(fd, 0) end
+end
+
+local function step(co, v)
+  local ok, res
+  if v == true then
+    ok, res = coresume(co, true)
+  else
+    ok, res = coresume(co, nil, v)
+  end
+  if not ok then
+    tasks[co] = nil
+    ntasks = ntasks - 1
+    error(traceback(co, tostring(res)), 0)
+  end
+  if costatus(co) == "dead" then
+    tasks[co] = nil
+    ntasks = ntasks - 1
+  elseif res ~= TOKEN then
+    push_ready(co, true)   -- a bare coroutine.yield(): run again after the others
+  end
+end
+
+-- Runs every task until all have finished. Errors in a task propagate out of run().
+function M.run()
+  if running then error("smtp.loop.run: the loop is already running", 2) end
+  if not poller then poller = assert(core.poller()) end
+  running = true
+  local ok, err = pcall(function()
+    while ntasks > 0 do
+      while rhead <= rtail do
+        local co, v = ready[rhead], ready_v[rhead]
+        ready[rhead], ready_v[rhead] = nil, nil
+        rhead = rhead + 1
+        step(co, v)
+      end
+      rhead, rtail = 1, 0
+      if ntasks == 0 then break end
+      -- Drop cancelled timers at the top so they do not cut the wait short.
+      while heap[1] and not heap[1].co do pop_timer() end
+      local timeout
+      if heap[1] then
+        timeout = heap[1].t - now()
+        if timeout < 0 then timeout = 0 end
+      elseif nwaiting == 0 then
+        error("smtp.loop: " .. ntasks .. " task(s) suspended with nothing to wait for", 0)
+      end
+      local n = poller:wait(timeout, fds, evs)
+      for i = 1, n do
+        local fd, e = fds[i], evs[i]
+        if e % 2 == 1 then
+          local co = readers[fd]
+          if co then cancel_timer(co); unhook(co); push_ready(co, true) end
+        end
+        if e >= 2 then
+          local co = writers[fd]
+          if co then cancel_timer(co); unhook(co); push_ready(co, true) end
+        end
+        -- Level-triggered: an event nobody waits for must not be reported again and again.
+        if not readers[fd] and not writers[fd] and interest[fd] then set_interest(fd, 0) end
+      end
+      local t = now()
+      while heap[1] and heap[1].t <= t do
+        local e = pop_timer()
+        local co = e.co
+        if co then
+          timer_of[co] = nil
+          if waiting_fd[co] then
+            unhook(co)
+            push_ready(co, "timeout")
+          else
+            push_ready(co, true)   -- a sleep ended
+          end
+        end
+      end
+    end
+  end)
+  running = false
+  if not ok then error(err, 0) end
+end
+
+return M

@@ -1,0 +1,428 @@
+-- smtp.transport.native: TCP and TLS connections on the C core, waiting through smtp.wait so the
+-- same calls block, yield to smtp.loop or poll under cqueues. Engines talk to this shape only.
+local core = require "smtp.core"
+local wait = require "smtp.wait"
+local errors = require "smtp.errors"
+
+local M = {}
+
+local now = core.now
+local DEFAULT_TIMEOUT = 30
+local READ_MAX = 65536
+
+local function fail(kind, text, extra)
+  local t = extra or {}
+  t.kind, t.text = kind, text
+  return nil, errors.new(t)
+end
+
+local function argcheck(cond, n, fname, msg)
+  if not cond then error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3) end
+end
+
+local function optcheck(v, want, fname, name)
+  if v ~= nil and type(v) ~= want then
+    error(("bad argument to '%s' (option '%s': %s expected, got %s)"):format(fname, name, want, type(v)), 3)
+  end
+end
+
+-- Absolute deadline for a timeout in seconds (nil = the object's default; math.huge = none).
+local function deadline_of(timeout, default)
+  timeout = timeout or default
+  if timeout == math.huge then return nil end
+  return now() + timeout
+end
+
+local function is_ipv4(s)
+  local a, b, c, d = s:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
+  return a and tonumber(a) < 256 and tonumber(b) < 256 and tonumber(c) < 256 and tonumber(d) < 256
+end
+
+local function is_ip(s)
+  return is_ipv4(s) or (s:find(":", 1, true) ~= nil and s:match("^%[?[%x:%.]+%]?$") ~= nil)
+end
+M.is_ip = is_ip
+
+-- Names -> list of numeric addresses. smtp.dns (c-ares) when it is there.
+local dns_mod
+local function resolve(host, opts, deadline)
+  if is_ip(host) then return { (host:gsub("^%[(.*)%]$", "%1")) } end
+  if dns_mod == nil then
+    local ok, m = pcall(require, "smtp.dns")
+    dns_mod = ok and type(m) == "table" and m.resolve and m or false
+  end
+  if dns_mod then
+    local t = deadline and math.max(0.001, deadline - now()) or nil
+    local addrs, err = dns_mod.resolve(host, { nameservers = opts.nameservers, timeout = t })
+    if not addrs then
+      if errors.is(err) then return nil, err end
+      return fail("dns", host .. ": " .. tostring(err))
+    end
+    if #addrs == 0 then return fail("dns", host .. ": no address") end
+    return addrs
+  end
+  if host:lower() == "localhost" then return { "127.0.0.1", "::1" } end
+  return fail("dns", host .. ": cannot resolve names without smtp.dns")
+end
+
+-- The meaning of a C failure (msg, code) as an error kind.
+local closed_codes = { ECONNRESET = true, EPIPE = true, ECONNABORTED = true, ENOTCONN = true }
+local function io_fail(self, msg, code)
+  local kind
+  if msg == "closed" or closed_codes[code] then
+    kind = "closed"
+  elseif self._tls then
+    kind = "tls"
+  else
+    kind = "closed"
+  end
+  return fail(kind, (msg == "closed" and "connection closed by peer" or msg), { errno = code })
+end
+
+-- Connection objects -------------------------------------------------------------------------
+
+local Conn = { __name = "smtp.transport.native" }
+Conn.__index = Conn
+
+local function wrap(sock, address, port, host, timeout)
+  return setmetatable({
+    sock = sock, fd = sock:fd(), address = address, port = port, host = host,
+    default_timeout = timeout or DEFAULT_TIMEOUT, _events = "r", _deadline = nil,
+  }, Conn)
+end
+
+-- Waits for the socket as C asked ("wantread"/"wantwrite"); a timeout closes the connection.
+local function await(self, want, deadline, what)
+  local ev = want == "wantwrite" and "w" or "r"
+  self._events, self._deadline = ev, deadline
+  local ok, err = wait.fd(self.fd, ev, deadline)
+  self._deadline = nil
+  if ok then return true end
+  if err == "timeout" then
+    self:close()
+    return fail("timeout", what .. " timed out")
+  end
+  return fail("closed", what .. ": connection closed")
+end
+
+function Conn:pollfd() return self.fd end
+function Conn:events() return self._events end
+function Conn:timeout()
+  if not self._deadline then return nil end
+  local t = self._deadline - now()
+  return t > 0 and t or 0
+end
+
+local function check_conn(self, fname)
+  if getmetatable(self) ~= Conn then error("bad self to '" .. fname .. "' (connection expected)", 3) end
+  if not self.sock then return fail("closed", fname .. " on a closed connection") end
+  return true
+end
+
+-- s:write(data, timeout) -> true | nil, err. The whole string, one syscall when the kernel takes it.
+function Conn:write(data, timeout)
+  local ok, err = check_conn(self, "write")
+  argcheck(type(data) == "string", 1, "write", "string expected, got " .. type(data))
+  argcheck(timeout == nil or type(timeout) == "number", 2, "write", "number expected")
+  if not ok then return nil, err end
+  local deadline = deadline_of(timeout, self.default_timeout)
+  local i, n = 1, #data
+  while i <= n do
+    local put, e, code = self.sock:write(data, i)
+    if put then
+      i = i + put
+    elseif e == "wantwrite" or e == "wantread" then
+      local w, werr = await(self, e, deadline, "write")
+      if not w then return nil, werr end
+    else
+      return io_fail(self, e, code)
+    end
+  end
+  return true
+end
+
+-- s:read(timeout [, max]) -> chunk | nil, err. Whatever has arrived, up to max bytes.
+function Conn:read(timeout, max)
+  local ok, err = check_conn(self, "read")
+  argcheck(timeout == nil or type(timeout) == "number", 1, "read", "number expected")
+  argcheck(max == nil or (type(max) == "number" and max >= 1), 2, "read", "positive number expected")
+  if not ok then return nil, err end
+  local deadline = deadline_of(timeout, self.default_timeout)
+  max = max or READ_MAX
+  while true do
+    local chunk, e, code = self.sock:read(max)
+    if chunk then return chunk end
+    if e == "wantread" or e == "wantwrite" then
+      local w, werr = await(self, e, deadline, "read")
+      if not w then return nil, werr end
+    else
+      return io_fail(self, e, code)
+    end
+  end
+end
+
+-- TLS ---------------------------------------------------------------------------------------
+
+-- Client contexts are costly to build (the system trust store is parsed each time), so one per
+-- distinct set of options is kept for the life of the process.
+local client_ctx_cache = {}
+
+local function ctx_options_check(o, fname)
+  for _, k in ipairs { "cafile", "capath", "min_version", "max_version", "ciphers", "cert", "key" } do
+    optcheck(o[k], "string", fname, k)
+  end
+  optcheck(o.verify, "boolean", fname, "verify")
+end
+
+-- t.tls_client_context{ verify=true, cafile=, capath=, min_version=, max_version=, ciphers= }
+function M.tls_client_context(o)
+  argcheck(type(o) == "table", 1, "tls_client_context", "table expected, got " .. type(o))
+  ctx_options_check(o, "tls_client_context")
+  local verify = o.verify ~= false
+  local key = table.concat({ tostring(verify), o.cafile or "", o.capath or "", o.min_version or "",
+    o.max_version or "", o.ciphers or "", o.cert or "", o.key or "" }, "\0")
+  local ctx = client_ctx_cache[key]
+  if ctx then return ctx end
+  local err
+  ctx, err = core.tls_context { mode = "client", verify = verify, cafile = o.cafile, capath = o.capath,
+    min_version = o.min_version, max_version = o.max_version, ciphers = o.ciphers, cert = o.cert, key = o.key }
+  if not ctx then return fail("tls", err) end
+  client_ctx_cache[key] = ctx
+  return ctx
+end
+
+-- t.tls_server_context{ cert=, key=, min_version=, max_version=, ciphers= } -> ctx | nil, err
+function M.tls_server_context(o)
+  argcheck(type(o) == "table", 1, "tls_server_context", "table expected, got " .. type(o))
+  ctx_options_check(o, "tls_server_context")
+  argcheck(type(o.cert) == "string", 1, "tls_server_context", "option 'cert': string expected, got " .. type(o.cert))
+  argcheck(type(o.key) == "string", 1, "tls_server_context", "option 'key': string expected, got " .. type(o.key))
+  local ctx, err = core.tls_context { mode = "server", verify = o.verify, cafile = o.cafile,
+    capath = o.capath, cert = o.cert, key = o.key, min_version = o.min_version,
+    max_version = o.max_version, ciphers = o.ciphers }
+  if not ctx then return fail("tls", err) end
+  return ctx
+end
+
+local function handshake(self, ctx, name, timeout, what)
+  local deadline = deadline_of(timeout, self.default_timeout)
+  self._tls = true
+  local ok, e = self.sock:tls_start(ctx, name)
+  if not ok then self:close(); return fail("tls", e) end
+  while true do
+    local done, msg, code = self.sock:tls_handshake()
+    if done then return true end
+    if msg == "wantread" or msg == "wantwrite" then
+      local w, werr = await(self, msg, deadline, what)
+      if not w then return nil, werr end
+    else
+      self:close()
+      return fail("tls", msg, { reason = code })
+    end
+  end
+end
+
+-- s:starttls{ servername=, verify=true, cafile=, capath=, timeout=, min_version=, ctx= }
+-- Client side of implicit TLS and of STARTTLS. This transport keeps no read buffer, so there is
+-- nothing to drop here; the engine must drop the plaintext bytes it had buffered (RFC 3207 §4).
+-- On failure the connection is closed.
+function Conn:starttls(o)
+  o = o or {}
+  argcheck(type(o) == "table", 1, "starttls", "table expected, got " .. type(o))
+  optcheck(o.servername, "string", "starttls", "servername")
+  optcheck(o.timeout, "number", "starttls", "timeout")
+  local ok, err = check_conn(self, "starttls")
+  if not ok then return nil, err end
+  if self._tls then error("starttls: TLS is already on for this connection", 2) end
+  local ctx = o.ctx
+  if ctx == nil then
+    ctx, err = M.tls_client_context(o)
+    if not ctx then self:close(); return nil, err end
+  end
+  local name = o.servername or self.host or self.address
+  return handshake(self, ctx, name, o.timeout, "TLS handshake")
+end
+
+-- s:tls_accept(ctx, timeout) -> true | nil, err: server side, with a ctx from tls_server_context.
+function Conn:tls_accept(ctx, timeout)
+  argcheck(type(ctx) == "userdata", 1, "tls_accept", "TLS context expected, got " .. type(ctx))
+  argcheck(timeout == nil or type(timeout) == "number", 2, "tls_accept", "number expected")
+  local ok, err = check_conn(self, "tls_accept")
+  if not ok then return nil, err end
+  if self._tls then error("tls_accept: TLS is already on for this connection", 2) end
+  return handshake(self, ctx, nil, timeout, "TLS handshake")
+end
+
+-- Sends FIN: the peer reads end of stream, we can still read its answer.
+function Conn:shutdown()
+  if self.sock then return self.sock:shutdown_write() end
+  return nil
+end
+
+-- s:info() -> { address=, port=, tls = false | "TLSv1.3", cipher=, bits=, peer_subject=, peer_issuer= }
+function Conn:info()
+  local t = { address = self.address, port = self.port, tls = false }
+  local ti = self._tls and self.sock and self.sock:tls_info()
+  if ti then
+    t.tls, t.cipher, t.bits = ti.version, ti.cipher, ti.bits
+    t.peer_subject, t.peer_issuer = ti.peer_subject, ti.peer_issuer
+  end
+  return t
+end
+
+function Conn:close()
+  local s = self.sock
+  if s then
+    self.sock = nil
+    wait.closing(self.fd)
+    s:close()
+  end
+  return true
+end
+
+function Conn:__tostring()
+  return ("smtp.transport.native (%s:%s%s%s)"):format(tostring(self.address), tostring(self.port),
+    self._tls and ", tls" or "", self.sock and "" or ", closed")
+end
+
+local function check_port(port, fname, allow_zero)
+  if port == nil then return nil end
+  if type(port) ~= "number" then
+    error(("bad argument to '%s' (option 'port': number expected, got %s)"):format(fname, type(port)), 3)
+  end
+  if port ~= math.floor(port) or port < (allow_zero and 0 or 1) or port > 65535 then
+    return nil
+  end
+  return port
+end
+
+-- t.connect{ host=, port=, timeout=, nameservers= } -> conn | nil, err
+function M.connect(opts)
+  argcheck(type(opts) == "table", 1, "connect", "table expected, got " .. type(opts))
+  local host, timeout = opts.host, opts.timeout
+  argcheck(type(host) == "string", 1, "connect", "option 'host': string expected, got " .. type(host))
+  optcheck(timeout, "number", "connect", "timeout")
+  optcheck(opts.nameservers, "table", "connect", "nameservers")
+  if opts.port == nil then error("bad argument #1 to 'connect' (option 'port' missing)", 2) end
+  local port = check_port(opts.port, "connect")
+  if not port then return errors.invalid("connect: port out of range: " .. tostring(opts.port)) end
+  if host == "" then return errors.invalid("connect: empty host") end
+  if timeout and timeout < 0 then return errors.invalid("connect: negative timeout") end
+  local deadline = deadline_of(timeout, DEFAULT_TIMEOUT)
+
+  local addrs, rerr = resolve(host, opts, deadline)
+  if not addrs then return nil, rerr end
+
+  local last
+  for i, addr in ipairs(addrs) do
+    -- Each address gets a fair share of what is left, the last one all of it, so one
+    -- black-holed address cannot eat the whole deadline.
+    local left = #addrs - i + 1
+    local d = deadline
+    if deadline and left > 1 then d = now() + (deadline - now()) / left end
+    local sock, msg, code = core.connect_start(addr, port)
+    if sock then
+      local conn = wrap(sock, addr, port, host, timeout)
+      while true do
+        local ok, e, c = sock:connect_finish()
+        if ok then
+          if opts.tls then
+            local tok, terr = conn:starttls(type(opts.tls) == "table" and opts.tls or opts)
+            if not tok then return nil, terr end
+          end
+          return conn
+        end
+        if e ~= "wantwrite" then
+          conn:close()
+          last = errors.new { kind = "connect", text = ("%s port %d: %s"):format(addr, port, e), errno = c }
+          break
+        end
+        conn._events, conn._deadline = "w", d
+        local w, werr = wait.fd(conn.fd, "w", d)
+        conn._deadline = nil
+        if not w then
+          conn:close()
+          if werr == "timeout" then
+            last = errors.new { kind = "timeout", text = ("connect to %s port %d timed out"):format(addr, port) }
+          else
+            last = errors.new { kind = "connect", text = ("%s port %d: %s"):format(addr, port, tostring(werr)) }
+          end
+          break
+        end
+      end
+    else
+      last = errors.new { kind = "connect", text = ("%s port %d: %s"):format(addr, port, msg), errno = code }
+    end
+    if deadline and now() >= deadline then break end
+  end
+  return nil, last
+end
+
+-- Listeners ---------------------------------------------------------------------------------
+
+local Listener = { __name = "smtp.transport.native.listener" }
+Listener.__index = Listener
+
+-- t.listen{ host=, port=, backlog= } -> listener (l.port is the bound port) | nil, err
+function M.listen(opts)
+  argcheck(type(opts) == "table", 1, "listen", "table expected, got " .. type(opts))
+  local host = opts.host or "127.0.0.1"
+  argcheck(type(host) == "string", 1, "listen", "option 'host': string expected, got " .. type(host))
+  optcheck(opts.backlog, "number", "listen", "backlog")
+  local port = check_port(opts.port or 0, "listen", true)
+  if not port then return errors.invalid("listen: port out of range: " .. tostring(opts.port)) end
+  if host == "" then return errors.invalid("listen: empty host") end
+  if host == "localhost" then host = "127.0.0.1" end
+  if host == "*" then host = "0.0.0.0" end
+  if not is_ip(host) then return errors.invalid("listen: host must be a numeric address: " .. host) end
+  local l, msg, code = core.listen(host, port, opts.backlog or 128)
+  if not l then return fail("connect", ("listen on %s port %d: %s"):format(host, port, msg), { errno = code }) end
+  return setmetatable({ l = l, fd = l:fd(), host = host, port = l:port(), _deadline = nil,
+    default_timeout = opts.timeout }, Listener)
+end
+
+-- l:accept(timeout) -> conn, peer_ip, peer_port | nil, err (nil timeout = wait for ever)
+function Listener:accept(timeout)
+  argcheck(timeout == nil or type(timeout) == "number", 1, "accept", "number expected")
+  if not self.l then return fail("closed", "accept on a closed listener") end
+  local deadline = timeout and timeout ~= math.huge and now() + timeout or nil
+  while true do
+    local sock, ip, port = self.l:accept()
+    if sock then
+      return wrap(sock, ip, port, nil, self.default_timeout), ip, port
+    end
+    if ip ~= "wantread" then return fail("connect", "accept: " .. tostring(ip), { errno = port }) end
+    self._deadline = deadline
+    local ok, err = wait.fd(self.fd, "r", deadline)
+    self._deadline = nil
+    if not ok then
+      if err == "timeout" then return fail("timeout", "accept timed out") end
+      return fail("closed", "accept: listener closed")
+    end
+  end
+end
+
+function Listener:close()
+  local l = self.l
+  if l then
+    self.l = nil
+    wait.closing(self.fd)
+    l:close()
+  end
+  return true
+end
+
+function Listener:pollfd() return self.fd end
+function Listener:events() return "r" end
+function Listener:timeout()
+  if not self._deadline then return nil end
+  local t = self._deadline - now()
+  return t > 0 and t or 0
+end
+
+function Listener:__tostring()
+  return ("smtp.transport.native.listener (%s port %d%s)"):format(self.host, self.port, self.l and "" or ", closed")
+end
+
+M.Conn, M.Listener = Conn, Listener
+return M

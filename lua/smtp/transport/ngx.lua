@@ -1,0 +1,427 @@
+-- OpenResty transport: the transport shape of docs/INTERNALS.md over ngx.socket.tcp cosockets, so
+-- the same engines run inside nginx handlers without blocking the worker, plus the cosocket-pool
+-- hooks (pool key, reuse count, per-worker session state) that let smtp.send reuse idle sessions.
+local errors = require "smtp.errors"
+local ngx_dns = require "smtp.transport.ngx_dns"
+
+local M = { _VERSION = "0.1.0" }
+
+local function ngx_table()
+  local n = rawget(_G, "ngx")
+  if type(n) == "table" and type(n.get_phase) == "function" then return n end
+  return nil
+end
+
+-- Phases in which lua-nginx-module offers cosockets.
+local cosocket_phases = {
+  rewrite = true, access = true, content = true, timer = true, ssl_cert = true,
+  ssl_session_fetch = true, ssl_client_hello = true, preread = true,
+}
+
+-- usable() -> true, phase | false, phase-or-reason
+function M.usable()
+  local ngx = ngx_table()
+  if not ngx then return false, "not inside nginx" end
+  local phase = ngx.get_phase()
+  return cosocket_phases[phase] == true, phase
+end
+
+local function phase_error(phase)
+  return errors.new {
+    kind = "invalid", phase = "connect", temporary = false, nginx_phase = phase,
+    text = "nginx has no cosockets in the '" .. tostring(phase) .. "' phase, and a blocking socket "
+      .. "would stall the worker: send from a timer instead, "
+      .. "ngx.timer.at(0, function(premature) smtp.send{...} end)",
+  }
+end
+M.phase_error = phase_error
+
+local DEFAULT_TIMEOUT = 30
+local MAX_MS = 2 ^ 31 - 1   -- nginx keeps timers in milliseconds; math.huge means "no limit"
+
+local function ms(seconds, default)
+  seconds = tonumber(seconds) or default
+  if not seconds then return nil end
+  if seconds >= MAX_MS / 1000 then return MAX_MS end
+  -- Cosockets take whole milliseconds; 0 would mean "the nginx default", so keep at least 1.
+  return math.max(1, math.floor(seconds * 1000 + 0.5))
+end
+
+local function io_error(err, what, phase)
+  if err == "timeout" then
+    return errors.new { kind = "timeout", phase = phase, text = what .. " timed out", temporary = true }
+  end
+  return errors.new { kind = "closed", phase = phase, text = what .. ": " .. tostring(err), temporary = true }
+end
+
+----------------------------------------------------------------------------------------------------
+-- TLS details the cosocket API does not expose: sslhandshake hands back the SSL_SESSION (a cdata
+-- pointer with lua-resty-core, a userdata holding the pointer without it); nginx links libssl, so
+-- its protocol and cipher are one FFI call away.
+local ssl_ffi
+local function session_info(sess)
+  local t = type(sess)
+  if t ~= "userdata" and t ~= "cdata" then return nil end
+  if ssl_ffi == nil then
+    ssl_ffi = false
+    local ok, ffi = pcall(require, "ffi")
+    if ok then
+      ok = pcall(ffi.cdef, [[
+        typedef struct ssl_session_st SSL_SESSION;
+        typedef struct ssl_cipher_st SSL_CIPHER;
+        int SSL_SESSION_get_protocol_version(const SSL_SESSION *s);
+        const SSL_CIPHER *SSL_SESSION_get0_cipher(const SSL_SESSION *s);
+        const char *SSL_CIPHER_get_name(const SSL_CIPHER *c);
+      ]])
+      if ok then ssl_ffi = ffi end
+    end
+  end
+  if not ssl_ffi then return nil end
+  local ffi = ssl_ffi
+  local ok, info = pcall(function()
+    local p
+    if t == "cdata" then p = ffi.cast("SSL_SESSION *", sess) else p = ffi.cast("SSL_SESSION **", sess)[0] end
+    if p == nil then return nil end
+    local v = ffi.C.SSL_SESSION_get_protocol_version(p)
+    local names = { [0x0301] = "TLSv1", [0x0302] = "TLSv1.1", [0x0303] = "TLSv1.2", [0x0304] = "TLSv1.3" }
+    local c = ffi.C.SSL_SESSION_get0_cipher(p)
+    local cipher = c ~= nil and ffi.string(ffi.C.SSL_CIPHER_get_name(c)) or nil
+    return { version = names[v] or string.format("0x%04x", v), version_number = v, cipher = cipher }
+  end)
+  return ok and info or nil
+end
+
+----------------------------------------------------------------------------------------------------
+-- Per-worker session state, keyed by pool name: what the client learned about the server on a
+-- fresh connection (EHLO extensions, TLS details), restored when a pooled connection is reused.
+-- Bounded so a stream of distinct keys cannot grow a worker without limit.
+local MAX_SESSIONS = 1000
+local sessions, nsessions = {}, 0
+M.sessions = sessions
+
+function M.session_state(pool) return sessions[pool] end
+
+function M.set_session_state(pool, state)
+  if sessions[pool] == nil then
+    if nsessions >= MAX_SESSIONS then
+      for k in pairs(sessions) do sessions[k] = nil end
+      nsessions = 0
+    end
+    nsessions = nsessions + 1
+  end
+  sessions[pool] = state
+end
+
+-- pool_key{ server=, port=, tls=, verify=, servername=, helo=, user=, password= | token= }
+-- One pool per server, port, TLS mode, verification, name checked, EHLO name and credentials: a
+-- connection verified differently or authenticated as someone else is never handed out. The secret
+-- enters only as a SHA-1 digest; a token given as a function is left out (it changes over time).
+function M.pool_key(o)
+  if type(o) ~= "table" then error("bad argument #1 to 'pool_key' (table expected)", 2) end
+  local ngx = ngx_table()
+  local secret = o.password
+  if secret == nil and type(o.token) == "string" then secret = o.token end
+  local digest = ""
+  if type(secret) == "string" then
+    if ngx and ngx.sha1_bin and ngx.encode_base64 then
+      digest = ngx.encode_base64(ngx.sha1_bin(secret))
+    else
+      error("pool_key needs nginx (ngx.sha1_bin)", 2)
+    end
+  end
+  local parts = {
+    "smtp", tostring(o.server or ""), tostring(o.port or ""), tostring(o.tls or "starttls"),
+    o.verify == false and "noverify" or "verify", tostring(o.servername or ""),
+    tostring(o.helo or ""), tostring(o.user or ""), digest,
+  }
+  -- Length-prefixed so no value can forge another key by containing the separator.
+  for i, p in ipairs(parts) do parts[i] = #p .. ":" .. p end
+  return table.concat(parts, "|")
+end
+
+----------------------------------------------------------------------------------------------------
+local S = {}
+local S_mt = { __name = "smtp.transport.ngx.socket", __index = S }
+function S_mt.__tostring(s)
+  return string.format("smtp.transport.ngx.socket(%s:%s%s)", tostring(s.address), tostring(s.port),
+    s.closed and ", closed" or "")
+end
+
+local function check_sock(s, fn)
+  if getmetatable(s) ~= S_mt then
+    error("bad self to '" .. fn .. "' (smtp.transport.ngx.socket expected)", 3)
+  end
+end
+
+local function closed_error(phase)
+  return errors.new { kind = "closed", phase = phase, text = "socket is closed", temporary = true }
+end
+
+-- connect{ host=, port=, timeout=, nameservers=, pool=, pool_size=, backlog= } -> s | nil, err
+-- A name is resolved through resty.dns.resolver (the nameservers given, else the system's), and
+-- each address is tried in turn under one deadline. With `pool`, a connection left idle in that
+-- cosocket pool is taken first (see s:reused()).
+function M.connect(opts)
+  if type(opts) ~= "table" then error("bad argument #1 to 'connect' (table expected)", 2) end
+  if type(opts.host) ~= "string" or opts.host == "" then
+    error("bad argument #1 to 'connect' (host must be a non-empty string)", 2)
+  end
+  local port = tonumber(opts.port)
+  if not port or port < 1 or port > 65535 or port % 1 ~= 0 then
+    error("bad argument #1 to 'connect' (port must be an integer 1..65535)", 2)
+  end
+  local usable, phase = M.usable()
+  if not usable then return nil, phase_error(phase) end
+  local ngx = ngx_table()
+  ngx.update_time()
+  if opts.timeout ~= nil and type(opts.timeout) ~= "number" then
+    error("bad argument #1 to 'connect' (option 'timeout': number expected)", 2)
+  end
+  local timeout = opts.timeout or DEFAULT_TIMEOUT
+  if timeout >= MAX_MS / 1000 then timeout = MAX_MS / 1000 end
+  local deadline = ngx.now() + timeout
+
+  local host = opts.host:gsub("^%[(.*)%]$", "%1")
+  local addresses, err
+  local lit = ngx_dns.literal(host)
+  if lit then
+    addresses = { lit }
+  else
+    addresses, err = ngx_dns.resolve(host, { nameservers = opts.nameservers, timeout = timeout })
+    if not addresses then return nil, err end
+  end
+
+  local copts
+  if opts.pool then
+    copts = { pool = opts.pool, pool_size = opts.pool_size, backlog = opts.backlog }
+  end
+  local last
+  for i, addr in ipairs(addresses) do
+    ngx.update_time()
+    local left = deadline - ngx.now()
+    -- Each address gets a fair share of what is left (the last one all of it), so one
+    -- black-holed address cannot eat the whole deadline.
+    if left > 0 and i < #addresses then left = left / (#addresses - i + 1) end
+    if left <= 0 then
+      last = errors.new { kind = "timeout", phase = "connect", temporary = true,
+        text = "connect to " .. host .. ":" .. port .. " timed out" }
+      break
+    end
+    local sock = ngx.socket.tcp()
+    sock:settimeouts(ms(left), ms(left), ms(left))
+    -- nginx parses the target as a URL: IPv6 needs brackets.
+    local target = ngx_dns.is_ipv6(addr) and ("[" .. addr .. "]") or addr
+    local ok, cerr
+    if copts then ok, cerr = sock:connect(target, port, copts) else ok, cerr = sock:connect(target, port) end
+    if ok then
+      local reused = sock:getreusedtimes() or 0
+      local s = setmetatable({
+        sock = sock, host = host, address = addr, port = port, pool = opts.pool,
+        reused_times = reused, tls = false, default_timeout = opts.timeout or DEFAULT_TIMEOUT,
+      }, S_mt)
+      if reused > 0 and opts.pool then
+        local st = sessions[opts.pool]
+        if st and st.tls_info then
+          s.tls, s.tls_info = true, st.tls_info
+        end
+      end
+      -- Implicit TLS (port 465): tls = true or a starttls options table.
+      if opts.tls and not s.tls then
+        local ok, terr = s:starttls(type(opts.tls) == "table" and opts.tls or opts)
+        if not ok then return nil, terr end
+      end
+      return s
+    end
+    if cerr == "timeout" then
+      last = errors.new { kind = "timeout", phase = "connect", temporary = true,
+        text = "connect to " .. addr .. ":" .. port .. " timed out", address = addr }
+    else
+      last = errors.new { kind = "connect", phase = "connect", temporary = true,
+        text = "connect to " .. addr .. ":" .. port .. ": " .. tostring(cerr), address = addr }
+    end
+  end
+  return nil, last
+end
+
+-- acquire(connect_opts, probe) -> s, state | nil, err
+-- A connection for `connect_opts.pool`: a pooled one that passes `probe(s)` (the caller's RSET or
+-- NOOP; it returns true when the session answered 250), else a fresh one. `state` is what
+-- s:keepalive() stored for the pool when the connection is a reused one, nil for a fresh one
+-- (which then needs greeting, EHLO, STARTTLS and AUTH). Stale pooled connections are closed and
+-- the next one tried, so a server that dropped idle sessions costs the caller nothing.
+function M.acquire(opts, probe)
+  if type(opts) ~= "table" then error("bad argument #1 to 'acquire' (table expected)", 2) end
+  if type(probe) ~= "function" then error("bad argument #2 to 'acquire' (function expected)", 2) end
+  local tries = (tonumber(opts.pool_size) or 30) + 1
+  local s, err
+  for _ = 1, tries do
+    s, err = M.connect(opts)
+    if not s then return nil, err end
+    if s.reused_times == 0 then return s, nil end
+    local state = s:state()
+    if state ~= nil and probe(s) == true then return s, state end
+    s:close()
+    M.stale = M.stale + 1
+  end
+  -- Every try found a stale one (the pool was refilled meanwhile): one without the pool.
+  local fresh = {}
+  for k, v in pairs(opts) do fresh[k] = v end
+  fresh.pool = nil
+  return M.connect(fresh)
+end
+M.stale = 0   -- stale pooled connections replaced in this worker (for tests and monitoring)
+
+-- Raw cosocket access for code that needs nginx-specific calls.
+function S:cosocket() check_sock(self, "cosocket"); return self.sock end
+
+-- How many times this connection was taken from the pool before: 0 for a fresh one.
+function S:reused() check_sock(self, "reused"); return self.reused_times end
+
+-- The state stored with s:keepalive() for this connection's pool (nil when none).
+function S:state() check_sock(self, "state"); return self.pool and sessions[self.pool] or nil end
+
+function S:write(data, timeout)
+  check_sock(self, "write")
+  if type(data) ~= "string" then error("bad argument #1 to 'write' (string expected)", 2) end
+  if self.closed then return nil, closed_error("write") end
+  local t = ms(timeout, self.default_timeout)
+  self.sock:settimeouts(t, t, t)
+  local n, err = self.sock:send(data)
+  if not n then
+    -- As the native transport: a failed or timed-out write leaves nothing worth keeping.
+    self:close()
+    return nil, io_error(err, "write", "write")
+  end
+  return true
+end
+
+function S:read(timeout, max)
+  check_sock(self, "read")
+  if timeout ~= nil and type(timeout) ~= "number" then
+    error("bad argument #1 to 'read' (number expected)", 2)
+  end
+  if max ~= nil and (type(max) ~= "number" or max < 1) then
+    error("bad argument #2 to 'read' (positive number expected)", 2)
+  end
+  if self.closed then return nil, closed_error("read") end
+  local t = ms(timeout, self.default_timeout)
+  self.sock:settimeouts(t, t, t)
+  local data, err = self.sock:receiveany(math.floor(max or 65536))
+  if not data then
+    -- A timeout closes the connection (DESIGN: no QUIT after a timeout), as natively.
+    self:close()
+    return nil, io_error(err, "read", "read")
+  end
+  return data
+end
+
+-- starttls{ servername=, verify=, timeout= }: the TLS handshake over the connected socket (after
+-- the 220 to STARTTLS, or right after connect for implicit TLS). Certificates are checked against
+-- nginx's lua_ssl_trusted_certificate; cosockets take no per-call CA, so a `cafile`/`capath` is
+-- refused (kind "invalid") rather than silently widened to nginx's trust store.
+function S:starttls(opts)
+  check_sock(self, "starttls")
+  opts = opts or {}
+  if type(opts) ~= "table" then error("bad argument #1 to 'starttls' (table expected)", 2) end
+  if opts.cafile ~= nil or opts.capath ~= nil then
+    return errors.invalid("cafile/capath cannot be used inside nginx: cosockets check certificates "
+      .. "against lua_ssl_trusted_certificate; put the CA there and leave cafile unset", { phase = "tls" })
+  end
+  if self.closed then return nil, closed_error("tls") end
+  if self.tls then
+    -- A pooled connection already speaks TLS; anything else is a caller's mistake.
+    if self.reused_times > 0 then return true end
+    error("starttls: TLS is already on for this connection", 2)
+  end
+  local verify = opts.verify ~= false
+  local name = opts.servername
+  if name == nil and not ngx_dns.literal(self.host) then name = self.host end
+  local t = ms(opts.timeout)
+  if t then self.sock:settimeouts(t, t, t) end
+  local sess, err = self.sock:sslhandshake(nil, name, verify)
+  if not sess then
+    local text = "TLS handshake with " .. tostring(name or self.address) .. " failed: " .. tostring(err)
+    if verify and tostring(err):find("verify", 1, true) then
+      text = text .. " (inside nginx certificates are checked against lua_ssl_trusted_certificate)"
+    end
+    local kind = err == "timeout" and "timeout" or "tls"
+    self.sock:close()
+    self.closed = true
+    return nil, errors.new { kind = kind, phase = "tls", text = text, temporary = kind == "timeout" }
+  end
+  local info = session_info(sess) or {}
+  -- RFC 8997: nothing below TLS 1.2, whatever lua_ssl_protocols allows.
+  if info.version_number and info.version_number < 0x0303 then
+    self.sock:close()
+    self.closed = true
+    return nil, errors.new { kind = "tls", phase = "tls", temporary = false,
+      text = "server negotiated " .. info.version .. "; TLS 1.2 is the minimum" }
+  end
+  info.version_number = nil
+  info.verified = verify
+  self.tls, self.tls_info = true, info
+  return true
+end
+
+function S:tls_accept()
+  check_sock(self, "tls_accept")
+  return errors.invalid("no server-side TLS inside nginx http handlers (no stream Lua module)")
+end
+
+function S:info()
+  check_sock(self, "info")
+  local ti = self.tls_info or {}
+  return {
+    address = self.address, port = self.port, tls = self.tls == true,
+    version = ti.version, cipher = ti.cipher, peer_subject = ti.peer_subject,
+    reused = self.reused_times,
+  }
+end
+
+-- keepalive(idle_timeout, size, state): hands the connection back to its cosocket pool (the
+-- `pool` given to connect; nginx fixes the pool name at connect time) and stores `state` for
+-- that pool, so the next s:state() after a reuse sees it. nginx refuses (and this returns
+-- nil, err) when unread bytes are pending: such a connection is closed instead.
+function S:keepalive(idle_timeout, size, state)
+  check_sock(self, "keepalive")
+  if self.closed then return nil, closed_error("keepalive") end
+  if not self.pool then
+    -- Without a pool name nginx would file it under "address:port", shared with anyone.
+    self:close()
+    return nil, errors.new { kind = "closed", phase = "keepalive", temporary = true,
+      text = "connection was not made with a pool; closed instead" }
+  end
+  if state ~= nil then
+    if type(state) == "table" and self.tls_info and state.tls_info == nil then
+      state.tls_info = self.tls_info
+    end
+    M.set_session_state(self.pool, state)
+  end
+  local ok, err = self.sock:setkeepalive(ms(idle_timeout), size)
+  self.closed = true
+  if not ok then
+    self.sock:close()
+    return nil, errors.new { kind = "closed", phase = "keepalive", temporary = true,
+      text = "could not keep the connection: " .. tostring(err) }
+  end
+  return true
+end
+
+function S:close()
+  check_sock(self, "close")
+  if self.closed then return true end
+  self.closed = true
+  self.sock:close()
+  return true
+end
+
+-- Cosockets wait inside nginx; there is no descriptor to poll.
+function S:pollfd() return nil end
+function S:events() return nil end
+function S:timeout() return nil end
+
+function M.listen()
+  return errors.invalid("no SMTP server inside nginx http handlers (Debian has no stream Lua module)")
+end
+
+return M

@@ -1,0 +1,151 @@
+-- smtp.deliver: direct delivery through MX lookup against dnsmasq and real SMTP servers (aiosmtpd)
+-- listening on 127.0.0.2, 127.0.0.3, ... as MX hosts, all on one free port.
+local helper = require "helper"
+local peers = require "support.dnsmasq"
+local mxsink = require "support.mxsink"
+
+local have_client = type(require("smtp").connect) == "function"
+
+describe("smtp.deliver", function()
+  if not have_client then
+    pending("needs the SMTP client (smtp.connect, branch `client`), which has not landed on main yet")
+    return
+  end
+  local deliver = require("smtp.deliver").deliver
+  local zone, port, s3, s4, s5
+  setup(function()
+    port = helper.free_port("127.0.0.3")
+    s3 = mxsink.start("127.0.0.3", port)
+    s4 = mxsink.start("127.0.0.4", port, { mode = "busy" })
+    s5 = mxsink.start("127.0.0.5", port, { reject = { "nobody" } })
+    zone = peers.start {
+      -- mx1 (127.0.0.2) refuses connections; mx2 (127.0.0.3) takes mail.
+      "--mx-host=two.test,mx1.two.test,10", "--mx-host=two.test,mx2.two.test,20",
+      "--host-record=mx1.two.test,127.0.0.2", "--host-record=mx2.two.test,127.0.0.3",
+      "--mx-host=busy.test,mx.busy.test,10", "--mx-host=busy.test,mx2.two.test,20",
+      "--host-record=mx.busy.test,127.0.0.4",
+      "--mx-host=good.test,mx.good.test,10", "--host-record=mx.good.test,127.0.0.3",
+      "--mx-host=rej.test,mx.rej.test,10", "--host-record=mx.rej.test,127.0.0.5",
+      "--mx-host=nullmx.test,.,0",
+      "--host-record=nomx.test,127.0.0.3",
+      "--server=/broken.test/127.0.0.1#9",
+    }
+  end)
+  teardown(function()
+    zone:stop(); s3:stop(); s4:stop(); s5:stop()
+  end)
+
+  local raw = "From: a@sender.test\r\nTo: x@two.test\r\nSubject: deliver\r\n\r\nhello\r\n"
+  local function opts(to, extra)
+    local o = { message = raw, from = "a@sender.test", to = to, helo = "client.test",
+                nameservers = { zone.nameserver }, port = port, timeout = 5 }
+    for k, v in pairs(extra or {}) do o[k] = v end
+    return o
+  end
+
+  it("delivers through the second MX when the preferred one refuses connections", function()
+    local before = #s3:transactions()
+    local res = assert(deliver(opts { "x@two.test" }))
+    assert.same({ { recipient = "x@two.test", status = "sent", code = 250, enhanced = "2.0.0",
+                    text = "queued", host = "mx2.two.test", address = "127.0.0.3" } }, res)
+    local t = s3:transactions()
+    assert.equal(before + 1, #t)
+    assert.same({ "x@two.test" }, t[#t].to)
+  end)
+
+  it("moves on from a host that greets with 421", function()
+    local res = assert(deliver(opts { "y@busy.test" }))
+    assert.equal("sent", res[1].status)
+    assert.equal("mx2.two.test", res[1].host)
+  end)
+
+  it("fails a null MX domain permanently without connecting", function()
+    local res = assert(deliver(opts { "z@nullmx.test" }))
+    assert.same({ { recipient = "z@nullmx.test", status = "failed", code = 556, enhanced = "5.1.10",
+                    text = "nullmx.test: domain does not accept mail (null MX)" } }, res)
+  end)
+
+  it("delivers to the domain's own address when it has no MX", function()
+    local res = assert(deliver(opts { "n@nomx.test" }))
+    assert.equal("sent", res[1].status)
+    assert.equal("nomx.test", res[1].host)
+    assert.equal("127.0.0.3", res[1].address)
+  end)
+
+  it("fails NXDOMAIN and defers a domain whose name servers never answer, within the timeout", function()
+    local res = assert(deliver(opts { "q@nope.test" }))
+    assert.equal("failed", res[1].status)
+    assert.equal(550, res[1].code)
+    assert.equal("5.1.2", res[1].enhanced)
+    local now = require("smtp.core").now
+    local t0 = now()
+    res = assert(deliver(opts({ "q@x.broken.test" }, { timeout = 1 })))
+    local took = now() - t0
+    assert.equal("deferred", res[1].status)
+    assert.equal(451, res[1].code)
+    assert.equal("4.4.3", res[1].enhanced)
+    assert.is_true(took >= 0.9 and took < 1.5, "took " .. took)
+  end)
+
+  it("delivers to address literals without DNS", function()
+    local res = assert(deliver(opts({ "lit@[127.0.0.3]" }, { nameservers = { "127.0.0.1:9" } })))
+    assert.same({ { recipient = "lit@[127.0.0.3]", status = "sent", code = 250, enhanced = "2.0.0",
+                    text = "queued", host = "[127.0.0.3]", address = "127.0.0.3" } }, res)
+  end)
+
+  it("gives per-recipient results over three domains, one transaction per domain", function()
+    local before = #s3:transactions()
+    local res = assert(deliver(opts { "a@good.test", "b@nullmx.test", "c@rej.test", "nobody@rej.test",
+                                      "d@Good.Test" }))
+    assert.same({
+      { recipient = "a@good.test", status = "sent", code = 250, enhanced = "2.0.0", text = "queued",
+        host = "mx.good.test", address = "127.0.0.3" },
+      { recipient = "b@nullmx.test", status = "failed", code = 556, enhanced = "5.1.10",
+        text = "nullmx.test: domain does not accept mail (null MX)" },
+      { recipient = "c@rej.test", status = "sent", code = 250, enhanced = "2.0.0", text = "queued",
+        host = "mx.rej.test", address = "127.0.0.5" },
+      { recipient = "nobody@rej.test", status = "failed", code = 550, enhanced = "5.1.1",
+        text = "no such user", host = "mx.rej.test", address = "127.0.0.5" },
+      { recipient = "d@Good.Test", status = "sent", code = 250, enhanced = "2.0.0", text = "queued",
+        host = "mx.good.test", address = "127.0.0.3" },
+    }, res)
+    local t = s3:transactions()
+    assert.equal(before + 1, #t)
+    assert.same({ "a@good.test", "d@Good.Test" }, t[#t].to)
+    local r = s5:transactions()
+    assert.same({ "c@rej.test" }, r[#r].to)
+  end)
+
+  it("runs the domains concurrently", function()
+    local core = require "smtp.core"
+    local t0 = core.now()
+    local res = assert(deliver(opts({ "a@one.broken.test", "b@two.broken.test", "c@good.test" },
+                                    { timeout = 1 })))
+    local took = core.now() - t0
+    assert.equal("deferred", res[1].status)
+    assert.equal("deferred", res[2].status)
+    assert.equal("sent", res[3].status)
+    assert.is_true(took < 1.8, "took " .. took)
+  end)
+
+  it("works from inside an smtp.loop task", function()
+    local loop = require "smtp.loop"
+    local res
+    loop.spawn(function() res = deliver(opts { "a@good.test", "b@rej.test" }) end)
+    loop.run()
+    assert.equal("sent", res[1].status)
+    assert.equal("sent", res[2].status)
+    assert.equal("mx.rej.test", res[2].host)
+  end)
+
+  it("rejects bad input before connecting", function()
+    local res, err = deliver(opts {})
+    assert.is_nil(res)
+    assert.equal("invalid", err.kind)
+    res, err = deliver(opts { "no-domain" })
+    assert.equal("invalid", err.kind)
+    res, err = deliver(opts { "a@bad domain.test" })
+    assert.equal("invalid", err.kind)
+    assert.has_error(function() deliver(opts({ "a@good.test" }, { tls = "maybe" })) end)
+  end)
+end)

@@ -1,0 +1,147 @@
+-- smtp.loop and smtp.wait: tasks, timers, fd waits, error propagation.
+local loop = require "smtp.loop"
+local wait = require "smtp.wait"
+local core = require "smtp.core"
+local helper = require "helper"
+
+-- Runs spec/support/transport_load.lua in a child interpreter with the fd limit raised (a fresh
+-- machine may start at 1024), returning its figures as a table.
+local function load_script(...)
+  local args = {}
+  for i, a in ipairs { ... } do args[i] = helper.quote(a) end
+  local cmd = "h=$(ulimit -Hn); [ \"$h\" = unlimited ] && h=8192; [ \"$h\" -gt 8192 ] && h=8192; " ..
+    "ulimit -n \"$h\" 2>/dev/null; exec timeout 120 " .. helper.quote(helper.lua) .. " " ..
+    helper.quote(helper.root .. "/spec/support/transport_load.lua") .. " " .. table.concat(args, " ") .. " 2>&1"
+  local out = helper.sh("sh -c " .. helper.quote(cmd))
+  local t = { output = out }
+  for k, v in out:gmatch("([%w_]+)=(%S+)") do t[k] = tonumber(v) or v end
+  return t
+end
+
+describe("smtp.loop", function()
+  it("runs spawned tasks with arguments until all finish", function()
+    local out = {}
+    loop.spawn(function(a, b) out[#out + 1] = a + b end, 1, 2)
+    loop.spawn(function() out[#out + 1] = "x" end)
+    loop.run()
+    assert.same({ 3, "x" }, out)
+  end)
+
+  it("wakes sleepers in deadline order", function()
+    local order = {}
+    for _, d in ipairs { 0.06, 0.02, 0.04 } do
+      loop.spawn(function() loop.sleep(d); order[#order + 1] = d end)
+    end
+    local t0 = loop.now()
+    loop.run()
+    local dt = loop.now() - t0
+    assert.same({ 0.02, 0.04, 0.06 }, order)
+    assert.is_true(dt >= 0.06 and dt < 0.5, "took " .. dt)
+  end)
+
+  it("knows the running task", function()
+    assert.is_nil(loop.current())
+    local co
+    loop.spawn(function() co = loop.current() end)
+    loop.run()
+    assert.equal("thread", type(co))
+  end)
+
+  it("times out an fd wait at its deadline", function()
+    local native = require "smtp.transport.native"
+    local l = assert(native.listen { port = 0 })
+    local res, dt
+    loop.spawn(function()
+      local t0 = core.now()
+      res = { wait.fd(l.fd, "r", t0 + 0.1) }
+      dt = core.now() - t0
+    end)
+    loop.run()
+    l:close()
+    assert.same({ nil, "timeout" }, res)
+    assert.is_true(dt >= 0.1 and dt < 0.2, "waited " .. dt)
+  end)
+
+  it("wakes a task parked on an fd that another task closes", function()
+    local native = require "smtp.transport.native"
+    local l = assert(native.listen { port = 0 })
+    local res
+    loop.spawn(function() res = { l:accept(5) } end)
+    loop.spawn(function() loop.sleep(0.01); l:close() end)
+    loop.run()
+    assert.is_nil(res[1])
+    assert.equal("closed", res[2].kind)
+  end)
+
+  it("propagates a task's error out of run()", function()
+    loop.spawn(function() error("boom") end)
+    assert.has_error(function() loop.run() end)
+    -- and the loop is usable again afterwards
+    local ran = false
+    loop.spawn(function() ran = true end)
+    loop.run()
+    assert.is_true(ran)
+  end)
+
+  it("lets a bare coroutine.yield give way to other tasks", function()
+    local out = {}
+    loop.spawn(function() out[#out + 1] = 1; coroutine.yield(); out[#out + 1] = 3 end)
+    loop.spawn(function() out[#out + 1] = 2 end)
+    loop.run()
+    assert.same({ 1, 2, 3 }, out)
+  end)
+
+  it("does not keep the timers of waits that finished early", function()
+    local native = require "smtp.transport.native"
+    local l = assert(native.listen { port = 0 })
+    local peak = 0
+    -- An idle reader whose earlier deadline keeps the finished waits' timers off the heap's top.
+    local idle = assert(native.connect { host = "127.0.0.1", port = l.port })
+    local idle_server = assert(l:accept(5))
+    loop.spawn(function() idle:read(100) end)
+    loop.spawn(function()
+      local c = assert(l:accept(5))
+      for _ = 1, 5000 do
+        assert(c:write("x", 300))
+        assert.equal("y", c:read(300))
+      end
+      c:close()
+    end)
+    loop.spawn(function()
+      local s = assert(native.connect { host = "127.0.0.1", port = l.port })
+      for _ = 1, 5000 do
+        assert.equal("x", s:read(300))
+        assert(s:write("y", 300))
+        local t = loop.stats().timers
+        if t > peak then peak = t end
+      end
+      s:close()
+      idle_server:close()
+    end)
+    loop.run()
+    l:close()
+    -- 10,000 reads with a 300 s timeout each, all done in well under a second.
+    assert.is_true(peak <= 2100, "timer heap peaked at " .. peak)
+    assert.same({ tasks = 0, waiting = 0 }, { tasks = loop.stats().tasks, waiting = loop.stats().waiting })
+  end)
+
+  it("sleeps on the main thread by blocking", function()
+    local t0 = core.now()
+    wait.sleep(0.03)
+    assert.is_true(core.now() - t0 >= 0.03)
+  end)
+
+  it("runs 1,000 concurrent tasks each doing a connect and a round trip", function()
+    local r = load_script("many", "1000")
+    assert.equal(1000, r.done, r.output)
+    assert.equal(0, r.failed, r.output)
+    assert.is_true(r.seconds < 20, r.output)
+  end)
+
+  it("holds idle connections at well under 16 KB each (both ends in one process)", function()
+    local r = load_script("idle", "500")
+    assert.equal(500, r.connections, r.output)
+    -- kb_per_connection counts both ends of each loopback connection: two coroutines, two sockets.
+    assert.is_true(r.kb_per_connection < 16, r.output)
+  end)
+end)

@@ -1,0 +1,196 @@
+-- Peers for the client specs: aiosmtpd (STARTTLS, implicit TLS, AUTH through an authenticator, a
+-- recording handler that rejects some recipients, SMTPUTF8), Postfix's smtp-sink, and a scripted
+-- fake server for misbehaviour no real peer shows. Each is started with helper.spawn on free
+-- loopback ports and records what it received in files the specs read back.
+local helper = require "helper"
+
+local M = {}
+
+local aiosmtpd_py = [[
+import asyncio, json, ssl, sys, time, base64
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword, SMTP
+port, tls_port, cert, key, record = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+
+def authenticator(server, session, envelope, mechanism, auth_data):
+    ok = isinstance(auth_data, LoginPassword) and auth_data.login == b'user' and auth_data.password == b'secret pass'
+    with open(record + '.auth', 'a') as f:
+        f.write(json.dumps({'mechanism': mechanism, 'ok': ok}) + '\n')
+    return AuthResult(success=ok, handled=False)
+
+class Handler:
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith('reject'):
+            return '550 5.1.1 no such user here'
+        if address.startswith('later'):
+            return '450 4.2.1 try again later'
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return '250 2.1.5 OK'
+    async def handle_DATA(self, server, session, envelope):
+        with open(record, 'a') as f:
+            f.write(json.dumps({
+                'from': envelope.mail_from, 'to': envelope.rcpt_tos,
+                'mail_options': envelope.mail_options, 'rcpt_options': envelope.rcpt_options,
+                'data': base64.b64encode(envelope.original_content).decode(),
+                'tls': session.ssl is not None or server.transport.get_extra_info('sslcontext') is not None, 'auth': bool(session.authenticated),
+            }) + '\n')
+        return '250 2.0.0 OK queued as X1'
+
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+ctx.load_cert_chain(cert, key)
+common = dict(authenticator=authenticator, enable_SMTPUTF8=True, server_hostname='aiosmtpd.test')
+a = Controller(Handler(), hostname='127.0.0.1', port=port, tls_context=ctx, **common)
+a.start()
+ictx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+ictx.load_cert_chain(cert, key)
+b = Controller(Handler(), hostname='127.0.0.1', port=tls_port, ssl_context=ictx,
+               auth_require_tls=False, **common)
+b.start()
+while True:
+    time.sleep(3600)
+]]
+
+-- Reads the recording file through python, as a Lua chunk returning a list.
+local function records(path)
+  local out = helper.sh(helper.python .. " -c " .. helper.quote([[
+import json, sys, base64
+def lua(v):
+    if isinstance(v, bool): return 'true' if v else 'false'
+    if v is None: return 'nil'
+    if isinstance(v, (int, float)): return repr(v)
+    if isinstance(v, str): v = v.encode()
+    if isinstance(v, bytes): return '"' + ''.join('\\%d' % c for c in v) + '"'
+    if isinstance(v, list): return '{' + ','.join(lua(x) for x in v) + '}'
+    if isinstance(v, dict): return '{' + ','.join('[' + lua(k) + ']=' + lua(x) for k, x in v.items()) + '}'
+try:
+    lines = open(sys.argv[1]).read().splitlines()
+except FileNotFoundError:
+    lines = []
+recs = []
+for l in lines:
+    r = json.loads(l)
+    if 'data' in r: r['data'] = base64.b64decode(r['data'])
+    recs.append(r)
+print('return ' + lua(recs))
+]]) .. " " .. helper.quote(path))
+  return assert((loadstring or load)(out))()
+end
+M.records = records
+
+-- aiosmtpd with STARTTLS on `port` and implicit TLS on `tls_port`; AUTH user "user", password
+-- "secret pass"; recipients starting with "reject" get 550 5.1.1, "later" 450 4.2.1.
+function M.aiosmtpd()
+  local c = helper.certs()
+  local dir = helper.tmpdir()
+  local port, tls_port = helper.free_port(), helper.free_port()
+  helper.write(dir .. "/peer.py", aiosmtpd_py)
+  local record = dir .. "/messages.jsonl"
+  local p = helper.spawn({ helper.python, dir .. "/peer.py", tostring(port), tostring(tls_port),
+    c.server, c.server_key, record }, { limit = 300 })
+  assert(helper.wait_port("127.0.0.1", port, 15), "aiosmtpd did not start: " .. p:output())
+  assert(helper.wait_port("127.0.0.1", tls_port, 15), "aiosmtpd (TLS) did not start: " .. p:output())
+  return {
+    proc = p, port = port, tls_port = tls_port, ca = c.ca,
+    messages = function() return records(record) end,
+    auths = function() return records(record .. ".auth") end,
+    stop = function() p:stop() end,
+  }
+end
+
+-- Postfix smtp-sink (`-c` counts messages on its stdout when it exits).
+function M.sink(extra)
+  local port = helper.free_port()
+  local argv = { "/usr/sbin/smtp-sink", "-u", "nobody" }
+  for _, a in ipairs(extra or {}) do argv[#argv + 1] = a end
+  argv[#argv + 1] = "127.0.0.1:" .. port
+  argv[#argv + 1] = "128"
+  local p = helper.spawn(argv, { limit = 300 })
+  assert(helper.wait_port("127.0.0.1", port, 10), "smtp-sink did not start: " .. p:output())
+  return { proc = p, port = port, stop = function() p:stop() end }
+end
+
+local fake_py = [[
+import socket, ssl, sys, json, time, threading
+port, script, log = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(('127.0.0.1', port)); ls.listen(16)
+def record(b):
+    with open(log, 'ab') as f: f.write(b)
+def serve(c):
+    buf = b''
+    steps = json.load(open(script))
+    def fill():
+        nonlocal buf
+        d = c.recv(65536)
+        if not d: raise EOFError
+        record(d); buf += d
+    try:
+        record(b'#CONNECT\n')
+        for st in steps:
+            op = st[0]
+            if op == 'send': c.sendall(st[1].encode('latin-1'))
+            elif op == 'sendbig': c.sendall(st[1].encode('latin-1') * st[2])
+            elif op == 'line':
+                while b'\n' not in buf: fill()
+                buf = buf[buf.index(b'\n') + 1:]
+            elif op == 'data':
+                while b'\r\n.\r\n' not in buf: fill()
+                buf = buf[buf.index(b'\r\n.\r\n') + 5:]
+            elif op == 'bytes':
+                while len(buf) < st[1]: fill()
+                buf = buf[st[1]:]
+            elif op == 'sleep': time.sleep(st[1])
+            elif op == 'close': c.close(); return
+        while True: fill()
+    except (EOFError, OSError):
+        pass
+    finally:
+        try: c.close()
+        except OSError: pass
+while True:
+    c, _ = ls.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+]]
+
+local function json_string(s)
+  return '"' .. s:gsub('[%c"\\\128-\255]', function(ch) return ("\\u%04x"):format(ch:byte()) end) .. '"'
+end
+
+local function encode_steps(steps)
+  local parts = {}
+  for i, st in ipairs(steps) do
+    local enc = {}
+    for j, v in ipairs(st) do enc[j] = type(v) == "string" and json_string(v) or tostring(v) end
+    parts[i] = "[" .. table.concat(enc, ",") .. "]"
+  end
+  return "[" .. table.concat(parts, ",") .. "]"
+end
+
+-- A scripted server. steps: { {"send", "220 hi\r\n"}, {"line"}, {"data"}, {"bytes", n},
+-- {"sleep", 2}, {"sendbig", "250-x\r\n", 1000}, {"close"} }; after the steps it reads until the
+-- client closes. The steps are read again at each connection: f.script(steps) changes them for
+-- the next one and clears what was received. f.received() is every byte it got, each connection
+-- starting with "#CONNECT\n". One process serves a whole spec file (starting one is slow).
+function M.fake(steps)
+  local dir = helper.tmpdir()
+  helper.write(dir .. "/steps.json", encode_steps(steps or {}))
+  helper.write(dir .. "/fake.py", fake_py)
+  local port = helper.free_port()
+  local p = helper.spawn({ helper.python, dir .. "/fake.py", tostring(port), dir .. "/steps.json",
+    dir .. "/received" }, { limit = 600 })
+  assert(helper.wait_port("127.0.0.1", port, 10), "fake server did not start: " .. p:output())
+  local f = { proc = p, port = port }
+  function f.script(st)
+    helper.write(dir .. "/steps.json", encode_steps(st))
+    helper.write(dir .. "/received", "")
+  end
+  function f.received() return helper.read(dir .. "/received") or "" end
+  function f.stop() p:stop() end
+  -- wait_port connected once: forget that connection
+  helper.sleep(0.1)
+  f.script(steps or {})
+  return f
+end
+
+return M
