@@ -206,6 +206,18 @@ function M.send()
     " tls=", tostring(res.server.tls), " reused=", tostring(res.server.reused))
 end
 
+-- /glue?port=N: whether smtp.send inside nginx goes through the cosocket transport (the native
+-- one is never loaded) and whether it pools (its result says how often the session was reused).
+function M.glue()
+  local smtp = require "smtp"
+  local res, err = smtp.send {
+    server = "localhost", port = tonumber(arg("port")), message = M.RAW,
+    from = "a@client.test", to = { "b@smtpd.test" }, timeout = 5,
+  }
+  ngx.say("sent=", tostring(res ~= nil), " cosockets=", tostring(package.loaded["smtp.transport.native"] == nil),
+    " pools=", tostring(res ~= nil and res.server.reused ~= nil), " err=", tostring(err))
+end
+
 -- log_by_lua: smtp.send where nginx has no cosockets; the error goes to the error log.
 function M.send_in_log_phase()
   local res, err = require("smtp").send {
