@@ -5,16 +5,11 @@ local helper = require "helper"
 local peers = require "support.client_peers"
 local core = require "smtp.core"
 
-local have_transport = pcall(require, "smtp.transport.native")
-local have_tls = have_transport and core.tls_context ~= nil
-local describe_net = have_transport and describe or pending
-local describe_tls = have_tls and describe or pending
-
 local smtp = require "smtp"
 
 local BODY = "From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\nMessage-ID: <m1@example.com>\r\n\r\nline\r\n.dot line\r\n"
 
-describe_tls("smtp.send with aiosmtpd", function()
+describe("smtp.send with aiosmtpd", function()
   local peer
   setup(function() peer = peers.aiosmtpd() end)
   teardown(function() if peer then peer.stop() end end)
@@ -150,7 +145,7 @@ describe_tls("smtp.send with aiosmtpd", function()
   end)
 end)
 
-describe_net("smtp.connect with smtp-sink", function()
+describe("smtp.connect with smtp-sink", function()
   local sink
   setup(function() sink = peers.sink() end)
   teardown(function() if sink then sink.stop() end end)

@@ -574,7 +574,8 @@ function Conn:info()
   local ext = {}
   for k, v in pairs(self.ext or {}) do ext[k] = v end
   return { host = self.cfg.server, port = self.cfg.port, address = info.address or self.address,
-    tls = self.tls and (info.tls or true) or false, extensions = ext, auth = self.auth_mechanism }
+    tls = self.tls and (info.version or true) or false, cipher = info.cipher, extensions = ext,
+    auth = self.auth_mechanism }
 end
 
 -- Lower-level session methods: each returns the reply table, or nil, err.

@@ -16,7 +16,7 @@ def authenticator(server, session, envelope, mechanism, auth_data):
     ok = isinstance(auth_data, LoginPassword) and auth_data.login == b'user' and auth_data.password == b'secret pass'
     with open(record + '.auth', 'a') as f:
         f.write(json.dumps({'mechanism': mechanism, 'ok': ok}) + '\n')
-    return AuthResult(success=ok)
+    return AuthResult(success=ok, handled=False)
 
 class Handler:
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
@@ -33,7 +33,7 @@ class Handler:
                 'from': envelope.mail_from, 'to': envelope.rcpt_tos,
                 'mail_options': envelope.mail_options, 'rcpt_options': envelope.rcpt_options,
                 'data': base64.b64encode(envelope.original_content).decode(),
-                'tls': session.ssl is not None, 'auth': bool(session.authenticated),
+                'tls': session.ssl is not None or server.transport.get_extra_info('sslcontext') is not None, 'auth': bool(session.authenticated),
             }) + '\n')
         return '250 2.0.0 OK queued as X1'
 
@@ -113,13 +113,13 @@ end
 local fake_py = [[
 import socket, ssl, sys, json, time, threading
 port, script, log = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-steps = json.load(open(script))
 ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind(('127.0.0.1', port)); ls.listen(16)
 def record(b):
     with open(log, 'ab') as f: f.write(b)
 def serve(c):
     buf = b''
+    steps = json.load(open(script))
     def fill():
         nonlocal buf
         d = c.recv(65536)
@@ -157,32 +157,40 @@ local function json_string(s)
   return '"' .. s:gsub('[%c"\\\128-\255]', function(ch) return ("\\u%04x"):format(ch:byte()) end) .. '"'
 end
 
--- A scripted server. steps: { {"send", "220 hi\r\n"}, {"line"}, {"data"}, {"sleep", 2},
--- {"sendbig", "250-x\r\n", 1000}, {"close"} }; after the steps it reads until the client closes.
--- :received() is every byte it got, each connection starting with "#CONNECT\n".
-function M.fake(steps)
-  local dir = helper.tmpdir()
+local function encode_steps(steps)
   local parts = {}
   for i, st in ipairs(steps) do
     local enc = {}
     for j, v in ipairs(st) do enc[j] = type(v) == "string" and json_string(v) or tostring(v) end
     parts[i] = "[" .. table.concat(enc, ",") .. "]"
   end
-  helper.write(dir .. "/steps.json", "[" .. table.concat(parts, ",") .. "]")
+  return "[" .. table.concat(parts, ",") .. "]"
+end
+
+-- A scripted server. steps: { {"send", "220 hi\r\n"}, {"line"}, {"data"}, {"bytes", n},
+-- {"sleep", 2}, {"sendbig", "250-x\r\n", 1000}, {"close"} }; after the steps it reads until the
+-- client closes. The steps are read again at each connection: f.script(steps) changes them for
+-- the next one and clears what was received. f.received() is every byte it got, each connection
+-- starting with "#CONNECT\n". One process serves a whole spec file (starting one is slow).
+function M.fake(steps)
+  local dir = helper.tmpdir()
+  helper.write(dir .. "/steps.json", encode_steps(steps or {}))
   helper.write(dir .. "/fake.py", fake_py)
-  helper.write(dir .. "/received", "")
   local port = helper.free_port()
   local p = helper.spawn({ helper.python, dir .. "/fake.py", tostring(port), dir .. "/steps.json",
-    dir .. "/received" }, { limit = 120 })
+    dir .. "/received" }, { limit = 600 })
   assert(helper.wait_port("127.0.0.1", port, 10), "fake server did not start: " .. p:output())
+  local f = { proc = p, port = port }
+  function f.script(st)
+    helper.write(dir .. "/steps.json", encode_steps(st))
+    helper.write(dir .. "/received", "")
+  end
+  function f.received() return helper.read(dir .. "/received") or "" end
+  function f.stop() p:stop() end
   -- wait_port connected once: forget that connection
   helper.sleep(0.1)
-  helper.write(dir .. "/received", "")
-  return {
-    proc = p, port = port,
-    received = function() return helper.read(dir .. "/received") or "" end,
-    stop = function() p:stop() end,
-  }
+  f.script(steps or {})
+  return f
 end
 
 return M

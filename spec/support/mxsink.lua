@@ -2,6 +2,7 @@
 -- logs each accepted transaction as a JSON line and refuses the local parts it is told to; and a
 -- host that greets with 421 (busy), for the "4xx greeting -> next host" path.
 local helper = require "helper"
+local dnsmasq = require "support.dnsmasq"
 
 local M = {}
 
@@ -46,7 +47,7 @@ function M.start(ip, port, o)
   o = o or {}
   local dir = helper.tmpdir()
   helper.write(dir .. "/sink.py", sink_py)
-  local proc = helper.spawn({ helper.python, "-u", dir .. "/sink.py", ip, tostring(port),
+  local proc = helper.spawn(dnsmasq.argv_clean { helper.python, "-u", dir .. "/sink.py", ip, tostring(port),
     o.mode or "sink", table.concat(o.reject or {}, ",") }, { limit = 300 })
   for _ = 1, 200 do
     if proc:output():match("ready") or not proc:alive() then break end

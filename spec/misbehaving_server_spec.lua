@@ -1,0 +1,232 @@
+-- The client against small scripted servers that do what no real peer does: STARTTLS missing,
+-- refused or with lines injected after its 220, malformed and oversized replies, 421 at every
+-- phase, a connection dropped mid-DATA, a server that stops answering; and invalid input, which
+-- must never open a connection at all.
+local peers = require "support.client_peers"
+local core = require "smtp.core"
+
+local smtp = require "smtp"
+
+local EHLO = { "send", "250-fake.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n" }
+local EHLO_PLAIN = { "send", "250-fake.test\r\n250 8BITMIME\r\n" }
+local BODY = "Subject: t\r\n\r\nhello\r\n"
+
+local f
+local function run(steps, o)
+  f.script(steps)
+  local opts = { server = "127.0.0.1", port = f.port, tls = "none", helo = "client.test", timeout = 5,
+    from = "a@example.com", to = { "b@example.org" }, message = BODY }
+  for k, v in pairs(o or {}) do opts[k] = v end
+  local t0 = core.now and core.now() or os.time()
+  local res, err = smtp.send(opts)
+  local took = (core.now and core.now() or os.time()) - t0
+  -- let the server write down the last bytes
+  require("helper").sleep(0.2)
+  local got = f.received()
+  return res, err, got, took
+end
+
+describe("against misbehaving servers", function()
+  setup(function() f = peers.fake() end)
+  teardown(function() f.stop() end)
+
+  it("fails closed when STARTTLS is required and not offered: no AUTH, no MAIL in clear", function()
+    local res, err, got = run({ { "send", "220 fake ESMTP\r\n" }, { "line" },
+      { "send", "250-fake.test\r\n250 AUTH PLAIN LOGIN\r\n" } },
+      { tls = "starttls", auth = { user = "u", password = "p" } })
+    assert.is_nil(res)
+    assert.equal("tls", err.kind)
+    assert.equal("tls", err.phase)
+    assert.equal("#CONNECT\nEHLO client.test\r\nQUIT\r\n", got)
+  end)
+
+  it("fails closed when STARTTLS is refused", function()
+    local res, err, got = run({ { "send", "220 fake ESMTP\r\n" }, { "line" },
+      { "send", "250-fake.test\r\n250-STARTTLS\r\n250 AUTH PLAIN\r\n" }, { "line" },
+      { "send", "454 4.7.0 TLS not available\r\n" } }, { tls = "starttls", auth = { user = "u", password = "p" } })
+    assert.is_nil(res)
+    assert.equal("tls", err.kind)
+    assert.equal(454, err.code)
+    assert.equal("4.7.0", err.enhanced)
+    assert.equal("#CONNECT\nEHLO client.test\r\nSTARTTLS\r\nQUIT\r\n", got)
+  end)
+
+  it("goes on in clear when STARTTLS is refused and tls is opportunistic", function()
+    local res, err, got = run({ { "send", "220 fake ESMTP\r\n" }, { "line" },
+      { "send", "250-fake.test\r\n250 STARTTLS\r\n" }, { "line" },
+      { "send", "454 4.7.0 TLS not available\r\n" }, { "line" }, { "send", "250 ok\r\n" },
+      { "line" }, { "send", "250 ok\r\n" }, { "line" }, { "send", "354 go\r\n" }, { "data" },
+      { "send", "250 2.0.0 queued\r\n" }, { "line" }, { "send", "221 bye\r\n" } }, { tls = "opportunistic" })
+    assert.is_nil(err)
+    assert.equal(250, res.reply.code)
+    assert.is_false(res.server.tls)
+    assert.equal("#CONNECT\nEHLO client.test\r\nSTARTTLS\r\nMAIL FROM:<a@example.com>\r\n" ..
+      "RCPT TO:<b@example.org>\r\nDATA\r\n" .. BODY .. ".\r\nQUIT\r\n", got)
+  end)
+
+  it("never reads lines glued to the STARTTLS 220 as the EHLO reply (response injection)", function()
+    local res, err, got = run({ { "send", "220 fake ESMTP\r\n" }, { "line" },
+      { "send", "250-fake.test\r\n250 STARTTLS\r\n" }, { "line" },
+      { "send", "220 2.0.0 go ahead\r\n250-fake.test\r\n250 AUTH PLAIN\r\n" } },
+      { tls = "starttls", auth = { user = "u", password = "p" } })
+    assert.is_nil(res)
+    assert.equal("tls", err.kind)
+    assert.truthy(err.text:find("response injection", 1, true))
+    assert.equal("#CONNECT\nEHLO client.test\r\nSTARTTLS\r\n", got)
+  end)
+
+  local malformed = {
+    { "22X OK\r\n", "greeting", "malformed reply code" },
+    { "220OK\r\n", "greeting", "malformed reply line: no space or '-' after the code" },
+    { "220-fake\r\n250 mixed\r\n", "greeting", "multi-line reply whose codes disagree" },
+  }
+  for _, case in ipairs(malformed) do
+    it("treats " .. ("%q"):format(case[1]):gsub("\\\n", "\\n") .. " as a protocol error", function()
+      local res, err, got = run({ { "send", case[1] } })
+      assert.is_nil(res)
+      assert.equal("protocol", err.kind)
+      assert.equal(case[2], err.phase)
+      assert.equal(case[3], err.text)
+      assert.equal("#CONNECT\n", got)
+    end)
+  end
+
+  it("treats a 1 MB EHLO reply as a protocol error", function()
+    local res, err, got = run({ { "send", "220 fake\r\n" }, { "line" }, { "sendbig", "250-" .. ("x"):rep(94) .. "\r\n", 10486 } })
+    assert.is_nil(res)
+    assert.equal("protocol", err.kind)
+    assert.equal("ehlo", err.phase)
+    assert.equal("reply over 65536 bytes", err.text)
+    assert.equal("#CONNECT\nEHLO client.test\r\n", got)
+  end)
+
+  local prefix = {
+    greeting = {},
+    ehlo = { { "send", "220 fake\r\n" }, { "line" } },
+    mail = { { "send", "220 fake\r\n" }, { "line" }, EHLO_PLAIN, { "line" } },
+    rcpt = { { "send", "220 fake\r\n" }, { "line" }, EHLO_PLAIN, { "line" }, { "send", "250 ok\r\n" }, { "line" } },
+    data = { { "send", "220 fake\r\n" }, { "line" }, EHLO_PLAIN, { "line" }, { "send", "250 ok\r\n" }, { "line" },
+      { "send", "250 ok\r\n" }, { "line" } },
+    data_end = { { "send", "220 fake\r\n" }, { "line" }, EHLO_PLAIN, { "line" }, { "send", "250 ok\r\n" }, { "line" },
+      { "send", "250 ok\r\n" }, { "line" }, { "send", "354 go\r\n" }, { "data" } },
+  }
+  for _, phase in ipairs { "greeting", "ehlo", "mail", "rcpt", "data", "data_end" } do
+    it("ends the session on 421 in phase " .. phase .. " with a temporary kind closed", function()
+      local steps = {}
+      for i, s in ipairs(prefix[phase]) do steps[i] = s end
+      steps[#steps + 1] = { "send", "421 4.3.2 shutting down\r\n" }
+      local res, err, got = run(steps)
+      assert.is_nil(res)
+      assert.equal("closed", err.kind)
+      assert.equal(421, err.code)
+      assert.equal("4.3.2", err.enhanced)
+      assert.is_true(err.temporary)
+      assert.equal(phase, err.phase)
+      assert.is_nil(got:find("QUIT", 1, true))
+    end)
+  end
+
+  it("never reports a message as sent when the connection closes mid-DATA", function()
+    local big = "Subject: big\r\n\r\n" .. (("y"):rep(998) .. "\r\n"):rep(4000)
+    local res, err = run({ { "send", "220 fake\r\n" }, { "line" }, EHLO, { "line" }, { "line" }, { "line" },
+      { "send", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "bytes", 1000 }, { "close" } }, { message = big })
+    assert.is_nil(res)
+    assert.equal("closed", err.kind)
+    assert.is_true(err.temporary)
+  end)
+
+  it("honours the phase timeout when the server stops answering, and sends no QUIT", function()
+    local res, err, got, took = run({ { "send", "220 fake\r\n" }, { "line" }, EHLO_PLAIN, { "line" }, { "sleep", 30 } },
+      { timeout = { mail = 1 } })
+    assert.is_nil(res)
+    assert.equal("timeout", err.kind)
+    assert.equal("mail", err.phase)
+    assert.is_true(err.temporary)
+    assert.is_true(took < 3)
+    assert.equal("#CONNECT\nEHLO client.test\r\nMAIL FROM:<a@example.com> BODY=8BITMIME\r\n", got)
+  end)
+
+  it("puts DSN, SIZE and 8BITMIME parameters on the wire, with xtext", function()
+    local res, err, got = run({ { "send", "220 fake\r\n" }, { "line" },
+      { "send", "250-fake\r\n250-PIPELINING\r\n250-DSN\r\n250-SIZE 1000\r\n250 8BITMIME\r\n" },
+      { "line" }, { "line" }, { "line" }, { "send", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "data" },
+      { "send", "250 2.0.0 ok\r\n" }, { "line" }, { "send", "221 bye\r\n" } },
+      { to = { "b+x=y@example.org" }, dsn = { notify = { "FAILURE", "DELAY" }, ret = "HDRS", envid = "id+1=2" } })
+    assert.is_nil(err)
+    assert.equal(250, res.reply.code)
+    assert.equal("#CONNECT\nEHLO client.test\r\n" ..
+      "MAIL FROM:<a@example.com> SIZE=" .. #BODY .. " BODY=8BITMIME RET=HDRS ENVID=id+2B1+3D2\r\n" ..
+      "RCPT TO:<b+x=y@example.org> NOTIFY=FAILURE,DELAY ORCPT=rfc822;b+2Bx+3Dy@example.org\r\n" ..
+      "DATA\r\n" .. BODY .. ".\r\nQUIT\r\n", got)
+  end)
+
+  it("refuses locally a message over the server's SIZE, and one needing SMTPUTF8 it lacks", function()
+    local steps = { { "send", "220 fake\r\n" }, { "line" }, { "send", "250-fake\r\n250 SIZE 10\r\n" }, { "line" },
+      { "send", "221 bye\r\n" } }
+    local res, err, got = run(steps)
+    assert.is_nil(res)
+    assert.equal("rejected", err.kind)
+    assert.equal(552, err.code)
+    assert.equal("5.3.4", err.enhanced)
+    assert.equal("#CONNECT\nEHLO client.test\r\nQUIT\r\n", got)
+    res, err, got = run(steps, { to = { "bö@example.org" }, message = "x" })
+    assert.is_nil(res)
+    assert.equal("invalid", err.kind)
+    assert.equal("#CONNECT\nEHLO client.test\r\nQUIT\r\n", got)
+  end)
+
+  describe("invalid input opens no connection", function()
+    local long_local = ("l"):rep(65) .. "@example.org"
+    local long_domain = "a@" .. ("d"):rep(256)
+    local long_path = ("l"):rep(60) .. "@" .. (("d"):rep(60) .. "."):rep(3) .. ("d"):rep(20)
+    local cases = {
+      { "CRLF in from", { from = "a@example.com>\r\nRCPT TO:<x@evil.test" } },
+      { "LF in to", { to = { "b@example.org\nRSET" } } },
+      { "CR in to", { to = { "b@example.org\rX" } } },
+      { "NUL in to", { to = { "b\0@example.org" } } },
+      { "CRLF in helo", { helo = "client\r\nMAIL FROM:<x@y>" } },
+      { "CRLF in DSN envid", { dsn = { envid = "x\r\nQUIT" } } },
+      { "bad DSN notify", { dsn = { notify = { "NEVER", "DELAY" } } } },
+      { "bad DSN ret", { dsn = { ret = "ALL" } } },
+      { "CRLF in AUTH user", { auth = { user = "u\r\nQUIT", password = "p" } } },
+      { "NUL in AUTH password", { auth = { user = "u", password = "p\0q" } } },
+      { "CRLF in AUTH token", { auth = { user = "u", token = "t\r\nQUIT" } } },
+      { "unknown AUTH mechanism", { auth = { user = "u", password = "p", mechanism = "NTLM" } } },
+      { "local part over 64", { to = { long_local } } },
+      { "domain over 255", { to = { long_domain } } },
+      { "path over 256", { from = long_path } },
+      { "empty recipient list", { to = {} } },
+      { "no envelope for a raw message", { from = false } },
+      { "AUTH over plaintext to a remote host", { server = "mail.example.invalid", auth = { user = "u", password = "p" } } },
+    }
+    for _, case in ipairs(cases) do
+      it(case[1], function()
+        f.script({ { "send", "220 fake\r\n" } })
+        local opts = { server = "127.0.0.1", port = f.port, tls = "none", helo = "client.test", timeout = 5,
+          from = "a@example.com", to = { "b@example.org" }, message = BODY }
+        for k, v in pairs(case[2]) do opts[k] = v end
+        if opts.from == false then opts.from = nil end
+        local res, err = smtp.send(opts)
+        require("helper").sleep(0.1)
+        local got = f.received()
+        assert.is_nil(res)
+        assert.equal("invalid", err.kind)
+        assert.is_false(err.temporary)
+        assert.equal("", got)
+        if case[2].helo or case[2].auth or case[2].server then
+          local conn, cerr = smtp.connect(opts)
+          require("helper").sleep(0.1)
+          assert.is_nil(conn)
+          assert.equal("invalid", cerr.kind)
+          assert.equal("", f.received())
+        end
+      end)
+    end
+
+    it("raises on misuse", function()
+      assert.has_error(function() smtp.send(42) end)
+      assert.has_error(function() smtp.send { server = "x", message = 42, from = "a@b", to = "c@d" } end)
+      assert.has_error(function() smtp.send { server = "x", message = "m", from = "a@b", to = "c@d", tls = "maybe" } end)
+    end)
+  end)
+end)
