@@ -250,6 +250,7 @@ describe_send("smtp.send inside nginx", function()
     location = /glue { content_by_lua_block { require("support.openresty_handlers").glue() } }
     location = /send { content_by_lua_block { require("support.openresty_handlers").send() } }
     location = /ping { content_by_lua_block { ngx.say("pong") } }
+    location = /deliver { content_by_lua_block { require("support.openresty_handlers").deliver() } }
     location = /sendlog {
       content_by_lua_block { ngx.say("ok") }
       log_by_lua_block { require("support.openresty_handlers").send_in_log_phase() }
@@ -383,6 +384,39 @@ describe_send("smtp.send inside nginx", function()
     assert.are.equal(1 + 2, conns)    -- the controller's own check, then two sessions
     assert.are.equal(1, rsets)
     assert.are.equal(2, msgs)
+  end)
+
+  it("delivers through MX lookups over cosockets, domains in parallel light threads", function()
+    if not needs("send") then return end
+    if type(require("smtp").deliver) ~= "function" then pending("smtp.deliver has not landed yet"); return end
+    local slow = nginx_support.smtpd { tls = true, greeting_delay = 1 }
+    local port = helper.free_port()
+    local dns = helper.spawn({ "/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
+      "--no-resolv", "--no-hosts", "--port=" .. port, "--listen-address=127.0.0.1", "--bind-interfaces",
+      "--pid-file=", "--local=/test/", "--local-ttl=300",
+      "--mx-host=example.test,mx1.example.test,10", "--mx-host=other.test,mx1.example.test,10",
+      "--host-record=mx1.example.test,127.0.0.1" }, { limit = 120 })
+    assert(helper.wait_port("127.0.0.1", port, 10), dns:output())
+    local out = helper.sh("curl -s -m 30 -w '\n%{time_total}' " .. helper.quote(ngx_srv:url("/deliver?ns=127.0.0.1:"
+      .. port .. "&port=" .. slow.port .. "&to=b@example.test,c@other.test")))
+    local got = slow.messages()
+    slow.stop()
+    nginx_support.stop(dns)
+    local body, took = out:match("^(.*)\n([%d.]+)$")
+    if body:find("loaded: true", 1, true) then
+      pending("smtp.deliver/smtp.mx inside nginx still load the native resolver or transport (the lead "
+        .. "switches lua/smtp/mx.lua and deliver.lua to require(\"smtp.transport\").dns()): " .. body)
+      return
+    end
+    assert.are.equal("b@example.test sent 250 mx1.example.test 127.0.0.1\n"
+      .. "c@other.test sent 250 mx1.example.test 127.0.0.1\n"
+      .. "native smtp.dns loaded: false, native transport loaded: false\n", body)
+    assert.are.equal(2, got)
+    if tonumber(took) >= 1.8 then
+      pending("smtp.deliver inside nginx sends to the domains one after the other (" .. took .. " s for two "
+        .. "servers that each greet after 1 s): deliver.lua's run_all lacks "
+        .. "require(\"smtp.transport\").run_concurrently(fns)")
+    end
   end)
 
   it("runs the shipped example: a report with an attachment, and a log-phase notice via a timer", function()

@@ -241,6 +241,24 @@ function M.mx()
   ngx.say("native smtp.dns loaded: ", tostring(package.loaded["smtp.dns"] ~= nil))
 end
 
+-- /deliver?ns=127.0.0.1:P&port=N&to=addr[,addr...]: smtp.deliver inside nginx (MX lookup over cosockets,
+-- then the MX host on port N); one line per recipient, and which resolver/transport modules ran.
+function M.deliver()
+  local smtp = require "smtp"
+  local to = {}
+  for a in arg("to"):gmatch("[^,]+") do to[#to + 1] = a end
+  local results, err = smtp.deliver {
+    message = M.RAW, from = "a@client.test", to = to, helo = "client.test",
+    nameservers = { arg("ns") }, port = tonumber(arg("port")), timeout = 5,
+  }
+  if not results then return fail("deliver", err) end
+  for _, r in ipairs(results) do
+    ngx.say(r.recipient, " ", r.status, " ", tostring(r.code), " ", tostring(r.host), " ", tostring(r.address))
+  end
+  ngx.say("native smtp.dns loaded: ", tostring(package.loaded["smtp.dns"] ~= nil),
+    ", native transport loaded: ", tostring(package.loaded["smtp.transport.native"] ~= nil))
+end
+
 -- /phase: what the transport says in this phase (used from log_by_lua, header_filter, ...).
 function M.phase_error()
   local t = require("smtp.transport").get()
