@@ -135,6 +135,17 @@ describe("against misbehaving servers", function()
     assert.is_true(err.temporary)
   end)
 
+  it("falls back to HELO when EHLO is refused", function()
+    local res, err, got = run({ { "send", "220 fake\r\n" }, { "line" }, { "send", "502 5.5.1 what?\r\n" },
+      { "line" }, { "send", "250 fake\r\n" }, { "line" }, { "send", "250 ok\r\n" }, { "line" },
+      { "send", "250 ok\r\n" }, { "line" }, { "send", "354 go\r\n" }, { "data" }, { "send", "250 ok\r\n" },
+      { "line" }, { "send", "221 bye\r\n" } })
+    assert.is_nil(err)
+    assert.same({}, res.server.extensions)
+    assert.equal("#CONNECT\nEHLO client.test\r\nHELO client.test\r\nMAIL FROM:<a@example.com>\r\n" ..
+      "RCPT TO:<b@example.org>\r\nDATA\r\n" .. BODY .. ".\r\nQUIT\r\n", got)
+  end)
+
   it("never ends the data when the message source fails midway", function()
     local n = 0
     local res, err, got = run({ { "send", "220 fake\r\n" }, { "line" }, EHLO, { "line" }, { "line" }, { "line" },
