@@ -133,6 +133,29 @@ describe("smtp.dns", function()
       collectgarbage()
     end)
 
+    it("can be waited on by cqueues (pollfd, events, timeout)", function()
+      local ok, cqueues = pcall(require, "cqueues")
+      if not ok then return pending("cqueues is not installed for " .. helper.lua) end
+      local r = assert(core.resolver { nameservers = { zone.nameserver }, timeout = 1, tries = 1 })
+      local out = {}
+      local cq = cqueues.new()
+      cq:wrap(function()
+        local a = r:query("mx1.example.test", "A")
+        local b = r:query("example.test", "MX")
+        local polls = 0
+        while r:process() > 0 do
+          cqueues.poll(r)
+          polls = polls + 1
+        end
+        out.a, out.b, out.polls = r:result(a), r:result(b), polls
+      end)
+      assert(cq:loop())
+      assert.same({ "127.0.0.1" }, out.a)
+      assert.equal("mx1.example.test", out.b[1].host)
+      assert.is_true(out.polls < 10, "polls: " .. tostring(out.polls))
+      r:close()
+    end)
+
     it("reads the hosts file only when asked", function()
       local r = assert(core.resolver {})
       local l = r:hosts("localhost")

@@ -180,10 +180,13 @@ local function deliver_domain(job, results, ctx)
   }
 end
 
--- Runs fns concurrently inside smtp.loop when it is there, one after the other otherwise.
+-- Runs fns concurrently in smtp.loop; one after the other inside a cqueues controller (each wait
+-- there yields to cqueues already) or when there is a single domain.
 local function run_all(fns)
+  local cq = package.loaded.cqueues
+  local in_cqueues = type(cq) == "table" and cq.running and cq.running()
   local ok, loop = pcall(require, "smtp.loop")
-  if not ok or type(loop) ~= "table" or not loop.spawn then
+  if #fns == 1 or in_cqueues or not ok or type(loop) ~= "table" or not loop.spawn then
     for _, f in ipairs(fns) do f() end
     return
   end
@@ -197,7 +200,8 @@ local function run_all(fns)
     end)
   end
   if loop.current and loop.current() then
-    while left > 0 do loop.sleep(0.01) end
+    -- Already a loop task: the others run beside us; look again now and then.
+    while left > 0 do loop.sleep(0.005) end
   else
     loop.run()
   end

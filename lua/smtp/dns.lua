@@ -104,6 +104,12 @@ function M.drive(r, deadline)
   end
 end
 
+-- Closes a resolver, first telling a loop that may watch its fd (the fd number is reused).
+function M.close(r)
+  if wait and wait.closing then wait.closing(r:fd()) end
+  r:close()
+end
+
 -- Collects one query's answer: result | nil, err (pending ones past the deadline time out).
 function M.collect(r, id, name)
   local res, rcode = r:result(id)
@@ -193,7 +199,7 @@ function M.resolve(name, opts)
   local p = M.start_addresses(r, host, opts)
   if not p.fixed then M.drive(r, deadline) end
   local res, err = M.finish_addresses(r, p, M.max_addresses)
-  r:close()
+  M.close(r)
   return res, err
 end
 
@@ -214,7 +220,7 @@ function M.query(name, qtype, opts)
   local id = assert(r:query(host, qtype))
   M.drive(r, deadline)
   local res, err = M.collect(r, id, host)
-  r:close()
+  M.close(r)
   return res, err
 end
 

@@ -24,6 +24,7 @@ local waiting_fd = {}     -- co -> fd it waits on (with waiting_dir) so a timer 
 local waiting_dir = {}
 local timer_of = {}       -- co -> its pending timer entry
 local heap = {}           -- binary heap of timers { t = deadline, co = co }, earliest first
+local ncancelled = 0      -- entries in heap whose co is nil
 local poller
 local running = false
 local fds, evs = {}, {}   -- reused by poller:wait
@@ -77,12 +78,32 @@ local function add_timer(co, deadline)
   heap_push(e)
 end
 
+-- Rebuilds the heap from its live entries. A server whose reads finish long before their
+-- timeouts would otherwise keep every finished read's timer until its deadline passed.
+local function compact()
+  local live = {}
+  for i = 1, #heap do
+    if heap[i].co then live[#live + 1] = heap[i] end
+  end
+  table.sort(live, function(a, b) return a.t < b.t end)   -- a sorted array is a valid heap
+  heap = live
+  ncancelled = 0
+end
+
 local function cancel_timer(co)
   local e = timer_of[co]
   if e then
     e.co = nil      -- left in the heap, skipped when it comes up
     timer_of[co] = nil
+    ncancelled = ncancelled + 1
+    if ncancelled > 1024 and ncancelled * 2 > #heap then compact() end
   end
+end
+
+local function pop_timer()
+  local e = heap_pop()
+  if not e.co then ncancelled = ncancelled - 1 end
+  return e
 end
 
 -- Interest in fds ---------------------------------------------------------------------------
@@ -133,6 +154,11 @@ function M.current()
 end
 
 function M.now() return now() end
+
+-- Counts for tests and diagnostics: live tasks, tasks parked on fds, timer entries held.
+function M.stats()
+  return { tasks = ntasks, waiting = nwaiting, timers = #heap, cancelled_timers = ncancelled }
+end
 
 function M.spawn(fn, ...)
   if type(fn) ~= "function" then error("bad argument #1 to 'spawn' (function expected)", 2) end
@@ -222,7 +248,7 @@ function M.run()
       rhead, rtail = 1, 0
       if ntasks == 0 then break end
       -- Drop cancelled timers at the top so they do not cut the wait short.
-      while heap[1] and not heap[1].co do heap_pop() end
+      while heap[1] and not heap[1].co do pop_timer() end
       local timeout
       if heap[1] then
         timeout = heap[1].t - now()
@@ -246,7 +272,7 @@ function M.run()
       end
       local t = now()
       while heap[1] and heap[1].t <= t do
-        local e = heap_pop()
+        local e = pop_timer()
         local co = e.co
         if co then
           timer_of[co] = nil

@@ -52,20 +52,20 @@ function M.lookup(domain, opts)
   dns.drive(r, deadline)
   local answer, err = dns.collect(r, id, name)
   if not answer then
-    r:close()
+    dns.close(r)
     return nil, err
   end
 
   local hosts = {}
   if answer.null then
-    r:close()
+    dns.close(r)
     return nil, dns.error(name, "nullmx", {
       temporary = false, code = 556, enhanced = "5.1.10",
       text = name .. ": domain does not accept mail (null MX)",
     })
   elseif #answer == 0 then
     if (answer.dropped or 0) > 0 then
-      r:close()
+      dns.close(r)
       return nil, dns.error(name, "badmx", {
         temporary = false, text = name .. ": no usable MX host names in the answer",
       })
@@ -101,7 +101,7 @@ function M.lookup(domain, opts)
       perm_err = perm_err or aerr
     end
   end
-  r:close()
+  dns.close(r)
   if #out == 0 then
     -- A host that might answer later makes the whole lookup worth retrying.
     local e = temp_err or perm_err

@@ -49,9 +49,13 @@ function M.sleep(seconds)
   cwait(-1, "r", seconds)
 end
 
--- Tells a loop that fd is about to be closed, so nobody stays parked on a dead (or reused) fd.
+-- Tells the schedulers that fd is about to be closed, so nobody stays parked on a dead (or
+-- reused) fd.
+-- cqueues keeps its own registration per fd, which must go before the fd number is reused.
 function M.closing(fd)
   loop.forget(fd)
+  local cq = package.loaded.cqueues
+  if type(cq) == "table" and cq.cancel then cq.cancel(fd) end
 end
 
 return M

@@ -5,6 +5,19 @@ local helper = require "helper"
 
 local M = {}
 
+-- Peers run without the sanitizer runtime that `make test-asan` preloads into the interpreter
+-- (dnsmasq exits silently under it).
+local clean_env = { "/usr/bin/env", "-u", "LD_PRELOAD", "-u", "ASAN_OPTIONS", "-u", "UBSAN_OPTIONS" }
+M.clean_env = clean_env
+
+local function argv_clean(argv)
+  local out = {}
+  for _, a in ipairs(clean_env) do out[#out + 1] = a end
+  for _, a in ipairs(argv) do out[#out + 1] = a end
+  return out
+end
+M.argv_clean = argv_clean
+
 -- M.start{ "--mx-host=...", "--host-record=...", ... } -> { port=, nameserver="127.0.0.1:P", proc= }
 -- The zone is everything under .test; names without records answer NXDOMAIN (--local=/test/).
 function M.start(records)
@@ -15,7 +28,7 @@ function M.start(records)
     "--local=/test/", "--local-ttl=300",
   }
   for _, a in ipairs(records or {}) do argv[#argv + 1] = a end
-  local proc = helper.spawn(argv, { limit = 300 })
+  local proc = helper.spawn(argv_clean(argv), { limit = 300 })
   assert(helper.wait_port("127.0.0.1", port, 10), "dnsmasq did not start: " .. proc:output())
   return { port = port, nameserver = "127.0.0.1:" .. port, proc = proc,
            stop = function(self) self.proc:stop() end }
@@ -62,7 +75,8 @@ function M.fake()
   local port = helper.free_port("127.0.0.1")
   local dir = helper.tmpdir()
   helper.write(dir .. "/fake_dns.py", fake_py)
-  local proc = helper.spawn({ helper.python, "-u", dir .. "/fake_dns.py", tostring(port) }, { limit = 300 })
+  local proc = helper.spawn(argv_clean { helper.python, "-u", dir .. "/fake_dns.py", tostring(port) },
+    { limit = 300 })
   for _ = 1, 100 do
     if proc:output():match("ready") then break end
     helper.sleep(0.05)

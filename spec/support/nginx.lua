@@ -4,6 +4,21 @@ local helper = require "helper"
 
 local M = {}
 
+-- Stops a helper.spawn process by PID. A zombie counts as gone: PID 1 here may reap late, and
+-- helper's own stop would wait for it (timeout(1) only exits after its child has).
+local function stop(proc)
+  if proc.stopped then return end
+  proc.stopped = true
+  helper.sh("kill -TERM " .. proc.pid .. " 2>/dev/null")
+  for _ = 1, 100 do
+    local st = helper.sh("ps -o stat= -p " .. proc.pid .. " 2>/dev/null")
+    if st:match("^%s*$") or st:match("^%s*Z") then return end
+    helper.sleep(0.05)
+  end
+  helper.sh("kill -KILL " .. proc.pid .. " 2>/dev/null")
+end
+M.stop = stop
+
 local module_dirs = { "/usr/lib/nginx/modules", "/usr/share/nginx/modules" }
 
 local function find_module(name)
@@ -27,7 +42,8 @@ function M.available()
 end
 
 -- M.start{ http = "<extra http-block directives>", locations = "<location blocks>",
---          main = "<extra main-context directives>" } -> handle with .port, .prefix, :url(path),
+--          main = "<extra main-context directives>", env = { NAME = value } }
+-- or M.start{ example = "examples/openresty/nginx.conf", env = {...} } for a shipped config -> handle with .port, .prefix, :url(path),
 -- :stop(), :error_log(). The checkout's lua/ and LuaJIT build are on the Lua paths, and the test
 -- CA is lua_ssl_trusted_certificate.
 function M.start(opts)
@@ -70,16 +86,37 @@ function M.start(opts)
     "  }",
     "}",
   }, "\n") .. "\n"
+  local extra = {}
+  if opts.example then
+    -- A shipped example config, with the checkout, the port and the test CA put in.
+    conf = assert(helper.read(opts.example), opts.example)
+    local function sub(from, to)
+      local n
+      conf, n = conf:gsub(from:gsub("%p", "%%%0"), (to:gsub("%%", "%%%%")))
+      assert(n > 0, "example config lacks " .. from)
+    end
+    sub("/path/to/lua-smtp", root)
+    sub("listen 127.0.0.1:8080;", "listen 127.0.0.1:" .. port .. ";")
+    sub("lua_ssl_trusted_certificate /etc/ssl/certs/ca-certificates.crt;", "lua_ssl_trusted_certificate " .. ca .. ";")
+    extra = { "-g", "daemon off; master_process off;" }
+  end
   helper.write(prefix .. "/nginx.conf", conf)
-  local proc = helper.spawn({ "nginx", "-p", prefix .. "/", "-e", prefix .. "/logs/error.log",
-    "-c", prefix .. "/nginx.conf" }, { limit = opts.limit or 300, log = prefix .. "/logs/stdout.log" })
+  -- The environment goes through env(1) in argv: helper.spawn's own `env` option puts `exec`
+  -- after env, which env cannot run. No ASan runtime preloaded into nginx: it hangs with it.
+  local argv = { "env", "-u", "LD_PRELOAD", "-u", "ASAN_OPTIONS", "-u", "UBSAN_OPTIONS" }
+  for k, v in pairs(opts.env or {}) do argv[#argv + 1] = k .. "=" .. v end
+  for _, a in ipairs { "nginx", "-p", prefix .. "/", "-e", prefix .. "/logs/error.log", "-c", prefix .. "/nginx.conf" } do
+    argv[#argv + 1] = a
+  end
+  for _, a in ipairs(extra) do argv[#argv + 1] = a end
+  local proc = helper.spawn(argv, { limit = opts.limit or 300, log = prefix .. "/logs/stdout.log" })
   local h = { port = port, prefix = prefix, proc = proc, conf = conf }
   function h.url(_, path) return "http://127.0.0.1:" .. port .. path end
   function h.error_log() return helper.read(prefix .. "/logs/error.log") or "" end
-  function h.stop() proc:stop() end
+  function h.stop() stop(proc) end
   if not helper.wait_port("127.0.0.1", port, 10) then
     local log = h.error_log() .. proc:output()
-    proc:stop()
+    stop(proc)
     error("nginx did not start:\n" .. log)
   end
   return h
@@ -87,7 +124,7 @@ end
 
 -- GET (or POST with `body`) through curl; returns status, body.
 function M.request(url, body, timeout)
-  local cmd = "curl -s -m " .. (timeout or 20) .. " -o - -w '\\n%{http_code}' "
+  local cmd = "env -u LD_PRELOAD curl -s -m " .. (timeout or 20) .. " -o - -w '\\n%{http_code}' "
   if body then cmd = cmd .. "--data-binary " .. helper.quote(body) .. " " end
   local out = helper.sh(cmd .. helper.quote(url))
   local b, status = out:match("^(.*)\n(%d+)$")
@@ -95,13 +132,14 @@ function M.request(url, body, timeout)
 end
 
 -- The recording aiosmtpd peer (spec/support/openresty_smtpd.py) on a free loopback port:
--- M.smtpd{ tls = true, implicit = false, greeting_delay = 2, require_tls = false, host =, port = } -> handle with .port, .dir,
+-- M.smtpd{ tls = true, implicit = false, greeting_delay = 2, require_tls = false, host =, port =,
+--          rset_status = "421 ..." (RSET answered so, counted in :rsets()) } -> handle with .port, .dir,
 -- :connections(), :messages(), :message(n), :envelope(n), :stop().
 function M.smtpd(opts)
   opts = opts or {}
   local dir = helper.tmpdir()
   local port = opts.port or helper.free_port()
-  local argv = { helper.python, helper.root .. "/spec/support/openresty_smtpd.py", opts.host or "127.0.0.1",
+  local argv = { "env", "-u", "LD_PRELOAD", helper.python, helper.root .. "/spec/support/openresty_smtpd.py", opts.host or "127.0.0.1",
     tostring(port), dir }
   if opts.tls ~= false then
     local c = helper.certs()
@@ -113,14 +151,16 @@ function M.smtpd(opts)
   end
   if opts.require_tls then argv[#argv + 1] = "--require-tls" end
   if opts.implicit then argv[#argv + 1] = "--implicit" end
+  if opts.rset_status then argv[#argv + 1] = "--rset-status"; argv[#argv + 1] = opts.rset_status end
   local proc = helper.spawn(argv, { limit = opts.limit or 300 })
   local h = { port = port, dir = dir, proc = proc }
   local function count(name) return tonumber(helper.read(dir .. "/" .. name) or "0") or 0 end
   function h.connections() return count("connections") end
   function h.messages() return count("messages") end
+  function h.rsets() return count("rsets") end
   function h.message(n) return helper.read(dir .. "/" .. n .. ".eml") end
   function h.envelope(n) return helper.read(dir .. "/" .. n .. ".env") end
-  function h.stop() proc:stop() end
+  function h.stop() stop(proc) end
   -- Ready once the controller has printed "ready" (it has then made its own trigger connection).
   for _ = 1, 200 do
     if proc:output():match("^ready\n") then return h end
@@ -128,7 +168,7 @@ function M.smtpd(opts)
     helper.sleep(0.05)
   end
   local out = proc:output()
-  proc:stop()
+  stop(proc)
   error("aiosmtpd peer did not start:\n" .. out)
 end
 

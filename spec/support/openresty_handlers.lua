@@ -183,6 +183,82 @@ function M.errors()
   line("dns", tostring(s), tostring(err and err.kind), tostring(err and err.rcode))
 end
 
+-- The raw message smtp.send carries in the specs: dot lines, an 8-bit body, CRLF line ends.
+M.RAW = "From: a@client.test\r\nTo: b@smtpd.test\r\nSubject: raw\r\n\r\n.leading dot\r\n..two\r\n"
+  .. "caf\195\169\r\n.\r\nlast line\r\n"
+
+-- /send?port=N[&tls=none][&pool=0][&n=K]: one smtp.send of M.RAW to localhost:N; prints
+-- accepted, the final reply, TLS and how often the pooled session was used before.
+function M.send()
+  local smtp = require "smtp"
+  local n = arg("n")
+  local pool                 -- default: pooled inside nginx
+  if arg("pool") == "0" then pool = false end
+  local res, err = smtp.send {
+    server = "localhost", port = tonumber(arg("port")), tls = arg("tls") or "starttls",
+    message = n and M.RAW:gsub("Subject: raw", "Subject: raw " .. n) or M.RAW,
+    from = "a@client.test", to = { "b@smtpd.test" },
+    pool = pool,
+    timeout = { connect = 5, greeting = 10, ehlo = 5, tls = 5, mail = 5, rcpt = 5, data = 5, data_end = 5 },
+  }
+  if not res then return fail("send", err) end
+  ngx.say(table.concat(res.accepted, ","), " ", res.reply.code, " ", tostring(res.reply.enhanced), " ", res.reply.text,
+    " tls=", tostring(res.server.tls), " reused=", tostring(res.server.reused))
+end
+
+-- /glue?port=N: whether smtp.send inside nginx goes through the cosocket transport (the native
+-- one is never loaded) and whether it pools (its result says how often the session was reused).
+function M.glue()
+  local smtp = require "smtp"
+  local res, err = smtp.send {
+    server = "localhost", port = tonumber(arg("port")), message = M.RAW,
+    from = "a@client.test", to = { "b@smtpd.test" }, timeout = 5,
+  }
+  ngx.say("sent=", tostring(res ~= nil), " cosockets=", tostring(package.loaded["smtp.transport.native"] == nil),
+    " pools=", tostring(res ~= nil and res.server.reused ~= nil), " err=", tostring(err))
+end
+
+-- log_by_lua: smtp.send where nginx has no cosockets; the error goes to the error log.
+function M.send_in_log_phase()
+  local res, err = require("smtp").send {
+    server = "localhost", port = 25, message = M.RAW, from = "a@client.test", to = { "b@smtpd.test" },
+  }
+  ngx.log(ngx.ERR, "SENDLOG ", tostring(res), " ", tostring(err), " kind=", err and err.kind)
+end
+
+-- /mx?ns=127.0.0.1:P&domain=D: smtp.mx.lookup inside nginx; says which resolver module ran.
+function M.mx()
+  local mx = require "smtp.mx"
+  local res, err = mx.lookup(arg("domain"), { nameservers = { arg("ns") }, timeout = 3,
+    random = function() return 1 end })
+  if not res then
+    ngx.say("error ", err.kind, " ", tostring(err.rcode), " ", tostring(err.temporary), " ", tostring(err.enhanced))
+  else
+    for _, h in ipairs(res) do
+      ngx.say(h.host, " ", h.preference, " ", table.concat(h.addresses, ","), h.implicit and " implicit" or "")
+    end
+  end
+  ngx.say("native smtp.dns loaded: ", tostring(package.loaded["smtp.dns"] ~= nil))
+end
+
+-- /deliver?ns=127.0.0.1:P&port=N&to=addr[,addr...]: smtp.deliver inside nginx (MX lookup over cosockets,
+-- then the MX host on port N); one line per recipient, and which resolver/transport modules ran.
+function M.deliver()
+  local smtp = require "smtp"
+  local to = {}
+  for a in arg("to"):gmatch("[^,]+") do to[#to + 1] = a end
+  local results, err = smtp.deliver {
+    message = M.RAW, from = "a@client.test", to = to, helo = "client.test",
+    nameservers = { arg("ns") }, port = tonumber(arg("port")), timeout = 5,
+  }
+  if not results then return fail("deliver", err) end
+  for _, r in ipairs(results) do
+    ngx.say(r.recipient, " ", r.status, " ", tostring(r.code), " ", tostring(r.host), " ", tostring(r.address))
+  end
+  ngx.say("native smtp.dns loaded: ", tostring(package.loaded["smtp.dns"] ~= nil),
+    ", native transport loaded: ", tostring(package.loaded["smtp.transport.native"] ~= nil))
+end
+
 -- /phase: what the transport says in this phase (used from log_by_lua, header_filter, ...).
 function M.phase_error()
   local t = require("smtp.transport").get()

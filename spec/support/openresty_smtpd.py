@@ -2,6 +2,7 @@
 # raw bytes (as received, unstuffed, CRLF) in DIR/N.eml with its envelope in DIR/N.env, counts
 # TCP connections in DIR/connections, and can delay its greeting to play a slow server.
 # usage: openresty_smtpd.py HOST PORT DIR [--cert F --key F] [--greeting-delay S] [--require-tls]
+#        [--implicit] [--rset-status LINE]
 import argparse, asyncio, os, ssl, sys, time
 
 from aiosmtpd.controller import Controller
@@ -12,10 +13,11 @@ ap.add_argument("host"); ap.add_argument("port", type=int); ap.add_argument("dir
 ap.add_argument("--cert"); ap.add_argument("--key")
 ap.add_argument("--greeting-delay", type=float, default=0.0)
 ap.add_argument("--require-tls", action="store_true")
+ap.add_argument("--rset-status", help="answer RSET with this line (a server that went away)")
 ap.add_argument("--implicit", action="store_true", help="TLS from the first byte (port 465 style)")
 a = ap.parse_args()
 
-state = {"connections": 0, "messages": 0}
+state = {"connections": 0, "messages": 0, "rsets": 0}
 
 
 def bump(name):
@@ -35,6 +37,12 @@ class Recorder:
             f.write(envelope.mail_from + "\n" + "\n".join(envelope.rcpt_tos) + "\n")
         bump("messages")
         return "250 2.0.0 stored %d" % n
+
+    async def handle_RSET(self, server, session, envelope):
+        if a.rset_status:
+            bump("rsets")
+            return a.rset_status
+        return "250 OK"
 
 
 class CountingSMTP(SMTP):

@@ -40,14 +40,17 @@ local rcode_text = {
 }
 
 -- The error value for a failed lookup, as smtp.dns makes it: kind "dns", `rcode` names the case.
-local function dns_error(name, rcode, text)
-  return nil, errors.new {
-    kind = "dns", rcode = rcode, name = name,
-    text = text or (tostring(name) .. ": " .. (rcode_text[rcode] or rcode)),
-    temporary = temporary_rcode[rcode] == true,
-  }
+-- `extra` is a table of more fields (text, temporary, code, enhanced) or just the text.
+local function make_error(name, rcode, extra)
+  local t = type(extra) == "table" and extra or { text = extra }
+  t.kind, t.rcode, t.name = "dns", rcode, name
+  t.text = t.text or (tostring(name) .. ": " .. (rcode_text[rcode] or rcode))
+  if t.temporary == nil then t.temporary = temporary_rcode[rcode] == true end
+  return errors.new(t)
 end
-M.error = function(...) return select(2, dns_error(...)) end
+M.error = make_error
+
+local function dns_error(name, rcode, extra) return nil, make_error(name, rcode, extra) end
 
 local function is_ipv4(s)
   local a, b, c, d = s:match("^(%d%d?%d?)%.(%d%d?%d?)%.(%d%d?%d?)%.(%d%d?%d?)$")
@@ -142,7 +145,7 @@ local function hosts_table()
   return hosts
 end
 
-local function new_resolver(opts, name)
+local function new_resolver(opts, name, timeout)
   local R = resolver()
   if not R then
     return dns_error(name, "error", "no DNS resolver inside nginx: install lua-resty-dns "
@@ -153,39 +156,11 @@ local function new_resolver(opts, name)
     list[#list + 1] = parse_nameserver(ns)
   end
   if #list == 0 then return dns_error(name, "error", "no nameservers (none given, none in /etc/resolv.conf)") end
-  local timeout = opts.timeout or M.default_timeout
   local retrans = opts.tries or M.tries
   local r, err = R:new { nameservers = list, retrans = retrans,
     timeout = math.max(1, math.floor(timeout * 1000 / (retrans * #list))) }
   if not r then return dns_error(name, "error", "resolver: " .. tostring(err)) end
   return r
-end
-
--- One query: the answer records (a list, possibly empty) | nil, err.
-local function query(r, name, qtype)
-  local answers, err = r:query(name, { qtype = qtype })
-  if not answers then
-    local e = tostring(err)
-    local rcode = e:find("timeout", 1, true) and "timeout"
-      or e:find("connection refused", 1, true) and "connrefused" or "error"
-    return dns_error(name, rcode, rcode == "error" and (name .. ": " .. e) or nil)
-  end
-  if answers.errcode then
-    return dns_error(name, rcode_names[answers.errcode] or "error")
-  end
-  return answers
-end
-
-local function check_opts(opts)
-  if opts == nil then return {} end
-  if type(opts) ~= "table" then error("bad argument 'opts': table expected", 3) end
-  if opts.nameservers ~= nil and type(opts.nameservers) ~= "table" then
-    error("bad argument 'opts.nameservers': table of \"host:port\" strings expected", 3)
-  end
-  if opts.timeout ~= nil and type(opts.timeout) ~= "number" then
-    error("bad argument 'opts.timeout': number expected", 3)
-  end
-  return opts
 end
 
 local function addresses_of(r, answers, qtype)
@@ -199,63 +174,10 @@ local function addresses_of(r, answers, qtype)
   return out
 end
 
--- resolve(name, { nameservers = {"127.0.0.1:5353"}, timeout = 10 })
---   -> { "2001:db8::1", "192.0.2.1", ... } (AAAA, then A) | nil, err (kind "dns", `rcode`,
---   temporary true|false). Without nameservers, /etc/hosts first, as the system would.
-function M.resolve(name, opts)
-  if type(name) ~= "string" then error("bad argument 'name': string expected", 2) end
-  opts = check_opts(opts)
-  local lit = M.literal(name)
-  if lit then return { lit } end
-  local host = M.normalize(name)
-  if not host then return errors.invalid("not a valid host name: " .. ("%q"):format(name)) end
-  if is_localhost(host) then return { "::1", "127.0.0.1" } end
-  if not opts.nameservers then
-    local h = hosts_table()[host]
-    if h then
-      local copy = {}
-      for i, a in ipairs(h) do copy[i] = a end
-      return copy
-    end
-  end
-  local r, err = new_resolver(opts, host)
-  if not r then return nil, err end
-  local six, err6 = query(r, host, r.TYPE_AAAA)
-  local four, err4 = query(r, host, r.TYPE_A)
-  local out = {}
-  for _, list in ipairs { six and addresses_of(r, six, r.TYPE_AAAA) or {},
-                          four and addresses_of(r, four, r.TYPE_A) or {} } do
-    for _, a in ipairs(list) do
-      if #out < M.max_addresses then out[#out + 1] = a end
-    end
-  end
-  if #out > 0 then return out end
-  if err6 and err6.rcode == "nxdomain" then return nil, err6 end
-  if err4 and err4.rcode == "nxdomain" then return nil, err4 end
-  if err4 then return nil, err4 end
-  if err6 then return nil, err6 end
-  return dns_error(host, "nodata", host .. ": no address records")
-end
-
--- query(name, "MX"|"A"|"AAAA", opts) -> answer | nil, err, as smtp.dns.query:
--- A/AAAA a list of address strings; MX a list of { host=, preference= } in preference order
--- (ties keep the server's order), `null = true` for a null MX (RFC 7505, then the list is empty)
--- and `dropped` = records left out (invalid host names, duplicates). NOERROR without records of
--- the type is an empty list.
-function M.query(name, qtype, opts)
-  if type(name) ~= "string" then error("bad argument 'name': string expected", 2) end
-  if qtype ~= "A" and qtype ~= "AAAA" and qtype ~= "MX" then
-    error("bad argument 'qtype': \"A\", \"AAAA\" or \"MX\" expected", 2)
-  end
-  opts = check_opts(opts)
-  local host = M.normalize(name)
-  if not host then return errors.invalid("not a valid domain name: " .. ("%q"):format(name)) end
-  local r, err = new_resolver(opts, host)
-  if not r then return nil, err end
-  local answers
-  answers, err = query(r, host, r["TYPE_" .. qtype])
-  if not answers then return nil, err end
-  if qtype ~= "MX" then return addresses_of(r, answers, r["TYPE_" .. qtype]) end
+-- MX records -> { {host=, preference=}... } in preference order (ties keep the server's order),
+-- `null = true` for a null MX (RFC 7505; the list is then empty), `dropped` = records left out
+-- (invalid host names, duplicates, past the cap).
+local function mx_answer(r, answers)
   local cand, seen, total, roots, dropped = {}, {}, 0, 0, 0
   for _, a in ipairs(answers) do
     if a.type == r.TYPE_MX then
@@ -294,6 +216,185 @@ function M.query(name, qtype, opts)
   end
   out.dropped = dropped + roots
   return out
+end
+
+-- One query of one type: the answer as smtp.dns gives it | nil, err.
+local function run_one(opts, name, qtype, timeout)
+  local r, err = new_resolver(opts, name, timeout)
+  if not r then return nil, err end
+  local t = r["TYPE_" .. qtype]
+  local answers
+  answers, err = r:query(name, { qtype = t })
+  if not answers then
+    local e = tostring(err)
+    local rcode = e:find("timeout", 1, true) and "timeout"
+      or e:find("connection refused", 1, true) and "connrefused" or "error"
+    return dns_error(name, rcode, rcode == "error" and (name .. ": " .. e) or nil)
+  end
+  if answers.errcode then
+    return dns_error(name, rcode_names[answers.errcode] or "error")
+  end
+  if qtype == "MX" then return mx_answer(r, answers) end
+  return addresses_of(r, answers, t)
+end
+
+local function check_opts(opts)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then error("bad argument 'opts': table expected", 3) end
+  if opts.nameservers ~= nil and type(opts.nameservers) ~= "table" then
+    error("bad argument 'opts.nameservers': table of \"host:port\" strings expected", 3)
+  end
+  if opts.timeout ~= nil and type(opts.timeout) ~= "number" then
+    error("bad argument 'opts.timeout': number expected", 3)
+  end
+  return opts
+end
+
+local function ngx_now()
+  local ngx = rawget(_G, "ngx")
+  ngx.update_time()
+  return ngx.now()
+end
+
+----------------------------------------------------------------------------------------------------
+-- The batch shape smtp.mx drives, as smtp.dns has it: queries are queued, then run together
+-- (one light thread each) under one deadline.
+--   local r, deadline = dns.resolver(opts); local id = r:query(name, "MX")
+--   dns.drive(r, deadline); local answer, err = dns.collect(r, id, name); dns.close(r)
+local Batch = {}
+local Batch_mt = { __name = "smtp.transport.ngx_dns.batch", __index = Batch }
+
+function M.resolver(opts)
+  opts = check_opts(opts)
+  local timeout = opts.timeout or M.default_timeout
+  if timeout <= 0 then timeout = 0.001 end
+  return setmetatable({ opts = opts, queue = {}, results = {}, n = 0 }, Batch_mt), ngx_now() + timeout
+end
+
+function Batch:query(name, qtype)
+  if qtype ~= "A" and qtype ~= "AAAA" and qtype ~= "MX" then
+    error("bad argument 'qtype': \"A\", \"AAAA\" or \"MX\" expected", 2)
+  end
+  self.n = self.n + 1
+  self.queue[#self.queue + 1] = { id = self.n, name = name, qtype = qtype }
+  return self.n
+end
+
+-- Addresses of `host` in /etc/hosts, or nil.
+function Batch:hosts(host)
+  local h = hosts_table()[host]
+  if not h then return nil end
+  local copy = {}
+  for i, a in ipairs(h) do copy[i] = a end
+  return copy
+end
+
+function Batch:close() self.queue, self.results = {}, {} end
+
+-- close(r), as smtp.dns has it.
+function M.close(r) r:close() end
+
+-- Runs every queued query; true.
+function M.drive(r, deadline)
+  local q = r.queue
+  r.queue = {}
+  local left = math.max(0.001, deadline - ngx_now())
+  local function run(item)
+    local res, err = run_one(r.opts, item.name, item.qtype, left)
+    r.results[item.id] = { res, err }
+  end
+  local ngx = rawget(_G, "ngx")
+  local threads = {}
+  if #q > 1 and ngx.thread and ngx.thread.spawn then
+    for _, item in ipairs(q) do
+      local ok, th = pcall(ngx.thread.spawn, run, item)
+      if ok and th then threads[#threads + 1] = th else run(item) end
+    end
+    for _, th in ipairs(threads) do ngx.thread.wait(th) end
+  else
+    for _, item in ipairs(q) do run(item) end
+  end
+  return true
+end
+
+-- The answer of query `id` | nil, err.
+function M.collect(r, id, name)
+  local res = r.results[id]
+  r.results[id] = nil
+  if not res then return dns_error(name, "timeout") end
+  if res[1] then return res[1] end
+  return nil, res[2]
+end
+
+-- Starts AAAA and A queries for a host; finish_addresses gives the result after drive.
+function M.start_addresses(r, host, opts)
+  local p = { host = host }
+  if is_localhost(host) then
+    p.fixed = { "::1", "127.0.0.1" }
+    return p
+  end
+  if not (opts or r.opts).nameservers then
+    p.fixed = r:hosts(host)
+    if p.fixed then return p end
+  end
+  p.id6 = r:query(host, "AAAA")
+  p.id4 = r:query(host, "A")
+  return p
+end
+
+-- Addresses (AAAA first, then A, at most `max`) | nil, err.
+function M.finish_addresses(r, p, max)
+  if p.fixed then return p.fixed end
+  max = max or M.max_addresses
+  local six, err6 = M.collect(r, p.id6, p.host)
+  local four, err4 = M.collect(r, p.id4, p.host)
+  local out = {}
+  for _, list in ipairs { six or {}, four or {} } do
+    for _, a in ipairs(list) do
+      if #out < max then out[#out + 1] = a end
+    end
+  end
+  if #out > 0 then return out end
+  -- Nothing: NXDOMAIN from either is final; any other failure may pass; both empty is final.
+  if err6 and err6.rcode == "nxdomain" then return nil, err6 end
+  if err4 and err4.rcode == "nxdomain" then return nil, err4 end
+  if err4 then return nil, err4 end
+  if err6 then return nil, err6 end
+  return dns_error(p.host, "nodata", p.host .. ": no address records")
+end
+
+----------------------------------------------------------------------------------------------------
+-- resolve(name, { nameservers = {"127.0.0.1:5353"}, timeout = 10 })
+--   -> { "2001:db8::1", "192.0.2.1", ... } (AAAA, then A) | nil, err (kind "dns", `rcode`,
+--   temporary true|false). Without nameservers, /etc/hosts first, as the system would.
+function M.resolve(name, opts)
+  if type(name) ~= "string" then error("bad argument 'name': string expected", 2) end
+  opts = check_opts(opts)
+  local lit = M.literal(name)
+  if lit then return { lit } end
+  local host = M.normalize(name)
+  if not host then return errors.invalid("not a valid host name: " .. ("%q"):format(name)) end
+  if is_localhost(host) then return { "::1", "127.0.0.1" } end
+  local r, deadline = M.resolver(opts)
+  local p = M.start_addresses(r, host, opts)
+  if not p.fixed then M.drive(r, deadline) end
+  return M.finish_addresses(r, p, M.max_addresses)
+end
+
+-- query(name, "MX"|"A"|"AAAA", opts) -> answer | nil, err, as smtp.dns.query: A/AAAA a list of
+-- address strings; MX as mx_answer above. NOERROR without records of the type is an empty list.
+function M.query(name, qtype, opts)
+  if type(name) ~= "string" then error("bad argument 'name': string expected", 2) end
+  if qtype ~= "A" and qtype ~= "AAAA" and qtype ~= "MX" then
+    error("bad argument 'qtype': \"A\", \"AAAA\" or \"MX\" expected", 2)
+  end
+  opts = check_opts(opts)
+  local host = M.normalize(name)
+  if not host then return errors.invalid("not a valid domain name: " .. ("%q"):format(name)) end
+  local r, deadline = M.resolver(opts)
+  local id = r:query(host, qtype)
+  M.drive(r, deadline)
+  return M.collect(r, id, host)
 end
 
 -- mx(name, opts): query(name, "MX", opts).

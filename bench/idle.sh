@@ -1,0 +1,63 @@
+#!/bin/sh
+# Memory per idle connection: 10,000 loopback connections parked in smtp.loop (one coroutine,
+# one socket object each), measured as VmRSS growth of the server process and of the client
+# process, beside a cqueues server holding the same connections (the peer). Kernel socket
+# memory is not in VmRSS, so the figures are the process's own cost. IDLE_CONNECTIONS=N overrides.
+# A last line per interpreter gives the same for TLS connections, for scale (no target there).
+set -u
+cd "$(dirname "$0")/.."
+top=$(pwd)
+N=${IDLE_CONNECTIONS:-10000}
+hard=$(ulimit -Hn)
+[ "$hard" = unlimited ] && hard=1048576
+if [ "$hard" -lt $((N + 100)) ]; then
+  N=$((hard - 100))
+  echo "note: the hard limit on open files is $hard; measuring $N connections"
+fi
+ulimit -n $((N + 100)) || { echo "cannot raise RLIMIT_NOFILE to $((N + 100))"; exit 1; }
+export LUA_PATH="$top/lua/?.lua;$top/lua/?/init.lua;$top/spec/?.lua;;"
+script=spec/support/transport_load.lua
+status=0
+
+field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" "$2"; }
+
+run_pair() { # lua server-mode dir
+  lua=$1; smode=$2; dir=$3
+  timeout 300 "$lua" $script "$smode" "$N" "$dir" >"$dir/server.out" 2>&1 &
+  spid=$!
+  i=0
+  while [ ! -s "$dir/port" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+  [ -s "$dir/port" ] || { echo "server did not start: $(cat "$dir/server.out")"; kill "$spid"; return 1; }
+  timeout 300 "$lua" $script client "$N" "$(cat "$dir/port")" "$dir" >"$dir/client.out" 2>&1
+  wait "$spid"
+  grep -q kb_per_connection "$dir/server.out" && grep -q kb_per_connection "$dir/client.out"
+}
+
+for lua in lua5.4 luajit; do
+  [ -f "build/$lua/smtp/core.so" ] || { echo "$lua: build/$lua/smtp/core.so missing (run make)"; continue; }
+  export LUA_CPATH="$top/build/$lua/?.so;;"
+  d1=$(mktemp -d); d2=$(mktemp -d)
+  if run_pair "$lua" server "$d1"; then
+    s=$(field kb_per_connection "$d1/server.out"); c=$(field kb_per_connection "$d1/client.out")
+    echo "$lua smtp.loop server: $N idle connections, $s KB each (Lua heap $(field lua_kb_per_connection "$d1/server.out") KB), accepted in $(field seconds "$d1/server.out") s"
+    echo "$lua smtp.loop client: $N idle connections, $c KB each (Lua heap $(field lua_kb_per_connection "$d1/client.out") KB)"
+    if [ "$(echo "$s < 16 && $c < 16" | bc)" = 1 ]; then echo "$lua: under 16 KB per connection: yes"
+    else echo "$lua: under 16 KB per connection: NO"; status=1; fi
+  else
+    echo "$lua smtp.loop run failed:"; cat "$d1/server.out" "$d1/client.out"; status=1
+  fi
+  if "$lua" -e 'require "cqueues"' 2>/dev/null; then
+    if run_pair "$lua" cqserver "$d2"; then
+      q=$(field kb_per_connection "$d2/server.out")
+      echo "$lua cqueues server (peer): $N idle connections, $q KB each"
+      echo "$lua ratio smtp.loop/cqueues per connection: $(echo "scale=2; $s / $q" | bc)"
+    else
+      echo "$lua cqueues run failed:"; cat "$d2/server.out" "$d2/client.out"
+    fi
+  fi
+  # TLS for scale: both ends in this process, so the figure is per pair of TLS endpoints.
+  t=$(timeout 120 "$lua" $script idle 1000 tls 2>&1)
+  echo "$lua smtp.loop TLS 1.3, 1000 idle connections with both ends in one process: $(echo "$t" | sed -n 's/.* kb_per_connection=\([^ ]*\).*/\1/p') KB per connection (both ends)"
+  rm -rf "$d1" "$d2"
+done
+exit $status
