@@ -592,7 +592,8 @@ function Conn:info()
   local ext = {}
   for k, v in pairs(self.ext or {}) do ext[k] = v end
   local i = { host = self.cfg.server, port = self.cfg.port, address = info.address or self.address,
-    tls = self.tls and (info.version or true) or false, cipher = info.cipher, extensions = ext,
+    tls = self.tls and ((type(info.tls) == "string" and info.tls) or info.version or true) or false,
+    cipher = info.cipher, extensions = ext,
     auth = self.auth_mechanism }
   -- shared by every result of this session until the next EHLO
   self._info = i
