@@ -784,7 +784,17 @@ local function rcpt_params(dsn, rcpt)
   if not dsn then return nil end
   local rp = {}
   if dsn.notify then rp[#rp + 1] = "NOTIFY=" .. dsn.notify end
-  if dsn.orcpt and not non_ascii(rcpt) then rp[#rp + 1] = "ORCPT=rfc822;" .. xtext(rcpt) end
+  if dsn.orcpt then
+    if non_ascii(rcpt) then
+      -- RFC 6533 utf-8-addr-unitext (SMTPUTF8 is in use for this address): UTF-8 as is,
+      -- '+', '=', space and controls as \x{HEX}
+      rp[#rp + 1] = "ORCPT=utf-8;" .. rcpt:gsub("[%z\1-\32+=\127]", function(c)
+        return ("\\x{%X}"):format(c:byte())
+      end)
+    else
+      rp[#rp + 1] = "ORCPT=rfc822;" .. xtext(rcpt)
+    end
+  end
   return #rp > 0 and concat(rp, " ") or nil
 end
 
