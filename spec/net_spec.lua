@@ -144,6 +144,37 @@ describe("smtp.transport.native (TCP)", function()
     l:close()
   end)
 
+  it("sets TCP_NODELAY on both sides: small write, small write, read never stalls on Nagle", function()
+    -- Without TCP_NODELAY each round here waits for a delayed ACK (40 ms on Linux): 20 rounds
+    -- took 0.85 s when the option was left out, about 2 ms with it.
+    local l = assert(native.listen { port = 0 })
+    local dt
+    loop.spawn(function()
+      local c = assert(l:accept(5))
+      for _ = 1, 20 do
+        local got = ""
+        while #got < 2 do got = got .. assert(c:read(5)) end
+        assert(c:write("o", 5)); assert(c:write("k", 5))
+      end
+      c:close()
+    end)
+    loop.spawn(function()
+      local s = assert(native.connect { host = "127.0.0.1", port = l.port })
+      local t0 = core.now()
+      for _ = 1, 20 do
+        assert(s:write("a", 5)); assert(s:write("b", 5))
+        local got = ""
+        while #got < 2 do got = got .. assert(s:read(5)) end
+        assert.equal("ok", got)
+      end
+      dt = core.now() - t0
+      s:close()
+    end)
+    loop.run()
+    l:close()
+    assert.is_true(dt < 0.3, "20 rounds took " .. dt .. " s")
+  end)
+
   it("has a monotonic clock and a blocking wait that honours its timeout", function()
     local t0 = core.now()
     assert.same({ nil, "timeout" }, { core.wait(-1, "r", 0.05) })
@@ -259,6 +290,19 @@ describe("smtp.transport.native with misbehaving peers", function()
     end
     assert.is_nil(ok)
     assert.equal("closed", err.kind)
+  end)
+
+  it("fails a TLS handshake cleanly when the peer resets or answers plaintext", function()
+    local t0 = core.now()
+    local s, err = native.connect { host = "127.0.0.1", port = peer("reset"), timeout = 5, tls = { verify = false } }
+    assert.is_nil(s)
+    assert.equal("tls", err.kind)
+    assert.equal("TLS handshake failed: Connection reset by peer", err.text)
+    s, err = native.connect { host = "127.0.0.1", port = peer("hello"), timeout = 5, tls = { verify = false } }
+    assert.is_nil(s)
+    assert.equal("tls", err.kind)
+    assert.equal("TLS handshake failed: wrong version number", err.text)
+    assert.is_true(core.now() - t0 < 2)
   end)
 
   it("lets our side half-close and still read the answer", function()

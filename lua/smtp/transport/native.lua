@@ -260,12 +260,13 @@ function Conn:shutdown()
   return nil
 end
 
--- s:info() -> { address=, port=, tls = false | "TLSv1.3", cipher=, bits=, peer_subject=, peer_issuer= }
+-- s:info() -> { address=, port=, tls = false | "TLSv1.3", version = nil | "TLSv1.3", cipher=,
+--              bits=, peer_subject=, peer_issuer= }
 function Conn:info()
   local t = { address = self.address, port = self.port, tls = false }
   local ti = self._tls and self.sock and self.sock:tls_info()
   if ti then
-    t.tls, t.cipher, t.bits = ti.version, ti.cipher, ti.bits
+    t.tls, t.version, t.cipher, t.bits = ti.version, ti.version, ti.cipher, ti.bits
     t.peer_subject, t.peer_issuer = ti.peer_subject, ti.peer_issuer
   end
   return t
