@@ -189,8 +189,10 @@ describe("smtp.transport.native with misbehaving peers", function()
   teardown(function() support.stop(proc) end)
   local function peer(mode) return ports[mode] end
 
-  local function within(dt, limit)
-    assert.is_true(dt >= limit and dt <= limit * 1.1, ("returned after %.3f s for a %.3f s deadline"):format(dt, limit))
+  -- The issue's bound for reads is 10% over the deadline; others get `slack` on a loaded machine.
+  local function within(dt, limit, slack)
+    assert.is_true(dt >= limit and dt <= limit * (1 + (slack or 0.1)),
+      ("returned after %.3f s for a %.3f s deadline"):format(dt, limit))
   end
 
   it("times out a read from a server that accepts and never answers (blocking)", function()
@@ -226,7 +228,7 @@ describe("smtp.transport.native with misbehaving peers", function()
     local port = peer("silent")
     local t0 = core.now()
     local s, err = native.connect { host = "127.0.0.1", port = port, timeout = 0.5, tls = { verify = false } }
-    within(core.now() - t0, 0.5)
+    within(core.now() - t0, 0.5, 0.3)
     assert.is_nil(s)
     assert.equal("timeout", err.kind)
     assert.equal("TLS handshake timed out", err.text)
@@ -244,7 +246,7 @@ describe("smtp.transport.native with misbehaving peers", function()
       if not s then break end
       held[#held + 1] = s
     end
-    within(core.now() - t0, 0.3)
+    within(core.now() - t0, 0.3, 0.5)
     assert.equal("timeout", err.kind)
     assert.equal("connect to 127.0.0.1 port " .. l:port() .. " timed out", err.text)
     for _, s in ipairs(held) do s:close() end
