@@ -197,6 +197,14 @@ describe("smtp.server against misbehaving clients", function()
     assert.matches("501 5%.5%.2 Invalid base64 data\r\n334 VXNlcm5hbWU6\r\n501 5%.7%.0 Authentication cancelled\r\n250 2%.0%.0 Ok\r\n221 ", out)
   end)
 
+  it("answers 20,000 pipelined commands sent at once, all in order", function()
+    local srv = recording()
+    local out = peers.raw(srv, { { "send", ("NOOP\r\n"):rep(20000) .. "QUIT\r\n" }, { "eof" } })
+    local _, n = out:gsub("250 2%.0%.0 Ok\r\n", "")
+    assert.equal(20000, n)
+    assert.matches("250 2%.0%.0 Ok\r\n221 2%.0%.0 Bye\r\n$", out)
+  end)
+
   it("200 recipients: 100 accepted, 100 times 452, and the message goes to the 100", function()
     local srv, got = recording()
     local t = { "EHLO c\r\nMAIL FROM:<a@x.test>\r\n" }

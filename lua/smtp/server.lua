@@ -179,7 +179,13 @@ local function run_session(srv, conn, ip, port)
           ended, endcode, endtext = true, 451, "Transaction aborted"
           return nil
         end
-        if not fill() then
+        if a == "write" then
+          if not flush() then
+            ended = true
+            rerr = closed_err()
+            return nil
+          end
+        elseif not fill() then
           ended = true
           rerr = closed_err()
           return nil
@@ -265,7 +271,11 @@ local function run_session(srv, conn, ip, port)
         kind, a, b, c = eng:next()
       end
       if not kind then
-        if not fill() then break end
+        if a == "write" then -- replies piled up: out they go before more input is taken
+          if not flush() then break end
+        elseif not fill() then
+          break
+        end
       elseif kind == "mail" then
         hook(o.on_mail, 550, "5.7.1", a, b)
       elseif kind == "rcpt" then
