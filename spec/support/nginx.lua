@@ -102,8 +102,8 @@ function M.start(opts)
   end
   helper.write(prefix .. "/nginx.conf", conf)
   -- The environment goes through env(1) in argv: helper.spawn's own `env` option puts `exec`
-  -- after env, which env cannot run.
-  local argv = { "env" }
+  -- after env, which env cannot run. No ASan runtime preloaded into nginx: it hangs with it.
+  local argv = { "env", "-u", "LD_PRELOAD", "-u", "ASAN_OPTIONS", "-u", "UBSAN_OPTIONS" }
   for k, v in pairs(opts.env or {}) do argv[#argv + 1] = k .. "=" .. v end
   for _, a in ipairs { "nginx", "-p", prefix .. "/", "-e", prefix .. "/logs/error.log", "-c", prefix .. "/nginx.conf" } do
     argv[#argv + 1] = a
@@ -124,7 +124,7 @@ end
 
 -- GET (or POST with `body`) through curl; returns status, body.
 function M.request(url, body, timeout)
-  local cmd = "curl -s -m " .. (timeout or 20) .. " -o - -w '\\n%{http_code}' "
+  local cmd = "env -u LD_PRELOAD curl -s -m " .. (timeout or 20) .. " -o - -w '\\n%{http_code}' "
   if body then cmd = cmd .. "--data-binary " .. helper.quote(body) .. " " end
   local out = helper.sh(cmd .. helper.quote(url))
   local b, status = out:match("^(.*)\n(%d+)$")
@@ -139,7 +139,7 @@ function M.smtpd(opts)
   opts = opts or {}
   local dir = helper.tmpdir()
   local port = opts.port or helper.free_port()
-  local argv = { helper.python, helper.root .. "/spec/support/openresty_smtpd.py", opts.host or "127.0.0.1",
+  local argv = { "env", "-u", "LD_PRELOAD", helper.python, helper.root .. "/spec/support/openresty_smtpd.py", opts.host or "127.0.0.1",
     tostring(port), dir }
   if opts.tls ~= false then
     local c = helper.certs()

@@ -206,6 +206,18 @@ function M.send()
     " tls=", tostring(res.server.tls), " reused=", tostring(res.server.reused))
 end
 
+-- /glue?port=N: whether smtp.send inside nginx goes through the cosocket transport (the native
+-- one is never loaded) and whether it pools (its result says how often the session was reused).
+function M.glue()
+  local smtp = require "smtp"
+  local res, err = smtp.send {
+    server = "localhost", port = tonumber(arg("port")), message = M.RAW,
+    from = "a@client.test", to = { "b@smtpd.test" }, timeout = 5,
+  }
+  ngx.say("sent=", tostring(res ~= nil), " cosockets=", tostring(package.loaded["smtp.transport.native"] == nil),
+    " pools=", tostring(res ~= nil and res.server.reused ~= nil), " err=", tostring(err))
+end
+
 -- log_by_lua: smtp.send where nginx has no cosockets; the error goes to the error log.
 function M.send_in_log_phase()
   local res, err = require("smtp").send {
@@ -227,6 +239,24 @@ function M.mx()
     end
   end
   ngx.say("native smtp.dns loaded: ", tostring(package.loaded["smtp.dns"] ~= nil))
+end
+
+-- /deliver?ns=127.0.0.1:P&port=N&to=addr[,addr...]: smtp.deliver inside nginx (MX lookup over cosockets,
+-- then the MX host on port N); one line per recipient, and which resolver/transport modules ran.
+function M.deliver()
+  local smtp = require "smtp"
+  local to = {}
+  for a in arg("to"):gmatch("[^,]+") do to[#to + 1] = a end
+  local results, err = smtp.deliver {
+    message = M.RAW, from = "a@client.test", to = to, helo = "client.test",
+    nameservers = { arg("ns") }, port = tonumber(arg("port")), timeout = 5,
+  }
+  if not results then return fail("deliver", err) end
+  for _, r in ipairs(results) do
+    ngx.say(r.recipient, " ", r.status, " ", tostring(r.code), " ", tostring(r.host), " ", tostring(r.address))
+  end
+  ngx.say("native smtp.dns loaded: ", tostring(package.loaded["smtp.dns"] ~= nil),
+    ", native transport loaded: ", tostring(package.loaded["smtp.transport.native"] ~= nil))
 end
 
 -- /phase: what the transport says in this phase (used from log_by_lua, header_filter, ...).

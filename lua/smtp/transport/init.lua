@@ -28,6 +28,26 @@ function M.dns()
   return require "smtp.dns"
 end
 
+-- Inside nginx, where cosockets exist: runs each function in its own light thread (ngx.thread)
+-- and waits for them all, so their cosocket waits overlap (smtp.loop would block the worker in its
+-- poll). Returns true, raising the first error any of them raised; false when not inside nginx
+-- or in a phase without light threads (the caller then runs them its own way).
+function M.run_concurrently(fns)
+  local ngx = ngx_table()
+  if not ngx or not ngx.thread or not require("smtp.transport.ngx").usable() then return false end
+  local threads, failure = {}, nil
+  for i, f in ipairs(fns) do
+    threads[i] = ngx.thread.spawn(function() return pcall(f) end)
+  end
+  for _, th in ipairs(threads) do
+    local ok, fine, err = ngx.thread.wait(th)
+    if not ok then failure = failure or fine
+    elseif not fine then failure = failure or err end
+  end
+  if failure then error(failure, 0) end
+  return true
+end
+
 -- Whether a connection made now can use cosockets: true, phase | false, phase.
 function M.usable()
   if not ngx_table() then return true, nil end

@@ -260,7 +260,7 @@ end
 -- The batch shape smtp.mx drives, as smtp.dns has it: queries are queued, then run together
 -- (one light thread each) under one deadline.
 --   local r, deadline = dns.resolver(opts); local id = r:query(name, "MX")
---   dns.drive(r, deadline); local answer, err = dns.collect(r, id, name); r:close()
+--   dns.drive(r, deadline); local answer, err = dns.collect(r, id, name); dns.close(r)
 local Batch = {}
 local Batch_mt = { __name = "smtp.transport.ngx_dns.batch", __index = Batch }
 
@@ -290,6 +290,9 @@ function Batch:hosts(host)
 end
 
 function Batch:close() self.queue, self.results = {}, {} end
+
+-- close(r), as smtp.dns has it.
+function M.close(r) r:close() end
 
 -- Runs every queued query; true.
 function M.drive(r, deadline)
