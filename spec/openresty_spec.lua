@@ -131,6 +131,28 @@ describe_or_skip("smtp inside nginx", function()
     assert.are.equal("Subject: pooled 100\r\n\r\nbody 100\r\n", smtpd.message(msgs + 100))
   end)
 
+  it("looks a pooled server's name up once, not once per request", function()
+    local port = helper.free_port()
+    local log = helper.tmpdir() .. "/dnsmasq.log"
+    local dns = helper.spawn({ "/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
+      "--no-resolv", "--no-hosts", "--port=" .. port, "--listen-address=127.0.0.1", "--bind-interfaces",
+      "--pid-file=", "--local=/test/", "--local-ttl=300", "--log-queries", "--log-facility=-",
+      "--host-record=smtp.example.test,127.0.0.1" }, { limit = 120, log = log })
+    assert(helper.wait_port("127.0.0.1", port, 10), dns:output())
+    local out = helper.sh("curl -s -m 60 " .. helper.quote(ngx_srv:url("/pooled?host=smtp.example.test&ns=127.0.0.1:"
+      .. port .. "&port=" .. smtpd.port .. "&n=[1-20]")))
+    nginx_support.stop(dns)
+    local n = 0
+    for l in out:gmatch("[^\n]+") do
+      n = n + 1
+      assert.truthy(l:match(n == 1 and "^fresh 0 " or ("^reused " .. (n - 1) .. " ")), l)
+    end
+    assert.are.equal(20, n, out)
+    local queries = {}
+    for q in helper.read(log):gmatch("query%[(%w+)%] smtp%.example%.test") do queries[#queries + 1] = q end
+    assert.are.same({ "AAAA", "A" }, queries)
+  end)
+
   it("replaces a pooled session the server dropped", function()
     local other = nginx_support.smtpd { tls = true }
     local url = ngx_srv:url("/pooled?port=" .. other.port .. "&n=1")
