@@ -67,6 +67,18 @@ describe_or_skip("smtp inside nginx", function()
     assert.truthy(body:match("^starttls: tls %(tls%): TLS handshake with wrong%.example failed: certificate host mismatch"), body)
   end)
 
+  it("fails closed, saying where certificates come from, when nginx trusts no CA", function()
+    local bare = nginx_support.start {
+      no_ca = true,
+      locations = [[ location = /transport { content_by_lua_block { require("support.openresty_handlers").transport() } } ]],
+    }
+    local status, body = nginx_support.request(bare:url("/transport?port=" .. smtpd.port))
+    bare.stop()
+    assert.are.equal(500, status)
+    assert.are.equal("starttls: tls (tls): TLS handshake with localhost failed: 20: unable to get local "
+      .. "issuer certificate (inside nginx certificates are checked against lua_ssl_trusted_certificate)\n", body)
+  end)
+
   it("speaks implicit TLS, and connects over IPv6 with a literal and through localhost's addresses", function()
     local tls = nginx_support.smtpd { implicit = true, host = "::1" }
     local status, body = nginx_support.request(ngx_srv:url("/transport?implicit=1&host=::1&port=" .. tls.port))

@@ -364,7 +364,8 @@ function S:starttls(opts)
   local sess, err = self.sock:sslhandshake(nil, name, verify)
   if not sess then
     local text = "TLS handshake with " .. tostring(name or self.address) .. " failed: " .. tostring(err)
-    if verify and tostring(err):find("verify", 1, true) then
+    -- nginx reports a failed chain check as "<X509 code>: <reason>".
+    if verify and (tostring(err):match("^%d+: ") or tostring(err):find("verify", 1, true)) then
       text = text .. " (inside nginx certificates are checked against lua_ssl_trusted_certificate)"
     end
     local kind = err == "timeout" and "timeout" or "tls"
