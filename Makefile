@@ -46,7 +46,7 @@ check-exports: all
 test: deps all check-exports
 	@sh scripts/run-specs.sh $(LUAS)
 
-test-asan: deps $(foreach l,$(LUAS),build/asan-$(l)/smtp/core.so)
+test-asan: deps all $(foreach l,$(LUAS),build/asan-$(l)/smtp/core.so)
 	@SMTP_BUILD=asan sh scripts/run-specs.sh $(LUAS)
 
 test-valgrind: deps all

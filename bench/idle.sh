@@ -3,6 +3,7 @@
 # one socket object each), measured as VmRSS growth of the server process and of the client
 # process, beside a cqueues server holding the same connections (the peer). Kernel socket
 # memory is not in VmRSS, so the figures are the process's own cost. IDLE_CONNECTIONS=N overrides.
+# A last line per interpreter gives the same for TLS connections, for scale (no target there).
 set -u
 cd "$(dirname "$0")/.."
 top=$(pwd)
@@ -54,6 +55,9 @@ for lua in lua5.4 luajit; do
       echo "$lua cqueues run failed:"; cat "$d2/server.out" "$d2/client.out"
     fi
   fi
+  # TLS for scale: both ends in this process, so the figure is per pair of TLS endpoints.
+  t=$(timeout 120 "$lua" $script idle 1000 tls 2>&1)
+  echo "$lua smtp.loop TLS 1.3, 1000 idle connections with both ends in one process: $(echo "$t" | sed -n 's/.* kb_per_connection=\([^ ]*\).*/\1/p') KB per connection (both ends)"
   rm -rf "$d1" "$d2"
 done
 exit $status

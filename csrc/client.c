@@ -820,6 +820,19 @@ static int l_stuffer_gc(lua_State *L)
     return 0;
 }
 
+/* core.has_8bit(s) -> true when any byte is >= 0x80 (SMTPUTF8 / 8BITMIME decisions; a Lua
+ * pattern class is far slower on large header sections) */
+static int l_has_8bit(lua_State *L)
+{
+    size_t n;
+    const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+    int found = 0;
+    for (size_t i = 0; i < n && !found; i++)
+        found = s[i] >= 0x80;
+    lua_pushboolean(L, found);
+    return 1;
+}
+
 int smtp_open_client(lua_State *L)
 {
     static const luaL_Reg engine_methods[] = {
@@ -843,5 +856,7 @@ int smtp_open_client(lua_State *L)
     lua_setfield(L, -2, "client_engine");
     lua_pushcfunction(L, l_stuffer_new);
     lua_setfield(L, -2, "stuffer");
+    lua_pushcfunction(L, l_has_8bit);
+    lua_setfield(L, -2, "has_8bit");
     return 0;
 }

@@ -387,9 +387,10 @@ static int l_listen(lua_State *L)
     l->fd = fd;
     l->port = port;
     if (port == 0) {
+        char ignored[INET6_ADDRSTRLEN];
         alen = sizeof a;
         if (getsockname(fd, &a.sa, &alen) == 0)
-            addr_format(&a, (char[INET6_ADDRSTRLEN]){0}, INET6_ADDRSTRLEN, &l->port);
+            addr_format(&a, ignored, sizeof ignored, &l->port);
     }
     luaL_setmetatable(L, SMTP_LISTENER);
     return 1;

@@ -182,8 +182,12 @@ enum io_result smtp_tls_read(smtp_sock *s, char *buf, size_t len, size_t *got,
     if (r == 1)
         return IO_OK;
     e = SSL_get_error(s->ssl, r);
-    if (e == SSL_ERROR_WANT_READ)
+    if (e == SSL_ERROR_WANT_READ) {
+        /* About to idle: hand back the empty record buffers (SSL_MODE_RELEASE_BUFFERS does not
+         * after handshake records such as TLS 1.3 session tickets). */
+        SSL_free_buffers(s->ssl);
         return IO_WANTREAD;
+    }
     if (e == SSL_ERROR_WANT_WRITE)
         return IO_WANTWRITE;
     if (e == SSL_ERROR_ZERO_RETURN || (e == SSL_ERROR_SYSCALL && errno == 0))
@@ -429,6 +433,7 @@ static int l_tls_handshake(lua_State *L)
     r = SSL_do_handshake(s->ssl);
     if (r == 1) {
         s->flags |= SOCK_F_HANDSHAKEN;
+        SSL_free_buffers(s->ssl);
         lua_pushboolean(L, 1);
         return 1;
     }

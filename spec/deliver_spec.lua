@@ -12,12 +12,14 @@ describe("smtp.deliver", function()
     return
   end
   local deliver = require("smtp.deliver").deliver
-  local zone, port, s3, s4, s5
+  local zone, port, s3, s4, s5, s6
   setup(function()
     port = helper.free_port("127.0.0.3")
     s3 = mxsink.start("127.0.0.3", port)
     s4 = mxsink.start("127.0.0.4", port, { mode = "busy" })
     s5 = mxsink.start("127.0.0.5", port, { reject = { "nobody" } })
+    local certs = helper.certs()
+    s6 = mxsink.start("127.0.0.6", port, { mode = "badtls", cert = certs.server, key = certs.server_key })
     zone = peers.start {
       -- mx1 (127.0.0.2) refuses connections; mx2 (127.0.0.3) takes mail.
       "--mx-host=two.test,mx1.two.test,10", "--mx-host=two.test,mx2.two.test,20",
@@ -29,10 +31,14 @@ describe("smtp.deliver", function()
       "--mx-host=nullmx.test,.,0",
       "--host-record=nomx.test,127.0.0.3",
       "--server=/broken.test/127.0.0.1#9",
+      "--mx-host=eq.test,a.eq.test,10", "--mx-host=eq.test,b.eq.test,10",
+      "--host-record=a.eq.test,127.0.0.3", "--host-record=b.eq.test,127.0.0.5",
+      "--mx-host=badtls.test,mx.badtls.test,10", "--mx-host=badtls.test,mx2.two.test,20",
+      "--host-record=mx.badtls.test,127.0.0.6",
     }
   end)
   teardown(function()
-    zone:stop(); s3:stop(); s4:stop(); s5:stop()
+    zone:stop(); s3:stop(); s4:stop(); s5:stop(); s6:stop()
   end)
 
   local raw = "From: a@sender.test\r\nTo: x@two.test\r\nSubject: deliver\r\n\r\nhello\r\n"
@@ -57,6 +63,21 @@ describe("smtp.deliver", function()
     local res = assert(deliver(opts { "y@busy.test" }))
     assert.equal("sent", res[1].status)
     assert.equal("mx2.two.test", res[1].host)
+  end)
+
+  it("moves on from a host whose STARTTLS handshake fails (opportunistic TLS)", function()
+    local res = assert(deliver(opts { "t@badtls.test" }))
+    assert.equal("sent", res[1].status)
+    assert.equal("mx2.two.test", res[1].host)
+    assert.equal(0, #s6:transactions())
+  end)
+
+  it("tries equal-preference hosts in the order the injected random source gives", function()
+    local res = assert(deliver(opts({ "e@eq.test" }, { random = function(n) return n end })))
+    assert.equal("a.eq.test", res[1].host)
+    res = assert(deliver(opts({ "e@eq.test" }, { random = function() return 1 end })))
+    assert.equal("b.eq.test", res[1].host)
+    assert.equal("127.0.0.5", res[1].address)
   end)
 
   it("fails a null MX domain permanently without connecting", function()

@@ -119,6 +119,7 @@ describe("dkim.sign", function()
       local got = S.parse(wire, k[alg .. "_record"])
       for i, r in ipairs(got) do
         assert.is_true(r.verify, alg .. " message " .. i .. "\n" .. raws[i]:sub(1, 600))
+        assert.same({}, r.defects, alg .. " message " .. i)
       end
     end
   end)

@@ -2,8 +2,15 @@
 -- bound, waiting for them, and TLS material made at test time.
 local helper = {}
 
+-- Under `make test-asan` the interpreter runs with the ASan runtime preloaded. Peers (curl, nginx,
+-- python, dnsmasq) must not inherit it: some deadlock or die under it. Our own Lua processes need it.
+local PRELOAD_VARS = { "LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS" }
+local strip = "unset " .. table.concat(PRELOAD_VARS, " ") .. "; "
+helper.preload = {}
+for _, v in ipairs(PRELOAD_VARS) do helper.preload[v] = os.getenv(v) end
+
 local function sh(cmd)
-  local p = assert(io.popen(cmd, "r"))
+  local p = assert(io.popen(strip .. cmd, "r"))
   local out = p:read("a") or p:read("*a")
   local ok, _, code = p:close()
   return out, ok, code
@@ -76,9 +83,18 @@ function helper.spawn(argv, opts)
   for i, a in ipairs(argv) do parts[i] = q(a) end
   local log = opts.log or (helper.tmpdir() .. "/out.log")
   local env = ""
+  -- Our own Lua (lua5.4, luajit, bin/lua-smtp) keeps the sanitizer runtime; peers do not.
+  local ours = opts.preload
+  if ours == nil then
+    local a1 = argv[1] or ""
+    ours = a1:match("^lua") or a1:match("/lua[%d.]*$") or a1:match("luajit$") or a1:match("bin/lua%-smtp$")
+  end
+  if ours then
+    for k, v in pairs(helper.preload) do env = env .. k .. "=" .. q(v) .. " " end
+  end
   for k, v in pairs(opts.env or {}) do env = env .. k .. "=" .. q(v) .. " " end
   local cmd = string.format("%s exec timeout -s TERM %d %s >%s 2>&1 </dev/null & echo $!",
-    env ~= "" and ("env " .. env) or "", opts.limit or 600, table.concat(parts, " "), q(log))
+    env, opts.limit or 600, table.concat(parts, " "), q(log))
   if opts.cwd then cmd = "cd " .. q(opts.cwd) .. " && " .. cmd end
   local pid = tonumber((sh("sh -c " .. q(cmd))))
   assert(pid, "spawn failed: " .. cmd)

@@ -218,6 +218,17 @@ describe("message.new", function()
     assert.is_true(peak - base < 8 * 1024, "heap grew by " .. (peak - base) .. " KB")
   end)
 
+  it("raises an invalid error when an attachment file goes away before it is produced", function()
+    local dir = helper.tmpdir()
+    helper.write(dir .. "/gone.txt", "data")
+    local m = assert(message.new{ from = "a@example.com", attachments = { { path = dir .. "/gone.txt" } } })
+    os.remove(dir .. "/gone.txt")
+    local ok, err = pcall(function() return m:tostring() end)
+    assert.is_false(ok)
+    assert.equal("invalid", err.kind)
+    assert.matches("cannot be read", err.text)
+  end)
+
   describe("refuses bad input with kind invalid", function()
     local function bad(o, pattern)
       o.from = o.from or "a@example.com"

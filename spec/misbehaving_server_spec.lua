@@ -135,6 +135,17 @@ describe("against misbehaving servers", function()
     assert.is_true(err.temporary)
   end)
 
+  it("never ends the data when the message source fails midway", function()
+    local n = 0
+    local res, err, got = run({ { "send", "220 fake\r\n" }, { "line" }, EHLO, { "line" }, { "line" }, { "line" },
+      { "send", "250 ok\r\n250 ok\r\n354 go\r\n" } },
+      { message = function() n = n + 1; if n == 1 then return "Subject: x\r\n\r\npart\r\n" end error("disk on fire") end })
+    assert.is_nil(res)
+    assert.equal("invalid", err.kind)
+    assert.equal("message source failed: disk on fire", err.text:gsub("^.-:%d+: ", "message source failed: "))
+    assert.is_nil(got:find("\r\n.\r\n", 1, true))
+  end)
+
   it("honours the phase timeout when the server stops answering, and sends no QUIT", function()
     local res, err, got, took = run({ { "send", "220 fake\r\n" }, { "line" }, EHLO_PLAIN, { "line" }, { "sleep", 30 } },
       { timeout = { mail = 1 } })
@@ -173,6 +184,91 @@ describe("against misbehaving servers", function()
     assert.is_nil(res)
     assert.equal("invalid", err.kind)
     assert.equal("#CONNECT\nEHLO client.test\r\nQUIT\r\n", got)
+  end)
+
+  it("send_many pipelines the next transaction behind the end-of-data and RSETs after a failed one", function()
+    f.script { { "send", "220 fake\r\n" }, { "line" }, EHLO, { "line" }, { "line" }, { "line" },
+      { "send", "250 ok\r\n550 5.1.1 no such user\r\n554 5.5.1 no valid recipients\r\n" },
+      { "line" }, { "line" }, { "line" }, { "line" }, { "send", "250 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n" },
+      { "data" }, { "line" }, { "line" }, { "line" },
+      { "send", "250 2.0.0 first\r\n250 ok\r\n250 ok\r\n354 go\r\n" }, { "data" },
+      { "send", "250 2.0.0 second\r\n" }, { "line" }, { "send", "221 bye\r\n" } }
+    local conn = assert(smtp.connect { server = "127.0.0.1", port = f.port, tls = "none", helo = "client.test", timeout = 5 })
+    local results = conn:send_many {
+      { from = "a@example.com", to = "bad@example.org", message = "one\r\n" },
+      { from = "a@example.com", to = "b@example.org", message = "two\r\n" },
+      { from = "a@example.com", to = "\r\nbad", message = "never" },
+      { from = "a@example.com", to = "c@example.org", message = "three" },
+    }
+    conn:close()
+    require("helper").sleep(0.2)
+    assert.equal("rejected", results[1].kind)
+    assert.equal(550, results[1].code)
+    assert.equal("2.0.0", results[2].reply.enhanced)
+    assert.equal("first", results[2].reply.text)
+    assert.equal("invalid", results[3].kind)
+    assert.equal("second", results[4].reply.text)
+    assert.equal("#CONNECT\nEHLO client.test\r\n" ..
+      "MAIL FROM:<a@example.com> BODY=8BITMIME\r\nRCPT TO:<bad@example.org>\r\nDATA\r\n" ..
+      "RSET\r\nMAIL FROM:<a@example.com> BODY=8BITMIME\r\nRCPT TO:<b@example.org>\r\nDATA\r\n" ..
+      "two\r\n.\r\nMAIL FROM:<a@example.com> BODY=8BITMIME\r\nRCPT TO:<c@example.org>\r\nDATA\r\n" ..
+      "three\r\n.\r\nQUIT\r\n", f.received())
+  end)
+
+  it("sends the whole small message as one pipelined BDAT LAST when CHUNKING is offered, DATA when opted out", function()
+    local body = "Subject: b\n\n.line\r\n"
+    local wire = "Subject: b\r\n\r\n.line\r\n"
+    local steps = { { "send", "220 fake\r\n" }, { "line" },
+      { "send", "250-fake\r\n250-PIPELINING\r\n250 CHUNKING\r\n" }, { "line" }, { "line" }, { "line" },
+      { "bytes", #wire }, { "send", "250 ok\r\n250 ok\r\n250 2.0.0 chunked\r\n" }, { "line" },
+      { "send", "221 bye\r\n" } }
+    local res, err, got = run(steps, { message = body })
+    assert.is_nil(err)
+    assert.equal("chunked", res.reply.text)
+    assert.equal("#CONNECT\nEHLO client.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n" ..
+      "BDAT " .. #wire .. " LAST\r\n" .. wire .. "QUIT\r\n", got)
+    steps = { { "send", "220 fake\r\n" }, { "line" },
+      { "send", "250-fake\r\n250-PIPELINING\r\n250 CHUNKING\r\n" }, { "line" }, { "line" }, { "line" },
+      { "send", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "data" }, { "send", "250 2.0.0 data\r\n" }, { "line" },
+      { "send", "221 bye\r\n" } }
+    res, err, got = run(steps, { message = body, chunking = false })
+    assert.is_nil(err)
+    assert.equal("data", res.reply.text)
+    assert.equal("#CONNECT\nEHLO client.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n" ..
+      "DATA\r\nSubject: b\r\n\r\n..line\r\n.\r\nQUIT\r\n", got)
+  end)
+
+  it("calls auth.token for a fresh token and prefers OAUTHBEARER; plaintext AUTH only to loopback", function()
+    local b64 = function(x)
+      local out = require("helper").sh("printf %s " .. require("helper").quote(x) .. " | base64 -w0")
+      return out
+    end
+    local calls = 0
+    local res, err, got = run({ { "send", "220 fake\r\n" }, { "line" },
+      { "send", "250-fake\r\n250-PIPELINING\r\n250 AUTH PLAIN XOAUTH2 OAUTHBEARER\r\n" }, { "line" },
+      { "send", "235 2.7.0 ok\r\n" }, { "line" }, { "line" }, { "line" },
+      { "send", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "data" }, { "send", "250 ok\r\n" }, { "line" },
+      { "send", "221 bye\r\n" } },
+      { auth = { user = "u@example.com", token = function() calls = calls + 1; return "tok" .. calls end } })
+    assert.is_nil(err)
+    assert.equal(250, res.reply.code)
+    assert.equal(1, calls)
+    assert.equal("OAUTHBEARER", res.server.auth)
+    assert.truthy(got:find("AUTH OAUTHBEARER " .. b64("n,a=u@example.com,\1auth=Bearer tok1\1\1") .. "\r\n", 1, true))
+  end)
+
+  it("refuses CR/LF in low-level command parameters without writing them", function()
+    f.script { { "send", "220 fake\r\n" }, { "line" }, EHLO_PLAIN, { "line" }, { "send", "221 bye\r\n" } }
+    local conn = assert(smtp.connect { server = "127.0.0.1", port = f.port, tls = "none", helo = "client.test", timeout = 5 })
+    local r, err = conn:mail("a@example.com", "X=1\r\nRSET")
+    assert.is_nil(r)
+    assert.equal("invalid", err.kind)
+    r, err = conn:rcpt("b@example.org\r\nDATA")
+    assert.is_nil(r)
+    assert.equal("invalid", err.kind)
+    conn:close()
+    require("helper").sleep(0.2)
+    assert.equal("#CONNECT\nEHLO client.test\r\nQUIT\r\n", f.received())
   end)
 
   describe("invalid input opens no connection", function()

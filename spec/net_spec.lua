@@ -294,12 +294,19 @@ describe("smtp.transport.native resolving names through smtp.dns", function()
     pending("smtp.dns is not there yet")
     return
   end
-  local dnsmasq = require "support.dnsmasq"
   local ns
   setup(function()
-    ns = dnsmasq.start { "--host-record=both.test,127.0.0.1,::1", "--host-record=v4.test,127.0.0.1" }
+    -- dnsmasq as in support/dnsmasq.lua, but with LD_PRELOAD cleared: under `make test-asan` the
+    -- sanitizer runtime preloaded into the interpreter must not leak into the peer.
+    local port = helper.free_port("127.0.0.1")
+    local proc = helper.spawn({ "env", "-u", "LD_PRELOAD", "/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
+      "--no-resolv", "--no-hosts", "--port=" .. port, "--listen-address=127.0.0.1", "--bind-interfaces",
+      "--pid-file=", "--local=/test/", "--host-record=both.test,127.0.0.1,::1",
+      "--host-record=v4.test,127.0.0.1" }, { limit = 120 })
+    assert(helper.wait_port("127.0.0.1", port, 10), "dnsmasq did not start: " .. proc:output())
+    ns = { proc = proc, nameserver = "127.0.0.1:" .. port }
   end)
-  teardown(function() support.stop(ns.proc) end)
+  teardown(function() if ns then support.stop(ns.proc) end end)
 
   it("tries each address of a name in turn, IPv6 and IPv4", function()
     for _, host in ipairs { "::1", "127.0.0.1" } do

@@ -127,6 +127,20 @@ describe("smtp.send with aiosmtpd", function()
     assert.equal("Subject: fn\r\n\r\na\r\nb\r\n", peer.messages()[#peer.messages()].data)
   end)
 
+  it("sends a real smtp.message: envelope from its headers, Bcc only in the envelope, Message-ID in the result", function()
+    local message = require "smtp.message"
+    local msg = assert(message.new { from = "Alice <alice@example.com>", to = { "bob@example.org" },
+      bcc = { "hidden@example.org" }, subject = "Grüße", text = "hello\n.\nbye\n" })
+    local res, err = smtp.send { server = "localhost", port = peer.port, cafile = peer.ca, message = msg, timeout = 10 }
+    assert.is_nil(err)
+    assert.same({ "bob@example.org", "hidden@example.org" }, res.accepted)
+    assert.equal(msg.message_id, res.message_id)
+    local m = peer.messages()[#peer.messages()]
+    assert.equal("alice@example.com", m.from)
+    assert.equal(msg:tostring(), m.data)
+    assert.is_nil(m.data:find("hidden@", 1, true))
+  end)
+
   it("sends an smtp.message-like object with its envelope", function()
     local msg = {
       envelope = function() return "env@example.com", { "r1@example.org", "r2@example.org" } end,
@@ -145,6 +159,69 @@ describe("smtp.send with aiosmtpd", function()
   end)
 end)
 
+describe("lua-smtp send", function()
+  local peer
+  setup(function() peer = peers.aiosmtpd() end)
+  teardown(function() if peer then peer.stop() end end)
+
+  local function cli(args)
+    local function sink()
+      local t = {}
+      return { write = function(self, ...) for _, v in ipairs { ... } do t[#t + 1] = v end return self end,
+        text = function() return table.concat(t) end }
+    end
+    local out, err = sink(), sink()
+    local code = require("smtp.cli.send").main(args, out, err)
+    return code, out.text(), err.text()
+  end
+
+  it("exits 2 on usage errors", function()
+    local code, _, err = cli { "--server", "localhost:1", "--to", "b@example.org" }
+    assert.equal(2, code)
+    assert.truthy(err:find("--from is required", 1, true))
+    assert.equal(2, (cli { "--bogus" }))
+    assert.equal(2, (cli { "--server", "localhost:1", "--from", "a@b.test", "--to", "x\r\n@y" }))
+  end)
+
+  it("sends a raw file with STARTTLS and exits 0", function()
+    local path = helper.tmpdir() .. "/raw.eml"
+    helper.write(path, "Subject: cli\n\nraw body\n")
+    local code, out = cli { "--server", "localhost:" .. peer.port, "--cafile", peer.ca, "--from", "a@example.com",
+      "--to", "b@example.org", "c@example.org", "--raw", path, "--timeout", "10" }
+    assert.equal(0, code)
+    assert.equal("sent: 250 2.0.0 OK queued as X1\n  accepted: b@example.org\n  accepted: c@example.org\n", out)
+    local m = peer.messages()[#peer.messages()]
+    assert.same({ "b@example.org", "c@example.org" }, m.to)
+    assert.equal("Subject: cli\r\n\r\nraw body\r\n", m.data)
+  end)
+
+  it("sends to every address of --to-file in its own transaction over several sessions, with --json", function()
+    local path = helper.tmpdir() .. "/rcpts"
+    helper.write(path, "r1@example.org\n# comment\n\nreject9@example.org\nr2@example.org\nlater@example.org\n")
+    local before = #peer.messages()
+    local code, out, err = cli { "--server", "localhost:" .. peer.port, "--cafile", peer.ca, "--from", "a@example.com",
+      "--to-file", path, "--concurrency", "3", "--subject", "bulk", "--body", "hi", "--timeout", "10" }
+    assert.equal(1, code)
+    assert.truthy(out:find("r1@example.org: sent 250 2.0.0 OK queued as X1\n", 1, true))
+    assert.truthy(err:find("reject9@example.org: failed 550 5.1.1 no such user here\n", 1, true))
+    assert.truthy(err:find("later@example.org: deferred 450 4.2.1 try again later\n", 1, true))
+    assert.truthy(out:find("sent 2, failed 1, deferred 1\n", 1, true))
+    assert.equal(before + 2, #peer.messages())
+    helper.write(path, "r1@example.org\n")
+    code, out = cli { "--server", "localhost:" .. peer.port, "--cafile", peer.ca, "--from", "a@example.com",
+      "--to-file", path, "--json", "--subject", "bulk", "--body", "hi", "--timeout", "10" }
+    assert.equal(0, code)
+    assert.equal('[{"recipient":"r1@example.org","status":"sent","code":250,"enhanced":"2.0.0","text":"OK queued as X1"}]\n', out)
+  end)
+
+  it("composes a message and exits 1 with the reason when a recipient is refused", function()
+    local code, _, err = cli { "--server", "localhost:" .. peer.port, "--cafile", peer.ca, "--from", "a@example.com",
+      "--to", "reject@example.org", "--subject", "s", "--body", "hello", "--timeout", "10" }
+    assert.equal(1, code)
+    assert.truthy(err:find("reject@example.org: 550 5.1.1 no such user here", 1, true))
+  end)
+end)
+
 describe("smtp.connect with smtp-sink", function()
   local sink
   setup(function() sink = peers.sink() end)
@@ -160,6 +237,24 @@ describe("smtp.connect with smtp-sink", function()
       if res and res.reply.code == 250 then ok = ok + 1 end
     end
     assert.equal(1000, ok)
+    conn:close()
+  end)
+
+  it("sends a batch with send_many, one result per message", function()
+    local conn = assert(smtp.connect { server = "127.0.0.1", port = sink.port, tls = "none", timeout = 10 })
+    local batch = {}
+    for i = 1, 50 do
+      batch[i] = { from = "a@example.com", to = { "b@example.org", "c@example.org" },
+        message = "Message-ID: <" .. i .. "@x>\r\n\r\nbody " .. i .. "\r\n" }
+    end
+    local results = conn:send_many(batch)
+    assert.equal(50, #results)
+    for i, r in ipairs(results) do
+      assert.is_nil(r.kind)
+      assert.equal(250, r.reply.code)
+      assert.same({ "b@example.org", "c@example.org" }, r.accepted)
+      assert.equal("<" .. i .. "@x>", r.message_id)
+    end
     conn:close()
   end)
 

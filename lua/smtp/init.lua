@@ -60,7 +60,8 @@ local function check_address(a, what, allow_null)
 end
 M.check_address = check_address
 
-local function non_ascii(s) return s:find("[\128-\255]") ~= nil end
+local has_8bit = core.has_8bit
+local function non_ascii(s) return has_8bit(s) end
 
 -- xtext (RFC 3461 §4): '+', '=' and anything outside 33..126 as +XX.
 local function xtext(s)
@@ -214,10 +215,20 @@ local function is_message(m)
   return (type(m) == "table" or type(m) == "userdata") and type(m.source) == "function"
 end
 
--- The header section of a raw string (for Message-ID and the SMTPUTF8 decision).
+-- The header section of a raw message (for Message-ID and the SMTPUTF8 decision): up to the
+-- first empty line, at most 16 KB. Plain finds: this runs once per message.
 local function headers_of(s)
-  local e = s:find("\r?\n\r?\n")
-  return e and s:sub(1, e) or s
+  local a, b = s:find("\n\r\n", 1, true), s:find("\n\n", 1, true)
+  local e = (a and b) and math.min(a, b) or a or b
+  if e then return s:sub(1, e) end
+  return #s > 16384 and s:sub(1, 16384) or s
+end
+
+local function message_id_of(chunk)
+  local h = headers_of(chunk)
+  if not (h:find("essage-", 1, true) or h:find("ESSAGE-", 1, true)) then return nil end
+  return h:match("\n[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)") or
+    h:match("^[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)")
 end
 
 -- -> iterator of chunks, size or nil
@@ -238,7 +249,11 @@ local function source_of(m)
       if last then size = last - here end
       m:seek("set", here)
     end
-    return function() return m:read(65536) end, size
+    return function()
+      local d, err = m:read(65536)
+      if d == nil and err then error(err, 0) end  -- a read error must not end the message early
+      return d
+    end, size
   elseif t == "function" then
     return m, nil
   elseif is_message(m) then
@@ -408,6 +423,7 @@ end
 
 -- EHLO (HELO when EHLO is refused): the extensions table.
 function Conn:_hello()
+  self._info = nil
   local r, err = command(self, "ehlo", self.engine.ehlo, self.cfg.helo)
   if not r then return nil, err end
   if r.code >= 500 and r.code <= 502 then
@@ -494,6 +510,7 @@ function Conn:_auth()
     return nil, reply_error("auth", r, "auth")
   end
   self.auth_mechanism = mech
+  self._info = nil
   return true
 end
 
@@ -570,12 +587,16 @@ function Conn:extensions()
 end
 
 function Conn:info()
+  if self._info then return self._info end
   local info = self.sock and self.sock.info and self.sock:info() or {}
   local ext = {}
   for k, v in pairs(self.ext or {}) do ext[k] = v end
-  return { host = self.cfg.server, port = self.cfg.port, address = info.address or self.address,
+  local i = { host = self.cfg.server, port = self.cfg.port, address = info.address or self.address,
     tls = self.tls and (info.version or true) or false, cipher = info.cipher, extensions = ext,
     auth = self.auth_mechanism }
+  -- shared by every result of this session until the next EHLO
+  self._info = i
+  return i
 end
 
 -- Lower-level session methods: each returns the reply table, or nil, err.
@@ -621,21 +642,21 @@ function Conn:noop()
 end
 
 -- Streams a body after DATA's 354; the last body bytes and the end-of-data go in one write.
-function Conn:_body(src)
+function Conn:_body(src, keep)
   local e = self.engine
   local id, head = nil, true
   while true do
-    local chunk = src()
-    if chunk == nil then break end
-    if type(chunk) ~= "string" then
+    local okc, chunk = pcall(src)
+    if okc and chunk == nil then break end
+    if not okc or type(chunk) ~= "string" then
+      -- close without the end-of-data: the server must not take a truncated message
       self:_abort()
-      return invalid("message source gave a " .. type(chunk) .. " instead of a string")
+      return invalid(okc and ("message source gave a " .. type(chunk) .. " instead of a string")
+        or ("message source failed: " .. tostring(chunk)))
     end
     if head then
       -- the Message-ID from the header section of the first chunk, for the result
-      local h = chunk:find("\r?\n\r?\n") and chunk:sub(1, chunk:find("\r?\n\r?\n")) or chunk
-      id = h:match("\n[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)") or
-        h:match("^[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)")
+      id = message_id_of(chunk)
       head = false
     end
     e:body(chunk)
@@ -645,6 +666,7 @@ function Conn:_body(src)
     end
   end
   e:body_end()
+  if keep then return true, id end  -- the caller adds the next commands to this write
   local ok, err = self:_flush("data_block")
   if not ok then return nil, err end
   return true, id
@@ -729,12 +751,13 @@ local function bdat_pieces(src)
 end
 
 -- One transaction; `tx` comes from message_config.
-function Conn:_transaction(tx)
-  local ext, e = self.ext, self.engine
+-- MAIL parameters for one transaction (SIZE, BODY, SMTPUTF8, DSN RET/ENVID), or nil, err for
+-- what the server cannot take (SMTPUTF8 missing, over its SIZE): refused before any byte.
+function Conn:_mail_params(tx, size)
+  local ext = self.ext
   if tx.smtputf8 and not ext.SMTPUTF8 then
     return invalid("the message needs SMTPUTF8 (non-ASCII address or header) and the server does not offer it")
   end
-  local src, size = source_of(tx.message)
   local mparams = {}
   if ext.SIZE then
     local limit = tonumber(ext.SIZE:match("^%d+"))
@@ -753,9 +776,26 @@ function Conn:_transaction(tx)
     if dsn.ret then mparams[#mparams + 1] = "RET=" .. dsn.ret end
     if dsn.envid then mparams[#mparams + 1] = "ENVID=" .. dsn.envid end
   end
+  return #mparams > 0 and concat(mparams, " ") or false, dsn
+end
+
+local function rcpt_params(dsn, rcpt)
+  if not dsn then return nil end
+  local rp = {}
+  if dsn.notify then rp[#rp + 1] = "NOTIFY=" .. dsn.notify end
+  if dsn.orcpt and not non_ascii(rcpt) then rp[#rp + 1] = "ORCPT=rfc822;" .. xtext(rcpt) end
+  return #rp > 0 and concat(rp, " ") or nil
+end
+
+-- One transaction; `tx` comes from message_config.
+function Conn:_transaction(tx)
+  local ext, e = self.ext, self.engine
+  local src, size = source_of(tx.message)
+  local mp, dsn = self:_mail_params(tx, size)
+  if mp == nil then return nil, dsn end
   local pipelining = ext.PIPELINING and self.cfg.pipelining
   local bdat = ext.CHUNKING and self.cfg.chunking
-  local ok, err = e:mail(tx.from, #mparams > 0 and concat(mparams, " ") or nil)
+  local ok, err = e:mail(tx.from, mp or nil)
   if not ok then return invalid(err) end
   local function step(phase)
     if pipelining then return true end
@@ -782,12 +822,7 @@ function Conn:_transaction(tx)
     end
   end
   for _, rcpt in ipairs(tx.to) do
-    local rp = {}
-    if dsn then
-      if dsn.notify then rp[#rp + 1] = "NOTIFY=" .. dsn.notify end
-      if dsn.orcpt and not non_ascii(rcpt) then rp[#rp + 1] = "ORCPT=rfc822;" .. xtext(rcpt) end
-    end
-    ok, err = e:rcpt(rcpt, #rp > 0 and concat(rp, " ") or nil)
+    ok, err = e:rcpt(rcpt, rcpt_params(dsn, rcpt))
     if not ok then return invalid(err) end
     if not pipelining then
       local fok, ferr = step("rcpt")
@@ -860,8 +895,7 @@ function Conn:_transaction(tx)
       end
       sent_first = false
       if not id then
-        id = piece:sub(1, 65536):match("\n[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)") or
-          piece:match("^[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)") or false
+        id = message_id_of(piece) or false
       end
       local r, rerr = self:_reply(last and "data_end" or "data_block")
       if not r then return nil, rerr end
@@ -907,7 +941,7 @@ function Conn:_transaction(tx)
   return {
     accepted = accepted, rejected = rejected,
     reply = { code = final.code, enhanced = final.enhanced, text = final.text },
-    message_id = id or nil,
+    message_id = (is_message(tx.message) and tx.message.message_id) or id or nil,
     server = self:info(),
   }
 end
@@ -921,6 +955,145 @@ function Conn:send(opts)
   ok, err = alive(self, "send")
   if not ok then return nil, err end
   return self:_transaction(tx)
+end
+
+-- conn:send_many{ opts1, opts2, ... } -> a list with, for each, the result conn:send would give
+-- or its error (an smtp.errors table: check `.kind`). With PIPELINING (and no BDAT) the next
+-- message's MAIL, RCPT and DATA go in the same write as the previous body's end-of-data, so a
+-- message costs one round trip.
+function Conn:send_many(list)
+  if getmetatable(self) ~= Conn then error("bad self to 'send_many' (smtp connection expected)", 2) end
+  if type(list) ~= "table" then error("bad argument #1 to 'send_many' (list expected)", 2) end
+  local out, txs = {}, {}
+  for i, o in ipairs(list) do
+    local tx, err = message_config(o, "send_many")
+    if tx then txs[i] = tx else out[i] = err end
+  end
+  local n = #list
+  local ok, aerr = alive(self, "send")
+  if not ok then
+    for i = 1, n do out[i] = out[i] or aerr end
+    return out
+  end
+  local ext, e = self.ext, self.engine
+  if not (ext.PIPELINING and self.cfg.pipelining) or (ext.CHUNKING and self.cfg.chunking) then
+    for i = 1, n do
+      if txs[i] then
+        local res, err = self:_transaction(txs[i])
+        out[i] = res or err
+      end
+    end
+    return out
+  end
+  local q, head = {}, 1          -- what each queued command's reply means, in order
+  local nxt = 1
+  local function queue_next()
+    while nxt <= n do
+      local i = nxt
+      nxt = nxt + 1
+      local tx = txs[i]
+      if tx then
+        local src, size = source_of(tx.message)
+        local mp, dsn = self:_mail_params(tx, size)
+        if mp == nil then
+          out[i] = dsn
+        else
+          local st = { i = i, tx = tx, src = src, accepted = {}, rejected = {} }
+          local mok, merr = e:mail(tx.from, mp or nil)
+          if not mok then out[i] = select(2, invalid(merr)) else
+            q[#q + 1] = { "mail", st }
+            for _, rcpt in ipairs(tx.to) do
+              e:rcpt(rcpt, rcpt_params(dsn, rcpt))
+              q[#q + 1] = { "rcpt", st, rcpt }
+            end
+            e:data()
+            q[#q + 1] = { "data", st }
+            return true
+          end
+        end
+      end
+    end
+    return false
+  end
+  local function rejected_err(st)
+    local first = st.rejected[1]
+    return new_error { kind = "rejected", phase = "rcpt", code = first and first.code,
+      enhanced = first and first.enhanced, text = first and first.text or "every recipient was rejected",
+      rejected = st.rejected, temporary = first and first.code < 500 or false }
+  end
+  local phase_of = { mail = "mail", rcpt = "rcpt", data = "data", ["end"] = "data_end", rset = "mail" }
+  queue_next()
+  local fok, ferr = self:_flush("mail")
+  if not fok then
+    for i = 1, n do out[i] = out[i] or ferr end
+    return out
+  end
+  while head <= #q do
+    local x = q[head]
+    local r, err = self:_reply(phase_of[x[1]])
+    if not r then
+      for i = 1, n do out[i] = out[i] or err end
+      return out
+    end
+    head = head + 1
+    local kind, st = x[1], x[2]
+    if kind == "mail" then
+      st.mail = r
+    elseif kind == "rcpt" then
+      if r.code >= 200 and r.code < 300 then st.accepted[#st.accepted + 1] = x[3]
+      else st.rejected[#st.rejected + 1] = entry(x[3], r) end
+    elseif kind == "data" then
+      if r.code == 354 then
+        if st.mail.code == 250 and #st.accepted > 0 then
+          local bok, id = self:_body(st.src, true)
+          if not bok then
+            for i = 1, n do out[i] = out[i] or id end
+            return out
+          end
+          st.id = id
+        else
+          e:body_end()
+          st.empty = true
+        end
+        q[#q + 1] = { "end", st }
+      else
+        if st.mail.code ~= 250 then
+          out[st.i] = reply_error("rejected", st.mail, "mail", { rejected = st.rejected })
+        elseif #st.accepted == 0 then
+          out[st.i] = rejected_err(st)
+        else
+          out[st.i] = reply_error("rejected", r, "data", { rejected = st.rejected })
+        end
+        e:rset()
+        q[#q + 1] = { "rset" }
+      end
+      queue_next()
+      fok, ferr = self:_flush("data_block")
+      if not fok then
+        for i = 1, n do out[i] = out[i] or ferr end
+        return out
+      end
+    elseif kind == "end" then
+      if st.empty or #st.accepted == 0 then
+        out[st.i] = rejected_err(st)
+      elseif r.code ~= 250 then
+        out[st.i] = reply_error("rejected", r, "data_end", { rejected = st.rejected })
+      else
+        local m = st.tx.message
+        out[st.i] = { accepted = st.accepted, rejected = st.rejected,
+          reply = { code = r.code, enhanced = r.enhanced, text = r.text },
+          message_id = (is_message(m) and m.message_id) or st.id or nil, server = self:info() }
+      end
+    elseif kind == "rset" then
+      if r.code ~= 250 then
+        self:_abort()
+        local err2 = reply_error("closed", r, "mail", { temporary = true })
+        for i = 1, n do out[i] = out[i] or err2 end
+        return out
+      end
+    end
+  end
+  return out
 end
 
 -- smtp.send{...}: connect, one transaction, QUIT. Everything is checked before connecting.

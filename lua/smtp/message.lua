@@ -166,6 +166,7 @@ local function check_address(a)
   if #l > 64 then return nil, "local part over 64 octets: " .. a end
   if #d > 255 then return nil, "domain over 255 octets: " .. a end
   if #a > 254 then return nil, "address over 254 octets" end
+  if not is_ascii(a) and not core.utf8_valid(a) then return nil, "address is not UTF-8" end
   -- dot-atom local part (UTF-8 allowed: RFC 6532); no quoted local parts
   for atom in (l .. "."):gmatch("(.-)%.") do
     if atom == "" or not atom:gsub("[\128-\255]", "a"):match(atext) then
@@ -641,18 +642,21 @@ function Message:_signature()
 end
 
 -- msg:source() -> iterator of chunks (nil at the end). An attachment file that went away
--- since message.new raises, since the bytes already handed out cannot be taken back.
+-- since message.new raises an smtp.errors value (kind "invalid"): returning nil would read as
+-- the end of the message and send it cut short.
 function Message:source()
   local co = coroutine.wrap(function()
     local put, flush = buffered(coroutine.yield)
     if self.signer then
       local sig, err = self:_signature()
-      if not sig then error(tostring(err), 0) end
+      if not sig then
+        error(errors.is(err) and err or errors.new{ kind = "invalid", text = "message: " .. tostring(err) }, 0)
+      end
       put(sig)
     end
     put(self:_header_block())
     local ok, err = emit_body(self.body, put, true)
-    if not ok then error(err, 0) end
+    if not ok then error(errors.new{ kind = "invalid", text = "message: " .. err }, 0) end
     flush()
   end)
   local done = false

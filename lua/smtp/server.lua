@@ -11,6 +11,26 @@ local DEFAULTS = {
 }
 
 local function transport() return require "smtp.transport.native" end
+
+-- Reads what the client sent, waiting at most `timeout` of idleness. The transport's own read
+-- closes the connection on a timeout; the server must still say 421 first, so it waits itself.
+local function read_idle(conn, timeout, max)
+  local sock = conn.sock
+  if not sock then return nil, "closed" end
+  local wait = require "smtp.wait"
+  local deadline = core.now() + timeout
+  while true do
+    local chunk, e = sock:read(max)
+    if chunk then return chunk end
+    if e == "wantread" or e == "wantwrite" then
+      local ok, werr = wait.fd(conn.fd, e == "wantread" and "r" or "w", deadline)
+      if not ok then return nil, werr end
+      if not conn.sock then return nil, "closed" end
+    else
+      return nil, e
+    end
+  end
+end
 local function loop() return require "smtp.loop" end
 
 local function argerr(msg) error("bad argument #1 to 'listen' (" .. msg .. ")", 3) end
@@ -111,10 +131,10 @@ local function run_session(srv, conn, ip, port)
     local space = eng:space()
     if space == 0 then return true end
     rec.idle = true
-    local chunk, err = conn:read(timeout, space)
+    local chunk, err = read_idle(conn, timeout, space)
     rec.idle = false
     if not chunk then
-      if errors.is(err, "timeout") then
+      if err == "timeout" then
         eng:shutdown(421, "4.4.2", "Idle timeout, closing connection")
         flush()
       end
@@ -340,7 +360,7 @@ function M.listen(opts)
     local err
     local mk = t.tls_server_context
     if mk then
-      tls_ctx, err = mk(o.tls)
+      tls_ctx, err = mk { cert = o.tls.cert, key = o.tls.key }
     else
       tls_ctx, err = core.tls_context { mode = "server", cert = o.tls.cert, key = o.tls.key }
     end

@@ -33,6 +33,17 @@ if mode == "busy":
         print("ready", flush=True)
         await srv.serve_forever()
     asyncio.run(main())
+elif mode == "badtls":
+    # Offers STARTTLS but can only speak TLS 1.1, which the client refuses: the handshake fails.
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[5], sys.argv[6])
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    c = Controller(Handler(), hostname=host, port=port, ready_timeout=10, tls_context=ctx)
+    c.start()
+    print("ready", flush=True)
+    while True:
+        time.sleep(3600)
 else:
     c = Controller(Handler(), hostname=host, port=port, ready_timeout=10)
     c.start()
@@ -41,14 +52,14 @@ else:
         time.sleep(3600)
 ]]
 
--- M.start(ip, port, {mode="sink"|"busy", reject={"nobody"}}) -> handle with :stop() and
+-- M.start(ip, port, {mode="sink"|"busy"|"badtls", reject={"nobody"}, cert=, key=}) -> handle with :stop() and
 -- :transactions() (a list of {from=, to={...}, size=} in arrival order).
 function M.start(ip, port, o)
   o = o or {}
   local dir = helper.tmpdir()
   helper.write(dir .. "/sink.py", sink_py)
   local proc = helper.spawn(dnsmasq.argv_clean { helper.python, "-u", dir .. "/sink.py", ip, tostring(port),
-    o.mode or "sink", table.concat(o.reject or {}, ",") }, { limit = 300 })
+    o.mode or "sink", table.concat(o.reject or {}, ","), o.cert or "", o.key or "" }, { limit = 300 })
   for _ = 1, 200 do
     if proc:output():match("ready") or not proc:alive() then break end
     helper.sleep(0.05)

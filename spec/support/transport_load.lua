@@ -1,7 +1,8 @@
 -- Load scripts for the transport, run in a child interpreter (so the spec can raise the fd limit
 -- first) and by bench/idle.sh. Usage:
 --   transport_load.lua many N              N concurrent loop tasks, each a connect + round trip
---   transport_load.lua idle N              N idle loopback connections, both ends in this process
+--   transport_load.lua idle N [tls]        N idle loopback connections, both ends in this process
+--                                          (with "tls": each one TLS, handshake done)
 --   transport_load.lua server N DIR        accept N idle connections (port in DIR/port)
 --   transport_load.lua client N PORT DIR   open N idle connections to PORT
 --   transport_load.lua cqserver N DIR      the same as server, written with cqueues (the peer)
@@ -62,6 +63,13 @@ elseif mode == "idle" or mode == "server" or mode == "client" then
   local conns, parked = {}, 0
   local both = mode == "idle"
   local dir = arg[3]
+  local sctx, cctx
+  if both and arg[3] == "tls" then
+    dir = nil
+    local certs = require("helper").certs()
+    sctx = assert(native.tls_server_context { cert = certs.server, key = certs.server_key })
+    cctx = assert(native.tls_client_context { cafile = certs.ca })
+  end
   local function hold(c)
     conns[#conns + 1] = c
     parked = parked + 1
@@ -94,7 +102,11 @@ elseif mode == "idle" or mode == "server" or mode == "client" then
     loop.spawn(function()
       for _ = 1, n do
         local c = assert(l:accept(120))
-        loop.spawn(hold, c)
+        if sctx then
+          loop.spawn(function() assert(c:tls_accept(sctx, 60)); hold(c) end)
+        else
+          loop.spawn(hold, c)
+        end
       end
     end)
   end
@@ -104,6 +116,7 @@ elseif mode == "idle" or mode == "server" or mode == "client" then
     for _ = 1, n do
       loop.spawn(function()
         local s = assert(native.connect { host = "127.0.0.1", port = port, timeout = 60 })
+        if cctx then assert(s:starttls { ctx = cctx, servername = "localhost", timeout = 60 }) end
         hold(s)
       end)
     end
@@ -115,8 +128,8 @@ elseif mode == "idle" or mode == "server" or mode == "client" then
     end
     settle()
     local rss, lua = rss_kb(), collectgarbage("count")
-    print(("mode=%s connections=%d seconds=%s rss_kb=%d kb_per_connection=%s lua_kb_per_connection=%s"):format(
-      mode, n, fmt(core.now() - t0), rss - base_rss, fmt((rss - base_rss) / n), fmt((lua - base_lua) / n)))
+    print(("mode=%s%s connections=%d seconds=%s rss_kb=%d kb_per_connection=%s lua_kb_per_connection=%s"):format(
+      mode, sctx and "+tls" or "", n, fmt(core.now() - t0), rss - base_rss, fmt((rss - base_rss) / n), fmt((lua - base_lua) / n)))
     io.stdout:flush()
     if mode == "client" and dir then
       local f = assert(io.open(dir .. "/client.done", "w")); f:close()

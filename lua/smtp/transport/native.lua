@@ -49,6 +49,7 @@ local function resolve(host, opts, deadline)
   if is_ip(host) then return { (host:gsub("^%[(.*)%]$", "%1")) } end
   if dns_mod == nil then
     local ok, m = pcall(require, "smtp.dns")
+    if not ok and not tostring(m):find("module 'smtp.dns' not found", 1, true) then error(m, 0) end
     dns_mod = ok and type(m) == "table" and m.resolve and m or false
   end
   if dns_mod then
@@ -350,6 +351,8 @@ function M.connect(opts)
           break
         end
       end
+    elseif code == "EINVAL" and not sock then
+      return errors.invalid(("connect: not a usable address: %s"):format(addr))
     else
       last = errors.new { kind = "connect", text = ("%s port %d: %s"):format(addr, port, msg), errno = code }
     end

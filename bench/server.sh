@@ -1,0 +1,96 @@
+#!/bin/sh
+# Server benchmark: Postfix smtp-source (20 sessions, 20,000 messages of 4 KB, sessions reused)
+# against smtp.server with a counting on_message, Postfix smtp-sink, aiosmtpd's Sink and our
+# `lua-smtp sink` writing a Maildir, in the same run; then 5,000 idle connections held by
+# smtp.server and its memory per connection.
+set -u
+cd "$(dirname "$0")/.."
+top=$(pwd)
+LUA=${LUA:-lua5.4}
+build=$top/build/$LUA; [ "$LUA" = luajit ] || build=$top/build/lua5.4
+export LUA_PATH="$top/lua/?.lua;$top/lua/?/init.lua;;" LUA_CPATH="$build/?.so;;"
+MSGS=${MSGS:-20000}
+tmp=$(mktemp -d /tmp/lua-smtp-bench.XXXXXX)
+pids=""
+cleanup() { for p in $pids; do kill "$p" 2>/dev/null; done; rm -rf "$tmp"; }
+trap cleanup EXIT INT TERM
+ulimit -n 20000 2>/dev/null || true
+
+free_port() { /usr/bin/python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+wait_port() {
+  /usr/bin/python3 - "$1" <<'X'
+import socket, sys, time
+for _ in range(200):
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.5).close(); sys.exit(0)
+    except OSError:
+        time.sleep(0.05)
+sys.exit(1)
+X
+}
+now() { date +%s.%N; }
+
+cat > "$tmp/count.lua" <<'X'
+local server = require "smtp.server"
+local n = 0
+local srv = assert(server.listen { host = "127.0.0.1", port = tonumber(arg[1]), max_connections = 10000,
+  on_message = function() n = n + 1 return true end })
+srv:serve()
+X
+
+# run NAME: smtp-source against 127.0.0.1:$port, prints and stores msgs/s in $rate
+run() {
+  name=$1
+  t0=$(now)
+  /usr/sbin/smtp-source -s 20 -d -m "$MSGS" -l 4096 "127.0.0.1:$port" >"$tmp/$name.src" 2>&1 || echo "  smtp-source failed: $(cat "$tmp/$name.src")"
+  t1=$(now)
+  rate=$(echo "$MSGS $t0 $t1" | awk '{ printf "%.0f", $1 / ($3 - $2) }')
+  printf '  %-34s %6s msgs/s  (%d messages in %.2f s)\n' "$name" "$rate" "$MSGS" "$(echo "$t0 $t1" | awk '{print $2-$1}')"
+}
+
+echo "smtp-source -s 20 -d -m $MSGS -l 4096 ($LUA):"
+
+port=$(free_port)
+$LUA "$tmp/count.lua" "$port" & p=$!; pids="$pids $p"
+wait_port "$port"; run "smtp.server (counting on_message)"; ours=$rate; kill $p
+
+port=$(free_port)
+/usr/sbin/smtp-sink -u nobody "127.0.0.1:$port" 256 & p=$!; pids="$pids $p"
+wait_port "$port"; run "Postfix smtp-sink"; sink=$rate; kill $p
+
+port=$(free_port)
+/usr/bin/python3 -m aiosmtpd -n -l "127.0.0.1:$port" -c aiosmtpd.handlers.Sink & p=$!; pids="$pids $p"
+wait_port "$port"; run "aiosmtpd Sink"; aio=$rate; kill $p
+
+port=$(free_port)
+$LUA "$top/bin/lua-smtp" sink --listen "127.0.0.1:$port" --maildir "$tmp/Maildir" >/dev/null 2>&1 & p=$!; pids="$pids $p"
+wait_port "$port"; run "lua-smtp sink --maildir (fsync)"; md=$rate; kill $p
+files=$(ls "$tmp/Maildir/new" | wc -l)
+echo "  Maildir holds $files files for $MSGS messages"
+
+echo "$ours $sink $aio $md" | awk '{ printf "ratios: smtp.server / smtp-sink = %.2fx (target >= 0.6x), smtp.server / aiosmtpd = %.2fx (target >= 3x), sink to Maildir / smtp-sink = %.2fx\n", $1/$2, $1/$3, $4/$2 }'
+
+# 5,000 idle connections
+port=$(free_port)
+$LUA "$tmp/count.lua" "$port" & p=$!; pids="$pids $p"
+wait_port "$port"
+rss0=$(awk '/VmRSS/ {print $2}' /proc/$p/status)
+/usr/bin/python3 - "$port" "$p" <<'X'
+import socket, sys, time, resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
+port, pid = int(sys.argv[1]), sys.argv[2]
+conns = []
+for i in range(5000):
+    s = socket.create_connection(("127.0.0.1", port))
+    conns.append(s)
+greeted = 0
+for s in conns:
+    s.settimeout(10)
+    if s.recv(100).startswith(b"220 "): greeted += 1
+rss = int([l.split()[1] for l in open("/proc/%s/status" % pid) if l.startswith("VmRSS")][0])
+print("idle: %d connections open, %d greeted; server RSS now %d KB" % (len(conns), greeted, rss))
+open("/tmp/lua-smtp-bench-rss", "w").write(str(rss))
+X
+rss1=$(cat /tmp/lua-smtp-bench-rss 2>/dev/null || echo 0); rm -f /tmp/lua-smtp-bench-rss
+echo "$rss0 $rss1" | awk '{ printf "idle: RSS %d KB before, %d KB with 5,000 connections: %.1f KB per connection\n", $1, $2, ($2-$1)/5000 }'
+kill $p

@@ -1,0 +1,311 @@
+-- `lua-smtp send`: one message from the command line, through --server (smtp.send) or, without
+-- it, by direct delivery (smtp.deliver). Exit status 0 when every recipient accepted it, 1 when
+-- some or all did not (the reasons on stderr), 2 for usage errors.
+local M = {}
+
+local usage = [==[
+usage: lua-smtp send --server HOST[:PORT] [--tls starttls|implicit|opportunistic|none]
+                     [--user U --password P] [--allow-plaintext-auth]
+                     --from ADDR --to ADDR... [--cc ADDR...] [--bcc ADDR...] [--subject S]
+                     [--body TEXT | --body-file F] [--html-file F] [--attach FILE...] [--raw FILE]
+                     [--helo NAME] [--cafile F] [--insecure] [--timeout SECONDS]
+                     [--to-file FILE [--concurrency N]] [--json]
+Without --server the message goes straight to each recipient domain's MX hosts.
+--raw sends FILE as it is (line ends normalized); --from and --to are then the envelope.
+--to-file sends the message to each address in FILE (one a line) in its own transaction, over
+N sessions at once (--concurrency, default 1), printing one line per recipient and a summary.
+--json prints the results as one JSON array instead.
+Exit status: 0 accepted, 1 not accepted (reason on stderr), 2 usage error.]==]
+
+-- Options that take one value, options that take one or more values, and flags.
+local single = {
+  server = true, tls = true, user = true, password = true, from = true, subject = true, body = true,
+  ["body-file"] = true, ["html-file"] = true, raw = true, cafile = true, timeout = true, helo = true,
+  ["to-file"] = true, concurrency = true,
+}
+local multi = { to = true, cc = true, bcc = true, attach = true }
+local flags = { insecure = true, ["allow-plaintext-auth"] = true, json = true }
+
+local function parse(args)
+  local o = { to = {}, cc = {}, bcc = {}, attach = {} }
+  local i = 1
+  while i <= #args do
+    local a = args[i]
+    if a == "-h" or a == "--help" then return nil, "help" end
+    local name, inline = a:match("^%-%-([%w%-]+)=(.*)$")
+    name = name or a:match("^%-%-([%w%-]+)$")
+    if not name then return nil, "unexpected argument '" .. a .. "'" end
+    if flags[name] then
+      if inline then return nil, "--" .. name .. " takes no value" end
+      o[name] = true
+    elseif single[name] then
+      local v = inline
+      if not v then i = i + 1; v = args[i] end
+      if v == nil then return nil, "--" .. name .. " needs a value" end
+      if o[name] ~= nil then return nil, "--" .. name .. " given twice" end
+      o[name] = v
+    elseif multi[name] then
+      local list = o[name]
+      if inline then list[#list + 1] = inline end
+      while args[i + 1] and args[i + 1]:sub(1, 2) ~= "--" do
+        i = i + 1
+        list[#list + 1] = args[i]
+      end
+      if #list == 0 then return nil, "--" .. name .. " needs a value" end
+    else
+      return nil, "unknown option --" .. name
+    end
+    i = i + 1
+  end
+  return o
+end
+
+local function read_file(path)
+  local f, err = io.open(path, "rb")
+  if not f then return nil, err end
+  local d = f:read("*a")
+  f:close()
+  return d
+end
+
+-- The bare address of "Name <addr>" or "addr".
+local function bare(a)
+  return a:match("<([^>]*)>%s*$") or a
+end
+
+local function json_string(v)
+  return '"' .. tostring(v):gsub('[%c"\\]', function(c)
+    local map = { ['"'] = '\\"', ["\\"] = "\\\\", ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t" }
+    return map[c] or ("\\u%04x"):format(c:byte())
+  end) .. '"'
+end
+
+local function json_results(results)
+  local items = {}
+  for i, r in ipairs(results) do
+    local f = { '"recipient":' .. json_string(r.recipient), '"status":' .. json_string(r.status) }
+    if r.code then f[#f + 1] = '"code":' .. tostring(r.code) end
+    if r.enhanced then f[#f + 1] = '"enhanced":' .. json_string(r.enhanced) end
+    if r.text then f[#f + 1] = '"text":' .. json_string(r.text) end
+    if r.host then f[#f + 1] = '"host":' .. json_string(r.host) end
+    items[i] = "{" .. table.concat(f, ",") .. "}"
+  end
+  return "[" .. table.concat(items, ",") .. "]\n"
+end
+
+local function status_of(e)
+  return e.temporary and "deferred" or "failed"
+end
+
+-- One message to many recipients, one transaction each, over `n` sessions in smtp.loop.
+local function bulk(smtp, copts, message, from, rcpts, n, line)
+  local results, nexti = {}, 1
+  local function worker()
+    local conn
+    while nexti <= #rcpts do
+      local i = nexti
+      nexti = nexti + 1
+      local rcpt = rcpts[i]
+      local res, e
+      if not conn then conn, e = smtp.connect(copts) end
+      if conn then
+        res, e = conn:send { message = message, from = from, to = { rcpt } }
+        if not res and (e.kind == "closed" or e.kind == "timeout" or e.kind == "protocol") then
+          conn:close(); conn = nil
+        end
+      end
+      local r
+      if res then
+        r = { recipient = rcpt, status = "sent", code = res.reply.code, enhanced = res.reply.enhanced, text = res.reply.text }
+      else
+        local rej = e.rejected and e.rejected[1]
+        r = { recipient = rcpt, status = status_of(rej or e), code = rej and rej.code or e.code,
+          enhanced = rej and rej.enhanced or e.enhanced, text = rej and rej.text or e.text or tostring(e) }
+        if rej then r.status = rej.code < 500 and "deferred" or "failed" end
+      end
+      results[i] = r
+      line(r)
+    end
+    if conn then conn:close() end
+  end
+  local loop = require "smtp.loop"
+  for _ = 1, math.min(n, #rcpts) do loop.spawn(worker) end
+  loop.run()
+  return results
+end
+
+function M.main(args, out, err)
+  out, err = out or io.stdout, err or io.stderr
+  local o, perr = parse(args or {})
+  if not o then
+    if perr == "help" then out:write(usage, "\n"); return 0 end
+    err:write("lua-smtp send: ", perr, "\n", usage, "\n")
+    return 2
+  end
+  local function usage_error(msg)
+    err:write("lua-smtp send: ", msg, "\n", usage, "\n")
+    return 2
+  end
+  if not o.from then return usage_error("--from is required") end
+  local listed = {}
+  if o["to-file"] then
+    local text, ferr = read_file(o["to-file"])
+    if not text then err:write("lua-smtp send: ", tostring(ferr), "\n"); return 2 end
+    for l in text:gmatch("[^\r\n]+") do
+      l = l:match("^%s*(.-)%s*$")
+      if l ~= "" and l:sub(1, 1) ~= "#" then listed[#listed + 1] = l end
+    end
+    if #listed == 0 then return usage_error("--to-file lists no recipient") end
+  end
+  local concurrency = 1
+  if o.concurrency then
+    concurrency = tonumber(o.concurrency)
+    if not concurrency or concurrency < 1 or concurrency % 1 ~= 0 then
+      return usage_error("bad --concurrency '" .. o.concurrency .. "'")
+    end
+    if not o["to-file"] then return usage_error("--concurrency goes with --to-file") end
+  end
+  if #o.to + #o.cc + #o.bcc + #listed == 0 then return usage_error("--to is required") end
+  if o.body and o["body-file"] then return usage_error("--body and --body-file exclude each other") end
+  if o.raw and (o.body or o["body-file"] or o["html-file"] or #o.attach > 0 or o.subject) then
+    return usage_error("--raw excludes --subject, --body, --body-file, --html-file and --attach")
+  end
+  if (o.user == nil) ~= (o.password == nil) then return usage_error("--user and --password go together") end
+  local timeout
+  if o.timeout then
+    timeout = tonumber(o.timeout)
+    if not timeout or timeout <= 0 then return usage_error("bad --timeout '" .. o.timeout .. "'") end
+  end
+  local tls = o.tls
+  if tls and not ({ starttls = true, implicit = true, opportunistic = true, none = true })[tls] then
+    return usage_error("bad --tls '" .. tls .. "'")
+  end
+  local host, port
+  if o.server then
+    host, port = o.server:match("^%[(.+)%]:(%d+)$")
+    if not host then host, port = o.server:match("^([^:]+):(%d+)$") end
+    if not host then host = o.server:match("^%[(.+)%]$") or o.server end
+    port = port and tonumber(port)
+    if host == "" or (port and (port < 1 or port > 65535)) then return usage_error("bad --server '" .. o.server .. "'") end
+  end
+
+  local message, from, to
+  local envelope_to = {}
+  for _, list in ipairs { o.to, o.cc, o.bcc } do
+    for _, a in ipairs(list) do envelope_to[#envelope_to + 1] = bare(a) end
+  end
+  if o.raw then
+    local f, ferr = io.open(o.raw, "rb")
+    if not f then err:write("lua-smtp send: ", tostring(ferr), "\n"); return 2 end
+    message, from, to = f, bare(o.from), envelope_to
+  else
+    local text = o.body
+    if o["body-file"] then
+      local ferr
+      text, ferr = read_file(o["body-file"])
+      if not text then err:write("lua-smtp send: ", tostring(ferr), "\n"); return 2 end
+    end
+    local html
+    if o["html-file"] then
+      local ferr
+      html, ferr = read_file(o["html-file"])
+      if not html then err:write("lua-smtp send: ", tostring(ferr), "\n"); return 2 end
+    end
+    local attachments = {}
+    for _, p in ipairs(o.attach) do attachments[#attachments + 1] = { path = p } end
+    local mmod = require "smtp.message"
+    local merr
+    message, merr = mmod.new {
+      from = o.from, to = o.to, cc = o.cc, bcc = o.bcc, subject = o.subject or "",
+      text = text or (html == nil and "" or nil), html = html,
+      attachments = #attachments > 0 and attachments or nil,
+    }
+    if not message then
+      err:write("lua-smtp send: ", tostring(merr), "\n")
+      return (type(merr) == "table" and merr.kind == "invalid") and 2 or 1
+    end
+  end
+
+  local smtp = require "smtp"
+  if #listed > 0 then
+    local all = {}
+    for _, a in ipairs(envelope_to) do all[#all + 1] = a end
+    for _, a in ipairs(listed) do all[#all + 1] = bare(a) end
+    local env_from = from or bare(o.from)
+    local results
+    local function line(r)
+      if o.json then return end
+      local w = r.status == "sent" and out or err
+      w:write(("%s: %s %s %s %s\n"):format(r.recipient, r.status, tostring(r.code or ""), r.enhanced or "", r.text or ""))
+    end
+    if o.server then
+      if io.type(message) == "file" then
+        -- the same bytes go out once per recipient
+        local data = message:read("*a"); message:close(); message = data
+      end
+      results = bulk(smtp, {
+        server = host, port = port, tls = tls, auth = o.user and { user = o.user, password = o.password } or nil,
+        helo = o.helo, cafile = o.cafile, verify = not o.insecure, timeout = timeout,
+        allow_plaintext_auth = o["allow-plaintext-auth"] or nil,
+      }, message, env_from, all, concurrency, line)
+    else
+      local derr
+      results, derr = smtp.deliver { message = message, from = env_from, to = all, helo = o.helo,
+        tls = tls or "opportunistic", timeout = timeout, cafile = o.cafile, verify = not o.insecure }
+      if not results then
+        err:write("lua-smtp send: not sent: ", tostring(derr), "\n")
+        return 1
+      end
+      for _, r in ipairs(results) do line(r) end
+    end
+    local count = { sent = 0, failed = 0, deferred = 0 }
+    for _, r in ipairs(results) do count[r.status] = (count[r.status] or 0) + 1 end
+    if o.json then out:write(json_results(results)) else
+      out:write(("sent %d, failed %d, deferred %d\n"):format(count.sent, count.failed, count.deferred))
+    end
+    return count.sent == #results and 0 or 1
+  end
+  if o.server then
+    local auth = o.user and { user = o.user, password = o.password } or nil
+    local res, serr = smtp.send {
+      server = host, port = port, tls = tls, auth = auth, helo = o.helo, message = message,
+      from = from, to = to, cafile = o.cafile, verify = not o.insecure, timeout = timeout,
+      allow_plaintext_auth = o["allow-plaintext-auth"] or nil,
+    }
+    if io.type(message) == "file" then message:close() end
+    if not res then
+      err:write("lua-smtp send: not sent: ", tostring(serr), "\n")
+      if serr.rejected then
+        for _, r in ipairs(serr.rejected) do
+          err:write("  ", r.recipient, ": ", tostring(r.code), " ", r.enhanced or "", " ", r.text or "", "\n")
+        end
+      end
+      return serr.kind == "invalid" and 2 or 1
+    end
+    out:write(("sent: %d %s %s\n"):format(res.reply.code, res.reply.enhanced or "", res.reply.text or ""))
+    for _, a in ipairs(res.accepted) do out:write("  accepted: ", a, "\n") end
+    for _, r in ipairs(res.rejected) do
+      err:write("  rejected: ", r.recipient, ": ", tostring(r.code), " ", r.enhanced or "", " ", r.text or "", "\n")
+    end
+    return #res.rejected == 0 and 0 or 1
+  end
+
+  local results, derr = smtp.deliver {
+    message = message, from = from, to = to, helo = o.helo, tls = tls or "opportunistic",
+    timeout = timeout, cafile = o.cafile, verify = not o.insecure,
+  }
+  if io.type(message) == "file" then message:close() end
+  if not results then
+    err:write("lua-smtp send: not sent: ", tostring(derr), "\n")
+    return (type(derr) == "table" and derr.kind == "invalid") and 2 or 1
+  end
+  local status = 0
+  for _, r in ipairs(results) do
+    local line = ("%s: %s %s %s %s%s"):format(r.recipient, r.status, tostring(r.code or ""), r.enhanced or "",
+      r.text or "", r.host and (" (" .. r.host .. ")") or "")
+    if r.status == "sent" then out:write(line, "\n") else err:write(line, "\n"); status = 1 end
+  end
+  return status
+end
+
+return M

@@ -1,0 +1,304 @@
+-- `lua-smtp sink`: a local catch-all SMTP server that stores every accepted message in a Maildir
+-- or an mbox (fsync'd before the 250) and prints one line per message.
+local core = require "smtp.core"
+local server = require "smtp.server"
+
+local M = {}
+
+local usage = [[
+usage: lua-smtp sink --listen HOST:PORT [--maildir DIR | --mbox FILE] [options]
+  --listen HOST:PORT     where to listen (default 127.0.0.1:2525; port 0 picks one)
+  --maildir DIR          store each message in DIR/new (tmp/ new/ cur/ are created)
+  --mbox FILE            append each message to FILE under a lock (From_ lines quoted)
+  --tls-cert F --tls-key F   offer STARTTLS with this certificate and key
+  --tls-implicit         TLS from the first byte (port 465 style) instead of STARTTLS
+  --auth USER:PASS       require AUTH (PLAIN/LOGIN) with these credentials
+  --max-size BYTES       largest message accepted (552 beyond)
+  --max-recipients N     recipients per message (452 beyond)
+  --hostname NAME        name in the greeting and EHLO reply
+  --reject-rcpt PATTERN  answer 550 5.1.1 to recipients matching PATTERN (a glob: * and ?,
+                         case-insensitive), to test bounces; may be given more than once
+  --timeout SECONDS      idle timeout per session (default 300)
+Without --maildir or --mbox messages are counted and printed, not stored.
+Each stored message is the data as received (CRLF line ends) after a `Return-Path: <sender>` line
+and one `Delivered-To: <recipient>` line per recipient.]]
+
+local function glob_to_pattern(g)
+  local p = g:lower():gsub("[%^%$%(%)%%%.%[%]%+%-]", "%%%0"):gsub("%*", ".*"):gsub("%?", ".")
+  return "^" .. p .. "$"
+end
+
+local function parse(args)
+  local o = { reject = {} }
+  local i = 1
+  local function val(name)
+    i = i + 1
+    local v = args[i]
+    if v == nil then error({ usage = name .. " needs a value" }) end
+    return v
+  end
+  while i <= #args do
+    local a = args[i]
+    if a == "--help" or a == "-h" then o.help = true
+    elseif a == "--listen" then o.listen = val(a)
+    elseif a == "--maildir" then o.maildir = val(a)
+    elseif a == "--mbox" then o.mbox = val(a)
+    elseif a == "--tls-cert" then o.cert = val(a)
+    elseif a == "--tls-key" then o.key = val(a)
+    elseif a == "--tls-implicit" then o.implicit = true
+    elseif a == "--auth" then o.auth = val(a)
+    elseif a == "--max-size" then o.max_size = tonumber(val(a)) or error({ usage = "--max-size: number expected" })
+    elseif a == "--max-recipients" then o.max_rcpt = tonumber(val(a)) or error({ usage = "--max-recipients: number expected" })
+    elseif a == "--hostname" then o.hostname = val(a)
+    elseif a == "--reject-rcpt" then o.reject[#o.reject + 1] = glob_to_pattern(val(a))
+    elseif a == "--timeout" then o.timeout = tonumber(val(a)) or error({ usage = "--timeout: number expected" })
+    else error({ usage = "unknown option " .. a }) end
+    i = i + 1
+  end
+  if o.maildir and o.mbox then error({ usage = "--maildir and --mbox exclude each other" }) end
+  if (o.cert == nil) ~= (o.key == nil) then error({ usage = "--tls-cert and --tls-key go together" }) end
+  if o.implicit and not o.cert then error({ usage = "--tls-implicit needs --tls-cert and --tls-key" }) end
+  if o.auth and not o.auth:find(":", 1, true) then error({ usage = "--auth USER:PASS" }) end
+  local l = o.listen or "127.0.0.1:2525"
+  local host, port = l:match("^%[(.+)%]:(%d+)$")
+  if not host then host, port = l:match("^(.+):(%d+)$") end
+  if not host then error({ usage = "--listen HOST:PORT" }) end
+  o.host, o.port = host, tonumber(port)
+  return o
+end
+
+local function pid()
+  local f = io.open("/proc/self/stat", "r")
+  local p = f and f:read("*n")
+  if f then f:close() end
+  return p or math.random(1, 1e6)
+end
+
+local function hostname()
+  local f = io.open("/proc/sys/kernel/hostname", "r")
+  local h = f and f:read("*l")
+  if f then f:close() end
+  return ((h or "localhost"):gsub("[/:]", "_"))
+end
+
+local function mkdir_p(dir)
+  local ok = os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "'")
+  return ok == true or ok == 0
+end
+
+-- The Subject header, unfolded, from the start of the message (headers kept at most 64 KB).
+local function subject_of(head)
+  local hdrs = head:match("^(.-)\r\n\r\n") or head
+  hdrs = hdrs:gsub("\r\n[ \t]+", " ")
+  for line in (hdrs .. "\r\n"):gmatch("(.-)\r\n") do
+    local v = line:match("^[Ss][Uu][Bb][Jj][Ee][Cc][Tt]:%s*(.*)$")
+    if v then return v end
+  end
+  return ""
+end
+
+-- mboxrd quoting of ">*From " at line starts, across chunk boundaries.
+local function from_quoter(write)
+  local carry, bol = "", true
+  local function could_grow(t) -- t starts a line: can more bytes still make it ">*From "?
+    local rest = t:match("^>*(.*)$")
+    return #rest < 5 and ("From "):sub(1, #rest) == rest
+  end
+  return function(chunk)
+    if chunk == nil then
+      if carry ~= "" then write(carry) end
+      carry = ""
+      return
+    end
+    local s = carry .. chunk
+    carry = ""
+    local last = s:match(".*()\n")
+    local done, tail
+    if last then
+      done, tail = s:sub(1, last), s:sub(last + 1)
+      local t = (bol and "\n" or "") .. done
+      t = t:gsub("\n(>*From )", "\n>%1")
+      if bol then t = t:sub(2) end
+      write(t)
+      bol = true
+    else
+      tail = s
+    end
+    if tail ~= "" then
+      if bol and tail:match("^>*From ") then
+        write(">" .. tail)
+        bol = false
+      elseif bol and could_grow(tail) then
+        carry = tail
+      else
+        write(tail)
+        bol = false
+      end
+    end
+  end
+end
+
+function M.main(args)
+  local ok, o = pcall(parse, args or {})
+  if not ok then
+    if type(o) == "table" and o.usage then
+      io.stderr:write("lua-smtp sink: ", o.usage, "\n", usage, "\n")
+      return 2
+    end
+    error(o, 0)
+  end
+  if o.help then
+    io.stdout:write(usage, "\n")
+    return 0
+  end
+  io.stdout:setvbuf("line")
+  local host = hostname()
+  local mypid = pid()
+  local counter = 0
+  local function unique()
+    counter = counter + 1
+    local t = core.now()
+    return ("%d.M%dP%dQ%d.%s"):format(os.time(), math.floor((t % 1) * 1e6), mypid, counter, host)
+  end
+
+  local store_dir
+  if o.maildir then
+    for _, d in ipairs { "tmp", "new", "cur" } do
+      if not mkdir_p(o.maildir .. "/" .. d) then
+        io.stderr:write("lua-smtp sink: cannot create ", o.maildir, "/", d, "\n")
+        return 1
+      end
+    end
+    store_dir = o.maildir .. "/tmp"
+  elseif o.mbox then
+    store_dir = (o.mbox:match("^(.*)/[^/]*$") or ".")
+  end
+
+  local user, pass
+  if o.auth then user, pass = o.auth:match("^([^:]*):(.*)$") end
+
+  -- Receives one message into a temporary file: the header lines then the data as received.
+  -- Returns the path and the facts to print, or nil when the data did not arrive whole.
+  local function receive(env, reader)
+    local tmp, f, err
+    if store_dir then
+      for _ = 1, 5 do
+        tmp = store_dir .. "/" .. (o.mbox and ".sink-" or "") .. unique()
+        f, err = core.sink_file(tmp, "create")
+        if f then break end
+      end
+      if not f then return nil, "cannot create a file in " .. store_dir .. ": " .. tostring(err) end
+    end
+    local head = {}
+    head[1] = "Return-Path: <" .. env.from .. ">\r\n"
+    for _, r in ipairs(env.to) do head[#head + 1] = "Delivered-To: " .. r .. "\r\n" end
+    local wok, werr = true, nil
+    if f then wok, werr = f:write(table.concat(head)) end
+    local size, hbuf, hlen = 0, {}, 0
+    while true do
+      local chunk, rerr = reader:read(65536)
+      if not chunk then
+        if rerr then
+          if f then f:close(); os.remove(tmp) end
+          return nil, nil -- refused by the engine or the client left: nothing stored
+        end
+        break
+      end
+      size = size + #chunk
+      if hlen < 65536 then hbuf[#hbuf + 1] = chunk; hlen = hlen + #chunk end
+      if f and wok then wok, werr = f:write(chunk) end
+    end
+    if f then
+      if wok then wok, werr = f:sync() end
+      f:close()
+      if not wok then os.remove(tmp); return nil, werr end
+    end
+    return tmp, size, subject_of(table.concat(hbuf))
+  end
+
+  local function deliver_mbox(tmp, env)
+    local mb, err = core.sink_file(o.mbox, "append")
+    if not mb then return nil, err end
+    local start = mb:size()
+    local okw, werr = true, nil
+    local function w(s) if okw then okw, werr = mb:write(s) end end
+    local sender = env.from ~= "" and env.from or "MAILER-DAEMON"
+    w("From " .. sender:gsub("%s", "_") .. " " .. os.date("!%a %b %e %H:%M:%S %Y") .. "\r\n")
+    local q = from_quoter(w)
+    local src = io.open(tmp, "rb")
+    if not src then mb:close(); return nil, "cannot reopen " .. tmp end
+    -- header lines are ours: copy them unquoted up to the data, then quote the message
+    while true do
+      local block = src:read(65536)
+      if not block then break end
+      q(block)
+    end
+    q(nil)
+    src:close()
+    w("\r\n")
+    if okw then okw, werr = mb:sync() end
+    if not okw then mb:truncate(start) end
+    mb:close()
+    os.remove(tmp)
+    if not okw then return nil, werr end
+    return o.mbox
+  end
+
+  local function on_message(_, env, reader)
+    local tmp, size, subject = receive(env, reader)
+    if not tmp then
+      if size then return false, 451, "4.3.0 " .. tostring(size) end
+      return false
+    end
+    local file
+    if o.maildir then
+      local name = tmp:match("([^/]+)$")
+      file = o.maildir .. "/new/" .. name
+      local rok, rerr = os.rename(tmp, file)
+      if not rok then os.remove(tmp); return false, 451, "4.3.0 " .. tostring(rerr) end
+      core.fsync_dir(o.maildir .. "/new")
+    elseif o.mbox then
+      local mok, merr = deliver_mbox(tmp, env)
+      if not mok then os.remove(tmp); return false, 451, "4.3.0 " .. tostring(merr) end
+      file = o.mbox
+    else
+      file = "-"
+    end
+    local to = {}
+    for i, r in ipairs(env.to) do to[i] = "<" .. r .. ">" end
+    io.stdout:write(("from=<%s> to=%s size=%d subject=%q file=%s\n"):format(
+      env.from, table.concat(to, ","), size, (subject:gsub("[%c]", " ")), file))
+    return true
+  end
+
+  local on_rcpt
+  if #o.reject > 0 then
+    on_rcpt = function(_, rcpt)
+      local l = rcpt:lower()
+      for _, p in ipairs(o.reject) do
+        if l:match(p) then return false, 550, "5.1.1", "Recipient address rejected" end
+      end
+      return true
+    end
+  end
+
+  local srv, err = server.listen {
+    host = o.host, port = o.port, hostname = o.hostname or "localhost",
+    tls = o.cert and { cert = o.cert, key = o.key, implicit = o.implicit } or nil,
+    auth = user and function(_, _, u, p) return u == user and p == pass end or nil,
+    require_auth = user ~= nil,
+    max_message_size = o.max_size, max_recipients = o.max_rcpt, timeout = o.timeout,
+    on_rcpt = on_rcpt, on_message = on_message,
+    log = function(msg) io.stderr:write("lua-smtp sink: ", msg, "\n") end,
+  }
+  if not srv then
+    io.stderr:write("lua-smtp sink: ", tostring(err), "\n")
+    return 1
+  end
+  io.stderr:write(("lua-smtp sink: listening on %s port %d\n"):format(o.host, srv.port))
+  io.stderr:flush()
+  srv:serve()
+  return 0
+end
+
+return M
