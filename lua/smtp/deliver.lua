@@ -3,7 +3,7 @@
 -- domains concurrently inside smtp.loop. Results are per recipient; "sent" only when a host
 -- accepted that recipient and the message.
 local errors = require "smtp.errors"
-local dns = require "smtp.dns"
+local dns = require("smtp.transport").dns()
 local mx = require "smtp.mx"
 
 local M = {}
@@ -185,6 +185,8 @@ end
 local function run_all(fns)
   local cq = package.loaded.cqueues
   local in_cqueues = type(cq) == "table" and cq.running and cq.running()
+  -- Inside nginx: one light thread per domain (cosockets wait by themselves).
+  if #fns > 1 and require("smtp.transport").run_concurrently(fns) then return end
   local ok, loop = pcall(require, "smtp.loop")
   if #fns == 1 or in_cqueues or not ok or type(loop) ~= "table" or not loop.spawn then
     for _, f in ipairs(fns) do f() end

@@ -173,6 +173,18 @@ local function is_loopback_name(h)
   return h == "localhost" or h:match("^127%.%d+%.%d+%.%d+$") ~= nil or h == "::1" or h == "[::1]"
 end
 
+-- pool = nil|true (defaults) | false (off) | { size = 10, idle_timeout = 30 }: idle sessions kept
+-- for the next smtp.send where the transport keeps them (the cosocket pool inside nginx).
+local function check_pool(p, fname)
+  if p == false then return nil end
+  if p == nil or p == true then p = {} end
+  if type(p) ~= "table" then misuse(fname, "pool: boolean or table expected") end
+  local size, idle = p.size or 10, p.idle_timeout or 30
+  if type(size) ~= "number" or size < 1 or size % 1 ~= 0 then misuse(fname, "pool.size: positive integer expected") end
+  if type(idle) ~= "number" or idle <= 0 then misuse(fname, "pool.idle_timeout: positive number expected") end
+  return { size = size, idle_timeout = idle }
+end
+
 -- Connection options -> a validated config, or nil, err. Raises on misuse.
 local function connect_config(opts, fname)
   if type(opts) ~= "table" then misuse(fname, "options table expected") end
@@ -206,6 +218,7 @@ local function connect_config(opts, fname)
     pipelining = opts.pipelining ~= false,
     nameservers = opts.nameservers,
     transport = opts.transport,
+    pool = check_pool(opts.pool, fname),
   }
 end
 
@@ -514,11 +527,73 @@ function Conn:_auth()
   return true
 end
 
+-- Inside nginx (a transport with acquire): an idle session of the same server, TLS mode and
+-- credentials from the cosocket pool, checked with RSET ("reused"), or a fresh connection in
+-- self.sock that still needs greeting, EHLO, STARTTLS and AUTH (true).
+function Conn:_acquire(transport)
+  local cfg = self.cfg
+  local a = cfg.auth or {}
+  self.pool_key = transport.pool_key { server = cfg.server, port = cfg.port, tls = cfg.tls,
+    verify = cfg.verify, servername = cfg.servername, helo = cfg.helo,
+    user = a.user, password = a.password, token = a.token }
+  local sock, state = transport.acquire({ host = cfg.server, port = cfg.port,
+      timeout = cfg.timeouts.connect, nameservers = cfg.nameservers,
+      pool = self.pool_key, pool_size = cfg.pool.size },
+    function(s)
+      -- A new engine told it had its greeting, so RSET is the next command; a short wait, since
+      -- a stale session should cost little.
+      local e = core.client_engine()
+      e:feed("220 pooled session\r\n")
+      e:reply()
+      self.sock, self.engine, self.dead = s, e, false
+      local saved = self.timeouts
+      self.timeouts = { mail = math.min(saved.mail, saved.connect) }
+      local r = command(self, "mail", e.rset)
+      self.timeouts = saved
+      return r ~= nil and r.code == 250
+    end)
+  if not sock then return nil, state end
+  self.sock, self.dead = sock, false
+  local info = sock:info()
+  self.address = info.address
+  self.loopback = is_loopback_name(info.address or cfg.server)
+  if state then
+    self.ext, self.tls, self.auth_mechanism = state.extensions, state.tls, state.auth
+    return "reused"
+  end
+  self.engine = core.client_engine()
+  return true
+end
+
+-- Hands an idle session back to the pool (smtp.send inside nginx); false when it cannot be kept.
+function Conn:_release()
+  if not self.pool_key or self.dead or not self.sock or self.engine:state() ~= "ready" then
+    return false
+  end
+  local p = self.cfg.pool
+  local sock = self.sock
+  self.sock, self.dead = nil, true
+  sock:keepalive(p.idle_timeout, p.size, { extensions = self.ext, tls = self.tls, auth = self.auth_mechanism })
+  return true
+end
+
 function Conn:_open()
   local cfg = self.cfg
-  local transport = cfg.transport or require "smtp.transport.native"
-  local sock, err = transport.connect { host = cfg.server, port = cfg.port,
-    timeout = cfg.timeouts.connect, nameservers = cfg.nameservers }
+  local transport = cfg.transport or require("smtp.transport").get()
+  local sock, err
+  if cfg.pool and transport.acquire and self.pooling then
+    local got
+    got, err = self:_acquire(transport)
+    if not got then
+      if errors.is(err) then err.phase = err.phase or "connect"; return nil, err end
+      return nil, new_error { kind = "connect", text = tostring(err), phase = "connect" }
+    end
+    if got == "reused" then return true end
+    sock = self.sock
+  else
+    sock, err = transport.connect { host = cfg.server, port = cfg.port,
+      timeout = cfg.timeouts.connect, nameservers = cfg.nameservers }
+  end
   if not sock then
     if errors.is(err) then err.phase = err.phase or "connect"; return nil, err end
     return nil, new_error { kind = "connect", text = tostring(err), phase = "connect" }
@@ -593,7 +668,7 @@ function Conn:info()
   for k, v in pairs(self.ext or {}) do ext[k] = v end
   local i = { host = self.cfg.server, port = self.cfg.port, address = info.address or self.address,
     tls = self.tls and (info.version or true) or false, cipher = info.cipher, extensions = ext,
-    auth = self.auth_mechanism }
+    auth = self.auth_mechanism, reused = info.reused }
   -- shared by every result of this session until the next EHLO
   self._info = i
   return i
@@ -1103,13 +1178,14 @@ function M.send(opts)
   local tx
   tx, err = message_config(opts, "send")
   if not tx then return nil, err end
-  local conn = setmetatable({ cfg = cfg, timeouts = cfg.timeouts, engine = core.client_engine(), ext = {} }, Conn)
+  local conn = setmetatable({ cfg = cfg, timeouts = cfg.timeouts, engine = core.client_engine(), ext = {},
+    pooling = true }, Conn)
   local ok
   ok, err = conn:_open()
   if not ok then conn:_abort(); return nil, err end
   local res
   res, err = conn:_transaction(tx)
-  conn:close()
+  if not conn:_release() then conn:close() end
   return res, err
 end
 

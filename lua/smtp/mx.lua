@@ -1,7 +1,7 @@
 -- MX lookup for direct delivery (RFC 5321 §5.1): hosts in preference order, shuffled among equal
 -- preferences, each with its addresses; implicit MX, null MX (RFC 7505) and DNS failures mapped
 -- to permanent or temporary errors.
-local dns = require "smtp.dns"
+local dns = require("smtp.transport").dns()
 local errors = require "smtp.errors"
 
 local M = {}

@@ -265,7 +265,7 @@ function Conn:info()
   local t = { address = self.address, port = self.port, tls = false }
   local ti = self._tls and self.sock and self.sock:tls_info()
   if ti then
-    t.tls, t.cipher, t.bits = ti.version, ti.cipher, ti.bits
+    t.tls, t.version, t.cipher, t.bits = ti.version, ti.version, ti.cipher, ti.bits
     t.peer_subject, t.peer_issuer = ti.peer_subject, ti.peer_issuer
   end
   return t

@@ -396,7 +396,7 @@ function S:info()
   check_sock(self, "info")
   local ti = self.tls_info or {}
   return {
-    address = self.address, port = self.port, tls = self.tls == true,
+    address = self.address, port = self.port, tls = self.tls == true and (ti.version or true) or false,
     version = ti.version, cipher = ti.cipher, peer_subject = ti.peer_subject,
     reused = self.reused_times,
   }
