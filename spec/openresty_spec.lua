@@ -337,6 +337,27 @@ describe_send("smtp.send inside nginx", function()
     assert.are.equal("a@client.test\nb@smtpd.test\n", smtpd.envelope(before + 1))
   end)
 
+  it("sends to our own server (lua-smtp sink with STARTTLS), stored byte for byte", function()
+    if not needs("send") then return end
+    local c = helper.certs()
+    local port = helper.free_port()
+    local md = helper.tmpdir() .. "/Maildir"
+    local sink = helper.spawn({ "lua5.4", helper.root .. "/bin/lua-smtp", "sink", "--listen", "127.0.0.1:" .. port,
+      "--maildir", md, "--tls-cert", c.server, "--tls-key", c.server_key, "--hostname", "sink.test" }, { limit = 120 })
+    assert(helper.wait_port("127.0.0.1", port, 10), sink:output())
+    local status, body = nginx_support.request(send_url(port))
+    local files = helper.sh("ls " .. helper.quote(md .. "/new"))
+    nginx_support.stop(sink)
+    assert.are.equal(200, status, body)
+    assert.truthy(body:match("^b@smtpd%.test 250 2%.0%.0 .* tls=TLSv1%.3 reused=0\n$"), body)
+    local file = files:match("^(%S+)\n$")
+    assert.truthy(file, files)
+    local raw = "From: a@client.test\r\nTo: b@smtpd.test\r\nSubject: raw\r\n\r\n.leading dot\r\n..two\r\n"
+      .. "caf\195\169\r\n.\r\nlast line\r\n"
+    assert.are.equal("Return-Path: <a@client.test>\r\nDelivered-To: b@smtpd.test\r\n" .. raw,
+      helper.read(md .. "/new/" .. file))
+  end)
+
   it("answers another request at once while smtp.send waits on a slow server (one worker)", function()
     if not needs("send") then return end
     local slow = nginx_support.smtpd { tls = false, greeting_delay = 1 }
