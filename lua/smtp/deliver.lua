@@ -10,7 +10,7 @@ local M = {}
 
 M.max_attempts = 10     -- addresses tried per domain, across its MX hosts
 
-local tls_modes = { opportunistic = true, starttls = true, none = true }
+local tls_modes = { opportunistic = true, starttls = true, implicit = true, none = true }
 
 -- Plain address of a recipient or sender: "a@b", "<a@b>" or "Name <a@b>" -> "a@b".
 local function bare(addr)
@@ -112,7 +112,8 @@ local function deliver_domain(job, results, ctx)
         server = address, port = ctx.port, tls = ctx.tls, helo = opts.helo,
         timeout = opts.timeout,
       }
-      if ctx.tls == "starttls" then
+      if ctx.tls == "starttls" or ctx.tls == "implicit" then
+        -- Required TLS is verified as in smtp.send, against the MX host's name.
         copts.verify = opts.verify ~= false
         copts.cafile = opts.cafile
         if not h.host:match("^%[") then copts.servername = h.host end
@@ -155,7 +156,7 @@ local function deliver_domain(job, results, ctx)
       if errors.is(err) and (err.kind == "invalid" or (err.code and err.code >= 500)) then
         if err.rejected then
           local by = {}
-          for _, rj in ipairs(err.rejected) do by[rj.recipient] = rj end
+          for _, rj in ipairs(err.rejected) do by[bare(rj.recipient)] = rj end
           for _, i in ipairs(job.idx) do
             local rj = by[ctx.bare_to[i]] or err
             results[i] = { recipient = ctx.to[i], status = status_of(rj.code) == "sent" and "failed"
@@ -216,7 +217,7 @@ function M.deliver(opts)
   if type(opts) ~= "table" then error("bad argument #1 to 'deliver': table expected", 2) end
   local tls = opts.tls or "opportunistic"
   if not tls_modes[tls] then
-    error("bad argument 'tls': \"opportunistic\", \"starttls\" or \"none\" expected", 2)
+    error("bad argument 'tls': \"opportunistic\", \"starttls\", \"implicit\" or \"none\" expected", 2)
   end
   if opts.port ~= nil and (type(opts.port) ~= "number" or opts.port % 1 ~= 0) then
     error("bad argument 'port': integer expected", 2)
@@ -256,6 +257,17 @@ function M.deliver(opts)
   local smtp = require "smtp"
   if type(smtp.connect) ~= "function" then
     error("smtp.connect is not available", 2)
+  end
+  -- The client's own checks (EHLO name, addresses, timeouts), so that bad input opens nothing.
+  if smtp._connect_config then
+    local cfg, err = smtp._connect_config({ server = "127.0.0.1", port = opts.port or 25, tls = tls,
+      helo = opts.helo, timeout = opts.timeout, cafile = opts.cafile }, "deliver")
+    if not cfg then return nil, err end
+  end
+  if smtp._message_config then
+    local tx, err = smtp._message_config({ message = message, from = from, to = to, dsn = opts.dsn },
+                                         "deliver")
+    if not tx then return nil, err end
   end
   local timeout = opts.timeout
   local ctx = {
