@@ -40,9 +40,9 @@ X
 
 # run NAME: smtp-source against 127.0.0.1:$port, prints and stores msgs/s in $rate
 run() {
-  name=$1
+  name=$1; f=$(echo "$name" | tr -c "a-zA-Z0-9\n" _)
   t0=$(now)
-  /usr/sbin/smtp-source -s 20 -d -m "$MSGS" -l 4096 "127.0.0.1:$port" >"$tmp/$name.src" 2>&1 || echo "  smtp-source failed: $(cat "$tmp/$name.src")"
+  /usr/sbin/smtp-source -s 20 -d -m "$MSGS" -l 4096 "127.0.0.1:$port" >"$tmp/$f.src" 2>&1 || echo "  smtp-source failed: $(cat "$tmp/$f.src")"
   t1=$(now)
   rate=$(echo "$MSGS $t0 $t1" | awk '{ printf "%.0f", $1 / ($3 - $2) }')
   printf '  %-34s %6s msgs/s  (%d messages in %.2f s)\n' "$name" "$rate" "$MSGS" "$(echo "$t0 $t1" | awk '{print $2-$1}')"

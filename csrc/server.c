@@ -1639,6 +1639,10 @@ void smtp_server_shutdown(smtp_server *s, int code, const char *enh, const char 
 }
 
 int smtp_server_closed(const smtp_server *s) { return s->mode == M_CLOSED; }
+int smtp_server_want_write(const smtp_server *s)
+{
+    return s->mode != M_CLOSED && s->await == A_NONE && s->out_len >= s->cfg.out_cap;
+}
 const char *smtp_server_state_name(const smtp_server *s) { return mode_names[s->mode]; }
 const char *smtp_server_helo(const smtp_server *s) { return s->helo ? s->helo_name : NULL; }
 const char *smtp_server_user(const smtp_server *s) { return s->authed ? s->user : NULL; }
@@ -1779,7 +1783,7 @@ static void push_params(lua_State *L, const smtp_server_params *p)
     }
 }
 
-/* e:next() -> nil | "mail", addr, params | "rcpt", addr, params | "begin" | "data", chunk |
+/* e:next() -> nil (needs input) | nil, "write" (write the output first) | "mail", addr, params | "rcpt", addr, params | "begin" | "data", chunk |
  *   "end", code|nil, text | "auth", mechanism, user, secret | "starttls" | "close" */
 static int l_next(lua_State *L)
 {
@@ -1788,6 +1792,10 @@ static int l_next(lua_State *L)
     int k = smtp_server_next(s, &ev);
     if (k == SMTP_SRV_NONE) {
         lua_pushnil(L);
+        if (smtp_server_want_write(s)) {
+            lua_pushliteral(L, "write");
+            return 2;
+        }
         return 1;
     }
     lua_pushstring(L, smtp_server_event_names[k]);

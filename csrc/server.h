@@ -65,6 +65,9 @@ void smtp_server_output_done(smtp_server *s, size_t n);
 /* Queues a final reply (421 on shutdown or timeout) and closes the session. */
 void smtp_server_shutdown(smtp_server *s, int code, const char *enh, const char *text);
 int smtp_server_closed(const smtp_server *s);
+/* True when smtp_server_next stopped because the pending output reached out_cap: write it, then
+ * call next again before reading more. */
+int smtp_server_want_write(const smtp_server *s);
 const char *smtp_server_state_name(const smtp_server *s);
 const char *smtp_server_helo(const smtp_server *s);
 const char *smtp_server_user(const smtp_server *s);

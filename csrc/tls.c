@@ -111,7 +111,8 @@ static const char *ssl_reason(void)
 }
 
 /* Why a handshake or an I/O call failed, in words a user can act on. Returns the short code. */
-static const char *tls_failure(SSL *ssl, int ret, char *buf, size_t len, int *errnum)
+static const char *tls_failure(SSL *ssl, int ret, int handshake, char *buf, size_t len,
+                               int *errnum)
 {
     int e = SSL_get_error(ssl, ret);
     long v = SSL_get_verify_result(ssl);
@@ -146,15 +147,15 @@ static const char *tls_failure(SSL *ssl, int ret, char *buf, size_t len, int *er
     }
     switch (e) {
     case SSL_ERROR_ZERO_RETURN:
-        snprintf(buf, len, "connection closed by peer");
+        snprintf(buf, len, "%sconnection closed by peer", handshake ? "TLS handshake failed: " : "");
         return "closed";
     case SSL_ERROR_SYSCALL:
         if (errno) {
             *errnum = errno;
-            snprintf(buf, len, "%s", strerror(errno));
+            snprintf(buf, len, "%s%s", handshake ? "TLS handshake failed: " : "", strerror(errno));
             return "syscall";
         }
-        snprintf(buf, len, "connection closed by peer");
+        snprintf(buf, len, "%sconnection closed by peer", handshake ? "TLS handshake failed: " : "");
         return "closed";
     default:
         reason = ssl_reason();
@@ -167,7 +168,7 @@ static const char *tls_failure(SSL *ssl, int ret, char *buf, size_t len, int *er
                      SSL_get_min_proto_version(ssl) == TLS1_2_VERSION ? "TLSv1.2" :
                      SSL_get_min_proto_version(ssl) == TLS1_1_VERSION ? "TLSv1.1" : "TLSv1");
         else
-            snprintf(buf, len, "TLS failed: %s", reason);
+            snprintf(buf, len, "%s: %s", handshake ? "TLS handshake failed" : "TLS failed", reason);
         return reason;
     }
 }
@@ -192,7 +193,7 @@ enum io_result smtp_tls_read(smtp_sock *s, char *buf, size_t len, size_t *got,
         return IO_WANTWRITE;
     if (e == SSL_ERROR_ZERO_RETURN || (e == SSL_ERROR_SYSCALL && errno == 0))
         return IO_CLOSED;
-    tls_failure(s->ssl, r, err, errlen, errnum);
+    tls_failure(s->ssl, r, 0, err, errlen, errnum);
     return IO_ERROR;
 }
 
@@ -212,7 +213,7 @@ enum io_result smtp_tls_write(smtp_sock *s, const char *buf, size_t len, size_t 
         return IO_WANTWRITE;
     if (e == SSL_ERROR_ZERO_RETURN)
         return IO_CLOSED;
-    tls_failure(s->ssl, r, err, errlen, errnum);
+    tls_failure(s->ssl, r, 0, err, errlen, errnum);
     return IO_ERROR;
 }
 
@@ -442,7 +443,7 @@ static int l_tls_handshake(lua_State *L)
         return smtp_push_fail(L, "wantread", NULL);
     if (e == SSL_ERROR_WANT_WRITE)
         return smtp_push_fail(L, "wantwrite", NULL);
-    code = tls_failure(s->ssl, r, msg, sizeof msg, &errnum);
+    code = tls_failure(s->ssl, r, 1, msg, sizeof msg, &errnum);
     if (errnum)
         code = strerrorname_np(errnum);
     ERR_clear_error();

@@ -9,8 +9,11 @@ local helper = require "helper"
 local function load_script(...)
   local args = {}
   for i, a in ipairs { ... } do args[i] = helper.quote(a) end
+  -- Our own interpreter keeps the sanitizer preload under `make test-asan` (helper.sh drops it).
+  local env = ""
+  for k, v in pairs(helper.preload) do env = env .. k .. "=" .. helper.quote(v) .. " " end
   local cmd = "h=$(ulimit -Hn); [ \"$h\" = unlimited ] && h=8192; [ \"$h\" -gt 8192 ] && h=8192; " ..
-    "ulimit -n \"$h\" 2>/dev/null; exec timeout 120 " .. helper.quote(helper.lua) .. " " ..
+    "ulimit -n \"$h\" 2>/dev/null; exec env " .. env .. "timeout 120 " .. helper.quote(helper.lua) .. " " ..
     helper.quote(helper.root .. "/spec/support/transport_load.lua") .. " " .. table.concat(args, " ") .. " 2>&1"
   local out = helper.sh("sh -c " .. helper.quote(cmd))
   local t = { output = out }

@@ -135,6 +135,17 @@ describe("against misbehaving servers", function()
     assert.is_true(err.temporary)
   end)
 
+  it("falls back to HELO when EHLO is refused", function()
+    local res, err, got = run({ { "send", "220 fake\r\n" }, { "line" }, { "send", "502 5.5.1 what?\r\n" },
+      { "line" }, { "send", "250 fake\r\n" }, { "line" }, { "send", "250 ok\r\n" }, { "line" },
+      { "send", "250 ok\r\n" }, { "line" }, { "send", "354 go\r\n" }, { "data" }, { "send", "250 ok\r\n" },
+      { "line" }, { "send", "221 bye\r\n" } })
+    assert.is_nil(err)
+    assert.same({}, res.server.extensions)
+    assert.equal("#CONNECT\nEHLO client.test\r\nHELO client.test\r\nMAIL FROM:<a@example.com>\r\n" ..
+      "RCPT TO:<b@example.org>\r\nDATA\r\n" .. BODY .. ".\r\nQUIT\r\n", got)
+  end)
+
   it("never ends the data when the message source fails midway", function()
     local n = 0
     local res, err, got = run({ { "send", "220 fake\r\n" }, { "line" }, EHLO, { "line" }, { "line" }, { "line" },
@@ -169,6 +180,18 @@ describe("against misbehaving servers", function()
       "MAIL FROM:<a@example.com> SIZE=" .. #BODY .. " BODY=8BITMIME RET=HDRS ENVID=id+2B1+3D2\r\n" ..
       "RCPT TO:<b+x=y@example.org> NOTIFY=FAILURE,DELAY ORCPT=rfc822;b+2Bx+3Dy@example.org\r\n" ..
       "DATA\r\n" .. BODY .. ".\r\nQUIT\r\n", got)
+  end)
+
+  it("gives a UTF-8 recipient an RFC 6533 utf-8 ORCPT and SMTPUTF8 on MAIL", function()
+    local res, err, got = run({ { "send", "220 fake\r\n" }, { "line" },
+      { "send", "250-fake\r\n250-PIPELINING\r\n250-DSN\r\n250 SMTPUTF8\r\n" },
+      { "line" }, { "line" }, { "line" }, { "send", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "data" },
+      { "send", "250 2.0.0 ok\r\n" }, { "line" }, { "send", "221 bye\r\n" } },
+      { to = { "jö+x@exämple.org" }, dsn = { notify = "never" } })
+    assert.is_nil(err)
+    assert.equal(250, res.reply.code)
+    assert.truthy(got:find("MAIL FROM:<a@example.com> SMTPUTF8\r\n" ..
+      "RCPT TO:<jö+x@exämple.org> NOTIFY=NEVER ORCPT=utf-8;jö\\x{2B}x@exämple.org\r\n", 1, true))
   end)
 
   it("refuses locally a message over the server's SIZE, and one needing SMTPUTF8 it lacks", function()

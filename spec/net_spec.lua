@@ -144,6 +144,37 @@ describe("smtp.transport.native (TCP)", function()
     l:close()
   end)
 
+  it("sets TCP_NODELAY on both sides: small write, small write, read never stalls on Nagle", function()
+    -- Without TCP_NODELAY each round here waits for a delayed ACK (40 ms on Linux): 20 rounds
+    -- took 0.85 s when the option was left out, about 2 ms with it.
+    local l = assert(native.listen { port = 0 })
+    local dt
+    loop.spawn(function()
+      local c = assert(l:accept(5))
+      for _ = 1, 20 do
+        local got = ""
+        while #got < 2 do got = got .. assert(c:read(5)) end
+        assert(c:write("o", 5)); assert(c:write("k", 5))
+      end
+      c:close()
+    end)
+    loop.spawn(function()
+      local s = assert(native.connect { host = "127.0.0.1", port = l.port })
+      local t0 = core.now()
+      for _ = 1, 20 do
+        assert(s:write("a", 5)); assert(s:write("b", 5))
+        local got = ""
+        while #got < 2 do got = got .. assert(s:read(5)) end
+        assert.equal("ok", got)
+      end
+      dt = core.now() - t0
+      s:close()
+    end)
+    loop.run()
+    l:close()
+    assert.is_true(dt < 0.3, "20 rounds took " .. dt .. " s")
+  end)
+
   it("has a monotonic clock and a blocking wait that honours its timeout", function()
     local t0 = core.now()
     assert.same({ nil, "timeout" }, { core.wait(-1, "r", 0.05) })
@@ -158,8 +189,10 @@ describe("smtp.transport.native with misbehaving peers", function()
   teardown(function() support.stop(proc) end)
   local function peer(mode) return ports[mode] end
 
-  local function within(dt, limit)
-    assert.is_true(dt >= limit and dt <= limit * 1.1, ("returned after %.3f s for a %.3f s deadline"):format(dt, limit))
+  -- The issue's bound for reads is 10% over the deadline; others get `slack` on a loaded machine.
+  local function within(dt, limit, slack)
+    assert.is_true(dt >= limit and dt <= limit * (1 + (slack or 0.1)),
+      ("returned after %.3f s for a %.3f s deadline"):format(dt, limit))
   end
 
   it("times out a read from a server that accepts and never answers (blocking)", function()
@@ -195,7 +228,7 @@ describe("smtp.transport.native with misbehaving peers", function()
     local port = peer("silent")
     local t0 = core.now()
     local s, err = native.connect { host = "127.0.0.1", port = port, timeout = 0.5, tls = { verify = false } }
-    within(core.now() - t0, 0.5)
+    within(core.now() - t0, 0.5, 0.3)
     assert.is_nil(s)
     assert.equal("timeout", err.kind)
     assert.equal("TLS handshake timed out", err.text)
@@ -213,7 +246,7 @@ describe("smtp.transport.native with misbehaving peers", function()
       if not s then break end
       held[#held + 1] = s
     end
-    within(core.now() - t0, 0.3)
+    within(core.now() - t0, 0.3, 0.5)
     assert.equal("timeout", err.kind)
     assert.equal("connect to 127.0.0.1 port " .. l:port() .. " timed out", err.text)
     for _, s in ipairs(held) do s:close() end
@@ -259,6 +292,19 @@ describe("smtp.transport.native with misbehaving peers", function()
     end
     assert.is_nil(ok)
     assert.equal("closed", err.kind)
+  end)
+
+  it("fails a TLS handshake cleanly when the peer resets or answers plaintext", function()
+    local t0 = core.now()
+    local s, err = native.connect { host = "127.0.0.1", port = peer("reset"), timeout = 5, tls = { verify = false } }
+    assert.is_nil(s)
+    assert.equal("tls", err.kind)
+    assert.equal("TLS handshake failed: Connection reset by peer", err.text)
+    s, err = native.connect { host = "127.0.0.1", port = peer("hello"), timeout = 5, tls = { verify = false } }
+    assert.is_nil(s)
+    assert.equal("tls", err.kind)
+    assert.equal("TLS handshake failed: wrong version number", err.text)
+    assert.is_true(core.now() - t0 < 2)
   end)
 
   it("lets our side half-close and still read the answer", function()

@@ -67,6 +67,18 @@ describe_or_skip("smtp inside nginx", function()
     assert.truthy(body:match("^starttls: tls %(tls%): TLS handshake with wrong%.example failed: certificate host mismatch"), body)
   end)
 
+  it("fails closed, saying where certificates come from, when nginx trusts no CA", function()
+    local bare = nginx_support.start {
+      no_ca = true,
+      locations = [[ location = /transport { content_by_lua_block { require("support.openresty_handlers").transport() } } ]],
+    }
+    local status, body = nginx_support.request(bare:url("/transport?port=" .. smtpd.port))
+    bare.stop()
+    assert.are.equal(500, status)
+    assert.are.equal("starttls: tls (tls): TLS handshake with localhost failed: 20: unable to get local "
+      .. "issuer certificate (inside nginx certificates are checked against lua_ssl_trusted_certificate)\n", body)
+  end)
+
   it("speaks implicit TLS, and connects over IPv6 with a literal and through localhost's addresses", function()
     local tls = nginx_support.smtpd { implicit = true, host = "::1" }
     local status, body = nginx_support.request(ngx_srv:url("/transport?implicit=1&host=::1&port=" .. tls.port))
@@ -129,6 +141,28 @@ describe_or_skip("smtp inside nginx", function()
     assert.are.equal(100, smtpd.messages() - msgs)
     assert.are.equal("Subject: pooled 1\r\n\r\nbody 1\r\n", smtpd.message(msgs + 1))
     assert.are.equal("Subject: pooled 100\r\n\r\nbody 100\r\n", smtpd.message(msgs + 100))
+  end)
+
+  it("looks a pooled server's name up once, not once per request", function()
+    local port = helper.free_port()
+    local log = helper.tmpdir() .. "/dnsmasq.log"
+    local dns = helper.spawn({ "/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
+      "--no-resolv", "--no-hosts", "--port=" .. port, "--listen-address=127.0.0.1", "--bind-interfaces",
+      "--pid-file=", "--local=/test/", "--local-ttl=300", "--log-queries", "--log-facility=-",
+      "--host-record=smtp.example.test,127.0.0.1" }, { limit = 120, log = log })
+    assert(helper.wait_port("127.0.0.1", port, 10), dns:output())
+    local out = helper.sh("curl -s -m 60 " .. helper.quote(ngx_srv:url("/pooled?host=smtp.example.test&ns=127.0.0.1:"
+      .. port .. "&port=" .. smtpd.port .. "&n=[1-20]")))
+    nginx_support.stop(dns)
+    local n = 0
+    for l in out:gmatch("[^\n]+") do
+      n = n + 1
+      assert.truthy(l:match(n == 1 and "^fresh 0 " or ("^reused " .. (n - 1) .. " ")), l)
+    end
+    assert.are.equal(20, n, out)
+    local queries = {}
+    for q in helper.read(log):gmatch("query%[(%w+)%] smtp%.example%.test") do queries[#queries + 1] = q end
+    assert.are.same({ "AAAA", "A" }, queries)
   end)
 
   it("replaces a pooled session the server dropped", function()
@@ -301,6 +335,27 @@ describe_send("smtp.send inside nginx", function()
       .. "caf\195\169\r\n.\r\nlast line\r\n"
     assert.are.equal(raw, smtpd.message(before + 1))
     assert.are.equal("a@client.test\nb@smtpd.test\n", smtpd.envelope(before + 1))
+  end)
+
+  it("sends to our own server (lua-smtp sink with STARTTLS), stored byte for byte", function()
+    if not needs("send") then return end
+    local c = helper.certs()
+    local port = helper.free_port()
+    local md = helper.tmpdir() .. "/Maildir"
+    local sink = helper.spawn({ "lua5.4", helper.root .. "/bin/lua-smtp", "sink", "--listen", "127.0.0.1:" .. port,
+      "--maildir", md, "--tls-cert", c.server, "--tls-key", c.server_key, "--hostname", "sink.test" }, { limit = 120 })
+    assert(helper.wait_port("127.0.0.1", port, 10), sink:output())
+    local status, body = nginx_support.request(send_url(port))
+    local files = helper.sh("ls " .. helper.quote(md .. "/new"))
+    nginx_support.stop(sink)
+    assert.are.equal(200, status, body)
+    assert.truthy(body:match("^b@smtpd%.test 250 2%.0%.0 .* tls=TLSv1%.3 reused=0\n$"), body)
+    local file = files:match("^(%S+)\n$")
+    assert.truthy(file, files)
+    local raw = "From: a@client.test\r\nTo: b@smtpd.test\r\nSubject: raw\r\n\r\n.leading dot\r\n..two\r\n"
+      .. "caf\195\169\r\n.\r\nlast line\r\n"
+    assert.are.equal("Return-Path: <a@client.test>\r\nDelivered-To: b@smtpd.test\r\n" .. raw,
+      helper.read(md .. "/new/" .. file))
   end)
 
   it("answers another request at once while smtp.send waits on a slow server (one worker)", function()

@@ -289,6 +289,7 @@ describe("server engine", function()
         while e:next() do end
       end
       assert.is_true(taken < 10000) -- input left waiting: nothing buffered without bound
+      assert.same({ nil, "write" }, { e:next() })
       local out = e:output()
       assert.is_true(#out < 1024 + 100)
     end)

@@ -79,6 +79,36 @@ describe("smtp.server with real clients", function()
     end
   end)
 
+  it("swaks over implicit TLS (tls.implicit): no STARTTLS offered, the message arrives", function()
+    local c = helper.certs()
+    local srv, got = recording { tls = { cert = c.server, key = c.server_key, implicit = true } }
+    local out, code = peers.run(srv, { "swaks", "--server", "127.0.0.1", "--port", tostring(srv.port),
+      "--from", "a@x.test", "--to", "b@y.test", "-tlsc", "--tls-verify", "--tls-ca-path", c.ca,
+      "--data", "@" .. file_with(SWAKS_MSG) })
+    assert.equal(0, code, out)
+    assert.not_matches("STARTTLS", out)
+    assert.equal(MSG, got.msgs[1].data)
+    assert.is_true(got.msgs[1].tls)
+  end)
+
+  it("serve() inside smtp.loop is one more task; srv.port is the bound port", function()
+    local loop = require "smtp.loop"
+    local srv, got = recording()
+    assert.is_true(srv.port > 0)
+    local res
+    loop.spawn(function()
+      assert.is_true(srv:serve()) -- returns at once inside the loop
+      local smtp = require "smtp"
+      res = { smtp.send { server = "127.0.0.1", port = srv.port, tls = "none", helo = "c.test",
+        from = "a@x.test", to = { "b@y.test" }, message = MSG, timeout = 10 } }
+      srv:close()
+    end)
+    loop.run()
+    assert.is_table(res[1], tostring(res[2]))
+    assert.equal(250, res[1].reply.code)
+    assert.equal(MSG, got.msgs[1].data)
+  end)
+
   it("swaks with a wrong password gets 535", function()
     local srv, got = recording { auth = function(_, _, u, p) return u == "u" and p == "p" end }
     local out = peers.run(srv, { "swaks", "--server", "127.0.0.1", "--port", tostring(srv.port),
@@ -165,6 +195,14 @@ describe("smtp.server against misbehaving clients", function()
     local srv = recording { auth = function() return true end }
     local out = peers.raw(srv, { { "send", "EHLO c\r\nAUTH PLAIN %%%%\r\nAUTH LOGIN\r\n*\r\nNOOP\r\nQUIT\r\n" }, { "eof" } })
     assert.matches("501 5%.5%.2 Invalid base64 data\r\n334 VXNlcm5hbWU6\r\n501 5%.7%.0 Authentication cancelled\r\n250 2%.0%.0 Ok\r\n221 ", out)
+  end)
+
+  it("answers 20,000 pipelined commands sent at once, all in order", function()
+    local srv = recording()
+    local out = peers.raw(srv, { { "send", ("NOOP\r\n"):rep(20000) .. "QUIT\r\n" }, { "eof" } })
+    local _, n = out:gsub("250 2%.0%.0 Ok\r\n", "")
+    assert.equal(20000, n)
+    assert.matches("250 2%.0%.0 Ok\r\n221 2%.0%.0 Bye\r\n$", out)
   end)
 
   it("200 recipients: 100 accepted, 100 times 452, and the message goes to the 100", function()

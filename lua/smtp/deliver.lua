@@ -155,7 +155,7 @@ local function deliver_domain(job, results, ctx)
       if errors.is(err) and (err.kind == "invalid" or (err.code and err.code >= 500)) then
         if err.rejected then
           local by = {}
-          for _, rj in ipairs(err.rejected) do by[rj.recipient] = rj end
+          for _, rj in ipairs(err.rejected) do by[bare(rj.recipient)] = rj end
           for _, i in ipairs(job.idx) do
             local rj = by[ctx.bare_to[i]] or err
             results[i] = { recipient = ctx.to[i], status = status_of(rj.code) == "sent" and "failed"
@@ -256,6 +256,17 @@ function M.deliver(opts)
   local smtp = require "smtp"
   if type(smtp.connect) ~= "function" then
     error("smtp.connect is not available", 2)
+  end
+  -- The client's own checks (EHLO name, addresses, timeouts), so that bad input opens nothing.
+  if smtp._connect_config then
+    local cfg, err = smtp._connect_config({ server = "127.0.0.1", port = opts.port or 25, tls = tls,
+      helo = opts.helo, timeout = opts.timeout, cafile = opts.cafile }, "deliver")
+    if not cfg then return nil, err end
+  end
+  if smtp._message_config then
+    local tx, err = smtp._message_config({ message = message, from = from, to = to, dsn = opts.dsn },
+                                         "deliver")
+    if not tx then return nil, err end
   end
   local timeout = opts.timeout
   local ctx = {

@@ -667,7 +667,8 @@ function Conn:info()
   local ext = {}
   for k, v in pairs(self.ext or {}) do ext[k] = v end
   local i = { host = self.cfg.server, port = self.cfg.port, address = info.address or self.address,
-    tls = self.tls and (info.version or true) or false, cipher = info.cipher, extensions = ext,
+    tls = self.tls and ((type(info.tls) == "string" and info.tls) or info.version or true) or false,
+    cipher = info.cipher, extensions = ext,
     auth = self.auth_mechanism, reused = info.reused }
   -- shared by every result of this session until the next EHLO
   self._info = i
@@ -858,7 +859,17 @@ local function rcpt_params(dsn, rcpt)
   if not dsn then return nil end
   local rp = {}
   if dsn.notify then rp[#rp + 1] = "NOTIFY=" .. dsn.notify end
-  if dsn.orcpt and not non_ascii(rcpt) then rp[#rp + 1] = "ORCPT=rfc822;" .. xtext(rcpt) end
+  if dsn.orcpt then
+    if non_ascii(rcpt) then
+      -- RFC 6533 utf-8-addr-unitext (SMTPUTF8 is in use for this address): UTF-8 as is,
+      -- '+', '=', space and controls as \x{HEX}
+      rp[#rp + 1] = "ORCPT=utf-8;" .. rcpt:gsub("[%z\1-\32+=\127]", function(c)
+        return ("\\x{%X}"):format(c:byte())
+      end)
+    else
+      rp[#rp + 1] = "ORCPT=rfc822;" .. xtext(rcpt)
+    end
+  end
   return #rp > 0 and concat(rp, " ") or nil
 end
 

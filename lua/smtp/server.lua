@@ -11,19 +11,30 @@ local DEFAULTS = {
 }
 
 local function transport() return require "smtp.transport.native" end
+local wait_mod
+local now = core.now
 
 -- Reads what the client sent, waiting at most `timeout` of idleness. The transport's own read
 -- closes the connection on a timeout; the server must still say 421 first, so it waits itself.
-local function read_idle(conn, timeout, max)
+-- After a reply the client has usually sent nothing yet: wait for readability first and save
+-- a read that would only say EAGAIN -- unless the last read filled `max`, when TLS may hold
+-- decrypted bytes that no readiness event would announce.
+local function read_idle(conn, timeout, max, read_first)
   local sock = conn.sock
   if not sock then return nil, "closed" end
-  local wait = require "smtp.wait"
-  local deadline = core.now() + timeout
+  wait_mod = wait_mod or require "smtp.wait"
+  local deadline = now() + timeout
+  if not read_first then
+    local ok, werr = wait_mod.fd(conn.fd, "r", deadline)
+    if not ok then return nil, werr end
+    sock = conn.sock
+    if not sock then return nil, "closed" end
+  end
   while true do
     local chunk, e = sock:read(max)
     if chunk then return chunk end
     if e == "wantread" or e == "wantwrite" then
-      local ok, werr = wait.fd(conn.fd, e == "wantread" and "r" or "w", deadline)
+      local ok, werr = wait_mod.fd(conn.fd, e == "wantread" and "r" or "w", deadline)
       if not ok then return nil, werr end
       if not conn.sock then return nil, "closed" end
     else
@@ -131,8 +142,9 @@ local function run_session(srv, conn, ip, port)
     local space = eng:space()
     if space == 0 then return true end
     rec.idle = true
-    local chunk, err = read_idle(conn, timeout, space)
+    local chunk, err = read_idle(conn, timeout, space, rec.full)
     rec.idle = false
+    rec.full = chunk ~= nil and #chunk >= space
     if not chunk then
       if err == "timeout" then
         eng:shutdown(421, "4.4.2", "Idle timeout, closing connection")
@@ -167,7 +179,13 @@ local function run_session(srv, conn, ip, port)
           ended, endcode, endtext = true, 451, "Transaction aborted"
           return nil
         end
-        if not fill() then
+        if a == "write" then
+          if not flush() then
+            ended = true
+            rerr = closed_err()
+            return nil
+          end
+        elseif not fill() then
           ended = true
           rerr = closed_err()
           return nil
@@ -253,7 +271,11 @@ local function run_session(srv, conn, ip, port)
         kind, a, b, c = eng:next()
       end
       if not kind then
-        if not fill() then break end
+        if a == "write" then -- replies piled up: out they go before more input is taken
+          if not flush() then break end
+        elseif not fill() then
+          break
+        end
       elseif kind == "mail" then
         hook(o.on_mail, 550, "5.7.1", a, b)
       elseif kind == "rcpt" then

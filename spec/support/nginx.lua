@@ -42,7 +42,8 @@ function M.available()
 end
 
 -- M.start{ http = "<extra http-block directives>", locations = "<location blocks>",
---          main = "<extra main-context directives>", env = { NAME = value } }
+--          main = "<extra main-context directives>", env = { NAME = value },
+--          no_ca = true (no lua_ssl_trusted_certificate) }
 -- or M.start{ example = "examples/openresty/nginx.conf", env = {...} } for a shipped config -> handle with .port, .prefix, :url(path),
 -- :stop(), :error_log(). The checkout's lua/ and LuaJIT build are on the Lua paths, and the test
 -- CA is lua_ssl_trusted_certificate.
@@ -75,7 +76,7 @@ function M.start(opts)
     -- The `;;` keeps the default path: resty.core lives there and nginx will not start without it.
     '  lua_package_path "' .. root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. root .. '/spec/?.lua;;";',
     '  lua_package_cpath "' .. root .. '/build/luajit/?.so;;";',
-    "  lua_ssl_trusted_certificate " .. ca .. ";",
+    opts.no_ca and "" or ("  lua_ssl_trusted_certificate " .. ca .. ";"),
     "  lua_ssl_verify_depth 4;",
     "  lua_ssl_protocols TLSv1.2 TLSv1.3;",
     "  lua_socket_log_errors off;",

@@ -96,13 +96,13 @@ function M.slow()
   ngx.print(r)
 end
 
--- /pooled?port=N: one message per request over a pooled session, by hand, the way smtp.send
+-- /pooled?port=N[&host=H&ns=127.0.0.1:P]: one message per request over a pooled session, by hand, the way smtp.send
 -- uses the transport: acquire (RSET probe on a reused connection), a full greeting/EHLO/STARTTLS
 -- only on a fresh one, MAIL/RCPT/DATA, then keepalive with the learned state.
 function M.pooled()
   local t = require "smtp.transport.ngx"
   local port = tonumber(arg("port"))
-  local key = t.pool_key { server = "localhost", port = port, tls = "starttls", servername = "localhost" }
+  local key = t.pool_key { server = arg("host") or "localhost", port = port, tls = "starttls", servername = "localhost" }
   local buf
   local function step(s, cmd, want)
     if cmd then
@@ -114,7 +114,9 @@ function M.pooled()
     if want and r:sub(1, 3) ~= want then return nil, r end
     return r
   end
-  local s, state = t.acquire({ host = "127.0.0.1", port = port, timeout = 5, pool = key, pool_size = 4 },
+  local ns = arg("ns") and { arg("ns") } or nil
+  local s, state = t.acquire({ host = arg("host") or "127.0.0.1", port = port, timeout = 5, pool = key,
+      pool_size = 4, nameservers = ns },
     function(c)
       buf = { data = "" }
       return step(c, "RSET\r\n", "250") ~= nil

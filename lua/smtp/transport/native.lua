@@ -260,7 +260,8 @@ function Conn:shutdown()
   return nil
 end
 
--- s:info() -> { address=, port=, tls = false | "TLSv1.3", cipher=, bits=, peer_subject=, peer_issuer= }
+-- s:info() -> { address=, port=, tls = false | "TLSv1.3", version = nil | "TLSv1.3", cipher=,
+--              bits=, peer_subject=, peer_issuer= }
 function Conn:info()
   local t = { address = self.address, port = self.port, tls = false }
   local ti = self._tls and self.sock and self.sock:tls_info()

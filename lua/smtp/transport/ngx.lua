@@ -139,6 +139,10 @@ function M.pool_key(o)
   return table.concat(parts, "|")
 end
 
+-- Addresses of pooled servers, per worker (see connect).
+M.ADDR_TTL = 60
+local addr_cache, naddr = {}, 0
+
 ----------------------------------------------------------------------------------------------------
 local S = {}
 local S_mt = { __name = "smtp.transport.ngx.socket", __index = S }
@@ -182,13 +186,27 @@ function M.connect(opts)
   local deadline = ngx.now() + timeout
 
   local host = opts.host:gsub("^%[(.*)%]$", "%1")
-  local addresses, err
+  local addresses, err, from_cache
   local lit = ngx_dns.literal(host)
   if lit then
     addresses = { lit }
   else
-    addresses, err = ngx_dns.resolve(host, { nameservers = opts.nameservers, timeout = timeout })
-    if not addresses then return nil, err end
+    -- A pooled connect looks the name up at most every ADDR_TTL seconds: a session taken from
+    -- the pool needs no address, and a DNS round trip per send would eat much of the gain.
+    local ckey = opts.pool and (host .. "|" .. table.concat(opts.nameservers or {}, ","))
+    local cached = ckey and addr_cache[ckey]
+    if cached and cached.expires > ngx.now() then
+      addresses = cached.addresses
+      from_cache = ckey
+    else
+      addresses, err = ngx_dns.resolve(host, { nameservers = opts.nameservers, timeout = timeout })
+      if not addresses then return nil, err end
+      if ckey then
+        if naddr >= MAX_SESSIONS then addr_cache, naddr = {}, 0 end
+        if not addr_cache[ckey] then naddr = naddr + 1 end
+        addr_cache[ckey] = { addresses = addresses, expires = ngx.now() + M.ADDR_TTL }
+      end
+    end
   end
 
   local copts
@@ -239,6 +257,11 @@ function M.connect(opts)
       last = errors.new { kind = "connect", phase = "connect", temporary = true,
         text = "connect to " .. addr .. ":" .. port .. ": " .. tostring(cerr), address = addr }
     end
+  end
+  -- Addresses that all failed are looked up afresh next time.
+  if from_cache then
+    addr_cache[from_cache] = nil
+    naddr = naddr - 1
   end
   return nil, last
 end
@@ -341,7 +364,8 @@ function S:starttls(opts)
   local sess, err = self.sock:sslhandshake(nil, name, verify)
   if not sess then
     local text = "TLS handshake with " .. tostring(name or self.address) .. " failed: " .. tostring(err)
-    if verify and tostring(err):find("verify", 1, true) then
+    -- nginx reports a failed chain check as "<X509 code>: <reason>".
+    if verify and (tostring(err):match("^%d+: ") or tostring(err):find("verify", 1, true)) then
       text = text .. " (inside nginx certificates are checked against lua_ssl_trusted_certificate)"
     end
     local kind = err == "timeout" and "timeout" or "tls"
