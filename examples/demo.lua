@@ -9,6 +9,7 @@ package.cpath = top .. "/build/" .. luav .. "/?.so;" .. package.cpath
 local smtp = require "smtp"
 local message = require "smtp.message"
 local native = require "smtp.transport.native"
+local core = require "smtp.core"
 
 local function sh(cmd)
   local p = assert(io.popen(cmd)); local out = p:read("a"); p:close(); return (out:gsub("%s+$", ""))
@@ -67,18 +68,79 @@ if not res then
   os.exit(1)
 end
 
-print(string.format("sent over %s (%s) to 127.0.0.1:%d: %d %s %s",
-  res.server and res.server.tls or "?", "verified", port, res.reply.code, res.reply.enhanced or "", res.reply.text or ""))
+print(string.format("sent over %s, certificate verified against the demo CA, to 127.0.0.1:%d: %d %s %s",
+  tostring(res.server and res.server.tls), port, res.reply.code, res.reply.enhanced or "", res.reply.text or ""))
 print("accepted: " .. table.concat(res.accepted, ", "))
-print("sink printed: " .. sh("cat " .. q(sinklog)))
+print("the sink printed: " .. sh("cat " .. q(sinklog)))
 local file = sh("ls " .. q(maildir .. "/new") .. " | head -n 1")
-local stored = assert(io.open(maildir .. "/new/" .. file, "rb")):read("a")
-print(string.format("stored %s (%d bytes); its headers:", maildir .. "/new/" .. file, #stored))
-for line in stored:gmatch("([^\r\n]*)\r?\n") do
-  if line == "" then break end
-  print("  " .. line)
+local stored = assert(io.open(maildir .. "/new/" .. file, "rb")):read("*a")
+
+-- Reading the stored message back: header fields (unfolded), RFC 2047 words, MIME parts.
+local function split(raw)
+  local head, body = raw:match("^(.-\r\n)\r\n(.*)$")
+  if not head then return {}, raw end
+  local fields = {}
+  for line in head:gsub("\r\n[ \t]+", " "):gmatch("([^\r\n]+)") do
+    local name, value = line:match("^([^:]+):%s*(.*)$")
+    if name then fields[#fields + 1] = { name = name, lname = name:lower(), value = value } end
+  end
+  return fields, body
 end
-local parts = 0
-for _ in stored:gmatch("\r\nContent%-Type: ") do parts = parts + 1 end
-print(string.format("MIME parts: %d (text, HTML, attachment report.csv)", parts))
+local function field(fields, lname)
+  for _, f in ipairs(fields) do if f.lname == lname then return f.value end end
+end
+local function decode_words(v)   -- RFC 2047: =?charset?B|Q?text?=, spaces between words dropped
+  v = v:gsub("(%?=)%s+(=%?)", "%1%2")
+  return (v:gsub("=%?[^?]+%?([BbQq])%?([^?]*)%?=", function(enc, text)
+    if enc:upper() == "B" then return core.b64decode(text) end
+    return (text:gsub("_", " "):gsub("=(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+  end))
+end
+local function param(v, name)   -- a plain, quoted or RFC 2231 (name*=UTF-8''...) parameter
+  local ext = v:match(";%s*" .. name .. "%*=[^']*'[^']*'([^;%s]+)")
+  if ext then return (ext:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)) end
+  local quoted = v:match(";%s*" .. name .. '="([^"]*)"')
+  return quoted and decode_words(quoted) or v:match(";%s*" .. name .. "=([^;%s]+)")
+end
+local function parts(raw, depth, out)
+  local fields, body = split(raw)
+  local ctype = field(fields, "content-type") or "text/plain"
+  local boundary = param(ctype, "boundary")
+  local mime = ctype:match("^%s*([^;%s]+)"):lower()
+  if boundary then
+    out[#out + 1] = { depth = depth, type = mime }
+    local marker = "--" .. boundary
+    local pieces, pos = {}, 1
+    while true do
+      local s, e = body:find("\r?\n?" .. marker:gsub("%p", "%%%0"), pos)
+      if not s then break end
+      pieces[#pieces + 1] = e + 1
+      pos = e + 1
+      if body:sub(e + 1, e + 2) == "--" then break end
+    end
+    for i = 1, #pieces - 1 do
+      local chunk = body:sub(pieces[i], pieces[i + 1] - 1):gsub("^\r\n", ""):gsub("\r\n%-%-" .. boundary:gsub("%p", "%%%0") .. ".*$", "")
+      parts(chunk, depth + 1, out)
+    end
+  else
+    local disp = field(fields, "content-disposition") or ""
+    out[#out + 1] = { depth = depth, type = mime, filename = param(disp, "filename") or param(ctype, "name"),
+      encoding = field(fields, "content-transfer-encoding"), size = #body }
+  end
+  return out
+end
+
+local fields = split(stored)
+print(string.format("stored %s (%d bytes)", maildir .. "/new/" .. file, #stored))
+for _, name in ipairs { "return-path", "delivered-to", "from", "to", "subject", "date", "message-id" } do
+  local v = field(fields, name)
+  if v then print(string.format("  %-13s %s", name:gsub("^%l", string.upper):gsub("%-%l", string.upper) .. ":", decode_words(v))) end
+end
+print("  raw Subject:  " .. field(fields, "subject"))
+print("MIME structure:")
+for _, p in ipairs(parts(stored, 1, {})) do
+  print(string.format("  %s%s%s%s", string.rep("  ", p.depth - 1), p.type,
+    p.filename and (' "' .. p.filename .. '"') or "",
+    p.encoding and string.format(" (%s, %d bytes encoded)", p.encoding, p.size) or ""))
+end
 os.execute("rm -rf " .. q(dir))

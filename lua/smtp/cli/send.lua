@@ -12,9 +12,11 @@ usage: lua-smtp send --server HOST[:PORT] [--tls starttls|implicit|opportunistic
                      [--to-file FILE [--concurrency N]] [--json]
 Without --server the message goes straight to each recipient domain's MX hosts.
 --raw sends FILE as it is (line ends normalized); --from and --to are then the envelope.
---to-file sends the message to each address in FILE (one a line) in its own transaction, over
-N sessions at once (--concurrency, default 1), printing one line per recipient and a summary.
---json prints the results as one JSON array instead.
+--to-file sends the message to each address in FILE (one a line, # comments) in its own
+transaction, over N sessions at once (--concurrency, default 1): a progress bar on a terminal, one
+line per recipient otherwise, then a summary "sent N, failed N, deferred N".
+--json prints the results as one JSON array instead, one object per recipient (recipient, status
+sent|failed|deferred, code, enhanced, text, host), also for a single message.
 Exit status: 0 accepted, 1 not accepted (reason on stderr), 2 usage error.]==]
 
 -- Options that take one value, options that take one or more values, and flags.
@@ -91,6 +93,37 @@ local function json_results(results)
     items[i] = "{" .. table.concat(f, ",") .. "}"
   end
   return "[" .. table.concat(items, ",") .. "]\n"
+end
+
+-- True when `stream` is this process's stdout and that is a terminal.
+local function is_tty(stream)
+  if stream ~= io.stdout or os.getenv("TERM") == "dumb" then return false end
+  local r = os.execute("test -t 1")
+  return r == true or r == 0
+end
+
+-- A progress bar redrawn in place: "[#####.....] 12/100  sent 10  failed 1  deferred 1".
+local function progress(out, err, total)
+  local count, done = { sent = 0, failed = 0, deferred = 0 }, 0
+  local function draw()
+    local width = 30
+    local fill = math.floor(width * done / total)
+    out:write(("\r[%s%s] %d/%d  sent %d  failed %d  deferred %d"):format(string.rep("#", fill),
+      string.rep(".", width - fill), done, total, count.sent, count.failed, count.deferred))
+    out:flush()
+  end
+  draw()
+  return function(r)
+    done = done + 1
+    count[r.status] = (count[r.status] or 0) + 1
+    if r.status ~= "sent" then
+      -- a failure stays on the screen above the bar
+      out:write("\r\27[K"); out:flush()
+      err:write(("%s: %s %s %s %s\n"):format(r.recipient, r.status, tostring(r.code or ""), r.enhanced or "", r.text or ""))
+    end
+    draw()
+    if done == total then out:write("\n") end
+  end
 end
 
 local function status_of(e)
@@ -238,6 +271,8 @@ function M.main(args, out, err)
       local w = r.status == "sent" and out or err
       w:write(("%s: %s %s %s %s\n"):format(r.recipient, r.status, tostring(r.code or ""), r.enhanced or "", r.text or ""))
     end
+    -- on a terminal a progress bar instead of a line per sent message
+    if not o.json and is_tty(out) then line = progress(out, err, #all) end
     if o.server then
       if io.type(message) == "file" then
         -- the same bytes go out once per recipient
@@ -273,6 +308,30 @@ function M.main(args, out, err)
       allow_plaintext_auth = o["allow-plaintext-auth"] or nil,
     }
     if io.type(message) == "file" then message:close() end
+    if o.json then
+      -- one entry per envelope recipient, as for --to-file
+      local results, by = {}, {}
+      if res then
+        for _, a in ipairs(res.accepted) do
+          by[a] = { status = "sent", code = res.reply.code, enhanced = res.reply.enhanced, text = res.reply.text }
+        end
+      end
+      for _, r in ipairs((res and res.rejected) or (serr and serr.rejected) or {}) do
+        by[r.recipient] = { status = r.code < 500 and "deferred" or "failed", code = r.code, enhanced = r.enhanced, text = r.text }
+      end
+      local env_to = to
+      if not env_to then env_to = select(2, message:envelope()) end
+      for i, a in ipairs(env_to) do
+        local r = by[a] or (serr and { status = status_of(serr), code = serr.code, enhanced = serr.enhanced,
+          text = tostring(serr) }) or { status = "sent", code = res.reply.code, enhanced = res.reply.enhanced,
+          text = res.reply.text }
+        r.recipient = a
+        results[i] = r
+      end
+      out:write(json_results(results))
+      if not res then return serr.kind == "invalid" and 2 or 1 end
+      return #res.rejected == 0 and 0 or 1
+    end
     if not res then
       err:write("lua-smtp send: not sent: ", tostring(serr), "\n")
       if serr.rejected then
@@ -298,6 +357,11 @@ function M.main(args, out, err)
   if not results then
     err:write("lua-smtp send: not sent: ", tostring(derr), "\n")
     return (type(derr) == "table" and derr.kind == "invalid") and 2 or 1
+  end
+  if o.json then
+    out:write(json_results(results))
+    for _, r in ipairs(results) do if r.status ~= "sent" then return 1 end end
+    return 0
   end
   local status = 0
   for _, r in ipairs(results) do

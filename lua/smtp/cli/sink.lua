@@ -213,7 +213,8 @@ function M.main(args)
       f:close()
       if not wok then os.remove(tmp); return nil, werr end
     end
-    return tmp, size, subject_of(table.concat(hbuf))
+    -- without a store there is no file, but the message arrived whole: "" (true) for on_message
+    return tmp or "", size, subject_of(table.concat(hbuf))
   end
 
   local function deliver_mbox(tmp, env)
