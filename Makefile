@@ -56,6 +56,7 @@ bench: deps all
 	@sh bench/run.sh
 
 fuzz: deps
+	@$(MAKE) -C fuzz -j2 all
 	@$(MAKE) -C fuzz run FUZZ_SECONDS=$(FUZZ_SECONDS)
 
 demo: deps build/lua5.4/smtp/core.so

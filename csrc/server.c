@@ -385,9 +385,12 @@ static int parse_path(const char *p, size_t n, size_t *end, const char **a, size
     i++;
     size_t ds = i;
     if (i < n && p[i] == '[') {
+        i++;
+        /* dcontent (RFC 5321 4.1.3) without '[' and '\\'; '<' and '>' refused too, so a hook that
+         * writes the path back into "<...>" can never end it early downstream */
         while (i < n && p[i] != ']') {
             unsigned char c = (unsigned char)p[i];
-            if (c < 33 || c > 126 || c == '\\')
+            if (c < 33 || c > 126 || c == '\\' || c == '[' || c == '<' || c == '>')
                 return 501;
             i++;
         }

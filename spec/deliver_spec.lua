@@ -72,6 +72,15 @@ describe("smtp.deliver", function()
     assert.equal(0, #s6:transactions())
   end)
 
+  it("never falls back to plaintext when tls = \"starttls\" is asked for", function()
+    local before = #s3:transactions()
+    local res = assert(deliver(opts({ "t@badtls.test" }, { tls = "starttls" })))
+    assert.equal("deferred", res[1].status)
+    assert.equal("mx2.two.test", res[1].host)     -- the last host tried: no STARTTLS offered
+    assert.equal(before, #s3:transactions())
+    assert.equal(0, #s6:transactions())
+  end)
+
   it("tries equal-preference hosts in the order the injected random source gives", function()
     local res = assert(deliver(opts({ "e@eq.test" }, { random = function(n) return n end })))
     assert.equal("a.eq.test", res[1].host)

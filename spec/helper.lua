@@ -99,7 +99,11 @@ function helper.spawn(argv, opts)
   local pid = tonumber((sh("sh -c " .. q(cmd))))
   assert(pid, "spawn failed: " .. cmd)
   local p = { pid = pid, log = log }
-  function p:alive() return select(2, sh("kill -0 " .. self.pid .. " 2>/dev/null")) == true end
+  -- A zombie counts as gone: PID 1 here may reap late, and kill -0 succeeds on zombies.
+  function p:alive()
+    local st = sh("ps -o stat= -p " .. self.pid .. " 2>/dev/null")
+    return st:match("%S") ~= nil and not st:match("^%s*Z")
+  end
   function p:stop(sig)
     if self.stopped then return end
     self.stopped = true

@@ -10,7 +10,7 @@ local M = {}
 
 M.max_attempts = 10     -- addresses tried per domain, across its MX hosts
 
-local tls_modes = { opportunistic = true, starttls = true, none = true }
+local tls_modes = { opportunistic = true, starttls = true, implicit = true, none = true }
 
 -- Plain address of a recipient or sender: "a@b", "<a@b>" or "Name <a@b>" -> "a@b".
 local function bare(addr)
@@ -112,7 +112,8 @@ local function deliver_domain(job, results, ctx)
         server = address, port = ctx.port, tls = ctx.tls, helo = opts.helo,
         timeout = opts.timeout,
       }
-      if ctx.tls == "starttls" then
+      if ctx.tls == "starttls" or ctx.tls == "implicit" then
+        -- Required TLS is verified as in smtp.send, against the MX host's name.
         copts.verify = opts.verify ~= false
         copts.cafile = opts.cafile
         if not h.host:match("^%[") then copts.servername = h.host end
@@ -216,7 +217,7 @@ function M.deliver(opts)
   if type(opts) ~= "table" then error("bad argument #1 to 'deliver': table expected", 2) end
   local tls = opts.tls or "opportunistic"
   if not tls_modes[tls] then
-    error("bad argument 'tls': \"opportunistic\", \"starttls\" or \"none\" expected", 2)
+    error("bad argument 'tls': \"opportunistic\", \"starttls\", \"implicit\" or \"none\" expected", 2)
   end
   if opts.port ~= nil and (type(opts.port) ~= "number" or opts.port % 1 ~= 0) then
     error("bad argument 'port': integer expected", 2)

@@ -152,7 +152,8 @@ local function check_auth(a)
   local has_pw, has_tok = a.password ~= nil, a.token ~= nil
   if has_pw == has_tok then misuse("connect", "auth: give password or token") end
   if has_pw and type(a.password) ~= "string" then misuse("connect", "auth.password: string expected") end
-  if has_pw and a.password:find("%z") then return invalid("auth.password: NUL character") end
+  -- CR and LF too: a LOGIN server that decodes the password into a line must not see two lines
+  if has_pw and a.password:find("[\r\n%z]") then return invalid("auth.password: CR, LF or NUL") end
   if has_tok and type(a.token) ~= "string" and type(a.token) ~= "function" then
     misuse("connect", "auth.token: string or function expected")
   end
@@ -204,8 +205,11 @@ local function connect_config(opts, fname)
     return invalid("auth over a plaintext connection: use TLS or allow_plaintext_auth = true")
   end
   local servername = opts.servername
-  if servername ~= nil and (type(servername) ~= "string" or has_ctl(servername)) then
+  if servername ~= nil and type(servername) ~= "string" then
     misuse(fname, "servername: string expected")
+  end
+  if servername ~= nil and has_ctl(servername) then
+    return invalid("servername: control character")
   end
   if opts.cafile ~= nil and type(opts.cafile) ~= "string" then misuse(fname, "cafile: string expected") end
   return {
@@ -483,7 +487,11 @@ local function secret_of(a)
   if a.password then return a.password end
   if type(a.token) == "function" then
     local ok, tok = pcall(a.token)
-    if not ok or type(tok) ~= "string" or tok == "" or has_ctl(tok) then
+    if ok and type(tok) == "string" and has_ctl(tok) then
+      return nil, new_error { kind = "invalid", phase = "auth", temporary = false,
+        text = "auth.token function gave a token with a control character" }
+    end
+    if not ok or type(tok) ~= "string" or tok == "" then
       return nil, new_error { kind = "auth", phase = "auth", temporary = false,
         text = "auth.token function gave no usable token: " .. tostring(tok) }
     end

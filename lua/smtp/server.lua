@@ -72,7 +72,8 @@ end
 local function verdict(default_code, default_enh, ok, code, a, b)
   if ok then return true end
   code = tonumber(code) or default_code
-  if code < 400 or code > 599 then code = default_code end
+  -- a fraction would make the engine's integer check raise and drop the session without a reply
+  if code < 400 or code > 599 or code % 1 ~= 0 then code = default_code end
   local enh, text
   if b ~= nil then
     enh, text = a, b
