@@ -133,8 +133,9 @@ end
 local fields = split(stored)
 print(string.format("stored %s (%d bytes)", maildir .. "/new/" .. file, #stored))
 for _, name in ipairs { "return-path", "delivered-to", "from", "to", "subject", "date", "message-id" } do
-  local v = field(fields, name)
-  if v then print(string.format("  %-13s %s", name:gsub("^%l", string.upper):gsub("%-%l", string.upper) .. ":", decode_words(v))) end
+  for _, f in ipairs(fields) do
+    if f.lname == name then print(string.format("  %-13s %s", f.name .. ":", decode_words(f.value))) end
+  end
 end
 print("  raw Subject:  " .. field(fields, "subject"))
 print("MIME structure:")
