@@ -1224,6 +1224,11 @@ static int data_scan(smtp_server *s)
 {
     const char *in = s->in;
     size_t i = s->in_pos, n = s->in_len;
+    /* Where the next CR and LF are (n: none): found with memchr, and searched again only once
+     * passed, so a line costs two memchr calls instead of a byte loop and no byte is scanned
+     * twice for the same character. */
+    size_t next_cr = i, next_lf = i;
+    int cr_known = 0, lf_known = 0;
     int done = 0;
     while (i < n && !done) {
         unsigned char c = (unsigned char)in[i];
@@ -1233,9 +1238,17 @@ static int data_scan(smtp_server *s)
             s->ds = D_MID;
             break; /* reprocess as a mid-line byte */
         case D_MID: {
-            size_t j = i;
-            while (j < n && in[j] != '\r' && in[j] != '\n')
-                j++;
+            if (!cr_known || next_cr < i) {
+                const char *q = memchr(in + i, '\r', n - i);
+                next_cr = q ? (size_t)(q - in) : n;
+                cr_known = 1;
+            }
+            if (!lf_known || next_lf < i) {
+                const char *q = memchr(in + i, '\n', n - i);
+                next_lf = q ? (size_t)(q - in) : n;
+                lf_known = 1;
+            }
+            size_t j = next_cr < next_lf ? next_cr : next_lf;
             if (j > i)
                 demit(s, in + i, j - i);
             i = j;

@@ -128,20 +128,37 @@ local function set_interest(fd, m)
   return true
 end
 
+-- fds whose epoll interest may exceed what their waiters want; settled before the next wait.
+local unsettled, nunsettled = {}, 0
+
+local function unsettle(fd)
+  nunsettled = nunsettled + 1
+  unsettled[nunsettled] = fd
+end
+
+-- Brings epoll in line with the waiters, once per loop turn. A task woken for an fd usually
+-- waits on it again before the turn ends (a server reads a command, replies, waits for the
+-- next): leaving the registration in place until then saves an EPOLL_CTL_DEL and an
+-- EPOLL_CTL_ADD per wait. What nobody waits for any more is dropped before epoll_wait, so a
+-- level-triggered event is never reported for an fd nobody waits on, and an fd closed behind
+-- the loop's back (by the GC) stays registered at most until the end of the turn.
+local function settle()
+  for i = 1, nunsettled do
+    local fd = unsettled[i]
+    unsettled[i] = nil
+    local want = (readers[fd] and 1 or 0) + (writers[fd] and 2 or 0)
+    if want ~= (interest[fd] or 0) then set_interest(fd, want) end
+  end
+  nunsettled = 0
+end
+
 local function unhook(co)
   local fd, dir = waiting_fd[co], waiting_dir[co]
   if not fd then return end
   waiting_fd[co], waiting_dir[co] = nil, nil
   nwaiting = nwaiting - 1
-  local m = interest[fd] or 0
-  if dir == "r" then
-    readers[fd] = nil
-    if m % 2 == 1 then m = m - 1 end
-  else
-    writers[fd] = nil
-    if m >= 2 then m = m - 2 end
-  end
-  set_interest(fd, m)
+  if dir == "r" then readers[fd] = nil else writers[fd] = nil end
+  unsettle(fd)
 end
 
 -- Public ------------------------------------------------------------------------------------
@@ -246,6 +263,7 @@ function M.run()
         step(co, v)
       end
       rhead, rtail = 1, 0
+      if nunsettled > 0 then settle() end
       if ntasks == 0 then break end
       -- Drop cancelled timers at the top so they do not cut the wait short.
       while heap[1] and not heap[1].co do pop_timer() end
@@ -268,7 +286,7 @@ function M.run()
           if co then cancel_timer(co); unhook(co); push_ready(co, true) end
         end
         -- Level-triggered: an event nobody waits for must not be reported again and again.
-        if not readers[fd] and not writers[fd] and interest[fd] then set_interest(fd, 0) end
+        if not readers[fd] and not writers[fd] and interest[fd] then unsettle(fd) end
       end
       local t = now()
       while heap[1] and heap[1].t <= t do

@@ -98,9 +98,6 @@ function Session:__tostring()
   return ("smtp.server.session (%s port %s)"):format(tostring(self.address), tostring(self.port))
 end
 
-local Reader = { __name = "smtp.server.reader" }
-Reader.__index = Reader
-
 local function closed_err(text)
   return errors.new { kind = "closed", text = text or "connection closed by client", temporary = true }
 end
@@ -163,79 +160,89 @@ local function run_session(srv, conn, ip, port)
     session.user = eng:user()
   end
 
-  -- on_message with a reader that pulls from the connection as the hook reads.
-  local function message()
-    local envelope = eng:envelope()
-    local buf, ended, endcode, endtext, rerr = nil, false, nil, nil, nil
-    local function pull()
-      while not ended do
-        local kind, a, b = eng:next()
-        if kind == "data" then return a end
-        if kind == "end" then
-          ended, endcode, endtext = true, a, b
-          return nil
-        end
-        if kind then -- the message was cut off by something else
-          stash = { kind, a, b }
-          ended, endcode, endtext = true, 451, "Transaction aborted"
-          return nil
-        end
-        if a == "write" then
-          if not flush() then
-            ended = true
-            rerr = closed_err()
-            return nil
-          end
-        elseif not fill() then
+  -- The message being read: its state lives here, not in per-message closures, so a message
+  -- costs one reader table. `cur` is that reader; a reader kept past its message reads nothing.
+  local cur, buf, ended, endcode, endtext, rerr
+
+  -- Next data chunk of the current message from the engine, or nil at its end.
+  local function pull()
+    while not ended do
+      local kind, a, b = eng:next()
+      if kind == "data" then return a end
+      if kind == "end" then
+        ended, endcode, endtext = true, a, b
+        return nil
+      end
+      if kind then -- the message was cut off by something else
+        stash = { kind, a, b }
+        ended, endcode, endtext = true, 451, "Transaction aborted"
+        return nil
+      end
+      if a == "write" then
+        if not flush() then
           ended = true
           rerr = closed_err()
           return nil
         end
+      elseif not fill() then
+        ended = true
+        rerr = closed_err()
+        return nil
       end
     end
-    local reader = setmetatable({}, Reader)
-    function reader.read(_, n)
-      if n ~= nil and (type(n) ~= "number" or n < 1) then
-        error("bad argument #1 to 'read' (positive number expected)", 2)
-      end
-      if not buf then
-        if ended then
-          if rerr then return nil, rerr end
-          if endcode then
-            return nil, errors.new { kind = "rejected", code = endcode, text = endtext }
-          end
-          return nil
+  end
+
+  local function read(reader, n)
+    if n ~= nil and (type(n) ~= "number" or n < 1) then
+      error("bad argument #1 to 'read' (positive number expected)", 2)
+    end
+    if reader ~= cur then return nil end
+    if not buf then
+      if ended then
+        if rerr then return nil, rerr end
+        if endcode then
+          return nil, errors.new { kind = "rejected", code = endcode, text = endtext }
         end
-        buf = pull()
-        if not buf then return reader.read(_, n) end
+        return nil
       end
-      local s = buf
-      if n and #s > n then
-        buf = s:sub(n + 1)
-        s = s:sub(1, n)
-      else
-        buf = nil
-      end
-      return s
+      buf = pull()
+      if not buf then return read(reader, n) end
     end
-    function reader.chunks(self)
+    local s = buf
+    if n and #s > n then
+      buf = s:sub(n + 1)
+      s = s:sub(1, n)
+    else
+      buf = nil
+    end
+    return s
+  end
+  local reader_mt = { __name = "smtp.server.reader", __index = {
+    read = read,
+    chunks = function(self)
       return function()
-        local s = self:read(65536)
+        local s = read(self, 65536)
         return s
       end
-    end
+    end,
+  } }
+
+  -- on_message with a reader that pulls from the connection as the hook reads.
+  local function message()
+    buf, ended, endcode, endtext, rerr = nil, false, nil, nil, nil
     local ok, r1, r2, r3, r4
     if o.on_message then
+      local envelope = eng:envelope()
+      cur = setmetatable({}, reader_mt)
       refresh()
-      ok, r1, r2, r3, r4 = pcall(o.on_message, session, envelope, reader)
+      ok, r1, r2, r3, r4 = pcall(o.on_message, session, envelope, cur)
+      cur = nil
     else
       ok, r1 = true, true
     end
     -- whatever the hook left: take the whole message in before replying
-    while not ended do
-      buf = nil
-      pull()
-    end
+    buf = nil
+    while not ended do pull() end
     if rerr or dead then return false end
     if endcode then return true end -- the engine refused it and replied already
     if not ok then
