@@ -1043,6 +1043,144 @@ function Conn:send(opts)
   return self:_transaction(tx)
 end
 
+-- send_many with PIPELINING and CHUNKING: no 354 to wait for, so up to WINDOW transactions
+-- (MAIL, RCPTs, BDAT n LAST with the message) are in flight at once, written together, and their
+-- replies matched in order (RFC 2920: BDAT does not end a command group; RFC 3030). Every
+-- transaction after the first starts with RSET: a transaction that fails after its MAIL was
+-- accepted (every RCPT refused, BDAT refused) may leave that MAIL open on the server, and the next
+-- MAIL would then get 503 while its RCPTs and data joined the failed envelope. RSET costs one
+-- short line each way and no round trip. Messages that are not strings (or larger than one BDAT
+-- chunk) go through _transaction once the window has drained.
+local WINDOW, HALF_WINDOW = 32, 16
+function Conn:_send_window(txs, out, n)
+  local e = self.engine
+  local q, qh, qt = {}, 1, 0     -- transactions in flight, oldest first
+  local nxt, first, dirty = 1, true, false
+  local function fail_all(err)
+    for i = 1, n do out[i] = out[i] or err end
+    return out
+  end
+  while true do
+    -- fill the window
+    local queued = false
+    while nxt <= n and qt - qh + 1 < WINDOW do
+      local i = nxt
+      local tx = txs[i]
+      local m = tx and tx.message
+      if tx and not (type(m) == "string" and #m <= BDAT_CHUNK) then
+        if qt >= qh then break end    -- drain first, then send it on its own
+        nxt = nxt + 1
+        if dirty then self:_reset() end
+        first, dirty = false, false
+        if self.dead then return fail_all(new_error { kind = "closed", text = "the session is closed",
+          temporary = true, phase = "mail" }) end
+        local res, err = self:_transaction(tx)
+        out[i] = res or err
+        if not res then
+          if self.dead then return fail_all(err) end
+          dirty = true
+        end
+      else
+        nxt = nxt + 1
+        if tx then
+          local mp, dsn = self:_mail_params(tx, #m)
+          if mp == nil then
+            out[i] = dsn
+          else
+            local rset = not first
+            if rset then e:rset() end
+            first = false
+            local st = { i = i, tx = tx, rset = rset, nrcpt = 0 }
+            local ok, err = e:mail(tx.from, mp or nil)
+            if ok then
+              st.mail = true
+              local to = tx.to
+              for k = 1, #to do
+                ok, err = e:rcpt(to[k], rcpt_params(dsn, to[k]))
+                if not ok then break end
+                st.nrcpt = k
+              end
+              if ok then ok, err = e:bdat_last(m) end
+              if ok then st.bdat = true end
+            end
+            if not ok then
+              -- the commands already queued still get replies; the message is refused here
+              st.err = select(2, invalid(err))
+            end
+            qt = qt + 1; q[qt] = st
+            queued = true
+          end
+        end
+      end
+    end
+    if queued then
+      local ok, err = self:_flush("mail")
+      if not ok then return fail_all(err) end
+    end
+    if qt < qh then
+      if nxt > n then return out end
+    else
+      -- the oldest transaction's replies; refill once half the window is done
+      local target = qh + HALF_WINDOW
+      if nxt > n then target = qt + 1 end
+      while qh <= qt and qh < target do
+        local st = q[qh]
+        q[qh] = nil
+        qh = qh + 1
+        local r, err
+        if st.rset then
+          r, err = self:_reply("mail")
+          if not r then return fail_all(err) end
+          if r.code ~= 250 then
+            self:_abort()
+            return fail_all(reply_error("closed", r, "mail", { temporary = true }))
+          end
+        end
+        local mail_r
+        if st.mail then
+          mail_r, err = self:_reply("mail")
+          if not mail_r then return fail_all(err) end
+        end
+        local to, accepted, rejected = st.tx.to, {}, {}
+        for k = 1, st.nrcpt do
+          r, err = self:_reply("rcpt")
+          if not r then return fail_all(err) end
+          if r.code >= 200 and r.code < 300 then accepted[#accepted + 1] = to[k]
+          else rejected[#rejected + 1] = entry(to[k], r) end
+        end
+        local final
+        if st.bdat then
+          final, err = self:_reply("data_end")
+          if not final then return fail_all(err) end
+        end
+        local m = st.tx.message
+        if st.err then
+          out[st.i] = st.err
+          dirty = true
+        elseif mail_r.code ~= 250 then
+          out[st.i] = reply_error("rejected", mail_r, "mail", { rejected = rejected })
+          dirty = true
+        elseif #accepted == 0 then
+          local f = rejected[1]
+          out[st.i] = new_error { kind = "rejected", phase = "rcpt", code = f and f.code,
+            enhanced = f and f.enhanced, text = f and f.text or "every recipient was rejected",
+            rejected = rejected, temporary = f and f.code < 500 or false }
+          dirty = true
+        elseif final.code ~= 250 then
+          out[st.i] = reply_error("rejected", final, "data_end", { rejected = rejected })
+          dirty = true
+        else
+          out[st.i] = { accepted = accepted, rejected = rejected,
+            reply = { code = final.code, enhanced = final.enhanced, text = final.text },
+            message_id = message_id_of(m) or nil, server = self:info() }
+          dirty = false
+        end
+      end
+      if qh > qt then q, qh, qt = {}, 1, 0 end
+    end
+  end
+end
+
 -- conn:send_many{ opts1, opts2, ... } -> a list with, for each, the result conn:send would give
 -- or its error (an smtp.errors table: check `.kind`). With PIPELINING (and no BDAT) the next
 -- message's MAIL, RCPT and DATA go in the same write as the previous body's end-of-data, so a
@@ -1062,7 +1200,10 @@ function Conn:send_many(list)
     return out
   end
   local ext, e = self.ext, self.engine
-  if not (ext.PIPELINING and self.cfg.pipelining) or (ext.CHUNKING and self.cfg.chunking) then
+  if ext.PIPELINING and self.cfg.pipelining and ext.CHUNKING and self.cfg.chunking then
+    return self:_send_window(txs, out, n)
+  end
+  if not (ext.PIPELINING and self.cfg.pipelining) then
     for i = 1, n do
       if txs[i] then
         local res, err = self:_transaction(txs[i])
