@@ -58,8 +58,20 @@ int smtp_stuff(smtp_stuffer *s, const char *in, size_t n, smtp_buf *out)
         } else {
             if (line_start && dot && c == '.')
                 *o++ = '.';
-            *o++ = c;
             line_start = 0;
+            /* the rest of the line up to the next CR or LF in one copy: memchr is far faster
+             * than this loop byte by byte (the body path of every message) */
+            const char *run = in + i, *end = in + n;
+            const char *lim = memchr(run, '\n', (size_t)(end - run));
+            if (!lim)
+                lim = end;
+            const char *crp = memchr(run, '\r', (size_t)(lim - run));
+            if (crp)
+                lim = crp;
+            size_t len = (size_t)(lim - run);
+            memcpy(o, run, len);
+            o += len;
+            i += len - 1;
         }
     }
     s->line_start = line_start;
