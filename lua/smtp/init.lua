@@ -831,6 +831,23 @@ end
 -- what the server cannot take (SMTPUTF8 missing, over its SIZE): refused before any byte.
 function Conn:_mail_params(tx, size)
   local ext = self.ext
+  if not tx.smtputf8 and not tx.dsn and size then
+    -- the common case, once per message in send_many: SIZE and BODY only, the limit parsed once
+    -- per EHLO
+    if self._mp_ext ~= ext then
+      self._mp_ext = ext
+      self._mp_limit = ext.SIZE and (tonumber(ext.SIZE:match("^%d+") or "") or false)
+      self._mp_body = ext["8BITMIME"] and "BODY=8BITMIME" or nil
+    end
+    local limit, body = self._mp_limit, self._mp_body
+    if limit == nil then return body or false, nil end
+    if limit and limit > 0 and size > limit then
+      return nil, new_error { kind = "rejected", code = 552, enhanced = "5.3.4", phase = "mail",
+        temporary = false, text = ("message of %d bytes over the server's limit of %d"):format(size, limit) }
+    end
+    if body then return "SIZE=" .. size .. " " .. body, nil end
+    return "SIZE=" .. size, nil
+  end
   if tx.smtputf8 and not ext.SMTPUTF8 then
     return invalid("the message needs SMTPUTF8 (non-ASCII address or header) and the server does not offer it")
   end
@@ -1212,7 +1229,13 @@ function Conn:send_many(list)
     end
     return out
   end
-  local q, head = {}, 1          -- what each queued command's reply means, in order
+  -- what each queued command's reply means, in order: its kind, transaction and recipient, in
+  -- three parallel arrays (no table per command)
+  local qk, qs, qr, qn, head = {}, {}, {}, 0, 1
+  local function push(kind, st, rcpt)
+    qn = qn + 1
+    qk[qn], qs[qn], qr[qn] = kind, st, rcpt or false
+  end
   local nxt = 1
   local function queue_next()
     while nxt <= n do
@@ -1220,7 +1243,9 @@ function Conn:send_many(list)
       nxt = nxt + 1
       local tx = txs[i]
       if tx then
-        local src, size = source_of(tx.message)
+        local m, src, size = tx.message, nil, nil
+        -- a string up to one write batch goes to the engine in one call (no source closure)
+        if type(m) == "string" and #m <= WRITE_BATCH then size = #m else src, size = source_of(m) end
         local mp, dsn = self:_mail_params(tx, size)
         if mp == nil then
           out[i] = dsn
@@ -1228,13 +1253,13 @@ function Conn:send_many(list)
           local st = { i = i, tx = tx, src = src, accepted = {}, rejected = {} }
           local mok, merr = e:mail(tx.from, mp or nil)
           if not mok then out[i] = select(2, invalid(merr)) else
-            q[#q + 1] = { "mail", st }
+            push("mail", st)
             for _, rcpt in ipairs(tx.to) do
               e:rcpt(rcpt, rcpt_params(dsn, rcpt))
-              q[#q + 1] = { "rcpt", st, rcpt }
+              push("rcpt", st, rcpt)
             end
             e:data()
-            q[#q + 1] = { "data", st }
+            push("data", st)
             return true
           end
         end
@@ -1255,34 +1280,41 @@ function Conn:send_many(list)
     for i = 1, n do out[i] = out[i] or ferr end
     return out
   end
-  while head <= #q do
-    local x = q[head]
-    local r, err = self:_reply(phase_of[x[1]])
+  while head <= qn do
+    local kind, st, rcpt = qk[head], qs[head], qr[head]
+    qk[head], qs[head], qr[head] = nil, nil, nil
+    local r, err = self:_reply(phase_of[kind])
     if not r then
       for i = 1, n do out[i] = out[i] or err end
       return out
     end
     head = head + 1
-    local kind, st = x[1], x[2]
     if kind == "mail" then
       st.mail = r
     elseif kind == "rcpt" then
-      if r.code >= 200 and r.code < 300 then st.accepted[#st.accepted + 1] = x[3]
-      else st.rejected[#st.rejected + 1] = entry(x[3], r) end
+      if r.code >= 200 and r.code < 300 then st.accepted[#st.accepted + 1] = rcpt
+      else st.rejected[#st.rejected + 1] = entry(rcpt, r) end
     elseif kind == "data" then
       if r.code == 354 then
         if st.mail.code == 250 and #st.accepted > 0 then
-          local bok, id = self:_body(st.src, true)
-          if not bok then
-            for i = 1, n do out[i] = out[i] or id end
-            return out
+          if st.src then
+            local bok, id = self:_body(st.src, true)
+            if not bok then
+              for i = 1, n do out[i] = out[i] or id end
+              return out
+            end
+            st.id = id
+          else
+            local m = st.tx.message
+            e:body(m)
+            e:body_end()
+            st.id = message_id_of(m)
           end
-          st.id = id
         else
           e:body_end()
           st.empty = true
         end
-        q[#q + 1] = { "end", st }
+        push("end", st)
       else
         if st.mail.code ~= 250 then
           out[st.i] = reply_error("rejected", st.mail, "mail", { rejected = st.rejected })
@@ -1292,7 +1324,7 @@ function Conn:send_many(list)
           out[st.i] = reply_error("rejected", r, "data", { rejected = st.rejected })
         end
         e:rset()
-        q[#q + 1] = { "rset" }
+        push("rset")
       end
       queue_next()
       fok, ferr = self:_flush("data_block")
