@@ -134,6 +134,36 @@ describe("send_many with PIPELINING and CHUNKING (smtp.server)", function()
     assert.same(want, seen)
   end)
 
+  it("after a window whose last message lost every recipient, the next send starts clean", function()
+    local list = batch(5, function(i) return { (i == 5 and "reject" or "r") .. i .. "@y.test" } end)
+    local res, got = with_server({
+      on_rcpt = function(_, rcpt) if rcpt:match("^reject") then return false, 550, "5.1.1 No such user" end return true end,
+    }, function(conn)
+      local out = conn:send_many(list)
+      out.after = { conn:send { from = "late@x.test", to = { "r9@y.test" }, message = "Subject: late\r\n\r\nx\r\n" } }
+      return out
+    end)
+    assert.equal("rejected", res[5].kind)
+    assert.equal("rcpt", res[5].phase)
+    assert.is_table(res.after[1], tostring(res.after[2]))
+    assert.equal(250, res.after[1].reply.code)
+    assert.equal(5, #got)
+    assert.equal("late@x.test", got[5].from)
+    assert.same({ "r9@y.test" }, got[5].to)
+  end)
+
+  it("bounds the window by bytes: 40 messages of 100 KB arrive whole", function()
+    local big = ("z"):rep(98) .. "\r\n"
+    big = "Subject: big\r\n\r\n" .. big:rep(1000)
+    local list = batch(40)
+    for i = 1, 40 do list[i].message = big end
+    local res, got, writes = with_server({}, function(conn) return conn:send_many(list) end)
+    for _, r in ipairs(res) do assert.equal(250, r.reply and r.reply.code) end
+    assert.equal(40, #got)
+    for _, m in ipairs(got) do assert.equal(big, m.data) end
+    assert.is_true(writes >= 10, "writes: " .. writes)  -- not one 4 MB write
+  end)
+
   it("mixes non-string messages in: they go on their own once the window has drained", function()
     local list = batch(10)
     local body = "Subject: f\r\n\r\nfrom a function\r\n"

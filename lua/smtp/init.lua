@@ -1080,7 +1080,8 @@ function Conn:_send_window(txs, out, n)
   while true do
     -- fill the window
     local queued = false
-    while nxt <= n and qt - qh + 1 < WINDOW do
+    -- bounded by count and by bytes: up to 32 messages of 1 MB must not sit in memory at once
+    while nxt <= n and qt - qh + 1 < WINDOW and e:outlen() < WRITE_BATCH do
       local i = nxt
       local tx = txs[i]
       local m = tx and tx.message
@@ -1135,7 +1136,12 @@ function Conn:_send_window(txs, out, n)
       if not ok then return fail_all(err) end
     end
     if qt < qh then
-      if nxt > n then return out end
+      if nxt > n then
+        -- the last transaction failed: a MAIL may still be open on the server (every RCPT
+        -- refused); RSET so the next send starts clean, as _transaction does
+        if dirty then self:_reset() end
+        return out
+      end
     else
       -- the oldest transaction's replies; refill once half the window is done
       local target = qh + HALF_WINDOW
