@@ -839,6 +839,23 @@ end
 -- what the server cannot take (SMTPUTF8 missing, over its SIZE): refused before any byte.
 function Conn:_mail_params(tx, size)
   local ext = self.ext
+  if not tx.smtputf8 and not tx.dsn and size then
+    -- the common case, once per message in send_many: SIZE and BODY only, the limit parsed once
+    -- per EHLO
+    if self._mp_ext ~= ext then
+      self._mp_ext = ext
+      self._mp_limit = ext.SIZE and (tonumber(ext.SIZE:match("^%d+") or "") or false)
+      self._mp_body = ext["8BITMIME"] and "BODY=8BITMIME" or nil
+    end
+    local limit, body = self._mp_limit, self._mp_body
+    if limit == nil then return body or false, nil end
+    if limit and limit > 0 and size > limit then
+      return nil, new_error { kind = "rejected", code = 552, enhanced = "5.3.4", phase = "mail",
+        temporary = false, text = ("message of %d bytes over the server's limit of %d"):format(size, limit) }
+    end
+    if body then return "SIZE=" .. size .. " " .. body, nil end
+    return "SIZE=" .. size, nil
+  end
   if tx.smtputf8 and not ext.SMTPUTF8 then
     return invalid("the message needs SMTPUTF8 (non-ASCII address or header) and the server does not offer it")
   end
@@ -1051,6 +1068,150 @@ function Conn:send(opts)
   return self:_transaction(tx)
 end
 
+-- send_many with PIPELINING and CHUNKING: no 354 to wait for, so up to WINDOW transactions
+-- (MAIL, RCPTs, BDAT n LAST with the message) are in flight at once, written together, and their
+-- replies matched in order (RFC 2920: BDAT does not end a command group; RFC 3030). Every
+-- transaction after the first starts with RSET: a transaction that fails after its MAIL was
+-- accepted (every RCPT refused, BDAT refused) may leave that MAIL open on the server, and the next
+-- MAIL would then get 503 while its RCPTs and data joined the failed envelope. RSET costs one
+-- short line each way and no round trip. Messages that are not strings (or larger than one BDAT
+-- chunk) go through _transaction once the window has drained.
+local WINDOW, HALF_WINDOW = 32, 16
+function Conn:_send_window(txs, out, n)
+  local e = self.engine
+  local q, qh, qt = {}, 1, 0     -- transactions in flight, oldest first
+  local nxt, first, dirty = 1, true, false
+  local function fail_all(err)
+    for i = 1, n do out[i] = out[i] or err end
+    return out
+  end
+  while true do
+    -- fill the window
+    local queued = false
+    -- bounded by count and by bytes: up to 32 messages of 1 MB must not sit in memory at once
+    while nxt <= n and qt - qh + 1 < WINDOW and e:outlen() < WRITE_BATCH do
+      local i = nxt
+      local tx = txs[i]
+      local m = tx and tx.message
+      if tx and not (type(m) == "string" and #m <= BDAT_CHUNK) then
+        if qt >= qh then break end    -- drain first, then send it on its own
+        nxt = nxt + 1
+        if dirty then self:_reset() end
+        first, dirty = false, false
+        if self.dead then return fail_all(new_error { kind = "closed", text = "the session is closed",
+          temporary = true, phase = "mail" }) end
+        local res, err = self:_transaction(tx)
+        out[i] = res or err
+        if not res then
+          if self.dead then return fail_all(err) end
+          dirty = true
+        end
+      else
+        nxt = nxt + 1
+        if tx then
+          local mp, dsn = self:_mail_params(tx, #m)
+          if mp == nil then
+            out[i] = dsn
+          else
+            local rset = not first
+            if rset then e:rset() end
+            first = false
+            local st = { i = i, tx = tx, rset = rset, nrcpt = 0 }
+            local ok, err = e:mail(tx.from, mp or nil)
+            if ok then
+              st.mail = true
+              local to = tx.to
+              for k = 1, #to do
+                ok, err = e:rcpt(to[k], rcpt_params(dsn, to[k]))
+                if not ok then break end
+                st.nrcpt = k
+              end
+              if ok then ok, err = e:bdat_last(m) end
+              if ok then st.bdat = true end
+            end
+            if not ok then
+              -- the commands already queued still get replies; the message is refused here
+              st.err = select(2, invalid(err))
+            end
+            qt = qt + 1; q[qt] = st
+            queued = true
+          end
+        end
+      end
+    end
+    if queued then
+      local ok, err = self:_flush("mail")
+      if not ok then return fail_all(err) end
+    end
+    if qt < qh then
+      if nxt > n then
+        -- the last transaction failed: a MAIL may still be open on the server (every RCPT
+        -- refused); RSET so the next send starts clean, as _transaction does
+        if dirty then self:_reset() end
+        return out
+      end
+    else
+      -- the oldest transaction's replies; refill once half the window is done
+      local target = qh + HALF_WINDOW
+      if nxt > n then target = qt + 1 end
+      while qh <= qt and qh < target do
+        local st = q[qh]
+        q[qh] = nil
+        qh = qh + 1
+        local r, err
+        if st.rset then
+          r, err = self:_reply("mail")
+          if not r then return fail_all(err) end
+          if r.code ~= 250 then
+            self:_abort()
+            return fail_all(reply_error("closed", r, "mail", { temporary = true }))
+          end
+        end
+        local mail_r
+        if st.mail then
+          mail_r, err = self:_reply("mail")
+          if not mail_r then return fail_all(err) end
+        end
+        local to, accepted, rejected = st.tx.to, {}, {}
+        for k = 1, st.nrcpt do
+          r, err = self:_reply("rcpt")
+          if not r then return fail_all(err) end
+          if r.code >= 200 and r.code < 300 then accepted[#accepted + 1] = to[k]
+          else rejected[#rejected + 1] = entry(to[k], r) end
+        end
+        local final
+        if st.bdat then
+          final, err = self:_reply("data_end")
+          if not final then return fail_all(err) end
+        end
+        local m = st.tx.message
+        if st.err then
+          out[st.i] = st.err
+          dirty = true
+        elseif mail_r.code ~= 250 then
+          out[st.i] = reply_error("rejected", mail_r, "mail", { rejected = rejected })
+          dirty = true
+        elseif #accepted == 0 then
+          local f = rejected[1]
+          out[st.i] = new_error { kind = "rejected", phase = "rcpt", code = f and f.code,
+            enhanced = f and f.enhanced, text = f and f.text or "every recipient was rejected",
+            rejected = rejected, temporary = f and f.code < 500 or false }
+          dirty = true
+        elseif final.code ~= 250 then
+          out[st.i] = reply_error("rejected", final, "data_end", { rejected = rejected })
+          dirty = true
+        else
+          out[st.i] = { accepted = accepted, rejected = rejected,
+            reply = { code = final.code, enhanced = final.enhanced, text = final.text },
+            message_id = message_id_of(m) or nil, server = self:info() }
+          dirty = false
+        end
+      end
+      if qh > qt then q, qh, qt = {}, 1, 0 end
+    end
+  end
+end
+
 -- conn:send_many{ opts1, opts2, ... } -> a list with, for each, the result conn:send would give
 -- or its error (an smtp.errors table: check `.kind`). With PIPELINING (and no BDAT) the next
 -- message's MAIL, RCPT and DATA go in the same write as the previous body's end-of-data, so a
@@ -1070,7 +1231,10 @@ function Conn:send_many(list)
     return out
   end
   local ext, e = self.ext, self.engine
-  if not (ext.PIPELINING and self.cfg.pipelining) or (ext.CHUNKING and self.cfg.chunking) then
+  if ext.PIPELINING and self.cfg.pipelining and ext.CHUNKING and self.cfg.chunking then
+    return self:_send_window(txs, out, n)
+  end
+  if not (ext.PIPELINING and self.cfg.pipelining) then
     for i = 1, n do
       if txs[i] then
         local res, err = self:_transaction(txs[i])
@@ -1079,7 +1243,13 @@ function Conn:send_many(list)
     end
     return out
   end
-  local q, head = {}, 1          -- what each queued command's reply means, in order
+  -- what each queued command's reply means, in order: its kind, transaction and recipient, in
+  -- three parallel arrays (no table per command)
+  local qk, qs, qr, qn, head = {}, {}, {}, 0, 1
+  local function push(kind, st, rcpt)
+    qn = qn + 1
+    qk[qn], qs[qn], qr[qn] = kind, st, rcpt or false
+  end
   local nxt = 1
   local function queue_next()
     while nxt <= n do
@@ -1087,7 +1257,9 @@ function Conn:send_many(list)
       nxt = nxt + 1
       local tx = txs[i]
       if tx then
-        local src, size = source_of(tx.message)
+        local m, src, size = tx.message, nil, nil
+        -- a string up to one write batch goes to the engine in one call (no source closure)
+        if type(m) == "string" and #m <= WRITE_BATCH then size = #m else src, size = source_of(m) end
         local mp, dsn = self:_mail_params(tx, size)
         if mp == nil then
           out[i] = dsn
@@ -1095,13 +1267,13 @@ function Conn:send_many(list)
           local st = { i = i, tx = tx, src = src, accepted = {}, rejected = {} }
           local mok, merr = e:mail(tx.from, mp or nil)
           if not mok then out[i] = select(2, invalid(merr)) else
-            q[#q + 1] = { "mail", st }
+            push("mail", st)
             for _, rcpt in ipairs(tx.to) do
               e:rcpt(rcpt, rcpt_params(dsn, rcpt))
-              q[#q + 1] = { "rcpt", st, rcpt }
+              push("rcpt", st, rcpt)
             end
             e:data()
-            q[#q + 1] = { "data", st }
+            push("data", st)
             return true
           end
         end
@@ -1122,34 +1294,41 @@ function Conn:send_many(list)
     for i = 1, n do out[i] = out[i] or ferr end
     return out
   end
-  while head <= #q do
-    local x = q[head]
-    local r, err = self:_reply(phase_of[x[1]])
+  while head <= qn do
+    local kind, st, rcpt = qk[head], qs[head], qr[head]
+    qk[head], qs[head], qr[head] = nil, nil, nil
+    local r, err = self:_reply(phase_of[kind])
     if not r then
       for i = 1, n do out[i] = out[i] or err end
       return out
     end
     head = head + 1
-    local kind, st = x[1], x[2]
     if kind == "mail" then
       st.mail = r
     elseif kind == "rcpt" then
-      if r.code >= 200 and r.code < 300 then st.accepted[#st.accepted + 1] = x[3]
-      else st.rejected[#st.rejected + 1] = entry(x[3], r) end
+      if r.code >= 200 and r.code < 300 then st.accepted[#st.accepted + 1] = rcpt
+      else st.rejected[#st.rejected + 1] = entry(rcpt, r) end
     elseif kind == "data" then
       if r.code == 354 then
         if st.mail.code == 250 and #st.accepted > 0 then
-          local bok, id = self:_body(st.src, true)
-          if not bok then
-            for i = 1, n do out[i] = out[i] or id end
-            return out
+          if st.src then
+            local bok, id = self:_body(st.src, true)
+            if not bok then
+              for i = 1, n do out[i] = out[i] or id end
+              return out
+            end
+            st.id = id
+          else
+            local m = st.tx.message
+            e:body(m)
+            e:body_end()
+            st.id = message_id_of(m)
           end
-          st.id = id
         else
           e:body_end()
           st.empty = true
         end
-        q[#q + 1] = { "end", st }
+        push("end", st)
       else
         if st.mail.code ~= 250 then
           out[st.i] = reply_error("rejected", st.mail, "mail", { rejected = st.rejected })
@@ -1159,7 +1338,7 @@ function Conn:send_many(list)
           out[st.i] = reply_error("rejected", r, "data", { rejected = st.rejected })
         end
         e:rset()
-        q[#q + 1] = { "rset" }
+        push("rset")
       end
       queue_next()
       fok, ferr = self:_flush("data_block")
