@@ -49,8 +49,8 @@ test: deps all check-exports
 test-asan: deps all $(foreach l,$(LUAS),build/asan-$(l)/smtp/core.so)
 	@SMTP_BUILD=asan sh scripts/run-specs.sh $(LUAS)
 
-test-valgrind: deps all
-	@SMTP_VALGRIND=1 sh scripts/run-specs.sh lua5.4
+test-valgrind: deps build/lua5.4/smtp/core.so
+	@sh scripts/valgrind-specs.sh
 
 bench: deps all
 	@sh bench/run.sh
