@@ -154,7 +154,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     run(data, size, size ? size : 1, &whole);
     run(data, size, 1, &bytes);
     /* never more messages than end-of-data markers (CRLF.CRLF, or a BDAT command) */
-    assert(whole.ends <= count(data, size, "\r\n.\r\n", 0) + count(data, size, "BDAT", 1));
+    /* a DATA command line may end with a bare LF (commands are read leniently), so an empty
+     * message can end at "DATA\n.\r\n": count "\n.\r\n", which every real end contains */
+    assert(whole.ends <= count(data, size, "\n.\r\n", 0) + count(data, size, "BDAT", 1));
     check_replies(whole.out, whole.out_len);
     /* the same conversation whatever the chunking */
     assert(whole.out_len == bytes.out_len && memcmp(whole.out, bytes.out, whole.out_len) == 0);
