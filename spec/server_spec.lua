@@ -334,6 +334,10 @@ print(f.read().decode())
     local out = peers.run(srv, { helper.python, dir .. "/big.py", tostring(srv.port) })
     assert.matches("250 2%.0%.0 Ok: queued\r\n221 ", out)
     assert.equal(32 * 1024 * 1024, size)
-    assert.is_true(peak - base < 16 * 1024, "memory grew by " .. (peak - base) .. " KB")
+    -- Under `make test-asan` freed blocks sit in ASan's quarantine and read as growth, so the
+    -- bound is only meaningful (and only asserted) in the plain builds.
+    if os.getenv("SMTP_BUILD") ~= "asan" then
+      assert.is_true(peak - base < 16 * 1024, "memory grew by " .. (peak - base) .. " KB")
+    end
   end)
 end)
