@@ -2,8 +2,8 @@
 -- /proc/<pid>/status): a line that never ends, tens of MB of junk, 10,000 RCPTs, a thousand
 -- connections at once, and a client that pipelines NOOPs without ever reading the replies.
 -- Memory must stay bounded and other sessions must still be served.
--- The issue asks for 1 GB of junk; 50 MB here keeps CI fast (the bound is the same: the server
--- buffers at most one line or one chunk per session).
+-- The junk data is 1 GB in the plain Lua 5.4 run (50 MB on LuaJIT and under ASan, for CI time);
+-- the server buffers at most one line or one chunk per session either way.
 local helper = require "helper"
 local hard = require "support.hardening"
 
@@ -66,8 +66,9 @@ elif mode == 'junk':
     line = (b'J' * 998 + b'\r\n')
     block = line * 1024
     sent = 0
+    total = int(sys.argv[3]) * 1024 * 1024 if len(sys.argv) > 3 else 50 * 1024 * 1024
     try:
-        while sent < 50 * 1024 * 1024:
+        while sent < total:
             s.sendall(block); sent += len(block)
         s.sendall(b'.\r\nQUIT\r\n')
     except OSError: pass
@@ -201,12 +202,16 @@ describe("resource exhaustion against smtp.server", function()
     assert.equal(0, srv.active())
   end)
 
-  it("50 MB of junk as data (552, nothing stored) and as commands (421), memory bounded", function()
+  -- 1 GB of junk data in the plain Lua 5.4 run, as the issue asks; 50 MB on LuaJIT and under ASan
+  -- to keep CI short (the bound is the same: the server holds at most one chunk per session).
+  local junk_mb = (helper.lua == "lua5.4" and os.getenv("SMTP_BUILD") ~= "asan") and 1024 or 50
+  it(junk_mb .. " MB of junk as data (552, nothing stored) and 50 MB as commands (421), memory bounded", function()
     srv = start_server()
     local _, base = srv.mem()
-    local out = client("junk", srv.port)
+    local out = client("junk", srv.port, tostring(junk_mb))
     local _, peak = srv.mem()
-    assert.matches("junk sent 5%d+ reply b'552 5%.3%.4 [^']*\\r\\n221 [^']*\\r\\n<EOF>'", out)
+    assert.is_true((tonumber(out:match("junk sent (%d+)")) or 0) >= junk_mb * 1024 * 1024, out)
+    assert.matches("junk sent %d+ reply b'552 5%.3%.4 [^']*\\r\\n221 [^']*\\r\\n<EOF>'", out)
     assert.matches("junkcmd sent %d+ reply b'.*421 4%.7%.0 [^']*\\r\\n<EOF>'", out)
     assert.matches("other: served", out)
     assert.not_matches("msg %d+ 1 5", srv.proc:output()) -- the 50 MB message was never handed over
