@@ -82,6 +82,7 @@ struct smtp_server {
     enum dstate ds;
     unsigned long long msg_size;
     int msg_bad;                 /* bare CR/LF seen (reject mode) */
+    int bdat_cr;                 /* BDAT data so far ends in a CR (its LF may come next chunk) */
     int msg_over;                /* over max_message_size */
     unsigned long long bdat_left;
     int bdat_last, bdat_discard;
@@ -179,7 +180,7 @@ static void reset_tx(smtp_server *s)
     s->nrcpt = 0;
     s->in_tx = s->bdat_tx = s->data_tx = s->msg_begun = 0;
     s->msg_size = 0;
-    s->msg_bad = s->msg_over = 0;
+    s->msg_bad = s->msg_over = s->bdat_cr = 0;
 }
 
 /* --- helpers ------------------------------------------------------------------------------ */
@@ -833,7 +834,7 @@ static void do_data(smtp_server *s, const char *arg, size_t alen)
     s->msg_begun = 1;
     s->begin_pending = 1;
     s->msg_size = 0;
-    s->msg_bad = s->msg_over = 0;
+    s->msg_bad = s->msg_over = s->bdat_cr = 0;
 }
 
 /* BDAT refusals must still swallow the chunk (RFC 3030), so the size is parsed first. */
@@ -909,7 +910,7 @@ static void do_bdat(smtp_server *s, const char *arg, size_t alen)
         s->msg_begun = 1;
         s->begin_pending = 1;
         s->msg_size = 0;
-        s->msg_bad = s->msg_over = 0;
+        s->msg_bad = s->msg_over = s->bdat_cr = 0;
     }
 }
 
@@ -1205,6 +1206,37 @@ static void data_bad(smtp_server *s)
         s->msg_bad = 1;
 }
 
+/* BDAT data is counted, not scanned for an end, but a bare CR or LF in it refuses the message
+ * all the same (as in DATA): a relay that passed it on could let the next hop see an end of data
+ * that is not there. A CRLF split across two chunks is fine. */
+static void bdat_newlines(smtp_server *s, const char *p, size_t n)
+{
+    if (s->cfg.normalize_newlines || s->msg_bad)
+        return;
+    const char *end = p + n;
+    while (p < end) {
+        if (s->bdat_cr) {
+            if (*p != '\n') {
+                s->msg_bad = 1;
+                return;
+            }
+            s->bdat_cr = 0;
+            p++;
+            continue;
+        }
+        const char *cr = memchr(p, '\r', (size_t)(end - p));
+        const char *lf = memchr(p, '\n', (size_t)((cr ? cr : end) - p));
+        if (lf) { /* an LF before any CR: bare */
+            s->msg_bad = 1;
+            return;
+        }
+        if (!cr)
+            return;
+        s->bdat_cr = 1;
+        p = cr + 1;
+    }
+}
+
 /* Appends unstuffed bytes unless the message is already refused; counts the size. */
 static void demit(smtp_server *s, const char *p, size_t n)
 {
@@ -1466,13 +1498,17 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             s->in_pos += take;
             s->bdat_left -= take;
             s->dlen = 0;
-            if (!s->bdat_discard)
+            if (!s->bdat_discard) {
+                bdat_newlines(s, p, take);
                 demit(s, p, take);
+            }
             if (s->bdat_left == 0) {
                 s->mode = M_CMD;
                 if (s->bdat_discard) {
                     s->bdat_discard = 0;
                 } else if (s->bdat_last) {
+                    if (s->bdat_cr && !s->cfg.normalize_newlines)
+                        s->msg_bad = 1; /* the message ends in a bare CR */
                     s->end_pending = 1;
                 } else if (s->msg_over) {
                     /* refuse at once: the rest of the transaction is void */

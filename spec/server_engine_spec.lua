@@ -314,6 +314,28 @@ describe("server engine", function()
       assert.equal("xy", r.msgs[1].data)
     end)
 
+    it("refuses a bare CR or LF in BDAT data like in DATA; a CRLF split across chunks is fine", function()
+      local tx = "EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
+      for _, body in ipairs { "a\nb", "a\rb", "a\r", "\n", "a\r\r\nb" } do
+        for _, step in ipairs { 1, 1000 } do
+          local r = run(tx .. "BDAT " .. #body .. " LAST\r\n" .. body .. "NOOP\r\n", nil, step)
+          assert.same({ 220, 250, 250, 250, 550, 250 }, codes(r.out), body)
+          assert.matches("550 5%.6%.11 ", r.out)
+          assert.equal(0, #r.msgs)
+        end
+      end
+      local r = run(tx .. "BDAT 2\r\na\rBDAT 2 LAST\r\n\nb")
+      assert.same({ 220, 250, 250, 250, 250, 250 }, codes(r.out))
+      assert.equal("a\r\nb", r.msgs[1].data)
+      -- a bare CR/LF in a first chunk refuses the message at LAST, whatever the later chunks hold
+      r = run(tx .. "BDAT 2\r\na\nBDAT 1 LAST\r\nb")
+      assert.same({ 220, 250, 250, 250, 250, 550 }, codes(r.out))
+      -- normalize = true takes BDAT data as it is
+      r = run(tx .. "BDAT 3 LAST\r\na\nb", { normalize = true })
+      assert.same({ 220, 250, 250, 250, 250 }, codes(r.out))
+      assert.equal("a\nb", r.msgs[1].data)
+    end)
+
     it("refuses an oversized BDAT message with 552", function()
       local r = run("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nBDAT 20\r\n" ..
         ("z"):rep(20) .. "BDAT 1 LAST\r\nzNOOP\r\n", { max_message_size = 10 })
