@@ -1209,16 +1209,18 @@ static void data_bad(smtp_server *s)
 /* BDAT data is counted, not scanned for an end, but a bare CR or LF in it refuses the message
  * all the same (as in DATA): a relay that passed it on could let the next hop see an end of data
  * that is not there. A CRLF split across two chunks is fine. */
-static void bdat_newlines(smtp_server *s, const char *p, size_t n)
+static size_t bdat_newlines(smtp_server *s, const char *p, size_t n)
 {
+    /* returns how many bytes come before the first bare CR/LF, so that what the reader gets does
+     * not depend on how the chunk arrived */
     if (s->cfg.normalize_newlines || s->msg_bad)
-        return;
-    const char *end = p + n;
+        return n;
+    const char *start = p, *end = p + n;
     while (p < end) {
         if (s->bdat_cr) {
             if (*p != '\n') {
                 s->msg_bad = 1;
-                return;
+                return (size_t)(p - start);
             }
             s->bdat_cr = 0;
             p++;
@@ -1228,13 +1230,14 @@ static void bdat_newlines(smtp_server *s, const char *p, size_t n)
         const char *lf = memchr(p, '\n', (size_t)((cr ? cr : end) - p));
         if (lf) { /* an LF before any CR: bare */
             s->msg_bad = 1;
-            return;
+            return (size_t)(lf - start);
         }
         if (!cr)
-            return;
+            return n;
         s->bdat_cr = 1;
         p = cr + 1;
     }
+    return n;
 }
 
 /* Appends unstuffed bytes unless the message is already refused; counts the size. */
@@ -1499,8 +1502,14 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             s->bdat_left -= take;
             s->dlen = 0;
             if (!s->bdat_discard) {
-                bdat_newlines(s, p, take);
-                demit(s, p, take);
+                int was_bad = s->msg_bad;
+                size_t good = bdat_newlines(s, p, take);
+                if (!was_bad && good) {
+                    int bad = s->msg_bad;
+                    s->msg_bad = 0; /* the bytes before the bare CR/LF still go to the reader */
+                    demit(s, p, good);
+                    s->msg_bad = bad;
+                }
             }
             if (s->bdat_left == 0) {
                 s->mode = M_CMD;
