@@ -9,7 +9,8 @@ run_one() {
   n=$1
   mkdir -p "corpus-run/$n"
   [ -d "corpus/$n" ] && cp -r "corpus/$n/." "corpus-run/$n/" 2>/dev/null
-  ./build/"$n" -max_total_time="$secs" -print_final_stats=1 -timeout=10 -rss_limit_mb=2048 \
+  # FUZZ_SEED makes a run repeat the same mutations (CI sets it; by hand, leave it unset).
+  ./build/"$n" ${FUZZ_SEED:+-seed=$FUZZ_SEED} -max_total_time="$secs" -print_final_stats=1 -timeout=10 -rss_limit_mb=2048 \
       -artifact_prefix="logs/$n-" "corpus-run/$n" >"logs/$n.log" 2>&1
   echo $? >"logs/$n.rc"
 }
