@@ -143,4 +143,18 @@ function helper.certs(dir)
   return c
 end
 
+-- Reads an smtp.server reader to its end in pieces of `piece` bytes: the data, or nil when the
+-- reader reports the message refused or the client gone.
+function helper.read_message(reader, piece)
+  local parts = {}
+  while true do
+    local c, err = reader:read(piece)
+    if not c then
+      if err then return nil end
+      return table.concat(parts)
+    end
+    parts[#parts + 1] = c
+  end
+end
+
 return helper

@@ -5,6 +5,7 @@
 local smtp = require "smtp"
 local loop = require "smtp.loop"
 local server = require "smtp.server"
+local helper = require "helper"
 
 -- Runs fn(conn) against a recording smtp.server inside one smtp.loop; returns what fn returned,
 -- the messages the server took, and the number of writes the client made.
@@ -13,18 +14,11 @@ local function with_server(opts, fn)
   local o = {
     port = 0, hostname = "mx.test", timeout = 10,
     on_message = function(_, env, reader)
-      local parts = {}
-      while true do
-        local c, err = reader:read(65536)
-        if not c then
-          if err then return false end
-          break
-        end
-        parts[#parts + 1] = c
-      end
+      local data = helper.read_message(reader, 65536)
+      if not data then return false end
       local to = {}
       for i, r in ipairs(env.to) do to[i] = r end
-      got[#got + 1] = { from = env.from, to = to, data = table.concat(parts) }
+      got[#got + 1] = { from = env.from, to = to, data = data }
       if opts.on_data then return opts.on_data(got[#got]) end
       return true
     end,

@@ -23,16 +23,9 @@ local function recording(opts)
   local o = {
     port = 0, hostname = "mx.test", timeout = 10,
     on_message = function(session, env, reader)
-      local parts = {}
-      while true do
-        local c, err = reader:read(7)
-        if not c then
-          if err then return false end
-          break
-        end
-        parts[#parts + 1] = c
-      end
-      got.msgs[#got.msgs + 1] = { env = env, data = table.concat(parts), user = session.user, tls = session.tls }
+      local data = helper.read_message(reader, 7)
+      if not data then return false end
+      got.msgs[#got.msgs + 1] = { env = env, data = data, user = session.user, tls = session.tls }
       return true
     end,
   }

@@ -104,16 +104,9 @@ function M.recording(opts)
   local o = {
     port = 0, hostname = "mx.test", timeout = 10,
     on_message = function(_, env, reader)
-      local parts = {}
-      while true do
-        local c, err = reader:read(5)
-        if not c then
-          if err then return false end
-          break
-        end
-        parts[#parts + 1] = c
-      end
-      got.msgs[#got.msgs + 1] = { env = env, data = table.concat(parts) }
+      local data = helper.read_message(reader, 5)
+      if not data then return false end
+      got.msgs[#got.msgs + 1] = { env = env, data = data }
       return true
     end,
   }
