@@ -1993,35 +1993,18 @@ static int l_shutdown(lua_State *L)
     return 0;
 }
 
-static int l_closed(lua_State *L)
-{
-    lua_pushboolean(L, smtp_server_closed(check_engine(L)));
-    return 1;
-}
-
-static int l_state(lua_State *L)
-{
-    lua_pushstring(L, smtp_server_state_name(check_engine(L)));
-    return 1;
-}
-
-static int l_helo(lua_State *L)
-{
-    lua_pushstring(L, smtp_server_helo(check_engine(L)));
-    return 1;
-}
-
-static int l_user(lua_State *L)
-{
-    lua_pushstring(L, smtp_server_user(check_engine(L)));
-    return 1;
-}
-
-static int l_tls(lua_State *L)
-{
-    lua_pushboolean(L, smtp_server_tls(check_engine(L)));
-    return 1;
-}
+/* e:closed(), e:state(), e:helo(), e:user(), e:tls(): one engine fact each */
+#define ENGINE_GETTER(name, push, get)                                                             \
+    static int l_##name(lua_State *L)                                                              \
+    {                                                                                              \
+        push(L, get(check_engine(L)));                                                             \
+        return 1;                                                                                  \
+    }
+ENGINE_GETTER(closed, lua_pushboolean, smtp_server_closed)
+ENGINE_GETTER(state, lua_pushstring, smtp_server_state_name)
+ENGINE_GETTER(helo, lua_pushstring, smtp_server_helo)
+ENGINE_GETTER(user, lua_pushstring, smtp_server_user)
+ENGINE_GETTER(tls, lua_pushboolean, smtp_server_tls)
 
 static int l_engine_tostring(lua_State *L)
 {
