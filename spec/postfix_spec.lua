@@ -1,0 +1,359 @@
+-- The client against a real, full Postfix MTA (not smtp-sink): a private instance on loopback
+-- (spec/support/postfix.lua) that relays what it accepts to a recording sink. Checks what only a
+-- real MTA shows: its EHLO, BDAT with real CHUNKING semantics (several chunks), STARTTLS verified
+-- against the test CA, recipients refused by an access map, 50 messages on one session, SIZE,
+-- SMTPUTF8 and DSN parameters passed on; every message compared byte for byte after the
+-- Received field Postfix adds, and smtpd's own per-session command counts from its log.
+local helper = require "helper"
+local postfix = require "support.postfix"
+local smtp = require "smtp"
+
+local BODY = table.concat({
+  "From: Alice <a@example.com>",
+  "To: b@example.org",
+  "Subject: real MTA check",
+  "Date: Mon, 23 Nov 2026 01:00:00 +0000",
+  "Message-ID: <pf1@example.com>",
+  "MIME-Version: 1.0",
+  "Content-Type: text/plain; charset=utf-8",
+  "Content-Transfer-Encoding: 8bit",
+  "",
+  "first line",
+  ".a line that starts with a dot",
+  ".",
+  "..",
+  "Grüße, 8-bit text: \226\130\172 \195\169",
+  "",
+  "\tindented, and a long one: " .. ("x"):rep(900),
+  "last line",
+  "",
+}, "\r\n")
+
+-- A message of about `size` bytes: headers, then 76-column lines that differ from each other,
+-- some starting with a dot (stuffed on the wire for DATA, not for BDAT).
+local function big_message(size, id)
+  local parts = { "From: a@example.com\r\nTo: b@example.org\r\nSubject: big " .. id ..
+    "\r\nMessage-ID: <" .. id .. "@example.com>\r\n\r\n" }
+  local n, i = #parts[1], 0
+  while n < size do
+    i = i + 1
+    local line = (i % 97 == 0 and "." or "") .. ("%08d"):format(i) ..
+      ("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"):rep(2):sub(i % 64 + 1, i % 64 + 66) .. "\r\n"
+    parts[#parts + 1] = line
+    n = n + #line
+  end
+  return table.concat(parts)
+end
+
+describe("the client against a real Postfix MTA", function()
+  local pf, why
+  setup(function() pf, why = postfix.start() end)
+  teardown(function() if pf then pf.stop() end end)
+
+  local function opts(t)
+    local o = { server = "127.0.0.1", port = pf.port, cafile = pf.ca, helo = "client.test", timeout = 15,
+      from = "a@example.com", to = { "b@example.org" }, message = BODY }
+    for k, v in pairs(t or {}) do o[k] = v end
+    return o
+  end
+
+  -- The relayed messages Postfix got from us after `before` were already there, by queue ID.
+  local function relayed(before, n)
+    local recs = pf.wait_relayed(before + n, 25, before)
+    local by_id = {}
+    for _, r in ipairs(recs) do
+      local id = r.data:match("^Received: [^\r\n]*\r\n\tby postfix%.test %(Postfix%) with %w+ id (%w+)")
+      assert(id, "no Received field from Postfix: " .. r.data:sub(1, 300))
+      assert(by_id[id] == nil, "queue ID relayed twice: " .. id)
+      by_id[id] = r
+    end
+    return by_id, #recs
+  end
+
+  -- Checks one relayed message: Postfix's Received field (exact shape; Postfix names the
+  -- recipient when there is one, though not always), then our bytes unchanged.
+  local function check_relayed(r, qid, original, proto, rcpt)
+    local received, rest = postfix.split_received(r.data)
+    local head = "^Received: from client%.test %(localhost %[127%.0%.0%.1%]%)\r\n" ..
+      "\tby postfix%.test %(Postfix%) with " .. proto .. " id " .. qid
+    local date = "[A-Z][a-z][a-z], %d+ [A-Z][a-z][a-z] %d%d%d%d %d%d:%d%d:%d%d %+0000 %(UTC%)\r\n$"
+    local ok = received and (received:match(head .. ";\r\n\t" .. date) or
+      (rcpt and received:match(head .. "\r\n\tfor <" .. rcpt:gsub("%p", "%%%0") .. ">; " .. date)))
+    assert.is_truthy(ok, "Received field: " .. tostring(received))
+    assert.equal(#original, #rest)
+    assert.is_true(original == rest, "the relayed bytes differ from the bytes sent")
+  end
+
+  local function qid_of(res)
+    local id = postfix.queue_id(res.reply.text)
+    assert(id, "no queue ID in " .. tostring(res.reply.text))
+    return id
+  end
+
+  it("sees Postfix's EHLO after STARTTLS: PIPELINING, SIZE, CHUNKING, 8BITMIME, DSN, SMTPUTF8, ENHANCEDSTATUSCODES", function()
+    if not pf then return pending(why) end
+    local mark = pf.mark()
+    local conn, err = smtp.connect(opts())
+    assert.is_nil(err)
+    local ext = conn:extensions()
+    assert.same({ PIPELINING = "", SIZE = "20000000", VRFY = "", ETRN = "", ENHANCEDSTATUSCODES = "",
+      ["8BITMIME"] = "", DSN = "", SMTPUTF8 = "", CHUNKING = "" }, ext)
+    local info = conn:info()
+    assert.equal("TLSv1.3", info.tls)
+    assert.same(ext, info.extensions)
+    conn:close()
+    assert.equal("ehlo=2 starttls=1 quit=1 commands=4", pf.session(mark))
+    assert.is_truthy(pf.log(mark):find("Anonymous TLS connection established from localhost%[127%.0%.0%.1%]: TLSv1%.3"))
+  end)
+
+  it("sends with BDAT (one chunk) and the message arrives byte for byte", function()
+    if not pf then return pending(why) end
+    local before, mark = pf.count(), pf.mark()
+    local res, err = smtp.send(opts())
+    assert.is_nil(err)
+    assert.same({ "b@example.org" }, res.accepted)
+    assert.same({}, res.rejected)
+    assert.equal(250, res.reply.code)
+    assert.equal("2.0.0", res.reply.enhanced)
+    assert.is_truthy(res.reply.text:match("^Ok: " .. #BODY .. " bytes queued as %w+$"), res.reply.text)
+    assert.equal("<pf1@example.com>", res.message_id)
+    assert.equal("TLSv1.3", res.server.tls)
+    assert.equal("ehlo=2 starttls=1 mail=1 rcpt=1 bdat=1 quit=1 commands=7", pf.session(mark))
+    local qid = qid_of(res)
+    local by_id, n = relayed(before, 1)
+    assert.equal(1, n)
+    local r = by_id[qid]
+    check_relayed(r, qid, BODY, "ESMTPS", "b@example.org")
+    assert.equal("a@example.com", r.from)
+    assert.same({ "b@example.org" }, r.to)
+    assert.is_truthy(r.mail:match("^FROM:<a@example%.com> SIZE=%d+ BODY=8BITMIME$"), r.mail)
+  end)
+
+  it("sends a 3 MB message as several BDAT chunks, from a string and from a file, and with DATA; all arrive intact", function()
+    if not pf then return pending(why) end
+    local big = big_message(3 * 1024 * 1024 + 12345, "big1")
+    local path = helper.tmpdir() .. "/big.eml"
+    helper.write(path, big)
+    local before, mark = pf.count(), pf.mark()
+    local r1, e1 = smtp.send(opts { message = big })
+    assert.is_nil(e1)
+    -- a string is in memory already: it may go as one chunk or several
+    local stats = pf.session(mark)
+    assert.is_truthy(stats:match("^ehlo=2 starttls=1 mail=1 rcpt=1 bdat=%d+ quit=1 commands=%d+$"), stats)
+    local f = assert(io.open(path, "rb"))
+    local mark1 = pf.mark()
+    local r2, e2 = smtp.send(opts { message = f })
+    f:close()
+    assert.is_nil(e2)
+    -- a file streams: 3 MB in 1 MB chunks, BDAT n three times, then BDAT n LAST
+    assert.equal("ehlo=2 starttls=1 mail=1 rcpt=1 bdat=4 quit=1 commands=10", pf.session(mark1))
+
+    local dconn = assert(smtp.connect(opts { chunking = false }))
+    local mark2 = pf.mark()
+    local r3, e3 = dconn:send { from = "a@example.com", to = "b@example.org", message = big }
+    assert.is_nil(e3)
+    dconn:close()
+    assert.equal("ehlo=2 starttls=1 mail=1 rcpt=1 data=1 quit=1 commands=7", pf.session(mark2))
+    assert.equal("<big1@example.com>", r1.message_id)
+    assert.equal("<big1@example.com>", r3.message_id)
+    assert.is_truthy(r1.reply.text:match("^Ok: " .. #big .. " bytes queued as %w+$"), r1.reply.text)
+    assert.is_truthy(r3.reply.text:match("^Ok: queued as %w+$"), r3.reply.text)
+
+    local by_id, n = relayed(before, 3)
+    assert.equal(3, n)
+    for _, res in ipairs { r1, r2, r3 } do
+      check_relayed(by_id[qid_of(res)], qid_of(res), big, "ESMTPS", "b@example.org")
+    end
+  end)
+
+  it("verifies Postfix's certificate against the CA, and fails closed (kind tls, no MAIL) without it", function()
+    if not pf then return pending(why) end
+    local c = helper.certs()
+    for _, case in ipairs {
+      { what = "system CAs only", o = { cafile = false } },
+      { what = "another CA", o = { cafile = c.other_ca } },
+      { what = "a name the certificate lacks", o = { servername = "mail.example.net" } },
+    } do
+      local o = opts(case.o)
+      if o.cafile == false then o.cafile = nil end
+      local mark = pf.mark()
+      local res, err = smtp.send(o)
+      assert.is_nil(res, case.what)
+      assert.equal("tls", err.kind, case.what)
+      assert.equal("tls", err.phase, case.what)
+      -- smtpd saw EHLO and STARTTLS, then the handshake fail: no MAIL, RCPT or data in clear
+      assert.equal("ehlo=1 starttls=0/1 commands=1/2", pf.session(mark), case.what)
+    end
+  end)
+
+  it("reports recipients refused by Postfix's access map and delivers to the others", function()
+    if not pf then return pending(why) end
+    local before, mark = pf.count(), pf.mark()
+    local res, err = smtp.send(opts { to = { "b@example.org", "bad@example.org", "gone@example.org", "c@example.org" } })
+    assert.is_nil(err)
+    assert.same({ "b@example.org", "c@example.org" }, res.accepted)
+    assert.same({
+      { recipient = "bad@example.org", code = 554, enhanced = "5.7.1",
+        text = "<bad@example.org>: Recipient address rejected: Access denied" },
+      { recipient = "gone@example.org", code = 550, enhanced = "5.1.1",
+        text = "<gone@example.org>: Recipient address rejected: mailbox gone" },
+    }, res.rejected)
+    assert.equal("ehlo=2 starttls=1 mail=1 rcpt=2/4 bdat=1 quit=1 commands=8/10", pf.session(mark))
+    local by_id, n = relayed(before, 1)
+    assert.equal(1, n)
+    local r = by_id[qid_of(res)]
+    assert.same({ "b@example.org", "c@example.org" }, r.to)
+    check_relayed(r, qid_of(res), BODY, "ESMTPS", nil)
+  end)
+
+  it("gets kind rejected when Postfix refuses every recipient, and the session goes on", function()
+    if not pf then return pending(why) end
+    local conn = assert(smtp.connect(opts()))
+    local before, mark = pf.count(), pf.mark()
+    local res, err = conn:send { from = "a@example.com", to = { "bad@example.org", "gone@example.org" }, message = BODY }
+    assert.is_nil(res)
+    assert.equal("rejected", err.kind)
+    assert.equal("rcpt", err.phase)
+    assert.equal(554, err.code)
+    assert.equal("5.7.1", err.enhanced)
+    assert.is_false(err.temporary)
+    assert.equal(2, #err.rejected)
+    assert.equal("gone@example.org", err.rejected[2].recipient)
+    local ok, err2 = conn:send { from = "a@example.com", to = "b@example.org", message = BODY }
+    assert.is_nil(err2)
+    conn:close()
+    local stats = pf.session(mark)
+    -- the refused transaction's BDAT (pipelined with the RCPTs) got "no valid recipients"
+    assert.is_truthy(stats:match("^ehlo=2 starttls=1 mail=2 rcpt=1/3 bdat=1/2 rset=%d quit=1 commands="), stats)
+    local by_id, n = relayed(before, 1)
+    assert.equal(1, n)
+    check_relayed(by_id[qid_of(ok)], qid_of(ok), BODY, "ESMTPS", "b@example.org")
+  end)
+
+  for _, chunking in ipairs { true, false } do
+    local how = chunking and "BDAT" or "DATA"
+    it("sends 50 messages with send_many over one session (pipelining, " .. how .. "): each delivered once, intact", function()
+      if not pf then return pending(why) end
+      local conn = assert(smtp.connect(opts { chunking = chunking }))
+      local list, bodies = {}, {}
+      for i = 1, 50 do
+        bodies[i] = ("From: a@example.com\r\nTo: n%d@example.org\r\nSubject: %s %d\r\nMessage-ID: <%s%d@example.com>\r\n\r\n" ..
+          "body of %d\r\n.dot\r\n"):format(i, how, i, how, i, i) .. ("y"):rep(i * 17) .. "\r\n"
+        list[i] = { from = "a@example.com", to = ("n%d@example.org"):format(i), message = bodies[i] }
+      end
+      local before, mark = pf.count(), pf.mark()
+      local out = conn:send_many(list)
+      conn:close()
+      assert.equal(50, #out)
+      local ids = {}
+      for i, res in ipairs(out) do
+        assert.is_nil(res.kind, tostring(res))
+        assert.same({ ("n%d@example.org"):format(i) }, res.accepted)
+        assert.equal(250, res.reply.code)
+        assert.equal(("<%s%d@example.com>"):format(how, i), res.message_id)
+        local id = qid_of(res)
+        assert.is_nil(ids[id], "queue ID given twice")
+        ids[id] = i
+      end
+      local stats = pf.session(mark)
+      if chunking then
+        assert.equal("ehlo=2 starttls=1 mail=50 rcpt=50 bdat=50 rset=49 quit=1 commands=203", stats)
+      else
+        assert.equal("ehlo=2 starttls=1 mail=50 rcpt=50 data=50 quit=1 commands=154", stats)
+      end
+      local by_id, n = relayed(before, 50)
+      assert.equal(50, n)
+      for id, i in pairs(ids) do
+        assert.is_not_nil(by_id[id], "message " .. i .. " not relayed")
+        check_relayed(by_id[id], id, bodies[i], "ESMTPS", ("n%d@example.org"):format(i))
+      end
+    end)
+  end
+
+  it("refuses locally what is over Postfix's SIZE, before MAIL, and the session stays usable", function()
+    if not pf then return pending(why) end
+    local conn = assert(smtp.connect(opts { port = pf.small_port }))
+    assert.equal("100000", conn:extensions().SIZE)
+    local before, mark = pf.count(), pf.mark()
+    local res, err = conn:send { from = "a@example.com", to = "b@example.org", message = big_message(150000, "s1") }
+    assert.is_nil(res)
+    assert.equal("rejected", err.kind)
+    assert.equal(552, err.code)
+    assert.equal("5.3.4", err.enhanced)
+    assert.equal("mail", err.phase)
+    local ok, err2 = conn:send { from = "a@example.com", to = "b@example.org", message = BODY }
+    assert.is_nil(err2)
+    conn:close()
+    -- one MAIL only: the big message never reached the wire
+    assert.equal("ehlo=2 starttls=1 mail=1 rcpt=1 bdat=1 quit=1 commands=7", pf.session(mark))
+    local by_id = relayed(before, 1)
+    check_relayed(by_id[qid_of(ok)], qid_of(ok), BODY, "ESMTPS", "b@example.org")
+  end)
+
+  for _, chunking in ipairs { true, false } do
+    local how = chunking and "BDAT" or "DATA"
+    it("takes Postfix's 552 for a streamed message of unknown size over its limit (" .. how .. "), then sends the next", function()
+      if not pf then return pending(why) end
+      local conn = assert(smtp.connect(opts { port = pf.small_port, chunking = chunking }))
+      local big = big_message(300000, "s2")
+      local done = false
+      local function source()
+        if done then return nil end
+        done = true
+        return big
+      end
+      local before, mark = pf.count(), pf.mark()
+      local res, err = conn:send { from = "a@example.com", to = "b@example.org", message = source }
+      assert.is_nil(res)
+      assert.equal("rejected", err.kind)
+      assert.equal(552, err.code)
+      assert.equal("5.3.4", err.enhanced)
+      assert.equal("data_end", err.phase)
+      local ok, err2 = conn:send { from = "a@example.com", to = "b@example.org", message = BODY }
+      assert.is_nil(err2)
+      conn:close()
+      local stats = pf.session(mark)
+      assert.is_truthy(stats:match("^ehlo=2 starttls=1 mail=2 rcpt=2 "), stats)
+      local by_id, n = relayed(before, 1)
+      assert.equal(1, n)
+      check_relayed(by_id[qid_of(ok)], qid_of(ok), BODY, "ESMTPS", "b@example.org")
+    end)
+  end
+
+  it("sends SMTPUTF8 addresses and headers; Postfix relays them with SMTPUTF8", function()
+    if not pf then return pending(why) end
+    local to = "bj\195\182rn@example.org"
+    local body = "From: a@example.com\r\nTo: " .. to .. "\r\nSubject: Gr\195\188\195\159e\r\n" ..
+      "Message-ID: <u1@example.com>\r\n\r\nhej\r\n"
+    local before, mark = pf.count(), pf.mark()
+    local res, err = smtp.send(opts { to = to, message = body })
+    assert.is_nil(err)
+    assert.same({ to }, res.accepted)
+    assert.equal("ehlo=2 starttls=1 mail=1 rcpt=1 bdat=1 quit=1 commands=7", pf.session(mark))
+    local by_id = relayed(before, 1)
+    local r = by_id[qid_of(res)]
+    check_relayed(r, qid_of(res), body, "UTF8SMTPS", to)
+    assert.same({ to }, r.to)
+    assert.is_truthy(r.mail:match("^FROM:<a@example%.com> SIZE=%d+ BODY=8BITMIME SMTPUTF8$"), r.mail)
+  end)
+
+  it("passes DSN NOTIFY, RET, ENVID and ORCPT (xtext) that Postfix takes and relays on", function()
+    if not pf then return pending(why) end
+    local before, mark = pf.count(), pf.mark()
+    local res, err = smtp.send(opts {
+      to = { "b@example.org", "x+y=z@example.org" },
+      dsn = { notify = { "SUCCESS", "FAILURE" }, ret = "HDRS", envid = "env 42+x" },
+    })
+    assert.is_nil(err)
+    assert.same({ "b@example.org", "x+y=z@example.org" }, res.accepted)
+    assert.equal("ehlo=2 starttls=1 mail=1 rcpt=2 bdat=1 quit=1 commands=8", pf.session(mark))
+    local by_id = relayed(before, 1)
+    local r = by_id[qid_of(res)]
+    check_relayed(r, qid_of(res), BODY, "ESMTPS", nil)
+    assert.is_truthy(r.mail:match("^FROM:<a@example%.com> SIZE=%d+ BODY=8BITMIME ENVID=env%+2042%+2Bx RET=HDRS$"), r.mail)
+    assert.same({
+      "TO:<b@example.org> ORCPT=rfc822;b@example.org NOTIFY=SUCCESS,FAILURE",
+      "TO:<x+y=z@example.org> ORCPT=rfc822;x+2By+3Dz@example.org NOTIFY=SUCCESS,FAILURE",
+    }, r.rcpts)
+  end)
+end)
