@@ -2,8 +2,9 @@
 -- (spec/support/postfix.lua) that relays what it accepts to a recording sink. Checks what only a
 -- real MTA shows: its EHLO, BDAT with real CHUNKING semantics (several chunks), STARTTLS verified
 -- against the test CA, recipients refused by an access map, 50 messages on one session, SIZE,
--- SMTPUTF8 and DSN parameters passed on; every message compared byte for byte after the
--- Received field Postfix adds, and smtpd's own per-session command counts from its log.
+-- SMTPUTF8 and DSN parameters passed on, AUTH PLAIN and LOGIN through Postfix's SASL; every
+-- message compared byte for byte after the Received field Postfix adds, and smtpd's own
+-- per-session command counts from its log.
 local helper = require "helper"
 local postfix = require "support.postfix"
 local smtp = require "smtp"
@@ -355,5 +356,69 @@ describe("the client against a real Postfix MTA", function()
       "TO:<b@example.org> ORCPT=rfc822;b@example.org NOTIFY=SUCCESS,FAILURE",
       "TO:<x+y=z@example.org> ORCPT=rfc822;x+2By+3Dz@example.org NOTIFY=SUCCESS,FAILURE",
     }, r.rcpts)
+  end)
+
+  describe("AUTH (Postfix's SASL over the Dovecot protocol, smtpd_tls_auth_only, relay only when authenticated)", function()
+    local function aopts(t)
+      local o = opts { port = pf.auth_port }
+      for k, v in pairs(t or {}) do o[k] = v end
+      return o
+    end
+
+    it("offers AUTH PLAIN LOGIN only after STARTTLS; authenticates with PLAIN (picked) and LOGIN (named), then relays", function()
+      if not pf then return pending(why) end
+      local conn = assert(smtp.connect(aopts()))
+      assert.equal("PLAIN LOGIN", conn:extensions().AUTH)
+      conn:close()
+      local plain = assert(smtp.connect(aopts { tls = "none" }))
+      assert.is_nil(plain:extensions().AUTH)
+      plain:close()
+      for _, mech in ipairs { "PLAIN", "LOGIN" } do
+        local n_auth = #pf.auths()
+        local before, mark = pf.count(), pf.mark()
+        local res, err = smtp.send(aopts { auth = { user = pf.user, password = pf.password,
+          mechanism = mech ~= "PLAIN" and mech or nil } })
+        assert.is_nil(err)
+        assert.equal(mech, res.server.auth)
+        assert.same({ "b@example.org" }, res.accepted)
+        assert.equal("ehlo=2 starttls=1 auth=1 mail=1 rcpt=1 bdat=1 quit=1 commands=8", pf.session(mark))
+        assert.is_truthy(pf.log(mark):find(": client=localhost%[127%.0%.0%.1%], sasl_method=" .. mech ..
+          ", sasl_username=user@postfix%.test\n"))
+        local seen = pf.auths()
+        assert.equal(n_auth + 1, #seen)
+        assert.same({ mechanism = mech, user = pf.user, ok = true }, seen[#seen])
+        local by_id = relayed(before, 1)
+        check_relayed(by_id[qid_of(res)], qid_of(res), BODY, "ESMTPSA", "b@example.org")
+      end
+    end)
+
+    it("gets kind auth with Postfix's 535 5.7.8 for a wrong password, and sends no MAIL", function()
+      if not pf then return pending(why) end
+      local before, mark = pf.count(), pf.mark()
+      local res, err = smtp.send(aopts { auth = { user = pf.user, password = "wrong" } })
+      assert.is_nil(res)
+      assert.equal("auth", err.kind)
+      assert.equal("auth", err.phase)
+      assert.equal(535, err.code)
+      assert.equal("5.7.8", err.enhanced)
+      assert.equal("Error: authentication failed: (reason unavailable)", err.text)
+      assert.equal("ehlo=2 starttls=1 auth=0/1 quit=1 commands=4/5", pf.session(mark))
+      assert.same({ mechanism = "PLAIN", user = pf.user, ok = false }, pf.auths()[#pf.auths()])
+      assert.equal(before, pf.count())
+    end)
+
+    it("is refused relay without AUTH (554 5.7.1 Relay access denied, kind rejected)", function()
+      if not pf then return pending(why) end
+      local before, mark = pf.count(), pf.mark()
+      local res, err = smtp.send(aopts())
+      assert.is_nil(res)
+      assert.equal("rejected", err.kind)
+      assert.equal("rcpt", err.phase)
+      assert.equal(554, err.code)
+      assert.equal("5.7.1", err.enhanced)
+      assert.equal("<b@example.org>: Relay access denied", err.text)
+      assert.equal("ehlo=2 starttls=1 mail=1 rcpt=0/1 bdat=0/1 rset=1 quit=1 commands=6/8", pf.session(mark))
+      assert.equal(before, pf.count())
+    end)
   end)
 end)

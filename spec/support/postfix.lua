@@ -80,6 +80,79 @@ while True:
     time.sleep(3600)
 ]]
 
+-- The password check behind Postfix's SASL: Postfix speaks the Dovecot auth protocol
+-- (smtpd_sasl_type = dovecot) to this UNIX socket. It offers PLAIN and LOGIN, takes one user and
+-- password, and records each attempt. The SMTP side of AUTH (the 334 exchange, 235/535 replies,
+-- smtpd_tls_auth_only, the relay decision) is Postfix's own.
+local auth_py = [[
+import base64, os, socket, sys, threading
+path, user, password, log = sys.argv[1], sys.argv[2].encode(), sys.argv[3].encode(), sys.argv[4]
+if os.path.exists(path):
+    os.unlink(path)
+ls = socket.socket(socket.AF_UNIX)
+ls.bind(path)
+os.chmod(path, 0o666)
+ls.listen(16)
+
+def record(mech, name, ok):
+    with open(log, 'a') as f:
+        f.write('{mechanism="%s",user="%s",ok=%s},\n' % (mech, ''.join('\\%d' % c for c in name), 'true' if ok else 'false'))
+
+def serve(c):
+    r = c.makefile('rb')
+    c.sendall(b'VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nMECH\tLOGIN\tplaintext\n'
+              b'SPID\t%d\nCUID\t1\nCOOKIE\t%s\nDONE\n' % (os.getpid(), b'0' * 32))
+    pending = {}
+    def finish(rid, mech, name, secret):
+        ok = name == user and secret == password
+        record(mech, name, ok)
+        c.sendall((b'OK\t%s\tuser=%s\n' if ok else b'FAIL\t%s\tuser=%s\n') % (rid, name))
+    def step(rid, st, data):
+        if st[0] == 'PLAIN':
+            parts = data.split(b'\0')
+            if len(parts) != 3:
+                c.sendall(b'FAIL\t%s\n' % rid); return
+            finish(rid, 'PLAIN', parts[1], parts[2])
+        else:
+            if data is not None:
+                st[1].append(data)
+            if len(st[1]) == 0:
+                c.sendall(b'CONT\t%s\t%s\n' % (rid, base64.b64encode(b'Username:')))
+            elif len(st[1]) == 1:
+                c.sendall(b'CONT\t%s\t%s\n' % (rid, base64.b64encode(b'Password:')))
+            else:
+                finish(rid, 'LOGIN', st[1][0], st[1][1])
+    try:
+        for line in r:
+            parts = line.rstrip(b'\n').split(b'\t')
+            if parts[0] == b'AUTH':
+                rid, mech = parts[1], parts[2].upper().decode()
+                args = dict(p.split(b'=', 1) for p in parts[3:] if b'=' in p)
+                resp = args.get(b'resp')
+                st = [mech, list()]
+                pending[rid] = st
+                data = base64.b64decode(resp) if resp is not None else None
+                if mech == 'PLAIN' and data is None:
+                    c.sendall(b'CONT\t%s\t\n' % rid)
+                elif mech in ('PLAIN', 'LOGIN'):
+                    step(rid, st, data if data != b'' or mech == 'PLAIN' else None)
+                else:
+                    c.sendall(b'FAIL\t%s\n' % rid)
+            elif parts[0] == b'CONT':
+                rid = parts[1]
+                data = base64.b64decode(parts[2]) if len(parts) > 2 else b''
+                if rid in pending:
+                    step(rid, pending[rid], data)
+    except (OSError, ValueError):
+        pass
+    finally:
+        c.close()
+
+while True:
+    c, _ = ls.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+]]
+
 local main_cf = [[
 # a private test instance (spec/support/postfix.lua); nothing here is shared with /etc/postfix
 compatibility_level = 3.6
@@ -107,6 +180,8 @@ smtpd_tls_cert_file = {CERT}
 smtpd_tls_key_file = {KEY}
 smtpd_tls_loglevel = 1
 smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = {D}/auth.sock
 smtpd_recipient_restrictions = check_recipient_access inline:{ {bad@example.org = REJECT}, {gone@example.org = 550 5.1.1 mailbox gone} }, permit
 local_header_rewrite_clients =
 disable_mime_output_conversion = yes
@@ -122,6 +197,8 @@ readme_directory = no
 local master_cf = [[
 127.0.0.1:{PORT} inet n - n - - smtpd
 127.0.0.1:{SMALL} inet n - n - - smtpd -o message_size_limit=100000
+127.0.0.1:{AUTH} inet n - n - - smtpd -o smtpd_sasl_auth_enable=yes -o smtpd_tls_auth_only=yes
+  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject_unauth_destination
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -172,16 +249,20 @@ function M.start()
   -- the postfix user walks into the queue under this directory
   helper.sh("chmod 755 " .. helper.quote(d) .. " && mkdir -m 755 " .. helper.quote(d .. "/etc") ..
     " " .. helper.quote(d .. "/queue"))
-  local pf = { dir = d, port = helper.free_port(), small_port = helper.free_port(),
+  local pf = { dir = d, port = helper.free_port(), small_port = helper.free_port(), auth_port = helper.free_port(),
     sink_port = helper.free_port(), ca = c.ca, log_path = d .. "/maillog", record = d .. "/relayed.lua" }
   local vars = { D = d, SINK = tostring(pf.sink_port), CERT = c.server, KEY = c.server_key,
-    PORT = tostring(pf.port), SMALL = tostring(pf.small_port) }
+    PORT = tostring(pf.port), SMALL = tostring(pf.small_port), AUTH = tostring(pf.auth_port) }
+  pf.user, pf.password = "user@postfix.test", "secret pass"
   helper.write(d .. "/etc/main.cf", fill(main_cf, vars))
   helper.write(d .. "/etc/master.cf", fill(master_cf, vars))
   helper.write(d .. "/sink.py", sink_py)
+  helper.write(d .. "/auth.py", auth_py)
 
   pf.sink = helper.spawn({ helper.python, d .. "/sink.py", tostring(pf.sink_port), pf.record },
     { limit = M.LIFETIME + 30 })
+  pf.auth = helper.spawn({ helper.python, d .. "/auth.py", d .. "/auth.sock", pf.user, pf.password,
+    d .. "/auth.lua" }, { limit = M.LIFETIME + 30 })
 
   function pf.stop()
     -- the master by the PID it wrote (it takes its children down), then the sink
@@ -197,6 +278,7 @@ function M.start()
     end
     if pf.master then pf.master:stop() end
     pf.sink:stop()
+    pf.auth:stop()
   end
 
   -- `postfix check` creates the queue's subdirectories with their owners and modes
@@ -208,7 +290,8 @@ function M.start()
   -- -s: stays in the foreground of `timeout`; -e: exits by itself after LIFETIME seconds
   pf.master = helper.spawn({ MASTER, "-c", d .. "/etc", "-s", "-e", tostring(M.LIFETIME) },
     { limit = M.LIFETIME + 10, log = d .. "/master.out" })
-  local up = helper.wait_port("127.0.0.1", pf.port, 15) and helper.wait_port("127.0.0.1", pf.small_port, 5)
+  local up = helper.wait_port("127.0.0.1", pf.port, 15) and helper.wait_port("127.0.0.1", pf.small_port, 5) and
+    helper.wait_port("127.0.0.1", pf.auth_port, 5)
   local sink_up = helper.wait_port("127.0.0.1", pf.sink_port, 15)
   if not (up and sink_up) then
     local why2 = (not up and "the Postfix master did not listen: " .. pf.master:output() ..
@@ -239,7 +322,12 @@ function M.start()
     return l:match(pat)
   end
   -- the two connections of wait_port above end in the log before any test takes a mark
-  pf.wait_log(0, "commands=0/0.*commands=0/0", 5)
+  pf.wait_log(0, "commands=0/0.*commands=0/0.*commands=0/0", 5)
+  -- The attempts the password check saw: { mechanism=, user=, ok= }.
+  function pf.auths()
+    local text = (helper.read(d .. "/auth.lua") or ""):match("^(.*\n)") or ""
+    return assert((loadstring or load)("return {" .. text .. "}"))()
+  end
   function pf.count() return lines_in(pf.record) end
   -- The relayed messages from the `first`th on: { from=, to=, mail=, rcpts=, data= }.
   function pf.relayed(first)
