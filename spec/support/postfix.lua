@@ -282,10 +282,13 @@ function M.start()
   end
 
   -- `postfix check` creates the queue's subdirectories with their owners and modes
-  local out, ok = helper.sh(POSTFIX .. " -c " .. helper.quote(d .. "/etc") .. " check 2>&1")
+  local out, ok, code = helper.sh(POSTFIX .. " -c " .. helper.quote(d .. "/etc") .. " check 2>&1")
   if not ok then
     pf.stop()
-    return nil, "postfix check failed: " .. out .. (helper.read(pf.log_path) or "")
+    -- postfix logs to the maillog file once it can; postconf says what it rejects in main.cf
+    local conf = helper.sh("postconf -c " .. helper.quote(d .. "/etc") .. " -n 2>&1 >/dev/null")
+    return nil, ("postfix check failed (status %s, config in %s): %s%s%s"):format(tostring(code),
+      d .. "/etc", out, conf, helper.read(pf.log_path) or "")
   end
   -- -s: stays in the foreground of `timeout`; -e: exits by itself after LIFETIME seconds
   pf.master = helper.spawn({ MASTER, "-c", d .. "/etc", "-s", "-e", tostring(M.LIFETIME) },
