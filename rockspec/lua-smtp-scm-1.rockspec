@@ -37,6 +37,7 @@ build = {
     ["smtp.cli.send"] = "lua/smtp/cli/send.lua",
     ["smtp.cli.sink"] = "lua/smtp/cli/sink.lua",
     ["smtp.cli.mx"] = "lua/smtp/cli/mx.lua",
+    ["smtp.cli.args"] = "lua/smtp/cli/args.lua",
     ["smtp.core"] = {
       sources = {
         "csrc/core.c", "csrc/net.c", "csrc/tls.c", "csrc/poll.c", "csrc/dns.c",
