@@ -38,6 +38,7 @@ build = {
       ["smtp.wait"] = "lua/smtp/wait.lua",
       ["smtp.loop"] = "lua/smtp/loop.lua",
       ["smtp.dns"] = "lua/smtp/dns.lua",
+      ["smtp.dnsutil"] = "lua/smtp/dnsutil.lua",
       ["smtp.mx"] = "lua/smtp/mx.lua",
       ["smtp.deliver"] = "lua/smtp/deliver.lua",
       ["smtp.message"] = "lua/smtp/message.lua",

@@ -1,20 +1,12 @@
 -- Option values shared by the lua-smtp commands (`send`, `mx`): checked here once, so both
 -- commands accept the same spellings and refuse bad ones with the same words, before any
 -- connection or query is made.
+local util = require "smtp.dnsutil"
+
 local M = {}
 
 -- The resolver takes at most this many name servers (csrc/dns.c).
 M.max_nameservers = 8
-
-local function ipv4(s)
-  local a, b, c, d = s:match("^(%d%d?%d?)%.(%d%d?%d?)%.(%d%d?%d?)%.(%d%d?%d?)$")
-  return a ~= nil and tonumber(a) < 256 and tonumber(b) < 256 and tonumber(c) < 256 and tonumber(d) < 256
-end
-
--- At least two colons: "de.ad:53" is a name and a port, not an IPv6 address.
-local function ipv6(s)
-  return select(2, s:gsub(":", "")) >= 2 and s:match("^[%x:%.]+$") ~= nil and #s <= 45
-end
 
 -- One --nameserver value, HOST[:PORT] where HOST is an IP address (the resolver asks servers by
 -- address: naming one by a name would need a resolver first): "192.0.2.1", "192.0.2.1:5353",
@@ -25,17 +17,17 @@ function M.nameserver(v)
   if v:find(",", 1, true) then return nil, "one address per --nameserver (repeat the option)" end
   local host, port = v:match("^%[(.+)%]:(%d+)$")
   if host then
-    if not ipv6(host) then return nil, "not an IPv6 address in brackets" end
+    if not util.is_ipv6(host) then return nil, "not an IPv6 address in brackets" end
   else
     host = v:match("^%[(.+)%]$")
     if host then
-      if not ipv6(host) then return nil, "not an IPv6 address in brackets" end
-    elseif ipv6(v) then
+      if not util.is_ipv6(host) then return nil, "not an IPv6 address in brackets" end
+    elseif util.is_ipv6(v) then
       host = v
     else
       host, port = v:match("^([^:]+):(%d+)$")
       host = host or v
-      if not ipv4(host) then return nil, "HOST must be an IP address" end
+      if not util.is_ipv4(host) then return nil, "HOST must be an IP address" end
     end
   end
   if port then
