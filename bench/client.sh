@@ -2,7 +2,8 @@
 # Client throughput against Postfix's smtp-sink, beside the peers in the same run:
 #  1. 10,000 messages of 4 KB over one connection: lua-smtp vs smtp-source -s 1 -d vs Python smtplib
 #  2. 20 concurrent sessions in one smtp.loop vs smtp-source -s 20 -d
-# Prints messages per second and the ratios. MSGS overrides the message count.
+# Prints messages per second (best of ROUNDS interleaved rounds) and the ratios. MSGS overrides
+# the message count, LUA the interpreter (lua5.4 or luajit).
 set -u
 cd "$(dirname "$0")/.."
 top=$(pwd)
@@ -86,19 +87,25 @@ for _ in range(n):
 s.quit()
 P
 
-echo "client: $MSGS messages of 4 KB to smtp-sink on 127.0.0.1:$port"
-t0=$(now); /usr/sbin/smtp-source -s 1 -m "$MSGS" -l 4096 -d 127.0.0.1:$port || exit 1; t1=$(now)
-src1=$(rate "$MSGS" "$t0" "$t1")
-t0=$(now); $LUA "$tmp/one.lua" $port "$MSGS" || exit 1; t1=$(now)
-lua1=$(rate "$MSGS" "$t0" "$t1")
-t0=$(now); /usr/bin/python3 "$tmp/pybench.py" $port "$MSGS" || exit 1; t1=$(now)
-py1=$(rate "$MSGS" "$t0" "$t1")
+# Every contender runs ROUNDS times, interleaved, and its best round counts: on a shared machine
+# a background burst then hurts nobody's figure more than another's.
+ROUNDS=${ROUNDS:-3}
+best() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b) ? a : b }'; }
+echo "client: $MSGS messages of 4 KB to smtp-sink on 127.0.0.1:$port, best of $ROUNDS rounds ($LUA)"
+src1=0; lua1=0; py1=0; src20=0; lua20=0
+for r in $(seq "$ROUNDS"); do
+  t0=$(now); /usr/sbin/smtp-source -s 1 -m "$MSGS" -l 4096 -d 127.0.0.1:$port || exit 1; t1=$(now)
+  src1=$(best "$src1" "$(rate "$MSGS" "$t0" "$t1")")
+  t0=$(now); $LUA "$tmp/one.lua" $port "$MSGS" || exit 1; t1=$(now)
+  lua1=$(best "$lua1" "$(rate "$MSGS" "$t0" "$t1")")
+  t0=$(now); /usr/bin/python3 "$tmp/pybench.py" $port "$MSGS" || exit 1; t1=$(now)
+  py1=$(best "$py1" "$(rate "$MSGS" "$t0" "$t1")")
+  t0=$(now); /usr/sbin/smtp-source -s 20 -m "$MSGS" -l 4096 -d 127.0.0.1:$port || exit 1; t1=$(now)
+  src20=$(best "$src20" "$(rate "$MSGS" "$t0" "$t1")")
+  t0=$(now); $LUA "$tmp/many.lua" $port "$MSGS" 20 || exit 1; t1=$(now)
+  lua20=$(best "$lua20" "$(rate "$MSGS" "$t0" "$t1")")
+done
 echo "one connection:  lua-smtp $lua1 msg/s   smtp-source -s 1 -d $src1 msg/s   smtplib $py1 msg/s"
 echo "  ratios: lua-smtp/smtp-source $(ratio $lua1 $src1) (target >= 1.5)   lua-smtp/smtplib $(ratio $lua1 $py1) (target >= 3)"
-
-t0=$(now); /usr/sbin/smtp-source -s 20 -m "$MSGS" -l 4096 -d 127.0.0.1:$port || exit 1; t1=$(now)
-src20=$(rate "$MSGS" "$t0" "$t1")
-t0=$(now); $LUA "$tmp/many.lua" $port "$MSGS" 20 || exit 1; t1=$(now)
-lua20=$(rate "$MSGS" "$t0" "$t1")
 echo "20 sessions:     lua-smtp (one smtp.loop) $lua20 msg/s   smtp-source -s 20 -d $src20 msg/s"
 echo "  ratio: lua-smtp/smtp-source $(ratio $lua20 $src20) (target >= 0.9)"

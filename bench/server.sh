@@ -2,7 +2,7 @@
 # Server benchmark: Postfix smtp-source (20 sessions, 20,000 messages of 4 KB, sessions reused)
 # against smtp.server with a counting on_message, Postfix smtp-sink, aiosmtpd's Sink and our
 # `lua-smtp sink` writing a Maildir, in the same run; then 5,000 idle connections held by
-# smtp.server and its memory per connection.
+# smtp.server and its memory per connection. ROUNDS (default 3) interleaved rounds, best counts.
 set -u
 cd "$(dirname "$0")/.."
 top=$(pwd)
@@ -38,33 +38,43 @@ local srv = assert(server.listen { host = "127.0.0.1", port = tonumber(arg[1]), 
 srv:serve()
 X
 
-# run NAME: smtp-source against 127.0.0.1:$port, prints and stores msgs/s in $rate
+# run NAME: smtp-source against 127.0.0.1:$port; stores msgs/s in $rate
 run() {
   name=$1; f=$(echo "$name" | tr -c "a-zA-Z0-9\n" _)
   t0=$(now)
   /usr/sbin/smtp-source -s 20 -d -m "$MSGS" -l 4096 "127.0.0.1:$port" >"$tmp/$f.src" 2>&1 || echo "  smtp-source failed: $(cat "$tmp/$f.src")"
   t1=$(now)
   rate=$(echo "$MSGS $t0 $t1" | awk '{ printf "%.0f", $1 / ($3 - $2) }')
-  printf '  %-34s %6s msgs/s  (%d messages in %.2f s)\n' "$name" "$rate" "$MSGS" "$(echo "$t0 $t1" | awk '{print $2-$1}')"
 }
+show() { printf '  %-34s %6s msgs/s  (best of %d rounds of %d messages)\n' "$1" "$2" "$ROUNDS" "$MSGS"; }
+best() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b) ? a : b }'; }
 
+# Each server runs ROUNDS times, interleaved, and its best round counts: on a shared machine a
+# background burst then hurts nobody's figure more than another's.
+ROUNDS=${ROUNDS:-3}
 echo "smtp-source -s 20 -d -m $MSGS -l 4096 ($LUA):"
+ours=0; sink=0; aio=0
+for r in $(seq "$ROUNDS"); do
+  port=$(free_port)
+  $LUA "$tmp/count.lua" "$port" & p=$!; pids="$pids $p"
+  wait_port "$port"; run ours; ours=$(best "$ours" "$rate"); kill $p
 
-port=$(free_port)
-$LUA "$tmp/count.lua" "$port" & p=$!; pids="$pids $p"
-wait_port "$port"; run "smtp.server (counting on_message)"; ours=$rate; kill $p
+  port=$(free_port)
+  /usr/sbin/smtp-sink -u nobody "127.0.0.1:$port" 256 & p=$!; pids="$pids $p"
+  wait_port "$port"; run sink; sink=$(best "$sink" "$rate"); kill $p
 
-port=$(free_port)
-/usr/sbin/smtp-sink -u nobody "127.0.0.1:$port" 256 & p=$!; pids="$pids $p"
-wait_port "$port"; run "Postfix smtp-sink"; sink=$rate; kill $p
-
-port=$(free_port)
-/usr/bin/python3 -m aiosmtpd -n -l "127.0.0.1:$port" -c aiosmtpd.handlers.Sink & p=$!; pids="$pids $p"
-wait_port "$port"; run "aiosmtpd Sink"; aio=$rate; kill $p
+  port=$(free_port)
+  /usr/bin/python3 -m aiosmtpd -n -l "127.0.0.1:$port" -c aiosmtpd.handlers.Sink & p=$!; pids="$pids $p"
+  wait_port "$port"; run aiosmtpd; aio=$(best "$aio" "$rate"); kill $p
+done
+show "smtp.server (counting on_message)" "$ours"
+show "Postfix smtp-sink" "$sink"
+show "aiosmtpd Sink" "$aio"
 
 port=$(free_port)
 $LUA "$top/bin/lua-smtp" sink --listen "127.0.0.1:$port" --maildir "$tmp/Maildir" >/dev/null 2>&1 & p=$!; pids="$pids $p"
-wait_port "$port"; run "lua-smtp sink --maildir (fsync)"; md=$rate; kill $p
+wait_port "$port"; run maildir; md=$rate; kill $p
+printf '  %-34s %6s msgs/s  (one round of %d messages)\n' "lua-smtp sink --maildir (fsync)" "$md" "$MSGS"
 files=$(ls "$tmp/Maildir/new" | wc -l)
 echo "  Maildir holds $files files for $MSGS messages"
 

@@ -218,6 +218,24 @@ static int l_connect_finish(lua_State *L)
 }
 
 /* sock:read(max) -> string | nil,"wantread"/"wantwrite" | nil,"closed" | nil,msg,code */
+/* nil, "wantread" | "wantwrite" | "closed" | message, code: what a read or write that did not
+ * complete says to Lua. */
+static int push_io_fail(lua_State *L, const smtp_sock *s, enum io_result r, const char *err, int e)
+{
+    switch (r) {
+    case IO_WANTREAD:
+        return smtp_push_fail(L, "wantread", NULL);
+    case IO_WANTWRITE:
+        return smtp_push_fail(L, "wantwrite", NULL);
+    case IO_CLOSED:
+        return smtp_push_fail(L, "closed", NULL);
+    default:
+        if (s->ssl)
+            return smtp_push_fail(L, err, e ? errno_name(e) : "TLS");
+        return push_errno(L, e);
+    }
+}
+
 static int l_read(lua_State *L)
 {
     smtp_sock *s = check_open(L, 1);
@@ -237,22 +255,13 @@ static int l_read(lua_State *L)
     } else {
         r = plain_read(s, buf, (size_t)max, &got, &e);
     }
-    switch (r) {
-    case IO_OK:
+    if (r == IO_OK) {
         lua_pushlstring(L, buf, got);
         return 1;
-    case IO_WANTREAD:
-        return smtp_push_fail(L, "wantread", NULL);
-    case IO_WANTWRITE:
-        return smtp_push_fail(L, "wantwrite", NULL);
-    case IO_CLOSED:
-        s->flags |= SOCK_F_EOF;
-        return smtp_push_fail(L, "closed", NULL);
-    default:
-        if (s->ssl)
-            return smtp_push_fail(L, err, e ? errno_name(e) : "TLS");
-        return push_errno(L, e);
     }
+    if (r == IO_CLOSED)
+        s->flags |= SOCK_F_EOF;
+    return push_io_fail(L, s, r, err, e);
 }
 
 /* sock:write(str [, i]) -> nwritten | nil,want | nil,msg,code.  Writes str from byte i. */
@@ -279,21 +288,11 @@ static int l_write(lua_State *L)
     } else {
         r = plain_write(s, str, len, &put, &e);
     }
-    switch (r) {
-    case IO_OK:
+    if (r == IO_OK) {
         lua_pushinteger(L, (lua_Integer)put);
         return 1;
-    case IO_WANTREAD:
-        return smtp_push_fail(L, "wantread", NULL);
-    case IO_WANTWRITE:
-        return smtp_push_fail(L, "wantwrite", NULL);
-    case IO_CLOSED:
-        return smtp_push_fail(L, "closed", NULL);
-    default:
-        if (s->ssl)
-            return smtp_push_fail(L, err, e ? errno_name(e) : "TLS");
-        return push_errno(L, e);
     }
+    return push_io_fail(L, s, r, err, e);
 }
 
 static int l_sock_fd(lua_State *L)

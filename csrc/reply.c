@@ -251,6 +251,19 @@ smtp_rp_status smtp_reply_parser_feed(smtp_reply_parser *p, const char *data, si
 
 /* ---- Lua binding ------------------------------------------------------------------------ */
 
+/* A reply line's text without the enhanced code it repeats (servers put it on every line). */
+static const char *line_text(const char *s, size_t n, int code, size_t *tn)
+{
+    size_t el = smtp_enhanced_len(s, n, code);
+    const char *ts = s + el;
+    *tn = n - el;
+    if (el && *tn && *ts == ' ') {
+        ts++;
+        (*tn)--;
+    }
+    return ts;
+}
+
 void smtp_reply_push(lua_State *L, const smtp_reply *r, int caps)
 {
     lua_createtable(L, 0, 6);
@@ -264,17 +277,24 @@ void smtp_reply_push(lua_State *L, const smtp_reply *r, int caps)
     smtp_buf t = {0};
     lua_createtable(L, r->nlines, 0); /* lines */
     const char *s = r->text.p, *end = s + r->text.len;
-    int i = 0;
+    int i = 0, fast = r->nlines == 1 && s && end > s && end[-1] == '\n';
+    size_t tn;
+    const char *ts;
+    if (fast) {
+        /* the usual one-line reply: no text buffer to build */
+        size_t n = (size_t)(end - s) - 1;
+        ts = line_text(s, n, r->code, &tn);
+        lua_pushlstring(L, s, n);
+        lua_rawseti(L, -2, 1);
+        lua_setfield(L, -2, "lines");
+        lua_pushlstring(L, ts, tn);
+        lua_setfield(L, -2, "text");
+        s = end; /* nothing left for the loop below */
+    }
     while (s && s < end) {
         const char *nl = memchr(s, '\n', (size_t)(end - s));
         size_t n = (size_t)(nl - s);
-        size_t el = smtp_enhanced_len(s, n, r->code);
-        const char *ts = s + el;
-        size_t tn = n - el;
-        if (el && tn && *ts == ' ') {
-            ts++;
-            tn--;
-        }
+        ts = line_text(s, n, r->code, &tn);
         if ((i > 0 && smtp_buf_add(&t, "\n", 1) < 0) || smtp_buf_add(&t, ts, tn) < 0) {
             smtp_buf_free(&t);
             luaL_error(L, "out of memory");
@@ -283,10 +303,12 @@ void smtp_reply_push(lua_State *L, const smtp_reply *r, int caps)
         lua_rawseti(L, -2, ++i);
         s = nl + 1;
     }
-    lua_setfield(L, -2, "lines");
-    lua_pushlstring(L, t.p ? t.p : "", t.len);
-    smtp_buf_free(&t);
-    lua_setfield(L, -2, "text");
+    if (!fast) {
+        lua_setfield(L, -2, "lines");
+        lua_pushlstring(L, t.p ? t.p : "", t.len);
+        smtp_buf_free(&t);
+        lua_setfield(L, -2, "text");
+    }
     if (caps) {
         lua_newtable(L);
         s = r->text.p;

@@ -65,6 +65,35 @@ describe("smtp.loop", function()
     assert.is_true(dt >= 0.1 and dt < 0.2, "waited " .. dt)
   end)
 
+
+  -- A task's timer entry is reused from wait to wait (later deadlines only move it forward):
+  -- the last deadline set is the one honoured, and an earlier one (a sleep) still comes first.
+  it("honours the latest deadline of a task that waited many times, and an earlier sleep", function()
+    local native = require "smtp.transport.native"
+    local l = assert(native.listen { port = 0 })
+    local a = assert(native.connect { host = "127.0.0.1", port = l.port })
+    local b = assert(l:accept(5))
+    local res, dt, slept
+    loop.spawn(function()
+      for i = 1, 200 do
+        assert(a:write("x"))
+        assert(wait.fd(b.fd, "r", core.now() + 300 + i))  -- data is there: no timeout
+        assert.equal("x", b:read(1))
+      end
+      local t0 = core.now()
+      wait.sleep(0.05)
+      slept = core.now() - t0
+      t0 = core.now()
+      res = { wait.fd(b.fd, "r", t0 + 0.1) }   -- nothing comes: times out at 0.1, not at 300
+      dt = core.now() - t0
+    end)
+    loop.run()
+    a:close(); b:close(); l:close()
+    assert.is_true(slept >= 0.05 and slept < 0.15, "slept " .. slept)
+    assert.same({ nil, "timeout" }, res)
+    assert.is_true(dt >= 0.1 and dt < 0.2, "waited " .. dt)
+    assert.equal(0, loop.stats().tasks)
+  end)
   it("wakes a task parked on an fd that another task closes", function()
     local native = require "smtp.transport.native"
     local l = assert(native.listen { port = 0 })

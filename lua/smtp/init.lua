@@ -37,8 +37,13 @@ end
 
 local function has_ctl(s) return s:find("[%z\1-\31\127]") ~= nil end
 
+-- Addresses that passed, so a program sending many messages to the same few addresses checks each
+-- once; emptied when it reaches CHECKED_MAX entries, so it stays small.
+local checked, nchecked, CHECKED_MAX = {}, 0, 1024
+
 -- An address as it goes between the angle brackets of MAIL FROM / RCPT TO.
 local function check_address(a, what, allow_null)
+  if checked[a] then return true end
   if type(a) ~= "string" then return invalid(what .. ": address must be a string") end
   if a == "" then
     if allow_null then return true end
@@ -56,6 +61,8 @@ local function check_address(a, what, allow_null)
     return invalid(what .. ": space in address")
   end
   if domain:find("[%s\"\\]") then return invalid(what .. ": bad character in domain") end
+  if nchecked >= CHECKED_MAX then checked, nchecked = {}, 0 end
+  checked[a], nchecked = true, nchecked + 1
   return true
 end
 M.check_address = check_address
@@ -235,17 +242,28 @@ end
 -- The header section of a raw message (for Message-ID and the SMTPUTF8 decision): up to the
 -- first empty line, at most 16 KB. Plain finds: this runs once per message.
 local function headers_of(s)
-  local a, b = s:find("\n\r\n", 1, true), s:find("\n\n", 1, true)
-  local e = (a and b) and math.min(a, b) or a or b
-  if e then return s:sub(1, e) end
+  local a = s:find("\n\r\n", 1, true)
+  if a then
+    -- a bare "\n\n" can only end the headers earlier: look for it in that prefix only, not
+    -- through the whole body
+    local h = s:sub(1, a)
+    local b = h:find("\n\n", 1, true)
+    return b and h:sub(1, b) or h
+  end
+  local b = s:find("\n\n", 1, true)
+  if b then return s:sub(1, b) end
   return #s > 16384 and s:sub(1, 16384) or s
 end
 
-local function message_id_of(chunk)
-  local h = headers_of(chunk)
+-- The Message-ID in a header section (from headers_of).
+local function message_id_in(h)
   if not (h:find("essage-", 1, true) or h:find("ESSAGE-", 1, true)) then return nil end
   return h:match("\n[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)") or
     h:match("^[Mm][Ee][Ss][Ss][Aa][Gg][Ee]%-[Ii][Dd]:%s*(<[^>\r\n]*>)")
+end
+
+local function message_id_of(chunk)
+  return message_id_in(headers_of(chunk))
 end
 
 -- -> iterator of chunks, size or nil
@@ -296,7 +314,7 @@ local function message_config(opts, fname)
     misuse(fname, "message: string, file, function or smtp.message expected")
   end
   local from, to = opts.from, to_list(opts.to, fname, "to")
-  local needs_utf8 = false
+  local needs_utf8, head = false, nil
   if is_message(m) then
     if (from == nil or to == nil) and type(m.envelope) == "function" then
       local ef, et = m:envelope()
@@ -308,7 +326,8 @@ local function message_config(opts, fname)
       needs_utf8 = type(n) == "table" and n.smtputf8 == true
     end
   elseif mt == "string" then
-    needs_utf8 = non_ascii(headers_of(m))
+    head = headers_of(m)
+    needs_utf8 = non_ascii(head)
   end
   if from == nil then return invalid("from: no envelope sender (give from = ...)") end
   if type(from) ~= "string" then misuse(fname, "from: string expected") end
@@ -325,7 +344,8 @@ local function message_config(opts, fname)
   local dsn
   dsn, err = check_dsn(opts.dsn)
   if not dsn then return nil, err end
-  return { message = m, from = from, to = to, dsn = opts.dsn and dsn or nil, smtputf8 = needs_utf8 }
+  return { message = m, from = from, to = to, dsn = opts.dsn and dsn or nil, smtputf8 = needs_utf8,
+    head = head }
 end
 
 -- ---- the session ---------------------------------------------------------------------------
@@ -374,14 +394,15 @@ end
 
 -- Writes whatever the engine has to say (pipelined commands, SASL answers).
 function Conn:_flush(phase)
-  return self:_write(self.engine:take(), phase)
+  local e = self.engine
+  if e:outlen() == 0 then return true end
+  return self:_write(e:take(), phase)
 end
 
 -- The next reply, in order; 421 and protocol errors end the session here.
 function Conn:_reply(phase)
   local e = self.engine
-  local limit = self.timeouts[phase]
-  local deadline = now and now() + limit
+  local limit, deadline
   while true do
     local r, perr = e:reply()
     if r then
@@ -397,9 +418,14 @@ function Conn:_reply(phase)
     end
     local ok, err = self:_flush(phase)
     if not ok then return nil, err end
-    local t = limit
-    if deadline then
-      t = deadline - now()
+    local t
+    if not limit then
+      -- the phase's time runs from the first wait (a reply already here costs no clock read)
+      limit = self.timeouts[phase]
+      deadline = now and now() + limit
+      t = limit
+    else
+      t = deadline and deadline - now() or limit
       if t <= 0 then
         self:_abort()
         return nil, new_error { kind = "timeout", text = phase .. " timed out", phase = phase, temporary = true }
@@ -1296,7 +1322,7 @@ function Conn:send_many(list)
   end
   while head <= qn do
     local kind, st, rcpt = qk[head], qs[head], qr[head]
-    qk[head], qs[head], qr[head] = nil, nil, nil
+    -- (entries are left in place: the arrays only grow, and nil holes would make them rehash)
     local r, err = self:_reply(phase_of[kind])
     if not r then
       for i = 1, n do out[i] = out[i] or err end
@@ -1322,7 +1348,7 @@ function Conn:send_many(list)
             local m = st.tx.message
             e:body(m)
             e:body_end()
-            st.id = message_id_of(m)
+            st.id = message_id_in(st.tx.head)
           end
         else
           e:body_end()

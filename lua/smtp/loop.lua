@@ -72,38 +72,101 @@ local function heap_pop()
   return top
 end
 
-local function add_timer(co, deadline)
-  local e = { t = deadline, co = co }
-  timer_of[co] = e
-  heap_push(e)
-end
-
--- Rebuilds the heap from its live entries. A server whose reads finish long before their
--- timeouts would otherwise keep every finished read's timer until its deadline passed.
+-- Rebuilds the heap from its live, armed entries. Many tasks that ended, or armed earlier
+-- deadlines, would otherwise leave their entries in the heap until those came due.
 local function compact()
   local live = {}
   for i = 1, #heap do
-    if heap[i].co then live[#live + 1] = heap[i] end
+    local e = heap[i]
+    if e.co and e.due then
+      e.t = e.due
+      live[#live + 1] = e
+    else
+      e.inheap = false
+    end
   end
   table.sort(live, function(a, b) return a.t < b.t end)   -- a sorted array is a valid heap
   heap = live
   ncancelled = 0
 end
 
-local function cancel_timer(co)
+-- Each task keeps one timer entry { t = heap key, due = deadline or nil, co = co, inheap }. A
+-- server sets a fresh idle deadline before every read, always later than the last: that only
+-- moves `due` forward, and the entry is re-keyed when it reaches the heap's top (once per
+-- timeout period, not once per read). A finished wait just clears `due`. Entries whose task has
+-- died have co = nil and are counted in ncancelled until they leave the heap.
+local function add_timer(co, deadline)
   local e = timer_of[co]
+  if e and e.inheap and e.t <= deadline then
+    e.due = deadline
+    return
+  end
+  if e and not e.inheap then
+    e.t, e.due, e.inheap = deadline, deadline, true
+    heap_push(e)
+    return
+  end
   if e then
-    e.co = nil      -- left in the heap, skipped when it comes up
-    timer_of[co] = nil
+    -- an earlier deadline than the entry's key: that entry becomes dead weight, a new one goes in
+    e.co = nil
     ncancelled = ncancelled + 1
     if ncancelled > 1024 and ncancelled * 2 > #heap then compact() end
   end
+  e = { t = deadline, due = deadline, co = co, inheap = true }
+  timer_of[co] = e
+  heap_push(e)
 end
 
-local function pop_timer()
+-- The task's wait finished before its deadline.
+local function cancel_timer(co)
+  local e = timer_of[co]
+  if e then e.due = nil end
+end
+
+-- The task has ended: its entry is dead weight in the heap from now on.
+local function drop_timer(co)
+  local e = timer_of[co]
+  if e then
+    timer_of[co] = nil
+    e.co = nil
+    if e.inheap then
+      ncancelled = ncancelled + 1
+      if ncancelled > 1024 and ncancelled * 2 > #heap then compact() end
+    end
+  end
+end
+
+-- Pops the top entry; true when it is armed and due at its key (a real deadline to honour).
+-- A disarmed or dead entry leaves the heap; one whose deadline moved later goes back in.
+local function settle_top()
   local e = heap_pop()
-  if not e.co then ncancelled = ncancelled - 1 end
+  if not e.co then
+    ncancelled = ncancelled - 1
+    e.inheap = false
+    return nil
+  end
+  if not e.due then
+    e.inheap = false
+    return nil
+  end
+  if e.due > e.t then
+    e.t = e.due
+    heap_push(e)
+    return nil
+  end
+  e.inheap, e.due = false, nil
   return e
+end
+
+-- Drops disarmed and dead entries from the heap's top and returns the top, or nil. The top's key
+-- may be earlier than its deadline (re-keyed lazily): the loop then wakes early once, re-keys it
+-- and waits again.
+local function top_timer()
+  while true do
+    local e = heap[1]
+    if not e or (e.co and e.due) then return e end
+    settle_top()
+  end
 end
 
 -- Interest in fds ---------------------------------------------------------------------------
@@ -239,11 +302,13 @@ local function step(co, v)
   if not ok then
     tasks[co] = nil
     ntasks = ntasks - 1
+    drop_timer(co)
     error(traceback(co, tostring(res)), 0)
   end
   if costatus(co) == "dead" then
     tasks[co] = nil
     ntasks = ntasks - 1
+    drop_timer(co)
   elseif res ~= TOKEN then
     push_ready(co, true)   -- a bare coroutine.yield(): run again after the others
   end
@@ -265,11 +330,11 @@ function M.run()
       rhead, rtail = 1, 0
       if nunsettled > 0 then settle() end
       if ntasks == 0 then break end
-      -- Drop cancelled timers at the top so they do not cut the wait short.
-      while heap[1] and not heap[1].co do pop_timer() end
+      -- Stale entries at the top must not cut the wait short.
+      local top = top_timer()
       local timeout
-      if heap[1] then
-        timeout = heap[1].t - now()
+      if top then
+        timeout = top.t - now()
         if timeout < 0 then timeout = 0 end
       elseif nwaiting == 0 then
         error("smtp.loop: " .. ntasks .. " task(s) suspended with nothing to wait for", 0)
@@ -290,10 +355,9 @@ function M.run()
       end
       local t = now()
       while heap[1] and heap[1].t <= t do
-        local e = pop_timer()
-        local co = e.co
+        local e = settle_top()
+        local co = e and e.co
         if co then
-          timer_of[co] = nil
           if waiting_fd[co] then
             unhook(co)
             push_ready(co, "timeout")
