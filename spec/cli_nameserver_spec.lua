@@ -114,6 +114,18 @@ describe("lua-smtp send --nameserver, direct delivery", function()
     assert.same({ "d@direct.test" }, got[#got].to)
   end)
 
+  it("resolves the --server name through the named server too", function()
+    local before = #mxh.messages()
+    local rc, out, err = run("send", { "--server", "mx.direct.test:25", "--tls", "none",
+      "--nameserver", zone.nameserver, "--from", "a@example.com", "--to", "e@elsewhere.test",
+      "--subject", "smarthost", "--body", "via a named server", "--timeout", "20" })
+    assert.equal("", err)
+    assert.equal(0, rc)
+    assert.equal(("sent: 250 2.0.0 stored %d\n  accepted: e@elsewhere.test\n"):format(before + 1), out)
+    assert.same({ "e@elsewhere.test" }, mxh.messages()[before + 1].to)
+    assert.truthy(zone.proc:output():find("query[A] mx.direct.test from 127.0.0.1", 1, true))
+  end)
+
   it("exits 2 with the reason on a bad --nameserver and asks nothing, connects nowhere", function()
     local path = helper.tmpdir() .. "/raw.eml"
     helper.write(path, "Subject: x\r\n\r\nx\r\n")
