@@ -17,36 +17,43 @@ external_dependencies = {
   OPENSSL = { header = "openssl/ssl.h" },
   CARES = { header = "ares.h" },
 }
+-- The C core needs -fvisibility=hidden (only luaopen_smtp_core exported, as `make` builds it), and
+-- LuaRocks's "builtin" type has no way to add a compiler flag: it takes CFLAGS from the LuaRocks
+-- configuration only and ignores build.variables (that is read by the "make" type). So the core is
+-- built by one command over LuaRocks's own variables, and the files are installed by the
+-- build.install tables, which every build type honours.
+local sources = "csrc/core.c" .. " " .. "csrc/net.c" .. " " .. "csrc/tls.c" .. " " .. "csrc/poll.c" ..
+  " " .. "csrc/dns.c" .. " " .. "csrc/reply.c" .. " " .. "csrc/client.c" .. " " .. "csrc/server.c" ..
+  " " .. "csrc/codec.c"
 build = {
-  type = "builtin",
-  modules = {
-    ["smtp"] = "lua/smtp/init.lua",
-    ["smtp.errors"] = "lua/smtp/errors.lua",
-    ["smtp.wait"] = "lua/smtp/wait.lua",
-    ["smtp.loop"] = "lua/smtp/loop.lua",
-    ["smtp.dns"] = "lua/smtp/dns.lua",
-    ["smtp.mx"] = "lua/smtp/mx.lua",
-    ["smtp.deliver"] = "lua/smtp/deliver.lua",
-    ["smtp.message"] = "lua/smtp/message.lua",
-    ["smtp.dkim"] = "lua/smtp/dkim.lua",
-    ["smtp.server"] = "lua/smtp/server.lua",
-    ["smtp.transport"] = "lua/smtp/transport/init.lua",
-    ["smtp.transport.native"] = "lua/smtp/transport/native.lua",
-    ["smtp.transport.ngx"] = "lua/smtp/transport/ngx.lua",
-    ["smtp.transport.ngx_dns"] = "lua/smtp/transport/ngx_dns.lua",
-    ["smtp.cli.send"] = "lua/smtp/cli/send.lua",
-    ["smtp.cli.sink"] = "lua/smtp/cli/sink.lua",
-    ["smtp.cli.mx"] = "lua/smtp/cli/mx.lua",
-    ["smtp.core"] = {
-      sources = {
-        "csrc/core.c", "csrc/net.c", "csrc/tls.c", "csrc/poll.c", "csrc/dns.c",
-        "csrc/reply.c", "csrc/client.c", "csrc/server.c", "csrc/codec.c",
-      },
-      defines = { "_GNU_SOURCE" },
-      incdirs = { "csrc", "$(OPENSSL_INCDIR)", "$(CARES_INCDIR)" },
-      libdirs = { "$(OPENSSL_LIBDIR)", "$(CARES_LIBDIR)" },
-      libraries = { "ssl", "crypto", "cares" },
+  type = "command",
+  build_command = "$(CC) $(CFLAGS) -std=gnu11 -fvisibility=hidden -D_GNU_SOURCE -Icsrc -I$(LUA_INCDIR)"
+    .. " -I$(OPENSSL_INCDIR) -I$(CARES_INCDIR) " .. sources .. " $(LIBFLAG) -o core.so"
+    .. " -L$(OPENSSL_LIBDIR) -L$(CARES_LIBDIR) -lssl -lcrypto -lcares",
+  install = {
+    lua = {
+      -- ".init" keeps the file name: the tree then has smtp/init.lua, as `make install` lays it out
+      ["smtp.init"] = "lua/smtp/init.lua",
+      ["smtp.errors"] = "lua/smtp/errors.lua",
+      ["smtp.wait"] = "lua/smtp/wait.lua",
+      ["smtp.loop"] = "lua/smtp/loop.lua",
+      ["smtp.dns"] = "lua/smtp/dns.lua",
+      ["smtp.dnsutil"] = "lua/smtp/dnsutil.lua",
+      ["smtp.mx"] = "lua/smtp/mx.lua",
+      ["smtp.deliver"] = "lua/smtp/deliver.lua",
+      ["smtp.message"] = "lua/smtp/message.lua",
+      ["smtp.dkim"] = "lua/smtp/dkim.lua",
+      ["smtp.server"] = "lua/smtp/server.lua",
+      ["smtp.transport.init"] = "lua/smtp/transport/init.lua",
+      ["smtp.transport.native"] = "lua/smtp/transport/native.lua",
+      ["smtp.transport.ngx"] = "lua/smtp/transport/ngx.lua",
+      ["smtp.transport.ngx_dns"] = "lua/smtp/transport/ngx_dns.lua",
+      ["smtp.cli.send"] = "lua/smtp/cli/send.lua",
+      ["smtp.cli.sink"] = "lua/smtp/cli/sink.lua",
+      ["smtp.cli.mx"] = "lua/smtp/cli/mx.lua",
+      ["smtp.cli.args"] = "lua/smtp/cli/args.lua",
     },
+    lib = { ["smtp.core"] = "core.so" },
+    bin = { ["lua-smtp"] = "bin/lua-smtp" },
   },
-  install = { bin = { ["lua-smtp"] = "bin/lua-smtp" } },
 }

@@ -1,7 +1,8 @@
 -- `make install PREFIX=<tmp>` and `luarocks --lua-version=5.4 --tree=<tmp> make` (offline) each
 -- install a module and a command that work from any directory: run from / with LUA_PATH and
 -- LUA_CPATH pointing at the install tree only (never the checkout), they answer --help, load
--- smtp and smtp.core from the tree, and send a message to a sink. Both builds are for Lua 5.4,
+-- smtp and smtp.core from the tree, and send a message to a sink; the installed core.so exports
+-- nothing but luaopen_* (hidden visibility, as `make` builds it). Both builds are for Lua 5.4,
 -- so this spec runs once, under Lua 5.4.
 local helper = require "helper"
 local N = require "support.newcomer"
@@ -23,10 +24,17 @@ local function modules()
 end
 
 local function check_tree(tree, bin)
+  -- only luaopen_* exported (scripts/check-exports.sh), and luaopen_smtp_core among them
+  local so = tree .. "/lib/lua/5.4/smtp/core.so"
+  local out, rc = N.run("sh " .. q(helper.root .. "/scripts/check-exports.sh") .. " " .. q(so))
+  assert(rc == 0, out)
+  assert.equal("luaopen_smtp_core\n", helper.sh("nm -D --defined-only " .. q(so) ..
+    " | awk '{print $3}' | grep -v '^_' | sort"))
+
   local env = "cd / && env -u LUA_PATH -u LUA_CPATH LUA_PATH=" .. q(tree .. "/share/lua/5.4/?.lua;" .. tree ..
     "/share/lua/5.4/?/init.lua;;") .. " LUA_CPATH=" .. q(tree .. "/lib/lua/5.4/?.so;;") .. " "
 
-  local out, rc = N.run(env .. q(bin) .. " mx --help")
+  out, rc = N.run(env .. q(bin) .. " mx --help")
   assert(rc == 0, out)
   assert.matches("^usage: lua%-smtp mx DOMAIN", out)
   for _, cmd in ipairs { "send", "sink" } do
@@ -66,8 +74,10 @@ describe("installation", function()
     local spec = helper.read(helper.root .. "/rockspec/lua-smtp-scm-1.rockspec")
     for _, m in ipairs(modules()) do
       local path = "lua/" .. m:gsub("%.", "/")
-      local file = helper.read(helper.root .. "/" .. path .. ".lua") and path .. ".lua" or path .. "/init.lua"
-      assert.truthy(spec:find('["' .. m .. '"] = "' .. file .. '"', 1, true), m .. " missing from the rockspec")
+      -- an init.lua is listed as "<module>.init", so that it is installed as <module>/init.lua
+      local key, file = m, path .. ".lua"
+      if not helper.read(helper.root .. "/" .. file) then key, file = m .. ".init", path .. "/init.lua" end
+      assert.truthy(spec:find('["' .. key .. '"] = "' .. file .. '"', 1, true), m .. " missing from the rockspec")
     end
     for f in helper.sh("cd " .. q(helper.root) .. " && ls csrc/*.c"):gmatch("[^\n]+") do
       assert.truthy(spec:find('"' .. f .. '"', 1, true), f .. " missing from the rockspec")

@@ -144,6 +144,32 @@ describe("smtp.server with real clients", function()
     assert.equal(MSG, got.msgs[1].data)
   end)
 
+  it("Perl Net::SMTP (two messages on one session, two recipients): byte for byte", function()
+    local srv, got = recording()
+    local script = helper.tmpdir() .. "/send.pl"
+    helper.write(script, [[
+use strict; use Net::SMTP;
+my ($port, $file) = @ARGV;
+open(my $fh, '<:raw', $file) or die $!; local $/; my $msg = <$fh>; close $fh;
+my $s = Net::SMTP->new('127.0.0.1', Port => $port, Hello => 'perl.test', Timeout => 10) or die "connect: $@";
+for my $i (1, 2) {
+  $s->mail('a@x.test') or die 'MAIL: ' . $s->message;
+  $s->to('b@y.test', 'c@y.test') or die 'RCPT: ' . $s->message;
+  $s->data() or die 'DATA: ' . $s->message;
+  $s->datasend($msg); $s->dataend() or die 'end: ' . $s->message;
+}
+$s->quit; print "sent\n";
+]])
+    local out, code = peers.run(srv, { "perl", script, tostring(srv.port), file_with(MSG) })
+    assert.equal(0, code, out)
+    assert.matches("sent", out)
+    assert.equal(2, #got.msgs)
+    for i = 1, 2 do
+      assert.equal(MSG, got.msgs[i].data)
+      assert.same({ "b@y.test", "c@y.test" }, got.msgs[i].env.to)
+    end
+  end)
+
   it("Postfix smtp-source: 20 sessions, 2,000 messages, all counted", function()
     local n = 0
     local srv = assert(server.listen { port = 0, max_connections = 100,

@@ -1,10 +1,14 @@
--- `lua-smtp mx DOMAIN [--nameserver HOST:PORT]... [--timeout S]`: prints the MX hosts of a domain in
+-- `lua-smtp mx DOMAIN [--nameserver HOST[:PORT]]... [--timeout S]`: prints the MX hosts of a domain in
 -- the order direct delivery would try them, one line each: preference, host, addresses.
+local args_mod = require "smtp.cli.args"
+
 local M = {}
 
-local usage = [[
-usage: lua-smtp mx DOMAIN [--nameserver HOST:PORT]... [--timeout SECONDS]
-Prints the MX hosts of DOMAIN in delivery order: preference, host name, addresses.]]
+local usage = [==[
+usage: lua-smtp mx DOMAIN [--nameserver HOST[:PORT]]... [--timeout SECONDS]
+Prints the MX hosts of DOMAIN in delivery order: preference, host name, addresses.
+--nameserver asks that server (an IP address, port 53 unless given; repeat for more)
+instead of the system's resolver.]==]
 
 function M.main(args, out, err)
   out, err = out or io.stdout, err or io.stderr
@@ -21,11 +25,16 @@ function M.main(args, out, err)
       return 0
     elseif v then
       servers = servers or {}
-      servers[#servers + 1] = v
+      local ok, why = args_mod.add_nameserver(servers, v)
+      if not ok then
+        err:write("lua-smtp mx: ", why, "\n", usage, "\n")
+        return 2
+      end
     elseif t then
-      timeout = tonumber(t)
-      if not timeout or timeout <= 0 then
-        err:write("lua-smtp mx: bad --timeout '", tostring(t), "'\n", usage, "\n")
+      local why
+      timeout, why = args_mod.timeout(t)
+      if not timeout then
+        err:write("lua-smtp mx: ", why, "\n", usage, "\n")
         return 2
       end
     elseif a:sub(1, 1) == "-" or domain then

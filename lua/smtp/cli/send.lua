@@ -1,6 +1,8 @@
 -- `lua-smtp send`: one message from the command line, through --server (smtp.send) or, without
 -- it, by direct delivery (smtp.deliver). Exit status 0 when every recipient accepted it, 1 when
 -- some or all did not (the reasons on stderr), 2 for usage errors.
+local args_mod = require "smtp.cli.args"
+
 local M = {}
 
 local usage = [==[
@@ -9,8 +11,10 @@ usage: lua-smtp send --server HOST[:PORT] [--tls starttls|implicit|opportunistic
                      --from ADDR --to ADDR... [--cc ADDR...] [--bcc ADDR...] [--subject S]
                      [--body TEXT | --body-file F] [--html-file F] [--attach FILE...] [--raw FILE]
                      [--helo NAME] [--cafile F] [--insecure] [--timeout SECONDS]
-                     [--to-file FILE [--concurrency N]] [--json]
+                     [--to-file FILE [--concurrency N]] [--json] [--nameserver HOST[:PORT]]...
 Without --server the message goes straight to each recipient domain's MX hosts.
+--nameserver asks that DNS server (an IP address, port 53 unless given; repeat for more)
+instead of the system's resolver, for MX lookups and for the --server name.
 --raw sends FILE as it is (line ends normalized); --from and --to are then the envelope.
 --to-file sends the message to each address in FILE (one a line, # comments) in its own
 transaction, over N sessions at once (--concurrency, default 1): a progress bar on a terminal, one
@@ -26,10 +30,12 @@ local single = {
   ["to-file"] = true, concurrency = true,
 }
 local multi = { to = true, cc = true, bcc = true, attach = true }
+-- Options that take one value each time and may be given again (as `lua-smtp mx` has them).
+local repeated = { nameserver = true }
 local flags = { insecure = true, ["allow-plaintext-auth"] = true, json = true }
 
 local function parse(args)
-  local o = { to = {}, cc = {}, bcc = {}, attach = {} }
+  local o = { to = {}, cc = {}, bcc = {}, attach = {}, nameserver = {} }
   local i = 1
   while i <= #args do
     local a = args[i]
@@ -46,6 +52,12 @@ local function parse(args)
       if v == nil then return nil, "--" .. name .. " needs a value" end
       if o[name] ~= nil then return nil, "--" .. name .. " given twice" end
       o[name] = v
+    elseif repeated[name] then
+      local v = inline
+      if not v then i = i + 1; v = args[i] end
+      if v == nil then return nil, "--" .. name .. " needs a value" end
+      local list = o[name]
+      list[#list + 1] = v
     elseif multi[name] then
       local list = o[name]
       if inline then list[#list + 1] = inline end
@@ -206,8 +218,17 @@ function M.main(args, out, err)
   if (o.user == nil) ~= (o.password == nil) then return usage_error("--user and --password go together") end
   local timeout
   if o.timeout then
-    timeout = tonumber(o.timeout)
-    if not timeout or timeout <= 0 then return usage_error("bad --timeout '" .. o.timeout .. "'") end
+    local why
+    timeout, why = args_mod.timeout(o.timeout)
+    if not timeout then return usage_error(why) end
+  end
+  local nameservers
+  if #o.nameserver > 0 then
+    nameservers = {}
+    for _, v in ipairs(o.nameserver) do
+      local ok, why = args_mod.add_nameserver(nameservers, v)
+      if not ok then return usage_error(why) end
+    end
   end
   local tls = o.tls
   if tls and not ({ starttls = true, implicit = true, opportunistic = true, none = true })[tls] then
@@ -281,12 +302,13 @@ function M.main(args, out, err)
       results = bulk(smtp, {
         server = host, port = port, tls = tls, auth = o.user and { user = o.user, password = o.password } or nil,
         helo = o.helo, cafile = o.cafile, verify = not o.insecure, timeout = timeout,
-        allow_plaintext_auth = o["allow-plaintext-auth"] or nil,
+        allow_plaintext_auth = o["allow-plaintext-auth"] or nil, nameservers = nameservers,
       }, message, env_from, all, concurrency, line)
     else
       local derr
       results, derr = smtp.deliver { message = message, from = env_from, to = all, helo = o.helo,
-        tls = tls or "opportunistic", timeout = timeout, cafile = o.cafile, verify = not o.insecure }
+        tls = tls or "opportunistic", timeout = timeout, cafile = o.cafile, verify = not o.insecure,
+        nameservers = nameservers }
       if not results then
         err:write("lua-smtp send: not sent: ", tostring(derr), "\n")
         return 1
@@ -305,7 +327,7 @@ function M.main(args, out, err)
     local res, serr = smtp.send {
       server = host, port = port, tls = tls, auth = auth, helo = o.helo, message = message,
       from = from, to = to, cafile = o.cafile, verify = not o.insecure, timeout = timeout,
-      allow_plaintext_auth = o["allow-plaintext-auth"] or nil,
+      allow_plaintext_auth = o["allow-plaintext-auth"] or nil, nameservers = nameservers,
     }
     if io.type(message) == "file" then message:close() end
     if o.json then
@@ -351,7 +373,7 @@ function M.main(args, out, err)
 
   local results, derr = smtp.deliver {
     message = message, from = from, to = to, helo = o.helo, tls = tls or "opportunistic",
-    timeout = timeout, cafile = o.cafile, verify = not o.insecure,
+    timeout = timeout, cafile = o.cafile, verify = not o.insecure, nameservers = nameservers,
   }
   if io.type(message) == "file" then message:close() end
   if not results then

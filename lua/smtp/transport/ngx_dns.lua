@@ -1,7 +1,7 @@
 -- Name and MX lookups inside nginx over resty.dns.resolver cosockets (Debian installs it as
 -- nginx.dns.resolver), with the same result shapes as the native smtp.dns, so smtp.mx and
 -- smtp.deliver work unchanged in OpenResty handlers without blocking the worker.
-local errors = require "smtp.errors"
+local util = require "smtp.dnsutil"
 
 local M = { _VERSION = "0.1.0" }
 
@@ -23,51 +23,14 @@ local function resolver()
 end
 
 local rcode_names = { [1] = "formerr", [2] = "servfail", [3] = "nxdomain", [4] = "notimp", [5] = "refused" }
-local temporary_rcode = {
-  servfail = true, refused = true, timeout = true, connrefused = true, formerr = true, notimp = true, badresp = true,
-  error = true,
-}
-local rcode_text = {
-  nxdomain = "domain does not exist (NXDOMAIN)",
-  servfail = "server failure (SERVFAIL)",
-  refused = "query refused (REFUSED)",
-  timeout = "no answer from the name servers (timeout)",
-  connrefused = "name servers unreachable",
-  formerr = "name server reported a format error",
-  badresp = "malformed answer",
-  notimp = "query type not implemented by the name server",
-  nodata = "no records of that type",
-}
 
 -- The error value for a failed lookup, as smtp.dns makes it: kind "dns", `rcode` names the case.
 -- `extra` is a table of more fields (text, temporary, code, enhanced) or just the text.
-local function make_error(name, rcode, extra)
-  local t = type(extra) == "table" and extra or { text = extra }
-  t.kind, t.rcode, t.name = "dns", rcode, name
-  t.text = t.text or (tostring(name) .. ": " .. (rcode_text[rcode] or rcode))
-  if t.temporary == nil then t.temporary = temporary_rcode[rcode] == true end
-  return errors.new(t)
-end
-M.error = make_error
+M.error = util.error
 
-local function dns_error(name, rcode, extra) return nil, make_error(name, rcode, extra) end
+local function dns_error(name, rcode, extra) return nil, util.error(name, rcode, extra) end
 
-local function is_ipv4(s)
-  local a, b, c, d = s:match("^(%d%d?%d?)%.(%d%d?%d?)%.(%d%d?%d?)%.(%d%d?%d?)$")
-  return a ~= nil and tonumber(a) < 256 and tonumber(b) < 256 and tonumber(c) < 256 and tonumber(d) < 256
-end
-local function is_ipv6(s)
-  return s:find(":", 1, true) ~= nil and s:match("^[%x:%.]+$") ~= nil and #s <= 45
-end
-M.is_ipv4, M.is_ipv6 = is_ipv4, is_ipv6
-function M.is_ip(s) return is_ipv4(s) or is_ipv6(s) end
-
--- Literal address in `name` ("192.0.2.1", "::1", "[::1]"), or nil.
-function M.literal(name)
-  local inner = name:match("^%[(.*)%]$") or name
-  if M.is_ip(inner) then return inner end
-  return nil
-end
+M.is_ipv4, M.is_ipv6, M.is_ip, M.literal = util.is_ipv4, util.is_ipv6, util.is_ip, util.literal
 
 -- A host name as RFC 1123 allows it (letters, digits, inner hyphens; labels of 1..63; 253 in all).
 local function valid_hostname(n)
@@ -89,8 +52,6 @@ function M.normalize(name)
   if not valid_hostname(n) then return nil end
   return n
 end
-
-local function is_localhost(n) return n == "localhost" or n:sub(-10) == ".localhost" end
 
 -- "127.0.0.1:5353" -> {"127.0.0.1", 5353}; "[::1]:53" -> {"::1", 53}; "10.0.0.1" -> {"10.0.0.1", 53}
 local function parse_nameserver(ns)
@@ -238,17 +199,6 @@ local function run_one(opts, name, qtype, timeout)
   return addresses_of(r, answers, t)
 end
 
-local function check_opts(opts)
-  if opts == nil then return {} end
-  if type(opts) ~= "table" then error("bad argument 'opts': table expected", 3) end
-  if opts.nameservers ~= nil and type(opts.nameservers) ~= "table" then
-    error("bad argument 'opts.nameservers': table of \"host:port\" strings expected", 3)
-  end
-  if opts.timeout ~= nil and type(opts.timeout) ~= "number" then
-    error("bad argument 'opts.timeout': number expected", 3)
-  end
-  return opts
-end
 
 local function ngx_now()
   local ngx = rawget(_G, "ngx")
@@ -265,7 +215,7 @@ local Batch = {}
 local Batch_mt = { __name = "smtp.transport.ngx_dns.batch", __index = Batch }
 
 function M.resolver(opts)
-  opts = check_opts(opts)
+  opts = util.check_opts(opts, 2)
   local timeout = opts.timeout or M.default_timeout
   if timeout <= 0 then timeout = 0.001 end
   return setmetatable({ opts = opts, queue = {}, results = {}, n = 0 }, Batch_mt), ngx_now() + timeout
@@ -328,74 +278,18 @@ end
 
 -- Starts AAAA and A queries for a host; finish_addresses gives the result after drive.
 function M.start_addresses(r, host, opts)
-  local p = { host = host }
-  if is_localhost(host) then
-    p.fixed = { "::1", "127.0.0.1" }
-    return p
-  end
-  if not (opts or r.opts).nameservers then
-    p.fixed = r:hosts(host)
-    if p.fixed then return p end
-  end
-  p.id6 = r:query(host, "AAAA")
-  p.id4 = r:query(host, "A")
-  return p
-end
-
--- Addresses (AAAA first, then A, at most `max`) | nil, err.
-function M.finish_addresses(r, p, max)
-  if p.fixed then return p.fixed end
-  max = max or M.max_addresses
-  local six, err6 = M.collect(r, p.id6, p.host)
-  local four, err4 = M.collect(r, p.id4, p.host)
-  local out = {}
-  for _, list in ipairs { six or {}, four or {} } do
-    for _, a in ipairs(list) do
-      if #out < max then out[#out + 1] = a end
-    end
-  end
-  if #out > 0 then return out end
-  -- Nothing: NXDOMAIN from either is final; any other failure may pass; both empty is final.
-  if err6 and err6.rcode == "nxdomain" then return nil, err6 end
-  if err4 and err4.rcode == "nxdomain" then return nil, err4 end
-  if err4 then return nil, err4 end
-  if err6 then return nil, err6 end
-  return dns_error(p.host, "nodata", p.host .. ": no address records")
+  return util.start_addresses(r, host, opts or r.opts)
 end
 
 ----------------------------------------------------------------------------------------------------
+-- Written once in smtp.dnsutil for both resolvers:
+-- finish_addresses(r, p[, max]) -> addresses (AAAA first, then A) | nil, err;
 -- resolve(name, { nameservers = {"127.0.0.1:5353"}, timeout = 10 })
 --   -> { "2001:db8::1", "192.0.2.1", ... } (AAAA, then A) | nil, err (kind "dns", `rcode`,
---   temporary true|false). Without nameservers, /etc/hosts first, as the system would.
-function M.resolve(name, opts)
-  if type(name) ~= "string" then error("bad argument 'name': string expected", 2) end
-  opts = check_opts(opts)
-  local lit = M.literal(name)
-  if lit then return { lit } end
-  local host = M.normalize(name)
-  if not host then return errors.invalid("not a valid host name: " .. ("%q"):format(name)) end
-  if is_localhost(host) then return { "::1", "127.0.0.1" } end
-  local r, deadline = M.resolver(opts)
-  local p = M.start_addresses(r, host, opts)
-  if not p.fixed then M.drive(r, deadline) end
-  return M.finish_addresses(r, p, M.max_addresses)
-end
-
+--   temporary true|false). Without nameservers, /etc/hosts first, as the system would;
 -- query(name, "MX"|"A"|"AAAA", opts) -> answer | nil, err, as smtp.dns.query: A/AAAA a list of
--- address strings; MX as mx_answer above. NOERROR without records of the type is an empty list.
-function M.query(name, qtype, opts)
-  if type(name) ~= "string" then error("bad argument 'name': string expected", 2) end
-  if qtype ~= "A" and qtype ~= "AAAA" and qtype ~= "MX" then
-    error("bad argument 'qtype': \"A\", \"AAAA\" or \"MX\" expected", 2)
-  end
-  opts = check_opts(opts)
-  local host = M.normalize(name)
-  if not host then return errors.invalid("not a valid domain name: " .. ("%q"):format(name)) end
-  local r, deadline = M.resolver(opts)
-  local id = r:query(host, qtype)
-  M.drive(r, deadline)
-  return M.collect(r, id, host)
-end
+--   address strings; MX as mx_answer above. NOERROR without records of the type is an empty list.
+util.frontend(M)
 
 -- mx(name, opts): query(name, "MX", opts).
 function M.mx(name, opts) return M.query(name, "MX", opts) end

@@ -1,0 +1,74 @@
+-- Issue 3's streaming promise, held: "sending a 1 GB file keeps the process under 20 MB of
+-- memory". A child interpreter (spec/support/stream_send.lua) sends one big message with
+-- smtp.send to Postfix's smtp-sink on loopback, from a function source and from a file handle,
+-- and reports its own peak RSS (VmHWM) at the end; the whole process must stay under 20 MB.
+--
+-- Sizes: 1 GB each in the plain Lua 5.4 run, as the issue says; 50 MB on LuaJIT and under ASan
+-- (as spec/resource_exhaustion_spec.lua does), to keep CI short; the bound is the same. Measured
+-- on this 2-core machine, plain Lua 5.4: 1 GB from a function in 3.9 s (peak 6.2 MB), 1 GB from
+-- a file in 5.6 s (peak 5.8 MB), writing the file 0.3 s: about 10 s for the spec.
+-- Under ASan the child keeps the sanitizer runtime with its quarantine off (it would hold freed
+-- memory back and read as growth); it then peaks near 12 MB.
+local helper = require "helper"
+local peers = require "support.client_peers"
+
+local full = helper.lua == "lua5.4" and os.getenv("SMTP_BUILD") ~= "asan"
+local MB = full and 1024 or 50
+local BOUND_KB = 20 * 1024
+
+-- The environment of the child: the build under test, and the sanitizer runtime when present.
+local function child_env()
+  local env = { LUA_PATH = os.getenv("LUA_PATH"), LUA_CPATH = os.getenv("LUA_CPATH") }
+  for k, v in pairs(helper.preload) do env[k] = v end
+  if env.ASAN_OPTIONS then
+    env.ASAN_OPTIONS = env.ASAN_OPTIONS .. ":quarantine_size_mb=0:thread_local_quarantine_size_kb=0"
+  end
+  local parts = {}
+  for k, v in pairs(env) do parts[#parts + 1] = k .. "=" .. helper.quote(v) end
+  return "env " .. table.concat(parts, " ")
+end
+
+local function send(port, mode, what)
+  local cmd = ("timeout 120 %s %s %s %d %s %s 2>&1"):format(child_env(), helper.lua,
+    helper.quote(helper.root .. "/spec/support/stream_send.lua"), port, mode, helper.quote(what))
+  local p = assert(io.popen(cmd))
+  local out = p:read("*a")
+  p:close()
+  return out
+end
+
+-- Asserts the child's report: the whole message accepted with 250, peak RSS under the bound.
+local function check(out, min_bytes)
+  local bytes, code = out:match("sent (%d+) (%d+) ")
+  assert(bytes, out)
+  assert.equal(250, tonumber(code), out)
+  assert.is_true(tonumber(bytes) >= min_bytes, out)
+  local hwm = tonumber(out:match("hwm (%d+)"))
+  assert(hwm, out)
+  assert.is_true(hwm < BOUND_KB, ("peak RSS %d kB, over %d kB"):format(hwm, BOUND_KB))
+end
+
+describe("smtp.send streams a big message in constant memory (issue 3)", function()
+  local sink
+  setup(function() sink = peers.sink() end)
+  teardown(function() if sink then sink.stop() end end)
+
+  it(MB .. " MB from a function source: 250 and a peak RSS under 20 MB", function()
+    check(send(sink.port, "function", tostring(MB)), MB * 1000 * 1000)
+  end)
+
+  it(MB .. " MB from a file handle: 250 and a peak RSS under 20 MB", function()
+    -- A file of real message text (78-byte CRLF lines, some starting with a dot), not zeros.
+    local path = helper.tmpdir() .. "/big.eml"
+    local f = assert(io.open(path, "wb"))
+    f:write("From: a@example.com\r\nTo: b@example.org\r\nSubject: big file\r\n\r\n")
+    local line = ("x"):rep(76) .. "\r\n"
+    local block = (line:rep(13) .. "." .. line:sub(2)):rep(60)   -- 840 lines, 65520 bytes
+    for _ = 1, MB * 16 do f:write(block) end
+    f:close()
+    local ok, out = pcall(send, sink.port, "file", path)
+    os.remove(path)   -- 1 GB of scratch: gone before it is written back to disk, if we are quick
+    assert(ok, out)
+    check(out, MB * 1000 * 1000)
+  end)
+end)
