@@ -271,6 +271,88 @@ describe("the client against a real Postfix MTA", function()
     end)
   end
 
+  for _, chunking in ipairs { true, false } do
+    local how = chunking and "BDAT" or "DATA"
+    it("turns bare LF and CR into CRLF, so Postfix's smtpd_forbid_bare_newline = reject takes the message (" .. how .. ")", function()
+      if not pf then return pending(why) end
+      local raw = "From: a@example.com\nTo: b@example.org\nSubject: bare\nMessage-ID: <bare@example.com>\n\n" ..
+        "unix line\nold mac line\rmixed\r\n.\n..dots\rlast line without an end"
+      local normalized = raw:gsub("\r\n", "\n"):gsub("\r", "\n"):gsub("\n", "\r\n") .. "\r\n"
+      local before, mark = pf.count(), pf.mark()
+      local res, err = smtp.send(opts { message = raw, chunking = chunking })
+      assert.is_nil(err)
+      assert.same({ "b@example.org" }, res.accepted)
+      assert.is_truthy(pf.session(mark):match(chunking and " bdat=1 " or " data=1 "))
+      local by_id = relayed(before, 1)
+      check_relayed(by_id[qid_of(res)], qid_of(res), normalized, "ESMTPS", "b@example.org")
+    end)
+  end
+
+  it("keeps a pipelined send_many batch in step when messages in the middle fail (Postfix's real replies)", function()
+    if not pf then return pending(why) end
+    local function msg(i)
+      return ("From: a@example.com\r\nSubject: batch %d\r\nMessage-ID: <batch%d@example.com>\r\n\r\nbody %d\r\n"):format(i, i, i)
+    end
+    local list = {
+      { from = "a@example.com", to = "b@example.org", message = msg(1) },
+      { from = "a@example.com", to = { "bad@example.org" }, message = msg(2) },
+      { from = "a@example.com", to = { "gone@example.org", "c@example.org" }, message = msg(3) },
+      { from = "a@example.com", to = { "b@example.org" }, message = msg(4) },
+      { from = "a@example.com", to = { "gone@example.org", "bad@example.org" }, message = msg(5) },
+      { from = "a@example.com", to = {}, message = msg(6) },
+      { from = "a@example.com", to = "c@example.org", message = msg(7) },
+    }
+    local conn = assert(smtp.connect(opts()))
+    local before, mark = pf.count(), pf.mark()
+    local out = conn:send_many(list)
+    -- and the session is still in step afterwards
+    local after, aerr = conn:send { from = "a@example.com", to = "b@example.org", message = msg(8) }
+    assert.is_nil(aerr)
+    conn:close()
+    assert.equal(7, #out)
+    local sent = { [1] = 1, [3] = 3, [4] = 4, [7] = 7 }
+    for i in pairs(sent) do assert.is_nil(out[i].kind, tostring(out[i])) end
+    assert.same({ "c@example.org" }, out[3].accepted)
+    assert.same({ { recipient = "gone@example.org", code = 550, enhanced = "5.1.1",
+      text = "<gone@example.org>: Recipient address rejected: mailbox gone" } }, out[3].rejected)
+    for _, i in ipairs { 2, 5 } do
+      assert.equal("rejected", out[i].kind)
+      assert.equal("rcpt", out[i].phase)
+    end
+    assert.equal(554, out[2].code)
+    assert.equal(550, out[5].code)
+    assert.equal(2, #out[5].rejected)
+    assert.equal("invalid", out[6].kind)
+    local stats = pf.session(mark)
+    -- 7 transactions reach the server (the empty recipient list does not); the refused ones'
+    -- BDAT get "no valid recipients"
+    assert.is_truthy(stats:match("^ehlo=2 starttls=1 mail=7 rcpt=5/9 bdat=5/7 rset=%d+ quit=1 commands="), stats)
+    local by_id, n = relayed(before, 5)
+    assert.equal(5, n)
+    sent[8] = 8
+    for i in pairs(sent) do
+      local res = i == 8 and after or out[i]
+      check_relayed(by_id[qid_of(res)], qid_of(res), msg(i), "ESMTPS", res.accepted[1])
+    end
+  end)
+
+  it("reports Postfix's 421 in the middle of a pipelined group (too many errors) as kind closed, temporary", function()
+    if not pf then return pending(why) end
+    local before, mark = pf.count(), pf.mark()
+    local res, err = smtp.send(opts { port = pf.strict_port,
+      to = { "bad@example.org", "gone@example.org", "b@example.org" } })
+    assert.is_nil(res)
+    assert.equal("closed", err.kind)
+    assert.is_true(err.temporary)
+    assert.equal(421, err.code)
+    assert.equal("4.7.0", err.enhanced)
+    assert.equal("postfix.test Error: too many errors", err.text)
+    local stats = pf.session(mark)
+    assert.is_truthy(stats:match("^ehlo=2 starttls=1 mail=1 rcpt=0/2 commands=4/6$"), stats)
+    assert.is_truthy(pf.log(mark):find("too many errors after RCPT from localhost"))
+    assert.equal(before, pf.count())
+  end)
+
   it("refuses locally what is over Postfix's SIZE, before MAIL, and the session stays usable", function()
     if not pf then return pending(why) end
     local conn = assert(smtp.connect(opts { port = pf.small_port }))
