@@ -49,7 +49,13 @@ end
 describe("the client against a real Postfix MTA", function()
   local pf, why
   setup(function() pf, why = postfix.start() end)
-  teardown(function() if pf then pf.stop() end end)
+  teardown(function()
+    if pf then pf.stop() end
+    -- the multi-megabyte strings above are garbage now: collect them here, so the specs that
+    -- run next in this process (some measure heap growth) start from a small heap
+    collectgarbage()
+    collectgarbage()
+  end)
 
   local function opts(t)
     local o = { server = "127.0.0.1", port = pf.port, cafile = pf.ca, helo = "client.test", timeout = 15,
@@ -438,6 +444,75 @@ describe("the client against a real Postfix MTA", function()
       "TO:<b@example.org> ORCPT=rfc822;b@example.org NOTIFY=SUCCESS,FAILURE",
       "TO:<x+y=z@example.org> ORCPT=rfc822;x+2By+3Dz@example.org NOTIFY=SUCCESS,FAILURE",
     }, r.rcpts)
+  end)
+
+  it("sends an smtp.message (encoded subject, a long line, an attachment, Bcc) that arrives as msg:tostring()", function()
+    if not pf then return pending(why) end
+    local message = require "smtp.message"
+    local bin = {}
+    for i = 0, 4095 do bin[#bin + 1] = string.char(i % 256) end
+    local msg = message.new {
+      from = "Alice <a@example.com>", to = { "Bob <b@example.org>" }, bcc = { "hidden@example.org" },
+      subject = "Gr\195\188\195\159e aus K\195\182ln " .. ("\195\188"):rep(40),
+      text = "plain " .. ("long "):rep(400) .. "\n.\nline 3 \226\130\172\n",
+      html = "<p>html</p>",
+      attachments = { { filename = "a.bin", content = table.concat(bin), content_type = "application/octet-stream" } },
+    }
+    local before, mark = pf.count(), pf.mark()
+    local res, err = smtp.send { server = "127.0.0.1", port = pf.port, cafile = pf.ca, helo = "client.test",
+      timeout = 15, message = msg }
+    assert.is_nil(err)
+    assert.same({ "b@example.org", "hidden@example.org" }, res.accepted)
+    assert.equal(msg.message_id, res.message_id)
+    assert.is_truthy(pf.session(mark):match("^ehlo=2 starttls=1 mail=1 rcpt=2 bdat=%d+ quit=1 commands=%d+$"))
+    local by_id = relayed(before, 1)
+    local r = by_id[qid_of(res)]
+    assert.same({ "b@example.org", "hidden@example.org" }, r.to)
+    local wire = msg:tostring()
+    assert.is_nil(wire:find("hidden@example.org", 1, true))
+    check_relayed(r, qid_of(res), wire, "ESMTPS", nil)
+    -- Postfix had nothing to fold: every line within 998 octets
+    assert.is_nil(pf.log(mark):find("breaking line", 1, true))
+  end)
+
+  it("drives the lower-level session methods (noop, mail, rcpt, data, rset) against Postfix", function()
+    if not pf then return pending(why) end
+    local conn = assert(smtp.connect(opts()))
+    local before, mark = pf.count(), pf.mark()
+    local function reply(r) return { r.code, r.enhanced, r.text } end
+    assert.same({ 250, "2.0.0", "Ok" }, reply(assert(conn:noop())))
+    assert.same({ 250, "2.1.0", "Ok" }, reply(assert(conn:mail("a@example.com"))))
+    assert.same({ 554, "5.7.1", "<bad@example.org>: Recipient address rejected: Access denied" },
+      reply(assert(conn:rcpt("bad@example.org"))))
+    assert.same({ 250, "2.1.5", "Ok" }, reply(assert(conn:rcpt("b@example.org"))))
+    local d = assert(conn:data(BODY))
+    assert.equal(250, d.code)
+    assert.equal("2.0.0", d.enhanced)
+    local qid = assert(postfix.queue_id(d.text))
+    assert.same({ 250, "2.0.0", "Ok" }, reply(assert(conn:rset())))
+    conn:close()
+    assert.equal("ehlo=2 starttls=1 mail=1 rcpt=1/2 data=1 rset=1 noop=1 quit=1 commands=9/10", pf.session(mark))
+    local by_id = relayed(before, 1)
+    check_relayed(by_id[qid], qid, BODY, "ESMTPS", "b@example.org")
+  end)
+
+  it("reports a session Postfix closed while idle (421 4.4.2 timeout) as kind closed, temporary", function()
+    if not pf then return pending(why) end
+    local conn = assert(smtp.connect(opts { port = pf.idle_port }))
+    local mark = pf.mark()
+    assert.is_truthy(pf.wait_log(mark, "timeout after [^\n]* from localhost", 10))
+    local before = pf.count()
+    local res, err = conn:send { from = "a@example.com", to = "b@example.org", message = BODY }
+    assert.is_nil(res)
+    assert.equal("closed", err.kind)
+    assert.is_true(err.temporary)
+    assert.equal(421, err.code)
+    assert.equal("4.4.2", err.enhanced)
+    local res2, err2 = conn:send { from = "a@example.com", to = "b@example.org", message = BODY }
+    assert.is_nil(res2)
+    assert.equal("closed", err2.kind)
+    conn:close()
+    assert.equal(before, pf.count())
   end)
 
   describe("AUTH (Postfix's SASL over the Dovecot protocol, smtpd_tls_auth_only, relay only when authenticated)", function()

@@ -205,6 +205,7 @@ local master_cf = [[
 127.0.0.1:{AUTH} inet n - n - - smtpd -o smtpd_sasl_auth_enable=yes -o smtpd_tls_auth_only=yes
   -o smtpd_relay_restrictions=permit_sasl_authenticated,reject_unauth_destination
 127.0.0.1:{STRICT} inet n - n - - smtpd -o smtpd_hard_error_limit=2 -o smtpd_error_sleep_time=0
+127.0.0.1:{IDLE} inet n - n - - smtpd -o smtpd_timeout=1s
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -256,11 +257,11 @@ function M.start()
   helper.sh("chmod 755 " .. helper.quote(d) .. " && mkdir -m 755 " .. helper.quote(d .. "/etc") ..
     " " .. helper.quote(d .. "/queue"))
   local pf = { dir = d, port = helper.free_port(), small_port = helper.free_port(), auth_port = helper.free_port(),
-    strict_port = helper.free_port(),
+    strict_port = helper.free_port(), idle_port = helper.free_port(),
     sink_port = helper.free_port(), ca = c.ca, log_path = d .. "/maillog", record = d .. "/relayed.lua" }
   local vars = { D = d, SINK = tostring(pf.sink_port), CERT = c.server, KEY = c.server_key,
     PORT = tostring(pf.port), SMALL = tostring(pf.small_port), AUTH = tostring(pf.auth_port),
-    STRICT = tostring(pf.strict_port) }
+    STRICT = tostring(pf.strict_port), IDLE = tostring(pf.idle_port) }
   pf.user, pf.password = "user@postfix.test", "secret pass"
   helper.write(d .. "/etc/main.cf", fill(main_cf, vars))
   helper.write(d .. "/etc/master.cf", fill(master_cf, vars))
@@ -302,7 +303,8 @@ function M.start()
   pf.master = helper.spawn({ MASTER, "-c", d .. "/etc", "-s", "-e", tostring(M.LIFETIME) },
     { limit = M.LIFETIME + 10, log = d .. "/master.out" })
   local up = helper.wait_port("127.0.0.1", pf.port, 15) and helper.wait_port("127.0.0.1", pf.small_port, 5) and
-    helper.wait_port("127.0.0.1", pf.auth_port, 5) and helper.wait_port("127.0.0.1", pf.strict_port, 5)
+    helper.wait_port("127.0.0.1", pf.auth_port, 5) and helper.wait_port("127.0.0.1", pf.strict_port, 5) and
+    helper.wait_port("127.0.0.1", pf.idle_port, 5)
   local sink_up = helper.wait_port("127.0.0.1", pf.sink_port, 15)
   if not (up and sink_up) then
     local why2 = (not up and "the Postfix master did not listen: " .. pf.master:output() ..
@@ -333,7 +335,7 @@ function M.start()
     return l:match(pat)
   end
   -- the two connections of wait_port above end in the log before any test takes a mark
-  pf.wait_log(0, "commands=0/0.*commands=0/0.*commands=0/0.*commands=0/0", 5)
+  pf.wait_log(0, ("commands=0/0.*"):rep(5), 5)
   -- The attempts the password check saw: { mechanism=, user=, ok= }.
   function pf.auths()
     local text = (helper.read(d .. "/auth.lua") or ""):match("^(.*\n)") or ""
