@@ -446,6 +446,20 @@ describe("the client against a real Postfix MTA", function()
     }, r.rcpts)
   end)
 
+  it("sends DSN ORCPT for a non-ASCII recipient as utf-8 (RFC 6533); Postfix decodes it to the same address", function()
+    if not pf then return pending(why) end
+    local to = "x+\195\182=y@example.org"
+    local before = pf.count()
+    local res, err = smtp.send(opts { to = { to }, dsn = { notify = "SUCCESS", envid = "e1" },
+      message = "Subject: orcpt\r\n\r\nx\r\n" })
+    assert.is_nil(err)
+    assert.same({ to }, res.accepted)
+    local r = relayed(before, 1)[qid_of(res)]
+    assert.is_truthy(r.mail:match("^FROM:<a@example%.com> SIZE=%d+ BODY=8BITMIME ENVID=e1 SMTPUTF8$"), r.mail)
+    -- Postfix passes it on as utf-8-addr-xtext: the same address, '+', 'ö' and '=' escaped
+    assert.same({ "TO:<" .. to .. "> ORCPT=utf-8;x\\x{2B}\\x{F6}\\x{3D}y@example.org NOTIFY=SUCCESS" }, r.rcpts)
+  end)
+
   it("sends an smtp.message (encoded subject, a long line, an attachment, Bcc) that arrives as msg:tostring()", function()
     if not pf then return pending(why) end
     local message = require "smtp.message"
