@@ -1,10 +1,12 @@
 -- The client against a real, full Postfix MTA (not smtp-sink): a private instance on loopback
--- (spec/support/postfix.lua) that relays what it accepts to a recording sink. Checks what only a
--- real MTA shows: its EHLO, BDAT with real CHUNKING semantics (several chunks), STARTTLS verified
--- against the test CA, recipients refused by an access map, 50 messages on one session, SIZE,
--- SMTPUTF8 and DSN parameters passed on, AUTH PLAIN and LOGIN through Postfix's SASL; every
--- message compared byte for byte after the Received field Postfix adds, and smtpd's own
--- per-session command counts from its log.
+-- (spec/support/postfix.lua, with Postfix 3.9's strict pipelining and bare-LF settings) that
+-- relays what it accepts to a recording sink. Checks what only a real MTA shows: its EHLO, BDAT
+-- with real CHUNKING semantics (several chunks), STARTTLS verified against the test CA and failing
+-- closed, recipients refused by an access map, send_many batches (with failures mid-window), SIZE
+-- refused locally and by the server, 421 mid-pipeline and after an idle timeout, SMTPUTF8, DSN
+-- parameters as Postfix decodes and relays them, an smtp.message, the lower-level session methods,
+-- AUTH PLAIN and LOGIN through Postfix's SASL. Every message is compared byte for byte after the
+-- Received field Postfix adds, and each session against smtpd's own command counts from its log.
 local helper = require "helper"
 local postfix = require "support.postfix"
 local smtp = require "smtp"
@@ -136,7 +138,7 @@ describe("the client against a real Postfix MTA", function()
     assert.is_truthy(r.mail:match("^FROM:<a@example%.com> SIZE=%d+ BODY=8BITMIME$"), r.mail)
   end)
 
-  it("sends a 3 MB message as several BDAT chunks, from a string and from a file, and with DATA; all arrive intact", function()
+  it("sends a 3 MB message with BDAT from a string and, in 1 MB chunks, from a file, and with DATA; all arrive intact", function()
     if not pf then return pending(why) end
     local big = big_message(3 * 1024 * 1024 + 12345, "big1")
     local path = helper.tmpdir() .. "/big.eml"
@@ -190,6 +192,25 @@ describe("the client against a real Postfix MTA", function()
       assert.equal("tls", err.phase, case.what)
       -- smtpd saw EHLO and STARTTLS, then the handshake fail: no MAIL, RCPT or data in clear
       assert.equal("ehlo=1 starttls=0/1 commands=1/2", pf.session(mark), case.what)
+    end
+  end)
+
+  it("with tls = none speaks plaintext ESMTP; with opportunistic and verify = false uses STARTTLS unverified", function()
+    if not pf then return pending(why) end
+    for _, case in ipairs {
+      { o = { tls = "none" }, proto = "ESMTP", stats = "ehlo=1 mail=1 rcpt=1 bdat=1 quit=1 commands=5", tls = false },
+      { o = { tls = "opportunistic", verify = false, cafile = false }, proto = "ESMTPS",
+        stats = "ehlo=2 starttls=1 mail=1 rcpt=1 bdat=1 quit=1 commands=7", tls = "TLSv1.3" },
+    } do
+      local o = opts(case.o)
+      if o.cafile == false then o.cafile = nil end
+      local before, mark = pf.count(), pf.mark()
+      local res, err = smtp.send(o)
+      assert.is_nil(err)
+      assert.equal(case.tls, res.server.tls)
+      assert.equal(case.stats, pf.session(mark))
+      local by_id = relayed(before, 1)
+      check_relayed(by_id[qid_of(res)], qid_of(res), BODY, case.proto, "b@example.org")
     end
   end)
 

@@ -1,10 +1,13 @@
 -- A private, real Postfix MTA for the client specs: its own config directory, queue and log in a
--- temp dir, smtpd on 127.0.0.1 only (a second smtpd with a small message_size_limit), STARTTLS
--- with the test CA's server certificate, a recipient access map that rejects two addresses, and
--- everything it accepts relayed to a recording aiosmtpd sink (which also offers DSN, so Postfix
--- passes NOTIFY/RET/ENVID/ORCPT on). The master runs in the foreground under helper.spawn (a
--- `timeout` bound) with its own `-e` exit time, and is stopped by the PID in its master.pid.
--- The system's /etc/postfix instance is never touched.
+-- temp dir, every smtpd on 127.0.0.1 only, STARTTLS with the test CA's server certificate, the
+-- strict settings of Postfix 3.9 (no unauthorized pipelining, no bare LF), a recipient access map
+-- that rejects two addresses, and everything it accepts relayed to a recording aiosmtpd sink
+-- (which also offers DSN, so Postfix passes NOTIFY/RET/ENVID/ORCPT on). Beside the main smtpd:
+-- one with a 100000-byte message_size_limit, one with AUTH (Postfix's SASL speaking the Dovecot
+-- protocol to a small password check), one that drops a client after two errors, one with a 1 s
+-- idle timeout. The master runs in the foreground under helper.spawn (a `timeout` bound) with
+-- its own `-e` exit time, and is stopped by the PID in its master.pid. The system's
+-- /etc/postfix instance is never touched.
 local helper = require "helper"
 
 local M = {}
@@ -334,7 +337,7 @@ function M.start()
     if not l then return nil, all end
     return l:match(pat)
   end
-  -- the two connections of wait_port above end in the log before any test takes a mark
+  -- the five connections of wait_port above end in the log before any test takes a mark
   pf.wait_log(0, ("commands=0/0.*"):rep(5), 5)
   -- The attempts the password check saw: { mechanism=, user=, ok= }.
   function pf.auths()
