@@ -157,8 +157,8 @@ describe("the client against a real Postfix MTA", function()
     -- a file streams: 3 MB in 1 MB chunks, BDAT n three times, then BDAT n LAST
     assert.equal("ehlo=2 starttls=1 mail=1 rcpt=1 bdat=4 quit=1 commands=10", pf.session(mark1))
 
-    local dconn = assert(smtp.connect(opts { chunking = false }))
     local mark2 = pf.mark()
+    local dconn = assert(smtp.connect(opts { chunking = false }))
     local r3, e3 = dconn:send { from = "a@example.com", to = "b@example.org", message = big }
     assert.is_nil(e3)
     dconn:close()
@@ -236,8 +236,8 @@ describe("the client against a real Postfix MTA", function()
 
   it("gets kind rejected when Postfix refuses every recipient, and the session goes on", function()
     if not pf then return pending(why) end
-    local conn = assert(smtp.connect(opts()))
     local before, mark = pf.count(), pf.mark()
+    local conn = assert(smtp.connect(opts()))
     local res, err = conn:send { from = "a@example.com", to = { "bad@example.org", "gone@example.org" }, message = BODY }
     assert.is_nil(res)
     assert.equal("rejected", err.kind)
@@ -262,6 +262,7 @@ describe("the client against a real Postfix MTA", function()
     local how = chunking and "BDAT" or "DATA"
     it("sends 50 messages with send_many over one session (pipelining, " .. how .. "): each delivered once, intact", function()
       if not pf then return pending(why) end
+      local before, mark = pf.count(), pf.mark()
       local conn = assert(smtp.connect(opts { chunking = chunking }))
       local list, bodies = {}, {}
       for i = 1, 50 do
@@ -269,7 +270,6 @@ describe("the client against a real Postfix MTA", function()
           "body of %d\r\n.dot\r\n"):format(i, how, i, how, i, i) .. ("y"):rep(i * 17) .. "\r\n"
         list[i] = { from = "a@example.com", to = ("n%d@example.org"):format(i), message = bodies[i] }
       end
-      local before, mark = pf.count(), pf.mark()
       local out = conn:send_many(list)
       conn:close()
       assert.equal(50, #out)
@@ -329,8 +329,8 @@ describe("the client against a real Postfix MTA", function()
       { from = "a@example.com", to = {}, message = msg(6) },
       { from = "a@example.com", to = "c@example.org", message = msg(7) },
     }
-    local conn = assert(smtp.connect(opts()))
     local before, mark = pf.count(), pf.mark()
+    local conn = assert(smtp.connect(opts()))
     local out = conn:send_many(list)
     -- and the session is still in step afterwards
     local after, aerr = conn:send { from = "a@example.com", to = "b@example.org", message = msg(8) }
@@ -382,9 +382,9 @@ describe("the client against a real Postfix MTA", function()
 
   it("refuses locally what is over Postfix's SIZE, before MAIL, and the session stays usable", function()
     if not pf then return pending(why) end
+    local before, mark = pf.count(), pf.mark()
     local conn = assert(smtp.connect(opts { port = pf.small_port }))
     assert.equal("100000", conn:extensions().SIZE)
-    local before, mark = pf.count(), pf.mark()
     local res, err = conn:send { from = "a@example.com", to = "b@example.org", message = big_message(150000, "s1") }
     assert.is_nil(res)
     assert.equal("rejected", err.kind)
@@ -404,6 +404,7 @@ describe("the client against a real Postfix MTA", function()
     local how = chunking and "BDAT" or "DATA"
     it("takes Postfix's 552 for a streamed message of unknown size over its limit (" .. how .. "), then sends the next", function()
       if not pf then return pending(why) end
+      local before, mark = pf.count(), pf.mark()
       local conn = assert(smtp.connect(opts { port = pf.small_port, chunking = chunking }))
       local big = big_message(300000, "s2")
       local done = false
@@ -412,7 +413,6 @@ describe("the client against a real Postfix MTA", function()
         done = true
         return big
       end
-      local before, mark = pf.count(), pf.mark()
       local res, err = conn:send { from = "a@example.com", to = "b@example.org", message = source }
       assert.is_nil(res)
       assert.equal("rejected", err.kind)
@@ -512,8 +512,8 @@ describe("the client against a real Postfix MTA", function()
 
   it("drives the lower-level session methods (noop, mail, rcpt, data, rset) against Postfix", function()
     if not pf then return pending(why) end
-    local conn = assert(smtp.connect(opts()))
     local before, mark = pf.count(), pf.mark()
+    local conn = assert(smtp.connect(opts()))
     local function reply(r) return { r.code, r.enhanced, r.text } end
     assert.same({ 250, "2.0.0", "Ok" }, reply(assert(conn:noop())))
     assert.same({ 250, "2.1.0", "Ok" }, reply(assert(conn:mail("a@example.com"))))
@@ -533,8 +533,8 @@ describe("the client against a real Postfix MTA", function()
 
   it("reports a session Postfix closed while idle (421 4.4.2 timeout) as kind closed, temporary", function()
     if not pf then return pending(why) end
-    local conn = assert(smtp.connect(opts { port = pf.idle_port }))
     local mark = pf.mark()
+    local conn = assert(smtp.connect(opts { port = pf.idle_port }))
     assert.is_truthy(pf.wait_log(mark, "timeout after [^\n]* from localhost", 10))
     local before = pf.count()
     local res, err = conn:send { from = "a@example.com", to = "b@example.org", message = BODY }

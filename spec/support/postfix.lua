@@ -291,6 +291,9 @@ function M.start()
     if pf.master then pf.master:stop() end
     pf.sink:stop()
     pf.auth:stop()
+    -- the queue and the relayed copies (megabytes); the config, maillog and records stay
+    helper.sh("rm -rf " .. helper.quote(d .. "/queue") .. " " .. helper.quote(d .. "/data") ..
+      " " .. helper.quote(d) .. "/relayed.lua.*.eml")
   end
 
   -- `postfix check` creates the queue's subdirectories with their owners and modes
@@ -317,7 +320,24 @@ function M.start()
   end
 
   -- The log so far (a mark), the log after a mark, and waits on both logs and relayed mail.
-  function pf.mark() return #(helper.read(pf.log_path) or "") end
+  -- A mark is taken once every smtpd session so far has logged its end (the log is written
+  -- asynchronously: a session a test has just closed may not be there yet), so the first session
+  -- after a mark is the caller's.
+  local function count(text, pat)
+    local _, n = text:gsub(pat, "")
+    return n
+  end
+  function pf.mark()
+    local deadline = os.time() + 5
+    while true do
+      local text = helper.read(pf.log_path) or ""
+      if count(text, "smtpd%[%d+%]: connect from ") <= count(text, "smtpd%[%d+%]: disconnect from ") or
+        os.time() > deadline then
+        return #text
+      end
+      helper.sleep(0.05)
+    end
+  end
   function pf.log(mark) return (helper.read(pf.log_path) or ""):sub((mark or 0) + 1) end
   -- Waits until the log after `mark` matches `pattern` (a Lua pattern); the log after the mark.
   function pf.wait_log(mark, pattern, timeout)
