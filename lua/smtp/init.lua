@@ -24,6 +24,7 @@ local PASSWORD_ORDER = { "CRAM-MD5", "PLAIN", "LOGIN" }
 local TOKEN_ORDER = { "OAUTHBEARER", "XOAUTH2" }
 local WRITE_BATCH = 256 * 1024   -- body bytes gathered before one write
 local BDAT_CHUNK = 1024 * 1024   -- bytes per BDAT chunk
+local STRING_SLICE = 65536        -- a string message is handed to the engine this much at a time
 
 local function misuse(fname, msg)
   error("bad argument to '" .. fname .. "' (" .. msg .. ")", 3)
@@ -270,12 +271,19 @@ end
 local function source_of(m)
   local t = type(m)
   if t == "string" then
-    local done = false
+    local pos, n = 1, #m
+    -- a big string goes out in slices: BDAT chunks of BDAT_CHUNK, and no copy of the whole
+    -- message in the engine's output buffer
     return function()
-      if done then return nil end
-      done = true
-      return m
-    end, #m
+      if pos > n then return nil end
+      if pos == 1 and n <= STRING_SLICE then
+        pos = n + 1
+        return m
+      end
+      local s = m:sub(pos, pos + STRING_SLICE - 1)
+      pos = pos + STRING_SLICE
+      return s
+    end, n
   elseif io.type(m) == "file" then
     local size
     local here = m:seek()
