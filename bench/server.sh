@@ -38,38 +38,43 @@ local srv = assert(server.listen { host = "127.0.0.1", port = tonumber(arg[1]), 
 srv:serve()
 X
 
-# run NAME: smtp-source against 127.0.0.1:$port; stores msgs/s in $rate
+# CPU time (user + system, clock ticks) used so far by process $1
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# run NAME: smtp-source against 127.0.0.1:$port served by process $p; stores msgs/s in $rate and
+# the server process's CPU microseconds per message in $cpu
 run() {
   name=$1; f=$(echo "$name" | tr -c "a-zA-Z0-9\n" _)
-  t0=$(now)
+  c0=$(ticks "$p"); t0=$(now)
   /usr/sbin/smtp-source -s 20 -d -m "$MSGS" -l 4096 "127.0.0.1:$port" >"$tmp/$f.src" 2>&1 || echo "  smtp-source failed: $(cat "$tmp/$f.src")"
-  t1=$(now)
+  t1=$(now); c1=$(ticks "$p")
   rate=$(echo "$MSGS $t0 $t1" | awk '{ printf "%.0f", $1 / ($3 - $2) }')
+  cpu=$(echo "$MSGS $c0 $c1 $(getconf CLK_TCK)" | awk '{ printf "%.0f", ($3 - $2) * 1e6 / $4 / $1 }')
 }
-show() { printf '  %-34s %6s msgs/s  (best of %d rounds of %d messages)\n' "$1" "$2" "$ROUNDS" "$MSGS"; }
+show() { printf '  %-34s %6s msgs/s, server CPU %4s us/msg  (best of %d rounds of %d messages)\n' "$1" "$2" "$3" "$ROUNDS" "$MSGS"; }
 best() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b) ? a : b }'; }
+least() { awk -v a="$1" -v b="$2" 'BEGIN { print (a == "" || b < a) ? b : a }'; }
 
 # Each server runs ROUNDS times, interleaved, and its best round counts: on a shared machine a
 # background burst then hurts nobody's figure more than another's.
 ROUNDS=${ROUNDS:-3}
 echo "smtp-source -s 20 -d -m $MSGS -l 4096 ($LUA):"
-ours=0; sink=0; aio=0
+ours=0; sink=0; aio=0; ours_cpu=; sink_cpu=; aio_cpu=
 for r in $(seq "$ROUNDS"); do
   port=$(free_port)
   $LUA "$tmp/count.lua" "$port" & p=$!; pids="$pids $p"
-  wait_port "$port"; run ours; ours=$(best "$ours" "$rate"); kill $p
+  wait_port "$port"; run ours; ours=$(best "$ours" "$rate"); ours_cpu=$(least "$ours_cpu" "$cpu"); kill $p
 
   port=$(free_port)
   /usr/sbin/smtp-sink -u nobody "127.0.0.1:$port" 256 & p=$!; pids="$pids $p"
-  wait_port "$port"; run sink; sink=$(best "$sink" "$rate"); kill $p
+  wait_port "$port"; run sink; sink=$(best "$sink" "$rate"); sink_cpu=$(least "$sink_cpu" "$cpu"); kill $p
 
   port=$(free_port)
   /usr/bin/python3 -m aiosmtpd -n -l "127.0.0.1:$port" -c aiosmtpd.handlers.Sink & p=$!; pids="$pids $p"
-  wait_port "$port"; run aiosmtpd; aio=$(best "$aio" "$rate"); kill $p
+  wait_port "$port"; run aiosmtpd; aio=$(best "$aio" "$rate"); aio_cpu=$(least "$aio_cpu" "$cpu"); kill $p
 done
-show "smtp.server (counting on_message)" "$ours"
-show "Postfix smtp-sink" "$sink"
-show "aiosmtpd Sink" "$aio"
+show "smtp.server (counting on_message)" "$ours" "$ours_cpu"
+show "Postfix smtp-sink" "$sink" "$sink_cpu"
+show "aiosmtpd Sink" "$aio" "$aio_cpu"
 
 port=$(free_port)
 $LUA "$top/bin/lua-smtp" sink --listen "127.0.0.1:$port" --maildir "$tmp/Maildir" >/dev/null 2>&1 & p=$!; pids="$pids $p"
