@@ -5,7 +5,7 @@
 -- (smtp.cli.args).
 local helper = require "helper"
 local dnsmasq = require "support.dnsmasq"
-local leftovers = require "support.leftovers"
+local mxhost = require "support.mxhost"
 
 local args = require "smtp.cli.args"
 
@@ -52,7 +52,7 @@ end)
 describe("lua-smtp send --nameserver, direct delivery", function()
   local mxh, zone
   setup(function()
-    mxh = leftovers.mxhost()
+    mxh = mxhost.mxhost()
     zone = dnsmasq.start { "--log-queries", "--log-facility=-",
       "--mx-host=direct.test,mx.direct.test,10", "--host-record=mx.direct.test," .. mxh.ip }
   end)

@@ -1,4 +1,4 @@
--- Peers for the leftovers specs: an aiosmtpd MX host on port 25 of a loopback address of its own
+-- Peers for the `lua-smtp send` direct-delivery specs: an aiosmtpd MX host on port 25 of a loopback address of its own
 -- (MX records carry no port, so `lua-smtp send` without --server always dials 25) that stores each
 -- message's bytes and envelope in files and counts the connections it accepts.
 local helper = require "helper"
