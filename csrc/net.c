@@ -217,7 +217,6 @@ static int l_connect_finish(lua_State *L)
     return 1;
 }
 
-/* sock:read(max) -> string | nil,"wantread"/"wantwrite" | nil,"closed" | nil,msg,code */
 /* nil, "wantread" | "wantwrite" | "closed" | message, code: what a read or write that did not
  * complete says to Lua. */
 static int push_io_fail(lua_State *L, const smtp_sock *s, enum io_result r, const char *err, int e)
@@ -236,6 +235,7 @@ static int push_io_fail(lua_State *L, const smtp_sock *s, enum io_result r, cons
     }
 }
 
+/* sock:read(max) -> string | nil,"wantread"/"wantwrite" | nil,"closed" | nil,msg,code */
 static int l_read(lua_State *L)
 {
     smtp_sock *s = check_open(L, 1);

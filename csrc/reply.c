@@ -277,25 +277,16 @@ void smtp_reply_push(lua_State *L, const smtp_reply *r, int caps)
     smtp_buf t = {0};
     lua_createtable(L, r->nlines, 0); /* lines */
     const char *s = r->text.p, *end = s + r->text.len;
-    int i = 0, fast = r->nlines == 1 && s && end > s && end[-1] == '\n';
-    size_t tn;
-    const char *ts;
-    if (fast) {
-        /* the usual one-line reply: no text buffer to build */
-        size_t n = (size_t)(end - s) - 1;
-        ts = line_text(s, n, r->code, &tn);
-        lua_pushlstring(L, s, n);
-        lua_rawseti(L, -2, 1);
-        lua_setfield(L, -2, "lines");
-        lua_pushlstring(L, ts, tn);
-        lua_setfield(L, -2, "text");
-        s = end; /* nothing left for the loop below */
-    }
+    int i = 0;
+    const char *one = NULL; /* a one-line reply's text goes to Lua straight, with no buffer */
+    size_t tn = 0;
     while (s && s < end) {
         const char *nl = memchr(s, '\n', (size_t)(end - s));
         size_t n = (size_t)(nl - s);
-        ts = line_text(s, n, r->code, &tn);
-        if ((i > 0 && smtp_buf_add(&t, "\n", 1) < 0) || smtp_buf_add(&t, ts, tn) < 0) {
+        const char *ts = line_text(s, n, r->code, &tn);
+        if (r->nlines == 1) {
+            one = ts;
+        } else if ((i > 0 && smtp_buf_add(&t, "\n", 1) < 0) || smtp_buf_add(&t, ts, tn) < 0) {
             smtp_buf_free(&t);
             luaL_error(L, "out of memory");
         }
@@ -303,12 +294,13 @@ void smtp_reply_push(lua_State *L, const smtp_reply *r, int caps)
         lua_rawseti(L, -2, ++i);
         s = nl + 1;
     }
-    if (!fast) {
-        lua_setfield(L, -2, "lines");
+    lua_setfield(L, -2, "lines");
+    if (one)
+        lua_pushlstring(L, one, tn);
+    else
         lua_pushlstring(L, t.p ? t.p : "", t.len);
-        smtp_buf_free(&t);
-        lua_setfield(L, -2, "text");
-    }
+    smtp_buf_free(&t);
+    lua_setfield(L, -2, "text");
     if (caps) {
         lua_newtable(L);
         s = r->text.p;

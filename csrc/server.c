@@ -141,11 +141,9 @@ static void reply(smtp_server *s, int code, const char *enh, const char *fmt, ..
         lit = fmt;
     int m;
     if (lit) {
-        size_t ll = strnlen(lit, sizeof line);
-        m = ll > sizeof line ? (int)sizeof line : (int)ll;
-        if ((size_t)m > sizeof line - n - 3)
-            m = (int)(sizeof line - n - 3);
-        memcpy(line + n, lit, (size_t)m);
+        size_t ll = strnlen(lit, sizeof line - n - 3);
+        memcpy(line + n, lit, ll);
+        m = (int)ll;
     } else {
         m = vsnprintf(line + n, sizeof line - n - 2, fmt, ap);
     }

@@ -90,6 +90,15 @@ local function compact()
   ncancelled = 0
 end
 
+-- An entry nobody owns any more: left in the heap, counted, and compacted away when they pile up.
+local function retire(e)
+  e.co = nil
+  if e.inheap then
+    ncancelled = ncancelled + 1
+    if ncancelled > 1024 and ncancelled * 2 > #heap then compact() end
+  end
+end
+
 -- Each task keeps one timer entry { t = heap key, due = deadline or nil, co = co, inheap }. A
 -- server sets a fresh idle deadline before every read, always later than the last: that only
 -- moves `due` forward, and the entry is re-keyed when it reaches the heap's top (once per
@@ -106,12 +115,8 @@ local function add_timer(co, deadline)
     heap_push(e)
     return
   end
-  if e then
-    -- an earlier deadline than the entry's key: that entry becomes dead weight, a new one goes in
-    e.co = nil
-    ncancelled = ncancelled + 1
-    if ncancelled > 1024 and ncancelled * 2 > #heap then compact() end
-  end
+  -- an earlier deadline than the entry's key: that entry becomes dead weight, a new one goes in
+  if e then retire(e) end
   e = { t = deadline, due = deadline, co = co, inheap = true }
   timer_of[co] = e
   heap_push(e)
@@ -128,15 +133,11 @@ local function drop_timer(co)
   local e = timer_of[co]
   if e then
     timer_of[co] = nil
-    e.co = nil
-    if e.inheap then
-      ncancelled = ncancelled + 1
-      if ncancelled > 1024 and ncancelled * 2 > #heap then compact() end
-    end
+    retire(e)
   end
 end
 
--- Pops the top entry; true when it is armed and due at its key (a real deadline to honour).
+-- Pops the top entry and returns it when it is armed and due at its key (a deadline to honour).
 -- A disarmed or dead entry leaves the heap; one whose deadline moved later goes back in.
 local function settle_top()
   local e = heap_pop()

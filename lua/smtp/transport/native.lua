@@ -125,49 +125,43 @@ end
 function Conn:write(data, timeout)
   local ok, err = check_conn(self, "write")
   if type(data) ~= "string" then argcheck(false, 1, "write", "string expected, got " .. type(data)) end
-  if timeout ~= nil and type(timeout) ~= "number" then argcheck(false, 2, "write", "number expected") end
+  argcheck(timeout == nil or type(timeout) == "number", 2, "write", "number expected")
   if not ok then return nil, err end
-  local sock = self.sock
-  local put, e, code = sock:write(data, 1)
-  if put == #data then return true end
-  local deadline = deadline_of(timeout, self.default_timeout)
+  local deadline, waited
   local i, n = 1, #data
-  while true do
+  while i <= n do
+    local put, e, code = self.sock:write(data, i)
     if put then
       i = i + put
-      if i > n then return true end
     elseif e == "wantwrite" or e == "wantread" then
+      if not waited then deadline, waited = deadline_of(timeout, self.default_timeout), true end
       local w, werr = await(self, e, deadline, "write")
       if not w then return nil, werr end
     else
       return io_fail(self, e, code)
     end
-    put, e, code = sock:write(data, i)
   end
+  return true
 end
 
 -- s:read(timeout [, max]) -> chunk | nil, err. Whatever has arrived, up to max bytes.
 function Conn:read(timeout, max)
   local ok, err = check_conn(self, "read")
-  if timeout ~= nil and type(timeout) ~= "number" then argcheck(false, 1, "read", "number expected") end
-  if max ~= nil and not (type(max) == "number" and max >= 1) then
-    argcheck(false, 2, "read", "positive number expected")
-  end
+  argcheck(timeout == nil or type(timeout) == "number", 1, "read", "number expected")
+  argcheck(max == nil or (type(max) == "number" and max >= 1), 2, "read", "positive number expected")
   if not ok then return nil, err end
+  local deadline, waited
   max = max or READ_MAX
-  local sock = self.sock
-  local chunk, e, code = sock:read(max)
-  if chunk then return chunk end
-  local deadline = deadline_of(timeout, self.default_timeout)
   while true do
+    local chunk, e, code = self.sock:read(max)
+    if chunk then return chunk end
     if e == "wantread" or e == "wantwrite" then
+      if not waited then deadline, waited = deadline_of(timeout, self.default_timeout), true end
       local w, werr = await(self, e, deadline, "read")
       if not w then return nil, werr end
     else
       return io_fail(self, e, code)
     end
-    chunk, e, code = sock:read(max)
-    if chunk then return chunk end
   end
 end
 
