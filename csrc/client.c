@@ -575,7 +575,7 @@ int smtp_client_bdat(smtp_client *c, const char *data, size_t n, int last, const
     char head[64];
     int hl = snprintf(head, sizeof head, "BDAT %zu%s\r\n", n, last ? " LAST" : "");
     size_t mark = c->out.len;
-    if (add(c, head, (size_t)hl) < 0 || add(c, data, n) < 0 ||
+    if (add(c, head, (size_t)hl) < 0 || (data && add(c, data, n) < 0) ||
         push_pending(c, SMTP_CMD_BDAT) < 0) {
         c->out.len = mark;
         *why = "out of memory";
@@ -732,13 +732,20 @@ static int l_body_end(lua_State *L)
     return result(L, smtp_client_body_end(c, &why), why);
 }
 
-/* e:bdat(chunk, last) -> true | nil, err */
+/* e:bdat(chunk, last) -> true | nil, err
+ * e:bdat(size, last): only the "BDAT size [LAST]" line; the caller writes the size bytes of the
+ * chunk itself right after it (a big chunk goes from its pieces to the socket without a copy). */
 static int l_bdat(lua_State *L)
 {
     smtp_client *c = check_engine(L);
+    const char *why = NULL;
+    if (lua_type(L, 2) == LUA_TNUMBER) {
+        lua_Integer n = luaL_checkinteger(L, 2);
+        luaL_argcheck(L, n >= 0, 2, "chunk size must not be negative");
+        return result(L, smtp_client_bdat(c, NULL, (size_t)n, lua_toboolean(L, 3), &why), why);
+    }
     size_t n;
     const char *s = luaL_checklstring(L, 2, &n);
-    const char *why = NULL;
     return result(L, smtp_client_bdat(c, s, n, lua_toboolean(L, 3), &why), why);
 }
 

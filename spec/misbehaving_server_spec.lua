@@ -261,6 +261,74 @@ describe("against misbehaving servers", function()
       "DATA\r\nSubject: b\r\n\r\n..line\r\n.\r\nQUIT\r\n", got)
   end)
 
+  -- A message of several BDAT chunks, from what the scripted server recorded: the chunks' sizes
+  -- and LAST flags, and the bytes they carried joined.
+  local function chunks_of(got)
+    local sizes, data, pos = {}, {}, 1
+    while true do
+      local s, e, n, last = got:find("BDAT (%d+)( ?L?A?S?T?)\r\n", pos)
+      if not s then break end
+      sizes[#sizes + 1] = tonumber(n) .. last
+      data[#data + 1] = got:sub(e + 1, e + tonumber(n))
+      pos = e + tonumber(n) + 1
+    end
+    return sizes, table.concat(data), got:sub(pos)
+  end
+  local CHUNKING = { "send", "250-fake\r\n250-PIPELINING\r\n250 CHUNKING\r\n" }
+  local BIG = "Subject: big\r\n\r\n" .. (("x"):rep(1022) .. "\r\n"):rep(2560)   -- 2.5 MB: 3 chunks
+
+  it("with PIPELINING puts the next BDAT chunk on the wire before the reply to the one before", function()
+    -- the server answers MAIL and RCPT, then holds the first chunk's reply until the second chunk
+    -- is in: a client that waited for it would time out
+    local res, err, got = run({ { "send", "220 fake\r\n" }, { "line" }, CHUNKING, { "line" }, { "line" },
+      { "bdat" }, { "send", "250 ok\r\n250 ok\r\n" }, { "bdat" }, { "send", "250 2.0.0 chunk 1\r\n" },
+      { "bdat" }, { "send", "250 2.0.0 chunk 2\r\n250 2.0.0 all of it\r\n" }, { "line" },
+      { "send", "221 bye\r\n" } }, { message = BIG })
+    assert.is_nil(err)
+    assert.equal("all of it", res.reply.text)
+    local sizes, data, rest = chunks_of(got)
+    assert.equal(3, #sizes)
+    assert.truthy(sizes[3]:find(" LAST$"))
+    assert.is_nil(sizes[1]:find("LAST")); assert.is_nil(sizes[2]:find("LAST"))
+    assert.equal(BIG, data)
+    assert.equal("QUIT\r\n", rest)
+  end)
+
+  it("after a refused BDAT chunk reads the reply to the chunk in flight, sends no more, and RSETs", function()
+    local res, err, got = run({ { "send", "220 fake\r\n" }, { "line" }, CHUNKING, { "line" }, { "line" },
+      { "bdat" }, { "send", "250 ok\r\n250 ok\r\n" }, { "bdat" }, { "send", "552 5.3.4 too much\r\n" },
+      { "send", "503 5.5.1 discarded\r\n" }, { "line" }, { "send", "250 reset\r\n" }, { "line" },
+      { "send", "221 bye\r\n" } }, { message = BIG })
+    assert.is_nil(res)
+    assert.equal("rejected", err.kind)
+    assert.equal(552, err.code)
+    assert.equal("5.3.4", err.enhanced)
+    local sizes, _, rest = chunks_of(got)
+    assert.equal(2, #sizes)
+    assert.is_nil(table.concat(sizes, ","):find("LAST"))
+    assert.equal("RSET\r\nQUIT\r\n", rest)
+  end)
+
+  it("when the message source fails between BDAT chunks: no LAST, the replies in flight read, RSET, kind invalid", function()
+    local block, n = ("y"):rep(65534) .. "\r\n", 0
+    local source = function()
+      n = n + 1
+      if n == 1 then return "Subject: cut\r\n\r\n" end
+      if n > 40 then error("disk gone") end
+      return block
+    end
+    local res, err, got = run({ { "send", "220 fake\r\n" }, { "line" }, CHUNKING, { "line" }, { "line" },
+      { "bdat" }, { "send", "250 ok\r\n250 ok\r\n" }, { "bdat" }, { "send", "250 chunk 1\r\n250 chunk 2\r\n" },
+      { "line" }, { "send", "250 reset\r\n" }, { "line" }, { "send", "221 bye\r\n" } }, { message = source })
+    assert.is_nil(res)
+    assert.equal("invalid", err.kind)
+    assert.matches("disk gone", err.text)
+    local sizes, _, rest = chunks_of(got)
+    assert.equal(2, #sizes)
+    assert.is_nil(table.concat(sizes, ","):find("LAST"))
+    assert.equal("RSET\r\nQUIT\r\n", rest)
+  end)
+
   it("calls auth.token for a fresh token and prefers OAUTHBEARER; plaintext AUTH only to loopback", function()
     local b64 = function(x)
       local out = require("helper").sh("printf %s " .. require("helper").quote(x) .. " | base64 -w0")

@@ -25,6 +25,13 @@ local TOKEN_ORDER = { "OAUTHBEARER", "XOAUTH2" }
 local WRITE_BATCH = 256 * 1024   -- body bytes gathered before one write
 local BDAT_CHUNK = 1024 * 1024   -- bytes per BDAT chunk
 local STRING_SLICE = 65536        -- a string message is handed to the engine this much at a time
+local WRITE_PART = 65536          -- a BDAT chunk is written in pieces of at least this much
+-- LuaJIT's collector does a fixed slice of work per allocation, whatever its size, so a stream
+-- of 64 KB strings outruns it and garbage piles up to several times the live data; the message
+-- streams below pay it one step per KB they read there. Lua 5.4 counts the bytes itself.
+local gc_assist = type(rawget(_G, "jit")) == "table" and function(bytes)
+  collectgarbage("step", math.floor(bytes / 512))
+end or function() end
 
 local function misuse(fname, msg)
   error("bad argument to '" .. fname .. "' (" .. msg .. ")", 3)
@@ -777,6 +784,7 @@ function Conn:_body(src, keep)
       id = message_id_of(chunk)
       head = false
     end
+    gc_assist(#chunk)
     e:body(chunk)
     if e:outlen() >= WRITE_BATCH then
       local ok, err = self:_flush("data_block")
@@ -832,8 +840,10 @@ function Conn:_reset()
   if r and r.code ~= 250 then self:_abort() end
 end
 
--- BDAT pieces: CRLF-normalized chunks of about BDAT_CHUNK bytes, the last one flagged.
-local function bdat_pieces(src)
+-- BDAT chunks of about BDAT_CHUNK bytes, CRLF-normalized: each is the list of its pieces (at
+-- least WRITE_PART bytes each but the last, so a source of short lines does not cost a syscall a
+-- line), its size and whether it is the last. No chunk is ever joined into one string.
+local function bdat_chunks(src)
   local st = core.stuffer(false)
   local finished = false
   local function piece()
@@ -846,6 +856,7 @@ local function bdat_pieces(src)
         return nil
       end
       if type(c) ~= "string" then error("message source gave a " .. type(c) .. " instead of a string", 0) end
+      gc_assist(#c)
       local o = st:feed(c)
       if o ~= "" then return o end
     end
@@ -855,17 +866,42 @@ local function bdat_pieces(src)
     if ahead == nil and finished then
       if finished == "done" then return nil end
       finished = "done"
-      return "", true
+      return {}, 0, true
     end
-    local parts, n = {}, 0
+    local parts, n, small, sn = {}, 0, {}, 0
     while ahead and n < BDAT_CHUNK do
-      parts[#parts + 1] = ahead; n = n + #ahead
+      n = n + #ahead
+      if sn == 0 and #ahead >= WRITE_PART then
+        parts[#parts + 1] = ahead
+      else
+        small[#small + 1] = ahead; sn = sn + #ahead
+        if sn >= WRITE_PART then parts[#parts + 1] = concat(small); small = {}; sn = 0 end
+      end
       ahead = piece()
     end
+    if sn > 0 then parts[#parts + 1] = concat(small) end
     local last = ahead == nil
     if last then finished = "done" end
-    return concat(parts), last
+    return parts, n, last
   end
+end
+
+-- Writes one BDAT chunk after whatever commands the engine holds: a small one goes into the
+-- same write, a big one is written piece by piece after its "BDAT n" line.
+function Conn:_bdat_chunk(parts, n, last)
+  local e = self.engine
+  if #parts <= 1 and n <= WRITE_PART then
+    e:bdat(parts[1] or "", last)
+    return self:_flush("data_block")
+  end
+  e:bdat(n, last)
+  local ok, err = self:_flush("data_block")
+  for i = 1, #parts do
+    if not ok then break end
+    ok, err = self:_write(parts[i], "data_block")
+  end
+  if not ok then return nil, err end
+  return true
 end
 
 -- One transaction; `tx` comes from message_config.
@@ -976,18 +1012,23 @@ function Conn:_transaction(tx)
       if not r then return nil, rerr end
     end
   end
-  local pieces, first_piece, first_last
+  local chunks, parts, plen, plast
   if bdat then
-    pieces = bdat_pieces(src)
-    local pok, p, l = pcall(pieces)
+    chunks = bdat_chunks(src)
+    local pok, p, n, l = pcall(chunks)
     if not pok then self:_reset(); return invalid(tostring(p)) end
-    first_piece, first_last = p, l
+    parts, plen, plast = p, n, l
   end
   -- The group ends with DATA, or with the first BDAT chunk (the whole message when it is small).
   local nwait = 0
   if pipelining then
-    if bdat then e:bdat(first_piece, first_last) else e:data() end
-    local fok, ferr = self:_flush("mail")
+    local fok, ferr
+    if bdat then
+      fok, ferr = self:_bdat_chunk(parts, plen, plast)
+    else
+      e:data()
+      fok, ferr = self:_flush("mail")
+    end
     if not fok then return nil, ferr end
     local r, rerr = await("mail")
     if not r then return nil, rerr end
@@ -1029,30 +1070,58 @@ function Conn:_transaction(tx)
   end
   local id, final
   if bdat then
-    local piece, last = first_piece, first_last
-    local sent_first = pipelining
+    -- With PIPELINING the next chunk goes out before the reply to the one before it (two chunks
+    -- unanswered at most: RFC 3030 has the server discard chunks in flight after a failed one),
+    -- so a big message does not wait a round trip per chunk. `parts` is the next chunk to write.
+    local window = pipelining and 2 or 1
+    local lasts, head, tail = {}, 1, 0   -- the LAST flag of each chunk written, reply unread
+    -- A source that fails mid-message: no LAST went out, so after the replies in flight a RSET
+    -- drops what the server holds and the session stays usable.
+    local function source_failed(why)
+      for _ = head, tail do
+        local r2, e2 = self:_reply("data_block")
+        if not r2 then return nil, e2 end
+      end
+      self:_reset()
+      return invalid(tostring(why))
+    end
+    if pipelining then
+      tail = 1; lasts[1] = plast
+      id = message_id_of(parts[1] or "") or false
+      parts = nil
+      if not plast and #accepted > 0 then
+        local pok, p, n, l = pcall(chunks)
+        if not pok then return source_failed(p) end
+        parts, plen, plast = p, n, l
+      end
+    end
     while true do
-      if not sent_first then
-        if #accepted == 0 then self:_reset(); return all_rejected() end
-        e:bdat(piece, last)
-        local fok, ferr = self:_flush("data_block")
+      while parts and tail - head + 1 < window and #accepted > 0 do
+        local fok, ferr = self:_bdat_chunk(parts, plen, plast)
         if not fok then return nil, ferr end
+        if id == nil then id = message_id_of(parts[1] or "") or false end
+        tail = tail + 1; lasts[tail] = plast
+        parts = nil
+        if not plast then
+          local pok, p, n, l = pcall(chunks)
+          if not pok then return source_failed(p) end
+          parts, plen, plast = p, n, l
+        end
       end
-      sent_first = false
-      if not id then
-        id = message_id_of(piece) or false
-      end
-      local r, rerr = self:_reply(last and "data_end" or "data_block")
+      if tail < head then self:_reset(); return all_rejected() end  -- no recipient: nothing sent
+      local was_last = lasts[head]; head = head + 1
+      local r, rerr = self:_reply(was_last and "data_end" or "data_block")
       if not r then return nil, rerr end
       if r.code ~= 250 then
+        for _ = head, tail do   -- the replies to chunks still in flight come first
+          local r2, e2 = self:_reply("data_block")
+          if not r2 then return nil, e2 end
+        end
         if #accepted == 0 then self:_reset(); return all_rejected() end
-        if last then return nil, reply_error("rejected", r, "data_end", { rejected = rejected }) end
+        if was_last then return nil, reply_error("rejected", r, "data_end", { rejected = rejected }) end
         return finish_failed("rejected", r, "data", { rejected = rejected })
       end
-      if last then final = r; break end
-      local pok, p, l = pcall(pieces)
-      if not pok then self:_reset(); return invalid(tostring(p)) end
-      piece, last = p, l
+      if was_last then final = r; break end
     end
   else
     if not pipelining then

@@ -140,6 +140,12 @@ def serve(c):
             elif op == 'bytes':
                 while len(buf) < st[1]: fill()
                 buf = buf[st[1]:]
+            elif op == 'bdat':
+                while b'\n' not in buf: fill()
+                n = int(buf[:buf.index(b'\n')].split()[1])
+                buf = buf[buf.index(b'\n') + 1:]
+                while len(buf) < n: fill()
+                buf = buf[n:]
             elif op == 'sleep': time.sleep(st[1])
             elif op == 'close': c.close(); return
         while True: fill()
@@ -167,7 +173,8 @@ local function encode_steps(steps)
   return "[" .. table.concat(parts, ",") .. "]"
 end
 
--- A scripted server. steps: { {"send", "220 hi\r\n"}, {"line"}, {"data"}, {"bytes", n},
+-- A scripted server. steps: { {"send", "220 hi\r\n"}, {"line"}, {"data"}, {"bytes", n}, {"bdat"} (a
+-- "BDAT n" line and its n bytes),
 -- {"sleep", 2}, {"sendbig", "250-x\r\n", 1000}, {"close"} }; after the steps it reads until the
 -- client closes. The steps are read again at each connection: f.script(steps) changes them for
 -- the next one and clears what was received. f.received() is every byte it got, each connection
