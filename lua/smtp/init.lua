@@ -28,9 +28,10 @@ local STRING_SLICE = 65536        -- a string message is handed to the engine th
 local WRITE_PART = 65536          -- a BDAT chunk is written in pieces of at least this much
 -- LuaJIT's collector does a fixed slice of work per allocation, whatever its size, so a stream
 -- of 64 KB strings outruns it and garbage piles up to several times the live data; the message
--- streams below pay it one step per KB they read there. Lua 5.4 counts the bytes itself.
+-- streams below pay it for each big chunk they read there (the chunk and its stuffed copy).
+-- Small chunks are paced well enough already. Lua 5.4 counts the bytes itself.
 local gc_assist = type(rawget(_G, "jit")) == "table" and function(bytes)
-  collectgarbage("step", math.floor(bytes / 512))
+  if bytes >= 16384 then collectgarbage("step", math.floor(bytes / 512)) end
 end or function() end
 
 local function misuse(fname, msg)
