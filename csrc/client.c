@@ -9,6 +9,7 @@
 #include <openssl/hmac.h>
 #include "core.h"
 #include "client.h"
+#include "net.h"
 
 const char *const smtp_cmd_names[SMTP_CMD__COUNT] = {
     "GREETING", "EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "DATA_END", "BDAT",
@@ -575,7 +576,7 @@ int smtp_client_bdat(smtp_client *c, const char *data, size_t n, int last, const
     char head[64];
     int hl = snprintf(head, sizeof head, "BDAT %zu%s\r\n", n, last ? " LAST" : "");
     size_t mark = c->out.len;
-    if (add(c, head, (size_t)hl) < 0 || (data && add(c, data, n) < 0) ||
+    if (add(c, head, (size_t)hl) < 0 || add(c, data, n) < 0 ||
         push_pending(c, SMTP_CMD_BDAT) < 0) {
         c->out.len = mark;
         *why = "out of memory";
@@ -732,20 +733,13 @@ static int l_body_end(lua_State *L)
     return result(L, smtp_client_body_end(c, &why), why);
 }
 
-/* e:bdat(chunk, last) -> true | nil, err
- * e:bdat(size, last): only the "BDAT size [LAST]" line; the caller writes the size bytes of the
- * chunk itself right after it (a big chunk goes from its pieces to the socket without a copy). */
+/* e:bdat(chunk, last) -> true | nil, err */
 static int l_bdat(lua_State *L)
 {
     smtp_client *c = check_engine(L);
-    const char *why = NULL;
-    if (lua_type(L, 2) == LUA_TNUMBER) {
-        lua_Integer n = luaL_checkinteger(L, 2);
-        luaL_argcheck(L, n >= 0, 2, "chunk size must not be negative");
-        return result(L, smtp_client_bdat(c, NULL, (size_t)n, lua_toboolean(L, 3), &why), why);
-    }
     size_t n;
     const char *s = luaL_checklstring(L, 2, &n);
+    const char *why = NULL;
     return result(L, smtp_client_bdat(c, s, n, lua_toboolean(L, 3), &why), why);
 }
 
@@ -791,6 +785,19 @@ static int l_take(lua_State *L)
     lua_pushlstring(L, c->out.p ? c->out.p : "", c->out.len);
     smtp_client_taken(c, c->out.len);
     return 1;
+}
+
+/* e:write_to(sock) -> nwritten | nil, want | nil, msg, code: one write of the pending output
+ * straight from the engine's buffer to a native socket, no Lua string in between (a big body
+ * leaves no garbage, AUTH secrets never reach the Lua heap); what went leaves the engine. */
+static int l_write_to(lua_State *L)
+{
+    smtp_client *c = check_engine(L);
+    smtp_buf *o = smtp_client_output(c);
+    size_t put;
+    int n = smtp_sock_write(L, 2, o->p ? o->p : "", o->len, &put);
+    smtp_client_taken(c, put);
+    return n;
 }
 
 static int l_outlen(lua_State *L)
@@ -867,6 +874,43 @@ static int l_stuffer_finish(lua_State *L)
     return push_out(L, u, smtp_stuff_finish(&u->s, &u->out));
 }
 
+/* st:add(s) -> bytes held: like feed, but the output stays in the stuffer (a BDAT chunk being
+ * gathered; e:bdat_from(st, last) sends it). st:add_end() -> bytes held, after finishing. */
+static int l_stuffer_add(lua_State *L)
+{
+    stuffer_ud *u = luaL_checkudata(L, 1, STUFFER);
+    size_t n;
+    const char *s = luaL_checklstring(L, 2, &n);
+    if (u->s.finished)
+        return luaL_error(L, "stuffer already finished");
+    if (smtp_stuff(&u->s, s, n, &u->out) < 0)
+        return luaL_error(L, "out of memory");
+    lua_pushinteger(L, (lua_Integer)u->out.len);
+    return 1;
+}
+
+static int l_stuffer_add_end(lua_State *L)
+{
+    stuffer_ud *u = luaL_checkudata(L, 1, STUFFER);
+    if (!u->s.finished && smtp_stuff_finish(&u->s, &u->out) < 0)
+        return luaL_error(L, "out of memory");
+    lua_pushinteger(L, (lua_Integer)u->out.len);
+    return 1;
+}
+
+/* e:bdat_from(st, last) -> true | nil, err: queues what the stuffer holds as one BDAT chunk
+ * (copied into the output, the stuffer's buffer emptied and kept for the next chunk). */
+static int l_bdat_from(lua_State *L)
+{
+    smtp_client *c = check_engine(L);
+    stuffer_ud *u = luaL_checkudata(L, 2, STUFFER);
+    const char *why = NULL;
+    int rc = smtp_client_bdat(c, u->out.p ? u->out.p : "", u->out.len, lua_toboolean(L, 3), &why);
+    if (rc == 0)
+        u->out.len = 0;
+    return result(L, rc, why);
+}
+
 static int l_stuffer_gc(lua_State *L)
 {
     stuffer_ud *u = luaL_checkudata(L, 1, STUFFER);
@@ -896,14 +940,15 @@ int smtp_open_client(lua_State *L)
         {"auth", l_auth}, {"body", l_body}, {"body_end", l_body_end}, {"bdat", l_bdat},
         {"bdat_last", l_bdat_last},
     {"bdat_last", l_bdat_last},
-        {"take", l_take}, {"outlen", l_outlen}, {"upgrade", l_upgrade}, {"state", l_state},
+        {"bdat_from", l_bdat_from}, {"take", l_take}, {"write_to", l_write_to}, {"outlen", l_outlen}, {"upgrade", l_upgrade}, {"state", l_state},
         {"pending", l_pending}, {NULL, NULL},
     };
     static const luaL_Reg engine_meta[] = {
         {"__gc", l_engine_gc}, {"__tostring", l_engine_tostring}, {NULL, NULL},
     };
     static const luaL_Reg stuffer_methods[] = {
-        {"feed", l_stuffer_feed}, {"finish", l_stuffer_finish}, {NULL, NULL},
+        {"feed", l_stuffer_feed}, {"finish", l_stuffer_finish}, {"add", l_stuffer_add},
+        {"add_end", l_stuffer_add_end}, {NULL, NULL},
     };
     static const luaL_Reg stuffer_meta[] = {{"__gc", l_stuffer_gc}, {NULL, NULL}};
     smtp_newclass(L, ENGINE, engine_methods, engine_meta);

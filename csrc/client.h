@@ -66,8 +66,7 @@ int smtp_client_auth(smtp_client *c, smtp_sasl mech, const char *user, size_t ul
                      const char **why);
 int smtp_client_body(smtp_client *c, const char *data, size_t n, const char **why);
 int smtp_client_body_end(smtp_client *c, const char **why);
-/* One BDAT chunk (bytes sent as given: the caller normalizes them). With data NULL only the
- * "BDAT n" line is queued and the caller writes the n bytes after it. */
+/* One BDAT chunk (bytes sent as given: the caller normalizes them). */
 int smtp_client_bdat(smtp_client *c, const char *data, size_t n, int last, const char **why);
 /* After the STARTTLS 220: drops every byte held from before the upgrade and returns how many. */
 size_t smtp_client_upgrade(smtp_client *c);

@@ -264,35 +264,44 @@ static int l_read(lua_State *L)
     return push_io_fail(L, s, r, err, e);
 }
 
-/* sock:write(str [, i]) -> nwritten | nil,want | nil,msg,code.  Writes str from byte i. */
-static int l_write(lua_State *L)
+/* One write of len bytes from buf through the socket at idx (TLS once started): pushes the
+ * number of bytes the kernel took, or the failure (nil, want | nil, msg, code); *put gets the
+ * count. sock:write and the client engine's write_to both go through here. */
+int smtp_sock_write(lua_State *L, int idx, const char *buf, size_t len, size_t *put)
 {
-    smtp_sock *s = check_open(L, 1);
-    size_t len, put = 0;
-    const char *str = luaL_checklstring(L, 2, &len);
-    lua_Integer i = luaL_optinteger(L, 3, 1);
+    smtp_sock *s = check_open(L, idx);
     char err[256];
     int e = 0;
     enum io_result r;
-    if (i < 1 || (size_t)i > len + 1)
-        return luaL_argerror(L, 3, "index out of range");
-    str += i - 1;
-    len -= (size_t)(i - 1);
+    *put = 0;
     if (len == 0) {
         lua_pushinteger(L, 0);
         return 1;
     }
     if (s->ssl) {
         err[0] = '\0';
-        r = smtp_tls_write(s, str, len, &put, err, sizeof err, &e);
+        r = smtp_tls_write(s, buf, len, put, err, sizeof err, &e);
     } else {
-        r = plain_write(s, str, len, &put, &e);
+        r = plain_write(s, buf, len, put, &e);
     }
     if (r == IO_OK) {
-        lua_pushinteger(L, (lua_Integer)put);
+        lua_pushinteger(L, (lua_Integer)*put);
         return 1;
     }
+    *put = 0;
     return push_io_fail(L, s, r, err, e);
+}
+
+/* sock:write(str [, i]) -> nwritten | nil,want | nil,msg,code.  Writes str from byte i. */
+static int l_write(lua_State *L)
+{
+    size_t len, put;
+    const char *str = luaL_checklstring(L, 2, &len);
+    lua_Integer i = luaL_optinteger(L, 3, 1);
+    check_open(L, 1);
+    if (i < 1 || (size_t)i > len + 1)
+        return luaL_argerror(L, 3, "index out of range");
+    return smtp_sock_write(L, 1, str + (i - 1), len - (size_t)(i - 1), &put);
 }
 
 static int l_sock_fd(lua_State *L)

@@ -41,6 +41,10 @@ void smtp_tls_free(smtp_sock *s);
 void smtp_net_add_methods(lua_State *L, const luaL_Reg *methods);
 smtp_sock *smtp_check_sock(lua_State *L, int idx);
 
+/* One write through the socket at idx (TLS once started); pushes what sock:write returns and
+ * sets *put to the bytes written (0 on failure). */
+int smtp_sock_write(lua_State *L, int idx, const char *buf, size_t len, size_t *put);
+
 /* Pushes nil, msg, code and returns 3: the failure shape of every socket method. */
 int smtp_push_fail(lua_State *L, const char *msg, const char *code);
 

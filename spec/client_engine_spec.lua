@@ -283,4 +283,18 @@ describe("core.stuffer", function()
   it("without dots only normalizes line ends (for BDAT)", function()
     assert.equal(".a\r\nb\r\n", run({ ".a\r", "\nb\r" }, false))
   end)
+
+  it("holds a BDAT chunk in C (add, add_end) that e:bdat_from queues and empties", function()
+    local st, e = core.stuffer(false), core.client_engine()
+    assert.equal(2, st:add(".a\r"))      -- the CR waits to see whether an LF follows
+    assert.equal(5, st:add("\nb"))
+    e:mail("a@b"); e:rcpt("c@d")
+    assert.is_true(e:bdat_from(st, false))
+    assert.equal(0, st:add(""))
+    assert.equal(1, st:add("c\r"))
+    assert.equal(3, st:add_end())         -- a bare CR at the end becomes CRLF
+    assert.is_true(e:bdat_from(st, true))
+    assert.equal(0, st:add_end())
+    assert.equal("MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 5\r\n.a\r\nbBDAT 3 LAST\r\nc\r\n", e:take())
+  end)
 end)

@@ -6,10 +6,10 @@
 --
 -- Sizes: 1 GB each in the plain Lua 5.4 run, as the issue says; 50 MB on LuaJIT and under ASan
 -- (as spec/resource_exhaustion_spec.lua does), to keep CI short; the bound is the same. Measured
--- on this 2-core machine, plain Lua 5.4, 1 GB each: DATA from a function 3.7 s (peak 6.4 MB), from
--- a file 3.7 s (6.2 MB); BDAT from a function 2.0 s (8.8 MB), from a file 1.4 s (8.1 MB). On
--- LuaJIT, 50 MB: 5.5–7 MB (14–21 MB before the collector was paid per byte read, see
--- docs/INTERNALS.md).
+-- on this 2-core machine, 300 MB, peak RSS: Lua 5.4 DATA 5.4 MB (function and file), BDAT 7.3 MB
+-- (function) and 7.4 MB (file); LuaJIT DATA 5.3 / 6.7 MB, BDAT 7.5 / 10.4 MB (before the body
+-- went from the engine's buffer to the socket and BDAT chunks were gathered in C, LuaJIT with a
+-- file peaked at 14-21 MB). 1 GB on Lua 5.4: about 4 s with DATA, 1.5 s with BDAT.
 -- Under ASan the child keeps the sanitizer runtime with its quarantine off (it would hold freed
 -- memory back and read as growth); it then peaks near 12 MB.
 local helper = require "helper"

@@ -31,9 +31,11 @@ local function with_server(opts, fn)
     local conn = assert(smtp.connect { server = "127.0.0.1", port = srv.port, tls = "none",
       helo = "c.test", timeout = 10 })
     ext = conn:extensions()
-    local w = conn.sock.write
+    -- the writes of strings and of the engine's buffer (the native transport's usual path)
+    local w, we = conn.sock.write, conn.sock.write_engine
     writes = 0
     conn.sock.write = function(...) writes = writes + 1; return w(...) end
+    if we then conn.sock.write_engine = function(...) writes = writes + 1; return we(...) end end
     out = fn(conn)
     conn:close()
     srv:close()

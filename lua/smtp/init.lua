@@ -25,14 +25,10 @@ local TOKEN_ORDER = { "OAUTHBEARER", "XOAUTH2" }
 local WRITE_BATCH = 256 * 1024   -- body bytes gathered before one write
 local BDAT_CHUNK = 1024 * 1024   -- bytes per BDAT chunk
 local STRING_SLICE = 65536        -- a string message is handed to the engine this much at a time
-local WRITE_PART = 65536          -- a BDAT chunk is written in pieces of at least this much
--- LuaJIT's collector does a fixed slice of work per allocation, whatever its size, so a stream
--- of 64 KB strings outruns it and garbage piles up to several times the live data; the message
--- streams below pay it for each big chunk they read there (the chunk and its stuffed copy).
--- Small chunks are paced well enough already. Lua 5.4 counts the bytes itself.
-local gc_assist = type(rawget(_G, "jit")) == "table" and function(bytes)
-  if bytes >= 16384 then collectgarbage("step", math.floor(bytes / 512)) end
-end or function() end
+-- A file message is read this much at a time. Each read is a new string; LuaJIT's collector
+-- does a fixed slice of work per allocation whatever its size, so bigger reads let garbage pile
+-- up (64 KB reads: 11-21 MB peak for a big file there, 16 KB: under 9 MB).
+local FILE_READ = 16384
 
 local function misuse(fname, msg)
   error("bad argument to '" .. fname .. "' (" .. msg .. ")", 3)
@@ -301,7 +297,7 @@ local function source_of(m)
       m:seek("set", here)
     end
     return function()
-      local d, err = m:read(65536)
+      local d, err = m:read(FILE_READ)
       if d == nil and err then error(err, 0) end  -- a read error must not end the message early
       return d
     end, size
@@ -408,10 +404,17 @@ function Conn:_write(data, phase)
   return true
 end
 
--- Writes whatever the engine has to say (pipelined commands, SASL answers).
+-- Writes whatever the engine has to say (pipelined commands, SASL answers, body bytes): on the
+-- native transport straight from the engine's buffer, elsewhere as a string.
 function Conn:_flush(phase)
   local e = self.engine
   if e:outlen() == 0 then return true end
+  local sock = self.sock
+  if sock.write_engine then
+    local ok, err = sock:write_engine(e, self.timeouts[phase])
+    if not ok then return self:_io_error(err, phase) end
+    return true
+  end
   return self:_write(e:take(), phase)
 end
 
@@ -785,7 +788,6 @@ function Conn:_body(src, keep)
       id = message_id_of(chunk)
       head = false
     end
-    gc_assist(#chunk)
     e:body(chunk)
     if e:outlen() >= WRITE_BATCH then
       local ok, err = self:_flush("data_block")
@@ -841,68 +843,37 @@ function Conn:_reset()
   if r and r.code ~= 250 then self:_abort() end
 end
 
--- BDAT chunks of about BDAT_CHUNK bytes, CRLF-normalized: each is the list of its pieces (at
--- least WRITE_PART bytes each but the last, so a source of short lines does not cost a syscall a
--- line), its size and whether it is the last. No chunk is ever joined into one string.
+-- BDAT chunks of about BDAT_CHUNK bytes, CRLF-normalized in C into the stuffer's own buffer, so
+-- no Lua string is made of them. next() reads the source until a chunk is full and returns its
+-- size and whether it is the last (one source chunk is read ahead to know); e:bdat_from(st, last)
+-- then queues it. Also returns the first source chunk (for the Message-ID).
 local function bdat_chunks(src)
   local st = core.stuffer(false)
-  local finished = false
-  local function piece()
-    while not finished do
-      local c = src()
-      if c == nil then
-        finished = true
-        local f = st:finish()
-        if f ~= "" then return f end
-        return nil
-      end
-      if type(c) ~= "string" then error("message source gave a " .. type(c) .. " instead of a string", 0) end
-      gc_assist(#c)
-      local o = st:feed(c)
-      if o ~= "" then return o end
+  local function read()
+    local c = src()
+    if c ~= nil and type(c) ~= "string" then
+      error("message source gave a " .. type(c) .. " instead of a string", 0)
     end
+    return c
   end
-  local ahead = piece()
-  return function()
-    if ahead == nil and finished then
-      if finished == "done" then return nil end
-      finished = "done"
-      return {}, 0, true
+  local ahead = read()
+  local first = ahead
+  return st, function()
+    local n = 0
+    while ahead ~= nil and n < BDAT_CHUNK do
+      n = st:add(ahead)
+      ahead = read()
     end
-    local parts, n, small, sn = {}, 0, {}, 0
-    while ahead and n < BDAT_CHUNK do
-      n = n + #ahead
-      if sn == 0 and #ahead >= WRITE_PART then
-        parts[#parts + 1] = ahead
-      else
-        small[#small + 1] = ahead; sn = sn + #ahead
-        if sn >= WRITE_PART then parts[#parts + 1] = concat(small); small = {}; sn = 0 end
-      end
-      ahead = piece()
-    end
-    if sn > 0 then parts[#parts + 1] = concat(small) end
-    local last = ahead == nil
-    if last then finished = "done" end
-    return parts, n, last
-  end
+    if ahead == nil then return st:add_end(), true end
+    return n, false
+  end, first
 end
 
--- Writes one BDAT chunk after whatever commands the engine holds: a small one goes into the
--- same write, a big one is written piece by piece after its "BDAT n" line.
-function Conn:_bdat_chunk(parts, n, last)
-  local e = self.engine
-  if #parts <= 1 and n <= WRITE_PART then
-    e:bdat(parts[1] or "", last)
-    return self:_flush("data_block")
-  end
-  e:bdat(n, last)
-  local ok, err = self:_flush("data_block")
-  for i = 1, #parts do
-    if not ok then break end
-    ok, err = self:_write(parts[i], "data_block")
-  end
-  if not ok then return nil, err end
-  return true
+-- Queues the chunk the stuffer holds after whatever commands the engine has, and writes them all
+-- (a small message goes in the same write as MAIL and RCPT).
+function Conn:_bdat_chunk(st, last)
+  self.engine:bdat_from(st, last)
+  return self:_flush("data_block")
 end
 
 -- One transaction; `tx` comes from message_config.
@@ -1013,19 +984,21 @@ function Conn:_transaction(tx)
       if not r then return nil, rerr end
     end
   end
-  local chunks, parts, plen, plast
+  local st, chunks, first, staged, plast
   if bdat then
-    chunks = bdat_chunks(src)
-    local pok, p, n, l = pcall(chunks)
+    local pok, p, n, l = pcall(bdat_chunks, src)
     if not pok then self:_reset(); return invalid(tostring(p)) end
-    parts, plen, plast = p, n, l
+    st, chunks, first = p, n, l
+    pok, p, l = pcall(chunks)
+    if not pok then self:_reset(); return invalid(tostring(p)) end
+    staged, plast = true, l
   end
   -- The group ends with DATA, or with the first BDAT chunk (the whole message when it is small).
   local nwait = 0
   if pipelining then
     local fok, ferr
     if bdat then
-      fok, ferr = self:_bdat_chunk(parts, plen, plast)
+      fok, ferr = self:_bdat_chunk(st, plast)
     else
       e:data()
       fok, ferr = self:_flush("mail")
@@ -1073,7 +1046,7 @@ function Conn:_transaction(tx)
   if bdat then
     -- With PIPELINING the next chunk goes out before the reply to the one before it (two chunks
     -- unanswered at most: RFC 3030 has the server discard chunks in flight after a failed one),
-    -- so a big message does not wait a round trip per chunk. `parts` is the next chunk to write.
+    -- so a big message does not wait a round trip per chunk.
     local window = pipelining and 2 or 1
     local lasts, head, tail = {}, 1, 0   -- the LAST flag of each chunk written, reply unread
     -- A source that fails mid-message: no LAST went out, so after the replies in flight a RSET
@@ -1086,27 +1059,31 @@ function Conn:_transaction(tx)
       self:_reset()
       return invalid(tostring(why))
     end
+    id = message_id_of(first or "") or false
+    -- the next chunk is staged in `st` (its LAST flag in plast) when `staged` is true
+    local function stage()
+      local pok, p, l = pcall(chunks)
+      if not pok then return nil, p end
+      staged, plast = true, l
+      return true
+    end
     if pipelining then
       tail = 1; lasts[1] = plast
-      id = message_id_of(parts[1] or "") or false
-      parts = nil
+      staged = false
       if not plast and #accepted > 0 then
-        local pok, p, n, l = pcall(chunks)
-        if not pok then return source_failed(p) end
-        parts, plen, plast = p, n, l
+        local sok, serr = stage()
+        if not sok then return source_failed(serr) end
       end
     end
     while true do
-      while parts and tail - head + 1 < window and #accepted > 0 do
-        local fok, ferr = self:_bdat_chunk(parts, plen, plast)
+      while staged and tail - head + 1 < window and #accepted > 0 do
+        local fok, ferr = self:_bdat_chunk(st, plast)
         if not fok then return nil, ferr end
-        if id == nil then id = message_id_of(parts[1] or "") or false end
         tail = tail + 1; lasts[tail] = plast
-        parts = nil
+        staged = false
         if not plast then
-          local pok, p, n, l = pcall(chunks)
-          if not pok then return source_failed(p) end
-          parts, plen, plast = p, n, l
+          local sok, serr = stage()
+          if not sok then return source_failed(serr) end
         end
       end
       if tail < head then self:_reset(); return all_rejected() end  -- no recipient: nothing sent

@@ -144,6 +144,24 @@ function Conn:write(data, timeout)
   return true
 end
 
+-- s:write_engine(engine, timeout) -> true | nil, err: everything a client engine has to send,
+-- written from the engine's own buffer (no string is made of it); otherwise as write().
+function Conn:write_engine(e, timeout)
+  local ok, err = check_conn(self, "write_engine")
+  if not ok then return nil, err end
+  local deadline, waited
+  while e:outlen() > 0 do
+    local put, er, code = e:write_to(self.sock)
+    if not put then
+      if er ~= "wantwrite" and er ~= "wantread" then return io_fail(self, er, code) end
+      if not waited then deadline, waited = deadline_of(timeout, self.default_timeout), true end
+      local w, werr = await(self, er, deadline, "write")
+      if not w then return nil, werr end
+    end
+  end
+  return true
+end
+
 -- s:read(timeout [, max]) -> chunk | nil, err. Whatever has arrived, up to max bytes.
 function Conn:read(timeout, max)
   local ok, err = check_conn(self, "read")
