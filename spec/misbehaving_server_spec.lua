@@ -348,6 +348,24 @@ describe("against misbehaving servers", function()
     assert.truthy(got:find("AUTH OAUTHBEARER " .. b64("n,a=u@example.com,\1auth=Bearer tok1\1\1") .. "\r\n", 1, true))
   end)
 
+  it("on the native transport never makes a Lua string of what it writes: AUTH secrets stay in C", function()
+    -- every write goes from the engine's buffer to the socket (e:write_to), where the secret is
+    -- wiped once sent; e:take() would copy it onto the Lua heap until the next collection
+    local methods = debug.getregistry()["smtp.client_engine"].__index
+    local take, takes = methods.take, 0
+    methods.take = function(...) takes = takes + 1; return take(...) end
+    local ok, res, err = pcall(run, { { "send", "220 fake\r\n" }, { "line" },
+      { "send", "250-fake\r\n250-PIPELINING\r\n250 AUTH PLAIN\r\n" }, { "line" },
+      { "send", "235 2.7.0 ok\r\n" }, { "line" }, { "line" }, { "line" },
+      { "send", "250 ok\r\n250 ok\r\n354 go\r\n" }, { "data" }, { "send", "250 ok\r\n" }, { "line" },
+      { "send", "221 bye\r\n" } }, { auth = { user = "u@example.com", password = "s3cret-pass" } })
+    methods.take = take
+    assert(ok, res)
+    assert.is_nil(err)
+    assert.equal(250, res.reply.code)
+    assert.equal(0, takes)
+  end)
+
   it("refuses CR/LF in low-level command parameters without writing them", function()
     f.script { { "send", "220 fake\r\n" }, { "line" }, EHLO_PLAIN, { "line" }, { "send", "221 bye\r\n" } }
     local conn = assert(smtp.connect { server = "127.0.0.1", port = f.port, tls = "none", helo = "client.test", timeout = 5 })
