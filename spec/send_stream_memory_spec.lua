@@ -9,7 +9,8 @@
 -- on this 2-core machine, 300 MB, peak RSS: Lua 5.4 DATA 5.4 MB (function and file), BDAT 7.3 MB
 -- (function) and 7.4 MB (file); LuaJIT DATA 5.3 / 6.7 MB, BDAT 7.5 / 10.4 MB (before the body
 -- went from the engine's buffer to the socket and BDAT chunks were gathered in C, LuaJIT with a
--- file peaked at 14-21 MB). 1 GB on Lua 5.4: about 4 s with DATA, 1.5 s with BDAT.
+-- file peaked at 14-21 MB). 1 GB on Lua 5.4: 5.4-5.5 MB and about 4 s with DATA (smtp-sink sets
+-- the pace), 7.3-7.5 MB and 1.2-1.7 s with BDAT.
 -- Under ASan the child keeps the sanitizer runtime with its quarantine off (it would hold freed
 -- memory back and read as growth); it then peaks near 12 MB.
 local helper = require "helper"
