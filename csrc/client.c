@@ -858,14 +858,22 @@ static int push_out(lua_State *L, stuffer_ud *u, int rc)
     return 1;
 }
 
-static int l_stuffer_feed(lua_State *L)
+/* st:feed(s) and st:add(s): stuff s into the stuffer's buffer */
+static stuffer_ud *stuff_arg(lua_State *L)
 {
     stuffer_ud *u = luaL_checkudata(L, 1, STUFFER);
     size_t n;
     const char *s = luaL_checklstring(L, 2, &n);
     if (u->s.finished)
-        return luaL_error(L, "stuffer already finished");
-    return push_out(L, u, smtp_stuff(&u->s, s, n, &u->out));
+        luaL_error(L, "stuffer already finished");
+    if (smtp_stuff(&u->s, s, n, &u->out) < 0)
+        luaL_error(L, "out of memory");
+    return u;
+}
+
+static int l_stuffer_feed(lua_State *L)
+{
+    return push_out(L, stuff_arg(L), 0);
 }
 
 static int l_stuffer_finish(lua_State *L)
@@ -878,14 +886,7 @@ static int l_stuffer_finish(lua_State *L)
  * gathered; e:bdat_from(st, last) sends it). st:add_end() -> bytes held, after finishing. */
 static int l_stuffer_add(lua_State *L)
 {
-    stuffer_ud *u = luaL_checkudata(L, 1, STUFFER);
-    size_t n;
-    const char *s = luaL_checklstring(L, 2, &n);
-    if (u->s.finished)
-        return luaL_error(L, "stuffer already finished");
-    if (smtp_stuff(&u->s, s, n, &u->out) < 0)
-        return luaL_error(L, "out of memory");
-    lua_pushinteger(L, (lua_Integer)u->out.len);
+    lua_pushinteger(L, (lua_Integer)stuff_arg(L)->out.len);
     return 1;
 }
 
@@ -938,9 +939,8 @@ int smtp_open_client(lua_State *L)
         {"helo", l_helo}, {"starttls", l_starttls}, {"mail", l_mail}, {"rcpt", l_rcpt},
         {"data", l_data}, {"rset", l_rset}, {"noop", l_noop}, {"quit", l_quit},
         {"auth", l_auth}, {"body", l_body}, {"body_end", l_body_end}, {"bdat", l_bdat},
-        {"bdat_last", l_bdat_last},
-    {"bdat_last", l_bdat_last},
-        {"bdat_from", l_bdat_from}, {"take", l_take}, {"write_to", l_write_to}, {"outlen", l_outlen}, {"upgrade", l_upgrade}, {"state", l_state},
+        {"bdat_last", l_bdat_last}, {"bdat_from", l_bdat_from}, {"take", l_take},
+        {"write_to", l_write_to}, {"outlen", l_outlen}, {"upgrade", l_upgrade}, {"state", l_state},
         {"pending", l_pending}, {NULL, NULL},
     };
     static const luaL_Reg engine_meta[] = {

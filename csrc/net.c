@@ -288,7 +288,7 @@ int smtp_sock_write(lua_State *L, int idx, const char *buf, size_t len, size_t *
         lua_pushinteger(L, (lua_Integer)*put);
         return 1;
     }
-    *put = 0;
+    *put = 0; /* a failed TLS write may have counted bytes it did not send */
     return push_io_fail(L, s, r, err, e);
 }
 
@@ -298,7 +298,6 @@ static int l_write(lua_State *L)
     size_t len, put;
     const char *str = luaL_checklstring(L, 2, &len);
     lua_Integer i = luaL_optinteger(L, 3, 1);
-    check_open(L, 1);
     if (i < 1 || (size_t)i > len + 1)
         return luaL_argerror(L, 3, "index out of range");
     return smtp_sock_write(L, 1, str + (i - 1), len - (size_t)(i - 1), &put);

@@ -274,6 +274,13 @@ describe("against misbehaving servers", function()
     end
     return sizes, table.concat(data), got:sub(pos)
   end
+  -- A message stopped after two chunks: neither had LAST, then RSET and QUIT.
+  local function cut_short(got)
+    local sizes, _, rest = chunks_of(got)
+    assert.equal(2, #sizes)
+    assert.is_nil(table.concat(sizes, ","):find("LAST"))
+    assert.equal("RSET\r\nQUIT\r\n", rest)
+  end
   local CHUNKING = { "send", "250-fake\r\n250-PIPELINING\r\n250 CHUNKING\r\n" }
   local BIG = "Subject: big\r\n\r\n" .. (("x"):rep(1022) .. "\r\n"):rep(2560)   -- 2.5 MB: 3 chunks
 
@@ -303,10 +310,7 @@ describe("against misbehaving servers", function()
     assert.equal("rejected", err.kind)
     assert.equal(552, err.code)
     assert.equal("5.3.4", err.enhanced)
-    local sizes, _, rest = chunks_of(got)
-    assert.equal(2, #sizes)
-    assert.is_nil(table.concat(sizes, ","):find("LAST"))
-    assert.equal("RSET\r\nQUIT\r\n", rest)
+    cut_short(got)
   end)
 
   it("when the message source fails between BDAT chunks: no LAST, the replies in flight read, RSET, kind invalid", function()
@@ -323,10 +327,7 @@ describe("against misbehaving servers", function()
     assert.is_nil(res)
     assert.equal("invalid", err.kind)
     assert.matches("disk gone", err.text)
-    local sizes, _, rest = chunks_of(got)
-    assert.equal(2, #sizes)
-    assert.is_nil(table.concat(sizes, ","):find("LAST"))
-    assert.equal("RSET\r\nQUIT\r\n", rest)
+    cut_short(got)
   end)
 
   it("calls auth.token for a fresh token and prefers OAUTHBEARER; plaintext AUTH only to loopback", function()

@@ -845,8 +845,8 @@ end
 
 -- BDAT chunks of about BDAT_CHUNK bytes, CRLF-normalized in C into the stuffer's own buffer, so
 -- no Lua string is made of them. next() reads the source until a chunk is full and returns its
--- size and whether it is the last (one source chunk is read ahead to know); e:bdat_from(st, last)
--- then queues it. Also returns the first source chunk (for the Message-ID).
+-- size and whether it is the last (one source chunk is read ahead to know), and on its first call
+-- also the first source chunk (for the Message-ID); e:bdat_from(st, last) then queues the chunk.
 local function bdat_chunks(src)
   local st = core.stuffer(false)
   local function read()
@@ -856,17 +856,22 @@ local function bdat_chunks(src)
     end
     return c
   end
-  local ahead = read()
-  local first = ahead
+  local ahead, started
   return st, function()
+    local first
+    if not started then
+      started = true
+      ahead = read()
+      first = ahead
+    end
     local n = 0
     while ahead ~= nil and n < BDAT_CHUNK do
       n = st:add(ahead)
       ahead = read()
     end
-    if ahead == nil then return st:add_end(), true end
-    return n, false
-  end, first
+    if ahead == nil then return st:add_end(), true, first end
+    return n, false, first
+  end
 end
 
 -- Queues the chunk the stuffer holds after whatever commands the engine has, and writes them all
@@ -984,14 +989,18 @@ function Conn:_transaction(tx)
       if not r then return nil, rerr end
     end
   end
+  -- BDAT: the next chunk is staged in `st` (its LAST flag in plast) when `staged` is true
   local st, chunks, first, staged, plast
+  local function stage()
+    local pok, p, l, f = pcall(chunks)
+    if not pok then return nil, p end
+    staged, plast, first = true, l, first or f
+    return true
+  end
   if bdat then
-    local pok, p, n, l = pcall(bdat_chunks, src)
-    if not pok then self:_reset(); return invalid(tostring(p)) end
-    st, chunks, first = p, n, l
-    pok, p, l = pcall(chunks)
-    if not pok then self:_reset(); return invalid(tostring(p)) end
-    staged, plast = true, l
+    st, chunks = bdat_chunks(src)
+    local sok, serr = stage()
+    if not sok then self:_reset(); return invalid(tostring(serr)) end
   end
   -- The group ends with DATA, or with the first BDAT chunk (the whole message when it is small).
   local nwait = 0
@@ -1060,13 +1069,6 @@ function Conn:_transaction(tx)
       return invalid(tostring(why))
     end
     id = message_id_of(first or "") or false
-    -- the next chunk is staged in `st` (its LAST flag in plast) when `staged` is true
-    local function stage()
-      local pok, p, l = pcall(chunks)
-      if not pok then return nil, p end
-      staged, plast = true, l
-      return true
-    end
     if pipelining then
       tail = 1; lasts[1] = plast
       staged = false
