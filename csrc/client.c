@@ -117,6 +117,7 @@ struct smtp_client {
     smtp_sasl mech;
     int auth_step;
     smtp_buf user, secret;
+    size_t taken_total;    /* output bytes ever taken (a mark is void once any is taken) */
 };
 
 static void set_state(smtp_client *c, smtp_client_state s)
@@ -198,6 +199,7 @@ void smtp_client_taken(smtp_client *c, size_t n)
     if (c->out_secret)
         smtp_wipe(c->out.p, n < c->out.len ? n : c->out.len);
     smtp_buf_consume(&c->out, n);
+    c->taken_total += n;
     if (c->out.len == 0)
         c->out_secret = 0;
 }
@@ -822,6 +824,33 @@ static int l_state(lua_State *L)
     return 1;
 }
 
+/* TEMPORARY (replaced by the engine split): e:mark() / e:rollback(m) */
+static int l_mark(lua_State *L)
+{
+    smtp_client *c = check_engine(L);
+    lua_createtable(L, 3, 0);
+    lua_pushinteger(L, (lua_Integer)c->out.len); lua_rawseti(L, -2, 1);
+    lua_pushinteger(L, (lua_Integer)c->pcount); lua_rawseti(L, -2, 2);
+    lua_pushinteger(L, (lua_Integer)c->taken_total); lua_rawseti(L, -2, 3);
+    return 1;
+}
+
+static int l_rollback(lua_State *L)
+{
+    smtp_client *c = check_engine(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_rawgeti(L, 2, 1); lua_rawgeti(L, 2, 2); lua_rawgeti(L, 2, 3);
+    size_t len = (size_t)lua_tointeger(L, -3), pc = (size_t)lua_tointeger(L, -2);
+    size_t tk = (size_t)lua_tointeger(L, -1);
+    if (tk != c->taken_total || len > c->out.len || pc > c->pcount) {
+        lua_pushnil(L); lua_pushstring(L, "already written"); return 2;
+    }
+    c->out.len = len;
+    c->pcount = pc;
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 static int l_pending(lua_State *L)
 {
     smtp_client *c = check_engine(L);
@@ -941,7 +970,7 @@ int smtp_open_client(lua_State *L)
         {"auth", l_auth}, {"body", l_body}, {"body_end", l_body_end}, {"bdat", l_bdat},
         {"bdat_last", l_bdat_last}, {"bdat_from", l_bdat_from}, {"take", l_take},
         {"write_to", l_write_to}, {"outlen", l_outlen}, {"upgrade", l_upgrade}, {"state", l_state},
-        {"pending", l_pending}, {NULL, NULL},
+        {"pending", l_pending}, {"mark", l_mark}, {"rollback", l_rollback}, {NULL, NULL},
     };
     static const luaL_Reg engine_meta[] = {
         {"__gc", l_engine_gc}, {"__tostring", l_engine_tostring}, {NULL, NULL},

@@ -3,6 +3,7 @@
 -- domains concurrently inside smtp.loop. Results are per recipient; "sent" only when a host
 -- accepted that recipient and the message.
 local errors = require "smtp.errors"
+local check = require "smtp.check"
 local dns = require("smtp.transport").dns()
 local mx = require "smtp.mx"
 
@@ -237,7 +238,8 @@ function M.deliver(opts)
   for i, addr in ipairs(to) do
     if type(addr) ~= "string" then return errors.invalid("to[" .. i .. "]: string expected") end
     local b = bare(addr)
-    if b:find("[%c]") then return errors.invalid("to[" .. i .. "]: control characters in address") end
+    local ok, aerr = check.address(b, "to[" .. i .. "]")
+    if not ok then return nil, aerr end
     local d = domain_of(b)
     if not d then return errors.invalid("to[" .. i .. "]: no domain in " .. ("%q"):format(addr)) end
     if literal_of(d) == false or (not literal_of(d) and not dns.normalize(d)) then
@@ -259,16 +261,12 @@ function M.deliver(opts)
     error("smtp.connect is not available", 2)
   end
   -- The client's own checks (EHLO name, addresses, timeouts), so that bad input opens nothing.
-  if smtp._connect_config then
-    local cfg, err = smtp._connect_config({ server = "127.0.0.1", port = opts.port or 25, tls = tls,
-      helo = opts.helo, timeout = opts.timeout, cafile = opts.cafile }, "deliver")
-    if not cfg then return nil, err end
-  end
-  if smtp._message_config then
-    local tx, err = smtp._message_config({ message = message, from = from, to = to, dsn = opts.dsn },
-                                         "deliver")
-    if not tx then return nil, err end
-  end
+  local config = require "smtp.config"
+  local cfg, cerr = config.connection({ server = "127.0.0.1", port = opts.port or 25, tls = tls,
+    helo = opts.helo, timeout = opts.timeout, cafile = opts.cafile }, "deliver")
+  if not cfg then return nil, cerr end
+  local tx, terr = config.message({ message = message, from = from, to = to, dsn = opts.dsn }, "deliver")
+  if not tx then return nil, terr end
   local timeout = opts.timeout
   local ctx = {
     opts = opts, smtp = smtp, message = message, from = bare(from), to = to, bare_to = bare_to,

@@ -18,6 +18,10 @@ function mt.__tostring(e)
   if e.temporary then s = s .. " (temporary)" end
   return s
 end
+-- "send failed: " .. err reads like tostring(err), from either side.
+function mt.__concat(a, b)
+  return tostring(a) .. tostring(b)
+end
 M.mt = mt
 
 -- errors.new{kind=, text=, ...}; `temporary` defaults from the code (4xx) and the kind.

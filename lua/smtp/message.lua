@@ -16,8 +16,11 @@ local CHUNK = 64 * 1024          -- chunks handed to the caller are about this s
 local function invalid(text) return nil, errors.new{ kind = "invalid", text = "message: " .. text,
                                                      temporary = false } end
 
-local function has_ctl(s) return s:find("[\r\n%z]") ~= nil end
-local function is_ascii(s) return not s:find("[\128-\255]") end
+local check = require "smtp.check"
+-- CR, LF or NUL: what would end or split a header line (a tab is fine in a header)
+local has_ctl = check.breaks_line
+local has_8bit = check.has_8bit
+local function is_ascii(s) return not has_8bit(s) end
 
 -- Extension -> content type, for attachments given without one.
 M.types = {
@@ -157,27 +160,12 @@ end
 -- Addresses
 ------------------------------------------------------------------------------------------------
 
--- Checks an addr-spec; returns it, and whether it needs SMTPUTF8.
+-- Checks an addr-spec (smtp.check's rules, the same as the envelope's); returns it, and whether
+-- it needs SMTPUTF8.
 local function check_address(a)
-  if type(a) ~= "string" then return nil, "address must be a string" end
-  if has_ctl(a) then return nil, "CR, LF or NUL in address" end
-  local l, d = a:match("^(.+)@([^@]+)$")
-  if not l then return nil, "not an address: " .. a end
-  if #l > 64 then return nil, "local part over 64 octets: " .. a end
-  if #d > 255 then return nil, "domain over 255 octets: " .. a end
-  if #a > 254 then return nil, "address over 254 octets" end
-  if not is_ascii(a) and not core.utf8_valid(a) then return nil, "address is not UTF-8" end
-  -- dot-atom local part (UTF-8 allowed: RFC 6532); no quoted local parts
-  for atom in (l .. "."):gmatch("(.-)%.") do
-    if atom == "" or not atom:gsub("[\128-\255]", "a"):match(atext) then
-      return nil, "bad local part: " .. a
-    end
-  end
-  if not (d:match("^%[[%w%.:]+%]$") or d:gsub("[\128-\255]", "a"):match("^[%w%-]+[%w%-%.]*$"))
-     or d:find("..", 1, true) or d:find("%.$") then
-    return nil, "bad domain: " .. a
-  end
-  return a, not is_ascii(a)
+  local ok, u8 = check.address(a)
+  if not ok then return nil, u8.text end
+  return a, u8
 end
 
 -- Splits "a, b <c>, \"d, e\" <f>" at commas outside quotes and angle brackets.

@@ -1,0 +1,147 @@
+-- smtp.batch: runs a list of transactions over one session (conn:send is a list of one). It keeps
+-- the replies every queued command expects in one FIFO, in wire order, and hands each reply to its
+-- transaction; it starts the next transaction as soon as that one allows (see Tx:is_open), with
+-- RSET first when the one before may have left a MAIL open; and when the session ends it gives
+-- each entry its own outcome: attempted ones their result or error, the rest kind "closed",
+-- temporary, marked attempted = false.
+local config = require "smtp.config"
+local errors = require "smtp.errors"
+local session = require "smtp.session"
+local transaction = require "smtp.transaction"
+
+local M = {}
+
+local new_error = errors.new
+local WRITE_BATCH = transaction.WRITE_BATCH
+-- Transactions in flight at once with PIPELINING (small messages: MAIL, RCPTs and BDAT LAST
+-- each), and how far the window drains before it is filled again, so writes stay large.
+local WINDOW, REFILL = 32, 16
+
+local function reply_phase(kind, arg)
+  if kind == "rset" then return "mail" end
+  if kind == "end" then return "data_end" end
+  if kind == "bdat" then return arg and "data_end" or "data_block" end
+  return kind   -- mail, rcpt, data
+end
+
+local function copy_error(err, extra)
+  local t = {}
+  for k, v in pairs(err) do t[k] = v end
+  for k, v in pairs(extra) do t[k] = v end
+  return new_error(t)
+end
+
+-- descs[i]: a transaction description (config.message) or false when out[i] already holds the
+-- entry's error. Fills out[1..n].
+local function run(sess, descs, out, n)
+  local fk, ftx, fa, head, tail = {}, {}, {}, 1, 0
+  local function expect(tx, kind, arg)
+    tail = tail + 1
+    fk[tail], ftx[tail], fa[tail] = kind, tx, arg
+  end
+  local live, nlive = {}, 0        -- started and not done
+  local nxt, prev, last_sent = 1, nil, nil
+  local e = sess.engine
+
+  local function finish(tx)
+    out[tx.i] = tx.result or tx.err
+    live[tx] = nil
+    nlive = nlive - 1
+  end
+
+  -- The session ended with `err` while `culprit` waited for a reply.
+  local function ended(err, culprit)
+    if culprit and not culprit:decided() then culprit:_fail(err) end
+    local gone = new_error { kind = "closed", temporary = true, phase = err.phase,
+      text = "the session ended before the server answered (" .. tostring(err) .. ")" }
+    for tx in pairs(live) do
+      if not tx:decided() then tx:_fail(copy_error(gone, {})) end
+      out[tx.i] = tx.result or tx.err
+    end
+    for i = nxt, n do
+      if descs[i] then
+        out[i] = new_error { kind = "closed", temporary = true, attempted = false,
+          text = "not attempted: the session ended (" .. tostring(err) .. ")" }
+      end
+    end
+    return out
+  end
+
+  while true do
+    -- start what may start now
+    if nlive <= REFILL then
+      while nxt <= n and not sess.dead do
+        local d = descs[nxt]
+        if d then
+          if prev and not prev:is_open() then break end
+          if nlive >= WINDOW or e:outlen() >= WRITE_BATCH then break end
+          local tx = transaction.new(sess, d, expect)
+          tx.i = nxt
+          tx:start(last_sent ~= nil and last_sent.dirty ~= false)
+          if tx.nexp > 0 then last_sent = tx end
+          prev = tx
+          live[tx], nlive = true, nlive + 1
+          if tx:done() then finish(tx) end
+        end
+        nxt = nxt + 1
+      end
+    end
+    if head > tail then
+      if nxt > n then break end
+    else
+      local kind, tx, arg = fk[head], ftx[head], fa[head]
+      local phase = reply_phase(kind, arg)
+      local ok, err = sess:_flush(phase)
+      if not ok then return ended(err, tx) end
+      local r
+      r, err = sess:_reply(phase)
+      if not r then return ended(err, tx) end
+      fk[head], ftx[head], fa[head] = nil, nil, nil
+      head = head + 1
+      if not tx:take(kind, arg, r) then return ended(tx.err, nil) end
+      if tx:done() then finish(tx) end
+    end
+  end
+  -- leave the session clean for what comes next: the last transaction may have left a MAIL open
+  if last_sent and last_sent.dirty ~= false and not sess.dead then
+    local r = session.command(sess, "mail", e.rset)
+    if r and r.code ~= 250 then sess:_abort() end
+  end
+  return out
+end
+
+-- conn:send{ message =, from =, to =, dsn = } -> result | nil, err
+function M.send(sess, opts)
+  local ok, err = session.alive(sess, "send")
+  local d, derr = config.message(opts, "send")
+  if not d then return nil, derr end
+  if not ok then return nil, err end
+  return M.run_one(sess, d)
+end
+
+-- One checked description on an open session -> result | nil, err.
+function M.run_one(sess, d)
+  local res = run(sess, { d }, {}, 1)[1]
+  if errors.is(res) then return nil, res end
+  return res
+end
+
+-- conn:send_many{ opts1, opts2, ... } -> a list with, for each, the result conn:send would give
+-- or its error (an smtp.errors table: check `.kind`).
+function M.send_many(sess, list)
+  local ok, err = session.alive(sess, "send_many")
+  if type(list) ~= "table" then error("bad argument #1 to 'send_many' (list expected)", 3) end
+  local out, descs, n = {}, {}, #list
+  for i = 1, n do
+    local d, derr = config.message(list[i], "send_many")
+    descs[i] = d or false
+    if not d then out[i] = derr end
+  end
+  if not ok then
+    for i = 1, n do out[i] = out[i] or copy_error(err, {}) end
+    return out
+  end
+  return run(sess, descs, out, n)
+end
+
+return M

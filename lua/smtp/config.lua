@@ -1,0 +1,248 @@
+-- smtp.config: the options of smtp.send / smtp.connect / conn:send checked and turned into the
+-- plain tables the session and the transactions use. Everything here runs before any connection
+-- is opened: bad values are refused (kind "invalid"), misuse raises.
+local check = require "smtp.check"
+local errors = require "smtp.errors"
+local source = require "smtp.source"
+
+local M = {}
+
+local type, pairs, ipairs, tostring, tonumber = type, pairs, ipairs, tostring, tonumber
+local concat, sort = table.concat, table.sort
+local has_ctl, has_8bit = check.has_ctl, check.has_8bit
+
+-- RFC 5321 §4.5.3.2 waits are the upper defaults; connect, ehlo, tls, auth and quit have no RFC
+-- value and get shorter ones. `data_block` bounds each write of the body.
+M.DEFAULT_TIMEOUTS = {
+  connect = 30, greeting = 300, ehlo = 300, tls = 60, auth = 120, mail = 300, rcpt = 300,
+  data = 120, data_block = 180, data_end = 600, quit = 60,
+}
+local DEFAULT_TIMEOUTS = M.DEFAULT_TIMEOUTS
+M.PORTS = { starttls = 587, implicit = 465, opportunistic = 25, none = 25 }
+local PORTS = M.PORTS
+local MECHANISMS = { PLAIN = true, LOGIN = true, ["CRAM-MD5"] = true, XOAUTH2 = true, OAUTHBEARER = true }
+
+-- Raises the standard "bad argument" error for the public function `fname` (level 3: the caller
+-- of the function that called the check).
+local function misuse(fname, msg, level)
+  error("bad argument #1 to '" .. fname .. "' (" .. msg .. ")", (level or 3) + 1)
+end
+M.misuse = misuse
+
+local function invalid(text)
+  return nil, errors.new { kind = "invalid", text = text, temporary = false }
+end
+
+local NOTIFY = { NEVER = true, SUCCESS = true, FAILURE = true, DELAY = true }
+
+local function check_dsn(dsn, fname)
+  if dsn == nil then return true end
+  if type(dsn) ~= "table" then misuse(fname, "dsn: table expected") end
+  local out = {}
+  if dsn.notify ~= nil then
+    local list = type(dsn.notify) == "string" and { dsn.notify } or dsn.notify
+    if type(list) ~= "table" then misuse(fname, "dsn.notify: list expected") end
+    local seen, never = {}, false
+    for _, v in ipairs(list) do
+      if type(v) ~= "string" or not NOTIFY[v:upper()] then
+        return invalid("dsn.notify: not NEVER, SUCCESS, FAILURE or DELAY: " .. tostring(v))
+      end
+      v = v:upper()
+      if v == "NEVER" then never = true end
+      if not seen[v] then seen[#seen + 1] = v; seen[v] = true end
+    end
+    if #seen == 0 then return invalid("dsn.notify: empty list") end
+    if never and #seen > 1 then return invalid("dsn.notify: NEVER goes alone") end
+    out.notify = concat(seen, ",")
+  end
+  if dsn.ret ~= nil then
+    local r = type(dsn.ret) == "string" and dsn.ret:upper()
+    if r ~= "FULL" and r ~= "HDRS" then return invalid("dsn.ret: FULL or HDRS") end
+    out.ret = r
+  end
+  if dsn.envid ~= nil then
+    if type(dsn.envid) ~= "string" then misuse(fname, "dsn.envid: string expected") end
+    if has_ctl(dsn.envid) then return invalid("dsn.envid: control character") end
+    if #dsn.envid > 100 or has_8bit(dsn.envid) then return invalid("dsn.envid: over 100 ASCII characters") end
+    out.envid = check.xtext(dsn.envid)
+  end
+  out.orcpt = dsn.orcpt ~= false
+  return out
+end
+
+local function default_helo()
+  local f = io.open("/proc/sys/kernel/hostname", "r")
+  local name = f and f:read("*l")
+  if f then f:close() end
+  if not name or not check.hostname(name) then name = "localhost" end
+  return name
+end
+
+local function check_timeouts(t, fname)
+  local out = {}
+  for k, v in pairs(DEFAULT_TIMEOUTS) do out[k] = v end
+  if t == nil then return out end
+  if type(t) == "number" then
+    if t <= 0 then misuse(fname, "timeout must be positive") end
+    for k in pairs(out) do out[k] = t end
+  elseif type(t) == "table" then
+    for k, v in pairs(t) do
+      if DEFAULT_TIMEOUTS[k] == nil then misuse(fname, "timeout: unknown phase " .. tostring(k)) end
+      if type(v) ~= "number" or v <= 0 then misuse(fname, "timeout." .. k .. ": positive number expected") end
+      out[k] = v
+    end
+  else
+    misuse(fname, "timeout: number or table expected")
+  end
+  return out
+end
+
+local function check_auth(a, fname)
+  if a == nil then return true end
+  if type(a) ~= "table" then misuse(fname, "auth: table expected") end
+  if type(a.user) ~= "string" then misuse(fname, "auth.user: string expected") end
+  if has_ctl(a.user) then return invalid("auth.user: control character (CR, LF, NUL, ...)") end
+  if a.authzid ~= nil and (type(a.authzid) ~= "string" or has_ctl(a.authzid)) then
+    return invalid("auth.authzid: control character or not a string")
+  end
+  local has_pw, has_tok = a.password ~= nil, a.token ~= nil
+  if has_pw == has_tok then misuse(fname, "auth: give password or token") end
+  if has_pw and type(a.password) ~= "string" then misuse(fname, "auth.password: string expected") end
+  -- CR and LF too: a LOGIN server that decodes the password into a line must not see two lines
+  if has_pw and check.breaks_line(a.password) then return invalid("auth.password: CR, LF or NUL") end
+  if has_tok and type(a.token) ~= "string" and type(a.token) ~= "function" then
+    misuse(fname, "auth.token: string or function expected")
+  end
+  if type(a.token) == "string" and has_ctl(a.token) then return invalid("auth.token: control character") end
+  if a.mechanism ~= nil then
+    if type(a.mechanism) ~= "string" or not MECHANISMS[a.mechanism:upper()] then
+      return invalid("auth.mechanism: one of PLAIN, LOGIN, CRAM-MD5, XOAUTH2, OAUTHBEARER")
+    end
+    local m = a.mechanism:upper()
+    if has_tok ~= (m == "XOAUTH2" or m == "OAUTHBEARER") then
+      return invalid("auth.mechanism " .. m .. " does not go with " .. (has_tok and "a token" or "a password"))
+    end
+  end
+  return true
+end
+
+-- pool = nil|true (defaults) | false (off) | { size = 10, idle_timeout = 30 }: idle sessions kept
+-- for the next smtp.send where the transport keeps them (the cosocket pool inside nginx).
+local function check_pool(p, fname)
+  if p == false then return nil end
+  if p == nil or p == true then p = {} end
+  if type(p) ~= "table" then misuse(fname, "pool: boolean or table expected") end
+  local size, idle = p.size or 10, p.idle_timeout or 30
+  if type(size) ~= "number" or size < 1 or size % 1 ~= 0 then misuse(fname, "pool.size: positive integer expected") end
+  if type(idle) ~= "number" or idle <= 0 then misuse(fname, "pool.idle_timeout: positive number expected") end
+  return { size = size, idle_timeout = idle }
+end
+
+-- Connection options -> a validated config, or nil, err. Raises on misuse.
+function M.connection(opts, fname)
+  if type(opts) ~= "table" then misuse(fname, "options table expected") end
+  if type(opts.server) ~= "string" or opts.server == "" then misuse(fname, "server: host name expected") end
+  local ok, err = check.hostname(opts.server, "server")
+  if not ok then return nil, err end
+  local tls = opts.tls == nil and "starttls" or opts.tls
+  if PORTS[tls] == nil then misuse(fname, "tls: starttls, implicit, opportunistic or none") end
+  local port = opts.port == nil and PORTS[tls] or tonumber(opts.port)
+  if not port or port < 1 or port > 65535 or port % 1 ~= 0 then misuse(fname, "port: 1..65535") end
+  local helo = opts.helo
+  if helo == nil then helo = default_helo() else
+    if type(helo) ~= "string" then misuse(fname, "helo: string expected") end
+    ok, err = check.hostname(helo, "helo")
+    if not ok then return nil, err end
+  end
+  ok, err = check_auth(opts.auth, fname)
+  if not ok then return nil, err end
+  if opts.auth and tls == "none" and not opts.allow_plaintext_auth and not check.is_loopback(opts.server) then
+    return invalid("auth over a plaintext connection: use TLS or allow_plaintext_auth = true")
+  end
+  local servername = opts.servername
+  if servername ~= nil and type(servername) ~= "string" then misuse(fname, "servername: string expected") end
+  if servername ~= nil and has_ctl(servername) then return invalid("servername: control character") end
+  if opts.cafile ~= nil and type(opts.cafile) ~= "string" then misuse(fname, "cafile: string expected") end
+  return {
+    server = opts.server, port = port, tls = tls, helo = helo, auth = opts.auth,
+    verify = opts.verify ~= false, cafile = opts.cafile,
+    servername = servername or (opts.server:gsub("^%[(.*)%]$", "%1")),
+    timeouts = check_timeouts(opts.timeout, fname),
+    allow_plaintext_auth = opts.allow_plaintext_auth == true,
+    chunking = opts.chunking ~= false,
+    pipelining = opts.pipelining ~= false,
+    nameservers = opts.nameservers,
+    transport = opts.transport,
+    pool = check_pool(opts.pool, fname),
+  }
+end
+
+local function to_list(v, fname, what)
+  if v == nil then return nil end
+  if type(v) == "string" then return { v } end
+  if type(v) ~= "table" then misuse(fname, what .. ": string or list expected", 4) end
+  local out = {}
+  for i, a in ipairs(v) do out[i] = a end
+  return out
+end
+
+-- Message options -> a transaction description { message, from, to, dsn, smtputf8, head }, or
+-- nil, err. Raises on misuse.
+function M.message(opts, fname)
+  if type(opts) ~= "table" then misuse(fname, "options table expected") end
+  local m = opts.message
+  local mt = type(m)
+  local is_msg = source.is_message(m)
+  if not (mt == "string" or mt == "function" or io.type(m) == "file" or is_msg) then
+    misuse(fname, "message: string, file, function or smtp.message expected")
+  end
+  local from, to = opts.from, to_list(opts.to, fname, "to")
+  local needs_utf8, head = false, nil
+  if is_msg then
+    if (from == nil or to == nil) and type(m.envelope) == "function" then
+      local ef, et = m:envelope()
+      if from == nil then from = ef end
+      if to == nil then to = to_list(et, fname, "to") end
+    end
+    if type(m.needs) == "function" then
+      local n = m:needs()
+      needs_utf8 = type(n) == "table" and n.smtputf8 == true
+    end
+  elseif mt == "string" then
+    head = source.headers_of(m)
+    needs_utf8 = has_8bit(head)
+  end
+  if from == nil then return invalid("from: no envelope sender (give from = ...)") end
+  if type(from) ~= "string" then misuse(fname, "from: string expected") end
+  local ok, u8 = check.address(from, "from", true)
+  if not ok then return nil, u8 end
+  if u8 then needs_utf8 = true end
+  if to == nil or #to == 0 then return invalid("to: no recipients") end
+  for _, r in ipairs(to) do
+    if type(r) ~= "string" then misuse(fname, "to: strings expected") end
+    ok, u8 = check.address(r, "to")
+    if not ok then return nil, u8 end
+    if u8 then needs_utf8 = true end
+  end
+  local dsn, err = check_dsn(opts.dsn, fname)
+  if not dsn then return nil, err end
+  return { message = m, from = from, to = to, dsn = opts.dsn and dsn or nil, smtputf8 = needs_utf8,
+    head = head }
+end
+
+-- MAIL/RCPT parameters given as a table -> "KEY=value KEY2" in a stable order.
+function M.params(p, fname)
+  if p == nil then return nil end
+  if type(p) == "string" then return p end
+  if type(p) ~= "table" then misuse(fname, "params: string or table expected") end
+  local keys, out = {}, {}
+  for k in pairs(p) do keys[#keys + 1] = k end
+  sort(keys)
+  for _, k in ipairs(keys) do
+    local v = p[k]
+    out[#out + 1] = (v == true) and k or (k .. "=" .. tostring(v))
+  end
+  return concat(out, " ")
+end
+
+return M

@@ -1,0 +1,402 @@
+-- smtp.transaction: one mail transaction (MAIL, RCPTs, then DATA and the body, or BDAT chunks)
+-- as an object that queues its commands into the session's engine, names the reply each one
+-- expects, takes those replies in order and ends with exactly one result or error. Every way of
+-- sending (conn:send, send_many with or without PIPELINING and CHUNKING) runs through it; the
+-- order of commands and replies across transactions is smtp.batch's business.
+local errors = require "smtp.errors"
+local check = require "smtp.check"
+local source = require "smtp.source"
+local session = require "smtp.session"
+
+local M = {}
+
+local type, ipairs, pcall, tostring, tonumber = type, ipairs, pcall, tostring, tonumber
+local concat = table.concat
+local new_error, reply_error = errors.new, session.reply_error
+local is_message, message_id_of, message_id_in = source.is_message, source.message_id_of, source.message_id_in
+local has_8bit, xtext = check.has_8bit, check.xtext
+
+local WRITE_BATCH = 256 * 1024   -- body bytes gathered before one write
+local BDAT_CHUNK = source.BDAT_CHUNK
+M.WRITE_BATCH = WRITE_BATCH
+
+local function invalid(text, phase)
+  return new_error { kind = "invalid", text = text, temporary = false, phase = phase }
+end
+
+-- Streams a source after DATA's 354 into the engine, writing every WRITE_BATCH bytes, and queues
+-- the end-of-data (left for the caller to write, so the next commands can share that write).
+-- -> true, message_id | nil, err. A failing source closes the session without the end-of-data:
+-- the server must never take a truncated message.
+function M.stream_body(sess, src)
+  local e = sess.engine
+  local id, head = nil, true
+  while true do
+    local okc, chunk = pcall(src)
+    if okc and chunk == nil then break end
+    if not okc or type(chunk) ~= "string" then
+      sess:_abort()
+      return nil, invalid(okc and ("message source gave a " .. type(chunk) .. " instead of a string")
+        or ("message source failed: " .. tostring(chunk)), "data")
+    end
+    if head then
+      id = message_id_of(chunk)
+      head = false
+    end
+    e:body(chunk)
+    if e:outlen() >= WRITE_BATCH then
+      local ok, err = sess:_flush("data_block")
+      if not ok then return nil, err end
+    end
+  end
+  e:body_end()
+  return true, id
+end
+
+-- MAIL parameters for one transaction (SIZE, BODY, SMTPUTF8, DSN RET/ENVID), or nil, err for
+-- what the server cannot take (SMTPUTF8 missing, over its SIZE): refused before any byte.
+local function mail_params(sess, d, size)
+  local ext = sess.ext
+  if not d.smtputf8 and not d.dsn then
+    -- the common case, once per message in send_many: the limit parsed once per EHLO
+    if sess._mp_ext ~= ext then
+      sess._mp_ext = ext
+      sess._mp_limit = ext.SIZE and (tonumber(ext.SIZE:match("^%d+") or "") or false)
+      sess._mp_body = ext["8BITMIME"] and "BODY=8BITMIME" or nil
+    end
+    local limit, body = sess._mp_limit, sess._mp_body
+    if limit and limit > 0 and size and size > limit then
+      return nil, new_error { kind = "rejected", code = 552, enhanced = "5.3.4", phase = "mail",
+        temporary = false, text = ("message of %d bytes over the server's limit of %d"):format(size, limit) }
+    end
+    if limit == nil or not size then return body or false end
+    if body then return "SIZE=" .. size .. " " .. body end
+    return "SIZE=" .. size
+  end
+  if d.smtputf8 and not ext.SMTPUTF8 then
+    return nil, invalid("the message needs SMTPUTF8 (non-ASCII address or header) and the server does not offer it", "mail")
+  end
+  local mp = {}
+  if ext.SIZE then
+    local limit = tonumber(ext.SIZE:match("^%d+") or "")
+    if size then
+      if limit and limit > 0 and size > limit then
+        return nil, new_error { kind = "rejected", code = 552, enhanced = "5.3.4", phase = "mail",
+          temporary = false, text = ("message of %d bytes over the server's limit of %d"):format(size, limit) }
+      end
+      mp[#mp + 1] = "SIZE=" .. size
+    end
+  end
+  if ext["8BITMIME"] then mp[#mp + 1] = "BODY=8BITMIME" end
+  if d.smtputf8 then mp[#mp + 1] = "SMTPUTF8" end
+  local dsn = d.dsn and ext.DSN and d.dsn
+  if dsn then
+    if dsn.ret then mp[#mp + 1] = "RET=" .. dsn.ret end
+    if dsn.envid then mp[#mp + 1] = "ENVID=" .. dsn.envid end
+  end
+  return #mp > 0 and concat(mp, " ") or false, dsn
+end
+
+local function rcpt_params(dsn, rcpt)
+  if not dsn then return nil end
+  local rp = {}
+  if dsn.notify then rp[#rp + 1] = "NOTIFY=" .. dsn.notify end
+  if dsn.orcpt then
+    if has_8bit(rcpt) then
+      -- RFC 6533 utf-8-addr-unitext (SMTPUTF8 is in use for this address): UTF-8 as is,
+      -- '+', '=', space and controls as \x{HEX}
+      rp[#rp + 1] = "ORCPT=utf-8;" .. rcpt:gsub("[%z\1-\32+=\127]", function(c)
+        return ("\\x{%X}"):format(c:byte())
+      end)
+    else
+      rp[#rp + 1] = "ORCPT=rfc822;" .. xtext(rcpt)
+    end
+  end
+  return #rp > 0 and concat(rp, " ") or nil
+end
+
+local Tx = {}
+Tx.__index = Tx
+
+-- A transaction for description `d` (config.message) on `sess`; `expect(tx, kind, arg)` is how
+-- it announces each reply it has queued a command for (smtp.batch keeps them in wire order).
+function M.new(sess, d, expect)
+  local ext, cfg = sess.ext, sess.cfg
+  return setmetatable({
+    sess = sess, d = d, expect_fn = expect,
+    pipelining = (ext.PIPELINING and cfg.pipelining) and true or false,
+    bdat = (ext.CHUNKING and cfg.chunking) and true or false,
+    accepted = {}, rejected = {}, nrcpt = 0,
+    nexp = 0,          -- replies announced and not yet taken
+    dirty = nil,       -- after it: true = a MAIL may be open (RSET first), false = clean, nil = unknown
+    started = false,
+  }, Tx)
+end
+
+function Tx:_expect(kind, arg)
+  self.nexp = self.nexp + 1
+  self.expect_fn(self, kind, arg)
+end
+
+-- The transaction's outcome; the first one decided stands.
+function Tx:_fail(err, dirty)
+  if self.result == nil and self.err == nil then self.err = err end
+  if dirty ~= nil then self.dirty = dirty end
+end
+
+function Tx:_succeed(r, id)
+  local m = self.d.message
+  self.result = { accepted = self.accepted, rejected = self.rejected,
+    reply = { code = r.code, enhanced = r.enhanced, text = r.text },
+    message_id = (is_message(m) and m.message_id) or id or nil,
+    server = self.sess:info() }
+  self.dirty = false
+end
+
+function Tx:decided() return self.result ~= nil or self.err ~= nil end
+function Tx:done() return self.nexp == 0 and self:decided() end
+
+-- May the next transaction's commands be queued behind this one's now? With PIPELINING, once
+-- nothing more of this one can come before them: after DATA's reply (RFC 2920: DATA ends a
+-- command group, and the body must follow the 354), or once its last BDAT chunk is queued or it
+-- failed (BDAT does not end a group). Without PIPELINING, once it is over.
+function Tx:is_open()
+  if self.nexp == 0 then return true end
+  if not self.pipelining then return false end
+  if self.bdat then return self.sent_last == true or self:decided() end
+  return self.data_answered == true
+end
+
+local function all_rejected(self)
+  local first = self.rejected[1]
+  return new_error { kind = "rejected", phase = "rcpt", code = first and first.code,
+    enhanced = first and first.enhanced, text = first and first.text or "every recipient was rejected",
+    rejected = self.rejected, temporary = first and first.code < 500 or false }
+end
+
+-- One command on its own (without PIPELINING, or after the recipients): queued and announced,
+-- or the transaction fails (a MAIL is open by now: RSET after it).
+function Tx:_step(kind, arg, fn, ...)
+  local ok, err = fn(self.sess.engine, ...)
+  if not ok then
+    self:_fail(invalid(tostring(err), kind == "rcpt" and "rcpt" or "data"), true)
+    return false
+  end
+  self:_expect(kind, arg)
+  return true
+end
+
+-- Starts the transaction: RSET first when `rset` (the one before may have left a MAIL open),
+-- then MAIL, and with PIPELINING the RCPTs and DATA or the first BDAT chunk in the same write.
+-- A transaction the server cannot take (SIZE, SMTPUTF8) or a value the engine refuses ends here
+-- with nothing of it queued.
+function Tx:start(rset)
+  self.started = true
+  local d, e = self.d, self.sess.engine
+  local m = d.message
+  local size
+  if self.bdat and type(m) == "string" and #m <= BDAT_CHUNK then
+    self.whole, size = true, #m           -- one BDAT LAST chunk, no source
+  elseif not self.bdat and type(m) == "string" and #m <= WRITE_BATCH then
+    self.whole, size = true, #m           -- one body call, no source
+  else
+    self.src, size = source.of(m)
+  end
+  local mp, dsn = mail_params(self.sess, d, size)
+  if mp == nil then self:_fail(dsn, false); return end
+  self.mp, self.dsn = mp or nil, dsn
+  if rset then
+    e:rset()
+    self:_expect("rset")
+    if not self.pipelining then return end   -- MAIL once RSET is answered
+  end
+  self:_mail()
+end
+
+-- MAIL, and with PIPELINING the RCPTs and DATA or the first BDAT chunk. They are announced only
+-- once all of them are queued: if the engine refuses one (or the source fails before the first
+-- chunk), the engine is rolled back to the mark, so none of them can leave with a later command.
+function Tx:_mail()
+  local e = self.sess.engine
+  local mark = e:mark()
+  local kinds, args, n = {}, {}, 0
+  local function q(kind, arg, fn, ...)
+    local ok, err = fn(e, ...)
+    if not ok then return nil, invalid(tostring(err), kind == "bdat" and "data" or kind) end
+    n = n + 1
+    kinds[n], args[n] = kind, arg
+    return true
+  end
+  local ok, err = q("mail", nil, e.mail, self.d.from, self.mp)
+  if ok and self.pipelining then
+    for k, rcpt in ipairs(self.d.to) do
+      ok, err = q("rcpt", k, e.rcpt, rcpt, rcpt_params(self.dsn, rcpt))
+      if not ok then break end
+    end
+    if ok then
+      if self.bdat then ok, err = self:_first_chunk(q) else ok, err = q("data", nil, e.data) end
+    end
+  end
+  if not ok then
+    e:rollback(mark)
+    self:_fail(err, false)
+    return
+  end
+  for i = 1, n do self:_expect(kinds[i], args[i]) end
+end
+
+-- The first BDAT chunk (read from the source) after the pipelined RCPTs.
+function Tx:_first_chunk(q)
+  local e = self.sess.engine
+  if self.whole then
+    self.id = message_id_in(self.d.head or "")
+    self.sent_last, self.inflight = true, 1
+    return q("bdat", true, e.bdat_last, self.d.message)
+  end
+  self.st, self.chunks = source.bdat_chunks(self.src)
+  local ok, n, last, first = pcall(self.chunks)
+  if not ok then return nil, invalid("message source failed: " .. tostring(n), "data") end
+  self.id = message_id_of(first or "") or false
+  self.sent_last, self.inflight = last, 1
+  return q("bdat", last, e.bdat_from, self.st, last)
+end
+
+-- More BDAT chunks while fewer than the window are unanswered (two with PIPELINING: RFC 3030
+-- has the server discard chunks in flight after a failed one; one without).
+function Tx:_pump()
+  local window = self.pipelining and 2 or 1
+  local e = self.sess.engine
+  while not self.sent_last and not self:decided() and self.inflight < window do
+    if not self.chunks then
+      self.st, self.chunks = source.bdat_chunks(self.src)
+    end
+    local ok, n, last, first = pcall(self.chunks)
+    if not ok then
+      -- no LAST went out: after the replies in flight a RSET drops what the server holds
+      self:_fail(invalid("message source failed: " .. tostring(n), "data"), true)
+      return
+    end
+    if self.id == nil then self.id = message_id_of(first or "") or false end
+    local qok, err = e:bdat_from(self.st, last)
+    if not qok then
+      self:_fail(invalid(tostring(err), "data"), true)
+      return
+    end
+    self.inflight, self.sent_last = self.inflight + 1, last
+    self:_expect("bdat", last)
+  end
+end
+
+-- What to send once every recipient has answered: nothing if none was accepted (the MAIL stays
+-- open: RSET next), else DATA or the BDAT chunks (with PIPELINING the first is already out).
+function Tx:_after_rcpts()
+  if #self.accepted == 0 then
+    self:_fail(all_rejected(self), true)
+    return
+  end
+  local e = self.sess.engine
+  if self.bdat then
+    if self.whole and not self.pipelining then
+      self.id = message_id_in(self.d.head or "")
+      self.sent_last, self.inflight = true, 1
+      return self:_step("bdat", true, e.bdat_last, self.d.message)
+    end
+    return self:_pump()
+  end
+  if not self.pipelining then self:_step("data", nil, e.data) end
+end
+
+-- Takes the reply to the command announced as (kind, arg). -> true, or false when the session
+-- ended here (the transaction's own error is then set).
+function Tx:take(kind, arg, r)
+  self.nexp = self.nexp - 1
+  local ok2xx = r.code >= 200 and r.code < 300
+  if kind == "rset" then
+    if r.code ~= 250 then
+      self.sess:_abort()
+      self:_fail(reply_error("closed", r, "mail", { temporary = true }))
+      return false
+    end
+    if not self.pipelining and not self:decided() then self:_mail() end
+  elseif kind == "mail" then
+    self.mail_r = r
+    if not ok2xx then
+      -- no transaction was opened; with PIPELINING the RCPTs and DATA get 503s still to read
+      self:_fail(reply_error("rejected", r, "mail", { rejected = self.rejected }), false)
+    elseif not self.pipelining then
+      local to = self.d.to[1]
+      self:_step("rcpt", 1, self.sess.engine.rcpt, to, rcpt_params(self.dsn, to))
+    end
+  elseif kind == "rcpt" then
+    local rcpt = self.d.to[arg]
+    if ok2xx then self.accepted[#self.accepted + 1] = rcpt
+    else self.rejected[#self.rejected + 1] = { recipient = rcpt, code = r.code, enhanced = r.enhanced, text = r.text } end
+    if not self:decided() then
+      if arg < #self.d.to then
+        if not self.pipelining then
+          local nx = self.d.to[arg + 1]
+          self:_step("rcpt", arg + 1, self.sess.engine.rcpt, nx, rcpt_params(self.dsn, nx))
+        end
+      else
+        self:_after_rcpts()
+      end
+    end
+  elseif kind == "data" then
+    self.data_answered = true
+    if r.code == 354 then
+      if self:decided() or #self.accepted == 0 then
+        -- a server that said 354 with no transaction or no valid recipient: end the empty data
+        if not self:decided() then self:_fail(all_rejected(self)) end
+        self.sess.engine:body_end()
+        self:_expect("end", true)
+        self.dirty = false
+        return true
+      end
+      local sok, id
+      if self.whole then
+        local e = self.sess.engine
+        e:body(self.d.message)
+        e:body_end()
+        sok, id = true, message_id_in(self.d.head or "")
+      else
+        sok, id = M.stream_body(self.sess, self.src)
+      end
+      if not sok then self:_fail(id, true); return false end
+      self.id = id
+      self.dirty = false      -- the end-of-data ends the transaction, whatever its reply
+      self:_expect("end")
+    elseif not self:decided() then
+      if #self.accepted == 0 then self:_fail(all_rejected(self), true)
+      else self:_fail(reply_error("rejected", r, "data", { rejected = self.rejected }), true) end
+    end
+  elseif kind == "end" then
+    if arg or self:decided() then
+      -- the empty data after a refused transaction: its error stands
+      if not self:decided() then self:_fail(all_rejected(self)) end
+      self.dirty = false
+    elseif r.code ~= 250 then
+      self:_fail(reply_error("rejected", r, "data_end", { rejected = self.rejected }), false)
+    else
+      self:_succeed(r, self.id)
+    end
+  elseif kind == "bdat" then
+    self.inflight = self.inflight - 1
+    if self:decided() then return true end      -- chunks in flight after a failure: discarded
+    if r.code ~= 250 then
+      if self.mail_r and not (self.mail_r.code >= 200 and self.mail_r.code < 300) then
+        self:_fail(reply_error("rejected", self.mail_r, "mail", { rejected = self.rejected }), true)
+      elseif #self.accepted == 0 then
+        self:_fail(all_rejected(self), true)
+      else
+        self:_fail(reply_error("rejected", r, arg and "data_end" or "data", { rejected = self.rejected }), true)
+      end
+    elseif arg then
+      self:_succeed(r, self.id)
+    else
+      self:_pump()
+    end
+  end
+  return true
+end
+
+return M
