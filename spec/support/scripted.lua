@@ -17,7 +17,8 @@
 --
 -- Records: srv.wire (every byte the client wrote, in order), srv.commands ({ verb, arg, line,
 -- from, shadow, payload } per command; payload = the first 512 bytes of a DATA body or BDAT chunk),
--- srv.stored ({ from, rcpts, body } per accepted message) and srv.violations (protocol mistakes the
+-- srv.stored ({ from, rcpts, body } per accepted message), srv.faults (the rules, `fired` set on
+-- those that happened) and srv.violations (protocol mistakes the
 -- client made that a real server could not tell it about: nested MAIL, BDAT after a refused one
 -- beyond what was in flight, waiting for a reply that nothing will send).
 local errors = require "smtp.errors"
@@ -29,15 +30,16 @@ local function timeout_err(text) return errors.new { kind = "timeout", text = te
 
 function M.new(script)
   script = script or {}
-  local srv = { wire = {}, commands = {}, stored = {}, violations = {}, connections = 0 }
   local faults = script.faults or {}
+  local srv = { wire = {}, commands = {}, stored = {}, violations = {}, connections = 0, faults = faults }
   for _, f in ipairs(faults) do f.seen = 0 end
 
   -- one connection's server state
   local st
 
   local function reply(s) if not st.shadow then st.out[#st.out + 1] = s .. "\r\n" end end
-  local function violation(s) srv.violations[#srv.violations + 1] = s end
+  -- once the conversation is over (shadow parsing) the client cannot be faulted for its state
+  local function violation(s) if not st.shadow then srv.violations[#srv.violations + 1] = s end end
 
   local function fault(verb, from, arg)
     if st.shadow then return nil end
@@ -77,7 +79,7 @@ function M.new(script)
   local function end_of_data(bdat)
     local tx = st.tx
     local f = fault(".", tx.from)
-    if f and act(f) then return end
+    if f and act(f) then st.tx = nil; return end
     if f then
       reply(f.reply)
       if bdat then tx.state, tx.after_failed = "failed", 0 else st.tx = nil end
