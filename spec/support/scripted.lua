@@ -13,7 +13,10 @@
 -- body, and the end of a BDAT LAST chunk); `from` limits it to the transaction of that sender (for
 -- MAIL: its own address), `arg` to that RCPT address, `nth` to the nth match (default 1). Each rule
 -- fires once. After a drop, a 421 or a timeout the model keeps parsing what the client still writes
--- (marked `shadow` in the command log) without answering it.
+-- (marked `shadow` in the command log) without answering it. After a drop or 421, writes still
+-- succeed until a read has reported `closed` (as a TCP write into a closed peer first does), then fail.
+-- A refused BDAT (LAST included) leaves the transaction failed until RSET: further BDATs are
+-- discarded with 503 and MAIL is answered 503 (RFC 3030: RSET is due after a failed BDAT).
 --
 -- Records: srv.wire (every byte the client wrote, in order), srv.commands ({ verb, arg, line,
 -- from, shadow, payload } per command; payload = the first 512 bytes of a DATA body or BDAT chunk),
