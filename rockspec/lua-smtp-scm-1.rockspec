@@ -35,6 +35,12 @@ build = {
       -- ".init" keeps the file name: the tree then has smtp/init.lua, as `make install` lays it out
       ["smtp.init"] = "lua/smtp/init.lua",
       ["smtp.errors"] = "lua/smtp/errors.lua",
+      ["smtp.check"] = "lua/smtp/check.lua",
+      ["smtp.config"] = "lua/smtp/config.lua",
+      ["smtp.source"] = "lua/smtp/source.lua",
+      ["smtp.session"] = "lua/smtp/session.lua",
+      ["smtp.transaction"] = "lua/smtp/transaction.lua",
+      ["smtp.batch"] = "lua/smtp/batch.lua",
       ["smtp.wait"] = "lua/smtp/wait.lua",
       ["smtp.loop"] = "lua/smtp/loop.lua",
       ["smtp.dns"] = "lua/smtp/dns.lua",

@@ -126,7 +126,7 @@ function M.new(sess, d, expect)
     sess = sess, d = d, expect_fn = expect,
     pipelining = (ext.PIPELINING and cfg.pipelining) and true or false,
     bdat = (ext.CHUNKING and cfg.chunking) and true or false,
-    accepted = {}, rejected = {}, nrcpt = 0,
+    accepted = {}, rejected = {}, inflight = 0,
     nexp = 0,          -- replies announced and not yet taken
     dirty = nil,       -- after it: true = a MAIL may be open (RSET first), false = clean, nil = unknown
     started = false,
