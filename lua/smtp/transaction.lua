@@ -217,48 +217,53 @@ end
 -- once all of them are queued: if the engine refuses one (or the source fails before the first
 -- chunk), the engine is rolled back to the mark, so none of them can leave with a later command.
 function Tx:_mail()
-  local e = self.sess.engine
+  local e, to = self.sess.engine, self.d.to
   local mark = e:mark()
-  local kinds, args, n = {}, {}, 0
-  local function q(kind, arg, fn, ...)
-    local ok, err = fn(e, ...)
-    if not ok then return nil, invalid(tostring(err), kind == "bdat" and "data" or kind) end
-    n = n + 1
-    kinds[n], args[n] = kind, arg
-    return true
-  end
-  local ok, err = q("mail", nil, e.mail, self.d.from, self.mp)
+  local ok, err = e:mail(self.d.from, self.mp)
+  local kind = "mail"
   if ok and self.pipelining then
-    for k, rcpt in ipairs(self.d.to) do
-      ok, err = q("rcpt", k, e.rcpt, rcpt, rcpt_params(self.dsn, rcpt))
+    kind = "rcpt"
+    for k = 1, #to do
+      ok, err = e:rcpt(to[k], rcpt_params(self.dsn, to[k]))
       if not ok then break end
     end
     if ok then
-      if self.bdat then ok, err = self:_first_chunk(q) else ok, err = q("data", nil, e.data) end
+      if self.bdat then
+        kind = "data"
+        ok, err = self:_first_chunk()
+      else
+        kind = "data"
+        ok, err = e:data()
+      end
     end
   end
   if not ok then
     e:rollback(mark)
-    self:_fail(err, false)
+    self:_fail(errors.is(err) and err or invalid(tostring(err), kind), false)
     return
   end
-  for i = 1, n do self:_expect(kinds[i], args[i]) end
+  self:_expect("mail")
+  if self.pipelining then
+    for k = 1, #to do self:_expect("rcpt", k) end
+    if self.bdat then self:_expect("bdat", self.sent_last) else self:_expect("data") end
+  end
 end
 
--- The first BDAT chunk (read from the source) after the pipelined RCPTs.
-function Tx:_first_chunk(q)
+-- The first BDAT chunk (read from the source) after the pipelined RCPTs: queued, not announced.
+function Tx:_first_chunk()
   local e = self.sess.engine
+  self.inflight = 1
   if self.whole then
     self.id = message_id_in(self.d.head or "")
-    self.sent_last, self.inflight = true, 1
-    return q("bdat", true, e.bdat_last, self.d.message)
+    self.sent_last = true
+    return e:bdat_last(self.d.message)
   end
   self.st, self.chunks = source.bdat_chunks(self.src)
   local ok, n, last, first = pcall(self.chunks)
   if not ok then return nil, invalid("message source failed: " .. tostring(n), "data") end
   self.id = message_id_of(first or "") or false
-  self.sent_last, self.inflight = last, 1
-  return q("bdat", last, e.bdat_from, self.st, last)
+  self.sent_last = last
+  return e:bdat_from(self.st, last)
 end
 
 -- More BDAT chunks while fewer than the window are unanswered (two with PIPELINING: RFC 3030
