@@ -153,7 +153,7 @@ describe("smtp.mx", function()
     local res, err = mx.lookup("exa mple.test", opts())
     assert.is_nil(res)
     assert.equal("invalid", err.kind)
-    assert.has_error(function() mx.lookup(nil) end, "bad argument 'domain': string expected")
+    assert.has_error(function() mx.lookup(nil) end, "bad argument #1 to 'lookup' (string expected)")
     assert.has_error(function() mx.lookup("a.test", { random = 3 }) end)
   end)
 

@@ -215,20 +215,20 @@ end
 -- deliver{ message=, from=, to=, helo=, tls="opportunistic", nameservers=, port=25, timeout=30,
 --          dns_timeout=, random=, verify=, cafile=, dsn= } -> results | nil, err (invalid input)
 function M.deliver(opts)
-  if type(opts) ~= "table" then error("bad argument #1 to 'deliver': table expected", 2) end
+  if type(opts) ~= "table" then error("bad argument #1 to 'deliver' (table expected)", 2) end
   local tls = opts.tls or "opportunistic"
   if not tls_modes[tls] then
-    error("bad argument 'tls': \"opportunistic\", \"starttls\", \"implicit\" or \"none\" expected", 2)
+    error("bad argument #1 to 'deliver' (tls: \"opportunistic\", \"starttls\", \"implicit\" or \"none\" expected)", 2)
   end
   if opts.port ~= nil and (type(opts.port) ~= "number" or opts.port % 1 ~= 0) then
-    error("bad argument 'port': integer expected", 2)
+    error("bad argument #1 to 'deliver' (port: integer expected)", 2)
   end
   if opts.port ~= nil and (opts.port < 1 or opts.port > 65535) then
     return errors.invalid("port out of range: " .. tostring(opts.port))
   end
-  if opts.message == nil then error("bad argument 'message': message expected", 2) end
+  if opts.message == nil then error("bad argument #1 to 'deliver' (message: message expected)", 2) end
   local message = replayable(opts.message)
-  if message == nil then error("bad argument 'message': string, smtp.message, file or function expected", 2) end
+  if message == nil then error("bad argument #1 to 'deliver' (message: string, smtp.message, file or function expected)", 2) end
 
   local from, to = envelope(opts, opts.message)
   if type(from) ~= "string" then return errors.invalid("from: an envelope sender is required") end

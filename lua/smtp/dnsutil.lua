@@ -60,16 +60,18 @@ function M.is_localhost(n)
   return n == "localhost" or n:sub(-10) == ".localhost"
 end
 
--- The `opts` of resolve/query/resolver, checked; raises at `level` (of the caller) on misuse.
-function M.check_opts(opts, level)
+-- The `opts` of resolve/query/resolver (argument #n of function fname), checked; raises at
+-- `level` (of the caller) on misuse.
+function M.check_opts(opts, level, fname, n)
   if opts == nil then return {} end
-  if type(opts) ~= "table" then error("bad argument 'opts': table expected", level + 1) end
+  local function bad(msg)
+    error(("bad argument #%d to '%s' (%s)"):format(n or 1, fname or "resolver", msg), level + 2)
+  end
+  if type(opts) ~= "table" then bad("table expected, got " .. type(opts)) end
   if opts.nameservers ~= nil and type(opts.nameservers) ~= "table" then
-    error("bad argument 'opts.nameservers': table of \"host:port\" strings expected", level + 1)
+    bad("nameservers: table of \"host:port\" strings expected")
   end
-  if opts.timeout ~= nil and type(opts.timeout) ~= "number" then
-    error("bad argument 'opts.timeout': number expected", level + 1)
-  end
+  if opts.timeout ~= nil and type(opts.timeout) ~= "number" then bad("timeout: number expected") end
   return opts
 end
 
@@ -115,8 +117,8 @@ end
 -- resolve(name, opts) of backend D -> { addresses... } (AAAA, then A) | nil, err. Misuse raises
 -- at `level` of the caller.
 function M.resolve(D, name, opts, level)
-  if type(name) ~= "string" then error("bad argument 'name': string expected", level + 1) end
-  opts = M.check_opts(opts, level + 1)
+  if type(name) ~= "string" then error("bad argument #1 to 'resolve' (string expected)", level + 1) end
+  opts = M.check_opts(opts, level + 1, "resolve", 2)
   local lit = M.literal(name)
   if lit then return { lit } end
   local host = D.normalize(name)
@@ -135,9 +137,9 @@ local qtypes = { A = true, AAAA = true, MX = true }
 
 -- query(name, "MX"|"A"|"AAAA", opts) of backend D -> answer | nil, err.
 function M.query(D, name, qtype, opts, level)
-  if type(name) ~= "string" then error("bad argument 'name': string expected", level + 1) end
-  if not qtypes[qtype] then error("bad argument 'qtype': \"A\", \"AAAA\" or \"MX\" expected", level + 1) end
-  opts = M.check_opts(opts, level + 1)
+  if type(name) ~= "string" then error("bad argument #1 to 'query' (string expected)", level + 1) end
+  if not qtypes[qtype] then error("bad argument #2 to 'query' (\"A\", \"AAAA\" or \"MX\" expected)", level + 1) end
+  opts = M.check_opts(opts, level + 1, "query", 3)
   local host = D.normalize(name)
   if not host then return errors.invalid("not a valid domain name: " .. ("%q"):format(name)) end
   local r, deadline = D.resolver(opts)

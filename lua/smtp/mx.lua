@@ -11,9 +11,9 @@ M.max_addresses = 8     -- addresses per host (AAAA first, then A)
 
 local function check_opts(opts)
   if opts == nil then return {} end
-  if type(opts) ~= "table" then error("bad argument 'opts': table expected", 3) end
+  if type(opts) ~= "table" then error("bad argument #2 to 'lookup' (table expected)", 3) end
   if opts.random ~= nil and type(opts.random) ~= "function" then
-    error("bad argument 'opts.random': function(n) -> 1..n expected", 3)
+    error("bad argument #2 to 'lookup' (random: function(n) -> 1..n expected)", 3)
   end
   return opts
 end
@@ -40,7 +40,7 @@ end
 -- mx.lookup(domain, {nameservers=, timeout=, random=}) ->
 --   { {host=, preference=, addresses={...}[, implicit=true]}, ... } | nil, err
 function M.lookup(domain, opts)
-  if type(domain) ~= "string" then error("bad argument 'domain': string expected", 2) end
+  if type(domain) ~= "string" then error("bad argument #1 to 'lookup' (string expected)", 2) end
   opts = check_opts(opts)
   local name = dns.normalize(domain)
   if not name then return errors.invalid("not a valid domain name: " .. ("%q"):format(domain)) end
