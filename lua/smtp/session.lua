@@ -154,8 +154,19 @@ function Conn:_hello()
   return self.ext
 end
 
-local function tls_options(cfg)
-  return { servername = cfg.servername, verify = cfg.verify, cafile = cfg.cafile, timeout = cfg.timeouts.tls }
+-- The TLS handshake over the connected transport (STARTTLS after its 220, or implicit TLS);
+-- a failure ends the session.
+function Conn:_handshake()
+  local cfg = self.cfg
+  local ok, terr = self.sock:starttls { servername = cfg.servername, verify = cfg.verify,
+    cafile = cfg.cafile, timeout = cfg.timeouts.tls }
+  if not ok then
+    self:_abort()
+    return nil, new_error { kind = "tls", phase = "tls", temporary = false,
+      text = type(terr) == "table" and terr.text or tostring(terr) }
+  end
+  self.tls = true
+  return true
 end
 
 function Conn:_starttls()
@@ -170,13 +181,8 @@ function Conn:_starttls()
     return nil, new_error { kind = "tls", phase = "tls", temporary = false,
       text = ("the server sent %d bytes after its STARTTLS 220 (response injection?)"):format(dropped) }
   end
-  local ok, terr = self.sock:starttls(tls_options(self.cfg))
-  if not ok then
-    self:_abort()
-    return nil, new_error { kind = "tls", phase = "tls", temporary = false,
-      text = type(terr) == "table" and terr.text or tostring(terr) }
-  end
-  self.tls = true
+  local ok, herr = self:_handshake()
+  if not ok then return nil, herr end
   return self:_hello()
 end
 
@@ -309,13 +315,8 @@ function Conn:_open()
   self.address = info.address
   self.loopback = check.is_loopback(info.address or cfg.server)
   if cfg.tls == "implicit" then
-    local ok, terr = sock:starttls(tls_options(cfg))
-    if not ok then
-      self:_abort()
-      return nil, new_error { kind = "tls", phase = "tls", temporary = false,
-        text = type(terr) == "table" and terr.text or tostring(terr) }
-    end
-    self.tls = true
+    local ok, herr = self:_handshake()
+    if not ok then return nil, herr end
   end
   local r, err = self:_reply("greeting")
   if not r then return nil, err end
