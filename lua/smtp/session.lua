@@ -300,7 +300,7 @@ end
 function Conn:_open()
   local cfg = self.cfg
   local transport = cfg.transport or require("smtp.transport").get()
-  if cfg.pool and self.pooling and transport.pool_key then
+  if cfg.pool and self.pooling and transport.pooling then
     local got, err = self:_acquire(transport)
     if not got then return nil, connect_error(err) end
     if got == "reused" then return true end
