@@ -106,9 +106,9 @@ describe("smtp.transport.native (TCP)", function()
     assert.has_error(function() native.connect { host = 1, port = 25 } end,
       "bad argument #1 to 'connect' (option 'host': string expected, got number)")
     assert.has_error(function() native.connect { host = "127.0.0.1", port = "25" } end,
-      "bad argument to 'connect' (option 'port': number expected, got string)")
+      "bad argument #1 to 'connect' (option 'port': number expected, got string)")
     assert.has_error(function() native.connect { host = "127.0.0.1", port = 25, timeout = "1" } end,
-      "bad argument to 'connect' (option 'timeout': number expected, got string)")
+      "bad argument #1 to 'connect' (option 'timeout': number expected, got string)")
   end)
 
   it("returns kind invalid for bad values", function()

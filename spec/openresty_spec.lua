@@ -28,6 +28,7 @@ describe_or_skip("smtp inside nginx", function()
     location = /slow { content_by_lua_block { require("support.openresty_handlers").slow() } }
     location = /pooled { content_by_lua_block { require("support.openresty_handlers").pooled() } }
     location = /errors { content_by_lua_block { require("support.openresty_handlers").errors() } }
+    location = /contract { content_by_lua_block { require("support.openresty_handlers").contract() } }
     location = /mx { content_by_lua_block { require("support.openresty_handlers").mx() } }
     location = /dns { content_by_lua_block { require("support.openresty_handlers").dns() } }
     location = /logphase {
@@ -99,14 +100,34 @@ describe_or_skip("smtp inside nginx", function()
     slow.stop()
     assert.are.equal(200, status, body)
     assert.are.equal(table.concat({
-      "read | nil | timeout (read): read timed out (temporary) | true",
-      "write after timeout | nil | closed (write): socket is closed (temporary)",
+      "read | nil | timeout: read timed out (temporary) | true",
+      "write after timeout | nil | closed: write on a closed connection (temporary)",
       "refused | nil | connect (connect): connect to 127.0.0.1:" .. closed .. ": connection refused (temporary)",
       "cafile | nil | invalid (tls): cafile/capath cannot be used inside nginx: cosockets check "
         .. "certificates against lua_ssl_trusted_certificate; put the CA there and leave cafile unset",
-      "misuse | false | bad argument #1 to 'connect' (port must be an integer 1..65535)",
+      "misuse | false | bad argument #1 to 'connect' (option 'port': number expected, got string)",
+      "bad port | nil | invalid (connect): connect: port out of range: 0",
       "dns | nil | dns | connrefused",
     }, "\n") .. "\n", body)
+  end)
+
+  it("keeps the transport contract as the native transport does (spec/transport_contract_spec.lua)", function()
+    local slow = nginx_support.smtpd { tls = false, greeting_delay = 2 }
+    local status, body = nginx_support.request(ngx_srv:url("/contract?smtp=" .. smtpd.port .. "&slow=" .. slow.port
+      .. "&closed=" .. helper.free_port()))
+    slow.stop()
+    assert.are.equal(200, status, body .. ngx_srv.error_log())
+    local failed, info, n = {}, nil, 0
+    for l in body:gmatch("[^\n]+") do
+      n = n + 1
+      if l:match("^FAIL ") then failed[#failed + 1] = l end
+      if l:match("^info ") then info = l end
+    end
+    assert.are.same({}, failed)
+    assert.truthy(n > 40, body)
+    -- What the native transport says of the same server (spec/transport_contract_spec.lua).
+    assert.are.equal("info tls=TLSv1.3 version=TLSv1.3 cipher=TLS_AES_256_GCM_SHA384 bits=256 "
+      .. "peer_subject=CN=server peer_issuer=CN=lua-smtp test CA reused=0", info)
   end)
 
   it("answers another request at once while one waits on a slow SMTP server (one worker)", function()

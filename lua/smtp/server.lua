@@ -11,37 +11,7 @@ local DEFAULTS = {
 }
 
 local function transport() return require "smtp.transport.native" end
-local wait_mod
-local now = core.now
 
--- Reads what the client sent, waiting at most `timeout` of idleness. The transport's own read
--- closes the connection on a timeout; the server must still say 421 first, so it waits itself.
--- After a reply the client has usually sent nothing yet: wait for readability first and save
--- a read that would only say EAGAIN -- unless the last read filled `max`, when TLS may hold
--- decrypted bytes that no readiness event would announce.
-local function read_idle(conn, timeout, max, read_first)
-  local sock = conn.sock
-  if not sock then return nil, "closed" end
-  wait_mod = wait_mod or require "smtp.wait"
-  local deadline = now() + timeout
-  if not read_first then
-    local ok, werr = wait_mod.fd(conn.fd, "r", deadline)
-    if not ok then return nil, werr end
-    sock = conn.sock
-    if not sock then return nil, "closed" end
-  end
-  while true do
-    local chunk, e = sock:read(max)
-    if chunk then return chunk end
-    if e == "wantread" or e == "wantwrite" then
-      local ok, werr = wait_mod.fd(conn.fd, e == "wantread" and "r" or "w", deadline)
-      if not ok then return nil, werr end
-      if not conn.sock then return nil, "closed" end
-    else
-      return nil, e
-    end
-  end
-end
 local function loop() return require "smtp.loop" end
 
 local function argerr(msg) error("bad argument #1 to 'listen' (" .. msg .. ")", 3) end
@@ -139,12 +109,13 @@ local function run_session(srv, conn, ip, port)
     end
     local space = eng:space()
     if space == 0 then return true end
+    -- The transport's read_idle leaves the connection open on a timeout, so 421 can still go out.
     rec.idle = true
-    local chunk, err = read_idle(conn, timeout, space, rec.full)
+    local chunk, err = conn:read_idle(timeout, space, rec.full)
     rec.idle = false
     rec.full = chunk ~= nil and #chunk >= space
     if not chunk then
-      if err == "timeout" then
+      if err.kind == "timeout" then
         eng:shutdown(421, "4.4.2", "Idle timeout, closing connection")
         flush()
       end
@@ -388,14 +359,9 @@ function M.listen(opts)
   local tls_ctx
   if o.tls then
     local err
-    local mk = t.tls_server_context
-    if mk then
-      tls_ctx, err = mk { cert = o.tls.cert, key = o.tls.key }
-    else
-      tls_ctx, err = core.tls_context { mode = "server", cert = o.tls.cert, key = o.tls.key }
-    end
+    tls_ctx, err = t.tls_server_context { cert = o.tls.cert, key = o.tls.key }
     if not tls_ctx then
-      return nil, errors.new { kind = "tls", text = "server certificate: " .. tostring(err), temporary = false }
+      return nil, errors.new { kind = "tls", text = "server certificate: " .. tostring(err and err.text), temporary = false }
     end
   end
   local l, err = t.listen { host = host, port = o.port or 0, backlog = o.backlog or 512 }

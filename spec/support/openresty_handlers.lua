@@ -96,9 +96,14 @@ function M.slow()
   ngx.print(r)
 end
 
+-- Pooled connections found stale in this worker (closed after a failed RSET check).
+local stale = 0
+
 -- /pooled?port=N[&host=H&ns=127.0.0.1:P]: one message per request over a pooled session, by hand, the way smtp.send
--- uses the transport: acquire (RSET probe on a reused connection), a full greeting/EHLO/STARTTLS
--- only on a fresh one, MAIL/RCPT/DATA, then keepalive with the learned state.
+-- uses the transport (docs/INTERNALS.md): connect{pool} until a reused connection with stored state
+-- answers RSET with 250 or a fresh one comes (at most pool_size + 1 tries, then one without the
+-- pool), a full greeting/EHLO/STARTTLS only on a fresh one, MAIL/RCPT/DATA, then keepalive with
+-- the learned state.
 function M.pooled()
   local t = require "smtp.transport.ngx"
   local port = tonumber(arg("port"))
@@ -115,13 +120,26 @@ function M.pooled()
     return r
   end
   local ns = arg("ns") and { arg("ns") } or nil
-  local s, state = t.acquire({ host = arg("host") or "127.0.0.1", port = port, timeout = 5, pool = key,
-      pool_size = 4, nameservers = ns },
-    function(c)
-      buf = { data = "" }
-      return step(c, "RSET\r\n", "250") ~= nil
-    end)
-  if not s then return fail("acquire", state) end
+  local copts = { host = arg("host") or "127.0.0.1", port = port, timeout = 5, pool = key, pool_size = 4,
+    nameservers = ns }
+  local s, state, err
+  for _ = 1, copts.pool_size + 1 do
+    s, err = t.connect(copts)
+    if not s then return fail("connect", err) end
+    if s:reused() == 0 then break end
+    state = s:state()
+    buf = { data = "" }
+    if state ~= nil and step(s, "RSET\r\n", "250") then break end
+    s:close()
+    s, state = nil, nil
+    stale = stale + 1
+  end
+  if not s then
+    -- Every try found a stale one (the pool was refilled meanwhile): one without the pool.
+    copts.pool = nil
+    s, err = t.connect(copts)
+    if not s then return fail("connect", err) end
+  end
   local fresh = state == nil
   if fresh then
     buf = { data = "" }
@@ -142,7 +160,17 @@ function M.pooled()
   local info = s:info()
   local kept, kerr = s:keepalive(30, 4, state)
   ngx.say(fresh and "fresh" or "reused", " ", info.reused, " ", tostring(info.version), " ",
-    kept and "kept" or tostring(kerr), " ", state.extensions:match("AUTH[^\r]*") or "-", " stale=", t.stale)
+    kept and "kept" or tostring(kerr), " ", state.extensions:match("AUTH[^\r]*") or "-", " stale=", stale)
+end
+
+-- /contract?smtp=N&slow=M&closed=P: the transport contract checks (spec/support/transport_contract.lua)
+-- against the cosocket transport, one line each; certificates come from lua_ssl_trusted_certificate.
+function M.contract()
+  local lines = require("support.transport_contract").run(require "smtp.transport.ngx", {
+    smtp = tonumber(arg("smtp")), slow = tonumber(arg("slow")), closed = tonumber(arg("closed")),
+    core = require "smtp.core", tls = { servername = "localhost", timeout = 5 },
+  })
+  ngx.print(table.concat(lines, "\n"), "\n")
 end
 
 -- /dns?ns=127.0.0.1:P&name=N&type=MX|A|AAAA|resolve: what ngx_dns answers, one line per record.
@@ -179,8 +207,10 @@ function M.errors()
   ok, err = s:starttls { cafile = "/etc/ssl/certs/ca-certificates.crt" }
   line("cafile", tostring(ok), tostring(err))
   s:close()
-  ok, err = pcall(t.connect, { host = "127.0.0.1", port = 0 })
+  ok, err = pcall(t.connect, { host = "127.0.0.1", port = "25" })
   line("misuse", tostring(ok), tostring(err))
+  s, err = t.connect { host = "127.0.0.1", port = 0 }
+  line("bad port", tostring(s), tostring(err))
   s, err = t.connect { host = "no-such-host.invalid", port = 25, timeout = 2, nameservers = { "127.0.0.1:" .. arg("closed") } }
   line("dns", tostring(s), tostring(err and err.kind), tostring(err and err.rcode))
 end

@@ -4,7 +4,7 @@
 local errors = require "smtp.errors"
 local ngx_dns = require "smtp.transport.ngx_dns"
 
-local M = { _VERSION = "0.1.0" }
+local M = { _VERSION = "0.1.0", pooling = true }
 
 local function ngx_table()
   local n = rawget(_G, "ngx")
@@ -47,11 +47,32 @@ local function ms(seconds, default)
   return math.max(1, math.floor(seconds * 1000 + 0.5))
 end
 
-local function io_error(err, what, phase)
-  if err == "timeout" then
-    return errors.new { kind = "timeout", phase = phase, text = what .. " timed out", temporary = true }
+-- Misuse raises the same messages as smtp.transport.native (spec/transport_contract_spec.lua).
+local function argerr(n, fname, msg)
+  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
+end
+
+local function optcheck(v, want, fname, name)
+  if v ~= nil and type(v) ~= want then
+    error(("bad argument #1 to '%s' (option '%s': %s expected, got %s)"):format(fname, name, want, type(v)), 3)
   end
-  return errors.new { kind = "closed", phase = phase, text = what .. ": " .. tostring(err), temporary = true }
+end
+
+local function numcheck(v, n, fname)
+  if v ~= nil and type(v) ~= "number" then
+    error(("bad argument #%d to '%s' (number expected, got %s)"):format(n, fname, type(v)), 3)
+  end
+end
+
+-- Read and write failures carry no phase: the session knows which SMTP phase it was in.
+local function io_error(err, what)
+  if err == "timeout" then
+    return errors.new { kind = "timeout", text = what .. " timed out", temporary = true }
+  end
+  if err == "closed" then
+    return errors.new { kind = "closed", text = "connection closed by peer", temporary = true }
+  end
+  return errors.new { kind = "closed", text = what .. ": " .. tostring(err), temporary = true }
 end
 
 ----------------------------------------------------------------------------------------------------
@@ -59,6 +80,24 @@ end
 -- pointer with lua-resty-core, a userdata holding the pointer without it); nginx links libssl, so
 -- its protocol and cipher are one FFI call away.
 local ssl_ffi
+
+-- A certificate name as RFC 2253 text ("CN=server,O=..."), as the native transport prints it.
+local XN_FLAG_RFC2253 = 0x1110317
+local BIO_CTRL_INFO = 3
+local function x509_name(ffi, name)
+  if name == nil then return nil end
+  local b = ffi.C.BIO_new(ffi.C.BIO_s_mem())
+  if b == nil then return nil end
+  local out
+  if ffi.C.X509_NAME_print_ex(b, name, 0, XN_FLAG_RFC2253) >= 0 then
+    local pp = ffi.new("char *[1]")
+    local len = ffi.C.BIO_ctrl(b, BIO_CTRL_INFO, 0, pp)
+    out = ffi.string(pp[0], len)
+  end
+  ffi.C.BIO_free(b)
+  return out
+end
+
 local function session_info(sess)
   local t = type(sess)
   if t ~= "userdata" and t ~= "cdata" then return nil end
@@ -69,9 +108,22 @@ local function session_info(sess)
       ok = pcall(ffi.cdef, [[
         typedef struct ssl_session_st SSL_SESSION;
         typedef struct ssl_cipher_st SSL_CIPHER;
+        typedef struct x509_st X509;
+        typedef struct X509_name_st X509_NAME;
+        typedef struct bio_st BIO;
+        typedef struct bio_method_st BIO_METHOD;
         int SSL_SESSION_get_protocol_version(const SSL_SESSION *s);
         const SSL_CIPHER *SSL_SESSION_get0_cipher(const SSL_SESSION *s);
         const char *SSL_CIPHER_get_name(const SSL_CIPHER *c);
+        int SSL_CIPHER_get_bits(const SSL_CIPHER *c, int *alg_bits);
+        X509 *SSL_SESSION_get0_peer(SSL_SESSION *s);
+        X509_NAME *X509_get_subject_name(const X509 *x);
+        X509_NAME *X509_get_issuer_name(const X509 *x);
+        const BIO_METHOD *BIO_s_mem(void);
+        BIO *BIO_new(const BIO_METHOD *type);
+        int BIO_free(BIO *a);
+        long BIO_ctrl(BIO *bp, int cmd, long larg, void *parg);
+        int X509_NAME_print_ex(BIO *out, const X509_NAME *nm, int indent, unsigned long flags);
       ]])
       if ok then ssl_ffi = ffi end
     end
@@ -86,7 +138,15 @@ local function session_info(sess)
     local names = { [0x0301] = "TLSv1", [0x0302] = "TLSv1.1", [0x0303] = "TLSv1.2", [0x0304] = "TLSv1.3" }
     local c = ffi.C.SSL_SESSION_get0_cipher(p)
     local cipher = c ~= nil and ffi.string(ffi.C.SSL_CIPHER_get_name(c)) or nil
-    return { version = names[v] or string.format("0x%04x", v), version_number = v, cipher = cipher }
+    local bits = c ~= nil and tonumber(ffi.C.SSL_CIPHER_get_bits(c, nil)) or nil
+    local subject, issuer
+    local peer = ffi.C.SSL_SESSION_get0_peer(p)
+    if peer ~= nil then
+      subject = x509_name(ffi, ffi.C.X509_get_subject_name(peer))
+      issuer = x509_name(ffi, ffi.C.X509_get_issuer_name(peer))
+    end
+    return { version = names[v] or string.format("0x%04x", v), version_number = v, cipher = cipher,
+      bits = bits, peer_subject = subject, peer_issuer = issuer }
   end)
   return ok and info or nil
 end
@@ -117,7 +177,7 @@ end
 -- connection verified differently or authenticated as someone else is never handed out. The secret
 -- enters only as a SHA-1 digest; a token given as a function is left out (it changes over time).
 function M.pool_key(o)
-  if type(o) ~= "table" then error("bad argument #1 to 'pool_key' (table expected)", 2) end
+  if type(o) ~= "table" then argerr(1, "pool_key", "table expected, got " .. type(o)) end
   local ngx = ngx_table()
   local secret = o.password
   if secret == nil and type(o.token) == "string" then secret = o.token end
@@ -153,12 +213,12 @@ end
 
 local function check_sock(s, fn)
   if getmetatable(s) ~= S_mt then
-    error("bad self to '" .. fn .. "' (smtp.transport.ngx.socket expected)", 3)
+    error("bad self to '" .. fn .. "' (connection expected)", 3)
   end
 end
 
-local function closed_error(phase)
-  return errors.new { kind = "closed", phase = phase, text = "socket is closed", temporary = true }
+local function closed_error(fn)
+  return errors.new { kind = "closed", text = fn .. " on a closed connection", temporary = true }
 end
 
 -- connect{ host=, port=, timeout=, nameservers=, pool=, pool_size=, backlog= } -> s | nil, err
@@ -166,21 +226,27 @@ end
 -- each address is tried in turn under one deadline. With `pool`, a connection left idle in that
 -- cosocket pool is taken first (see s:reused()).
 function M.connect(opts)
-  if type(opts) ~= "table" then error("bad argument #1 to 'connect' (table expected)", 2) end
-  if type(opts.host) ~= "string" or opts.host == "" then
-    error("bad argument #1 to 'connect' (host must be a non-empty string)", 2)
+  if type(opts) ~= "table" then argerr(1, "connect", "table expected, got " .. type(opts)) end
+  if type(opts.host) ~= "string" then
+    argerr(1, "connect", "option 'host': string expected, got " .. type(opts.host))
   end
-  local port = tonumber(opts.port)
-  if not port or port < 1 or port > 65535 or port % 1 ~= 0 then
-    error("bad argument #1 to 'connect' (port must be an integer 1..65535)", 2)
+  optcheck(opts.timeout, "number", "connect", "timeout")
+  optcheck(opts.nameservers, "table", "connect", "nameservers")
+  optcheck(opts.pool, "string", "connect", "pool")
+  optcheck(opts.pool_size, "number", "connect", "pool_size")
+  if opts.port == nil then argerr(1, "connect", "option 'port' missing") end
+  optcheck(opts.port, "number", "connect", "port")
+  local port = opts.port
+  local at_connect = { phase = "connect" }
+  if port < 1 or port > 65535 or port % 1 ~= 0 then
+    return errors.invalid("connect: port out of range: " .. tostring(port), at_connect)
   end
+  if opts.host == "" then return errors.invalid("connect: empty host", at_connect) end
+  if opts.timeout and opts.timeout < 0 then return errors.invalid("connect: negative timeout", at_connect) end
   local usable, phase = M.usable()
   if not usable then return nil, phase_error(phase) end
   local ngx = ngx_table()
   ngx.update_time()
-  if opts.timeout ~= nil and type(opts.timeout) ~= "number" then
-    error("bad argument #1 to 'connect' (option 'timeout': number expected)", 2)
-  end
   local timeout = opts.timeout or DEFAULT_TIMEOUT
   if timeout >= MAX_MS / 1000 then timeout = MAX_MS / 1000 end
   local deadline = ngx.now() + timeout
@@ -200,7 +266,10 @@ function M.connect(opts)
       from_cache = ckey
     else
       addresses, err = ngx_dns.resolve(host, { nameservers = opts.nameservers, timeout = timeout })
-      if not addresses then return nil, err end
+      if not addresses then
+        if type(err) == "table" then err.phase = err.phase or "connect" end
+        return nil, err
+      end
       if ckey then
         if naddr >= MAX_SESSIONS then addr_cache, naddr = {}, 0 end
         if not addr_cache[ckey] then naddr = naddr + 1 end
@@ -266,46 +335,25 @@ function M.connect(opts)
   return nil, last
 end
 
--- acquire(connect_opts, probe) -> s, state | nil, err
--- A connection for `connect_opts.pool`: a pooled one that passes `probe(s)` (the caller's RSET or
--- NOOP; it returns true when the session answered 250), else a fresh one. `state` is what
--- s:keepalive() stored for the pool when the connection is a reused one, nil for a fresh one
--- (which then needs greeting, EHLO, STARTTLS and AUTH). Stale pooled connections are closed and
--- the next one tried, so a server that dropped idle sessions costs the caller nothing.
-function M.acquire(opts, probe)
-  if type(opts) ~= "table" then error("bad argument #1 to 'acquire' (table expected)", 2) end
-  if type(probe) ~= "function" then error("bad argument #2 to 'acquire' (function expected)", 2) end
-  local tries = (tonumber(opts.pool_size) or 30) + 1
-  local s, err
-  for _ = 1, tries do
-    s, err = M.connect(opts)
-    if not s then return nil, err end
-    if s.reused_times == 0 then return s, nil end
-    local state = s:state()
-    if state ~= nil and probe(s) == true then return s, state end
-    s:close()
-    M.stale = M.stale + 1
-  end
-  -- Every try found a stale one (the pool was refilled meanwhile): one without the pool.
-  local fresh = {}
-  for k, v in pairs(opts) do fresh[k] = v end
-  fresh.pool = nil
-  return M.connect(fresh)
-end
-M.stale = 0   -- stale pooled connections replaced in this worker (for tests and monitoring)
-
 -- Raw cosocket access for code that needs nginx-specific calls.
 function S:cosocket() check_sock(self, "cosocket"); return self.sock end
 
 -- How many times this connection was taken from the pool before: 0 for a fresh one.
 function S:reused() check_sock(self, "reused"); return self.reused_times end
 
--- The state stored with s:keepalive() for this connection's pool (nil when none).
-function S:state() check_sock(self, "state"); return self.pool and sessions[self.pool] or nil end
+-- The state stored with s:keepalive() for this connection's pool, when the connection came from
+-- the pool; nil for a fresh one (it has to greet, EHLO, STARTTLS and AUTH) or when none was kept.
+function S:state()
+  check_sock(self, "state")
+  if not self.pool or self.reused_times == 0 then return nil end
+  return sessions[self.pool]
+end
 
+-- s:write(data, timeout) -> true | nil, err: the whole string.
 function S:write(data, timeout)
   check_sock(self, "write")
-  if type(data) ~= "string" then error("bad argument #1 to 'write' (string expected)", 2) end
+  if type(data) ~= "string" then argerr(1, "write", "string expected, got " .. type(data)) end
+  numcheck(timeout, 2, "write")
   if self.closed then return nil, closed_error("write") end
   local t = ms(timeout, self.default_timeout)
   self.sock:settimeouts(t, t, t)
@@ -313,18 +361,29 @@ function S:write(data, timeout)
   if not n then
     -- As the native transport: a failed or timed-out write leaves nothing worth keeping.
     self:close()
-    return nil, io_error(err, "write", "write")
+    return nil, io_error(err, "write")
   end
   return true
 end
 
+-- s:write_engine(engine, timeout) -> true | nil, err: what a client engine has to send. Cosockets
+-- take Lua strings only, so this is a write of e:take() (the native transport writes from the
+-- engine's buffer instead).
+function S:write_engine(e, timeout)
+  check_sock(self, "write_engine")
+  if type(e) ~= "userdata" then argerr(1, "write_engine", "client engine expected, got " .. type(e)) end
+  numcheck(timeout, 2, "write_engine")
+  if self.closed then return nil, closed_error("write_engine") end
+  if e:outlen() == 0 then return true end
+  return self:write(e:take(), timeout)
+end
+
+-- s:read(timeout [, max]) -> chunk | nil, err: whatever has arrived, up to max (65536) bytes.
 function S:read(timeout, max)
   check_sock(self, "read")
-  if timeout ~= nil and type(timeout) ~= "number" then
-    error("bad argument #1 to 'read' (number expected)", 2)
-  end
+  numcheck(timeout, 1, "read")
   if max ~= nil and (type(max) ~= "number" or max < 1) then
-    error("bad argument #2 to 'read' (positive number expected)", 2)
+    argerr(2, "read", "positive number expected, got " .. (type(max) == "number" and tostring(max) or type(max)))
   end
   if self.closed then return nil, closed_error("read") end
   local t = ms(timeout, self.default_timeout)
@@ -333,7 +392,7 @@ function S:read(timeout, max)
   if not data then
     -- A timeout closes the connection (DESIGN: no QUIT after a timeout), as natively.
     self:close()
-    return nil, io_error(err, "read", "read")
+    return nil, io_error(err, "read")
   end
   return data
 end
@@ -345,12 +404,15 @@ end
 function S:starttls(opts)
   check_sock(self, "starttls")
   opts = opts or {}
-  if type(opts) ~= "table" then error("bad argument #1 to 'starttls' (table expected)", 2) end
+  if type(opts) ~= "table" then argerr(1, "starttls", "table expected, got " .. type(opts)) end
+  optcheck(opts.servername, "string", "starttls", "servername")
+  optcheck(opts.timeout, "number", "starttls", "timeout")
+  optcheck(opts.verify, "boolean", "starttls", "verify")
   if opts.cafile ~= nil or opts.capath ~= nil then
     return errors.invalid("cafile/capath cannot be used inside nginx: cosockets check certificates "
       .. "against lua_ssl_trusted_certificate; put the CA there and leave cafile unset", { phase = "tls" })
   end
-  if self.closed then return nil, closed_error("tls") end
+  if self.closed then return nil, closed_error("starttls") end
   if self.tls then
     -- A pooled connection already speaks TLS; anything else is a caller's mistake.
     if self.reused_times > 0 then return true end
@@ -359,8 +421,8 @@ function S:starttls(opts)
   local verify = opts.verify ~= false
   local name = opts.servername
   if name == nil and not ngx_dns.literal(self.host) then name = self.host end
-  local t = ms(opts.timeout)
-  if t then self.sock:settimeouts(t, t, t) end
+  local t = ms(opts.timeout, self.default_timeout)
+  self.sock:settimeouts(t, t, t)
   local sess, err = self.sock:sslhandshake(nil, name, verify)
   if not sess then
     local text = "TLS handshake with " .. tostring(name or self.address) .. " failed: " .. tostring(err)
@@ -389,16 +451,19 @@ end
 
 function S:tls_accept()
   check_sock(self, "tls_accept")
-  return errors.invalid("no server-side TLS inside nginx http handlers (no stream Lua module)")
+  return errors.invalid("no server-side TLS inside nginx http handlers (no stream Lua module)", { phase = "tls" })
 end
 
+-- s:info() -> { address=, port=, tls = false | "TLSv1.3", version=, cipher=, bits=, peer_subject=,
+-- peer_issuer=, reused= } as natively; `tls` is "unknown" in the unlikely case that nginx's
+-- libssl could not be asked (no FFI symbols).
 function S:info()
   check_sock(self, "info")
   local ti = self.tls_info or {}
   return {
-    address = self.address, port = self.port, tls = self.tls == true and (ti.version or true) or false,
-    version = ti.version, cipher = ti.cipher, peer_subject = ti.peer_subject,
-    reused = self.reused_times,
+    address = self.address, port = self.port, tls = self.tls == true and (ti.version or "unknown") or false,
+    version = ti.version, cipher = ti.cipher, bits = ti.bits, peer_subject = ti.peer_subject,
+    peer_issuer = ti.peer_issuer, reused = self.reused_times,
   }
 end
 
@@ -408,11 +473,13 @@ end
 -- nil, err) when unread bytes are pending: such a connection is closed instead.
 function S:keepalive(idle_timeout, size, state)
   check_sock(self, "keepalive")
+  numcheck(idle_timeout, 1, "keepalive")
+  numcheck(size, 2, "keepalive")
   if self.closed then return nil, closed_error("keepalive") end
   if not self.pool then
     -- Without a pool name nginx would file it under "address:port", shared with anyone.
     self:close()
-    return nil, errors.new { kind = "closed", phase = "keepalive", temporary = true,
+    return nil, errors.new { kind = "closed", temporary = true,
       text = "connection was not made with a pool; closed instead" }
   end
   if state ~= nil then
@@ -425,7 +492,7 @@ function S:keepalive(idle_timeout, size, state)
   self.closed = true
   if not ok then
     self.sock:close()
-    return nil, errors.new { kind = "closed", phase = "keepalive", temporary = true,
+    return nil, errors.new { kind = "closed", temporary = true,
       text = "could not keep the connection: " .. tostring(err) }
   end
   return true
