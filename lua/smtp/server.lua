@@ -2,6 +2,7 @@
 -- smtp.loop, hooks that accept or reject, and message data streamed to on_message.
 local core = require "smtp.core"
 local errors = require "smtp.errors"
+local check = require "smtp.check"
 
 local M = {}
 
@@ -31,10 +32,6 @@ local function check_opts(o)
   if o.hostname ~= nil and (type(o.hostname) ~= "string" or o.hostname:find("[%c%s]")) then
     argerr("option 'hostname': a name without spaces expected")
   end
-end
-
-local function is_loopback(host)
-  return host:match("^127%.") ~= nil or host == "::1" or host == "localhost"
 end
 
 -- A hook's answer: true | false, code, text (text may start with an enhanced code) |
@@ -367,7 +364,7 @@ function M.listen(opts)
   local l, err = t.listen { host = host, port = o.port or 0, backlog = o.backlog or 512 }
   if not l then return nil, err end
   local auth_plaintext = o.auth_plaintext
-  if auth_plaintext == nil then auth_plaintext = is_loopback(host) end
+  if auth_plaintext == nil then auth_plaintext = check.is_loopback(host) end
   local srv = setmetatable({
     opts = o, listener = l, host = l.host or host, port = l.port,
     hostname = o.hostname or "localhost", tls_ctx = tls_ctx, implicit = (o.tls and o.tls.implicit) == true,

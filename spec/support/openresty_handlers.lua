@@ -247,7 +247,8 @@ function M.glue()
     from = "a@client.test", to = { "b@smtpd.test" }, timeout = 5,
   }
   ngx.say("sent=", tostring(res ~= nil), " cosockets=", tostring(package.loaded["smtp.transport.native"] == nil),
-    " pools=", tostring(res ~= nil and res.server.reused ~= nil), " err=", tostring(err))
+    " pools=", tostring(res ~= nil and type(res.server.reused) == "number" and
+      require("smtp.transport").get().pooling == true), " err=", tostring(err))
 end
 
 -- log_by_lua: smtp.send where nginx has no cosockets; the error goes to the error log.
