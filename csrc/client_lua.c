@@ -47,6 +47,8 @@ static int l_engine_tostring(lua_State *L)
     return 1;
 }
 
+/* Callers pass `why` only after the engine call has set it: C leaves the order in which
+ * arguments are evaluated open, so result(L, f(&why), why) could read it before f ran. */
 static int result(lua_State *L, int rc, const char *why)
 {
     if (rc == 0) {
@@ -141,14 +143,16 @@ static int l_body(lua_State *L)
     size_t n;
     const char *s = luaL_checklstring(L, 2, &n);
     const char *why = NULL;
-    return result(L, smtp_client_body(c, s, n, &why), why);
+    int rc = smtp_client_body(c, s, n, &why);
+    return result(L, rc, why);
 }
 
 static int l_body_end(lua_State *L)
 {
     smtp_client *c = check_engine(L);
     const char *why = NULL;
-    return result(L, smtp_client_body_end(c, &why), why);
+    int rc = smtp_client_body_end(c, &why);
+    return result(L, rc, why);
 }
 
 /* e:bdat(chunk, last) -> true | nil, err */
@@ -158,7 +162,8 @@ static int l_bdat(lua_State *L)
     size_t n;
     const char *s = luaL_checklstring(L, 2, &n);
     const char *why = NULL;
-    return result(L, smtp_client_bdat(c, s, n, lua_toboolean(L, 3), &why), why);
+    int rc = smtp_client_bdat(c, s, n, lua_toboolean(L, 3), &why);
+    return result(L, rc, why);
 }
 
 /* e:bdat_last(message) -> true | nil, err: a whole message as one "BDAT n LAST" chunk, CRLF-
@@ -182,8 +187,10 @@ static int l_bdat_last(lua_State *L)
             clean = 0;
         }
     }
-    if (clean)
-        return result(L, smtp_client_bdat(c, s, n, 1, &why), why);
+    if (clean) {
+        int rc = smtp_client_bdat(c, s, n, 1, &why);
+        return result(L, rc, why);
+    }
     smtp_stuffer st;
     smtp_buf b = {0};
     smtp_stuffer_init(&st, 0);
@@ -265,7 +272,8 @@ static int l_rollback(lua_State *L)
     const char *why = NULL;
     if (m < 0)
         return result(L, -1, "not a mark of this engine");
-    return result(L, smtp_client_rollback(c, (smtp_client_mark)m, &why), why);
+    int rc = smtp_client_rollback(c, (smtp_client_mark)m, &why);
+    return result(L, rc, why);
 }
 
 /* ---- core.stuffer([dot = true]) --------------------------------------------------------- */
