@@ -244,7 +244,7 @@ int smtp_client_rollback(smtp_client *c, smtp_client_mark mark, const char **why
         *why = "already answered";
         return -1;
     }
-    if (mark < c->sealed || c->state == SMTP_CS_BODY) {
+    if (mark < c->sealed) {
         *why = "a message body or SASL answer follows the mark";
         return -1;
     }
