@@ -93,6 +93,14 @@ struct smtp_server {
 
 static const char OOM_REPLY[] = "421 4.3.0 Out of memory, closing connection\r\n";
 
+/* Every mode change but closing goes through here: once closed (QUIT, too many errors, out of
+ * memory) a session stays closed, whatever the step that closed it meant to do next. */
+static void set_mode(smtp_server *s, enum mode m)
+{
+    if (s->mode != M_CLOSED)
+        s->mode = m;
+}
+
 static void *xrealloc(smtp_server *s, void *p, size_t n)
 {
     return s->cfg.realloc_fn ? s->cfg.realloc_fn(s->cfg.alloc_ud, p, n) : realloc(p, n);
@@ -814,7 +822,7 @@ static void do_data(smtp_server *s, const char *arg, size_t alen)
 {
     (void)arg; (void)alen;
     reply(s, 354, NULL, "End data with <CR><LF>.<CR><LF>");
-    s->mode = M_DATA;
+    set_mode(s, M_DATA);
     s->ds = D_BOL;
     s->data_tx = 1;
     s->msg_begun = 1;
@@ -872,7 +880,7 @@ static int check_bdat(smtp_server *s, const char *arg, size_t alen)
     if (err) {
         fail(s, code, enh, err);
         if (s->mode != M_CLOSED) {
-            s->mode = M_BDAT;
+            set_mode(s, M_BDAT);
             s->bdat_left = n;
             s->bdat_discard = 1;
             s->bdat_last = 0;
@@ -887,7 +895,7 @@ static void do_bdat(smtp_server *s, const char *arg, size_t alen)
     unsigned long long n;
     int last;
     parse_bdat(arg, alen, &n, &last);
-    s->mode = M_BDAT;
+    set_mode(s, M_BDAT);
     s->bdat_left = n;
     s->bdat_last = last;
     s->bdat_discard = 0;
@@ -1072,7 +1080,7 @@ static void do_auth(smtp_server *s, const char *arg, size_t alen)
                 auth_ready(s);
         } else {
             reply(s, 334, NULL, "");
-            s->mode = M_AUTH;
+            set_mode(s, M_AUTH);
         }
     } else if (ieq(arg, m, "LOGIN")) {
         if (init) {
@@ -1090,7 +1098,7 @@ static void do_auth(smtp_server *s, const char *arg, size_t alen)
             s->austep = AU_LOGIN_USER;
             reply(s, 334, NULL, "VXNlcm5hbWU6");
         }
-        s->mode = M_AUTH;
+        set_mode(s, M_AUTH);
     } else {
         fail(s, 504, "5.5.4", "Unrecognized authentication mechanism");
     }
@@ -1100,7 +1108,7 @@ static void do_auth(smtp_server *s, const char *arg, size_t alen)
 static void auth_line(smtp_server *s, const char *line, size_t n)
 {
     int cancelled;
-    s->mode = M_CMD;
+    set_mode(s, M_CMD);
     if (s->austep == AU_PLAIN) {
         if (auth_take(s, line, n, &cancelled) == 0)
             auth_ready(s);
@@ -1115,7 +1123,7 @@ static void auth_line(smtp_server *s, const char *line, size_t n)
         }
         s->austep = AU_LOGIN_PASS;
         reply(s, 334, NULL, "UGFzc3dvcmQ6");
-        s->mode = M_AUTH;
+        set_mode(s, M_AUTH);
     } else {
         size_t ul = s->auth_len;
         if (auth_take(s, line, n, &cancelled))
@@ -1358,7 +1366,7 @@ smtp_server *smtp_server_new(const smtp_server_config *cfg)
     s->cfg.hostname = s->hostname;
     s->tls = cfg->tls_active;
     s->in_cap = s->cfg.max_line + IN_EXTRA;
-    s->mode = M_CMD;
+    set_mode(s, M_CMD);
     reply(s, 220, NULL, "%s ESMTP lua-smtp", s->hostname);
     return s;
 }
@@ -1423,7 +1431,7 @@ static int ev_end(smtp_server *s, smtp_server_event *ev)
 {
     s->end_pending = 0;
     if (s->mode != M_CLOSED)
-        s->mode = M_CMD;
+        set_mode(s, M_CMD);
     memset(ev, 0, sizeof *ev);
     ev->kind = SMTP_SRV_END;
     if (s->msg_abort) {
@@ -1520,7 +1528,7 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 }
             }
             if (s->bdat_left == 0) {
-                s->mode = M_CMD;
+                set_mode(s, M_CMD);
                 if (s->bdat_discard) {
                     s->bdat_discard = 0;
                 } else if (s->bdat_last) {
@@ -1553,7 +1561,7 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 continue;
             }
             if (lf) {
-                s->mode = M_CMD;
+                set_mode(s, M_CMD);
                 fail(s, 500, "5.5.2", "Error: line too long");
             }
             continue;
@@ -1568,10 +1576,10 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                     s->skipped = avail;
                     s->in_pos = s->in_len;
                     if (s->mode == M_AUTH) {
-                        s->mode = M_SKIPLINE;
+                        set_mode(s, M_SKIPLINE);
                         wipe_auth(s);
                     } else {
-                        s->mode = M_SKIPLINE;
+                        set_mode(s, M_SKIPLINE);
                     }
                     continue;
                 }
@@ -1583,7 +1591,7 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             if (n + 1 > s->cfg.max_line) {
                 if (s->mode == M_AUTH) {
                     wipe_auth(s);
-                    s->mode = M_CMD;
+                    set_mode(s, M_CMD);
                 }
                 fail(s, 500, "5.5.2", "Error: line too long");
                 continue;
@@ -1594,6 +1602,8 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 auth_line(s, start, n);
             else
                 command(s, start, n);
+            if (s->mode == M_CLOSED)
+                continue;   /* its last reply is queued; nothing the command began goes on */
             if (s->await == A_MAIL || s->await == A_RCPT) {
                 ev->kind = s->await == A_MAIL ? SMTP_SRV_MAIL : SMTP_SRV_RCPT;
                 ev->a = s->pending.addr;
