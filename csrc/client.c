@@ -229,25 +229,19 @@ smtp_client_mark smtp_client_mark_now(const smtp_client *c) { return out_end(c);
 int smtp_client_rollback(smtp_client *c, smtp_client_mark mark, const char **why)
 {
     unsigned long long end = out_end(c);
+    *why = mark > end            ? "not a mark of this engine"
+         : mark < c->taken       ? "already written"
+         : mark < c->answered    ? "already answered"
+         : mark < c->sealed      ? "a message body or SASL answer follows the mark"
+                                 : NULL;
+    /* past those floors, a mark can only be the end of the output or of a pending command */
     int boundary = mark == end || mark == c->sealed || mark == c->answered;
-    for (size_t i = 0; i < c->pcount && !boundary; i++)
+    for (size_t i = 0; i < c->pcount && !boundary && !*why; i++)
         boundary = c->pending[(c->phead + i) % c->pcap].end == mark;
-    if (mark > end || !boundary) {
+    if (!*why && !boundary)
         *why = "not a mark of this engine";
+    if (*why)
         return -1;
-    }
-    if (mark < c->taken) {
-        *why = "already written";
-        return -1;
-    }
-    if (mark < c->answered) {
-        *why = "already answered";
-        return -1;
-    }
-    if (mark < c->sealed) {
-        *why = "a message body or SASL answer follows the mark";
-        return -1;
-    }
     /* the commands queued after the mark are the newest pending ones */
     while (c->pcount) {
         const struct pending *e = &c->pending[(c->phead + c->pcount - 1) % c->pcap];
@@ -312,7 +306,6 @@ static int auth_continue(smtp_client *c, const smtp_reply *r)
 {
     int rc = 0;
     c->auth_step++;
-
     switch (c->mech) {
     case SMTP_SASL_LOGIN:
         if (c->auth_step == 1)
