@@ -299,6 +299,11 @@ describe("client engine mark and rollback", function()
     assert.equal("DATA\r\nRSET\r\n", e:take())
     assert.same({ nil, "already written" }, { e:rollback(m2) })
     assert.equal(4, e:pending())
+    -- still so once everything after the mark was answered too
+    e:feed("250 ok\r\n250 ok\r\n503 no\r\n250 ok\r\n")
+    for _ = 1, 4 do assert.is_table(e:reply()) end
+    assert.same({ nil, "already written" }, { e:rollback(m) })
+    assert.equal(0, e:pending())
   end)
 
   it("refuses when a command after the mark was answered, or a body follows it", function()
