@@ -1,15 +1,14 @@
 /* The SMTP client engine (sans-I/O): queues commands as bytes to write, matches server replies
  * to the commands that caused them, runs the SASL exchanges, freezes its input at STARTTLS so
- * nothing read before the handshake survives it, and dot-stuffs bodies as a stream. The plain C
- * engine comes first; the Lua binding (core.client_engine, core.stuffer) is at the bottom. */
+ * nothing read before the handshake survives it, and dot-stuffs bodies as a stream. Plain C (no
+ * Lua: its binding is client_lua.c); OpenSSL only for CRAM-MD5's HMAC. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
-#include "core.h"
 #include "client.h"
-#include "net.h"
+#include "text.h"
 
 const char *const smtp_cmd_names[SMTP_CMD__COUNT] = {
     "GREETING", "EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "DATA_END", "BDAT",
@@ -102,6 +101,12 @@ int smtp_stuff_finish(smtp_stuffer *s, smtp_buf *out)
 
 /* ---- the engine ------------------------------------------------------------------------- */
 
+/* A command awaiting its reply, and where its bytes end in the output stream. */
+struct pending {
+    unsigned long long end;
+    unsigned char cmd;
+};
+
 struct smtp_client {
     smtp_client_state state;
     const char *error;
@@ -110,14 +115,17 @@ struct smtp_client {
     smtp_reply_parser parser;
     smtp_buf out;          /* bytes to write */
     int out_secret;        /* out holds credentials: wipe it once taken */
-    unsigned char *pending; /* ring of smtp_cmd awaiting replies */
+    struct pending *pending; /* ring of commands awaiting replies */
     size_t pcap, phead, pcount;
+    /* Output positions counted from the session's first byte, for smtp_client_rollback(): */
+    unsigned long long taken;     /* bytes taken (written) so far: the output starts here */
+    unsigned long long sealed;    /* no rollback below this (body bytes, SASL answers) */
+    unsigned long long answered;  /* end of the last command that got its reply */
     smtp_stuffer stuffer;
     /* SASL exchange in progress */
     smtp_sasl mech;
     int auth_step;
     smtp_buf user, secret;
-    size_t taken_total;    /* output bytes ever taken (a mark is void once any is taken) */
 };
 
 static void set_state(smtp_client *c, smtp_client_state s)
@@ -129,11 +137,14 @@ static void set_state(smtp_client *c, smtp_client_state s)
     c->state = s;
 }
 
+static unsigned long long out_end(const smtp_client *c) { return c->taken + c->out.len; }
+
+/* Queues cmd as awaiting a reply; call after its bytes are in the output. */
 static int push_pending(smtp_client *c, smtp_cmd cmd)
 {
     if (c->pcount == c->pcap) {
         size_t ncap = c->pcap ? c->pcap * 2 : 16;
-        unsigned char *p = malloc(ncap);
+        struct pending *p = malloc(ncap * sizeof *p);
         if (!p)
             return -1;
         for (size_t i = 0; i < c->pcount; i++)
@@ -143,17 +154,21 @@ static int push_pending(smtp_client *c, smtp_cmd cmd)
         c->pcap = ncap;
         c->phead = 0;
     }
-    c->pending[(c->phead + c->pcount) % c->pcap] = (unsigned char)cmd;
+    struct pending *e = &c->pending[(c->phead + c->pcount) % c->pcap];
+    e->cmd = (unsigned char)cmd;
+    e->end = out_end(c);
     c->pcount++;
     return 0;
 }
 
 static smtp_cmd pop_pending(smtp_client *c)
 {
-    smtp_cmd cmd = (smtp_cmd)c->pending[c->phead];
+    const struct pending *e = &c->pending[c->phead];
+    if (e->end > c->answered)
+        c->answered = e->end;
     c->phead = (c->phead + 1) % c->pcap;
     c->pcount--;
-    return cmd;
+    return (smtp_cmd)e->cmd;
 }
 
 smtp_client *smtp_client_new(void)
@@ -196,12 +211,53 @@ size_t smtp_client_pending(const smtp_client *c) { return c->pcount; }
 
 void smtp_client_taken(smtp_client *c, size_t n)
 {
+    if (n > c->out.len)
+        n = c->out.len;
     if (c->out_secret)
-        smtp_wipe(c->out.p, n < c->out.len ? n : c->out.len);
+        smtp_wipe(c->out.p, n);
     smtp_buf_consume(&c->out, n);
-    c->taken_total += n;
+    c->taken += n;
     if (c->out.len == 0)
         c->out_secret = 0;
+}
+
+/* Nothing appended from here on may be taken back by a rollback (it is not a whole command). */
+static void seal(smtp_client *c) { c->sealed = out_end(c); }
+
+smtp_client_mark smtp_client_mark_now(const smtp_client *c) { return out_end(c); }
+
+int smtp_client_rollback(smtp_client *c, smtp_client_mark mark, const char **why)
+{
+    unsigned long long end = out_end(c);
+    *why = mark > end            ? "not a mark of this engine"
+         : mark < c->taken       ? "already written"
+         : mark < c->answered    ? "already answered"
+         : mark < c->sealed      ? "a message body or SASL answer follows the mark"
+                                 : NULL;
+    /* past those floors, a mark can only be the end of the output or of a pending command */
+    int boundary = mark == end || mark == c->sealed || mark == c->answered;
+    for (size_t i = 0; i < c->pcount && !boundary && !*why; i++)
+        boundary = c->pending[(c->phead + i) % c->pcap].end == mark;
+    if (!*why && !boundary)
+        *why = "not a mark of this engine";
+    if (*why)
+        return -1;
+    /* the commands queued after the mark are the newest pending ones */
+    while (c->pcount) {
+        const struct pending *e = &c->pending[(c->phead + c->pcount - 1) % c->pcap];
+        if (e->end <= mark)
+            break;
+        if (e->cmd == SMTP_CMD_AUTH)
+            wipe_credentials(c);
+        c->pcount--;
+    }
+    size_t keep = (size_t)(mark - c->taken);
+    if (c->out_secret)
+        smtp_wipe(c->out.p + keep, c->out.len - keep);
+    c->out.len = keep;
+    if (keep == 0)
+        c->out_secret = 0;
+    return 0;
 }
 
 static int fail(smtp_client *c, const char *why)
@@ -226,17 +282,12 @@ int smtp_client_feed(smtp_client *c, const char *data, size_t n)
     return 0;
 }
 
-/* Bytes a base64 encoding of n bytes takes, NUL included. */
-static size_t b64len(size_t n) { return 4 * ((n + 2) / 3) + 1; }
-
 /* Appends base64(data) CRLF to out. */
 static int add_b64_line(smtp_client *c, const unsigned char *data, size_t n)
 {
-    size_t need = b64len(n) + 2;
-    if (smtp_buf_reserve(&c->out, need) < 0)
+    if (smtp_buf_reserve(&c->out, smtp_b64_encoded_len(n, 0) + 2) < 0)
         return -1;
-    int w = EVP_EncodeBlock((unsigned char *)c->out.p + c->out.len, data, (int)n);
-    c->out.len += (size_t)w;
+    c->out.len += smtp_b64_encode(data, n, c->out.p + c->out.len, 0);
     memcpy(c->out.p + c->out.len, "\r\n", 2);
     c->out.len += 2;
     c->out_secret = 1;
@@ -271,16 +322,12 @@ static int auth_continue(smtp_client *c, const smtp_reply *r)
             tl = nl ? (size_t)(nl - t) : tl;
             while (tl && (t[tl - 1] == ' ' || t[tl - 1] == '\r'))
                 tl--;
-            if (tl == 0 || tl > 4096 || tl % 4)
+            if (tl == 0 || tl > 4096)
                 break;
             unsigned char chal[3 * 4096 / 4 + 4];
-            int cl = EVP_DecodeBlock(chal, (const unsigned char *)t, (int)tl);
-            if (cl < 0)
+            size_t cl = smtp_b64_decode(t, tl, chal, SMTP_B64_STRICT);
+            if (cl == (size_t)-1)
                 break;
-            if (t[tl - 1] == '=')
-                cl--;
-            if (t[tl - 2] == '=')
-                cl--;
             unsigned char md[EVP_MAX_MD_SIZE];
             unsigned int mdlen = 0;
             if (!HMAC(EVP_md5(), c->secret.p ? c->secret.p : "", (int)c->secret.len, chal,
@@ -340,10 +387,11 @@ int smtp_client_next(smtp_client *c, const smtp_reply **r, smtp_cmd *cmd)
         const smtp_reply *rep = &c->parser.reply;
         if (c->pcount == 0)
             return fail(c, "a reply that no command asked for");
-        smtp_cmd head = (smtp_cmd)c->pending[c->phead];
+        smtp_cmd head = (smtp_cmd)c->pending[c->phead].cmd;
         if (head == SMTP_CMD_AUTH && rep->code == 334) {
             if (auth_continue(c, rep) < 0)
                 return fail(c, "out of memory");
+            seal(c);   /* a SASL answer is not a command a rollback could take back */
             continue;
         }
         pop_pending(c);
@@ -387,6 +435,7 @@ size_t smtp_client_upgrade(smtp_client *c)
     /* commands pipelined behind STARTTLS were never answered over TLS: forget them */
     c->pcount = 0;
     c->phead = 0;
+    seal(c);
     if (c->state == SMTP_CS_TLS)
         set_state(c, SMTP_CS_READY);
     return dropped;
@@ -554,6 +603,7 @@ int smtp_client_body(smtp_client *c, const char *data, size_t n, const char **wh
         *why = "out of memory";
         return -1;
     }
+    seal(c);
     return 0;
 }
 
@@ -567,6 +617,7 @@ int smtp_client_body_end(smtp_client *c, const char **why)
         *why = "out of memory";
         return -1;
     }
+    seal(c);
     set_state(c, SMTP_CS_READY);
     return 0;
 }
@@ -587,406 +638,3 @@ int smtp_client_bdat(smtp_client *c, const char *data, size_t n, int last, const
     return 0;
 }
 
-/* ---- Lua binding ------------------------------------------------------------------------ */
-
-#define ENGINE "smtp.client_engine"
-#define STUFFER "smtp.stuffer"
-
-typedef struct {
-    smtp_client *c;
-} engine_ud;
-
-static smtp_client *check_engine(lua_State *L)
-{
-    engine_ud *u = luaL_checkudata(L, 1, ENGINE);
-    if (!u->c)
-        luaL_error(L, "client engine is closed");
-    return u->c;
-}
-
-static int l_engine_new(lua_State *L)
-{
-    engine_ud *u = lua_newuserdata(L, sizeof *u);
-    u->c = NULL;
-    luaL_setmetatable(L, ENGINE);
-    u->c = smtp_client_new();
-    if (!u->c)
-        return luaL_error(L, "out of memory");
-    return 1;
-}
-
-static int l_engine_gc(lua_State *L)
-{
-    engine_ud *u = luaL_checkudata(L, 1, ENGINE);
-    smtp_client_free(u->c);
-    u->c = NULL;
-    return 0;
-}
-
-static int l_engine_tostring(lua_State *L)
-{
-    engine_ud *u = luaL_checkudata(L, 1, ENGINE);
-    lua_pushfstring(L, ENGINE " (%s)",
-                    u->c ? smtp_client_state_names[u->c->state] : "closed");
-    return 1;
-}
-
-static int result(lua_State *L, int rc, const char *why)
-{
-    if (rc == 0) {
-        lua_pushboolean(L, 1);
-        return 1;
-    }
-    lua_pushnil(L);
-    lua_pushstring(L, why);
-    return 2;
-}
-
-/* e:feed(bytes) -> true | nil, err */
-static int l_engine_feed(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    size_t n;
-    const char *s = luaL_checklstring(L, 2, &n);
-    int rc = smtp_client_feed(c, s, n);
-    return result(L, rc, c->error);
-}
-
-/* e:reply() -> reply table (with .command) | nil (more input needed) | nil, err */
-static int l_engine_reply(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    const smtp_reply *r;
-    smtp_cmd cmd;
-    int rc = smtp_client_next(c, &r, &cmd);
-    if (rc < 0) {
-        lua_pushnil(L);
-        lua_pushstring(L, c->error);
-        return 2;
-    }
-    if (rc == 0) {
-        lua_pushnil(L);
-        return 1;
-    }
-    smtp_reply_push(L, r, (cmd == SMTP_CMD_EHLO && r->code / 100 == 2));
-    lua_pushstring(L, smtp_cmd_names[cmd]);
-    lua_setfield(L, -2, "command");
-    return 1;
-}
-
-static const char *opt_value(lua_State *L, int i, size_t *n)
-{
-    if (lua_isnoneornil(L, i)) {
-        *n = 0;
-        return NULL;
-    }
-    return luaL_checklstring(L, i, n);
-}
-
-static int command(lua_State *L, smtp_cmd cmd, int has_arg, int has_params)
-{
-    smtp_client *c = check_engine(L);
-    size_t alen = 0, plen = 0;
-    const char *arg = has_arg ? luaL_checklstring(L, 2, &alen) : NULL;
-    const char *params = has_params ? opt_value(L, 3, &plen) : NULL;
-    const char *why = NULL;
-    int rc = smtp_client_command(c, cmd, arg, alen, params, plen, &why);
-    return result(L, rc, why);
-}
-
-static int l_ehlo(lua_State *L) { return command(L, SMTP_CMD_EHLO, 1, 0); }
-static int l_helo(lua_State *L) { return command(L, SMTP_CMD_HELO, 1, 0); }
-static int l_starttls(lua_State *L) { return command(L, SMTP_CMD_STARTTLS, 0, 0); }
-static int l_mail(lua_State *L) { return command(L, SMTP_CMD_MAIL, 1, 1); }
-static int l_rcpt(lua_State *L) { return command(L, SMTP_CMD_RCPT, 1, 1); }
-static int l_data(lua_State *L) { return command(L, SMTP_CMD_DATA, 0, 0); }
-static int l_rset(lua_State *L) { return command(L, SMTP_CMD_RSET, 0, 0); }
-static int l_noop(lua_State *L) { return command(L, SMTP_CMD_NOOP, 0, 0); }
-static int l_quit(lua_State *L) { return command(L, SMTP_CMD_QUIT, 0, 0); }
-
-/* e:auth(mechanism, user, secret [, authzid]) -> true | nil, err */
-static int l_auth(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    int mech = luaL_checkoption(L, 2, NULL, smtp_sasl_names);
-    size_t ul, sl, zl;
-    const char *user = luaL_checklstring(L, 3, &ul);
-    const char *secret = luaL_checklstring(L, 4, &sl);
-    const char *authz = opt_value(L, 5, &zl);
-    const char *why = NULL;
-    int rc = smtp_client_auth(c, (smtp_sasl)mech, user, ul, secret, sl, authz, zl, &why);
-    return result(L, rc, why);
-}
-
-/* e:body(chunk) -> true | nil, err   (dot-stuffed, CRLF-normalized) */
-static int l_body(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    size_t n;
-    const char *s = luaL_checklstring(L, 2, &n);
-    const char *why = NULL;
-    return result(L, smtp_client_body(c, s, n, &why), why);
-}
-
-static int l_body_end(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    const char *why = NULL;
-    return result(L, smtp_client_body_end(c, &why), why);
-}
-
-/* e:bdat(chunk, last) -> true | nil, err */
-static int l_bdat(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    size_t n;
-    const char *s = luaL_checklstring(L, 2, &n);
-    const char *why = NULL;
-    return result(L, smtp_client_bdat(c, s, n, lua_toboolean(L, 3), &why), why);
-}
-
-/* e:bdat_last(message) -> true | nil, err: a whole message as one "BDAT n LAST" chunk, CRLF-
- * normalized (send_many's pipelined window). A message already in CRLF form, the usual case, is
- * queued without a copy; otherwise it is normalized into a scratch buffer first, since the chunk
- * size has to be known before the chunk. */
-static int l_bdat_last(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    size_t n;
-    const char *s = luaL_checklstring(L, 2, &n);
-    const char *why = NULL;
-    int clean = 1;
-    for (size_t i = 0; i < n && clean; i++) {
-        if (s[i] == '\r') {
-            if (i + 1 < n && s[i + 1] == '\n')
-                i++;
-            else
-                clean = 0;
-        } else if (s[i] == '\n') {
-            clean = 0;
-        }
-    }
-    if (clean)
-        return result(L, smtp_client_bdat(c, s, n, 1, &why), why);
-    smtp_stuffer st;
-    smtp_buf b = {0};
-    smtp_stuffer_init(&st, 0);
-    if (smtp_stuff(&st, s, n, &b) < 0 || smtp_stuff_finish(&st, &b) < 0) {
-        smtp_buf_free(&b);
-        return luaL_error(L, "out of memory");
-    }
-    int rc = smtp_client_bdat(c, b.p ? b.p : "", b.len, 1, &why);
-    smtp_buf_free(&b);
-    return result(L, rc, why);
-}
-
-/* e:take() -> the bytes to write ("" when none); they leave the engine */
-static int l_take(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    lua_pushlstring(L, c->out.p ? c->out.p : "", c->out.len);
-    smtp_client_taken(c, c->out.len);
-    return 1;
-}
-
-/* e:write_to(sock) -> nwritten | nil, want | nil, msg, code: one write of the pending output
- * straight from the engine's buffer to a native socket, no Lua string in between (a big body
- * leaves no garbage, AUTH secrets never reach the Lua heap); what went leaves the engine. */
-static int l_write_to(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    smtp_buf *o = smtp_client_output(c);
-    size_t put;
-    int n = smtp_sock_write(L, 2, o->p ? o->p : "", o->len, &put);
-    smtp_client_taken(c, put);
-    return n;
-}
-
-static int l_outlen(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    lua_pushinteger(L, (lua_Integer)c->out.len);
-    return 1;
-}
-
-/* e:upgrade() -> number of bytes dropped (anything > 0 after the STARTTLS 220 is an attack) */
-static int l_upgrade(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    lua_pushinteger(L, (lua_Integer)smtp_client_upgrade(c));
-    return 1;
-}
-
-static int l_state(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    lua_pushstring(L, smtp_client_state_names[c->state]);
-    return 1;
-}
-
-/* TEMPORARY (replaced by the engine split): e:mark() / e:rollback(m) */
-static int l_mark(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    lua_createtable(L, 3, 0);
-    lua_pushinteger(L, (lua_Integer)c->out.len); lua_rawseti(L, -2, 1);
-    lua_pushinteger(L, (lua_Integer)c->pcount); lua_rawseti(L, -2, 2);
-    lua_pushinteger(L, (lua_Integer)c->taken_total); lua_rawseti(L, -2, 3);
-    return 1;
-}
-
-static int l_rollback(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    luaL_checktype(L, 2, LUA_TTABLE);
-    lua_rawgeti(L, 2, 1); lua_rawgeti(L, 2, 2); lua_rawgeti(L, 2, 3);
-    size_t len = (size_t)lua_tointeger(L, -3), pc = (size_t)lua_tointeger(L, -2);
-    size_t tk = (size_t)lua_tointeger(L, -1);
-    if (tk != c->taken_total || len > c->out.len || pc > c->pcount) {
-        lua_pushnil(L); lua_pushstring(L, "already written"); return 2;
-    }
-    c->out.len = len;
-    c->pcount = pc;
-    lua_pushboolean(L, 1);
-    return 1;
-}
-
-static int l_pending(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    lua_pushinteger(L, (lua_Integer)c->pcount);
-    return 1;
-}
-
-/* ---- core.stuffer([dot = true]) --------------------------------------------------------- */
-
-typedef struct {
-    smtp_stuffer s;
-    smtp_buf out;
-} stuffer_ud;
-
-static int l_stuffer_new(lua_State *L)
-{
-    int dot = lua_isnoneornil(L, 1) ? 1 : lua_toboolean(L, 1);
-    stuffer_ud *u = lua_newuserdata(L, sizeof *u);
-    memset(u, 0, sizeof *u);
-    smtp_stuffer_init(&u->s, dot);
-    luaL_setmetatable(L, STUFFER);
-    return 1;
-}
-
-static int push_out(lua_State *L, stuffer_ud *u, int rc)
-{
-    if (rc < 0)
-        return luaL_error(L, "out of memory");
-    lua_pushlstring(L, u->out.p ? u->out.p : "", u->out.len);
-    u->out.len = 0;
-    /* a big chunk should not pin a big buffer for the whole message */
-    if (u->out.cap > (1u << 20))
-        smtp_buf_free(&u->out);
-    return 1;
-}
-
-/* st:feed(s) and st:add(s): stuff s into the stuffer's buffer */
-static stuffer_ud *stuff_arg(lua_State *L)
-{
-    stuffer_ud *u = luaL_checkudata(L, 1, STUFFER);
-    size_t n;
-    const char *s = luaL_checklstring(L, 2, &n);
-    if (u->s.finished)
-        luaL_error(L, "stuffer already finished");
-    if (smtp_stuff(&u->s, s, n, &u->out) < 0)
-        luaL_error(L, "out of memory");
-    return u;
-}
-
-static int l_stuffer_feed(lua_State *L)
-{
-    return push_out(L, stuff_arg(L), 0);
-}
-
-static int l_stuffer_finish(lua_State *L)
-{
-    stuffer_ud *u = luaL_checkudata(L, 1, STUFFER);
-    return push_out(L, u, smtp_stuff_finish(&u->s, &u->out));
-}
-
-/* st:add(s) -> bytes held: like feed, but the output stays in the stuffer (a BDAT chunk being
- * gathered; e:bdat_from(st, last) sends it). st:add_end() -> bytes held, after finishing. */
-static int l_stuffer_add(lua_State *L)
-{
-    lua_pushinteger(L, (lua_Integer)stuff_arg(L)->out.len);
-    return 1;
-}
-
-static int l_stuffer_add_end(lua_State *L)
-{
-    stuffer_ud *u = luaL_checkudata(L, 1, STUFFER);
-    if (!u->s.finished && smtp_stuff_finish(&u->s, &u->out) < 0)
-        return luaL_error(L, "out of memory");
-    lua_pushinteger(L, (lua_Integer)u->out.len);
-    return 1;
-}
-
-/* e:bdat_from(st, last) -> true | nil, err: queues what the stuffer holds as one BDAT chunk
- * (copied into the output, the stuffer's buffer emptied and kept for the next chunk). */
-static int l_bdat_from(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    stuffer_ud *u = luaL_checkudata(L, 2, STUFFER);
-    const char *why = NULL;
-    int rc = smtp_client_bdat(c, u->out.p ? u->out.p : "", u->out.len, lua_toboolean(L, 3), &why);
-    if (rc == 0)
-        u->out.len = 0;
-    return result(L, rc, why);
-}
-
-static int l_stuffer_gc(lua_State *L)
-{
-    stuffer_ud *u = luaL_checkudata(L, 1, STUFFER);
-    smtp_buf_free(&u->out);
-    return 0;
-}
-
-/* core.has_8bit(s) -> true when any byte is >= 0x80 (SMTPUTF8 / 8BITMIME decisions; a Lua
- * pattern class is far slower on large header sections) */
-static int l_has_8bit(lua_State *L)
-{
-    size_t n;
-    const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
-    int found = 0;
-    for (size_t i = 0; i < n && !found; i++)
-        found = s[i] >= 0x80;
-    lua_pushboolean(L, found);
-    return 1;
-}
-
-int smtp_open_client(lua_State *L)
-{
-    static const luaL_Reg engine_methods[] = {
-        {"feed", l_engine_feed}, {"reply", l_engine_reply}, {"ehlo", l_ehlo},
-        {"helo", l_helo}, {"starttls", l_starttls}, {"mail", l_mail}, {"rcpt", l_rcpt},
-        {"data", l_data}, {"rset", l_rset}, {"noop", l_noop}, {"quit", l_quit},
-        {"auth", l_auth}, {"body", l_body}, {"body_end", l_body_end}, {"bdat", l_bdat},
-        {"bdat_last", l_bdat_last}, {"bdat_from", l_bdat_from}, {"take", l_take},
-        {"write_to", l_write_to}, {"outlen", l_outlen}, {"upgrade", l_upgrade}, {"state", l_state},
-        {"pending", l_pending}, {"mark", l_mark}, {"rollback", l_rollback}, {NULL, NULL},
-    };
-    static const luaL_Reg engine_meta[] = {
-        {"__gc", l_engine_gc}, {"__tostring", l_engine_tostring}, {NULL, NULL},
-    };
-    static const luaL_Reg stuffer_methods[] = {
-        {"feed", l_stuffer_feed}, {"finish", l_stuffer_finish}, {"add", l_stuffer_add},
-        {"add_end", l_stuffer_add_end}, {NULL, NULL},
-    };
-    static const luaL_Reg stuffer_meta[] = {{"__gc", l_stuffer_gc}, {NULL, NULL}};
-    smtp_newclass(L, ENGINE, engine_methods, engine_meta);
-    smtp_newclass(L, STUFFER, stuffer_methods, stuffer_meta);
-    lua_pushcfunction(L, l_engine_new);
-    lua_setfield(L, -2, "client_engine");
-    lua_pushcfunction(L, l_stuffer_new);
-    lua_setfield(L, -2, "stuffer");
-    lua_pushcfunction(L, l_has_8bit);
-    lua_setfield(L, -2, "has_8bit");
-    return 0;
-}

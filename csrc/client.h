@@ -1,5 +1,6 @@
 /* The sans-I/O SMTP client engine: commands in, bytes to write out; server bytes in, replies
- * matched to the command that caused them out. Also the dot-stuffing/CRLF filter. Plain C. */
+ * matched to the command that caused them out. Also the dot-stuffing/CRLF filter. Plain C (no Lua:
+ * client_lua.c binds it; fuzz/client_fuzz.c and fuzz/stuff_fuzz.c drive it directly). */
 #ifndef SMTP_CLIENT_H
 #define SMTP_CLIENT_H
 
@@ -74,5 +75,17 @@ size_t smtp_client_upgrade(smtp_client *c);
 smtp_buf *smtp_client_output(smtp_client *c);
 void smtp_client_taken(smtp_client *c, size_t n);
 size_t smtp_client_pending(const smtp_client *c);
+
+/* Taking back commands that were queued but not sent: a transaction whose MAIL and some RCPTs are
+ * queued when a later command cannot be (a bad value) must not leave them to go out with the
+ * next one. A mark is a position in the output stream (bytes counted from the session's start,
+ * so it stays valid while earlier bytes are taken). smtp_client_rollback() drops every output
+ * byte and pending command queued after the mark and returns 0; it returns -1 with *why set and
+ * changes nothing when a byte after the mark was already taken ("already written"), one of those
+ * commands was already answered, body bytes or a SASL answer follow the mark, or the value is not
+ * a mark of this engine. */
+typedef unsigned long long smtp_client_mark;
+smtp_client_mark smtp_client_mark_now(const smtp_client *c);
+int smtp_client_rollback(smtp_client *c, smtp_client_mark mark, const char **why);
 
 #endif

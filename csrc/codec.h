@@ -1,18 +1,11 @@
-/* Plain C codecs used by message composition and DKIM: base64, quoted-printable, xtext and DKIM
- * canonicalization. No Lua here, so the fuzz harness can drive them directly. */
+/* Plain C codecs used by message composition and DKIM: quoted-printable and DKIM canonicalization
+ * (base64 and xtext, shared with the server engine, are declared in text.h, included here). No Lua
+ * here, so the fuzz harness can drive them directly; the binding is codec_lua.c. */
 #ifndef SMTP_CODEC_H
 #define SMTP_CODEC_H
 
 #include <stddef.h>
-
-/* Base64. With linelen > 0 (a multiple of 4), the output is cut into lines of linelen characters
- * joined by CRLF, with no CRLF after the last line; feeding blocks whose size is a multiple of
- * linelen/4*3 and joining the outputs with CRLF gives the same bytes as encoding the whole. */
-size_t smtp_b64_encoded_len(size_t n, size_t linelen);
-size_t smtp_b64_encode(const unsigned char *in, size_t n, char *out, size_t linelen);
-/* Skips CR, LF, space and tab. Returns the decoded length, or (size_t)-1 for a character outside
- * the alphabet, misplaced padding or a dangling single character. out holds n/4*3+3 bytes. */
-size_t smtp_b64_decode(const char *in, size_t n, unsigned char *out);
+#include "text.h"
 
 /* Quoted-printable (RFC 2045 6.7). CRLF and bare LF are line breaks and become CRLF; every other
  * control byte (bare CR too), '=', and bytes >= 0x80 become =XX; space and tab at the end of a line
@@ -23,12 +16,6 @@ size_t smtp_qp_encode(const unsigned char *in, size_t n, char *out);
 /* Decodes soft breaks, =XX (either case), drops trailing whitespace of lines, keeps CRLF. Invalid
  * '=' sequences are kept as they are (RFC 2045 suggests robustness). Output is at most n bytes. */
 size_t smtp_qp_decode(const char *in, size_t n, unsigned char *out);
-
-/* xtext (RFC 3461 4): '+', '=', and bytes outside 33..126 become +XX. out holds 3n bytes. */
-size_t smtp_xtext_encode(const unsigned char *in, size_t n, char *out);
-/* Returns (size_t)-1 when '+' is not followed by two upper-case hex digits or a byte is outside
- * 33..126. out holds n bytes. */
-size_t smtp_xtext_decode(const char *in, size_t n, unsigned char *out);
 
 /* DKIM header canonicalization (RFC 6376 3.4.2) of one header field, as it appears in the message
  * (name, colon, value, folding; the trailing CRLF optional). Writes "name:value\r\n" for relaxed;

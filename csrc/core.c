@@ -1,6 +1,5 @@
 /* Entry point of smtp.core: builds the module table from every part of the C core. */
 #include <string.h>
-#include <openssl/crypto.h>
 #include "core.h"
 
 void smtp_newclass(lua_State *L, const char *name, const luaL_Reg *methods,
@@ -18,12 +17,6 @@ void smtp_newclass(lua_State *L, const char *name, const luaL_Reg *methods,
     lua_pop(L, 1);
 }
 
-void smtp_wipe(void *p, size_t n)
-{
-    if (p && n)
-        OPENSSL_cleanse(p, n);
-}
-
 SMTP_API int luaopen_smtp_core(lua_State *L)
 {
     lua_newtable(L);
@@ -34,6 +27,7 @@ SMTP_API int luaopen_smtp_core(lua_State *L)
     smtp_open_reply(L);
     smtp_open_client(L);
     smtp_open_server(L);
+    smtp_open_sink(L);
     smtp_open_codec(L);
     lua_pushliteral(L, "0.1.0");
     lua_setfield(L, -2, "_VERSION");

@@ -9,6 +9,7 @@
 #if LUA_VERSION_NUM < 503
 #include "compat-5.3.h"
 #endif
+#include "text.h"   /* smtp_wipe and the text helpers every part may use */
 
 #define SMTP_API __attribute__((visibility("default")))
 
@@ -21,13 +22,16 @@ int smtp_open_dns(lua_State *L);
 int smtp_open_reply(lua_State *L);
 int smtp_open_client(lua_State *L);
 int smtp_open_server(lua_State *L);
+int smtp_open_sink(lua_State *L);
 int smtp_open_codec(lua_State *L);
+
+/* Pushes a parsed reply as a table { code=, enhanced=, text=, lines={...} } plus
+ * extensions={KEYWORD=params} when caps != 0 (reply_lua.c; used by client_lua.c too). */
+struct smtp_reply;
+void smtp_reply_push(lua_State *L, const struct smtp_reply *r, int caps);
 
 /* Creates a metatable named `name` with __name, __index = methods, and the metamethods. */
 void smtp_newclass(lua_State *L, const char *name, const luaL_Reg *methods,
                    const luaL_Reg *metamethods);
-
-/* Overwrites n bytes so that the compiler cannot drop the store (credentials, keys). */
-void smtp_wipe(void *p, size_t n);
 
 #endif

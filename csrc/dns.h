@@ -1,5 +1,5 @@
-/* Plain-C part of the dns resolver (no Lua): answer parsing and host name checks, shared by
- * dns.c's Lua binding and the fuzz harness fuzz/mx_fuzz.c. */
+/* Plain-C part of the dns resolver (no Lua): answer parsing and host name checks (dns.c), shared
+ * by the resolver's Lua binding dns_lua.c and the fuzz harness fuzz/mx_fuzz.c. */
 #ifndef SMTP_DNS_H
 #define SMTP_DNS_H
 

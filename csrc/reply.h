@@ -68,9 +68,4 @@ int smtp_ehlo_line(const char *line, size_t len, char *kw, size_t kwcap, const c
                    size_t *plen);
 
 
-
-/* Lua side (defined in reply.c, used by client.c): pushes a reply as a table
- * { code=, enhanced=, text=, lines={...} } plus extensions={KEYWORD=params} when caps != 0. */
-struct lua_State;
-void smtp_reply_push(struct lua_State *L, const smtp_reply *r, int caps);
 #endif

@@ -1,28 +1,17 @@
-/* SMTP server part of the C core: a sans-I/O server engine (client bytes in; commands, message
- * data and replies out) with its Lua binding `core.server_engine{...}`, and a small file helper
- * (`core.sink_file`) that lets the sink fsync and lock what it stores. */
+/* The sans-I/O SMTP server engine: client bytes in; commands, message data and replies out.
+ * Plain C (no Lua: its binding is server_lua.c; fuzz/server_fuzz.c and fuzz/path_fuzz.c drive it
+ * directly). Running out of memory never aborts: the session ends with a 421 (see oom()). */
 #include <ctype.h>
-#include <errno.h>
-#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
-#include <sys/stat.h>
-#include <unistd.h>
-#include <openssl/evp.h>
-#include "core.h"
 #include "server.h"
-
-/* ------------------------------------------------------------------------------------------ */
-/* Engine                                                                                       */
-/* ------------------------------------------------------------------------------------------ */
+#include "text.h"
 
 #define LONG_LINE_CLOSE (64 * 1024) /* a client this far into one command line is cut off */
 #define IN_EXTRA 8192               /* input buffer = max_line + this (pipelined commands) */
 #define MAX_PATH_LEN 256
-#define MAX_ERRORS_DEFAULT 10
 
 /* What the engine is doing with the next input bytes. */
 enum mode { M_CMD, M_SKIPLINE, M_DATA, M_BDAT, M_AUTH, M_CLOSED };
@@ -95,19 +84,73 @@ struct smtp_server {
     char *auth_buf;              /* decoded credentials, wiped after use */
     size_t auth_len;
     char *auth_user;
+    /* output bookkeeping for running out of memory */
+    size_t out_sealed;           /* out[0..out_sealed) ends with a whole reply */
+    int oom;                     /* an allocation failed: the session is over */
+    const char *tail;            /* the final 421 when it could not be put in `out` */
+    size_t tail_len;
 };
+
+static const char OOM_REPLY[] = "421 4.3.0 Out of memory, closing connection\r\n";
+
+/* Every mode change but closing goes through here: once closed (QUIT, too many errors, out of
+ * memory) a session stays closed, whatever the step that closed it meant to do next. */
+static void set_mode(smtp_server *s, enum mode m)
+{
+    if (s->mode != M_CLOSED)
+        s->mode = m;
+}
+
+static void *xrealloc(smtp_server *s, void *p, size_t n)
+{
+    return s->cfg.realloc_fn ? s->cfg.realloc_fn(s->cfg.alloc_ud, p, n) : realloc(p, n);
+}
+
+static void reset_tx(smtp_server *s);
+static void wipe_auth(smtp_server *s);
+
+/* An allocation failed. There is nothing sane left to do for this client but to say so: a reply
+ * built halfway (a multi-line EHLO) is dropped, a final 421 queued, the session closed, and the
+ * memory it held given back. A message being received ends with an END event of 451 first. */
+static void oom(smtp_server *s)
+{
+    if (s->oom)
+        return;
+    s->oom = 1;
+    s->out_len = s->out_sealed;
+    if (s->msg_begun && !s->end_pending) {
+        s->end_pending = 1;
+        s->msg_abort = 1;
+    }
+    reset_tx(s);
+    wipe_auth(s);
+    s->await = A_NONE;
+    s->mode = M_CLOSED;
+    if (s->out_alloc - s->out_len >= sizeof OOM_REPLY - 1) {
+        memcpy(s->out + s->out_len, OOM_REPLY, sizeof OOM_REPLY - 1);
+        s->out_len += sizeof OOM_REPLY - 1;
+        s->out_sealed = s->out_len;
+    } else {
+        s->tail = OOM_REPLY;
+        s->tail_len = sizeof OOM_REPLY - 1;
+    }
+}
 
 /* --- output ----------------------------------------------------------------------------- */
 
 static void out_add(smtp_server *s, const char *p, size_t n)
 {
+    if (s->oom)
+        return;
     if (s->out_len + n > s->out_alloc) {
         size_t na = s->out_alloc ? s->out_alloc : 512;
         while (na < s->out_len + n)
             na *= 2;
-        char *nb = realloc(s->out, na);
-        if (!nb)
-            abort(); /* out of memory: nothing sane to answer */
+        char *nb = xrealloc(s, s->out, na);
+        if (!nb) {
+            oom(s);
+            return;
+        }
         s->out = nb;
         s->out_alloc = na;
     }
@@ -156,6 +199,8 @@ static void reply(smtp_server *s, int code, const char *enh, const char *fmt, ..
     line[n++] = '\r';
     line[n++] = '\n';
     out_add(s, line, (size_t)n);
+    if (!s->oom)
+        s->out_sealed = s->out_len;
 }
 
 static void close_with(smtp_server *s, int code, const char *enh, const char *text)
@@ -222,98 +267,20 @@ static int iprefix(const char *a, size_t alen, const char *b)
     return alen >= bl && ieq(a, bl, b);
 }
 
-/* Strict UTF-8 (no overlongs, no surrogates, at most U+10FFFF). */
-static int utf8_valid(const unsigned char *p, size_t n)
+/* An xtext parameter value (ENVID, ORCPT's address) decoded into `out` (NUL-terminated, cap
+ * bytes): -1 when it is not xtext (text.h says what is) or decodes to a control character, which
+ * would let CR, LF or NUL into what the application stores and passes on. */
+static int xtext_value(const char *p, size_t n, char *out, size_t cap)
 {
-    size_t i = 0;
-    while (i < n) {
-        unsigned c = p[i];
-        if (c < 0x80) { i++; continue; }
-        size_t k;
-        unsigned min, cp;
-        if ((c & 0xE0) == 0xC0) { k = 1; cp = c & 0x1F; min = 0x80; }
-        else if ((c & 0xF0) == 0xE0) { k = 2; cp = c & 0x0F; min = 0x800; }
-        else if ((c & 0xF8) == 0xF0) { k = 3; cp = c & 0x07; min = 0x10000; }
-        else return 0;
-        for (size_t j = 1; j <= k; j++) {
-            if (i + j >= n || (p[i + j] & 0xC0) != 0x80)
-                return 0;
-            cp = (cp << 6) | (p[i + j] & 0x3F);
-        }
-        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-            return 0;
-        i += k + 1;
-    }
-    return 1;
-}
-
-static int has_8bit(const char *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if ((unsigned char)p[i] >= 0x80)
-            return 1;
-    return 0;
-}
-
-/* Strict base64 with OpenSSL doing the decoding; -1 when malformed. `out` holds 3*n/4 bytes. */
-static long b64_decode(const char *in, size_t n, unsigned char *out)
-{
-    if (n % 4)
+    if (n >= cap)
         return -1;
-    size_t pad = 0;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)in[i];
-        if (c == '=') {
-            if (i < n - 2)
-                return -1;
-            pad++;
-            continue;
-        }
-        if (pad)
-            return -1; /* data after padding */
-        if (!(isalnum(c) || c == '+' || c == '/'))
-            return -1;
-    }
-    if (n == 0)
-        return 0;
-    int r = EVP_DecodeBlock(out, (const unsigned char *)in, (int)n);
-    if (r < 0)
+    size_t len = smtp_xtext_decode(p, n, (unsigned char *)out);
+    if (len == (size_t)-1)
         return -1;
-    return (long)r - (long)pad;
-}
-
-static int hexval(int c)
-{
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    return -1;
-}
-
-/* RFC 3461 xtext into `out` (NUL-terminated); -1 when malformed or it decodes to controls. */
-static int xtext_decode(const char *p, size_t n, char *out, size_t cap)
-{
-    size_t o = 0;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)p[i];
-        if (c == '+') {
-            if (i + 2 >= n)
-                return -1;
-            int h = hexval(p[i + 1]), l = hexval(p[i + 2]);
-            if (h < 0 || l < 0)
-                return -1;
-            c = (unsigned char)(h * 16 + l);
-            i += 2;
-            if (c < 32 || c == 127)
-                return -1; /* CR/LF/NUL smuggled through xtext */
-        } else if (c < 33 || c > 126 || c == '=') {
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)out[i] < 32 || out[i] == 127)
             return -1;
-        }
-        if (o + 1 >= cap)
-            return -1;
-        out[o++] = (char)c;
-    }
-    out[o] = 0;
+    out[len] = 0;
     return 0;
 }
 
@@ -448,17 +415,20 @@ static int parse_path(const char *p, size_t n, size_t *end, const char **a, size
     return 0;
 }
 
-/* Builds an address record: address then parameter values, in one block. */
-static void addr_make(struct addr *d, const char *a, size_t alen, const smtp_server_params *p)
+/* Builds an address record: address then parameter values, in one block. -1: out of memory. */
+static int addr_make(smtp_server *s, struct addr *d, const char *a, size_t alen,
+                     const smtp_server_params *p)
 {
     const char *vals[5] = { p->body, p->ret, p->envid, p->notify, p->orcpt };
     size_t need = alen + 1;
     for (int i = 0; i < 5; i++)
         if (vals[i])
             need += strlen(vals[i]) + 1;
-    char *b = malloc(need);
-    if (!b)
-        abort();
+    char *b = xrealloc(s, NULL, need);
+    if (!b) {
+        oom(s);
+        return -1;
+    }
     memcpy(b, a, alen);
     b[alen] = 0;
     d->block = b;
@@ -476,6 +446,7 @@ static void addr_make(struct addr *d, const char *a, size_t alen, const smtp_ser
         *dst[i] = b + o;
         o += l;
     }
+    return 0;
 }
 
 /* Parses " KEY[=VALUE]..." after a path. Values land in `scratch`. Returns 0 or an error with
@@ -585,13 +556,13 @@ static int parse_params(smtp_server *s, const char *p, size_t n, int is_mail,
         if (o + vl + 2 > cap) goto bad;
         char *dst = scratch + o;
         if (xtext == 1) {
-            if (xtext_decode(v, vl, dst, cap - o) < 0) goto bad;
+            if (xtext_value(v, vl, dst, cap - o) < 0) goto bad;
         } else if (xtext == 2) {
             size_t tl = (size_t)((const char *)memchr(v, ';', vl) - v) + 1;
             for (size_t j = 0; j + 1 < tl; j++)
                 if (!(isalnum((unsigned char)v[j]) || v[j] == '-')) goto bad;
             memcpy(dst, v, tl);
-            if (xtext_decode(v + tl, vl - tl, dst + tl, cap - o - tl) < 0) goto bad;
+            if (xtext_value(v + tl, vl - tl, dst + tl, cap - o - tl) < 0) goto bad;
         } else {
             for (size_t j = 0; j < vl; j++)
                 dst[j] = (char)toupper((unsigned char)v[j]);
@@ -650,7 +621,7 @@ static int check_helo(smtp_server *s, const char *arg, size_t alen)
     size_t n = 0;
     while (n < alen && arg[n] != ' ')
         n++;
-    if (n > 255 || !utf8_valid((const unsigned char *)arg, n)) {
+    if (n > 255 || !smtp_utf8_valid(arg, n)) {
         fail(s, 501, "5.5.4", "Invalid domain name");
         return 0;
     }
@@ -701,6 +672,8 @@ static void do_ehlo(smtp_server *s, const char *arg, size_t alen)
     static const char tail[] = "250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n"
                                "250-CHUNKING\r\n250 DSN\r\n";
     out_add(s, tail, sizeof tail - 1);
+    if (!s->oom)
+        s->out_sealed = s->out_len;
 }
 
 static int check_mail(smtp_server *s, const char *arg, size_t alen)
@@ -748,19 +721,18 @@ static int parse_cmd_path(smtp_server *s, const char *arg, size_t alen, const ch
         return -1;
     }
     int utf8 = is_mail ? p.smtputf8 : s->from.p.smtputf8;
-    if (has_8bit(a, al)) {
+    if (smtp_has_8bit(a, al)) {
         if (!utf8) {
             fail(s, 553, "5.6.7", "Non-ASCII address needs SMTPUTF8");
             return -1;
         }
-        if (!utf8_valid((const unsigned char *)a, al)) {
+        if (!smtp_utf8_valid(a, al)) {
             fail(s, 553, "5.6.7", "Invalid UTF-8 in address");
             return -1;
         }
     }
     addr_clear(&s->pending);
-    addr_make(&s->pending, a, al, &p);
-    return 0;
+    return addr_make(s, &s->pending, a, al, &p);
 }
 
 static void accept_mail(smtp_server *s)
@@ -804,9 +776,11 @@ static void accept_rcpt(smtp_server *s)
 {
     if (s->nrcpt == s->rcpt_alloc) {
         unsigned na = s->rcpt_alloc ? s->rcpt_alloc * 2 : 4;
-        struct addr *nr = realloc(s->rcpts, na * sizeof *nr);
-        if (!nr)
-            abort();
+        struct addr *nr = xrealloc(s, s->rcpts, na * sizeof *nr);
+        if (!nr) {
+            oom(s);
+            return;
+        }
         s->rcpts = nr;
         s->rcpt_alloc = na;
     }
@@ -848,7 +822,7 @@ static void do_data(smtp_server *s, const char *arg, size_t alen)
 {
     (void)arg; (void)alen;
     reply(s, 354, NULL, "End data with <CR><LF>.<CR><LF>");
-    s->mode = M_DATA;
+    set_mode(s, M_DATA);
     s->ds = D_BOL;
     s->data_tx = 1;
     s->msg_begun = 1;
@@ -906,7 +880,7 @@ static int check_bdat(smtp_server *s, const char *arg, size_t alen)
     if (err) {
         fail(s, code, enh, err);
         if (s->mode != M_CLOSED) {
-            s->mode = M_BDAT;
+            set_mode(s, M_BDAT);
             s->bdat_left = n;
             s->bdat_discard = 1;
             s->bdat_last = 0;
@@ -921,7 +895,7 @@ static void do_bdat(smtp_server *s, const char *arg, size_t alen)
     unsigned long long n;
     int last;
     parse_bdat(arg, alen, &n, &last);
-    s->mode = M_BDAT;
+    set_mode(s, M_BDAT);
     s->bdat_left = n;
     s->bdat_last = last;
     s->bdat_discard = 0;
@@ -1050,17 +1024,21 @@ static int auth_take(smtp_server *s, const char *b64, size_t n, int *cancelled)
         return -1;
     }
     size_t need = s->auth_len + n / 4 * 3 + 4;
-    char *nb = malloc(need);
-    if (!nb)
-        abort();
+    char *nb = xrealloc(s, NULL, need);
+    if (!nb) {
+        oom(s);
+        return -1;
+    }
     if (s->auth_buf) {
         memcpy(nb, s->auth_buf, s->auth_len);
         smtp_wipe(s->auth_buf, s->auth_len);
         free(s->auth_buf);
     }
     s->auth_buf = nb;
-    long r = (n == 1 && b64[0] == '=') ? 0 : b64_decode(b64, n, (unsigned char *)nb + s->auth_len);
-    if (r < 0) {
+    /* RFC 4954 4: "=" is an empty response; anything else must be strict base64 */
+    size_t r = (n == 1 && b64[0] == '=') ? 0
+             : smtp_b64_decode(b64, n, (unsigned char *)nb + s->auth_len, SMTP_B64_STRICT);
+    if (r == (size_t)-1) {
         wipe_auth(s);
         fail(s, 501, "5.5.2", "Invalid base64 data");
         return -1;
@@ -1102,7 +1080,7 @@ static void do_auth(smtp_server *s, const char *arg, size_t alen)
                 auth_ready(s);
         } else {
             reply(s, 334, NULL, "");
-            s->mode = M_AUTH;
+            set_mode(s, M_AUTH);
         }
     } else if (ieq(arg, m, "LOGIN")) {
         if (init) {
@@ -1120,7 +1098,7 @@ static void do_auth(smtp_server *s, const char *arg, size_t alen)
             s->austep = AU_LOGIN_USER;
             reply(s, 334, NULL, "VXNlcm5hbWU6");
         }
-        s->mode = M_AUTH;
+        set_mode(s, M_AUTH);
     } else {
         fail(s, 504, "5.5.4", "Unrecognized authentication mechanism");
     }
@@ -1130,7 +1108,7 @@ static void do_auth(smtp_server *s, const char *arg, size_t alen)
 static void auth_line(smtp_server *s, const char *line, size_t n)
 {
     int cancelled;
-    s->mode = M_CMD;
+    set_mode(s, M_CMD);
     if (s->austep == AU_PLAIN) {
         if (auth_take(s, line, n, &cancelled) == 0)
             auth_ready(s);
@@ -1145,7 +1123,7 @@ static void auth_line(smtp_server *s, const char *line, size_t n)
         }
         s->austep = AU_LOGIN_PASS;
         reply(s, 334, NULL, "UGFzc3dvcmQ6");
-        s->mode = M_AUTH;
+        set_mode(s, M_AUTH);
     } else {
         size_t ul = s->auth_len;
         if (auth_take(s, line, n, &cancelled))
@@ -1156,9 +1134,11 @@ static void auth_line(smtp_server *s, const char *line, size_t n)
             return;
         }
         /* store as user NUL password for the event */
-        char *nb = malloc(s->auth_len + 2);
-        if (!nb)
-            abort();
+        char *nb = xrealloc(s, NULL, s->auth_len + 2);
+        if (!nb) {
+            oom(s);
+            return;
+        }
         memcpy(nb, s->auth_buf, ul);
         nb[ul] = 0;
         memcpy(nb + ul + 1, s->auth_buf + ul, s->auth_len - ul);
@@ -1363,9 +1343,11 @@ static int data_scan(smtp_server *s)
 
 smtp_server *smtp_server_new(const smtp_server_config *cfg)
 {
-    smtp_server *s = calloc(1, sizeof *s);
+    smtp_server *s = cfg->realloc_fn ? cfg->realloc_fn(cfg->alloc_ud, NULL, sizeof *s)
+                                     : malloc(sizeof *s);
     if (!s)
         return NULL;
+    memset(s, 0, sizeof *s);
     s->cfg = *cfg;
     if (!s->cfg.max_line || s->cfg.max_line < 64)
         s->cfg.max_line = 512;
@@ -1374,7 +1356,7 @@ smtp_server *smtp_server_new(const smtp_server_config *cfg)
     if (!s->cfg.max_recipients)
         s->cfg.max_recipients = 100;
     if (!s->cfg.max_errors)
-        s->cfg.max_errors = MAX_ERRORS_DEFAULT;
+        s->cfg.max_errors = SMTP_SERVER_MAX_ERRORS_DEFAULT;
     if (!s->cfg.out_cap)
         s->cfg.out_cap = 64 * 1024;
     snprintf(s->hostname, sizeof s->hostname, "%s", cfg->hostname ? cfg->hostname : "localhost");
@@ -1384,7 +1366,7 @@ smtp_server *smtp_server_new(const smtp_server_config *cfg)
     s->cfg.hostname = s->hostname;
     s->tls = cfg->tls_active;
     s->in_cap = s->cfg.max_line + IN_EXTRA;
-    s->mode = M_CMD;
+    set_mode(s, M_CMD);
     reply(s, 220, NULL, "%s ESMTP lua-smtp", s->hostname);
     return s;
 }
@@ -1414,9 +1396,11 @@ size_t smtp_server_feed(smtp_server *s, const char *data, size_t len)
     if (s->mode == M_CLOSED)
         return len; /* nothing more is read after the end: swallow */
     if (!s->in) {
-        s->in = malloc(s->in_cap);
-        if (!s->in)
-            abort();
+        s->in = xrealloc(s, NULL, s->in_cap);
+        if (!s->in) {
+            oom(s);
+            return len;
+        }
     }
     if (s->in_pos) {
         memmove(s->in, s->in + s->in_pos, s->in_len - s->in_pos);
@@ -1447,7 +1431,7 @@ static int ev_end(smtp_server *s, smtp_server_event *ev)
 {
     s->end_pending = 0;
     if (s->mode != M_CLOSED)
-        s->mode = M_CMD;
+        set_mode(s, M_CMD);
     memset(ev, 0, sizeof *ev);
     ev->kind = SMTP_SRV_END;
     if (s->msg_abort) {
@@ -1501,9 +1485,11 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
         }
         if ((s->mode == M_DATA || s->mode == M_BDAT) && !s->dbuf) {
             /* bare CR/LF become CRLF: up to twice the input */
-            s->dbuf = malloc(2 * s->in_cap + 8);
-            if (!s->dbuf)
-                abort();
+            s->dbuf = xrealloc(s, NULL, 2 * s->in_cap + 8);
+            if (!s->dbuf) {
+                oom(s);
+                continue;
+            }
         }
         /* a BDAT chunk may be empty ("BDAT 0 LAST"): it completes without input */
         if (s->in_pos >= s->in_len && !(s->mode == M_BDAT && s->bdat_left == 0)) {
@@ -1542,7 +1528,7 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 }
             }
             if (s->bdat_left == 0) {
-                s->mode = M_CMD;
+                set_mode(s, M_CMD);
                 if (s->bdat_discard) {
                     s->bdat_discard = 0;
                 } else if (s->bdat_last) {
@@ -1575,7 +1561,7 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 continue;
             }
             if (lf) {
-                s->mode = M_CMD;
+                set_mode(s, M_CMD);
                 fail(s, 500, "5.5.2", "Error: line too long");
             }
             continue;
@@ -1590,10 +1576,10 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                     s->skipped = avail;
                     s->in_pos = s->in_len;
                     if (s->mode == M_AUTH) {
-                        s->mode = M_SKIPLINE;
+                        set_mode(s, M_SKIPLINE);
                         wipe_auth(s);
                     } else {
-                        s->mode = M_SKIPLINE;
+                        set_mode(s, M_SKIPLINE);
                     }
                     continue;
                 }
@@ -1605,7 +1591,7 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             if (n + 1 > s->cfg.max_line) {
                 if (s->mode == M_AUTH) {
                     wipe_auth(s);
-                    s->mode = M_CMD;
+                    set_mode(s, M_CMD);
                 }
                 fail(s, 500, "5.5.2", "Error: line too long");
                 continue;
@@ -1616,10 +1602,13 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 auth_line(s, start, n);
             else
                 command(s, start, n);
+            if (s->mode == M_CLOSED)
+                continue;   /* its last reply is queued; nothing the command began goes on */
             if (s->await == A_MAIL || s->await == A_RCPT) {
                 ev->kind = s->await == A_MAIL ? SMTP_SRV_MAIL : SMTP_SRV_RCPT;
                 ev->a = s->pending.addr;
                 ev->alen = strlen(s->pending.addr);
+                ev->params = &s->pending.p;
                 return ev->kind;
             }
             if (s->await == A_AUTH) {
@@ -1702,12 +1691,23 @@ int smtp_server_decide(smtp_server *s, int accept, int code, const char *enh, co
 
 const char *smtp_server_output(const smtp_server *s, size_t *len)
 {
+    if (!s->out_len && s->tail_len) {
+        *len = s->tail_len;
+        return s->tail;
+    }
     *len = s->out_len;
     return s->out;
 }
 
 void smtp_server_output_done(smtp_server *s, size_t n)
 {
+    if (!s->out_len) {
+        n = n < s->tail_len ? n : s->tail_len;
+        s->tail += n;
+        s->tail_len -= n;
+        return;
+    }
+    s->out_sealed = n < s->out_sealed ? s->out_sealed - n : 0;
     if (n >= s->out_len) {
         s->out_len = 0;
         if (s->out_alloc > 4096) { /* idle sessions keep no big buffer */
@@ -1734,7 +1734,11 @@ int smtp_server_want_write(const smtp_server *s)
 {
     return s->mode != M_CLOSED && s->await == A_NONE && s->out_len >= s->cfg.out_cap;
 }
-const char *smtp_server_state_name(const smtp_server *s) { return mode_names[s->mode]; }
+const char *smtp_server_state_name(const smtp_server *s)
+{
+    return s->oom ? "failed" : mode_names[s->mode];
+}
+const char *smtp_server_error(const smtp_server *s) { return s->oom ? "out of memory" : NULL; }
 const char *smtp_server_helo(const smtp_server *s) { return s->helo ? s->helo_name : NULL; }
 const char *smtp_server_user(const smtp_server *s) { return s->authed ? s->user : NULL; }
 int smtp_server_tls(const smtp_server *s) { return s->tls; }
@@ -1757,403 +1761,4 @@ const char *smtp_server_rcpt(const smtp_server *s, unsigned i, const smtp_server
     if (p)
         *p = &s->rcpts[i].p;
     return s->rcpts[i].addr;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Lua binding                                                                                  */
-/* ------------------------------------------------------------------------------------------ */
-
-#define ENGINE_MT "smtp.server_engine"
-#define FILE_MT "smtp.sink_file"
-
-typedef struct { smtp_server *s; } lengine;
-
-static smtp_server *check_engine(lua_State *L)
-{
-    lengine *e = luaL_checkudata(L, 1, ENGINE_MT);
-    if (!e->s)
-        luaL_error(L, "server engine already freed");
-    return e->s;
-}
-
-static lua_Integer opt_int(lua_State *L, int t, const char *k, lua_Integer d)
-{
-    lua_getfield(L, t, k);
-    lua_Integer v = lua_isnil(L, -1) ? d : luaL_checkinteger(L, -1);
-    lua_pop(L, 1);
-    return v;
-}
-
-static int opt_bool(lua_State *L, int t, const char *k)
-{
-    lua_getfield(L, t, k);
-    int v = lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    return v;
-}
-
-/* core.server_engine{ hostname=, max_line=, max_message_size=, max_recipients=, max_errors=,
- *   out_cap=, tls=, tls_active=, auth=, auth_plaintext=, require_auth=, normalize=, hook_mail=,
- *   hook_rcpt= } -> engine (its greeting already queued) */
-static int l_engine_new(lua_State *L)
-{
-    luaL_checktype(L, 1, LUA_TTABLE);
-    smtp_server_config c;
-    memset(&c, 0, sizeof c);
-    lua_getfield(L, 1, "hostname");
-    c.hostname = luaL_optstring(L, -1, "localhost");
-    c.max_line = (size_t)opt_int(L, 1, "max_line", 512);
-    c.max_message_size = (size_t)opt_int(L, 1, "max_message_size", 0);
-    c.max_recipients = (unsigned)opt_int(L, 1, "max_recipients", 100);
-    c.max_errors = (unsigned)opt_int(L, 1, "max_errors", MAX_ERRORS_DEFAULT);
-    c.out_cap = (size_t)opt_int(L, 1, "out_cap", 64 * 1024);
-    c.tls_available = opt_bool(L, 1, "tls");
-    c.tls_active = opt_bool(L, 1, "tls_active");
-    c.auth_enabled = opt_bool(L, 1, "auth");
-    c.auth_plaintext = opt_bool(L, 1, "auth_plaintext");
-    c.require_auth = opt_bool(L, 1, "require_auth");
-    c.normalize_newlines = opt_bool(L, 1, "normalize");
-    c.hook_mail = opt_bool(L, 1, "hook_mail");
-    c.hook_rcpt = opt_bool(L, 1, "hook_rcpt");
-    if (c.max_line < 64 || c.max_line > 65536)
-        return luaL_argerror(L, 1, "max_line must be within 64..65536");
-    lengine *e = lua_newuserdata(L, sizeof *e);
-    e->s = NULL;
-    luaL_setmetatable(L, ENGINE_MT);
-    e->s = smtp_server_new(&c);
-    if (!e->s)
-        return luaL_error(L, "out of memory");
-    return 1;
-}
-
-static int l_engine_gc(lua_State *L)
-{
-    lengine *e = luaL_checkudata(L, 1, ENGINE_MT);
-    smtp_server_free(e->s);
-    e->s = NULL;
-    return 0;
-}
-
-/* e:feed(str [, i]) -> bytes taken from str starting at byte i */
-static int l_feed(lua_State *L)
-{
-    smtp_server *s = check_engine(L);
-    size_t len;
-    const char *d = luaL_checklstring(L, 2, &len);
-    lua_Integer i = luaL_optinteger(L, 3, 1);
-    if (i < 1 || (size_t)i > len + 1)
-        return luaL_argerror(L, 3, "out of range");
-    lua_pushinteger(L, (lua_Integer)smtp_server_feed(s, d + i - 1, len - (size_t)(i - 1)));
-    return 1;
-}
-
-static int l_space(lua_State *L)
-{
-    lua_pushinteger(L, (lua_Integer)smtp_server_space(check_engine(L)));
-    return 1;
-}
-
-static void push_params(lua_State *L, const smtp_server_params *p)
-{
-    lua_createtable(L, 0, 4);
-    if (p->size >= 0) {
-        lua_pushinteger(L, (lua_Integer)p->size);
-        lua_setfield(L, -2, "SIZE");
-    }
-    if (p->smtputf8) {
-        lua_pushboolean(L, 1);
-        lua_setfield(L, -2, "SMTPUTF8");
-    }
-    const char *names[] = { "BODY", "RET", "ENVID", "NOTIFY", "ORCPT" };
-    const char *vals[] = { p->body, p->ret, p->envid, p->notify, p->orcpt };
-    for (int i = 0; i < 5; i++) {
-        if (vals[i]) {
-            lua_pushstring(L, vals[i]);
-            lua_setfield(L, -2, names[i]);
-        }
-    }
-}
-
-/* e:next() -> nil (needs input) | nil, "write" (write the output first) | "mail", addr, params | "rcpt", addr, params | "begin" | "data", chunk |
- *   "end", code|nil, text | "auth", mechanism, user, secret | "starttls" | "close" */
-static int l_next(lua_State *L)
-{
-    smtp_server *s = check_engine(L);
-    smtp_server_event ev;
-    int k = smtp_server_next(s, &ev);
-    if (k == SMTP_SRV_NONE) {
-        lua_pushnil(L);
-        if (smtp_server_want_write(s)) {
-            lua_pushliteral(L, "write");
-            return 2;
-        }
-        return 1;
-    }
-    lua_pushstring(L, smtp_server_event_names[k]);
-    switch (k) {
-    case SMTP_SRV_MAIL:
-    case SMTP_SRV_RCPT:
-        lua_pushlstring(L, ev.a, ev.alen);
-        push_params(L, &s->pending.p);
-        return 3;
-    case SMTP_SRV_DATA:
-        lua_pushlstring(L, ev.a, ev.alen);
-        return 2;
-    case SMTP_SRV_END:
-        if (ev.code) {
-            lua_pushinteger(L, ev.code);
-            lua_pushlstring(L, ev.a, ev.alen);
-            return 3;
-        }
-        return 1;
-    case SMTP_SRV_AUTH:
-        lua_pushlstring(L, ev.a, ev.alen);
-        lua_pushlstring(L, ev.b, ev.blen);
-        lua_pushlstring(L, ev.c, ev.clen);
-        return 4;
-    default:
-        return 1;
-    }
-}
-
-/* e:decide(ok [, code, enhanced, text]) */
-static int l_decide(lua_State *L)
-{
-    smtp_server *s = check_engine(L);
-    int ok = lua_toboolean(L, 2);
-    int code = (int)luaL_optinteger(L, 3, 0);
-    const char *enh = luaL_optstring(L, 4, NULL);
-    const char *text = luaL_optstring(L, 5, NULL);
-    if (code && (code < 200 || code > 599))
-        return luaL_argerror(L, 3, "reply code out of range");
-    if (text && strpbrk(text, "\r\n"))
-        return luaL_argerror(L, 5, "CR or LF in reply text");
-    if (enh && (strlen(enh) > 12 || strpbrk(enh, "\r\n ")))
-        return luaL_argerror(L, 4, "bad enhanced status code");
-    if (smtp_server_decide(s, ok, code, enh, text) < 0)
-        return luaL_error(L, "no decision pending");
-    return 0;
-}
-
-/* e:output() -> pending reply bytes (taken) or nil */
-static int l_output(lua_State *L)
-{
-    smtp_server *s = check_engine(L);
-    size_t n;
-    const char *p = smtp_server_output(s, &n);
-    if (!n) {
-        lua_pushnil(L);
-        return 1;
-    }
-    lua_pushlstring(L, p, n);
-    smtp_server_output_done(s, n);
-    return 1;
-}
-
-static int l_envelope(lua_State *L)
-{
-    smtp_server *s = check_engine(L);
-    const smtp_server_params *p;
-    const char *from = smtp_server_from(s, &p);
-    if (!from) {
-        lua_pushnil(L);
-        return 1;
-    }
-    unsigned n = smtp_server_rcpt_count(s);
-    lua_createtable(L, 0, 4);
-    lua_pushstring(L, from);
-    lua_setfield(L, -2, "from");
-    push_params(L, p);
-    lua_setfield(L, -2, "params");
-    lua_createtable(L, (int)n, 0);
-    lua_createtable(L, (int)n, 0);
-    for (unsigned i = 0; i < n; i++) {
-        const smtp_server_params *rp = NULL;
-        lua_pushstring(L, smtp_server_rcpt(s, i, &rp));
-        lua_rawseti(L, -3, (lua_Integer)i + 1);
-        push_params(L, rp);
-        lua_rawseti(L, -2, (lua_Integer)i + 1);
-    }
-    lua_setfield(L, -3, "rcpt_params");
-    lua_setfield(L, -2, "to");
-    return 1;
-}
-
-static int l_shutdown(lua_State *L)
-{
-    smtp_server *s = check_engine(L);
-    int code = (int)luaL_optinteger(L, 2, 421);
-    const char *enh = luaL_optstring(L, 3, "4.3.2");
-    const char *text = luaL_optstring(L, 4, "Service shutting down");
-    if (strpbrk(text, "\r\n") || strpbrk(enh, "\r\n"))
-        return luaL_argerror(L, 4, "CR or LF in reply");
-    smtp_server_shutdown(s, code, enh, text);
-    return 0;
-}
-
-/* e:closed(), e:state(), e:helo(), e:user(), e:tls(): one engine fact each */
-#define ENGINE_GETTER(name, push, get)                                                             \
-    static int l_##name(lua_State *L)                                                              \
-    {                                                                                              \
-        push(L, get(check_engine(L)));                                                             \
-        return 1;                                                                                  \
-    }
-ENGINE_GETTER(closed, lua_pushboolean, smtp_server_closed)
-ENGINE_GETTER(state, lua_pushstring, smtp_server_state_name)
-ENGINE_GETTER(helo, lua_pushstring, smtp_server_helo)
-ENGINE_GETTER(user, lua_pushstring, smtp_server_user)
-ENGINE_GETTER(tls, lua_pushboolean, smtp_server_tls)
-
-static int l_engine_tostring(lua_State *L)
-{
-    lengine *e = luaL_checkudata(L, 1, ENGINE_MT);
-    lua_pushfstring(L, ENGINE_MT " (%s)", e->s ? smtp_server_state_name(e->s) : "freed");
-    return 1;
-}
-
-/* --- sink files: exclusive create or locked append, with fsync ----------------------------- */
-
-typedef struct { int fd; } lfile;
-
-static lfile *check_file(lua_State *L)
-{
-    lfile *f = luaL_checkudata(L, 1, FILE_MT);
-    if (f->fd < 0)
-        luaL_error(L, "file already closed");
-    return f;
-}
-
-static int push_errno(lua_State *L, const char *what)
-{
-    int e = errno;
-    lua_pushnil(L);
-    lua_pushfstring(L, "%s: %s", what, strerror(e));
-    return 2;
-}
-
-/* core.sink_file(path, "create" | "append") -> file | nil, msg
- * "create" fails if the file exists (Maildir tmp/); "append" takes an exclusive flock (mbox). */
-static int l_sink_file(lua_State *L)
-{
-    const char *path = luaL_checkstring(L, 1);
-    static const char *const modes[] = { "create", "append", NULL };
-    int m = luaL_checkoption(L, 2, NULL, modes);
-    int flags = O_WRONLY | O_CLOEXEC | O_CREAT | (m == 0 ? O_EXCL : O_APPEND);
-    int fd = open(path, flags, 0600);
-    if (fd < 0)
-        return push_errno(L, path);
-    if (m == 1 && flock(fd, LOCK_EX) < 0) {
-        int e = errno;
-        close(fd);
-        errno = e;
-        return push_errno(L, path);
-    }
-    lfile *f = lua_newuserdata(L, sizeof *f);
-    f->fd = fd;
-    luaL_setmetatable(L, FILE_MT);
-    return 1;
-}
-
-static int l_file_write(lua_State *L)
-{
-    lfile *f = check_file(L);
-    size_t n;
-    const char *p = luaL_checklstring(L, 2, &n);
-    while (n) {
-        ssize_t w = write(f->fd, p, n);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return push_errno(L, "write");
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    lua_pushboolean(L, 1);
-    return 1;
-}
-
-static int l_file_sync(lua_State *L)
-{
-    lfile *f = check_file(L);
-    if (fsync(f->fd) < 0)
-        return push_errno(L, "fsync");
-    lua_pushboolean(L, 1);
-    return 1;
-}
-
-/* Size of the file now (the mbox offset a message starts at, to cut it back on failure). */
-static int l_file_size(lua_State *L)
-{
-    lfile *f = check_file(L);
-    struct stat st;
-    if (fstat(f->fd, &st) < 0)
-        return push_errno(L, "fstat");
-    lua_pushinteger(L, (lua_Integer)st.st_size);
-    return 1;
-}
-
-static int l_file_truncate(lua_State *L)
-{
-    lfile *f = check_file(L);
-    lua_Integer n = luaL_checkinteger(L, 2);
-    if (ftruncate(f->fd, (off_t)n) < 0)
-        return push_errno(L, "ftruncate");
-    lua_pushboolean(L, 1);
-    return 1;
-}
-
-static int l_file_close(lua_State *L)
-{
-    lfile *f = luaL_checkudata(L, 1, FILE_MT);
-    if (f->fd >= 0) {
-        close(f->fd); /* also drops the flock */
-        f->fd = -1;
-    }
-    return 0;
-}
-
-/* core.fsync_dir(path): makes a rename into a directory durable. */
-static int l_fsync_dir(lua_State *L)
-{
-    const char *path = luaL_checkstring(L, 1);
-    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return push_errno(L, path);
-    int r = fsync(fd);
-    int e = errno;
-    close(fd);
-    if (r < 0) {
-        errno = e;
-        return push_errno(L, path);
-    }
-    lua_pushboolean(L, 1);
-    return 1;
-}
-
-int smtp_open_server(lua_State *L)
-{
-    static const luaL_Reg methods[] = {
-        { "feed", l_feed }, { "space", l_space }, { "next", l_next }, { "decide", l_decide },
-        { "output", l_output }, { "envelope", l_envelope }, { "shutdown", l_shutdown },
-        { "closed", l_closed }, { "state", l_state }, { "helo", l_helo }, { "user", l_user },
-        { "tls", l_tls }, { NULL, NULL }
-    };
-    static const luaL_Reg meta[] = {
-        { "__gc", l_engine_gc }, { "__tostring", l_engine_tostring }, { NULL, NULL }
-    };
-    static const luaL_Reg fmethods[] = {
-        { "write", l_file_write }, { "sync", l_file_sync }, { "size", l_file_size },
-        { "truncate", l_file_truncate }, { "close", l_file_close }, { NULL, NULL }
-    };
-    static const luaL_Reg fmeta[] = { { "__gc", l_file_close }, { NULL, NULL } };
-    smtp_newclass(L, ENGINE_MT, methods, meta);
-    smtp_newclass(L, FILE_MT, fmethods, fmeta);
-    lua_pushcfunction(L, l_engine_new);
-    lua_setfield(L, -2, "server_engine");
-    lua_pushcfunction(L, l_sink_file);
-    lua_setfield(L, -2, "sink_file");
-    lua_pushcfunction(L, l_fsync_dir);
-    lua_setfield(L, -2, "fsync_dir");
-    return 0;
 }

@@ -1,11 +1,13 @@
-/* Sans-I/O SMTP server engine: client bytes in, events and reply bytes out (used by server.c's
- * Lua binding and by fuzz/server_fuzz.c). */
+/* Sans-I/O SMTP server engine: client bytes in, events and reply bytes out. Plain C; used by its
+ * Lua binding (server_lua.c) and by fuzz/server_fuzz.c and fuzz/path_fuzz.c. */
 #ifndef SMTP_SERVER_H
 #define SMTP_SERVER_H
 
 #include <stddef.h>
 
 typedef struct smtp_server smtp_server;
+
+#define SMTP_SERVER_MAX_ERRORS_DEFAULT 10
 
 typedef struct smtp_server_config {
     const char *hostname;        /* name in the greeting and the EHLO reply */
@@ -21,6 +23,11 @@ typedef struct smtp_server_config {
     int require_auth;            /* MAIL before AUTH: 530 */
     int normalize_newlines;      /* bare CR/LF in DATA become CRLF instead of a 550 */
     int hook_mail, hook_rcpt;    /* report MAIL/RCPT as events needing a decision */
+    /* Every allocation goes through realloc_fn(alloc_ud, p, n) when set (else realloc); what it
+     * returns must be releasable with free(). Tests and the fuzzer use it to make allocations
+     * fail: the engine then queues "421 4.3.0" and closes (smtp_server_error says why). */
+    void *(*realloc_fn)(void *ud, void *p, size_t n);
+    void *alloc_ud;
 } smtp_server_config;
 
 enum smtp_server_event_kind {
@@ -36,19 +43,22 @@ enum smtp_server_event_kind {
     SMTP_SRV_CLOSE       /* final reply queued: write the output, then close */
 };
 
+typedef struct smtp_server_params smtp_server_params;
+
 typedef struct smtp_server_event {
     int kind;
     const char *a, *b, *c;
     size_t alen, blen, clen;
     int code;
+    const smtp_server_params *params;   /* MAIL, RCPT: the command's parameters */
 } smtp_server_event;
 
 /* Parsed ESMTP parameters of MAIL or RCPT (values decoded; NULL when absent). */
-typedef struct smtp_server_params {
+struct smtp_server_params {
     long long size;              /* -1 when absent */
     const char *body, *ret, *envid, *notify, *orcpt;
     int smtputf8;
-} smtp_server_params;
+};
 
 extern const char *const smtp_server_event_names[];
 
@@ -57,6 +67,8 @@ void smtp_server_free(smtp_server *s);
 size_t smtp_server_space(const smtp_server *s);
 size_t smtp_server_feed(smtp_server *s, const char *data, size_t len);
 int smtp_server_next(smtp_server *s, smtp_server_event *ev);
+/* Events and output stay valid until the next call on the engine. Output may come in two pieces
+ * (after running out of memory): take what smtp_server_output gives, then ask again. */
 /* Answers the pending MAIL/RCPT/END/AUTH event: accept, or reject with code/enh/text (NULLs give
  * a default 550/451/535). Returns 0, or -1 when no event waits. */
 int smtp_server_decide(smtp_server *s, int accept, int code, const char *enh, const char *text);
@@ -68,7 +80,11 @@ int smtp_server_closed(const smtp_server *s);
 /* True when smtp_server_next stopped because the pending output reached out_cap: write it, then
  * call next again before reading more. */
 int smtp_server_want_write(const smtp_server *s);
+/* "command", "skipline", "data", "bdat", "auth", "closed", or "failed" after running out of
+ * memory (closed too). */
 const char *smtp_server_state_name(const smtp_server *s);
+/* NULL, or why the engine failed ("out of memory"). */
+const char *smtp_server_error(const smtp_server *s);
 const char *smtp_server_helo(const smtp_server *s);
 const char *smtp_server_user(const smtp_server *s);
 int smtp_server_tls(const smtp_server *s);

@@ -106,17 +106,29 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
         assert(enc && dec);
         size_t elen = smtp_b64_encode(data, n, enc, wrap);
         assert(elen == cap);
-        size_t dlen = smtp_b64_decode(enc, elen, dec);
+        size_t dlen = smtp_b64_decode(enc, elen, dec, SMTP_B64_MIME);
         assert(dlen == n && (n == 0 || !memcmp(dec, data, n)));
+        if (!wrap) {   /* unwrapped output is the strict form too */
+            dlen = smtp_b64_decode(enc, elen, dec, SMTP_B64_STRICT);
+            assert(dlen == n && (n == 0 || !memcmp(dec, data, n)));
+        }
         free(enc);
         free(dec);
     }
-    /* the decoder on arbitrary input: bounded output, no crash */
+    /* the decoder on arbitrary input: bounded output, no crash; what strict mode accepts, MIME
+     * mode accepts with the same bytes (it only adds skipped whitespace and unpadded tails) */
     {
-        unsigned char *dec = malloc(n / 4 * 3 + 3);
-        size_t dlen = smtp_b64_decode((const char *)data, n, dec);
+        unsigned char *dec = malloc(n / 4 * 3 + 3), *dec2 = malloc(n / 4 * 3 + 3);
+        assert(dec && dec2);
+        size_t dlen = smtp_b64_decode((const char *)data, n, dec, SMTP_B64_MIME);
         assert(dlen == (size_t)-1 || dlen <= n / 4 * 3 + 3);
+        size_t slen = smtp_b64_decode((const char *)data, n, dec2, SMTP_B64_STRICT);
+        if (slen != (size_t)-1) {
+            assert(n % 4 == 0 && slen <= n / 4 * 3);
+            assert(dlen == slen && (slen == 0 || !memcmp(dec, dec2, slen)));
+        }
         free(dec);
+        free(dec2);
     }
 
     /* quoted-printable: decode(encode(x)) == x with bare LF made CRLF; lines within 76 */

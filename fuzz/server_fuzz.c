@@ -1,7 +1,9 @@
 /* libFuzzer harness for the server engine: arbitrary client bytes (commands, DATA, BDAT, AUTH)
  * fed whole and one byte at a time. Invariants: never more messages than end-of-data markers,
  * every reply line well-formed, output bounded while the client does not read, and identical
- * replies and messages whatever the chunking. */
+ * replies and messages whatever the chunking. A third run makes one allocation fail (which one
+ * comes from the input): the engine must not crash or leak, and must end the session with its
+ * "421 4.3.0" as the last reply. */
 #include <assert.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -17,7 +19,24 @@ typedef struct {
     size_t msgs_len;
     unsigned ends, accepted;
     int tls;               /* STARTTLS reached: what follows would be TLS records, not SMTP */
+    int closed;
 } result;
+
+/* Fails the allocation numbered `budget` (counting from 0), once; -1: none fails. */
+typedef struct {
+    long budget;
+    int failed;
+} alloc_ctl;
+
+static void *failing_realloc(void *ud, void *p, size_t n)
+{
+    alloc_ctl *a = ud;
+    if (a->budget >= 0 && a->budget-- == 0) {
+        a->failed = 1;
+        return NULL;
+    }
+    return realloc(p, n);
+}
 
 static void grow_append(char **buf, size_t *len, const char *p, size_t n)
 {
@@ -73,7 +92,7 @@ static void drain(smtp_server *s, result *r, const uint8_t *data, size_t size, u
     (void)cur_len;
 }
 
-static void run(const uint8_t *data, size_t size, size_t step, result *r)
+static void run(const uint8_t *data, size_t size, size_t step, result *r, alloc_ctl *a)
 {
     smtp_server_config c;
     memset(&c, 0, sizeof c);
@@ -86,9 +105,14 @@ static void run(const uint8_t *data, size_t size, size_t step, result *r)
     c.auth_plaintext = 1;
     c.hook_mail = c.hook_rcpt = 1;
     c.normalize_newlines = size && (data[0] & 0x80);
-    smtp_server *s = smtp_server_new(&c);
-    assert(s);
+    c.realloc_fn = failing_realloc;
+    c.alloc_ud = a;
     memset(r, 0, sizeof *r);
+    smtp_server *s = smtp_server_new(&c);
+    if (!s) {
+        assert(a->failed);   /* only the engine's own struct may fail to be made */
+        return;
+    }
     unsigned k = 0;
     size_t i = 0;
     int stalls = 0;
@@ -99,8 +123,8 @@ static void run(const uint8_t *data, size_t size, size_t step, result *r)
         drain(s, r, data, size, &k);
         /* the client reads everything now and then */
         size_t len;
-        const char *o = smtp_server_output(s, &len);
-        if (len) {
+        const char *o;
+        while ((o = smtp_server_output(s, &len)) != NULL && len) {
             grow_append(&r->out, &r->out_len, o, len);
             smtp_server_output_done(s, len);
         }
@@ -110,9 +134,13 @@ static void run(const uint8_t *data, size_t size, size_t step, result *r)
     if (!r->tls)
         drain(s, r, data, size, &k);
     size_t len;
-    const char *o = smtp_server_output(s, &len);
-    if (len)
+    const char *o;
+    /* the output may come in two pieces (a 421 that did not fit after running out of memory) */
+    while ((o = smtp_server_output(s, &len)) != NULL && len) {
         grow_append(&r->out, &r->out_len, o, len);
+        smtp_server_output_done(s, len);
+    }
+    r->closed = smtp_server_closed(s);
     smtp_server_free(s);
 }
 
@@ -150,9 +178,20 @@ static void check_replies(const char *out, size_t n)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    result whole, bytes;
-    run(data, size, size ? size : 1, &whole);
-    run(data, size, 1, &bytes);
+    result whole, bytes, starved;
+    alloc_ctl never = { -1, 0 };
+    run(data, size, size ? size : 1, &whole, &never);
+    run(data, size, 1, &bytes, &never);
+    alloc_ctl once = { size ? (long)(data[size - 1] % 32) : 0, 0 };
+    run(data, size, size ? size : 1, &starved, &once);
+    if (once.failed && starved.out_len) {
+        static const char last[] = "421 4.3.0 Out of memory, closing connection\r\n";
+        check_replies(starved.out, starved.out_len);
+        assert(starved.closed);
+        assert(starved.out_len >= sizeof last - 1 &&
+               !memcmp(starved.out + starved.out_len - (sizeof last - 1), last, sizeof last - 1));
+    }
+    free(starved.out); free(starved.msgs);
     /* never more messages than end-of-data markers (CRLF.CRLF, or a BDAT command) */
     /* a DATA command line may end with a bare LF (commands are read leniently), so an empty
      * message can end at "DATA\n.\r\n": count "\n.\r\n", which every real end contains */

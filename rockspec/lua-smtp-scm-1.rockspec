@@ -22,9 +22,16 @@ external_dependencies = {
 -- configuration only and ignores build.variables (that is read by the "make" type). So the core is
 -- built by one command over LuaRocks's own variables, and the files are installed by the
 -- build.install tables, which every build type honours.
-local sources = "csrc/core.c" .. " " .. "csrc/net.c" .. " " .. "csrc/tls.c" .. " " .. "csrc/poll.c" ..
-  " " .. "csrc/dns.c" .. " " .. "csrc/reply.c" .. " " .. "csrc/client.c" .. " " .. "csrc/server.c" ..
-  " " .. "csrc/codec.c"
+-- The C sources: the plain C engines (text, reply, client, server, codec, dns) and the Lua parts
+-- (core, net, tls, poll, sink and each engine's *_lua.c binding).
+local sources = "csrc/core.c" .. " " .. "csrc/net.c" .. " " .. "csrc/tls.c"
+  .. " " .. "csrc/poll.c" .. " " .. "csrc/sink.c" .. " " .. "csrc/text.c"
+  .. " " .. "csrc/reply.c" .. " " .. "csrc/reply_lua.c"
+  .. " " .. "csrc/client.c" .. " " .. "csrc/client_lua.c"
+  .. " " .. "csrc/server.c" .. " " .. "csrc/server_lua.c"
+  .. " " .. "csrc/codec.c" .. " " .. "csrc/codec_lua.c" .. " " .. "csrc/dns.c"
+  .. " " .. "csrc/dns_lua.c"
+
 build = {
   type = "command",
   build_command = "$(CC) $(CFLAGS) -std=gnu11 -fvisibility=hidden -D_GNU_SOURCE -Icsrc -I$(LUA_INCDIR)"

@@ -1,0 +1,281 @@
+/* Lua binding of the server engine (server.h): core.server_engine{...}. Only the engine's header
+ * API is used here. */
+#include <string.h>
+#include "core.h"
+#include "server.h"
+
+#define ENGINE_MT "smtp.server_engine"
+
+typedef struct { smtp_server *s; } lengine;
+
+static smtp_server *check_engine(lua_State *L)
+{
+    lengine *e = luaL_checkudata(L, 1, ENGINE_MT);
+    if (!e->s)
+        luaL_error(L, "server engine already freed");
+    return e->s;
+}
+
+static lua_Integer opt_int(lua_State *L, int t, const char *k, lua_Integer d)
+{
+    lua_getfield(L, t, k);
+    lua_Integer v = lua_isnil(L, -1) ? d : luaL_checkinteger(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+static int opt_bool(lua_State *L, int t, const char *k)
+{
+    lua_getfield(L, t, k);
+    int v = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+/* core.server_engine{ hostname=, max_line=, max_message_size=, max_recipients=, max_errors=,
+ *   out_cap=, tls=, tls_active=, auth=, auth_plaintext=, require_auth=, normalize=, hook_mail=,
+ *   hook_rcpt= } -> engine (its greeting already queued) */
+static int l_engine_new(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    smtp_server_config c;
+    memset(&c, 0, sizeof c);
+    lua_getfield(L, 1, "hostname");
+    c.hostname = luaL_optstring(L, -1, "localhost");
+    c.max_line = (size_t)opt_int(L, 1, "max_line", 512);
+    c.max_message_size = (size_t)opt_int(L, 1, "max_message_size", 0);
+    c.max_recipients = (unsigned)opt_int(L, 1, "max_recipients", 100);
+    c.max_errors = (unsigned)opt_int(L, 1, "max_errors", SMTP_SERVER_MAX_ERRORS_DEFAULT);
+    c.out_cap = (size_t)opt_int(L, 1, "out_cap", 64 * 1024);
+    c.tls_available = opt_bool(L, 1, "tls");
+    c.tls_active = opt_bool(L, 1, "tls_active");
+    c.auth_enabled = opt_bool(L, 1, "auth");
+    c.auth_plaintext = opt_bool(L, 1, "auth_plaintext");
+    c.require_auth = opt_bool(L, 1, "require_auth");
+    c.normalize_newlines = opt_bool(L, 1, "normalize");
+    c.hook_mail = opt_bool(L, 1, "hook_mail");
+    c.hook_rcpt = opt_bool(L, 1, "hook_rcpt");
+    if (c.max_line < 64 || c.max_line > 65536)
+        return luaL_argerror(L, 1, "max_line must be within 64..65536");
+    lengine *e = lua_newuserdata(L, sizeof *e);
+    e->s = NULL;
+    luaL_setmetatable(L, ENGINE_MT);
+    e->s = smtp_server_new(&c);
+    if (!e->s)
+        return luaL_error(L, "out of memory");
+    return 1;
+}
+
+static int l_engine_gc(lua_State *L)
+{
+    lengine *e = luaL_checkudata(L, 1, ENGINE_MT);
+    smtp_server_free(e->s);
+    e->s = NULL;
+    return 0;
+}
+
+/* e:feed(str [, i]) -> bytes taken from str starting at byte i */
+static int l_feed(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    size_t len;
+    const char *d = luaL_checklstring(L, 2, &len);
+    lua_Integer i = luaL_optinteger(L, 3, 1);
+    if (i < 1 || (size_t)i > len + 1)
+        return luaL_argerror(L, 3, "out of range");
+    lua_pushinteger(L, (lua_Integer)smtp_server_feed(s, d + i - 1, len - (size_t)(i - 1)));
+    return 1;
+}
+
+static int l_space(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)smtp_server_space(check_engine(L)));
+    return 1;
+}
+
+static void push_params(lua_State *L, const smtp_server_params *p)
+{
+    lua_createtable(L, 0, 4);
+    if (p->size >= 0) {
+        lua_pushinteger(L, (lua_Integer)p->size);
+        lua_setfield(L, -2, "SIZE");
+    }
+    if (p->smtputf8) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "SMTPUTF8");
+    }
+    const char *names[] = { "BODY", "RET", "ENVID", "NOTIFY", "ORCPT" };
+    const char *vals[] = { p->body, p->ret, p->envid, p->notify, p->orcpt };
+    for (int i = 0; i < 5; i++) {
+        if (vals[i]) {
+            lua_pushstring(L, vals[i]);
+            lua_setfield(L, -2, names[i]);
+        }
+    }
+}
+
+/* e:next() -> nil (needs input) | nil, "write" (write the output first) | "mail", addr, params | "rcpt", addr, params | "begin" | "data", chunk |
+ *   "end", code|nil, text | "auth", mechanism, user, secret | "starttls" | "close" */
+static int l_next(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    smtp_server_event ev;
+    int k = smtp_server_next(s, &ev);
+    if (k == SMTP_SRV_NONE) {
+        lua_pushnil(L);
+        if (smtp_server_want_write(s)) {
+            lua_pushliteral(L, "write");
+            return 2;
+        }
+        return 1;
+    }
+    lua_pushstring(L, smtp_server_event_names[k]);
+    switch (k) {
+    case SMTP_SRV_MAIL:
+    case SMTP_SRV_RCPT:
+        lua_pushlstring(L, ev.a, ev.alen);
+        push_params(L, ev.params);
+        return 3;
+    case SMTP_SRV_DATA:
+        lua_pushlstring(L, ev.a, ev.alen);
+        return 2;
+    case SMTP_SRV_END:
+        if (ev.code) {
+            lua_pushinteger(L, ev.code);
+            lua_pushlstring(L, ev.a, ev.alen);
+            return 3;
+        }
+        return 1;
+    case SMTP_SRV_AUTH:
+        lua_pushlstring(L, ev.a, ev.alen);
+        lua_pushlstring(L, ev.b, ev.blen);
+        lua_pushlstring(L, ev.c, ev.clen);
+        return 4;
+    case SMTP_SRV_CLOSE:
+        /* "close", "out of memory" when the engine gave up (its 421 is in the output) */
+        if (smtp_server_error(s)) {
+            lua_pushstring(L, smtp_server_error(s));
+            return 2;
+        }
+        return 1;
+    default:
+        return 1;
+    }
+}
+
+/* e:decide(ok [, code, enhanced, text]) */
+static int l_decide(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    int ok = lua_toboolean(L, 2);
+    int code = (int)luaL_optinteger(L, 3, 0);
+    const char *enh = luaL_optstring(L, 4, NULL);
+    const char *text = luaL_optstring(L, 5, NULL);
+    if (code && (code < 200 || code > 599))
+        return luaL_argerror(L, 3, "reply code out of range");
+    if (text && strpbrk(text, "\r\n"))
+        return luaL_argerror(L, 5, "CR or LF in reply text");
+    if (enh && (strlen(enh) > 12 || strpbrk(enh, "\r\n ")))
+        return luaL_argerror(L, 4, "bad enhanced status code");
+    if (smtp_server_decide(s, ok, code, enh, text) < 0)
+        return luaL_error(L, "no decision pending");
+    return 0;
+}
+
+/* e:output() -> pending reply bytes (taken) or nil */
+static int l_output(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    size_t n;
+    int parts = 0;
+    const char *p;
+    /* at most two pieces: the replies, then a 421 that did not fit after running out of memory */
+    while (parts < 2 && (p = smtp_server_output(s, &n)) != NULL && n) {
+        lua_pushlstring(L, p, n);
+        smtp_server_output_done(s, n);
+        parts++;
+    }
+    if (!parts)
+        lua_pushnil(L);
+    else if (parts == 2)
+        lua_concat(L, 2);
+    return 1;
+}
+
+static int l_envelope(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    const smtp_server_params *p;
+    const char *from = smtp_server_from(s, &p);
+    if (!from) {
+        lua_pushnil(L);
+        return 1;
+    }
+    unsigned n = smtp_server_rcpt_count(s);
+    lua_createtable(L, 0, 4);
+    lua_pushstring(L, from);
+    lua_setfield(L, -2, "from");
+    push_params(L, p);
+    lua_setfield(L, -2, "params");
+    lua_createtable(L, (int)n, 0);
+    lua_createtable(L, (int)n, 0);
+    for (unsigned i = 0; i < n; i++) {
+        const smtp_server_params *rp = NULL;
+        lua_pushstring(L, smtp_server_rcpt(s, i, &rp));
+        lua_rawseti(L, -3, (lua_Integer)i + 1);
+        push_params(L, rp);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    lua_setfield(L, -3, "rcpt_params");
+    lua_setfield(L, -2, "to");
+    return 1;
+}
+
+static int l_shutdown(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    int code = (int)luaL_optinteger(L, 2, 421);
+    const char *enh = luaL_optstring(L, 3, "4.3.2");
+    const char *text = luaL_optstring(L, 4, "Service shutting down");
+    if (strpbrk(text, "\r\n") || strpbrk(enh, "\r\n"))
+        return luaL_argerror(L, 4, "CR or LF in reply");
+    smtp_server_shutdown(s, code, enh, text);
+    return 0;
+}
+
+/* e:closed(), e:state(), e:helo(), e:user(), e:tls(): one engine fact each */
+#define ENGINE_GETTER(name, push, get)                                                             \
+    static int l_##name(lua_State *L)                                                              \
+    {                                                                                              \
+        push(L, get(check_engine(L)));                                                             \
+        return 1;                                                                                  \
+    }
+ENGINE_GETTER(closed, lua_pushboolean, smtp_server_closed)
+ENGINE_GETTER(state, lua_pushstring, smtp_server_state_name)
+ENGINE_GETTER(helo, lua_pushstring, smtp_server_helo)
+ENGINE_GETTER(user, lua_pushstring, smtp_server_user)
+ENGINE_GETTER(tls, lua_pushboolean, smtp_server_tls)
+
+static int l_engine_tostring(lua_State *L)
+{
+    lengine *e = luaL_checkudata(L, 1, ENGINE_MT);
+    lua_pushfstring(L, ENGINE_MT " (%s)", e->s ? smtp_server_state_name(e->s) : "freed");
+    return 1;
+}
+
+int smtp_open_server(lua_State *L)
+{
+    static const luaL_Reg methods[] = {
+        { "feed", l_feed }, { "space", l_space }, { "next", l_next }, { "decide", l_decide },
+        { "output", l_output }, { "envelope", l_envelope }, { "shutdown", l_shutdown },
+        { "closed", l_closed }, { "state", l_state }, { "helo", l_helo }, { "user", l_user },
+        { "tls", l_tls }, { NULL, NULL }
+    };
+    static const luaL_Reg meta[] = {
+        { "__gc", l_engine_gc }, { "__tostring", l_engine_tostring }, { NULL, NULL }
+    };
+    smtp_newclass(L, ENGINE_MT, methods, meta);
+    lua_pushcfunction(L, l_engine_new);
+    lua_setfield(L, -2, "server_engine");
+    return 0;
+}

@@ -1,0 +1,145 @@
+/* The sink's file I/O for Lua: core.sink_file(path, "create" | "append") (exclusive create for
+ * Maildir, flock'd append for mbox; :write :sync :size :truncate :close) and core.fsync_dir(path),
+ * so what the sink stores is on disk before it answers 250. */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "core.h"
+
+#define FILE_MT "smtp.sink_file"
+
+typedef struct { int fd; } lfile;
+
+static lfile *check_file(lua_State *L)
+{
+    lfile *f = luaL_checkudata(L, 1, FILE_MT);
+    if (f->fd < 0)
+        luaL_error(L, "file already closed");
+    return f;
+}
+
+static int push_errno(lua_State *L, const char *what)
+{
+    int e = errno;
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s", what, strerror(e));
+    return 2;
+}
+
+/* core.sink_file(path, "create" | "append") -> file | nil, msg
+ * "create" fails if the file exists (Maildir tmp/); "append" takes an exclusive flock (mbox). */
+static int l_sink_file(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    static const char *const modes[] = { "create", "append", NULL };
+    int m = luaL_checkoption(L, 2, NULL, modes);
+    int flags = O_WRONLY | O_CLOEXEC | O_CREAT | (m == 0 ? O_EXCL : O_APPEND);
+    int fd = open(path, flags, 0600);
+    if (fd < 0)
+        return push_errno(L, path);
+    if (m == 1 && flock(fd, LOCK_EX) < 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return push_errno(L, path);
+    }
+    lfile *f = lua_newuserdata(L, sizeof *f);
+    f->fd = fd;
+    luaL_setmetatable(L, FILE_MT);
+    return 1;
+}
+
+static int l_file_write(lua_State *L)
+{
+    lfile *f = check_file(L);
+    size_t n;
+    const char *p = luaL_checklstring(L, 2, &n);
+    while (n) {
+        ssize_t w = write(f->fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return push_errno(L, "write");
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_file_sync(lua_State *L)
+{
+    lfile *f = check_file(L);
+    if (fsync(f->fd) < 0)
+        return push_errno(L, "fsync");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* Size of the file now (the mbox offset a message starts at, to cut it back on failure). */
+static int l_file_size(lua_State *L)
+{
+    lfile *f = check_file(L);
+    struct stat st;
+    if (fstat(f->fd, &st) < 0)
+        return push_errno(L, "fstat");
+    lua_pushinteger(L, (lua_Integer)st.st_size);
+    return 1;
+}
+
+static int l_file_truncate(lua_State *L)
+{
+    lfile *f = check_file(L);
+    lua_Integer n = luaL_checkinteger(L, 2);
+    if (ftruncate(f->fd, (off_t)n) < 0)
+        return push_errno(L, "ftruncate");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_file_close(lua_State *L)
+{
+    lfile *f = luaL_checkudata(L, 1, FILE_MT);
+    if (f->fd >= 0) {
+        close(f->fd); /* also drops the flock */
+        f->fd = -1;
+    }
+    return 0;
+}
+
+/* core.fsync_dir(path): makes a rename into a directory durable. */
+static int l_fsync_dir(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return push_errno(L, path);
+    int r = fsync(fd);
+    int e = errno;
+    close(fd);
+    if (r < 0) {
+        errno = e;
+        return push_errno(L, path);
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+int smtp_open_sink(lua_State *L)
+{
+    static const luaL_Reg fmethods[] = {
+        { "write", l_file_write }, { "sync", l_file_sync }, { "size", l_file_size },
+        { "truncate", l_file_truncate }, { "close", l_file_close }, { NULL, NULL }
+    };
+    static const luaL_Reg fmeta[] = { { "__gc", l_file_close }, { NULL, NULL } };
+    smtp_newclass(L, FILE_MT, fmethods, fmeta);
+    lua_pushcfunction(L, l_sink_file);
+    lua_setfield(L, -2, "sink_file");
+    lua_pushcfunction(L, l_fsync_dir);
+    lua_setfield(L, -2, "fsync_dir");
+    return 0;
+}
