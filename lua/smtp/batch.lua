@@ -1,9 +1,10 @@
--- smtp.batch: runs a list of transactions over one session (conn:send is a list of one). It keeps
--- the replies every queued command expects in one FIFO, in wire order, and hands each reply to its
--- transaction; it starts the next transaction as soon as that one allows (see Tx:is_open), with
--- RSET first when the one before may have left a MAIL open; and when the session ends it gives
--- each entry its own outcome: attempted ones their result or error, the rest kind "closed",
--- temporary, marked attempted = false.
+-- smtp.batch: runs a list of transactions over one session (conn:send is a list of one). The
+-- commands of one transaction never interleave with another's, so the replies on the wire come
+-- in runs, one per transaction: the batch keeps the transactions in a FIFO and hands each reply to
+-- the oldest one still awaiting some. It starts the next transaction as soon as the last one
+-- allows (Tx:is_open), with RSET first when the one before may have left a MAIL open; and when
+-- the session ends it gives each entry its own outcome: attempted ones their result or error, the
+-- rest kind "closed", temporary, attempted = false.
 local config = require "smtp.config"
 local errors = require "smtp.errors"
 local session = require "smtp.session"
@@ -17,12 +18,6 @@ local WRITE_BATCH = transaction.WRITE_BATCH
 -- each), and how far the window drains before it is filled again, so writes stay large.
 local WINDOW, REFILL = 32, 16
 
-local function reply_phase(kind, arg)
-  if kind == "rset" then return "mail" end
-  if kind == "end" then return "data_end" end
-  if kind == "bdat" then return arg and "data_end" or "data_block" end
-  return kind   -- mail, rcpt, data
-end
 
 local function copy_error(err, extra)
   local t = {}
@@ -31,75 +26,72 @@ local function copy_error(err, extra)
   return new_error(t)
 end
 
+-- The session ended with `err` while `culprit` waited for a reply: the transactions in q[qh..qt]
+-- that are not over get kind "closed", the entries from nxt on were never attempted.
+local function ended(err, culprit, q, qh, qt, descs, nxt, n, out)
+  if culprit and not culprit:decided() then culprit:_fail(err) end
+  local gone = new_error { kind = "closed", temporary = true, phase = err.phase,
+    text = "the session ended before the server answered (" .. tostring(err) .. ")" }
+  for i = qh, qt do
+    local tx = q[i]
+    if not tx:decided() then tx:_fail(copy_error(gone, {})) end
+    out[tx.i] = tx.result or tx.err
+  end
+  for i = nxt, n do
+    if descs[i] then
+      out[i] = new_error { kind = "closed", temporary = true, attempted = false,
+        text = "not attempted: the session ended (" .. tostring(err) .. ")" }
+    end
+  end
+  return out
+end
+
 -- descs[i]: a transaction description (config.message) or false when out[i] already holds the
 -- entry's error. Fills out[1..n].
 local function run(sess, descs, out, n)
-  local fk, ftx, fa, head, tail = {}, {}, {}, 1, 0
-  local function expect(tx, kind, arg)
-    tail = tail + 1
-    fk[tail], ftx[tail], fa[tail] = kind, tx, arg
-  end
-  local live, nlive = {}, 0        -- started and not done
+  local q, qh, qt = {}, 1, 0       -- transactions started and not over, oldest first
   local nxt, prev, last_sent = 1, nil, nil
   local e = sess.engine
 
-  local function finish(tx)
-    out[tx.i] = tx.result or tx.err
-    live[tx] = nil
-    nlive = nlive - 1
-  end
-
-  -- The session ended with `err` while `culprit` waited for a reply.
-  local function ended(err, culprit)
-    if culprit and not culprit:decided() then culprit:_fail(err) end
-    local gone = new_error { kind = "closed", temporary = true, phase = err.phase,
-      text = "the session ended before the server answered (" .. tostring(err) .. ")" }
-    for tx in pairs(live) do
-      if not tx:decided() then tx:_fail(copy_error(gone, {})) end
-      out[tx.i] = tx.result or tx.err
-    end
-    for i = nxt, n do
-      if descs[i] then
-        out[i] = new_error { kind = "closed", temporary = true, attempted = false,
-          text = "not attempted: the session ended (" .. tostring(err) .. ")" }
-      end
-    end
-    return out
-  end
-
   while true do
     -- start what may start now
-    if nlive <= REFILL then
+    if qt - qh < REFILL then
       while nxt <= n and not sess.dead do
         local d = descs[nxt]
         if d then
-          if prev and not prev:is_open() then break end
-          if nlive >= WINDOW or e:outlen() >= WRITE_BATCH then break end
-          local tx = transaction.new(sess, d, expect)
+          if prev and not (prev.nexp == 0 or prev.open) then break end
+          if qt - qh + 1 >= WINDOW or e:outlen() >= WRITE_BATCH then break end
+          local tx = transaction.new(sess, d)
           tx.i = nxt
           tx:start(last_sent ~= nil and last_sent.dirty ~= false)
-          if tx.nexp > 0 then last_sent = tx end
           prev = tx
-          live[tx], nlive = true, nlive + 1
-          if tx:done() then finish(tx) end
+          if tx.nexp == 0 then
+            out[nxt] = tx.result or tx.err   -- refused before any command
+          else
+            last_sent = tx
+            qt = qt + 1
+            q[qt] = tx
+          end
         end
         nxt = nxt + 1
       end
     end
-    if head > tail then
+    if qh > qt then
       if nxt > n then break end
     else
-      local kind, tx, arg = fk[head], ftx[head], fa[head]
-      local phase = reply_phase(kind, arg)
-      local ok, err = sess:_flush(phase)
-      if not ok then return ended(err, tx) end
-      local r
-      r, err = sess:_reply(phase)
-      if not r then return ended(err, tx) end
-      fk[head], ftx[head], fa[head] = nil, nil, nil
-      head = head + 1
-      if not tx:take(kind, arg, r) then return ended(tx.err, nil) end
-      if tx:done() then finish(tx) end
+      local tx = q[qh]
+      -- _reply writes what the engine holds before it waits, so commands queued since the last
+      -- reply leave together
+      local r, err = sess:_reply(tx)
+      if not r then return ended(err, tx, q, qh, qt, descs, nxt, n, out) end
+      if not tx:take(r) then
+        out[tx.i] = tx.result or tx.err
+        return ended(tx.err, nil, q, qh, qt, descs, nxt, n, out)
+      end
+      if tx.nexp == 0 then
+        out[tx.i] = tx.result or tx.err
+        qh = qh + 1
+      end
     end
   end
   -- leave the session clean for what comes next: the last transaction may have left a MAIL open

@@ -65,7 +65,9 @@ function Conn:_flush(phase)
   return true
 end
 
--- The next reply, in order; 421 and protocol errors end the session here.
+-- The next reply, in order; 421 and protocol errors end the session here. `phase` names the
+-- timeout and the error's phase; it may be an object with :phase() (a transaction), asked only
+-- when the reply is not here yet or fails: most pipelined replies are.
 function Conn:_reply(phase)
   local e = self.engine
   local limit, deadline
@@ -73,11 +75,13 @@ function Conn:_reply(phase)
     local r, perr = e:reply()
     if r then
       if r.code == 421 and r.command ~= "QUIT" then
+        if type(phase) == "table" then phase = phase:phase() end
         self:_abort()
         return nil, reply_error("closed", r, phase, { temporary = true })
       end
       return r
     end
+    if type(phase) == "table" then phase = phase:phase() end
     if perr then
       self:_abort()
       return nil, new_error { kind = "protocol", text = perr, phase = phase, temporary = false }

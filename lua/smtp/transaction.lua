@@ -1,8 +1,8 @@
 -- smtp.transaction: one mail transaction (MAIL, RCPTs, then DATA and the body, or BDAT chunks)
--- as an object that queues its commands into the session's engine, names the reply each one
--- expects, takes those replies in order and ends with exactly one result or error. Every way of
--- sending (conn:send, send_many with or without PIPELINING and CHUNKING) runs through it; the
--- order of commands and replies across transactions is smtp.batch's business.
+-- as an object that queues its commands into the session's engine, counts the replies it awaits,
+-- takes them in order and ends with exactly one result or error. Every way of sending
+-- (conn:send, send_many with or without PIPELINING and CHUNKING) runs through it; which
+-- transaction a reply belongs to is smtp.batch's business (their commands never interleave).
 local errors = require "smtp.errors"
 local check = require "smtp.check"
 local source = require "smtp.source"
@@ -118,30 +118,27 @@ end
 local Tx = {}
 Tx.__index = Tx
 
--- A transaction for description `d` (config.message) on `sess`; `expect(tx, kind, arg)` is how
--- it announces each reply it has queued a command for (smtp.batch keeps them in wire order).
-function M.new(sess, d, expect)
+-- A transaction for description `d` (config.message) on `sess`.
+function M.new(sess, d)
   local ext, cfg = sess.ext, sess.cfg
   return setmetatable({
-    sess = sess, d = d, expect_fn = expect,
+    sess = sess, d = d,
     pipelining = (ext.PIPELINING and cfg.pipelining) and true or false,
     bdat = (ext.CHUNKING and cfg.chunking) and true or false,
-    accepted = {}, rejected = {}, inflight = 0,
-    nexp = 0,          -- replies announced and not yet taken
-    dirty = nil,       -- after it: true = a MAIL may be open (RSET first), false = clean, nil = unknown
-    started = false,
+    accepted = {}, rejected = {},
+    nexp = 0,          -- replies awaited; which one comes next follows from the counters below
+    nrcpt = 0,         -- RCPT replies taken (mail_r: MAIL's, data_r: DATA's; rset_wait: RSET's first)
+    chunks_out = 0, chunks_in = 0,   -- BDAT chunks queued, and answered
+    -- also: dirty (after it: true = a MAIL may be open, RSET first; false = clean; nil = unknown)
+    -- and open (see is_open)
   }, Tx)
-end
-
-function Tx:_expect(kind, arg)
-  self.nexp = self.nexp + 1
-  self.expect_fn(self, kind, arg)
 end
 
 -- The transaction's outcome; the first one decided stands.
 function Tx:_fail(err, dirty)
   if self.result == nil and self.err == nil then self.err = err end
   if dirty ~= nil then self.dirty = dirty end
+  if self.bdat and self.pipelining then self.open = true end
 end
 
 function Tx:_succeed(r, id)
@@ -156,16 +153,12 @@ end
 function Tx:decided() return self.result ~= nil or self.err ~= nil end
 function Tx:done() return self.nexp == 0 and self:decided() end
 
--- May the next transaction's commands be queued behind this one's now? With PIPELINING, once
--- nothing more of this one can come before them: after DATA's reply (RFC 2920: DATA ends a
--- command group, and the body must follow the 354), or once its last BDAT chunk is queued or it
--- failed (BDAT does not end a group). Without PIPELINING, once it is over.
-function Tx:is_open()
-  if self.nexp == 0 then return true end
-  if not self.pipelining then return false end
-  if self.bdat then return self.sent_last == true or self:decided() end
-  return self.data_answered == true
-end
+-- May the next transaction's commands be queued behind this one's now? When nothing of it is
+-- awaited (nexp == 0), or when `open` is set: with PIPELINING, once nothing more of this one can
+-- come before them: after DATA's reply (RFC 2920: DATA ends a command group, and the body must
+-- follow the 354), or once its last BDAT chunk is queued or it failed (BDAT does not end a
+-- group). Without PIPELINING `open` stays false: the next starts once this one is over.
+function Tx:is_open() return self.nexp == 0 or self.open end
 
 local function all_rejected(self)
   local first = self.rejected[1]
@@ -174,16 +167,26 @@ local function all_rejected(self)
     rejected = self.rejected, temporary = first and first.code < 500 or false }
 end
 
--- One command on its own (without PIPELINING, or after the recipients): queued and announced,
+-- One command on its own (without PIPELINING, or after the recipients): queued and counted,
 -- or the transaction fails (a MAIL is open by now: RSET after it).
-function Tx:_step(kind, arg, fn, ...)
+function Tx:_step(phase, fn, ...)
   local ok, err = fn(self.sess.engine, ...)
   if not ok then
-    self:_fail(invalid(tostring(err), kind == "rcpt" and "rcpt" or "data"), true)
+    self:_fail(invalid(tostring(err), phase), true)
     return false
   end
-  self:_expect(kind, arg)
+  self.nexp = self.nexp + 1
   return true
+end
+
+-- The timeout phase of the next reply awaited.
+function Tx:phase()
+  if self.rset_wait or not self.mail_r then return "mail" end
+  if self.nrcpt < #self.d.to then return "rcpt" end
+  if self.bdat then
+    return (self.sent_last and self.chunks_in + 1 == self.chunks_out) and "data_end" or "data_block"
+  end
+  return self.data_r and "data_end" or "data"
 end
 
 -- Starts the transaction: RSET first when `rset` (the one before may have left a MAIL open),
@@ -191,7 +194,6 @@ end
 -- A transaction the server cannot take (SIZE, SMTPUTF8) or a value the engine refuses ends here
 -- with nothing of it queued.
 function Tx:start(rset)
-  self.started = true
   local d, e = self.d, self.sess.engine
   local m = d.message
   local size
@@ -207,15 +209,15 @@ function Tx:start(rset)
   self.mp, self.dsn = mp or nil, dsn
   if rset then
     e:rset()
-    self:_expect("rset")
+    self.nexp, self.rset_wait = self.nexp + 1, true
     if not self.pipelining then return end   -- MAIL once RSET is answered
   end
   self:_mail()
 end
 
--- MAIL, and with PIPELINING the RCPTs and DATA or the first BDAT chunk. They are announced only
--- once all of them are queued: if the engine refuses one (or the source fails before the first
--- chunk), the engine is rolled back to the mark, so none of them can leave with a later command.
+-- MAIL, and with PIPELINING the RCPTs and DATA or the first BDAT chunk. They count only once all
+-- of them are queued: if the engine refuses one (or the source fails before the first chunk),
+-- the engine is rolled back to the mark, so none of them can leave with a later command.
 function Tx:_mail()
   local e, to = self.sess.engine, self.d.to
   local mark = e:mark()
@@ -242,17 +244,17 @@ function Tx:_mail()
     self:_fail(errors.is(err) and err or invalid(tostring(err), kind), false)
     return
   end
-  self:_expect("mail")
   if self.pipelining then
-    for k = 1, #to do self:_expect("rcpt", k) end
-    if self.bdat then self:_expect("bdat", self.sent_last) else self:_expect("data") end
+    self.nexp = self.nexp + #to + 2
+    if self.bdat then self.chunks_out, self.open = 1, self.sent_last == true end
+  else
+    self.nexp = self.nexp + 1
   end
 end
 
--- The first BDAT chunk (read from the source) after the pipelined RCPTs: queued, not announced.
+-- The first BDAT chunk (read from the source) after the pipelined RCPTs: queued, not counted.
 function Tx:_first_chunk()
   local e = self.sess.engine
-  self.inflight = 1
   if self.whole then
     self.id = message_id_in(self.d.head or "")
     self.sent_last = true
@@ -271,7 +273,7 @@ end
 function Tx:_pump()
   local window = self.pipelining and 2 or 1
   local e = self.sess.engine
-  while not self.sent_last and not self:decided() and self.inflight < window do
+  while not self.sent_last and not self:decided() and self.chunks_out - self.chunks_in < window do
     if not self.chunks then
       self.st, self.chunks = source.bdat_chunks(self.src)
     end
@@ -287,9 +289,9 @@ function Tx:_pump()
       self:_fail(invalid(tostring(err), "data"), true)
       return
     end
-    self.inflight, self.sent_last = self.inflight + 1, last
-    self:_expect("bdat", last)
+    self.chunks_out, self.sent_last, self.nexp = self.chunks_out + 1, last, self.nexp + 1
   end
+  if self.sent_last and self.pipelining then self.open = true end
 end
 
 -- What to send once every recipient has answered: nothing if none was accepted (the MAIL stays
@@ -303,103 +305,119 @@ function Tx:_after_rcpts()
   if self.bdat then
     if self.whole and not self.pipelining then
       self.id = message_id_in(self.d.head or "")
-      self.sent_last, self.inflight = true, 1
-      return self:_step("bdat", true, e.bdat_last, self.d.message)
+      if not self:_step("data_end", e.bdat_last, self.d.message) then return end
+      self.sent_last, self.chunks_out = true, 1
+      return
     end
     return self:_pump()
   end
-  if not self.pipelining then self:_step("data", nil, e.data) end
+  if not self.pipelining then self:_step("data", e.data) end
 end
 
--- Takes the reply to the command announced as (kind, arg). -> true, or false when the session
--- ended here (the transaction's own error is then set).
-function Tx:take(kind, arg, r)
+-- Takes the next reply awaited (replies come in the order the commands were queued). -> true, or
+-- false when the session ended here (the transaction's own error is then set).
+function Tx:take(r)
   self.nexp = self.nexp - 1
-  local ok2xx = r.code >= 200 and r.code < 300
-  if kind == "rset" then
-    if r.code ~= 250 then
+  local code = r.code
+  local ok2xx = code >= 200 and code < 300
+  if self.rset_wait then
+    self.rset_wait = false
+    if code ~= 250 then
       self.sess:_abort()
       self:_fail(reply_error("closed", r, "mail", { temporary = true }))
       return false
     end
-    if not self.pipelining and not self:decided() then self:_mail() end
-  elseif kind == "mail" then
+    if not self.pipelining and not (self.result or self.err) then self:_mail() end
+    return true
+  end
+  if not self.mail_r then
     self.mail_r = r
     if not ok2xx then
       -- no transaction was opened; with PIPELINING the RCPTs and DATA get 503s still to read
       self:_fail(reply_error("rejected", r, "mail", { rejected = self.rejected }), false)
     elseif not self.pipelining then
       local to = self.d.to[1]
-      self:_step("rcpt", 1, self.sess.engine.rcpt, to, rcpt_params(self.dsn, to))
+      self:_step("rcpt", self.sess.engine.rcpt, to, rcpt_params(self.dsn, to))
     end
-  elseif kind == "rcpt" then
-    local rcpt = self.d.to[arg]
+    return true
+  end
+  local to = self.d.to
+  local k = self.nrcpt
+  if k < #to then
+    k = k + 1
+    self.nrcpt = k
+    local rcpt = to[k]
     if ok2xx then self.accepted[#self.accepted + 1] = rcpt
-    else self.rejected[#self.rejected + 1] = { recipient = rcpt, code = r.code, enhanced = r.enhanced, text = r.text } end
-    if not self:decided() then
-      if arg < #self.d.to then
+    else self.rejected[#self.rejected + 1] = { recipient = rcpt, code = code, enhanced = r.enhanced, text = r.text } end
+    if not (self.result or self.err) then
+      if k < #to then
         if not self.pipelining then
-          local nx = self.d.to[arg + 1]
-          self:_step("rcpt", arg + 1, self.sess.engine.rcpt, nx, rcpt_params(self.dsn, nx))
+          local nx = to[k + 1]
+          self:_step("rcpt", self.sess.engine.rcpt, nx, rcpt_params(self.dsn, nx))
         end
       else
         self:_after_rcpts()
       end
     end
-  elseif kind == "data" then
-    self.data_answered = true
-    if r.code == 354 then
-      if self:decided() or #self.accepted == 0 then
+    return true
+  end
+  if self.bdat then
+    local j = self.chunks_in + 1
+    self.chunks_in = j
+    if self.result or self.err then return true end      -- chunks in flight after a failure: discarded
+    local last = self.sent_last and j == self.chunks_out
+    if code ~= 250 then
+      if not (self.mail_r.code >= 200 and self.mail_r.code < 300) then
+        self:_fail(reply_error("rejected", self.mail_r, "mail", { rejected = self.rejected }), true)
+      elseif #self.accepted == 0 then
+        self:_fail(all_rejected(self), true)
+      else
+        self:_fail(reply_error("rejected", r, last and "data_end" or "data", { rejected = self.rejected }), true)
+      end
+    elseif last then
+      self:_succeed(r, self.id)
+    else
+      self:_pump()
+    end
+    return true
+  end
+  if not self.data_r then
+    self.data_r = r
+    self.open = self.pipelining
+    if code == 354 then
+      local e = self.sess.engine
+      self.nexp = self.nexp + 1     -- the end-of-data's reply
+      if self.result or self.err or #self.accepted == 0 then
         -- a server that said 354 with no transaction or no valid recipient: end the empty data
-        if not self:decided() then self:_fail(all_rejected(self)) end
-        self.sess.engine:body_end()
-        self:_expect("end", true)
+        if not (self.result or self.err) then self:_fail(all_rejected(self)) end
+        e:body_end()
         self.dirty = false
         return true
       end
       local sok, id
       if self.whole then
-        local e = self.sess.engine
         e:body(self.d.message)
         e:body_end()
         sok, id = true, message_id_in(self.d.head or "")
       else
         sok, id = M.stream_body(self.sess, self.src)
       end
-      if not sok then self:_fail(id, true); return false end
+      if not sok then self.nexp = self.nexp - 1; self:_fail(id, true); return false end
       self.id = id
       self.dirty = false      -- the end-of-data ends the transaction, whatever its reply
-      self:_expect("end")
-    elseif not self:decided() then
+    elseif not (self.result or self.err) then
       if #self.accepted == 0 then self:_fail(all_rejected(self), true)
       else self:_fail(reply_error("rejected", r, "data", { rejected = self.rejected }), true) end
     end
-  elseif kind == "end" then
-    if arg or self:decided() then
-      -- the empty data after a refused transaction: its error stands
-      if not self:decided() then self:_fail(all_rejected(self)) end
-      self.dirty = false
-    elseif r.code ~= 250 then
-      self:_fail(reply_error("rejected", r, "data_end", { rejected = self.rejected }), false)
-    else
-      self:_succeed(r, self.id)
-    end
-  elseif kind == "bdat" then
-    self.inflight = self.inflight - 1
-    if self:decided() then return true end      -- chunks in flight after a failure: discarded
-    if r.code ~= 250 then
-      if self.mail_r and not (self.mail_r.code >= 200 and self.mail_r.code < 300) then
-        self:_fail(reply_error("rejected", self.mail_r, "mail", { rejected = self.rejected }), true)
-      elseif #self.accepted == 0 then
-        self:_fail(all_rejected(self), true)
-      else
-        self:_fail(reply_error("rejected", r, arg and "data_end" or "data", { rejected = self.rejected }), true)
-      end
-    elseif arg then
-      self:_succeed(r, self.id)
-    else
-      self:_pump()
-    end
+    return true
+  end
+  -- the end-of-data's reply
+  if self.result or self.err then
+    self.dirty = false        -- the empty data after a refused transaction: its error stands
+  elseif code ~= 250 then
+    self:_fail(reply_error("rejected", r, "data_end", { rejected = self.rejected }), false)
+  else
+    self:_succeed(r, self.id)
   end
   return true
 end
