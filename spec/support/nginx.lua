@@ -11,8 +11,7 @@ local function stop(proc)
   proc.stopped = true
   helper.sh("kill -TERM " .. proc.pid .. " 2>/dev/null")
   for _ = 1, 100 do
-    local st = helper.sh("ps -o stat= -p " .. proc.pid .. " 2>/dev/null")
-    if st:match("^%s*$") or st:match("^%s*Z") then return end
+    if not helper.alive(proc.pid) then return end
     helper.sleep(0.05)
   end
   helper.sh("kill -KILL " .. proc.pid .. " 2>/dev/null")
