@@ -85,7 +85,7 @@ mount --rbind /dev "$root/dev"; mount --make-rslave "$root/dev"; mounted="$root/
 mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"; mounted="$root/tmp $mounted"
 
 # No stdin, as in CI; a new user's shell environment, nothing of ours.
-{ chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb \
+{ chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     sh -c "cd /src && sh scripts/deps.sh && make $target" </dev/null 2>&1
   echo $? > "$root/test-fresh.rc"; } | tee "$root/test-fresh.log"
