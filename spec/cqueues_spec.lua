@@ -3,12 +3,13 @@
 local support = require "support.transport"
 local native = require "smtp.transport.native"
 local core = require "smtp.core"
+local helper = require "helper"
 
 local has_cqueues, cqueues = pcall(require, "cqueues")
 
 describe("smtp.transport.native under cqueues", function()
   if not has_cqueues then
-    pending("cqueues is not installed for " .. _VERSION)
+    it("needs cqueues", function() helper.need("cqueues") end)
     return
   end
 

@@ -135,7 +135,7 @@ describe("smtp.dns", function()
 
     it("can be waited on by cqueues (pollfd, events, timeout)", function()
       local ok, cqueues = pcall(require, "cqueues")
-      if not ok then return pending("cqueues is not installed for " .. helper.lua) end
+      if not ok then helper.need("cqueues") end
       local r = assert(core.resolver { nameservers = { zone.nameserver }, timeout = 1, tries = 1 })
       local out = {}
       local cq = cqueues.new()

@@ -81,13 +81,17 @@ local NEEDS = {
   openssl = { "command -v openssl", "openssl" },
   luarocks = { "command -v luarocks", "luarocks" },
   script = { "command -v script", "bsdutils" },
+  cqueues = { function() return (pcall(require, "cqueues")) end, "lua-cqueues" },
+  ["nginx lua"] = { function() return require("support.nginx").available() end, "nginx libnginx-mod-http-lua" },
 }
 local have = {}
 
 -- Fails the running spec, naming the Debian package to install, unless `what` (a NEEDS key) works.
 function helper.need(what)
   local n = assert(NEEDS[what], "helper.need: unknown peer " .. tostring(what))
-  if have[what] == nil then
+  if have[what] == nil and type(n[1]) == "function" then
+    have[what] = n[1]() and true or false
+  elseif have[what] == nil then
     -- The shell prints the verdict: LuaJIT's popen close reports no exit status.
     have[what] = sh("PATH=\"$PATH:/usr/sbin:/sbin\"; { " .. n[1] .. "; } >/dev/null 2>&1 && echo yes")
       :match("yes") ~= nil
