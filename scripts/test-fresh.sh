@@ -85,12 +85,13 @@ mount --rbind /dev "$root/dev"; mount --make-rslave "$root/dev"; mounted="$root/
 mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"; mounted="$root/tmp $mounted"
 
 # No stdin, as in CI; a new user's shell environment, nothing of ours.
-{ chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
+{ rc=0
+  chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    sh -c "cd /src && sh scripts/deps.sh && make $target" </dev/null 2>&1
-  echo $? > "$root/test-fresh.rc"; } | tee "$root/test-fresh.log"
+    sh -c "cd /src && sh scripts/deps.sh && make $target" </dev/null 2>&1 || rc=$?
+  echo $rc > "$root/test-fresh.rc"; } | tee "$root/test-fresh.log"
 rc=$(cat "$root/test-fresh.rc")
-line=$(grep -E '^specs: [0-9]+ passed, [0-9]+ failed' "$root/test-fresh.log" | tail -n 1)
+line=$(grep -a -E '^specs: [0-9]+ passed, [0-9]+ failed' "$root/test-fresh.log" | tail -n 1)
 took=$(( $(date +%s) - start ))
 if [ -z "$line" ]; then
   echo "test-fresh: make $target printed no summary line (exit $rc, $took s)"

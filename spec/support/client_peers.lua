@@ -201,21 +201,27 @@ function M.fake(steps)
   local f = { proc = p, port = port }
   local log = dir .. "/received"
   local function count(path) return #(helper.read(path) or "") end
+  -- Waits (10 s at most) until n connections were accepted and every accepted one has ended.
+  local function settle(n)
+    local t0 = core.now()
+    while core.now() - t0 < 10 do
+      local a = count(log .. ".accepted")
+      if a >= (n or 0) and count(log .. ".closed") >= a then return true end
+      core.wait(-1, "r", 0.02)
+    end
+    return false
+  end
   function f.script(st)
+    -- the last spec's connections end first: their late bytes would land in this spec's record
+    settle()
     helper.write(dir .. "/steps.json", encode_steps(st))
-    -- connections still open from an earlier spec count as accepted here
     local open = math.max(0, count(log .. ".accepted") - count(log .. ".closed"))
     helper.write(log .. ".accepted", ("."):rep(open))
     helper.write(log .. ".closed", "")
     helper.write(log, "")
   end
   function f.received(n)
-    local t0 = core.now()
-    while core.now() - t0 < 10 do
-      local a = count(log .. ".accepted")
-      if a >= (n or 0) and count(log .. ".closed") >= a then break end
-      core.wait(-1, "r", 0.02)
-    end
+    settle(n)
     return helper.read(log) or ""
   end
   function f.stop() p:stop() end
