@@ -46,7 +46,11 @@ if [ -n "$missing" ]; then
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null || true
-    apt-get install -y -q --no-install-recommends $missing >/dev/null
+    # Only apt's totals: how many packages, how much to download, how much disk.
+    apt-get install -y -q --no-install-recommends $missing > /tmp/lua-smtp-deps.$$ 2>&1 ||
+      { cat /tmp/lua-smtp-deps.$$ >&2; rm -f /tmp/lua-smtp-deps.$$; exit 1; }
+    grep -E '^(Need to get|After this operation|[0-9]+ upgraded)' /tmp/lua-smtp-deps.$$ | sed 's/^/deps: /'
+    rm -f /tmp/lua-smtp-deps.$$
     # The postfix package starts nothing we use; make sure no system instance holds port 25.
     command -v postfix >/dev/null && postfix stop >/dev/null 2>&1 || true
   else

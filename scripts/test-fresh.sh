@@ -70,14 +70,15 @@ printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"
 chmod 755 "$root/usr/sbin/policy-rc.d"
 echo "test-fresh: root ready after $(( $(date +%s) - start )) s"
 
-# The checkout as git tracks it, uncommitted changes included; no build output.
+# The files git tracks, as they are in the working tree (uncommitted edits included; files not
+# yet added are not); no build output.
 mkdir -p "$root/src"
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-  git ls-files -co --exclude-standard | while IFS= read -r f; do
+  git ls-files -c | while IFS= read -r f; do
     [ -f "$f" ] && printf '%s\n' "$f"
   done | tar -cf - -T - | tar -C "$root/src" -xf -
 else
-  tar --exclude=./build --exclude=./fuzz/build -cf - . | tar -C "$root/src" -xf -
+  tar --exclude=./.git --exclude=./build --exclude=./fuzz/build --exclude=./fuzz/corpus-run -cf - . | tar -C "$root/src" -xf -
 fi
 
 mount -t proc proc "$root/proc"; mounted="$root/proc $mounted"

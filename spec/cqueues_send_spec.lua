@@ -34,6 +34,7 @@ describe("smtp.send under cqueues", function()
 
   it("overlaps 50 sends to a slow server in one controller", function()
     local dir = helper.tmpdir()
+    helper.need("aiosmtpd")
     helper.write(dir .. "/slow.py", SLOW_SERVER)
     local port = helper.free_port()
     proc = helper.spawn { helper.python, dir .. "/slow.py", tostring(port), "0.5", dir .. "/count" }

@@ -82,6 +82,7 @@ M.records = records
 -- aiosmtpd with STARTTLS on `port` and implicit TLS on `tls_port`; AUTH user "user", password
 -- "secret pass"; recipients starting with "reject" get 550 5.1.1, "later" 450 4.2.1.
 function M.aiosmtpd()
+  helper.need("aiosmtpd")
   local c = helper.certs()
   local dir = helper.tmpdir()
   local port, tls_port = helper.free_port(), helper.free_port()
@@ -101,6 +102,7 @@ end
 
 -- Postfix smtp-sink (`-c` counts messages on its stdout when it exits).
 function M.sink(extra)
+  helper.need("smtp-sink")
   local port = helper.free_port()
   local argv = { "/usr/sbin/smtp-sink", "-u", "nobody" }
   for _, a in ipairs(extra or {}) do argv[#argv + 1] = a end

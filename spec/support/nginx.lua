@@ -136,6 +136,7 @@ end
 --          rset_status = "421 ..." (RSET answered so, counted in :rsets()) } -> handle with .port, .dir,
 -- :connections(), :messages(), :message(n), :envelope(n), :stop().
 function M.smtpd(opts)
+  helper.need("aiosmtpd")
   opts = opts or {}
   local dir = helper.tmpdir()
   local port = opts.port or helper.free_port()
