@@ -85,11 +85,18 @@ mount -t proc proc "$root/proc"; mounted="$root/proc $mounted"
 mount --rbind /dev "$root/dev"; mount --make-rslave "$root/dev"; mounted="$root/dev $mounted"
 mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"; mounted="$root/tmp $mounted"
 
-# No stdin, as in CI; a new user's shell environment, nothing of ours.
-{ rc=0
+# No stdin, as in CI; a new user's shell environment, nothing of ours. deps.sh first (a minimal
+# root has no make), then the README's command.
+inside() {
   chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
-    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    sh -c "cd /src && sh scripts/deps.sh && make $target" </dev/null 2>&1 || rc=$?
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin sh -c "cd /src && $1" </dev/null 2>&1
+}
+{ rc=0
+  inside "sh scripts/deps.sh" || rc=$?
+  echo "test-fresh: deps.sh done after $(( $(date +%s) - start )) s"
+  if [ "$rc" = 0 ]; then
+    inside "make $target" || rc=$?
+  fi
   echo $rc > "$root/test-fresh.rc"; } | tee "$root/test-fresh.log"
 rc=$(cat "$root/test-fresh.rc")
 line=$(grep -a -E '^specs: [0-9]+ passed, [0-9]+ failed' "$root/test-fresh.log" | tail -n 1)
