@@ -24,7 +24,7 @@ INC_lua5.4  := $(shell $(PKG_CONFIG) --cflags lua5.4 2>/dev/null || echo -I/usr/
 INC_luajit  := $(shell $(PKG_CONFIG) --cflags luajit 2>/dev/null || echo -I/usr/include/luajit-2.1) -idirafter /usr/include/lua5.1
 EXTRA_luajit := /usr/include/lua5.1/compat-5.3.c
 
-.PHONY: all deps test test-asan test-valgrind bench fuzz demo install clean check-exports
+.PHONY: all deps test test-asan test-fresh test-valgrind bench fuzz demo install clean check-exports
 
 all: $(foreach l,$(LUAS),build/$(l)/smtp/core.so)
 
@@ -48,6 +48,10 @@ test: deps all check-exports
 
 test-asan: deps all $(foreach l,$(LUAS),build/asan-$(l)/smtp/core.so)
 	@SMTP_BUILD=asan sh scripts/run-specs.sh $(LUAS)
+
+# `make test` from nothing in a minimal Debian 12 root (as root; see scripts/test-fresh.sh).
+test-fresh:
+	@sh scripts/test-fresh.sh
 
 test-valgrind: deps build/lua5.4/smtp/core.so
 	@sh scripts/valgrind-specs.sh

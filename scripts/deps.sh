@@ -1,27 +1,65 @@
 #!/bin/sh
-# Installs the Debian packages lua-smtp builds and tests with, when they are missing.
+# Installs the Debian packages lua-smtp builds and tests with, when they are missing, then checks
+# that what the specs need works (a package can be installed without the capability: swaks has TLS
+# only with Net::SSLeay, which Debian installs only as a Recommends, and we install without those).
 # As root it runs apt-get itself; otherwise it prints the exact command to run.
 set -eu
-PKGS="build-essential pkg-config lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua-busted
+# Build: compiler, make, pkg-config, both interpreters and their headers, OpenSSL and c-ares.
+# Specs: busted; cqueues; Debian's Python (/usr/bin/python3, what the specs run) with aiosmtpd,
+# dnspython (scripted DNS answers) and dkim (verifies our signatures); Postfix (a private MTA, smtp-sink, smtp-source); swaks with Perl TLS
+# (libnet-ssleay-perl) and Perl's Net::SMTP; msmtp; curl; dnsmasq; nginx with the Lua module and
+# its DNS resolver; openssl (test certificates); luarocks (the rockspec). Fuzzing and the sanitizer
+# build: clang with its runtime. valgrind for `make test-valgrind`.
+PKGS="build-essential make pkg-config lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua-busted
 lua-compat53-dev libssl-dev libc-ares-dev luarocks lua-cqueues openssl python3 python3-aiosmtpd
-postfix swaks msmtp curl dnsmasq-base nginx libnginx-mod-http-lua lua-nginx-dns python3-dkim
-clang libclang-rt-14-dev valgrind"
+python3-dnspython python3-dkim postfix swaks libnet-ssleay-perl perl msmtp curl dnsmasq-base nginx
+libnginx-mod-http-lua lua-nginx-dns clang libclang-rt-14-dev valgrind"
+
+# What each capability needs: a shell test, and the package that provides it.
+check() {
+  failed=""
+  sh -c 'swaks --support 2>&1 | grep -q "^=== TLS supported"' 2>/dev/null ||
+    failed="$failed swaks-TLS(libnet-ssleay-perl)"
+  perl -MNet::SMTP -e 1 2>/dev/null || failed="$failed Net::SMTP(perl)"
+  /usr/bin/python3 -c 'import aiosmtpd.controller, dns.message, dkim' 2>/dev/null ||
+    failed="$failed python-modules(python3-aiosmtpd,python3-dnspython,python3-dkim)"
+  [ -x /usr/sbin/dnsmasq ] || failed="$failed dnsmasq(dnsmasq-base)"
+  [ -x /usr/lib/postfix/sbin/master ] && command -v smtp-sink >/dev/null 2>&1 ||
+    failed="$failed postfix(postfix)"
+  ls /usr/share/nginx/modules-available/*http-lua*.conf >/dev/null 2>&1 ||
+    failed="$failed nginx-lua(libnginx-mod-http-lua)"
+  for c in cc make pkg-config lua5.4 luajit busted openssl curl msmtp nginx luarocks; do
+    command -v "$c" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin" command -v "$c" >/dev/null 2>&1 ||
+      failed="$failed $c"
+  done
+  [ -z "$failed" ]
+}
+
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
 done
-[ -z "$missing" ] && exit 0
-if [ "$(id -u)" = 0 ]; then
-  echo "deps: installing$missing"
-  # Postfix asks a question on install; smtp-sink and smtp-source need no configuration.
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q >/dev/null || true
-  apt-get install -y -q --no-install-recommends $missing >/dev/null
-  # The postfix package starts nothing we use; make sure no system instance holds port 25.
-  command -v postfix >/dev/null && postfix stop >/dev/null 2>&1 || true
-else
-  echo "deps: missing packages; run as root:" >&2
-  echo "  apt-get install -y$missing" >&2
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "deps: installing$missing"
+    # Postfix asks a question on install; smtp-sink and smtp-source need no configuration.
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null || true
+    # Only apt's totals: how many packages, how much to download, how much disk.
+    apt-get install -y -q --no-install-recommends $missing > /tmp/lua-smtp-deps.$$ 2>&1 ||
+      { cat /tmp/lua-smtp-deps.$$ >&2; rm -f /tmp/lua-smtp-deps.$$; exit 1; }
+    grep -E '^(Need to get|After this operation|[0-9]+ upgraded)' /tmp/lua-smtp-deps.$$ | sed 's/^/deps: /'
+    rm -f /tmp/lua-smtp-deps.$$
+    # The postfix package starts nothing we use; make sure no system instance holds port 25.
+    command -v postfix >/dev/null && postfix stop >/dev/null 2>&1 || true
+  else
+    echo "deps: missing packages; run as root:" >&2
+    echo "  apt-get install -y --no-install-recommends$missing" >&2
+    exit 1
+  fi
+fi
+if ! check; then
+  echo "deps: installed, but not working:$failed" >&2
   exit 1
 fi

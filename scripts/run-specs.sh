@@ -21,7 +21,8 @@ for lua in "$@"; do
   $pre busted --lua="$lua" ${BUSTED_ARGS:-} spec 2>&1 | tee "$log"
   rc=$?
   # busted prints "N successes / N failures / N errors / N pending : T seconds"
-  line=$(grep -E '^[0-9]+ success' "$log" | tail -n 1)
+  # -a: a spec's output may hold binary bytes (TLS records), and grep would then print no line
+  line=$(grep -a -E '^[0-9]+ success' "$log" | tail -n 1)
   if [ -z "$line" ]; then
     echo "busted on $lua printed no summary (crashed?)"; status=1; fail=$((fail + 1)); continue
   fi

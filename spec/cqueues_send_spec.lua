@@ -25,7 +25,7 @@ while True: time.sleep(1)
 
 describe("smtp.send under cqueues", function()
   if not has_cqueues then
-    pending("cqueues is not installed for " .. _VERSION)
+    it("needs cqueues", function() helper.need("cqueues") end)
     return
   end
 
@@ -34,6 +34,7 @@ describe("smtp.send under cqueues", function()
 
   it("overlaps 50 sends to a slow server in one controller", function()
     local dir = helper.tmpdir()
+    helper.need("aiosmtpd")
     helper.write(dir .. "/slow.py", SLOW_SERVER)
     local port = helper.free_port()
     proc = helper.spawn { helper.python, dir .. "/slow.py", tostring(port), "0.5", dir .. "/count" }

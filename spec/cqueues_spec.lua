@@ -3,12 +3,13 @@
 local support = require "support.transport"
 local native = require "smtp.transport.native"
 local core = require "smtp.core"
+local helper = require "helper"
 
 local has_cqueues, cqueues = pcall(require, "cqueues")
 
 describe("smtp.transport.native under cqueues", function()
   if not has_cqueues then
-    pending("cqueues is not installed for " .. _VERSION)
+    it("needs cqueues", function() helper.need("cqueues") end)
     return
   end
 
@@ -46,7 +47,7 @@ describe("smtp.transport.native under cqueues", function()
     assert.same({}, failures)
     assert.equal(50, done)
     -- One round trip alone takes 0.2 s; fifty in sequence would take 10 s.
-    assert.is_true(dt < 1.5, "50 round trips took " .. dt .. " s")
+    assert.is_true(dt < 5, "50 round trips took " .. dt .. " s")
   end)
 
   it("times out a read under cqueues at its deadline", function()
@@ -65,7 +66,8 @@ describe("smtp.transport.native under cqueues", function()
     end)
     assert(cq:loop(10))
     assert.equal("timeout", err.kind)
-    assert.is_true(dt >= 0.3 and dt < 0.33, "read returned after " .. dt .. " s")
+    -- at its deadline, not at the connection's 5 s: a loaded machine may wake it late
+    assert.is_true(dt >= 0.3 and dt < 1.5, "read returned after " .. dt .. " s")
   end)
 
   it("gives connection objects pollfd, events and timeout for cqueues.poll", function()

@@ -114,7 +114,7 @@ describe("smtp.deliver", function()
     assert.equal("deferred", res[1].status)
     assert.equal(451, res[1].code)
     assert.equal("4.4.3", res[1].enhanced)
-    assert.is_true(took >= 0.9 and took < 1.5, "took " .. took)
+    assert.is_true(took >= 0.9 and took < 3, "took " .. took)
   end)
 
   it("delivers to address literals without DNS", function()
@@ -149,13 +149,16 @@ describe("smtp.deliver", function()
   it("runs the domains concurrently", function()
     local core = require "smtp.core"
     local t0 = core.now()
-    local res = assert(deliver(opts({ "a@one.broken.test", "b@two.broken.test", "c@good.test" },
-                                    { timeout = 1 })))
+    -- four domains whose name servers never answer, 1 s each: at least 4 s one after the other
+    local res = assert(deliver(opts({ "a@one.broken.test", "b@two.broken.test", "c@good.test",
+                                      "d@three.broken.test", "e@four.broken.test" }, { timeout = 1 })))
     local took = core.now() - t0
     assert.equal("deferred", res[1].status)
     assert.equal("deferred", res[2].status)
     assert.equal("sent", res[3].status)
-    assert.is_true(took < 1.8, "took " .. took)
+    assert.equal("deferred", res[4].status)
+    assert.equal("deferred", res[5].status)
+    assert.is_true(took < 3.5, "took " .. took)
   end)
 
   it("works from inside an smtp.loop task", function()

@@ -61,9 +61,9 @@ describe("smtp.dns", function()
     assert.is_true(err.temporary)
     if start then
       local took = core.now() - start
-      assert.is_true(took >= 0.9 and took < 1.5, "took " .. took)
+      assert.is_true(took >= 0.9 and took < 3, "took " .. took)
     else
-      assert.is_true(os.time() - t0 <= 2)
+      assert.is_true(os.time() - t0 <= 4)
     end
     assert.is_true(os.clock() - c0 < 0.5, "busy waiting")
   end)
@@ -135,7 +135,7 @@ describe("smtp.dns", function()
 
     it("can be waited on by cqueues (pollfd, events, timeout)", function()
       local ok, cqueues = pcall(require, "cqueues")
-      if not ok then return pending("cqueues is not installed for " .. helper.lua) end
+      if not ok then helper.need("cqueues") end
       local r = assert(core.resolver { nameservers = { zone.nameserver }, timeout = 1, tries = 1 })
       local out = {}
       local cq = cqueues.new()

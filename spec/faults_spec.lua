@@ -61,12 +61,11 @@ describe("client faults", function()
   it("TLS handshake garbage after the STARTTLS 220: kind tls, nothing more sent", function()
     local res, err = send({ G, L, E, L, { "send", "220 go\r\n" }, L,
       { "send", "\21\3\3\0\2\2\40garbage that is not TLS\r\n" } }, { tls = "starttls" })
-    helper.sleep(0.2)
     assert.is_nil(res)
     assert.equal("tls", err.kind)
     assert.equal("tls", err.phase)
     assert.is_false(err.temporary)
-    assert.not_matches("MAIL", f.received())
+    assert.not_matches("MAIL", f.received(1))
   end)
 
   it("implicit TLS to a server that speaks plaintext: kind tls", function()
@@ -77,12 +76,11 @@ describe("client faults", function()
 
   it("half-open: a server that accepts and never speaks is a temporary timeout, no QUIT", function()
     local res, err = send({ { "sleep", 3 } }, { timeout = { greeting = 0.5 } })
-    helper.sleep(0.1)
     assert.is_nil(res)
     assert.equal("timeout", err.kind)
     assert.equal("greeting", err.phase)
     assert.is_true(err.temporary)
-    assert.equal("#CONNECT\n", f.received())
+    assert.equal("#CONNECT\n", f.received(1))
   end)
 
   it("a server that stops answering after the data: timeout in data_end, never sent", function()
@@ -197,7 +195,7 @@ describe("server faults", function()
     local srv = hard.recording { on_message = function(_, _, reader)
       calls = calls + 1
       for _ in reader:chunks() do end
-      if calls == 1 then loop.sleep(1.5) end
+      if calls == 1 then loop.sleep(5) end
       return true
     end }
     local argv = hard.raw_argv({ { "replies", 1 }, { "send", HELLO .. "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n" },
@@ -209,7 +207,7 @@ describe("server faults", function()
     local t0 = loop.now()
     local fast_done
     loop.spawn(function()
-      while loop.now() - t0 < 10 do
+      while loop.now() - t0 < 15 do
         if not fast_done and p2:output():match("<EOF>") then fast_done = loop.now() - t0 end
         if fast_done and srv.active == 0 and calls == 2 then break end
         loop.sleep(0.05)
@@ -219,7 +217,8 @@ describe("server faults", function()
     srv:serve()
     p1:stop(); p2:stop()
     assert.matches("250 2%.0%.0 [^\n]*\n221 ", p2:output())
-    assert.is_true(fast_done < 1.5, "the second session waited for the first hook: " .. tostring(fast_done))
+    -- the second session is done in well under a second unless it waits for the first's 5 s hook
+    assert.is_true(fast_done < 4, "the second session waited for the first hook: " .. tostring(fast_done))
     assert.equal(2, calls)
     assert.equal(0, srv.active)
   end)

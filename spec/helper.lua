@@ -49,6 +49,78 @@ function helper.read(path)
   local d = f:read("a") or f:read("*a"); f:close(); return d
 end
 
+-- True while process `pid` runs; a zombie (exited, not yet reaped) counts as gone. Reads
+-- /proc/<pid>/stat rather than running ps: a minimal Debian root has no procps.
+function helper.alive(pid)
+  local f = io.open("/proc/" .. tostring(pid) .. "/stat", "rb")
+  if not f then return false end
+  local st = f:read("a") or f:read("*a") or ""
+  f:close()
+  -- The state letter follows the command name's closing parenthesis (the name may hold any byte).
+  local state = st:match(".*%) (%a)")
+  return state ~= nil and state ~= "Z" and state ~= "X"
+end
+
+-- What the specs run, and the Debian package (or package set) that brings it. need() checks the
+-- capability itself, not that a package is installed: swaks without Net::SSLeay runs but has no TLS.
+local NEEDS = {
+  swaks = { "command -v swaks", "swaks" },
+  ["swaks TLS"] = { "swaks --support 2>&1 | grep -q '^=== TLS supported'", "libnet-ssleay-perl" },
+  curl = { "command -v curl", "curl" },
+  msmtp = { "command -v msmtp", "msmtp" },
+  perl = { "perl -MNet::SMTP -e 1", "perl" },
+  python3 = { "test -x /usr/bin/python3", "python3" },
+  aiosmtpd = { "/usr/bin/python3 -c 'import aiosmtpd.controller'", "python3-aiosmtpd" },
+  dnspython = { "/usr/bin/python3 -c 'import dns.message'", "python3-dnspython" },
+  ["python3 dkim"] = { "/usr/bin/python3 -c 'import dkim'", "python3-dkim" },
+  ["smtp-sink"] = { "command -v smtp-sink", "postfix" },
+  ["smtp-source"] = { "command -v smtp-source", "postfix" },
+  postfix = { "test -x /usr/sbin/postfix || command -v postfix", "postfix" },
+  nginx = { "command -v nginx || test -x /usr/sbin/nginx", "nginx libnginx-mod-http-lua" },
+  dnsmasq = { "command -v dnsmasq || test -x /usr/sbin/dnsmasq", "dnsmasq-base" },
+  openssl = { "command -v openssl", "openssl" },
+  luarocks = { "command -v luarocks", "luarocks" },
+  script = { "command -v script", "bsdutils" },
+  cqueues = { function() return (pcall(require, "cqueues")) end, "lua-cqueues" },
+  ["nginx lua"] = { function() return require("support.nginx").available() end, "nginx libnginx-mod-http-lua" },
+}
+local have = {}
+
+-- Fails the running spec, naming the Debian package to install, unless `what` (a NEEDS key) works.
+function helper.need(what)
+  local n = assert(NEEDS[what], "helper.need: unknown peer " .. tostring(what))
+  if have[what] == nil and type(n[1]) == "function" then
+    have[what] = n[1]() and true or false
+  elseif have[what] == nil then
+    -- The shell prints the verdict: LuaJIT's popen close reports no exit status.
+    have[what] = sh("PATH=\"$PATH:/usr/sbin:/sbin\"; { " .. n[1] .. "; } >/dev/null 2>&1 && echo yes")
+      :match("yes") ~= nil
+  end
+  if not have[what] then
+    error(("missing peer: %s (install the Debian package%s %s; `make deps` does)"):format(
+      what, n[2]:find(" ") and "s" or "", n[2]), 2)
+  end
+end
+
+-- need() for a command line about to run: its program, and for swaks the TLS it is asked for.
+local by_program = { swaks = "swaks", curl = "curl", msmtp = "msmtp", perl = "perl", python3 = "python3",
+  ["smtp-sink"] = "smtp-sink", ["smtp-source"] = "smtp-source", nginx = "nginx", dnsmasq = "dnsmasq",
+  openssl = "openssl", luarocks = "luarocks", script = "script" }
+function helper.need_argv(argv)
+  local prog = tostring(argv[1] or ""):match("([^/]+)$") or ""
+  if by_program[prog] then helper.need(by_program[prog]) end
+  if prog == "swaks" then
+    for i = 2, #argv do
+      local a = argv[i]
+      if a == "-tls" or a == "--tls" or a == "-tlsc" or a == "--tls-on-connect" or a == "--tlsc"
+        or a == "-tlso" or a == "--tls-optional" or a == "-tlsos" or a == "--tls-optional-strict" then
+        helper.need("swaks TLS")
+        break
+      end
+    end
+  end
+end
+
 -- Sleeps without a scheduler (tests only).
 function helper.sleep(s) sh("sleep " .. tostring(s)) end
 
@@ -79,6 +151,7 @@ end
 local procs = {}
 function helper.spawn(argv, opts)
   opts = opts or {}
+  helper.need_argv(argv)
   local parts = {}
   for i, a in ipairs(argv) do parts[i] = q(a) end
   local log = opts.log or (helper.tmpdir() .. "/out.log")
@@ -100,10 +173,7 @@ function helper.spawn(argv, opts)
   assert(pid, "spawn failed: " .. cmd)
   local p = { pid = pid, log = log }
   -- A zombie counts as gone: PID 1 here may reap late, and kill -0 succeeds on zombies.
-  function p:alive()
-    local st = sh("ps -o stat= -p " .. self.pid .. " 2>/dev/null")
-    return st:match("%S") ~= nil and not st:match("^%s*Z")
-  end
+  function p:alive() return helper.alive(self.pid) end
   function p:stop(sig)
     if self.stopped then return end
     self.stopped = true

@@ -9,6 +9,7 @@
 -- Received field Postfix adds, and each session against smtpd's own command counts from its log.
 local helper = require "helper"
 local postfix = require "support.postfix"
+local dates = require "support.dates"
 local smtp = require "smtp"
 
 local BODY = table.concat({
@@ -51,6 +52,11 @@ end
 describe("the client against a real Postfix MTA", function()
   local pf, why
   setup(function() pf, why = postfix.start() end)
+  -- Without Postfix installed the spec fails, naming the package; only a run without root skips.
+  local function without_postfix()
+    if tostring(why):match("^missing peer") then error(why, 2) end
+    return pending(why)
+  end
   teardown(function()
     if pf then pf.stop() end
     -- the multi-megabyte strings above are garbage now: collect them here, so the specs that
@@ -85,10 +91,14 @@ describe("the client against a real Postfix MTA", function()
     local received, rest = postfix.split_received(r.data)
     local head = "^Received: from client%.test %(localhost %[127%.0%.0%.1%]%)\r\n" ..
       "\tby postfix%.test %(Postfix%) with " .. proto .. " id " .. qid
-    local date = "[A-Z][a-z][a-z], %d+ [A-Z][a-z][a-z] %d%d%d%d %d%d:%d%d:%d%d %+0000 %(UTC%)\r\n$"
-    local ok = received and (received:match(head .. ";\r\n\t" .. date) or
-      (rcpt and received:match(head .. "\r\n\tfor <" .. rcpt:gsub("%p", "%%%0") .. ">; " .. date)))
+    -- The date after the last ";" is Postfix's clock in its time zone ("Sat,  5 Dec 2026 ...
+    -- +0100 (CET)"): checked by its grammar, not its value.
+    local before, when = (received or ""):match("^(.*);(.-)\r\n$")
+    local ok = before and (before:match(head .. "$") or
+      (rcpt and before:match(head .. "\r\n\tfor <" .. rcpt:gsub("%p", "%%%0") .. ">$")))
     assert.is_truthy(ok, "Received field: " .. tostring(received))
+    local date, bad = dates.parse(when)
+    assert.is_truthy(date, "Received field's date (" .. tostring(bad) .. "): " .. tostring(received))
     assert.equal(#original, #rest)
     assert.is_true(original == rest, "the relayed bytes differ from the bytes sent")
   end
@@ -100,7 +110,7 @@ describe("the client against a real Postfix MTA", function()
   end
 
   it("sees Postfix's EHLO after STARTTLS: PIPELINING, SIZE, CHUNKING, 8BITMIME, DSN, SMTPUTF8, ENHANCEDSTATUSCODES", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local mark = pf.mark()
     local conn, err = smtp.connect(opts())
     assert.is_nil(err)
@@ -116,7 +126,7 @@ describe("the client against a real Postfix MTA", function()
   end)
 
   it("sends with BDAT (one chunk) and the message arrives byte for byte", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local before, mark = pf.count(), pf.mark()
     local res, err = smtp.send(opts())
     assert.is_nil(err)
@@ -139,7 +149,7 @@ describe("the client against a real Postfix MTA", function()
   end)
 
   it("sends a 3 MB message with BDAT from a string and, in 1 MB chunks, from a file, and with DATA; all arrive intact", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local big = big_message(3 * 1024 * 1024 + 12345, "big1")
     local path = helper.tmpdir() .. "/big.eml"
     helper.write(path, big)
@@ -175,7 +185,7 @@ describe("the client against a real Postfix MTA", function()
   end)
 
   it("verifies Postfix's certificate against the CA, and fails closed (kind tls, no MAIL) without it", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local c = helper.certs()
     for _, case in ipairs {
       { what = "system CAs only", o = { cafile = false } },
@@ -195,7 +205,7 @@ describe("the client against a real Postfix MTA", function()
   end)
 
   it("with tls = none speaks plaintext ESMTP; with opportunistic and verify = false uses STARTTLS unverified", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     for _, case in ipairs {
       { o = { tls = "none" }, proto = "ESMTP", stats = "ehlo=1 mail=1 rcpt=1 bdat=1 quit=1 commands=5", tls = false },
       { o = { tls = "opportunistic", verify = false, cafile = false }, proto = "ESMTPS",
@@ -214,7 +224,7 @@ describe("the client against a real Postfix MTA", function()
   end)
 
   it("reports recipients refused by Postfix's access map and delivers to the others", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local before, mark = pf.count(), pf.mark()
     local res, err = smtp.send(opts { to = { "b@example.org", "bad@example.org", "gone@example.org", "c@example.org" } })
     assert.is_nil(err)
@@ -234,7 +244,7 @@ describe("the client against a real Postfix MTA", function()
   end)
 
   it("gets kind rejected when Postfix refuses every recipient, and the session goes on", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local before, mark = pf.count(), pf.mark()
     local conn = assert(smtp.connect(opts()))
     local res, err = conn:send { from = "a@example.com", to = { "bad@example.org", "gone@example.org" }, message = BODY }
@@ -260,7 +270,7 @@ describe("the client against a real Postfix MTA", function()
   for _, chunking in ipairs { true, false } do
     local how = chunking and "BDAT" or "DATA"
     it("sends 50 messages with send_many over one session (pipelining, " .. how .. "): each delivered once, intact", function()
-      if not pf then return pending(why) end
+      if not pf then return without_postfix() end
       local before, mark = pf.count(), pf.mark()
       local conn = assert(smtp.connect(opts { chunking = chunking }))
       local list, bodies = {}, {}
@@ -300,7 +310,7 @@ describe("the client against a real Postfix MTA", function()
   for _, chunking in ipairs { true, false } do
     local how = chunking and "BDAT" or "DATA"
     it("turns bare LF and CR into CRLF, so Postfix's smtpd_forbid_bare_newline = reject takes the message (" .. how .. ")", function()
-      if not pf then return pending(why) end
+      if not pf then return without_postfix() end
       local raw = "From: a@example.com\nTo: b@example.org\nSubject: bare\nMessage-ID: <bare@example.com>\n\n" ..
         "unix line\nold mac line\rmixed\r\n.\n..dots\rlast line without an end"
       local normalized = raw:gsub("\r\n", "\n"):gsub("\r", "\n"):gsub("\n", "\r\n") .. "\r\n"
@@ -315,7 +325,7 @@ describe("the client against a real Postfix MTA", function()
   end
 
   it("keeps a pipelined send_many batch in step when messages in the middle fail (Postfix's real replies)", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local function msg(i)
       return ("From: a@example.com\r\nSubject: batch %d\r\nMessage-ID: <batch%d@example.com>\r\n\r\nbody %d\r\n"):format(i, i, i)
     end
@@ -363,7 +373,7 @@ describe("the client against a real Postfix MTA", function()
   end)
 
   it("reports Postfix's 421 in the middle of a pipelined group (too many errors) as kind closed, temporary", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local before, mark = pf.count(), pf.mark()
     local res, err = smtp.send(opts { port = pf.strict_port,
       to = { "bad@example.org", "gone@example.org", "b@example.org" } })
@@ -380,7 +390,7 @@ describe("the client against a real Postfix MTA", function()
   end)
 
   it("refuses locally what is over Postfix's SIZE, before MAIL, and the session stays usable", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local before, mark = pf.count(), pf.mark()
     local conn = assert(smtp.connect(opts { port = pf.small_port }))
     assert.equal("100000", conn:extensions().SIZE)
@@ -402,7 +412,7 @@ describe("the client against a real Postfix MTA", function()
   for _, chunking in ipairs { true, false } do
     local how = chunking and "BDAT" or "DATA"
     it("takes Postfix's 552 for a streamed message of unknown size over its limit (" .. how .. "), then sends the next", function()
-      if not pf then return pending(why) end
+      if not pf then return without_postfix() end
       local before, mark = pf.count(), pf.mark()
       local conn = assert(smtp.connect(opts { port = pf.small_port, chunking = chunking }))
       local big = big_message(300000, "s2")
@@ -430,7 +440,7 @@ describe("the client against a real Postfix MTA", function()
   end
 
   it("sends SMTPUTF8 addresses and headers; Postfix relays them with SMTPUTF8", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local to = "bj\195\182rn@example.org"
     local body = "From: a@example.com\r\nTo: " .. to .. "\r\nSubject: Gr\195\188\195\159e\r\n" ..
       "Message-ID: <u1@example.com>\r\n\r\nhej\r\n"
@@ -447,7 +457,7 @@ describe("the client against a real Postfix MTA", function()
   end)
 
   it("passes DSN NOTIFY, RET, ENVID and ORCPT (xtext) that Postfix takes and relays on", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local before, mark = pf.count(), pf.mark()
     local res, err = smtp.send(opts {
       to = { "b@example.org", "x+y=z@example.org" },
@@ -467,7 +477,7 @@ describe("the client against a real Postfix MTA", function()
   end)
 
   it("sends DSN ORCPT for a non-ASCII recipient as utf-8 (RFC 6533); Postfix decodes it to the same address", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local to = "x+\195\182=y@example.org"
     local before = pf.count()
     local res, err = smtp.send(opts { to = { to }, dsn = { notify = "SUCCESS", envid = "e1" },
@@ -481,7 +491,7 @@ describe("the client against a real Postfix MTA", function()
   end)
 
   it("sends an smtp.message (encoded subject, a long line, an attachment, Bcc) that arrives as msg:tostring()", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local message = require "smtp.message"
     local bin = {}
     for i = 0, 4095 do bin[#bin + 1] = string.char(i % 256) end
@@ -510,7 +520,7 @@ describe("the client against a real Postfix MTA", function()
   end)
 
   it("drives the lower-level session methods (noop, mail, rcpt, data, rset) against Postfix", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local before, mark = pf.count(), pf.mark()
     local conn = assert(smtp.connect(opts()))
     local function reply(r) return { r.code, r.enhanced, r.text } end
@@ -531,7 +541,7 @@ describe("the client against a real Postfix MTA", function()
   end)
 
   it("reports a session Postfix closed while idle (421 4.4.2 timeout) as kind closed, temporary", function()
-    if not pf then return pending(why) end
+    if not pf then return without_postfix() end
     local mark = pf.mark()
     local conn = assert(smtp.connect(opts { port = pf.idle_port }))
     assert.is_truthy(pf.wait_log(mark, "timeout after [^\n]* from localhost", 10))
@@ -557,7 +567,7 @@ describe("the client against a real Postfix MTA", function()
     end
 
     it("offers AUTH PLAIN LOGIN only after STARTTLS; authenticates with PLAIN (picked) and LOGIN (named), then relays", function()
-      if not pf then return pending(why) end
+      if not pf then return without_postfix() end
       local conn = assert(smtp.connect(aopts()))
       assert.equal("PLAIN LOGIN", conn:extensions().AUTH)
       conn:close()
@@ -584,7 +594,7 @@ describe("the client against a real Postfix MTA", function()
     end)
 
     it("gets kind auth with Postfix's 535 5.7.8 for a wrong password, and sends no MAIL", function()
-      if not pf then return pending(why) end
+      if not pf then return without_postfix() end
       local before, mark = pf.count(), pf.mark()
       local res, err = smtp.send(aopts { auth = { user = pf.user, password = "wrong" } })
       assert.is_nil(res)
@@ -599,7 +609,7 @@ describe("the client against a real Postfix MTA", function()
     end)
 
     it("is refused relay without AUTH (554 5.7.1 Relay access denied, kind rejected)", function()
-      if not pf then return pending(why) end
+      if not pf then return without_postfix() end
       local before, mark = pf.count(), pf.mark()
       local res, err = smtp.send(aopts())
       assert.is_nil(res)

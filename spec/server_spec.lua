@@ -316,11 +316,14 @@ print(buf.decode().replace('\r\n', '|'))
 ]])
     local p = helper.spawn({ helper.python, dir .. "/wait.py", tostring(srv.port) }, { limit = 20 })
     loop.spawn(function()
-      loop.sleep(0.5)
+      -- close once the client's session is open (Python may take a while to start)
+      local t0 = loop.now()
+      while srv.active < 1 and loop.now() - t0 < 15 do loop.sleep(0.05) end
+      loop.sleep(0.05) -- yields: the session's task, queued at accept, writes its greeting first
       srv:close()
     end)
     srv:serve()
-    for _ = 1, 50 do if p:output() ~= "" then break end helper.sleep(0.1) end
+    for _ = 1, 150 do if p:output() ~= "" then break end helper.sleep(0.1) end
     assert.equal("220 mx.test ESMTP lua-smtp|421 4.3.2 Service shutting down|\n", p:output())
   end)
 

@@ -2,6 +2,7 @@
 -- printed lines, --reject-rcpt, --auth, TLS, limits, nothing stored for broken transfers, and
 -- Postfix smtp-source filling a Maildir with exactly the messages it sent.
 local helper = require "helper"
+local dates = require "support.dates"
 
 if not pcall(require, "smtp.transport.native") then
   describe("lua-smtp sink", function() pending("needs smtp.transport.native") end)
@@ -29,6 +30,7 @@ end
 local function swaks(port, extra)
   local argv = { "swaks", "--server", "127.0.0.1", "--port", tostring(port), "--from", "a@x.test" }
   for _, a in ipairs(extra) do argv[#argv + 1] = a end
+  helper.need_argv(argv) -- fails naming the package when swaks, or its TLS, is missing
   local q = {}
   for i, a in ipairs(argv) do q[i] = helper.quote(a) end
   return (helper.sh(table.concat(q, " ") .. " 2>&1"))
@@ -117,7 +119,9 @@ describe("lua-smtp sink", function()
     local data = helper.read(mbox)
     local _, froms = ("\n" .. data):gsub("\nFrom a@x%.test ", "")
     assert.equal(2, froms)
-    assert.matches("^From a@x%.test %a%a%a %a%a%a [ %d]%d %d%d:%d%d:%d%d %d%d%d%d\r\nReturn%-Path: <a@x%.test>\r\n", data)
+    local when = data:match("^From a@x%.test ([^\r\n]*)\r\nReturn%-Path: <a@x%.test>\r\n")
+    assert.truthy(when, data:sub(1, 200))
+    dates.check(when, "ctime")
     assert.matches("\r\n>From the start\r\n%.dot\r\n>>From quoted\r\nend\r\n\r\nFrom a@x%.test ", data)
     assert.equal(2, select(2, data:gsub("Return%-Path: ", "")))
   end)
@@ -129,7 +133,11 @@ describe("lua-smtp sink", function()
     local out = raw(port, hello .. ("x"):rep(3000) .. "\r\n.\r\nQUIT\r\n")
     assert.matches("552 5%.3%.4 [^\n]*\n221 2%.0%.0 Bye\r\n$", out)
     raw(port, hello .. "Subject: cut\r\n\r\nhalf a mess", true)
-    helper.sleep(0.3)
+    -- the sink drops its partial file once it sees the client gone: wait for that, not a guess
+    for _ = 1, 100 do
+      if #ls(md .. "/tmp") == 0 then break end
+      helper.sleep(0.1)
+    end
     assert.same({}, ls(md .. "/new"))
     assert.same({}, ls(md .. "/tmp"))
   end)

@@ -121,8 +121,7 @@ describe("STARTTLS response injection against smtp.send", function()
       from = "a@example.com", to = { "b@example.org" }, message = "Subject: t\r\n\r\nhi\r\n" }
     for k, v in pairs(o) do opts[k] = v end
     local res, err = smtp.send(opts)
-    helper.sleep(0.2)
-    return res, err, f.received()
+    return res, err, f.received(1)
   end
   local HELLO = { { "send", "220 fake ESMTP\r\n" }, { "line" }, { "send", "250-fake.test\r\n250 STARTTLS\r\n" }, { "line" } }
   local function with(...)
@@ -188,15 +187,19 @@ while True:
             else: t.sendall(b'250 ok\r\n')
     except Exception as e:
         rec.write(('<ERR %s>\n' % type(e).__name__).encode())
-    rec.close(); c.close()
+    rec.write(b'<END>\n'); rec.close(); c.close()  # the spec waits for <END>
 ]])
     local p = helper.spawn({ helper.python, dir .. "/tls_fake.py", tostring(port), c.server, c.server_key, dir .. "/log" }, { limit = 60 })
     assert(helper.wait_port("127.0.0.1", port, 10))
-    helper.sleep(0.1)
+    local function ended()
+      local t0 = core.now()
+      while not (helper.read(dir .. "/log") or ""):find("<END>") and core.now() - t0 < 10 do helper.sleep(0.05) end
+    end
+    ended() -- wait_port's connection, written down before the log starts afresh
     helper.write(dir .. "/log", "")
     local res, err = smtp.send { server = "localhost", port = port, cafile = c.ca, helo = "client.test", timeout = 5,
       from = "a@example.com", to = { "b@example.org" }, message = "Subject: t\r\n\r\nhi\r\n", auth = { user = "u", password = "p" } }
-    helper.sleep(0.2)
+    ended()
     p:stop()
     assert.is_nil(res)
     assert.equal("tls", err.kind)

@@ -3,6 +3,7 @@
 -- fake server for misbehaviour no real peer shows. Each is started with helper.spawn on free
 -- loopback ports and records what it received in files the specs read back.
 local helper = require "helper"
+local core = require "smtp.core"
 
 local M = {}
 
@@ -81,6 +82,7 @@ M.records = records
 -- aiosmtpd with STARTTLS on `port` and implicit TLS on `tls_port`; AUTH user "user", password
 -- "secret pass"; recipients starting with "reject" get 550 5.1.1, "later" 450 4.2.1.
 function M.aiosmtpd()
+  helper.need("aiosmtpd")
   local c = helper.certs()
   local dir = helper.tmpdir()
   local port, tls_port = helper.free_port(), helper.free_port()
@@ -100,6 +102,7 @@ end
 
 -- Postfix smtp-sink (`-c` counts messages on its stdout when it exits).
 function M.sink(extra)
+  helper.need("smtp-sink")
   local port = helper.free_port()
   local argv = { "/usr/sbin/smtp-sink", "-u", "nobody" }
   for _, a in ipairs(extra or {}) do argv[#argv + 1] = a end
@@ -111,12 +114,12 @@ function M.sink(extra)
 end
 
 local fake_py = [[
-import socket, ssl, sys, json, time, threading
+import select, socket, ssl, sys, json, time, threading
 port, script, log = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind(('127.0.0.1', port)); ls.listen(16)
-def record(b):
-    with open(log, 'ab') as f: f.write(b)
+def record(b, path=log):
+    with open(path, 'ab') as f: f.write(b)
 def serve(c):
     buf = b''
     steps = json.load(open(script))
@@ -146,7 +149,11 @@ def serve(c):
                 buf = buf[buf.index(b'\n') + 1:]
                 while len(buf) < n: fill()
                 buf = buf[n:]
-            elif op == 'sleep': time.sleep(st[1])
+            elif op == 'sleep':
+                # reads (and records) while it sleeps: a client that leaves ends the connection now
+                end = time.time() + st[1]
+                while time.time() < end:
+                    if select.select([c], [], [], max(0, end - time.time()))[0]: fill()
             elif op == 'close': c.close(); return
         while True: fill()
     except (EOFError, OSError):
@@ -154,8 +161,11 @@ def serve(c):
     finally:
         try: c.close()
         except OSError: pass
+        # one byte per connection ended: f.received() waits for every accepted one
+        record(b'.', log + '.closed')
 while True:
     c, _ = ls.accept()
+    record(b'.', log + '.accepted')
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 ]]
 
@@ -178,7 +188,10 @@ end
 -- {"sleep", 2}, {"sendbig", "250-x\r\n", 1000}, {"close"} }; after the steps it reads until the
 -- client closes. The steps are read again at each connection: f.script(steps) changes them for
 -- the next one and clears what was received. f.received() is every byte it got, each connection
--- starting with "#CONNECT\n". One process serves a whole spec file (starting one is slow).
+-- starting with "#CONNECT\n", once every connection it accepted has ended (it waits, up to 10 s,
+-- instead of guessing how long the server needs to write down the last bytes); f.received(n)
+-- also waits for n connections to have been accepted. One process serves a whole spec file
+-- (starting one is slow).
 function M.fake(steps)
   local dir = helper.tmpdir()
   helper.write(dir .. "/steps.json", encode_steps(steps or {}))
@@ -188,11 +201,31 @@ function M.fake(steps)
     dir .. "/received" }, { limit = 600 })
   assert(helper.wait_port("127.0.0.1", port, 10), "fake server did not start: " .. p:output())
   local f = { proc = p, port = port }
-  function f.script(st)
-    helper.write(dir .. "/steps.json", encode_steps(st))
-    helper.write(dir .. "/received", "")
+  local log = dir .. "/received"
+  local function count(path) return #(helper.read(path) or "") end
+  -- Waits (10 s at most) until n connections were accepted and every accepted one has ended.
+  local function settle(n)
+    local t0 = core.now()
+    while core.now() - t0 < 10 do
+      local a = count(log .. ".accepted")
+      if a >= (n or 0) and count(log .. ".closed") >= a then return true end
+      core.wait(-1, "r", 0.02)
+    end
+    return false
   end
-  function f.received() return helper.read(dir .. "/received") or "" end
+  function f.script(st)
+    -- the last spec's connections end first: their late bytes would land in this spec's record
+    settle()
+    helper.write(dir .. "/steps.json", encode_steps(st))
+    local open = math.max(0, count(log .. ".accepted") - count(log .. ".closed"))
+    helper.write(log .. ".accepted", ("."):rep(open))
+    helper.write(log .. ".closed", "")
+    helper.write(log, "")
+  end
+  function f.received(n)
+    settle(n)
+    return helper.read(log) or ""
+  end
   function f.stop() p:stop() end
   -- wait_port connected once: forget that connection
   helper.sleep(0.1)

@@ -21,6 +21,7 @@ M.argv_clean = argv_clean
 -- M.start{ "--mx-host=...", "--host-record=...", ... } -> { port=, nameserver="127.0.0.1:P", proc= }
 -- The zone is everything under .test; names without records answer NXDOMAIN (--local=/test/).
 function M.start(records)
+  helper.need("dnsmasq")
   local port = helper.free_port("127.0.0.1")
   local argv = {
     "/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
@@ -72,6 +73,7 @@ while True:
 -- M.fake() -> { nameserver=, proc= }: "servfail.*" answers SERVFAIL, "refused.*" REFUSED,
 -- "ctl.test" MX answers hosts with control and other non-hostname bytes plus good.ctl.test (50).
 function M.fake()
+  helper.need("dnspython")
   local port = helper.free_port("127.0.0.1")
   local dir = helper.tmpdir()
   helper.write(dir .. "/fake_dns.py", fake_py)

@@ -20,7 +20,7 @@ function S.parse(raws, record)
     helper.write(paths[i], raw)
   end
   local cmd = { helper.python, helper.root .. "/spec/support/mailcheck.py" }
-  if record then cmd[#cmd + 1] = "--dkim"; cmd[#cmd + 1] = record end
+  if record then helper.need("python3 dkim"); cmd[#cmd + 1] = "--dkim"; cmd[#cmd + 1] = record end
   local q = {}
   for i, a in ipairs(cmd) do q[i] = helper.quote(a) end
   for _, p in ipairs(paths) do q[#q + 1] = helper.quote(p) end

@@ -48,6 +48,7 @@ while True:
 -- 127.x.y.z (tried up to 8 times: another run may hold port 25 of one address).
 -- messages() is a list of { data = <bytes as received>, from =, to = {...} } in arrival order.
 function M.mxhost()
+  helper.need("aiosmtpd")
   local dir = helper.tmpdir()
   helper.write(dir .. "/mxhost.py", mxhost_py)
   math.randomseed(os.time() + math.floor(os.clock() * 1e6))

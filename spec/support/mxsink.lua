@@ -55,6 +55,7 @@ else:
 -- M.start(ip, port, {mode="sink"|"busy"|"badtls", reject={"nobody"}, cert=, key=}) -> handle with :stop() and
 -- :transactions() (a list of {from=, to={...}, size=} in arrival order).
 function M.start(ip, port, o)
+  helper.need("aiosmtpd")
   o = o or {}
   local dir = helper.tmpdir()
   helper.write(dir .. "/sink.py", sink_py)

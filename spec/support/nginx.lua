@@ -11,8 +11,7 @@ local function stop(proc)
   proc.stopped = true
   helper.sh("kill -TERM " .. proc.pid .. " 2>/dev/null")
   for _ = 1, 100 do
-    local st = helper.sh("ps -o stat= -p " .. proc.pid .. " 2>/dev/null")
-    if st:match("^%s*$") or st:match("^%s*Z") then return end
+    if not helper.alive(proc.pid) then return end
     helper.sleep(0.05)
   end
   helper.sh("kill -KILL " .. proc.pid .. " 2>/dev/null")
@@ -137,6 +136,7 @@ end
 --          rset_status = "421 ..." (RSET answered so, counted in :rsets()) } -> handle with .port, .dir,
 -- :connections(), :messages(), :message(n), :envelope(n), :stop().
 function M.smtpd(opts)
+  helper.need("aiosmtpd")
   opts = opts or {}
   local dir = helper.tmpdir()
   local port = opts.port or helper.free_port()

@@ -244,7 +244,9 @@ end
 
 -- Why a real Postfix cannot run here, or nil.
 local function unavailable()
-  if not helper.read(MASTER) then return "Postfix's master is not installed (" .. MASTER .. ")" end
+  if not helper.read(MASTER) then
+    return "missing peer: Postfix's master (" .. MASTER .. "; install the Debian package postfix)"
+  end
   if not helper.sh("id -u"):match("^0%s") then return "a private Postfix needs root (mail_owner = postfix)" end
   if not helper.sh("id -u postfix 2>/dev/null"):match("^%d") then return "no postfix user" end
   return nil
@@ -282,8 +284,7 @@ function M.start()
     if pid and pf.master and not pf.master.stopped then
       helper.sh("kill -TERM " .. pid .. " 2>/dev/null")
       for _ = 1, 100 do
-        local st = helper.sh("ps -o stat= -p " .. pid .. " 2>/dev/null")
-        if not st:match("%S") or st:match("^%s*Z") then break end
+        if not helper.alive(pid) then break end
         helper.sleep(0.05)
       end
       helper.sh("kill -KILL " .. pid .. " 2>/dev/null")

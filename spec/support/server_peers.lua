@@ -10,6 +10,7 @@ function M.run(srv, argv, limit)
   local loop = require "smtp.loop"
   local cmd
   if type(argv) == "table" then
+    helper.need_argv(argv)
     local parts = {}
     for i, a in ipairs(argv) do parts[i] = helper.quote(a) end
     cmd = table.concat(parts, " ")
