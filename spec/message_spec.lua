@@ -206,16 +206,23 @@ describe("message.new", function()
     local m = assert(message.new{ from = "a@example.com", text = "see attached",
       attachments = { { path = dir .. "/big.bin" } } })
     collectgarbage(); collectgarbage()
-    local base, peak, total, maxchunk = collectgarbage("count"), 0, 0, 0
+    -- what the source keeps alive, measured after full collections every 16 chunks (1 MB of
+    -- output): the collector's pacing (which differs between interpreters and builds) decides
+    -- how much garbage piles up in between, not the code under test
+    local base, peak, total, maxchunk, n = collectgarbage("count"), 0, 0, 0, 0
     for c in m:source() do
       total = total + #c
       if #c > maxchunk then maxchunk = #c end
-      local now = collectgarbage("count")
-      if now > peak then peak = now end
+      n = n + 1
+      if n % 16 == 0 then
+        collectgarbage()
+        local now = collectgarbage("count")
+        if now > peak then peak = now end
+      end
     end
     assert.is_true(total > 10 * 1024 * 1024 * 4 / 3)
     assert.is_true(maxchunk <= 200 * 1024, "chunk " .. maxchunk)
-    assert.is_true(peak - base < 8 * 1024, "heap grew by " .. (peak - base) .. " KB")
+    assert.is_true(peak - base < 1024, "live heap grew by " .. (peak - base) .. " KB")
   end)
 
   it("raises an invalid error when an attachment file goes away before it is produced", function()
