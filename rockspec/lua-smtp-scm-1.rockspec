@@ -42,6 +42,7 @@ build = {
       -- ".init" keeps the file name: the tree then has smtp/init.lua, as `make install` lays it out
       ["smtp.init"] = "lua/smtp/init.lua",
       ["smtp.errors"] = "lua/smtp/errors.lua",
+      ["smtp.argcheck"] = "lua/smtp/argcheck.lua",
       ["smtp.check"] = "lua/smtp/check.lua",
       ["smtp.config"] = "lua/smtp/config.lua",
       ["smtp.source"] = "lua/smtp/source.lua",

@@ -3,6 +3,7 @@
 local core = require "smtp.core"
 local wait = require "smtp.wait"
 local errors = require "smtp.errors"
+local argcheck_mod = require "smtp.argcheck"
 
 local M = { pooling = false }
 
@@ -16,22 +17,8 @@ local function fail(kind, text, extra)
   return nil, errors.new(t)
 end
 
--- Misuse raises Lua's standard message; smtp.transport.ngx raises the same ones (spec/transport_contract_spec.lua).
-local function argcheck(cond, n, fname, msg)
-  if not cond then error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3) end
-end
-
-local function optcheck(v, want, fname, name, n)
-  if v ~= nil and type(v) ~= want then
-    error(("bad argument #%d to '%s' (option '%s': %s expected, got %s)"):format(n or 1, fname, name, want, type(v)), 3)
-  end
-end
-
-local function numcheck(v, n, fname)
-  if v ~= nil and type(v) ~= "number" then
-    error(("bad argument #%d to '%s' (number expected, got %s)"):format(n, fname, type(v)), 3)
-  end
-end
+-- Misuse raises Lua's standard message, the same words as smtp.transport.ngx.
+local argcheck, optcheck, numcheck = argcheck_mod.arg, argcheck_mod.opt, argcheck_mod.num
 
 -- Absolute deadline for a timeout in seconds (nil = the object's default; math.huge = none).
 local function deadline_of(timeout, default)

@@ -2,6 +2,7 @@
 -- the same engines run inside nginx handlers without blocking the worker, plus the cosocket-pool
 -- hooks (pool key, reuse count, per-worker session state) that let smtp.send reuse idle sessions.
 local errors = require "smtp.errors"
+local argcheck_mod = require "smtp.argcheck"
 local ngx_dns = require "smtp.transport.ngx_dns"
 
 local M = { _VERSION = "0.1.0", pooling = true }
@@ -47,22 +48,8 @@ local function ms(seconds, default)
   return math.max(1, math.floor(seconds * 1000 + 0.5))
 end
 
--- Misuse raises the same messages as smtp.transport.native (spec/transport_contract_spec.lua).
-local function argerr(n, fname, msg)
-  error(("bad argument #%d to '%s' (%s)"):format(n, fname, msg), 3)
-end
-
-local function optcheck(v, want, fname, name)
-  if v ~= nil and type(v) ~= want then
-    error(("bad argument #1 to '%s' (option '%s': %s expected, got %s)"):format(fname, name, want, type(v)), 3)
-  end
-end
-
-local function numcheck(v, n, fname)
-  if v ~= nil and type(v) ~= "number" then
-    error(("bad argument #%d to '%s' (number expected, got %s)"):format(n, fname, type(v)), 3)
-  end
-end
+-- Misuse raises the same messages as smtp.transport.native.
+local argcheck, optcheck, numcheck = argcheck_mod.arg, argcheck_mod.opt, argcheck_mod.num
 
 -- Read and write failures carry no phase: the session knows which SMTP phase it was in.
 local function io_error(err, what)
@@ -177,7 +164,7 @@ end
 -- connection verified differently or authenticated as someone else is never handed out. The secret
 -- enters only as a SHA-1 digest; a token given as a function is left out (it changes over time).
 function M.pool_key(o)
-  if type(o) ~= "table" then argerr(1, "pool_key", "table expected, got " .. type(o)) end
+  if type(o) ~= "table" then argcheck(false, 1, "pool_key", "table expected, got " .. type(o)) end
   local ngx = ngx_table()
   local secret = o.password
   if secret == nil and type(o.token) == "string" then secret = o.token end
@@ -226,15 +213,15 @@ end
 -- each address is tried in turn under one deadline. With `pool`, a connection left idle in that
 -- cosocket pool is taken first (see s:reused()).
 function M.connect(opts)
-  if type(opts) ~= "table" then argerr(1, "connect", "table expected, got " .. type(opts)) end
+  if type(opts) ~= "table" then argcheck(false, 1, "connect", "table expected, got " .. type(opts)) end
   if type(opts.host) ~= "string" then
-    argerr(1, "connect", "option 'host': string expected, got " .. type(opts.host))
+    argcheck(false, 1, "connect", "option 'host': string expected, got " .. type(opts.host))
   end
   optcheck(opts.timeout, "number", "connect", "timeout")
   optcheck(opts.nameservers, "table", "connect", "nameservers")
   optcheck(opts.pool, "string", "connect", "pool")
   optcheck(opts.pool_size, "number", "connect", "pool_size")
-  if opts.port == nil then argerr(1, "connect", "option 'port' missing") end
+  if opts.port == nil then argcheck(false, 1, "connect", "option 'port' missing") end
   optcheck(opts.port, "number", "connect", "port")
   local port = opts.port
   local at_connect = { phase = "connect" }
@@ -352,7 +339,7 @@ end
 -- s:write(data, timeout) -> true | nil, err: the whole string.
 function S:write(data, timeout)
   check_sock(self, "write")
-  if type(data) ~= "string" then argerr(1, "write", "string expected, got " .. type(data)) end
+  if type(data) ~= "string" then argcheck(false, 1, "write", "string expected, got " .. type(data)) end
   numcheck(timeout, 2, "write")
   if self.closed then return nil, closed_error("write") end
   local t = ms(timeout, self.default_timeout)
@@ -371,7 +358,7 @@ end
 -- engine's buffer instead).
 function S:write_engine(e, timeout)
   check_sock(self, "write_engine")
-  if type(e) ~= "userdata" then argerr(1, "write_engine", "client engine expected, got " .. type(e)) end
+  if type(e) ~= "userdata" then argcheck(false, 1, "write_engine", "client engine expected, got " .. type(e)) end
   numcheck(timeout, 2, "write_engine")
   if self.closed then return nil, closed_error("write_engine") end
   if e:outlen() == 0 then return true end
@@ -383,7 +370,7 @@ function S:read(timeout, max)
   check_sock(self, "read")
   numcheck(timeout, 1, "read")
   if max ~= nil and (type(max) ~= "number" or max < 1) then
-    argerr(2, "read", "positive number expected, got " .. (type(max) == "number" and tostring(max) or type(max)))
+    argcheck(false, 2, "read", "positive number expected, got " .. (type(max) == "number" and tostring(max) or type(max)))
   end
   if self.closed then return nil, closed_error("read") end
   local t = ms(timeout, self.default_timeout)
@@ -404,7 +391,7 @@ end
 function S:starttls(opts)
   check_sock(self, "starttls")
   opts = opts or {}
-  if type(opts) ~= "table" then argerr(1, "starttls", "table expected, got " .. type(opts)) end
+  if type(opts) ~= "table" then argcheck(false, 1, "starttls", "table expected, got " .. type(opts)) end
   optcheck(opts.servername, "string", "starttls", "servername")
   optcheck(opts.timeout, "number", "starttls", "timeout")
   optcheck(opts.verify, "boolean", "starttls", "verify")
