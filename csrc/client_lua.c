@@ -115,7 +115,19 @@ static int command(lua_State *L, smtp_cmd cmd, int has_arg, int has_params)
 static int l_ehlo(lua_State *L) { return command(L, SMTP_CMD_EHLO, 1, 0); }
 static int l_helo(lua_State *L) { return command(L, SMTP_CMD_HELO, 1, 0); }
 static int l_starttls(lua_State *L) { return command(L, SMTP_CMD_STARTTLS, 0, 0); }
-static int l_mail(lua_State *L) { return command(L, SMTP_CMD_MAIL, 1, 1); }
+/* e:mail(from [, params]) -> true, mark | nil, err: the mark is where the output stood before
+ * MAIL (as e:mark() would say), for e:rollback(): a transaction starts with MAIL, so it needs no
+ * second call for its mark. */
+static int l_mail(lua_State *L)
+{
+    smtp_client_mark m = smtp_client_mark_now(check_engine(L));
+    int n = command(L, SMTP_CMD_MAIL, 1, 1);
+    if (n == 1) {
+        lua_pushinteger(L, (lua_Integer)m);
+        return 2;
+    }
+    return n;
+}
 static int l_rcpt(lua_State *L) { return command(L, SMTP_CMD_RCPT, 1, 1); }
 static int l_data(lua_State *L) { return command(L, SMTP_CMD_DATA, 0, 0); }
 static int l_rset(lua_State *L) { return command(L, SMTP_CMD_RSET, 0, 0); }

@@ -253,6 +253,19 @@ describe("client engine mark and rollback", function()
     return e
   end
 
+  it("e:mail returns the mark before MAIL, the one e:mark() gives", function()
+    local e = ready()
+    assert(e:ehlo("me"))
+    local m = e:mark()
+    local ok, m2 = e:mail("a@x.test")
+    assert.is_true(ok)
+    assert.equal(m, m2)
+    assert(e:rcpt("b@y.test"))
+    assert.same({ true }, { e:rollback(m2) })
+    assert.equal("EHLO me\r\n", e:take())
+    assert.same({ nil, "CR, LF or NUL in a command value" }, { e:mail("a@x.test\r\n") })
+  end)
+
   it("takes back a transaction's queued MAIL and RCPTs when a later command cannot be queued", function()
     local e = ready()
     assert(e:ehlo("me"))

@@ -121,22 +121,32 @@ Tx.__index = Tx
 -- A transaction for description `d` (config.message) on `sess`.
 function M.new(sess, d)
   local ext, cfg = sess.ext, sess.cfg
+  -- every field the transaction will hold is named here, so the table is made at its final size
+  -- once (fields added later would make it grow, twice, for every message)
   return setmetatable({
-    sess = sess, d = d,
+    sess = sess, d = d, i = 0,
     pipelining = (ext.PIPELINING and cfg.pipelining) and true or false,
     bdat = (ext.CHUNKING and cfg.chunking) and true or false,
     accepted = {}, rejected = {},
     nexp = 0,          -- replies awaited; which one comes next follows from the counters below
-    nrcpt = 0,         -- RCPT replies taken (mail_r: MAIL's, data_r: DATA's; rset_wait: RSET's first)
+    rset_wait = false, -- the reply to its RSET comes first
+    mail_r = false,    -- MAIL's reply, once taken
+    nrcpt = 0,         -- RCPT replies taken
+    data_r = false,    -- DATA's reply, once taken
     chunks_out = 0, chunks_in = 0,   -- BDAT chunks queued, and answered
-    -- also: dirty (after it: true = a MAIL may be open, RSET first; false = clean; nil = unknown)
-    -- and open (see is_open)
+    sent_last = false, -- the last BDAT chunk is queued
+    whole = false,     -- the message is a string sent in one piece (no source)
+    src = false, st = false, chunks = false,   -- the source, and the BDAT chunker over it
+    mp = false, dsn = false, id = false,       -- MAIL parameters, DSN options, the Message-ID
+    open = false,      -- see is_open
+    result = false, err = false,               -- the outcome: one of them, once decided
+    dirty = nil,       -- after it: true = a MAIL may be open (RSET first), false = clean, nil = unknown
   }, Tx)
 end
 
 -- The transaction's outcome; the first one decided stands.
 function Tx:_fail(err, dirty)
-  if self.result == nil and self.err == nil then self.err = err end
+  if not self.result and not self.err then self.err = err end
   if dirty ~= nil then self.dirty = dirty end
   if self.bdat and self.pipelining then self.open = true end
 end
@@ -150,7 +160,7 @@ function Tx:_succeed(r, id)
   self.dirty = false
 end
 
-function Tx:decided() return self.result ~= nil or self.err ~= nil end
+function Tx:decided() return (self.result or self.err) and true or false end
 function Tx:done() return self.nexp == 0 and self:decided() end
 
 -- May the next transaction's commands be queued behind this one's now? When nothing of it is
@@ -206,7 +216,7 @@ function Tx:start(rset)
   end
   local mp, dsn = mail_params(self.sess, d, size)
   if mp == nil then self:_fail(dsn, false); return end
-  self.mp, self.dsn = mp or nil, dsn
+  self.mp, self.dsn = mp or nil, dsn or false
   if rset then
     e:rset()
     self.nexp, self.rset_wait = self.nexp + 1, true
@@ -220,8 +230,8 @@ end
 -- the engine is rolled back to the mark, so none of them can leave with a later command.
 function Tx:_mail()
   local e, to = self.sess.engine, self.d.to
-  local mark = e:mark()
-  local ok, err = e:mail(self.d.from, self.mp)
+  local ok, err = e:mail(self.d.from, self.mp)   -- true, the mark before MAIL | nil, why
+  local mark = err
   local kind = "mail"
   if ok and self.pipelining then
     kind = "rcpt"
@@ -240,7 +250,7 @@ function Tx:_mail()
     end
   end
   if not ok then
-    e:rollback(mark)
+    if kind ~= "mail" then e:rollback(mark) end
     self:_fail(errors.is(err) and err or invalid(tostring(err), kind), false)
     return
   end
@@ -283,7 +293,7 @@ function Tx:_pump()
       self:_fail(invalid("message source failed: " .. tostring(n), "data"), true)
       return
     end
-    if self.id == nil then self.id = message_id_of(first or "") or false end
+    if first ~= nil then self.id = message_id_of(first) or false end
     local qok, err = e:bdat_from(self.st, last)
     if not qok then
       self:_fail(invalid(tostring(err), "data"), true)
