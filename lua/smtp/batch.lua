@@ -54,8 +54,8 @@ local function run(sess, descs, out, n)
   local e = sess.engine
 
   while true do
-    -- start what may start now
-    if qt - qh < REFILL then
+    -- start what may start now (most replies change nothing here: checked before the loop)
+    if nxt <= n and qt - qh < REFILL and (not prev or prev.nexp == 0 or prev.open) then
       while nxt <= n and not sess.dead do
         local d = descs[nxt]
         if d then
