@@ -34,7 +34,7 @@ Signer.__name = "smtp.dkim.signer"
 
 -- dkim.signer(opts) -> signer | nil, err (kind "invalid") when an option or the key is bad.
 function M.signer(opts)
-  if type(opts) ~= "table" then error("dkim: options table expected", 3) end
+  if type(opts) ~= "table" then error("bad argument #1 to 'signer' (options table expected)", 3) end
   local domain, selector = opts.domain, opts.selector
   if type(domain) ~= "string" or not domain:match("^[%w%-%._]+$") or #domain > 253 then
     return invalid("domain must be a domain name")
@@ -183,8 +183,8 @@ end
 -- dkim.sign(raw, opts) -> raw with its DKIM-Signature field prepended | nil, err.
 -- The hash covers the message as it goes on the wire, where bare CR and LF become CRLF.
 function M.sign(raw, opts)
-  if type(raw) ~= "string" then error("dkim.sign: message string expected", 2) end
-  if type(opts) ~= "table" then error("dkim.sign: options table expected", 2) end
+  if type(raw) ~= "string" then error("bad argument #1 to 'sign' (message string expected)", 2) end
+  if type(opts) ~= "table" then error("bad argument #2 to 'sign' (options table expected)", 2) end
   local signer, err = M.signer(opts)
   if not signer then return nil, err end
   local norm = raw

@@ -404,11 +404,11 @@ local function default_hostname()
 end
 
 function M.new(opts)
-  if type(opts) ~= "table" then error("message.new: options table expected", 2) end
+  if type(opts) ~= "table" then error("bad argument #1 to 'new' (options table expected)", 2) end
   local clock = opts.clock or os.time
   local random = opts.random or default_random
   if type(clock) ~= "function" or type(random) ~= "function" then
-    error("message.new: clock and random must be functions", 2)
+    error("bad argument #1 to 'new' (clock and random must be functions)", 2)
   end
   local err
   local from, sender, to, cc, bcc, reply_to
@@ -446,7 +446,7 @@ function M.new(opts)
   -- header fields, in order
   local fields = {}
   local now = clock()
-  if type(now) ~= "number" then error("message.new: clock() must return seconds", 2) end
+  if type(now) ~= "number" then error("bad argument #1 to 'new' (clock() must return seconds)", 2) end
   self.now = math.floor(now)
   fields[#fields + 1] = "Date: " .. M.date(self.now)
   fields[#fields + 1] = address_header("From", { from })
@@ -458,7 +458,7 @@ function M.new(opts)
   local domain = from.address:match("@([^@]+)$")
   if not is_ascii(domain) or domain:sub(1, 1) == "[" then domain = hostname end
   local rnd = random(16)
-  if type(rnd) ~= "string" or #rnd < 16 then error("message.new: random(n) must return n bytes", 2) end
+  if type(rnd) ~= "string" or #rnd < 16 then error("bad argument #1 to 'new' (random(n) must return n bytes)", 2) end
   self.message_id = "<" .. hexs(rnd:sub(1, 16)) .. "@" .. domain .. ">"
   fields[#fields + 1] = "Message-ID: " .. self.message_id
   fields[#fields + 1] = "MIME-Version: 1.0"
@@ -488,7 +488,7 @@ function M.new(opts)
   local nb = 0
   local function boundary()
     local r = random(12)
-    if type(r) ~= "string" or #r < 12 then error("message.new: random(n) must return n bytes", 3) end
+    if type(r) ~= "string" or #r < 12 then error("bad argument #1 to 'new' (random(n) must return n bytes)", 3) end
     nb = nb + 1
     return "=_" .. hexs(r:sub(1, 12)) .. "." .. nb
   end

@@ -28,7 +28,7 @@ local function shuffle_equal(list, random)
       local n = k - i + 1
       local pick = random(n)
       if type(pick) ~= "number" or pick < 1 or pick > n or pick % 1 ~= 0 then
-        error("opts.random(" .. n .. ") returned " .. tostring(pick) .. ", expected 1.." .. n, 4)
+        error("bad argument #2 to 'lookup' (random(" .. n .. ") returned " .. tostring(pick) .. ", expected 1.." .. n .. ")", 4)
       end
       local m = i + pick - 1
       list[k], list[m] = list[m], list[k]
