@@ -238,20 +238,20 @@ static int l_write_to(lua_State *L)
     return n;
 }
 
-static int l_outlen(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    lua_pushinteger(L, (lua_Integer)smtp_client_output(c)->len);
-    return 1;
-}
-
-/* e:upgrade() -> number of bytes dropped (anything > 0 after the STARTTLS 220 is an attack) */
-static int l_upgrade(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    lua_pushinteger(L, (lua_Integer)smtp_client_upgrade(c));
-    return 1;
-}
+/* e:outlen(), e:upgrade(), e:pending(), e:mark(): one number each. e:upgrade() returns the
+ * bytes dropped (anything > 0 after the STARTTLS 220 is an attack); e:mark() where the output
+ * stands now, for e:rollback(). */
+static size_t outlen_of(smtp_client *c) { return smtp_client_output(c)->len; }
+#define ENGINE_NUMBER(name, get)                                                                   \
+    static int l_##name(lua_State *L)                                                              \
+    {                                                                                              \
+        lua_pushinteger(L, (lua_Integer)get(check_engine(L)));                                     \
+        return 1;                                                                                  \
+    }
+ENGINE_NUMBER(outlen, outlen_of)
+ENGINE_NUMBER(upgrade, smtp_client_upgrade)
+ENGINE_NUMBER(pending, smtp_client_pending)
+ENGINE_NUMBER(mark, smtp_client_mark_now)
 
 static int l_state(lua_State *L)
 {
@@ -260,20 +260,7 @@ static int l_state(lua_State *L)
     return 1;
 }
 
-static int l_pending(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    lua_pushinteger(L, (lua_Integer)smtp_client_pending(c));
-    return 1;
-}
 
-/* e:mark() -> mark: where the output stands now (an integer) */
-static int l_mark(lua_State *L)
-{
-    smtp_client *c = check_engine(L);
-    lua_pushinteger(L, (lua_Integer)smtp_client_mark_now(c));
-    return 1;
-}
 
 /* e:rollback(mark) -> true | nil, reason: drops the commands queued after the mark, if none of
  * their bytes has been taken or written yet */

@@ -2,9 +2,9 @@
 -- commands of one transaction never interleave with another's, so the replies on the wire come
 -- in runs, one per transaction: the batch keeps the transactions in a FIFO and hands each reply to
 -- the oldest one still awaiting some. It starts the next transaction as soon as the last one
--- allows (Tx:is_open), with RSET first when the one before may have left a MAIL open; and when
--- the session ends it gives each entry its own outcome: attempted ones their result or error, the
--- rest kind "closed", temporary, attempted = false.
+-- allows (transaction.is_open), with RSET first when the one before may have left a MAIL open;
+-- and when the session ends it gives each entry its own outcome: attempted ones their result or
+-- error, the rest kind "closed", temporary, attempted = false.
 local config = require "smtp.config"
 local errors = require "smtp.errors"
 local session = require "smtp.session"
@@ -13,16 +13,16 @@ local transaction = require "smtp.transaction"
 local M = {}
 
 local new_error = errors.new
-local WRITE_BATCH = transaction.WRITE_BATCH
+local WRITE_BATCH, is_open = transaction.WRITE_BATCH, transaction.is_open
 -- Transactions in flight at once with PIPELINING (small messages: MAIL, RCPTs and BDAT LAST
 -- each), and how far the window drains before it is filled again, so writes stay large.
 local WINDOW, REFILL = 32, 16
 
 
-local function copy_error(err, extra)
+-- Each entry gets its own error table (a caller may annotate one without touching the others).
+local function copy_error(err)
   local t = {}
   for k, v in pairs(err) do t[k] = v end
-  for k, v in pairs(extra) do t[k] = v end
   return new_error(t)
 end
 
@@ -34,7 +34,7 @@ local function ended(err, culprit, q, qh, qt, descs, nxt, n, out)
     text = "the session ended before the server answered (" .. tostring(err) .. ")" }
   for i = qh, qt do
     local tx = q[i]
-    if not tx:decided() then tx:_fail(copy_error(gone, {})) end
+    if not tx:decided() then tx:_fail(copy_error(gone)) end
     out[tx.i] = tx.result or tx.err
   end
   for i = nxt, n do
@@ -55,11 +55,11 @@ local function run(sess, descs, out, n)
 
   while true do
     -- start what may start now (most replies change nothing here: checked before the loop)
-    if nxt <= n and qt - qh < REFILL and (not prev or prev.nexp == 0 or prev.open) then
+    if nxt <= n and qt - qh < REFILL and (not prev or is_open(prev)) then
       while nxt <= n and not sess.dead do
         local d = descs[nxt]
         if d then
-          if prev and not (prev.nexp == 0 or prev.open) then break end
+          if prev and not is_open(prev) then break end
           if qt - qh + 1 >= WINDOW or e:outlen() >= WRITE_BATCH then break end
           local tx = transaction.new(sess, d)
           tx.i = nxt
@@ -130,7 +130,7 @@ function M.send_many(sess, list)
     if not d then out[i] = derr end
   end
   if not ok then
-    for i = 1, n do out[i] = out[i] or copy_error(err, {}) end
+    for i = 1, n do out[i] = out[i] or copy_error(err) end
     return out
   end
   return run(sess, descs, out, n)

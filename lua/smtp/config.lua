@@ -29,9 +29,7 @@ local function misuse(fname, msg, level)
 end
 M.misuse = misuse
 
-local function invalid(text)
-  return nil, errors.new { kind = "invalid", text = text, temporary = false }
-end
+local invalid = errors.invalid
 
 local NOTIFY = { NEVER = true, SUCCESS = true, FAILURE = true, DELAY = true }
 

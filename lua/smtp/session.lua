@@ -21,11 +21,7 @@ local TOKEN_ORDER = { "OAUTHBEARER", "XOAUTH2" }
 
 local Conn = { __name = "smtp.connection" }
 Conn.__index = Conn
-M.Conn = Conn
 
-local function invalid(text)
-  return nil, new_error { kind = "invalid", text = text, temporary = false }
-end
 
 function M.reply_error(kind, r, phase, extra)
   local t = extra or {}
@@ -115,7 +111,7 @@ end
 -- refuses (it already passed our checks, so this is rare) is kind "invalid" and queues nothing.
 local function command(self, phase, fn, ...)
   local ok, err = fn(self.engine, ...)
-  if not ok then return invalid(err) end
+  if not ok then return errors.invalid(err) end
   ok, err = self:_flush(phase)
   if not ok then return nil, err end
   return self:_reply(phase)
@@ -433,6 +429,7 @@ function Conn:data(src)
   r, err = command(self, "data", self.engine.data)
   if not r then return nil, err end
   if r.code ~= 354 then return r end
+  -- smtp.transaction builds on this module: looked up when first needed
   ok, err = require("smtp.transaction").stream_body(self, chunks)
   if not ok then return nil, err end
   ok, err = self:_flush("data_block")
@@ -440,12 +437,16 @@ function Conn:data(src)
   return self:_reply("data_end")
 end
 
+-- smtp.batch builds on this module: looked up once, on the first send.
+local batch
 function Conn:send(opts)
-  return require("smtp.batch").send(self, opts)
+  batch = batch or require "smtp.batch"
+  return batch.send(self, opts)
 end
 
 function Conn:send_many(list)
-  return require("smtp.batch").send_many(self, list)
+  batch = batch or require "smtp.batch"
+  return batch.send_many(self, list)
 end
 
 function Conn:quit()

@@ -53,6 +53,11 @@ function M.stream_body(sess, src)
   return true, id
 end
 
+local function over_size(size, limit)
+  return nil, new_error { kind = "rejected", code = 552, enhanced = "5.3.4", phase = "mail",
+    temporary = false, text = ("message of %d bytes over the server's limit of %d"):format(size, limit) }
+end
+
 -- MAIL parameters for one transaction (SIZE, BODY, SMTPUTF8, DSN RET/ENVID), or nil, err for
 -- what the server cannot take (SMTPUTF8 missing, over its SIZE): refused before any byte.
 local function mail_params(sess, d, size)
@@ -65,10 +70,7 @@ local function mail_params(sess, d, size)
       sess._mp_body = ext["8BITMIME"] and "BODY=8BITMIME" or nil
     end
     local limit, body = sess._mp_limit, sess._mp_body
-    if limit and limit > 0 and size and size > limit then
-      return nil, new_error { kind = "rejected", code = 552, enhanced = "5.3.4", phase = "mail",
-        temporary = false, text = ("message of %d bytes over the server's limit of %d"):format(size, limit) }
-    end
+    if limit and limit > 0 and size and size > limit then return over_size(size, limit) end
     if limit == nil or not size then return body or false end
     if body then return "SIZE=" .. size .. " " .. body end
     return "SIZE=" .. size
@@ -80,10 +82,7 @@ local function mail_params(sess, d, size)
   if ext.SIZE then
     local limit = tonumber(ext.SIZE:match("^%d+") or "")
     if size then
-      if limit and limit > 0 and size > limit then
-        return nil, new_error { kind = "rejected", code = 552, enhanced = "5.3.4", phase = "mail",
-          temporary = false, text = ("message of %d bytes over the server's limit of %d"):format(size, limit) }
-      end
+      if limit and limit > 0 and size > limit then return over_size(size, limit) end
       mp[#mp + 1] = "SIZE=" .. size
     end
   end
@@ -138,7 +137,7 @@ function M.new(sess, d)
     whole = false,     -- the message is a string sent in one piece (no source)
     src = false, st = false, chunks = false,   -- the source, and the BDAT chunker over it
     mp = false, dsn = false, id = false,       -- MAIL parameters, DSN options, the Message-ID
-    open = false,      -- see is_open
+    open = false,      -- see M.is_open
     result = false, err = false,               -- the outcome: one of them, once decided
     dirty = nil,       -- after it: true = a MAIL may be open (RSET first), false = clean, nil = unknown
   }, Tx)
@@ -161,14 +160,14 @@ function Tx:_succeed(r, id)
 end
 
 function Tx:decided() return (self.result or self.err) and true or false end
-function Tx:done() return self.nexp == 0 and self:decided() end
 
 -- May the next transaction's commands be queued behind this one's now? When nothing of it is
 -- awaited (nexp == 0), or when `open` is set: with PIPELINING, once nothing more of this one can
 -- come before them: after DATA's reply (RFC 2920: DATA ends a command group, and the body must
 -- follow the 354), or once its last BDAT chunk is queued or it failed (BDAT does not end a
 -- group). Without PIPELINING `open` stays false: the next starts once this one is over.
-function Tx:is_open() return self.nexp == 0 or self.open end
+-- A plain function: smtp.batch asks it after every reply.
+function M.is_open(tx) return tx.nexp == 0 or tx.open end
 
 local function all_rejected(self)
   local first = self.rejected[1]
@@ -207,10 +206,9 @@ function Tx:start(rset)
   local d, e = self.d, self.sess.engine
   local m = d.message
   local size
-  if self.bdat and type(m) == "string" and #m <= BDAT_CHUNK then
-    self.whole, size = true, #m           -- one BDAT LAST chunk, no source
-  elseif not self.bdat and type(m) == "string" and #m <= WRITE_BATCH then
-    self.whole, size = true, #m           -- one body call, no source
+  if type(m) == "string" and #m <= (self.bdat and BDAT_CHUNK or WRITE_BATCH) then
+    -- one BDAT LAST chunk, or one body call: no source
+    self.whole, size, self.id = true, #m, message_id_in(d.head or "")
   else
     self.src, size = source.of(m)
   end
@@ -240,13 +238,8 @@ function Tx:_mail()
       if not ok then break end
     end
     if ok then
-      if self.bdat then
-        kind = "data"
-        ok, err = self:_first_chunk()
-      else
-        kind = "data"
-        ok, err = e:data()
-      end
+      kind = "data"
+      if self.bdat then ok, err = self:_first_chunk() else ok, err = e:data() end
     end
   end
   if not ok then
@@ -266,7 +259,6 @@ end
 function Tx:_first_chunk()
   local e = self.sess.engine
   if self.whole then
-    self.id = message_id_in(self.d.head or "")
     self.sent_last = true
     return e:bdat_last(self.d.message)
   end
@@ -314,7 +306,6 @@ function Tx:_after_rcpts()
   local e = self.sess.engine
   if self.bdat then
     if self.whole and not self.pipelining then
-      self.id = message_id_in(self.d.head or "")
       if not self:_step("data_end", e.bdat_last, self.d.message) then return end
       self.sent_last, self.chunks_out = true, 1
       return
@@ -404,16 +395,14 @@ function Tx:take(r)
         self.dirty = false
         return true
       end
-      local sok, id
       if self.whole then
         e:body(self.d.message)
         e:body_end()
-        sok, id = true, message_id_in(self.d.head or "")
       else
-        sok, id = M.stream_body(self.sess, self.src)
+        local sok, id = M.stream_body(self.sess, self.src)
+        if not sok then self.nexp = self.nexp - 1; self:_fail(id, true); return false end
+        self.id = id
       end
-      if not sok then self.nexp = self.nexp - 1; self:_fail(id, true); return false end
-      self.id = id
       self.dirty = false      -- the end-of-data ends the transaction, whatever its reply
     elseif not (self.result or self.err) then
       if #self.accepted == 0 then self:_fail(all_rejected(self), true)
