@@ -184,9 +184,14 @@ static void sink_md(void *ud, const char *p, size_t n)
     EVP_DigestUpdate((EVP_MD_CTX *)ud, p, n);
 }
 
+/* After __gc (which Lua code can call through the metatable) the digest context is gone and
+ * the canonicalizer's sink would write to freed memory: refuse instead. */
 static struct body_obj *check_body(lua_State *L)
 {
-    return (struct body_obj *)luaL_checkudata(L, 1, BODY_CLASS);
+    struct body_obj *b = (struct body_obj *)luaL_checkudata(L, 1, BODY_CLASS);
+    if (!b->md)
+        luaL_error(L, "dkim body hash is closed");
+    return b;
 }
 
 static int l_dkim_body(lua_State *L)
@@ -232,7 +237,7 @@ static int body_digest(lua_State *L)
 
 static int body_gc(lua_State *L)
 {
-    struct body_obj *b = check_body(L);
+    struct body_obj *b = (struct body_obj *)luaL_checkudata(L, 1, BODY_CLASS);
     if (b->md) {
         EVP_MD_CTX_free(b->md);
         b->md = NULL;

@@ -5,14 +5,28 @@ local errors = require "smtp.errors"
 
 local M = {}
 
--- RFC 6376 5.4.1: the fields worth signing when present. From is always signed, and over-signed
--- (named once more than it appears) so that a From added later breaks the signature.
+-- RFC 6376 5.4.1: the fields worth signing when present. From is always signed.
 M.default_headers = {
   "from", "reply-to", "subject", "date", "to", "cc", "message-id", "in-reply-to", "references",
   "sender", "mime-version", "content-type", "content-transfer-encoding", "content-disposition",
   "content-id", "content-description", "resent-date", "resent-from", "resent-sender", "resent-to",
   "resent-cc", "resent-message-id", "list-id", "list-help", "list-unsubscribe",
   "list-unsubscribe-post", "list-subscribe", "list-post", "list-owner", "list-archive",
+}
+
+-- Over-signed fields (RFC 6376 5.4.2, 8.15): named in h= once more than they occur, so that a copy
+-- added above them, which readers would show instead, breaks the signature. These are the ones
+-- readers display or that change how the message reads; named even when absent, so that adding
+-- one (a Reply-To) breaks it too.
+M.default_oversign = {
+  "from", "to", "cc", "subject", "date", "reply-to", "message-id", "content-type",
+  "content-transfer-encoding", "mime-version",
+}
+-- Over-signed only when present: a mailing list adds these to a message it passes on unchanged,
+-- and that should not break the author's signature.
+M.default_oversign_present = {
+  "list-id", "list-unsubscribe", "list-unsubscribe-post", "list-post", "list-help", "list-archive",
+  "list-owner", "list-subscribe",
 }
 
 local algorithms = { ["rsa-sha256"] = "rsa", ["ed25519-sha256"] = "ed25519" }
@@ -72,7 +86,28 @@ function M.signer(opts)
     h = h:lower()
     if not seen[h] and h ~= "dkim-signature" then seen[h] = true; names[#names + 1] = h end
   end
-  if not seen.from then table.insert(names, 1, "from") end
+  if not seen.from then seen.from = true; table.insert(names, 1, "from") end
+  -- name -> "always" | "present": how many extra times it goes into h=
+  local over = {}
+  for _, o in ipairs({ { "oversign", M.default_oversign, "always" },
+                       { "oversign_present", M.default_oversign_present, "present" } }) do
+    local list = opts[o[1]]
+    if list == nil then list = o[2] end
+    if list ~= false then
+      if type(list) ~= "table" then return invalid(o[1] .. " must be a list of names or false") end
+      for _, h in ipairs(list) do
+        if type(h) ~= "string" or not h:match("^[!-9;-~]+$") then
+          return invalid("bad header name in " .. o[1] .. ": " .. tostring(h))
+        end
+        h = h:lower()
+        if h ~= "dkim-signature" then
+          if not over[h] then over[h] = o[3] end
+          -- an over-signed name is signed too, or its one h= entry would pick the field itself
+          if not seen[h] then seen[h] = true; names[#names + 1] = h end
+        end
+      end
+    end
+  end
   local ts = opts.timestamp
   if ts ~= nil and ts ~= false and (type(ts) ~= "number" or ts < 0) then
     return invalid("timestamp must be seconds or false")
@@ -82,7 +117,7 @@ function M.signer(opts)
     return invalid("identity must be an address-like string")
   end
   return setmetatable({ key = key, algorithm = alg, hcanon = hc, bcanon = bc, domain = domain,
-                        selector = selector, names = names, timestamp = ts, identity = identity },
+                        selector = selector, names = names, over = over, timestamp = ts, identity = identity },
                       Signer)
 end
 
@@ -133,8 +168,10 @@ function Signer:sign(fields, bodyhash, now)
         data[#data + 1] = core.dkim_header(l[i], self.hcanon)
       end
     end
+    -- one entry more than there are fields: it hashes as nothing now, and picks up any copy added later
+    local o = self.over[n]
+    if o == "always" or (o == "present" and l) then hnames[#hnames + 1] = n end
   end
-  hnames[#hnames + 1] = "from"                                     -- over-sign From
   local tags = { "v=1", "a=" .. self.algorithm, "c=" .. self.hcanon .. "/" .. self.bcanon,
                  "d=" .. self.domain, "s=" .. self.selector }
   if self.identity then tags[#tags + 1] = "i=" .. self.identity end
