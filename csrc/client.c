@@ -113,8 +113,7 @@ struct smtp_client {
     smtp_buf in;           /* server bytes not parsed yet, from in_pos */
     size_t in_pos;
     smtp_reply_parser parser;
-    smtp_buf out;          /* bytes to write */
-    int out_secret;        /* out holds credentials: wipe it once taken */
+    smtp_buf out;          /* bytes to write; out.secret while it holds credentials */
     struct pending *pending; /* ring of commands awaiting replies */
     size_t pcap, phead, pcount;
     /* Output positions counted from the session's first byte, for smtp_client_rollback(): */
@@ -177,6 +176,7 @@ smtp_client *smtp_client_new(void)
     if (!c)
         return NULL;
     smtp_reply_parser_init(&c->parser);
+    c->user.secret = c->secret.secret = 1;
     c->state = SMTP_CS_GREETING;
     if (push_pending(c, SMTP_CMD_GREETING) < 0) {
         free(c);
@@ -213,12 +213,10 @@ void smtp_client_taken(smtp_client *c, size_t n)
 {
     if (n > c->out.len)
         n = c->out.len;
-    if (c->out_secret)
-        smtp_wipe(c->out.p, n);
-    smtp_buf_consume(&c->out, n);
+    smtp_buf_consume(&c->out, n);   /* wipes what it frees while out.secret */
     c->taken += n;
     if (c->out.len == 0)
-        c->out_secret = 0;
+        c->out.secret = 0;
 }
 
 /* Nothing appended from here on may be taken back by a rollback (it is not a whole command). */
@@ -252,11 +250,11 @@ int smtp_client_rollback(smtp_client *c, smtp_client_mark mark, const char **why
         c->pcount--;
     }
     size_t keep = (size_t)(mark - c->taken);
-    if (c->out_secret)
+    if (c->out.secret)
         smtp_wipe(c->out.p + keep, c->out.len - keep);
     c->out.len = keep;
     if (keep == 0)
-        c->out_secret = 0;
+        c->out.secret = 0;
     return 0;
 }
 
@@ -285,12 +283,12 @@ int smtp_client_feed(smtp_client *c, const char *data, size_t n)
 /* Appends base64(data) CRLF to out. */
 static int add_b64_line(smtp_client *c, const unsigned char *data, size_t n)
 {
+    c->out.secret = 1;   /* from now on growing out must not leave this line behind */
     if (smtp_buf_reserve(&c->out, smtp_b64_encoded_len(n, 0) + 2) < 0)
         return -1;
     c->out.len += smtp_b64_encode(data, n, c->out.p + c->out.len, 0);
     memcpy(c->out.p + c->out.len, "\r\n", 2);
     c->out.len += 2;
-    c->out_secret = 1;
     return 0;
 }
 
@@ -333,7 +331,7 @@ static int auth_continue(smtp_client *c, const smtp_reply *r)
             if (!HMAC(EVP_md5(), c->secret.p ? c->secret.p : "", (int)c->secret.len, chal,
                       (size_t)cl, md, &mdlen))
                 break;
-            smtp_buf resp = {0};
+            smtp_buf resp = { .secret = 1 };
             static const char hex[] = "0123456789abcdef";
             char hx[2 * EVP_MAX_MD_SIZE];
             for (unsigned int i = 0; i < mdlen; i++) {
@@ -546,7 +544,7 @@ int smtp_client_auth(smtp_client *c, smtp_sasl mech, const char *user, size_t ul
     c->auth_step = 0;
     size_t mark = c->out.len;
     int rc = add_str(c, "AUTH ") | add_str(c, smtp_sasl_names[mech]);
-    smtp_buf ir = {0};
+    smtp_buf ir = { .secret = 1 };   /* the initial response holds the secret */
     switch (mech) {
     case SMTP_SASL_PLAIN:
         rc |= smtp_buf_add(&ir, authz, zlen) | smtp_buf_add(&ir, "", 1) |

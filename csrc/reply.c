@@ -21,9 +21,23 @@ int smtp_buf_reserve(smtp_buf *b, size_t extra)
             return -1;
         cap *= 2;
     }
-    char *p = realloc(b->p, cap);
-    if (!p)
-        return -1;
+    char *p;
+    if (b->secret) {
+        /* realloc would free the old block as it is */
+        p = malloc(cap);
+        if (!p)
+            return -1;
+        if (b->len)
+            memcpy(p, b->p, b->len);
+        if (b->p) {
+            smtp_wipe(b->p, b->cap);
+            free(b->p);
+        }
+    } else {
+        p = realloc(b->p, cap);
+        if (!p)
+            return -1;
+    }
     b->p = p;
     b->cap = cap;
     return 0;
@@ -43,11 +57,16 @@ int smtp_buf_add(smtp_buf *b, const void *data, size_t n)
 void smtp_buf_consume(smtp_buf *b, size_t n)
 {
     if (n >= b->len) {
+        if (b->secret)
+            smtp_wipe(b->p, b->len);
         b->len = 0;
         return;
     }
     memmove(b->p, b->p + n, b->len - n);
     b->len -= n;
+    /* what is left of the consumed bytes, and stale copies of the moved ones */
+    if (b->secret)
+        smtp_wipe(b->p + b->len, n);
 }
 
 void smtp_buf_free(smtp_buf *b)

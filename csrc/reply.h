@@ -9,10 +9,12 @@
 #define SMTP_REPLY_MAX_LINE 4096    /* one reply line, without its CRLF */
 #define SMTP_REPLY_MAX 65536        /* a whole multi-line reply, line ends included */
 
-/* A growable byte buffer (malloc'd). */
+/* A growable byte buffer (malloc'd). One marked secret (credentials) never leaves a copy behind
+ * in freed memory: growing it wipes the old block, consuming wipes the bytes it vacates. */
 typedef struct smtp_buf {
     char *p;
     size_t len, cap;
+    int secret;
 } smtp_buf;
 
 int smtp_buf_reserve(smtp_buf *b, size_t extra);           /* 0 ok, -1 out of memory */
