@@ -1,6 +1,7 @@
 /* The sink's file I/O for Lua: core.sink_file(path, "create" | "append") (exclusive create for
  * Maildir, flock'd append for mbox; :write :sync :size :truncate :close) and core.fsync_dir(path),
- * so what the sink stores is on disk before it answers 250. */
+ * so what the sink stores is on disk before it answers 250. Nothing here blocks on another
+ * process: a held mbox lock is reported, and the sink's Lua retries between other sessions' work. */
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
@@ -29,8 +30,9 @@ static int push_errno(lua_State *L, const char *what)
     return 2;
 }
 
-/* core.sink_file(path, "create" | "append") -> file | nil, msg
- * "create" fails if the file exists (Maildir tmp/); "append" takes an exclusive flock (mbox). */
+/* core.sink_file(path, "create" | "append") -> file | nil, msg [, "locked"]
+ * "create" fails if the file exists (Maildir tmp/); "append" takes an exclusive flock (mbox)
+ * without waiting: when another process holds it, nil, msg, "locked". */
 static int l_sink_file(lua_State *L)
 {
     const char *path = luaL_checkstring(L, 1);
@@ -40,11 +42,20 @@ static int l_sink_file(lua_State *L)
     int fd = open(path, flags, 0600);
     if (fd < 0)
         return push_errno(L, path);
-    if (m == 1 && flock(fd, LOCK_EX) < 0) {
-        int e = errno;
-        close(fd);
-        errno = e;
-        return push_errno(L, path);
+    if (m == 1) {
+        int r;
+        while ((r = flock(fd, LOCK_EX | LOCK_NB)) < 0 && errno == EINTR)
+            ;
+        if (r < 0) {
+            int e = errno;
+            close(fd);
+            errno = e;
+            push_errno(L, path);
+            if (e != EWOULDBLOCK)
+                return 2;
+            lua_pushliteral(L, "locked");
+            return 3;
+        }
     }
     lfile *f = lua_newuserdata(L, sizeof *f);
     f->fd = fd;

@@ -157,6 +157,138 @@ describe("lua-smtp sink", function()
     assert.equal(1, #ls(md .. "/new"))
   end)
 
+  it("escapes envelope addresses in its line, so a quoted local part cannot fake fields (smtplib)", function()
+    local md = helper.tmpdir() .. "/md"
+    local p, port = start { "--maildir", md }
+    local from = '"a to=<x@y.test>"@z.test'
+    local rcpts = { '"b> to=<evil@x.test>,<c"@y.test', '"d\\\\ \\"e\\""@y.test', "ok@y.test" }
+    local out = helper.sh(helper.python .. " -c " .. helper.quote([[
+import smtplib, sys
+s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]), timeout=30)
+s.ehlo('client.test')
+print(s.docmd('MAIL FROM:<%s>' % sys.argv[2])[0])
+for r in sys.argv[3:]:
+    print(s.docmd('RCPT TO:<%s>' % r)[0])
+print(s.data(b'Subject: spoof\r\n\r\nhi\r\n')[0])
+s.quit()
+]]) .. " " .. port .. " " .. helper.quote(from) .. " " .. helper.quote(rcpts[1]) .. " " ..
+      helper.quote(rcpts[2]) .. " " .. helper.quote(rcpts[3]) .. " 2>&1")
+    assert.equal("250\n250\n250\n250\n250\n", out)
+    local line
+    for _ = 1, 100 do
+      line = p:output():match("(from=[^\n]*)\n")
+      if line then break end
+      helper.sleep(0.1)
+    end
+    -- one message: exactly these five space-separated fields, addresses without a space, quote,
+    -- comma or angle bracket inside their own <>
+    local f, t, size, subject, file = line:match('^from=(%S+) to=(%S+) size=(%d+) subject=("[^"]*") file=(%S+)$')
+    assert.truthy(f, line)
+    assert.equal('"spoof"', subject)
+    assert.equal(#"Subject: spoof\r\n\r\nhi\r\n", tonumber(size))
+    assert.matches("^" .. md:gsub("%p", "%%%0") .. "/new/", file)
+    local function unescape(a)
+      local inner = a:match("^<([^<>,\"%s\\]*)>$") or a:match("^<(.*\\x.*)>$")
+      assert.truthy(inner, a)
+      assert.is_nil(inner:find('[%s"<>,]'), a)
+      return (inner:gsub("\\x(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+    end
+    assert.equal(from, unescape(f))
+    local got = {}
+    for a in t:gmatch("[^,]+") do got[#got + 1] = unescape(a) end
+    assert.same(rcpts, got)
+  end)
+
+  -- A process that holds the mbox's flock (as mail readers and MDAs do) until it is killed.
+  local function hold_lock(path)
+    local ready = helper.tmpdir() .. "/locked"
+    local h = helper.spawn({ helper.python, "-c", [[
+import fcntl, sys, time
+f = open(sys.argv[1], 'a')
+fcntl.flock(f, fcntl.LOCK_EX)
+open(sys.argv[2], 'w').write('locked')
+time.sleep(600)
+]], path, ready }, { limit = 120 })
+    for _ = 1, 100 do
+      if helper.read(ready) then break end
+      helper.sleep(0.1)
+    end
+    assert.equal("locked", helper.read(ready), h:output())
+    return h
+  end
+
+  it("waits for a locked mbox without blocking other sessions, and delivers once it is free", function()
+    local dir = helper.tmpdir()
+    local mbox = dir .. "/mail.mbox"
+    local p, port = start { "--mbox", mbox, "--lock-wait", "60" }
+    local holder = hold_lock(mbox)
+    -- a message arrives while the lock is held: its client waits for the reply to the final dot
+    local result = helper.tmpdir() .. "/result"
+    local client = helper.spawn({ helper.python, "-c", [[
+import smtplib, sys, os
+s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]), timeout=90)
+s.ehlo('c')
+s.mail('a@x.test'); s.rcpt('b@y.test')
+code, text = s.data(b'Subject: locked\r\n\r\nbody\r\n')
+open(sys.argv[2] + '.tmp', 'w').write('%d %s' % (code, text.decode()))
+os.rename(sys.argv[2] + '.tmp', sys.argv[2])
+s.quit()
+]], tostring(port), result }, { limit = 120 })
+    -- the sink says when it starts waiting: the message is inside the wait from here on
+    for _ = 1, 200 do
+      if p:output():find("is locked, waiting", 1, true) then break end
+      helper.sleep(0.1)
+    end
+    assert.matches("mail%.mbox is locked, waiting up to 60 s", p:output())
+    -- meanwhile another session is served from greeting to QUIT
+    local out = raw(port, "EHLO other\r\nNOOP\r\nQUIT\r\n")
+    assert.matches("^220 [^\n]*\n250%-[^\n]*\n.*250 2%.0%.0 [^\n]*\n221 2%.0%.0 Bye\r\n$", out)
+    assert.is_nil(helper.read(result), "the locked message was answered before the lock was free")
+    holder:stop()
+    for _ = 1, 200 do
+      if helper.read(result) then break end
+      helper.sleep(0.1)
+    end
+    assert.matches("^250 ", helper.read(result) or client:output())
+    assert.matches("^From a@x%.test [^\n]*\r\nReturn%-Path: <a@x%.test>\r\nDelivered%-To: b@y%.test\r\n" ..
+      "Subject: locked\r\n\r\nbody\r\n", helper.read(mbox))
+  end)
+
+  it("answers 451 4.3.0 when the mbox stays locked past --lock-wait, and stores nothing", function()
+    local dir = helper.tmpdir()
+    local mbox = dir .. "/mail.mbox"
+    local _, port = start { "--mbox", mbox, "--lock-wait", "1" }
+    local holder = hold_lock(mbox)
+    local out = swaks(port, { "--to", "b@y.test" })
+    holder:stop()
+    assert.matches("<%*%* 451 4%.3%.0 mailbox locked by another process", out)
+    assert.equal("", helper.read(mbox))
+    assert.same({ "mail.mbox" }, ls(dir))   -- no temporary file left behind
+  end)
+
+  it("answers 451 4.3.0 and keeps no file when the Maildir's directory fsync fails", function()
+    -- the fault comes from below the sink: an LD_PRELOAD shim makes fsync() of any directory fail
+    -- with EIO (a full or failing disk); the sink itself has no test hook
+    local dir = helper.tmpdir()
+    local cc = os.getenv("CC") or "cc"
+    local built = os.execute(cc .. " -shared -fPIC -Wall -Werror -o " .. dir .. "/fsync_fault.so " ..
+      helper.root .. "/spec/support/fsync_fault.c -ldl")
+    assert.is_true(built == true or built == 0, "the fsync shim does not build")
+    local preload = dir .. "/fsync_fault.so"
+    if helper.preload.LD_PRELOAD then preload = helper.preload.LD_PRELOAD .. ":" .. preload end
+    local md = dir .. "/Maildir"
+    local port = helper.free_port()
+    local p = helper.spawn({ helper.lua, BIN, "sink", "--listen", "127.0.0.1:" .. port, "--maildir", md },
+      { limit = 120, env = { LD_PRELOAD = preload } })
+    procs[#procs + 1] = p
+    assert(helper.wait_port("127.0.0.1", port, 10), "sink did not start: " .. p:output())
+    local out = swaks(port, { "--to", "b@y.test" })
+    assert.matches("<%*%* 451 4%.3%.0 [^\n]*Input/output error", out)
+    assert.same({}, ls(md .. "/new"))
+    assert.same({}, ls(md .. "/tmp"))
+    assert.is_nil(p:output():find("from=<", 1, true))
+  end)
+
   it("Postfix smtp-source, 20 sessions: exactly as many files as messages", function()
     -- 10,000 messages in the Lua 5.4 run (about 15 s on a quiet machine, fsync'd one by one); 2,000
     -- in the LuaJIT run to keep the suite short. bench/server.sh runs the full count on both.

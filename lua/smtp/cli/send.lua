@@ -7,7 +7,8 @@ local M = {}
 
 local usage = [==[
 usage: lua-smtp send --server HOST[:PORT] [--tls starttls|implicit|opportunistic|none]
-                     [--user U --password P] [--allow-plaintext-auth]
+                     [--user U --password P | --password-env VAR | --password-file F]
+                     [--allow-plaintext-auth]
                      --from ADDR --to ADDR... [--cc ADDR...] [--bcc ADDR...] [--subject S]
                      [--body TEXT | --body-file F] [--html-file F] [--attach FILE...] [--raw FILE]
                      [--helo NAME] [--cafile F] [--insecure] [--timeout SECONDS]
@@ -15,6 +16,8 @@ usage: lua-smtp send --server HOST[:PORT] [--tls starttls|implicit|opportunistic
 Without --server the message goes straight to each recipient domain's MX hosts.
 --nameserver asks that DNS server (an IP address, port 53 unless given; repeat for more)
 instead of the system's resolver, for MX lookups and for the --server name.
+--password-env VAR and --password-file F take the password from an environment variable or
+from a file (one final line end ignored), so it is not in the process's arguments.
 --raw sends FILE as it is (line ends normalized); --from and --to are then the envelope.
 --to-file sends the message to each address in FILE (one a line, # comments) in its own
 transaction, over N sessions at once (--concurrency, default 1): a progress bar on a terminal, one
@@ -25,7 +28,8 @@ Exit status: 0 accepted, 1 not accepted (reason on stderr), 2 usage error.]==]
 
 -- Options that take one value, options that take one or more values, and flags.
 local single = {
-  server = true, tls = true, user = true, password = true, from = true, subject = true, body = true,
+  server = true, tls = true, user = true, password = true, ["password-env"] = true,
+  ["password-file"] = true, from = true, subject = true, body = true,
   ["body-file"] = true, ["html-file"] = true, raw = true, cafile = true, timeout = true, helo = true,
   ["to-file"] = true, concurrency = true,
 }
@@ -214,6 +218,16 @@ function M.main(args, out, err)
   if o.body and o["body-file"] then return usage_error("--body and --body-file exclude each other") end
   if o.raw and (o.body or o["body-file"] or o["html-file"] or #o.attach > 0 or o.subject) then
     return usage_error("--raw excludes --subject, --body, --body-file, --html-file and --attach")
+  end
+  local given = (o.password and 1 or 0) + (o["password-env"] and 1 or 0) + (o["password-file"] and 1 or 0)
+  if given > 1 then return usage_error("give one of --password, --password-env, --password-file") end
+  if o["password-env"] then
+    o.password = os.getenv(o["password-env"])
+    if not o.password then return usage_error("--password-env: " .. o["password-env"] .. " is not set") end
+  elseif o["password-file"] then
+    local d = read_file(o["password-file"])
+    if not d then return usage_error("--password-file: cannot read " .. o["password-file"]) end
+    o.password = d:gsub("\r?\n$", "")
   end
   if (o.user == nil) ~= (o.password == nil) then return usage_error("--user and --password go together") end
   local timeout

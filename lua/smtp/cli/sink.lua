@@ -1,6 +1,7 @@
 -- `lua-smtp sink`: a local catch-all SMTP server that stores every accepted message in a Maildir
 -- or an mbox (fsync'd before the 250) and prints one line per message.
 local core = require "smtp.core"
+local loop = require "smtp.loop"
 local server = require "smtp.server"
 
 local M = {}
@@ -13,6 +14,11 @@ usage: lua-smtp sink --listen HOST:PORT [--maildir DIR | --mbox FILE] [options]
   --tls-cert F --tls-key F   offer STARTTLS with this certificate and key
   --tls-implicit         TLS from the first byte (port 465 style) instead of STARTTLS
   --auth USER:PASS       require AUTH (PLAIN/LOGIN) with these credentials
+  --auth-env VAR         the same, USER:PASS taken from environment variable VAR
+  --auth-file FILE       the same, USER:PASS taken from FILE (one final line end ignored),
+                         so the password is not in the process's arguments
+  --lock-wait SECONDS    how long a message waits for an mbox locked by another process
+                         (default 10; other sessions go on meanwhile), then 451 4.3.0
   --max-size BYTES       largest message accepted (552 beyond)
   --max-recipients N     recipients per message (452 beyond)
   --hostname NAME        name in the greeting and EHLO reply
@@ -21,7 +27,8 @@ usage: lua-smtp sink --listen HOST:PORT [--maildir DIR | --mbox FILE] [options]
   --timeout SECONDS      idle timeout per session (default 300)
 Without --maildir or --mbox messages are counted and printed, not stored.
 Each stored message is the data as received (CRLF line ends) after a `Return-Path: <sender>` line
-and one `Delivered-To: <recipient>` line per recipient.]]
+and one `Delivered-To: <recipient>` line per recipient. In the printed line each envelope address
+is written <addr> with space, ", \, <, >, comma and control bytes as \xHH.]]
 
 local function glob_to_pattern(g)
   local p = g:lower():gsub("[%^%$%(%)%%%.%[%]%+%-]", "%%%0"):gsub("%*", ".*"):gsub("%?", ".")
@@ -46,7 +53,12 @@ local function parse(args)
     elseif a == "--tls-cert" then o.cert = val(a)
     elseif a == "--tls-key" then o.key = val(a)
     elseif a == "--tls-implicit" then o.implicit = true
-    elseif a == "--auth" then o.auth = val(a)
+    elseif a == "--auth" or a == "--auth-env" or a == "--auth-file" then
+      if o.auth_from then error({ usage = a .. ": give one of --auth, --auth-env, --auth-file" }) end
+      o.auth_from, o.auth = a, val(a)
+    elseif a == "--lock-wait" then
+      o.lock_wait = tonumber(val(a))
+      if not o.lock_wait or o.lock_wait < 0 then error({ usage = "--lock-wait: seconds expected" }) end
     elseif a == "--max-size" then o.max_size = tonumber(val(a)) or error({ usage = "--max-size: number expected" })
     elseif a == "--max-recipients" then o.max_rcpt = tonumber(val(a)) or error({ usage = "--max-recipients: number expected" })
     elseif a == "--hostname" then o.hostname = val(a)
@@ -58,7 +70,17 @@ local function parse(args)
   if o.maildir and o.mbox then error({ usage = "--maildir and --mbox exclude each other" }) end
   if (o.cert == nil) ~= (o.key == nil) then error({ usage = "--tls-cert and --tls-key go together" }) end
   if o.implicit and not o.cert then error({ usage = "--tls-implicit needs --tls-cert and --tls-key" }) end
-  if o.auth and not o.auth:find(":", 1, true) then error({ usage = "--auth USER:PASS" }) end
+  if o.auth_from == "--auth-env" then
+    local v = os.getenv(o.auth)
+    if not v then error({ usage = "--auth-env: " .. o.auth .. " is not set" }) end
+    o.auth = v
+  elseif o.auth_from == "--auth-file" then
+    local f = io.open(o.auth, "rb")
+    if not f then error({ usage = "--auth-file: cannot read " .. o.auth }) end
+    o.auth = (f:read("*a") or ""):gsub("\r?\n$", "")
+    f:close()
+  end
+  if o.auth and not o.auth:find(":", 1, true) then error({ usage = o.auth_from .. ": USER:PASS expected" }) end
   local l = o.listen or "127.0.0.1:2525"
   local host, port = l:match("^%[(.+)%]:(%d+)$")
   if not host then host, port = l:match("^(.+):(%d+)$") end
@@ -84,6 +106,13 @@ end
 local function mkdir_p(dir)
   local ok = os.execute("mkdir -p '" .. dir:gsub("'", "'\\''") .. "'")
   return ok == true or ok == 0
+end
+
+-- An envelope address for the printed line. A quoted local part may hold spaces, quotes and
+-- "to=<...>": every byte that could end the field or start another is written \xHH, so one line
+-- always parses as one message's from, to, size, subject and file.
+local function logaddr(a)
+  return "<" .. a:gsub('[%c%s"\\<>,\127]', function(c) return ("\\x%02X"):format(c:byte()) end) .. ">"
 end
 
 -- The Subject header, unfolded, from the start of the message (headers kept at most 64 KB).
@@ -217,8 +246,26 @@ function M.main(args)
     return tmp or "", size, subject_of(table.concat(hbuf))
   end
 
+  -- The mbox under its lock. Waiting must not stop the loop (other sessions, other messages):
+  -- the lock is tried without blocking and again every 50 ms until --lock-wait runs out.
+  local lock_wait = o.lock_wait or 10
+  local function open_mbox()
+    local deadline = core.now() + lock_wait
+    local said
+    while true do
+      local mb, err, locked = core.sink_file(o.mbox, "append")
+      if mb or not locked then return mb, err end
+      if core.now() >= deadline then return nil, "mailbox locked by another process" end
+      if not said then
+        said = true
+        io.stderr:write(("lua-smtp sink: %s is locked, waiting up to %g s\n"):format(o.mbox, lock_wait))
+      end
+      loop.sleep(math.min(0.05, math.max(deadline - core.now(), 0)))
+    end
+  end
+
   local function deliver_mbox(tmp, env)
-    local mb, err = core.sink_file(o.mbox, "append")
+    local mb, err = open_mbox()
     if not mb then return nil, err end
     local start = mb:size()
     local okw, werr = true, nil
@@ -257,7 +304,9 @@ function M.main(args)
       file = o.maildir .. "/new/" .. name
       local rok, rerr = os.rename(tmp, file)
       if not rok then os.remove(tmp); return false, 451, "4.3.0 " .. tostring(rerr) end
-      core.fsync_dir(o.maildir .. "/new")
+      -- the rename is only durable once the directory is: no 250 before that
+      local sok, serr = core.fsync_dir(o.maildir .. "/new")
+      if not sok then os.remove(file); return false, 451, "4.3.0 " .. tostring(serr) end
     elseif o.mbox then
       local mok, merr = deliver_mbox(tmp, env)
       if not mok then os.remove(tmp); return false, 451, "4.3.0 " .. tostring(merr) end
@@ -266,9 +315,9 @@ function M.main(args)
       file = "-"
     end
     local to = {}
-    for i, r in ipairs(env.to) do to[i] = "<" .. r .. ">" end
-    io.stdout:write(("from=<%s> to=%s size=%d subject=%q file=%s\n"):format(
-      env.from, table.concat(to, ","), size, (subject:gsub("[%c]", " ")), file))
+    for i, r in ipairs(env.to) do to[i] = logaddr(r) end
+    io.stdout:write(("from=%s to=%s size=%d subject=%q file=%s\n"):format(
+      logaddr(env.from), table.concat(to, ","), size, (subject:gsub("[%c]", " ")), file))
     return true
   end
 
