@@ -252,20 +252,18 @@ static tls_ctx *check_ctx(lua_State *L, int idx)
     return c;
 }
 
+/* Pushes option `name` of table t and leaves it on the stack: the returned pointer stays valid
+ * only while the string is anchored there (a table with an __index metamethod can hand out a
+ * fresh string that nothing else references, and the next allocation may collect it). */
 static const char *opt_string(lua_State *L, int t, const char *name)
 {
-    const char *v;
     lua_getfield(L, t, name);
-    if (lua_isnil(L, -1)) {
-        lua_pop(L, 1);
+    if (lua_isnil(L, -1))
         return NULL;
-    }
     if (lua_type(L, -1) != LUA_TSTRING)
         luaL_error(L, "bad argument #1 to 'tls_context' (option '%s': string expected, got %s)",
                    name, luaL_typename(L, -1));
-    v = lua_tostring(L, -1);
-    lua_pop(L, 1); /* still referenced by the options table */
-    return v;
+    return lua_tostring(L, -1);
 }
 
 static int ctx_fail(lua_State *L, SSL_CTX *ctx, const char *what, const char *arg)
@@ -288,6 +286,8 @@ static int l_tls_context(lua_State *L)
     SSL_CTX *ctx;
     tls_ctx *c;
     luaL_checktype(L, 1, LUA_TTABLE);
+    /* The eight strings stay on the stack (opt_string) until this function returns. */
+    luaL_checkstack(L, 12, "tls_context");
     mode = opt_string(L, 1, "mode");
     cafile = opt_string(L, 1, "cafile");
     capath = opt_string(L, 1, "capath");
@@ -375,20 +375,31 @@ static int l_ctx_tostring(lua_State *L)
     return 1;
 }
 
-/* sock:tls_start(ctx, servername|nil): TLS from now on; the side (client/server) follows ctx.
+/* sock:tls_start(ctx, servername|nil [, verify_name]): TLS from now on; the side (client/server)
+ * follows ctx. A client that verifies needs a name (host name or IP address) to check the
+ * certificate against: without one any certificate a trusted CA issued would pass, so that is an
+ * error unless verify_name is false (chain only, the caller's explicit choice). An empty name or
+ * one with a NUL in it is misuse: OpenSSL would take it as "no name" or check a shorter one.
  * The caller must already have dropped every plaintext byte it read (STARTTLS injection). */
 static int l_tls_start(lua_State *L)
 {
     smtp_sock *s = smtp_check_sock(L, 1);
     tls_ctx *c = check_ctx(L, 2);
-    const char *name = luaL_optstring(L, 3, NULL);
+    size_t namelen = 0;
+    const char *name = luaL_optlstring(L, 3, NULL, &namelen);
+    int verify_name = lua_isnoneornil(L, 4) || lua_toboolean(L, 4);
     BIO_METHOD *m;
     BIO *b;
     SSL *ssl;
+    if (name && (namelen == 0 || strlen(name) != namelen))
+        return luaL_argerror(L, 3, "server name is empty or holds a NUL");
     if (s->fd < 0)
         return luaL_error(L, "attempt to use a closed socket");
     if (s->ssl)
         return luaL_error(L, "TLS is already on for this socket");
+    if (!c->server && verify_name && !name && SSL_CTX_get_verify_mode(c->ctx) != SSL_VERIFY_NONE)
+        return smtp_push_fail(L, "no server name to check the certificate against (give one, or "
+                              "turn the name check off explicitly)", "EINVAL");
     ERR_clear_error();
     m = bio_method();
     ssl = SSL_new(c->ctx);
@@ -404,12 +415,14 @@ static int l_tls_start(lua_State *L)
         SSL_set_accept_state(ssl);
     } else {
         SSL_set_connect_state(ssl);
-        if (name && *name) {
+        if (name) {
             int ip = is_ip_text(name);
             /* SNI carries host names only (RFC 6066); an IP is checked as an IP. */
-            if (!ip)
-                SSL_set_tlsext_host_name(ssl, name);
-            if (SSL_get_verify_mode(ssl) != SSL_VERIFY_NONE) {
+            if (!ip && !SSL_set_tlsext_host_name(ssl, name)) {
+                SSL_free(ssl);
+                return smtp_push_fail(L, "cannot set the server name (SNI)", "EINVAL");
+            }
+            if (verify_name && SSL_get_verify_mode(ssl) != SSL_VERIFY_NONE) {
                 int ok = ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name)
                             : SSL_set1_host(ssl, name);
                 if (!ok) {

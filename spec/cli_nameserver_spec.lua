@@ -86,7 +86,8 @@ describe("lua-smtp send --nameserver, direct delivery", function()
     helper.write(path, raw)
     local before = #mxh.messages()
     local rc, out, err = run("send", { "--nameserver", zone.nameserver, "--from", "a@example.com",
-      "--to", "b@direct.test", "c@direct.test", "--raw", path, "--timeout", "20", "--helo", "client.test" })
+      "--to", "b@direct.test", "c@direct.test", "--raw", path, "--timeout", "20", "--helo", "client.test",
+      "--destinations", "any" })
     assert.equal("", err)
     assert.equal(0, rc)
     local got = mxh.messages()
@@ -104,7 +105,8 @@ describe("lua-smtp send --nameserver, direct delivery", function()
   it("takes --nameserver=VALUE and composes a message too", function()
     local before = #mxh.messages()
     local rc, out, err = run("send", { "--nameserver=" .. zone.nameserver, "--from", "a@example.com",
-      "--to", "d@direct.test", "--subject", "composed", "--body", "hello", "--timeout", "20" })
+      "--to", "d@direct.test", "--subject", "composed", "--body", "hello", "--timeout", "20",
+      "--destinations=any" })
     assert.equal("", err)
     assert.equal(0, rc)
     assert.truthy(out:find("^d@direct.test: sent 250 2.0.0 stored"))
@@ -112,6 +114,27 @@ describe("lua-smtp send --nameserver, direct delivery", function()
     assert.equal(before + 1, #got)
     assert.truthy(got[#got].data:find("\r\nSubject: composed\r\n", 1, true))
     assert.same({ "d@direct.test" }, got[#got].to)
+  end)
+
+  it("refuses an MX host on loopback unless --destinations any, saying why (exit 1)", function()
+    local before, conns = #mxh.messages(), mxh.connections()
+    local rc, out, err = run("send", { "--nameserver", zone.nameserver, "--from", "a@example.com",
+      "--to", "f@direct.test", "--subject", "s", "--body", "b", "--timeout", "20" })
+    assert.equal(1, rc)
+    assert.equal("", out)
+    assert.equal(("f@direct.test: failed 550 5.4.4 refusing to deliver to %s (loopback address) of "
+      .. "mx.direct.test: destinations = \"remote\" allows no loopback, link-local, multicast or reserved "
+      .. "address (mx.direct.test)\n"):format(mxh.ip), err)
+    rc, out, err = run("send", { "--nameserver", zone.nameserver, "--from", "a@example.com",
+      "--to", "f@direct.test", "--subject", "s", "--body", "b", "--destinations", "public" })
+    assert.equal(1, rc)
+    assert.truthy(err:find('destinations = "public" allows public addresses only', 1, true), err)
+    rc, _, err = run("send", { "--nameserver", zone.nameserver, "--from", "a@example.com",
+      "--to", "f@direct.test", "--subject", "s", "--body", "b", "--destinations", "local" })
+    assert.equal(2, rc)
+    assert.equal("lua-smtp send: bad --destinations 'local' (remote, public or any)\n", err:match("^[^\n]*\n"))
+    assert.equal(before, #mxh.messages())
+    assert.equal(conns, mxh.connections())
   end)
 
   it("resolves the --server name through the named server too", function()

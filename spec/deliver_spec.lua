@@ -35,6 +35,18 @@ describe("smtp.deliver", function()
       "--host-record=a.eq.test,127.0.0.3", "--host-record=b.eq.test,127.0.0.5",
       "--mx-host=badtls.test,mx.badtls.test,10", "--mx-host=badtls.test,mx2.two.test,20",
       "--host-record=mx.badtls.test,127.0.0.6",
+      -- Destinations a user-given domain must not steer us to (all refused before any connect).
+      "--mx-host=lh.test,localhost,10",
+      "--host-record=zero.test,0.0.0.0",
+      "--mx-host=meta.test,mx.meta.test,10", "--host-record=mx.meta.test,169.254.169.254",
+      "--host-record=ll6.test,fe80::1",
+      "--host-record=mcast.test,224.0.0.1",
+      "--host-record=mapped.test,::ffff:127.0.0.3",
+      "--host-record=priv.test,10.0.0.1", "--host-record=cgnat.test,100.64.0.1",
+      "--host-record=ula.test,fd00::1",
+      -- Two MX hosts: the first on loopback (skipped), the second private (refused by "public").
+      "--mx-host=mixed.test,mx.good.test,10", "--mx-host=mixed.test,mx.priv.test,20",
+      "--host-record=mx.priv.test,192.168.0.1",
     }
   end)
   teardown(function()
@@ -43,8 +55,9 @@ describe("smtp.deliver", function()
 
   local raw = "From: a@sender.test\r\nTo: x@two.test\r\nSubject: deliver\r\n\r\nhello\r\n"
   local function opts(to, extra)
+    -- The MX hosts here are on loopback, which only destinations = "any" allows.
     local o = { message = raw, from = "a@sender.test", to = to, helo = "client.test",
-                nameservers = { zone.nameserver }, port = port, timeout = 5 }
+                nameservers = { zone.nameserver }, port = port, timeout = 5, destinations = "any" }
     for k, v in pairs(extra or {}) do o[k] = v end
     return o
   end
@@ -184,5 +197,61 @@ describe("smtp.deliver", function()
     res, err = deliver(opts({ "a@good.test" }, { helo = "bad\r\nhelo" }))
     assert.equal("invalid", err.kind)
     assert.has_error(function() deliver(opts({ "a@good.test" }, { tls = "maybe" })) end)
+    assert.has_error(function() deliver(opts({ "a@good.test" }, { destinations = "local" })) end,
+      "bad argument #1 to 'deliver' (destinations: \"remote\", \"public\" or \"any\" expected)")
+  end)
+
+  -- Recipient domains may come from users: by default nothing on this host or its link
+  -- (request forgery into the local MTA or a metadata service); "public" refuses private ranges too.
+  local function refusal(to, address, why, host, policy)
+    return { recipient = to, status = "failed", code = 550, enhanced = "5.4.4", host = host, address = address,
+      text = ("refusing to deliver to %s (%s) of %s: destinations = %q allows %s"):format(address, why, host,
+        policy or "remote", policy == "public" and "public addresses only"
+          or "no loopback, link-local, multicast or reserved address") }
+  end
+
+  it("refuses loopback, unspecified, link-local, multicast and mapped-loopback destinations by default", function()
+    local before = #s3:transactions()
+    local o = opts { "a@[127.0.0.3]", "b@[IPv6:::1]", "c@good.test", "d@lh.test", "e@zero.test",
+      "f@meta.test", "g@ll6.test", "h@mcast.test", "i@mapped.test", "j@[0.0.0.0]" }
+    o.destinations = nil          -- the default
+    local res = assert(deliver(o))
+    assert.same({
+      refusal("a@[127.0.0.3]", "127.0.0.3", "loopback address", "[127.0.0.3]"),
+      refusal("b@[IPv6:::1]", "::1", "loopback address", "[ipv6:::1]"),
+      refusal("c@good.test", "127.0.0.3", "loopback address", "mx.good.test"),
+      refusal("d@lh.test", "::1", "loopback address", "localhost"),
+      refusal("e@zero.test", "0.0.0.0", "unspecified address", "zero.test"),
+      refusal("f@meta.test", "169.254.169.254", "link-local address", "mx.meta.test"),
+      refusal("g@ll6.test", "fe80::1", "link-local address", "ll6.test"),
+      refusal("h@mcast.test", "224.0.0.1", "multicast address", "mcast.test"),
+      refusal("i@mapped.test", "::ffff:127.0.0.3", "loopback address", "mapped.test"),
+      refusal("j@[0.0.0.0]", "0.0.0.0", "unspecified address", "[0.0.0.0]"),
+    }, res)
+    assert.equal(before, #s3:transactions())
+  end)
+
+  it("with destinations = \"public\" refuses private, CGNAT and ULA addresses too", function()
+    local res = assert(deliver(opts({ "a@priv.test", "b@cgnat.test", "c@ula.test", "d@mixed.test",
+      "e@[192.168.1.1]" }, { destinations = "public" })))
+    assert.same({
+      refusal("a@priv.test", "10.0.0.1", "private address", "priv.test", "public"),
+      refusal("b@cgnat.test", "100.64.0.1", "shared address", "cgnat.test", "public"),
+      refusal("c@ula.test", "fd00::1", "private address", "ula.test", "public"),
+      refusal("d@mixed.test", "127.0.0.3", "loopback address", "mx.good.test", "public"),
+      refusal("e@[192.168.1.1]", "192.168.1.1", "private address", "[192.168.1.1]", "public"),
+    }, res)
+  end)
+
+  it("connects to the very address it checked (no second lookup between check and connect)", function()
+    local smtp = require "smtp"
+    local real, servers = smtp.connect, {}
+    smtp.connect = function(o) servers[#servers + 1] = o.server; return real(o) end
+    local ok, res = pcall(deliver, opts({ "x@two.test", "y@[127.0.0.3]" }))
+    smtp.connect = real
+    assert.is_true(ok, tostring(res))
+    assert.equal("sent", res[1].status)
+    table.sort(servers)            -- the two domains go concurrently
+    assert.same({ "127.0.0.2", "127.0.0.3", "127.0.0.3" }, servers)
   end)
 end)

@@ -112,4 +112,40 @@ describe("smtp.dnsutil", function()
       assert.equal(2, r.n)
     end)
   end)
+
+  it("classifies addresses for smtp.deliver's destinations policy", function()
+    local cases = {
+      { "127.0.0.1", "loopback" }, { "127.255.0.9", "loopback" }, { "0.0.0.0", "unspecified" },
+      { "0.1.2.3", "unspecified" }, { "169.254.169.254", "link-local" }, { "224.0.0.1", "multicast" },
+      { "239.255.255.250", "multicast" }, { "240.0.0.1", "reserved" }, { "255.255.255.255", "reserved" },
+      { "10.1.2.3", "private" }, { "172.16.0.1", "private" }, { "172.31.255.255", "private" },
+      { "172.32.0.1", "public" }, { "192.168.1.1", "private" }, { "100.64.0.1", "shared" },
+      { "100.127.255.255", "shared" }, { "100.128.0.1", "public" }, { "192.0.2.1", "documentation" },
+      { "198.51.100.7", "documentation" }, { "203.0.113.9", "documentation" }, { "198.18.0.1", "special" },
+      { "192.0.0.8", "special" }, { "8.8.8.8", "public" },
+      { "::", "unspecified" }, { "::1", "loopback" }, { "[::1]", "loopback" },
+      { "::ffff:127.0.0.1", "loopback" }, { "::ffff:7f00:1", "loopback" }, { "::ffff:10.0.0.1", "private" },
+      { "::ffff:8.8.8.8", "public" }, { "::127.0.0.1", "reserved" }, { "64:ff9b::7f00:1", "loopback" },
+      { "64:ff9b::808:808", "public" }, { "2002:7f00:1::1", "loopback" }, { "2002:808:808::1", "public" },
+      { "fe80::1", "link-local" }, { "fe80::1%eth0", "link-local" }, { "febf::1", "link-local" },
+      { "fec0::1", "private" }, { "fc00::1", "private" }, { "fd12:3456::1", "private" },
+      { "ff02::1", "multicast" }, { "2001:db8::1", "documentation" }, { "4000::1", "special" },
+      { "2a00:1450:4001:80b::200e", "public" }, { "2606:4700::1111", "public" },
+    }
+    for _, c in ipairs(cases) do assert.equal(c[2], util.address_scope(c[1]), c[1]) end
+    -- What connect would read differently, or not at all, is no address here.
+    for _, bad in ipairs { "010.0.0.1", "1.2.3", "1.2.3.256", "1::2::3", "1:2:3:4:5:6:7:8:9", "12345::",
+        "::ffff:1.2.3.4.5", "localhost", "" } do
+      assert.is_nil(util.address_scope(bad), bad)
+    end
+    assert.equal("loopback address", util.destination_refused("127.0.0.1", "remote"))
+    assert.is_nil(util.destination_refused("10.0.0.1", "remote"))
+    assert.is_nil(util.destination_refused("100.64.0.1", "remote"))
+    assert.equal("private address", util.destination_refused("10.0.0.1", "public"))
+    assert.equal("shared address", util.destination_refused("100.64.0.1", "public"))
+    assert.equal("private address", util.destination_refused("fd00::1", "public"))
+    assert.is_nil(util.destination_refused("8.8.8.8", "public"))
+    assert.is_nil(util.destination_refused("127.0.0.1", "any"))
+    assert.equal("not an IP address", util.destination_refused("mx.example.org", "remote"))
+  end)
 end)

@@ -14,6 +14,8 @@ describe("misuse", function()
     { "smtp.send tls", function() smtp.send { server = "x.test", tls = "maybe", message = "m" } end, "#1 to 'send'" },
     { "smtp.deliver", function() smtp.deliver(42) end, "#1 to 'deliver'" },
     { "smtp.deliver tls", function() smtp.deliver { message = "m", to = { "a@b.test" }, tls = "x" } end, "#1 to 'deliver'" },
+    { "smtp.deliver destinations", function() smtp.deliver { message = "m", to = { "a@b.test" }, destinations = "local" } end, "#1 to 'deliver'" },
+    { "smtp.send verify_name", function() smtp.send { server = "x.test", verify_name = "no", message = "m" } end, "#1 to 'send'" },
     { "message.new", function() message.new(42) end, "#1 to 'new'" },
     { "dkim.sign", function() dkim.sign(42, {}) end, "#1 to 'sign'" },
     { "dkim.sign opts", function() dkim.sign("m", 42) end, "#2 to 'sign'" },

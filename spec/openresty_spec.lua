@@ -72,6 +72,33 @@ describe_or_skip("smtp inside nginx", function()
     assert.truthy(body:match("^starttls: tls %(tls%): TLS handshake with wrong%.example failed: certificate host mismatch"), body)
   end)
 
+  -- Server name integrity (issue 15): the peer's certificate is for wrong.example only, signed by
+  -- the CA nginx trusts, so only the name check can refuse it.
+  it("refuses an empty servername instead of skipping the name check", function()
+    local evil = nginx_support.smtpd { cert = "wrong" }
+    local status, body = nginx_support.request(ngx_srv:url("/transport?port=" .. evil.port .. "&servername="))
+    local msgs = evil.messages()
+    evil.stop()
+    assert.are.equal(500, status)
+    assert.are.equal("starttls: invalid (tls): starttls: servername is empty or holds a NUL\n", body)
+    assert.are.equal(0, msgs)
+  end)
+
+  it("checks an IP address host against the certificate's IP entries (nginx alone checks the chain only)", function()
+    local evil = nginx_support.smtpd { cert = "wrong" }
+    local status, body = nginx_support.request(ngx_srv:url("/transport?port=" .. evil.port .. "&servername=none"))
+    local msgs = evil.messages()
+    evil.stop()
+    assert.are.equal(500, status)
+    assert.are.equal("starttls: tls (tls): certificate verify failed: IP address mismatch (the certificate "
+      .. "is not for 127.0.0.1)\n", body)
+    assert.are.equal(0, msgs)
+    -- Control: the test server's certificate holds IP:127.0.0.1, and passes the same check.
+    status, body = nginx_support.request(ngx_srv:url("/transport?port=" .. smtpd.port .. "&servername=none"))
+    assert.are.equal(200, status, body)
+    assert.truthy(body:find("221 Bye\r\n", 1, true), body)
+  end)
+
   it("fails closed, saying where certificates come from, when nginx trusts no CA", function()
     local bare = nginx_support.start {
       no_ca = true,
@@ -469,6 +496,44 @@ describe_send("smtp.send inside nginx", function()
     assert.are.equal(1 + 2, conns)    -- the controller's own check, then two sessions
     assert.are.equal(1, rsets)
     assert.are.equal(2, msgs)
+  end)
+
+  it("smtp.send refuses servername = \"\" inside nginx; an IP server is checked as an IP", function()
+    if not needs("send") then return end
+    local evil = nginx_support.smtpd { cert = "wrong" }
+    local s1, b1 = nginx_support.request(send_url(evil.port, "&server=127.0.0.1&servername=&pool=0"))
+    local s2, b2 = nginx_support.request(send_url(evil.port, "&server=127.0.0.1&pool=0"))
+    local s3, b3 = nginx_support.request(send_url(evil.port, "&servername=wrong.example&pool=0"))
+    local msgs = evil.messages()
+    evil.stop()
+    assert.are.equal(500, s1)
+    assert.are.equal("send: invalid: servername: empty name\n", b1)
+    assert.are.equal(500, s2)
+    assert.are.equal("send: tls (tls): certificate verify failed: IP address mismatch (the certificate is "
+      .. "not for 127.0.0.1)\n", b2)
+    -- Control: the certificate's own name passes, so the refusals above are the name check's.
+    assert.are.equal(200, s3, b3)
+    assert.truthy(b3:match("^b@smtpd%.test 250 2%.0%.0 stored 1 tls=TLSv1%.3 "), b3)
+    assert.are.equal(1, msgs)
+  end)
+
+  it("refuses to deliver to loopback MX hosts by default inside nginx too", function()
+    if not needs("send") then return end
+    local port = helper.free_port()
+    local dns = helper.spawn({ "/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
+      "--no-resolv", "--no-hosts", "--port=" .. port, "--listen-address=127.0.0.1", "--bind-interfaces",
+      "--pid-file=", "--local=/test/", "--local-ttl=300",
+      "--mx-host=example.test,mx1.example.test,10", "--host-record=mx1.example.test,127.0.0.1" }, { limit = 120 })
+    assert(helper.wait_port("127.0.0.1", port, 10), dns:output())
+    local before = smtpd.messages()
+    local status, body = nginx_support.request(ngx_srv:url("/deliver?ns=127.0.0.1:" .. port .. "&port="
+      .. smtpd.port .. "&to=b@example.test,c@%5B127.0.0.1%5D&destinations=remote"))
+    nginx_support.stop(dns)
+    assert.are.equal(200, status, body)
+    assert.are.equal("b@example.test failed 550 mx1.example.test 127.0.0.1\n"
+      .. "c@[127.0.0.1] failed 550 [127.0.0.1] 127.0.0.1\n"
+      .. "native smtp.dns loaded: false, native transport loaded: false\n", body)
+    assert.are.equal(before, smtpd.messages())
   end)
 
   it("delivers through MX lookups over cosockets, domains in parallel light threads", function()

@@ -159,11 +159,14 @@ function M.connection(opts, fname)
   end
   local servername = opts.servername
   if servername ~= nil and type(servername) ~= "string" then misuse(fname, "servername: string expected") end
-  if servername ~= nil and has_ctl(servername) then return invalid("servername: control character") end
+  -- A blank name (an unset environment variable) must not quietly turn the name check off.
+  if servername == "" then return invalid("servername: empty name") end
+  if servername ~= nil and has_ctl(servername) then return invalid("servername: control character (NUL, CR, LF, ...)") end
+  if opts.verify_name ~= nil and type(opts.verify_name) ~= "boolean" then misuse(fname, "verify_name: boolean expected") end
   if opts.cafile ~= nil and type(opts.cafile) ~= "string" then misuse(fname, "cafile: string expected") end
   return {
     server = opts.server, port = port, tls = tls, helo = helo, auth = opts.auth,
-    verify = opts.verify ~= false, cafile = opts.cafile,
+    verify = opts.verify ~= false, verify_name = opts.verify_name ~= false, cafile = opts.cafile,
     servername = servername or (opts.server:gsub("^%[(.*)%]$", "%1")),
     timeouts = check_timeouts(opts.timeout, fname),
     allow_plaintext_auth = opts.allow_plaintext_auth == true,

@@ -6,6 +6,7 @@ local errors = require "smtp.errors"
 local check = require "smtp.check"
 local dns = require("smtp.transport").dns()
 local mx = require "smtp.mx"
+local dnsutil = require "smtp.dnsutil"
 
 local M = {}
 
@@ -103,73 +104,95 @@ local function deliver_domain(job, results, ctx)
     end
   end
 
-  local last = nil
-  local attempts = 0
+  -- Where the policy lets us connect, in delivery order. The address checked is the address
+  -- connected to: `server` below is this numeric address, so nothing resolves it again between
+  -- the check and the connect.
+  local targets, refused = {}, nil
   for _, h in ipairs(hosts) do
     for _, address in ipairs(h.addresses) do
-      if attempts >= M.max_attempts then break end
-      attempts = attempts + 1
-      local copts = {
-        server = address, port = ctx.port, tls = ctx.tls, helo = opts.helo,
-        timeout = opts.timeout,
-      }
-      if ctx.tls == "starttls" or ctx.tls == "implicit" then
-        -- Required TLS is verified as in smtp.send, against the MX host's name.
-        copts.verify = opts.verify ~= false
-        copts.cafile = opts.cafile
-        if not h.host:match("^%[") then copts.servername = h.host end
-      else
-        copts.verify = false
+      local why = dnsutil.destination_refused(address, ctx.destinations)
+      if not why then
+        targets[#targets + 1] = { host = h, address = address }
+      elseif not refused then
+        refused = { host = h.host, address = address, why = why }
       end
-      local conn, err = smtp.connect(copts)
-      if conn then
-        local rcpts = {}
-        for k, i in ipairs(job.idx) do rcpts[k] = ctx.bare_to[i] end
-        local res
-        res, err = conn:send { message = ctx.message, from = ctx.from, to = rcpts, dsn = opts.dsn }
-        if res then
-          conn:close()
-          local rejected, accepted = {}, {}
-          for _, rj in ipairs(res.rejected or {}) do rejected[bare(rj.recipient)] = rj end
-          for _, a in ipairs(res.accepted or {}) do accepted[bare(a)] = true end
-          local reply = res.reply or {}
-          for k, i in ipairs(job.idx) do
-            local rj = rejected[rcpts[k]]
-            local r = { recipient = ctx.to[i], host = h.host, address = address }
-            if rj then
-              r.code, r.enhanced, r.text = rj.code, rj.enhanced, rj.text
-              r.status = (rj.code and rj.code >= 500) and "failed" or "deferred"
-            else
-              r.code, r.enhanced, r.text = reply.code, reply.enhanced, reply.text
-              r.status = status_of(reply.code)
-              -- Only what the host named as accepted counts as sent.
-              if r.status == "sent" and not accepted[rcpts[k]] then r.status = "deferred" end
-            end
-            results[i] = r
-          end
-          return
-        end
+    end
+  end
+  if #targets == 0 and refused then
+    -- Every address the lookup gave is one this policy refuses: final, and it says why.
+    set_all {
+      status = "failed", code = 550, enhanced = "5.4.4", host = refused.host, address = refused.address,
+      text = ("refusing to deliver to %s (%s) of %s: destinations = %q allows %s"):format(refused.address,
+        refused.why, refused.host, ctx.destinations, ctx.destinations == "public"
+          and "public addresses only" or "no loopback, link-local, multicast or reserved address"),
+    }
+    return
+  end
+
+  local last = nil
+  for attempt, target in ipairs(targets) do
+    if attempt > M.max_attempts then break end
+    local h, address = target.host, target.address
+    local copts = {
+      server = address, port = ctx.port, tls = ctx.tls, helo = opts.helo,
+      timeout = opts.timeout,
+    }
+    if ctx.tls == "starttls" or ctx.tls == "implicit" then
+      -- Required TLS is verified as in smtp.send, against the MX host's name.
+      copts.verify = opts.verify ~= false
+      copts.cafile = opts.cafile
+      if not h.host:match("^%[") then copts.servername = h.host end
+    else
+      copts.verify = false
+    end
+    local conn, err = smtp.connect(copts)
+    if conn then
+      local rcpts = {}
+      for k, i in ipairs(job.idx) do rcpts[k] = ctx.bare_to[i] end
+      local res
+      res, err = conn:send { message = ctx.message, from = ctx.from, to = rcpts, dsn = opts.dsn }
+      if res then
         conn:close()
-      end
-      last = { err = err, host = h.host, address = address }
-      -- A 5xx (greeting, MAIL, DATA, every recipient refused) is final; the same goes for input
-      -- the client refused to send. Anything else may work at the next address.
-      if errors.is(err) and (err.kind == "invalid" or (err.code and err.code >= 500)) then
-        if err.rejected then
-          local by = {}
-          for _, rj in ipairs(err.rejected) do by[bare(rj.recipient)] = rj end
-          for _, i in ipairs(job.idx) do
-            local rj = by[ctx.bare_to[i]] or err
-            results[i] = { recipient = ctx.to[i], status = status_of(rj.code) == "sent" and "failed"
-                           or status_of(rj.code), code = rj.code, enhanced = rj.enhanced,
-                           text = rj.text, host = h.host, address = address }
+        local rejected, accepted = {}, {}
+        for _, rj in ipairs(res.rejected or {}) do rejected[bare(rj.recipient)] = rj end
+        for _, a in ipairs(res.accepted or {}) do accepted[bare(a)] = true end
+        local reply = res.reply or {}
+        for k, i in ipairs(job.idx) do
+          local rj = rejected[rcpts[k]]
+          local r = { recipient = ctx.to[i], host = h.host, address = address }
+          if rj then
+            r.code, r.enhanced, r.text = rj.code, rj.enhanced, rj.text
+            r.status = (rj.code and rj.code >= 500) and "failed" or "deferred"
+          else
+            r.code, r.enhanced, r.text = reply.code, reply.enhanced, reply.text
+            r.status = status_of(reply.code)
+            -- Only what the host named as accepted counts as sent.
+            if r.status == "sent" and not accepted[rcpts[k]] then r.status = "deferred" end
           end
-        else
-          set_all { status = "failed", code = err.code, enhanced = err.enhanced, text = err.text,
-                    host = h.host, address = address }
+          results[i] = r
         end
         return
       end
+      conn:close()
+    end
+    last = { err = err, host = h.host, address = address }
+    -- A 5xx (greeting, MAIL, DATA, every recipient refused) is final; the same goes for input
+    -- the client refused to send. Anything else may work at the next address.
+    if errors.is(err) and (err.kind == "invalid" or (err.code and err.code >= 500)) then
+      if err.rejected then
+        local by = {}
+        for _, rj in ipairs(err.rejected) do by[bare(rj.recipient)] = rj end
+        for _, i in ipairs(job.idx) do
+          local rj = by[ctx.bare_to[i]] or err
+          results[i] = { recipient = ctx.to[i], status = status_of(rj.code) == "sent" and "failed"
+                         or status_of(rj.code), code = rj.code, enhanced = rj.enhanced,
+                         text = rj.text, host = h.host, address = address }
+        end
+      else
+        set_all { status = "failed", code = err.code, enhanced = err.enhanced, text = err.text,
+                  host = h.host, address = address }
+      end
+      return
     end
   end
   local e = last and last.err
@@ -213,9 +236,16 @@ local function run_all(fns)
 end
 
 -- deliver{ message=, from=, to=, helo=, tls="opportunistic", nameservers=, port=25, timeout=30,
---          dns_timeout=, random=, verify=, cafile=, dsn= } -> results | nil, err (invalid input)
+--          dns_timeout=, random=, verify=, cafile=, dsn=, destinations="remote" }
+--   -> results | nil, err (invalid input)
+-- Recipient domains often come from users; `destinations` keeps their MX records and address
+-- literals from steering connections into this host or its networks (request forgery).
 function M.deliver(opts)
   if type(opts) ~= "table" then error("bad argument #1 to 'deliver' (table expected)", 2) end
+  local destinations = opts.destinations or "remote"
+  if not dnsutil.DESTINATIONS[destinations] then
+    error("bad argument #1 to 'deliver' (destinations: \"remote\", \"public\" or \"any\" expected)", 2)
+  end
   local tls = opts.tls or "opportunistic"
   if not tls_modes[tls] then
     error("bad argument #1 to 'deliver' (tls: \"opportunistic\", \"starttls\", \"implicit\" or \"none\" expected)", 2)
@@ -270,7 +300,7 @@ function M.deliver(opts)
   local timeout = opts.timeout
   local ctx = {
     opts = opts, smtp = smtp, message = message, from = bare(from), to = to, bare_to = bare_to,
-    tls = tls, port = opts.port or 25,
+    tls = tls, port = opts.port or 25, destinations = destinations,
     dns_timeout = opts.dns_timeout or (type(timeout) == "number" and timeout) or nil,
   }
   local results = {}

@@ -55,6 +55,134 @@ function M.literal(name)
   return nil
 end
 
+-- What kind of address an IP address is, for deciding where direct delivery may connect.
+-- Scopes on this host or its link (refused by default): "unspecified", "loopback", "link-local",
+-- "multicast", "reserved"; not on the public Internet (refused when only public destinations are
+-- allowed): "private" (RFC 1918, ULA, site-local), "shared" (CGNAT, RFC 6598), "documentation",
+-- "special" (benchmarking, IETF protocol assignments, discard, unassigned IPv6); else "public".
+local V4_RANGES = {                 -- { first octets as a number, prefix length, scope }
+  { 0x00000000, 8, "unspecified" }, { 0x7f000000, 8, "loopback" }, { 0xa9fe0000, 16, "link-local" },
+  { 0xe0000000, 4, "multicast" }, { 0xf0000000, 4, "reserved" },
+  { 0x0a000000, 8, "private" }, { 0xac100000, 12, "private" }, { 0xc0a80000, 16, "private" },
+  { 0x64400000, 10, "shared" },
+  { 0xc0000200, 24, "documentation" }, { 0xc6336400, 24, "documentation" }, { 0xcb007100, 24, "documentation" },
+  { 0xc0000000, 24, "special" }, { 0xc6120000, 15, "special" },
+}
+
+-- "a.b.c.d" -> the address as a number; nil unless four decimal octets without leading zeros
+-- (what inet_pton takes: "010.0.0.1" must not be read one way here and another way by connect).
+local function v4_number(s)
+  local n = 0
+  local count = 0
+  for octet in (s .. "."):gmatch("([^.]*)%.") do
+    if not octet:match("^%d%d?%d?$") or (#octet > 1 and octet:sub(1, 1) == "0") then return nil end
+    local v = tonumber(octet)
+    if v > 255 then return nil end
+    n, count = n * 256 + v, count + 1
+  end
+  if count ~= 4 then return nil end
+  return n
+end
+
+local function v4_scope(n)
+  for _, r in ipairs(V4_RANGES) do
+    local size = 2 ^ (32 - r[2])
+    if math.floor(n / size) == math.floor(r[1] / size) then return r[3] end
+  end
+  return "public"
+end
+
+-- IPv6 text -> its eight 16-bit groups, or nil. A zone ("%eth0") is dropped.
+local function v6_groups(s)
+  s = s:gsub("%%.*$", "")
+  local function parts(str)
+    local out = {}
+    if str == "" then return out end
+    for p in (str .. ":"):gmatch("([^:]*):") do out[#out + 1] = p end
+    return out
+  end
+  local head, tail = s:match("^(.-)::(.*)$")
+  local h, t = parts(head or s), parts(tail or "")
+  if head and (tail:find("::", 1, true)) then return nil end
+  local function expand(list, last)
+    local out = {}
+    for i, p in ipairs(list) do
+      if last and i == #list and p:find(".", 1, true) then
+        local n = v4_number(p)
+        if not n then return nil end
+        out[#out + 1] = math.floor(n / 65536)
+        out[#out + 1] = n % 65536
+      elseif p:match("^%x%x?%x?%x?$") then
+        out[#out + 1] = tonumber(p, 16)
+      else
+        return nil
+      end
+    end
+    return out
+  end
+  h = expand(h, not head)
+  t = t and expand(t, true)
+  if not h or not t then return nil end
+  local fill = 8 - #h - #t
+  if (head and fill < 1) or (not head and fill ~= 0) then return nil end
+  local g = {}
+  for _, v in ipairs(h) do g[#g + 1] = v end
+  for _ = 1, fill do g[#g + 1] = 0 end
+  for _, v in ipairs(t) do g[#g + 1] = v end
+  return g
+end
+
+local function v6_scope(g)
+  local zero_to = 0
+  while zero_to < 8 and g[zero_to + 1] == 0 do zero_to = zero_to + 1 end
+  if zero_to == 8 then return "unspecified" end
+  if zero_to == 7 and g[8] == 1 then return "loopback" end
+  -- An IPv4 address inside: mapped (::ffff:a.b.c.d), NAT64 (64:ff9b::/96), 6to4 (2002::/16).
+  if zero_to == 5 and g[6] == 0xffff then return v4_scope(g[7] * 65536 + g[8]) end
+  if zero_to >= 6 then return "reserved" end                -- IPv4-compatible (deprecated)
+  if g[1] == 0x64 and g[2] == 0xff9b and g[3] == 0 and g[4] == 0 and g[5] == 0 and g[6] == 0 then
+    return v4_scope(g[7] * 65536 + g[8])
+  end
+  if g[1] == 0x2002 then
+    local inner = v4_scope(g[2] * 65536 + g[3])
+    if inner ~= "public" then return inner end
+  end
+  local top = g[1]
+  if top >= 0xfe80 and top <= 0xfebf then return "link-local" end
+  if top >= 0xfec0 and top <= 0xfeff then return "private" end     -- site-local (deprecated)
+  if top >= 0xfc00 and top <= 0xfdff then return "private" end     -- unique local (ULA)
+  if top >= 0xff00 then return "multicast" end
+  if top == 0x2001 and g[2] == 0x0db8 then return "documentation" end
+  if top < 0x2000 or top > 0x3fff then return "special" end        -- outside global unicast
+  return "public"
+end
+
+-- scope("192.0.2.1") -> "documentation"; nil for text that is not an IP address.
+function M.address_scope(addr)
+  if type(addr) ~= "string" then return nil end
+  addr = addr:match("^%[(.*)%]$") or addr
+  local n = v4_number(addr)
+  if n then return v4_scope(n) end
+  if not addr:find(":", 1, true) then return nil end
+  local g = v6_groups(addr)
+  return g and v6_scope(g) or nil
+end
+
+local NEAR = { unspecified = true, loopback = true, ["link-local"] = true, multicast = true, reserved = true }
+
+-- Where smtp.deliver may connect: "any", "remote" (the default: not this host, its link,
+-- multicast or reserved space) or "public" (public Internet addresses only).
+M.DESTINATIONS = { any = true, remote = true, public = true }
+
+-- nil when `policy` allows connecting to `addr`, else why not ("loopback address").
+function M.destination_refused(addr, policy)
+  if policy == "any" then return nil end
+  local scope = M.address_scope(addr)
+  if not scope then return "not an IP address" end
+  if scope == "public" or (policy ~= "public" and not NEAR[scope]) then return nil end
+  return scope .. " address"
+end
+
 -- "localhost" and names under it resolve to loopback without DNS (RFC 6761).
 function M.is_localhost(n)
   return n == "localhost" or n:sub(-10) == ".localhost"

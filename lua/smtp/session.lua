@@ -159,7 +159,7 @@ end
 function Conn:_handshake()
   local cfg = self.cfg
   local ok, terr = self.sock:starttls { servername = cfg.servername, verify = cfg.verify,
-    cafile = cfg.cafile, timeout = cfg.timeouts.tls }
+    verify_name = cfg.verify_name, cafile = cfg.cafile, timeout = cfg.timeouts.tls }
   if not ok then
     self:_abort()
     return nil, new_error { kind = "tls", phase = "tls", temporary = false,
@@ -253,7 +253,7 @@ function Conn:_acquire(transport)
   local cfg = self.cfg
   local a = cfg.auth or {}
   self.pool_key = transport.pool_key { server = cfg.server, port = cfg.port, tls = cfg.tls,
-    verify = cfg.verify, servername = cfg.servername, helo = cfg.helo,
+    verify = cfg.verify, verify_name = cfg.verify_name, servername = cfg.servername, helo = cfg.helo,
     user = a.user, password = a.password, token = a.token }
   local copts = { host = cfg.server, port = cfg.port, timeout = cfg.timeouts.connect,
     nameservers = cfg.nameservers, pool = self.pool_key, pool_size = cfg.pool.size }

@@ -132,7 +132,8 @@ function M.request(url, body, timeout)
 end
 
 -- The recording aiosmtpd peer (spec/support/openresty_smtpd.py) on a free loopback port:
--- M.smtpd{ tls = true, implicit = false, greeting_delay = 2, require_tls = false, host =, port =,
+-- M.smtpd{ tls = true, cert = "server" (or "wrong": a CA-signed certificate for wrong.example only),
+--          implicit = false, greeting_delay = 2, require_tls = false, host =, port =,
 --          rset_status = "421 ..." (RSET answered so, counted in :rsets()) } -> handle with .port, .dir,
 -- :connections(), :messages(), :message(n), :envelope(n), :stop().
 function M.smtpd(opts)
@@ -144,8 +145,9 @@ function M.smtpd(opts)
     tostring(port), dir }
   if opts.tls ~= false then
     local c = helper.certs()
-    argv[#argv + 1] = "--cert"; argv[#argv + 1] = c.server
-    argv[#argv + 1] = "--key"; argv[#argv + 1] = c.server_key
+    local which = opts.cert or "server"
+    argv[#argv + 1] = "--cert"; argv[#argv + 1] = c[which]
+    argv[#argv + 1] = "--key"; argv[#argv + 1] = c[which .. "_key"]
   end
   if opts.greeting_delay then
     argv[#argv + 1] = "--greeting-delay"; argv[#argv + 1] = tostring(opts.greeting_delay)

@@ -35,7 +35,8 @@ local function fail(what, err)
 end
 
 -- /transport?port=N&servername=localhost: a whole session by hand over the cosocket transport:
--- greeting, EHLO, STARTTLS, TLS handshake, EHLO, one message, QUIT.
+-- greeting, EHLO, STARTTLS, TLS handshake, EHLO, one message, QUIT. servername=none gives none
+-- (the host connected to is checked); servername= (empty) passes "".
 -- &implicit=1: TLS before the greeting, no STARTTLS; &host=H: connect to H (default 127.0.0.1).
 function M.transport()
   local t = require("smtp.transport").get()
@@ -71,7 +72,9 @@ function M.transport()
   step("EHLO client.test\r\n")
   step("STARTTLS\r\n")
   local ok
-  ok, err = s:starttls { servername = arg("servername") or "localhost", verify = arg("verify") ~= "0", timeout = 5 }
+  local servername = arg("servername") or "localhost"
+  if servername == "none" then servername = nil end
+  ok, err = s:starttls { servername = servername, verify = arg("verify") ~= "0", timeout = 5 }
   if not ok then return fail("starttls", err) end
   out[#out + 1] = "TLS " .. tostring(s:info().version) .. " " .. tostring(s:info().cipher) .. "\r\n"
   step("EHLO client.test\r\n")
@@ -219,7 +222,8 @@ end
 M.RAW = "From: a@client.test\r\nTo: b@smtpd.test\r\nSubject: raw\r\n\r\n.leading dot\r\n..two\r\n"
   .. "caf\195\169\r\n.\r\nlast line\r\n"
 
--- /send?port=N[&tls=none][&pool=0][&n=K]: one smtp.send of M.RAW to localhost:N; prints
+-- /send?port=N[&tls=none][&pool=0][&n=K][&server=H][&servername=S]: one smtp.send of M.RAW to
+-- localhost:N (or H:N); prints
 -- accepted, the final reply, TLS and how often the pooled session was used before.
 function M.send()
   local smtp = require "smtp"
@@ -227,7 +231,8 @@ function M.send()
   local pool                 -- default: pooled inside nginx
   if arg("pool") == "0" then pool = false end
   local res, err = smtp.send {
-    server = "localhost", port = tonumber(arg("port")), tls = arg("tls") or "starttls",
+    server = arg("server") or "localhost", servername = arg("servername"), port = tonumber(arg("port")),
+    tls = arg("tls") or "starttls",
     message = n and M.RAW:gsub("Subject: raw", "Subject: raw " .. n) or M.RAW,
     from = "a@client.test", to = { "b@smtpd.test" },
     pool = pool,
@@ -274,15 +279,17 @@ function M.mx()
   ngx.say("native smtp.dns loaded: ", tostring(package.loaded["smtp.dns"] ~= nil))
 end
 
--- /deliver?ns=127.0.0.1:P&port=N&to=addr[,addr...]: smtp.deliver inside nginx (MX lookup over cosockets,
--- then the MX host on port N); one line per recipient, and which resolver/transport modules ran.
+-- /deliver?ns=127.0.0.1:P&port=N&to=addr[,addr...][&destinations=D]: smtp.deliver inside nginx (MX
+-- lookup over cosockets, then the MX host on port N); one line per recipient, and which
+-- resolver/transport modules ran. The test MX hosts are on loopback: destinations "any" unless given.
 function M.deliver()
   local smtp = require "smtp"
   local to = {}
-  for a in arg("to"):gmatch("[^,]+") do to[#to + 1] = a end
+  for a in ngx.unescape_uri(arg("to")):gmatch("[^,]+") do to[#to + 1] = a end
   local results, err = smtp.deliver {
     message = M.RAW, from = "a@client.test", to = to, helo = "client.test",
     nameservers = { arg("ns") }, port = tonumber(arg("port")), timeout = 5,
+    destinations = arg("destinations") or "any",
   }
   if not results then return fail("deliver", err) end
   for _, r in ipairs(results) do

@@ -13,7 +13,10 @@ usage: lua-smtp send --server HOST[:PORT] [--tls starttls|implicit|opportunistic
                      [--body TEXT | --body-file F] [--html-file F] [--attach FILE...] [--raw FILE]
                      [--helo NAME] [--cafile F] [--insecure] [--timeout SECONDS]
                      [--to-file FILE [--concurrency N]] [--json] [--nameserver HOST[:PORT]]...
+                     [--destinations remote|public|any]
 Without --server the message goes straight to each recipient domain's MX hosts.
+--destinations says where that may connect: remote (default) refuses this host, link-local,
+multicast and reserved addresses; public allows public Internet addresses only; any allows all.
 --nameserver asks that DNS server (an IP address, port 53 unless given; repeat for more)
 instead of the system's resolver, for MX lookups and for the --server name.
 --password-env VAR and --password-file F take the password from an environment variable or
@@ -31,7 +34,7 @@ local single = {
   server = true, tls = true, user = true, password = true, ["password-env"] = true,
   ["password-file"] = true, from = true, subject = true, body = true,
   ["body-file"] = true, ["html-file"] = true, raw = true, cafile = true, timeout = true, helo = true,
-  ["to-file"] = true, concurrency = true,
+  ["to-file"] = true, concurrency = true, destinations = true,
 }
 local multi = { to = true, cc = true, bcc = true, attach = true }
 -- Options that take one value each time and may be given again (as `lua-smtp mx` has them).
@@ -248,6 +251,10 @@ function M.main(args, out, err)
   if tls and not ({ starttls = true, implicit = true, opportunistic = true, none = true })[tls] then
     return usage_error("bad --tls '" .. tls .. "'")
   end
+  if o.destinations and not ({ remote = true, public = true, any = true })[o.destinations] then
+    return usage_error("bad --destinations '" .. o.destinations .. "' (remote, public or any)")
+  end
+  if o.destinations and o.server then return usage_error("--destinations is for direct delivery (no --server)") end
   local host, port
   if o.server then
     host, port = o.server:match("^%[(.+)%]:(%d+)$")
@@ -322,7 +329,7 @@ function M.main(args, out, err)
       local derr
       results, derr = smtp.deliver { message = message, from = env_from, to = all, helo = o.helo,
         tls = tls or "opportunistic", timeout = timeout, cafile = o.cafile, verify = not o.insecure,
-        nameservers = nameservers }
+        nameservers = nameservers, destinations = o.destinations }
       if not results then
         err:write("lua-smtp send: not sent: ", tostring(derr), "\n")
         return 1
@@ -388,6 +395,7 @@ function M.main(args, out, err)
   local results, derr = smtp.deliver {
     message = message, from = from, to = to, helo = o.helo, tls = tls or "opportunistic",
     timeout = timeout, cafile = o.cafile, verify = not o.insecure, nameservers = nameservers,
+    destinations = o.destinations,
   }
   if io.type(message) == "file" then message:close() end
   if not results then

@@ -268,10 +268,10 @@ function M.tls_server_context(o)
   return ctx
 end
 
-local function handshake(self, ctx, name, timeout, what)
+local function handshake(self, ctx, name, verify_name, timeout, what)
   local deadline = deadline_of(timeout, self.default_timeout)
   self._tls = true
-  local ok, e = self.sock:tls_start(ctx, name)
+  local ok, e = self.sock:tls_start(ctx, name, verify_name)
   if not ok then self:close(); return fail("tls", e, { phase = "tls" }) end
   while true do
     local done, msg, code = self.sock:tls_handshake()
@@ -286,26 +286,38 @@ local function handshake(self, ctx, name, timeout, what)
   end
 end
 
--- s:starttls{ servername=, verify=true, cafile=, capath=, timeout=, min_version=, ctx= }
--- Client side of implicit TLS and of STARTTLS. This transport keeps no read buffer, so there is
--- nothing to drop here; the engine must drop the plaintext bytes it had buffered (RFC 3207 §4).
--- On failure the connection is closed.
+-- s:starttls{ servername=, verify=true, verify_name=true, cafile=, capath=, timeout=,
+-- min_version=, ctx= }
+-- Client side of implicit TLS and of STARTTLS. The certificate is checked against servername,
+-- else the host connected to (an IP address as an IP address); verify_name = false checks the
+-- chain only. This transport keeps no read buffer, so there is nothing to drop here; the engine
+-- must drop the plaintext bytes it had buffered (RFC 3207 §4). On failure the connection is closed.
 function Conn:starttls(o)
   o = o or {}
   argcheck(type(o) == "table", 1, "starttls", "table expected, got " .. type(o))
   optcheck(o.servername, "string", "starttls", "servername")
   optcheck(o.timeout, "number", "starttls", "timeout")
   optcheck(o.verify, "boolean", "starttls", "verify")
+  optcheck(o.verify_name, "boolean", "starttls", "verify_name")
   local ok, err = check_conn(self, "starttls")
   if not ok then return nil, err end
   if self._tls then error("starttls: TLS is already on for this connection", 2) end
+  local name = o.servername
+  if name == nil then
+    name = self.host or self.address
+    name = name and (name:gsub("^%[(.*)%]$", "%1"))
+  end
+  -- An empty name would switch the name check off in OpenSSL (a blank setting must not).
+  if name ~= nil and (name == "" or name:find("%z")) then
+    self:close()
+    return errors.invalid("starttls: servername is empty or holds a NUL", { phase = "tls" })
+  end
   local ctx = o.ctx
   if ctx == nil then
     ctx, err = M.tls_client_context(o)
     if not ctx then self:close(); err.phase = "tls"; return nil, err end
   end
-  local name = o.servername or self.host or self.address
-  return handshake(self, ctx, name, o.timeout, "TLS handshake")
+  return handshake(self, ctx, name, o.verify_name ~= false, o.timeout, "TLS handshake")
 end
 
 -- s:tls_accept(ctx, timeout) -> true | nil, err: server side, with a ctx from tls_server_context.
@@ -315,7 +327,7 @@ function Conn:tls_accept(ctx, timeout)
   local ok, err = check_conn(self, "tls_accept")
   if not ok then return nil, err end
   if self._tls then error("tls_accept: TLS is already on for this connection", 2) end
-  return handshake(self, ctx, nil, timeout, "TLS handshake")
+  return handshake(self, ctx, nil, nil, timeout, "TLS handshake")
 end
 
 -- Sends FIN: the peer reads end of stream, we can still read its answer.

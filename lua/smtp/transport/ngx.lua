@@ -85,7 +85,9 @@ local function x509_name(ffi, name)
   return out
 end
 
-local function session_info(sess)
+-- `ip`: also say whether the peer's certificate is for that IP address (ip_ok), which nginx
+-- cannot check (it matches host names only).
+local function session_info(sess, ip)
   local t = type(sess)
   if t ~= "userdata" and t ~= "cdata" then return nil end
   if ssl_ffi == nil then
@@ -111,6 +113,7 @@ local function session_info(sess)
         int BIO_free(BIO *a);
         long BIO_ctrl(BIO *bp, int cmd, long larg, void *parg);
         int X509_NAME_print_ex(BIO *out, const X509_NAME *nm, int indent, unsigned long flags);
+        int X509_check_ip_asc(X509 *x, const char *address, unsigned int flags);
       ]])
       if ok then ssl_ffi = ffi end
     end
@@ -126,14 +129,15 @@ local function session_info(sess)
     local c = ffi.C.SSL_SESSION_get0_cipher(p)
     local cipher = c ~= nil and ffi.string(ffi.C.SSL_CIPHER_get_name(c)) or nil
     local bits = c ~= nil and tonumber(ffi.C.SSL_CIPHER_get_bits(c, nil)) or nil
-    local subject, issuer
+    local subject, issuer, ip_ok
     local peer = ffi.C.SSL_SESSION_get0_peer(p)
     if peer ~= nil then
       subject = x509_name(ffi, ffi.C.X509_get_subject_name(peer))
       issuer = x509_name(ffi, ffi.C.X509_get_issuer_name(peer))
+      if ip then ip_ok = ffi.C.X509_check_ip_asc(peer, ip, 0) == 1 end
     end
     return { version = names[v] or string.format("0x%04x", v), version_number = v, cipher = cipher,
-      bits = bits, peer_subject = subject, peer_issuer = issuer }
+      bits = bits, peer_subject = subject, peer_issuer = issuer, ip_ok = ip_ok }
   end)
   return ok and info or nil
 end
@@ -159,7 +163,7 @@ function M.set_session_state(pool, state)
   sessions[pool] = state
 end
 
--- pool_key{ server=, port=, tls=, verify=, servername=, helo=, user=, password= | token= }
+-- pool_key{ server=, port=, tls=, verify=, verify_name=, servername=, helo=, user=, password= | token= }
 -- One pool per server, port, TLS mode, verification, name checked, EHLO name and credentials: a
 -- connection verified differently or authenticated as someone else is never handed out. The secret
 -- enters only as a SHA-1 digest; a token given as a function is left out (it changes over time).
@@ -178,7 +182,8 @@ function M.pool_key(o)
   end
   local parts = {
     "smtp", tostring(o.server or ""), tostring(o.port or ""), tostring(o.tls or "starttls"),
-    o.verify == false and "noverify" or "verify", tostring(o.servername or ""),
+    o.verify == false and "noverify" or (o.verify_name == false and "verifychain" or "verify"),
+    tostring(o.servername or ""),
     tostring(o.helo or ""), tostring(o.user or ""), digest,
   }
   -- Length-prefixed so no value can forge another key by containing the separator.
@@ -384,10 +389,14 @@ function S:read(timeout, max)
   return data
 end
 
--- starttls{ servername=, verify=, timeout= }: the TLS handshake over the connected socket (after
--- the 220 to STARTTLS, or right after connect for implicit TLS). Certificates are checked against
--- nginx's lua_ssl_trusted_certificate; cosockets take no per-call CA, so a `cafile`/`capath` is
--- refused (kind "invalid") rather than silently widened to nginx's trust store.
+-- starttls{ servername=, verify=, verify_name=, timeout= }: the TLS handshake over the connected
+-- socket (after the 220 to STARTTLS, or right after connect for implicit TLS). Certificates are
+-- checked against nginx's lua_ssl_trusted_certificate; cosockets take no per-call CA, so a
+-- `cafile`/`capath` is refused (kind "invalid") rather than silently widened to nginx's trust store.
+-- The name checked is servername, else the host connected to. nginx checks host names only and
+-- only when it sends one as SNI; an IP address (never sent as SNI, RFC 6066) is checked here,
+-- against the certificate nginx verified, through libssl's FFI, and refused if that cannot be done.
+-- verify_name = false checks the chain only, and so sends no SNI either.
 function S:starttls(opts)
   check_sock(self, "starttls")
   opts = opts or {}
@@ -395,6 +404,7 @@ function S:starttls(opts)
   optcheck(opts.servername, "string", "starttls", "servername")
   optcheck(opts.timeout, "number", "starttls", "timeout")
   optcheck(opts.verify, "boolean", "starttls", "verify")
+  optcheck(opts.verify_name, "boolean", "starttls", "verify_name")
   if opts.cafile ~= nil or opts.capath ~= nil then
     return errors.invalid("cafile/capath cannot be used inside nginx: cosockets check certificates "
       .. "against lua_ssl_trusted_certificate; put the CA there and leave cafile unset", { phase = "tls" })
@@ -406,13 +416,23 @@ function S:starttls(opts)
     error("starttls: TLS is already on for this connection", 2)
   end
   local verify = opts.verify ~= false
+  local verify_name = verify and opts.verify_name ~= false
   local name = opts.servername
-  if name == nil and not ngx_dns.literal(self.host) then name = self.host end
+  if name == nil then name = self.host end
+  -- An empty name would make nginx skip the name check (a blank setting must not).
+  if name == nil or name == "" or name:find("%z") then
+    self.sock:close()
+    self.closed = true
+    return errors.invalid("starttls: servername is empty or holds a NUL", { phase = "tls" })
+  end
+  local ip = ngx_dns.literal(name)
+  local sni = not ip and name or nil
+  if verify and not verify_name then sni = nil end
   local t = ms(opts.timeout, self.default_timeout)
   self.sock:settimeouts(t, t, t)
-  local sess, err = self.sock:sslhandshake(nil, name, verify)
+  local sess, err = self.sock:sslhandshake(nil, sni, verify)
   if not sess then
-    local text = "TLS handshake with " .. tostring(name or self.address) .. " failed: " .. tostring(err)
+    local text = "TLS handshake with " .. tostring(name) .. " failed: " .. tostring(err)
     -- nginx reports a failed chain check as "<X509 code>: <reason>".
     if verify and (tostring(err):match("^%d+: ") or tostring(err):find("verify", 1, true)) then
       text = text .. " (inside nginx certificates are checked against lua_ssl_trusted_certificate)"
@@ -422,7 +442,17 @@ function S:starttls(opts)
     self.closed = true
     return nil, errors.new { kind = kind, phase = "tls", text = text, temporary = kind == "timeout" }
   end
-  local info = session_info(sess) or {}
+  local check_ip = verify_name and ip or nil
+  local info = session_info(sess, check_ip) or {}
+  if check_ip and info.ip_ok ~= true then
+    self.sock:close()
+    self.closed = true
+    return nil, errors.new { kind = "tls", phase = "tls", temporary = false,
+      text = info.ip_ok == false
+        and "certificate verify failed: IP address mismatch (the certificate is not for " .. ip .. ")"
+        or "certificate verify failed: cannot check the certificate against " .. ip
+          .. " (no FFI access to libssl); give servername = a name the certificate holds" }
+  end
   -- RFC 8997: nothing below TLS 1.2, whatever lua_ssl_protocols allows.
   if info.version_number and info.version_number < 0x0303 then
     self.sock:close()
@@ -430,7 +460,7 @@ function S:starttls(opts)
     return nil, errors.new { kind = "tls", phase = "tls", temporary = false,
       text = "server negotiated " .. info.version .. "; TLS 1.2 is the minimum" }
   end
-  info.version_number = nil
+  info.version_number, info.ip_ok = nil, nil
   info.verified = verify
   self.tls, self.tls_info = true, info
   return true
