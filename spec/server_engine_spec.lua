@@ -138,9 +138,23 @@ describe("server engine", function()
     end
 
     it("normalizes bare CR and LF to CRLF when asked, still without ending the data", function()
+      -- a "." line after a bare line end is an empty line: never a lone "." for the reader
       local r = run(HELLO .. "a\nb\rc\n.\nd\r\n.\r\n", { normalize = true })
       assert.equal(1, #r.msgs)
-      assert.equal("a\r\nb\r\nc\r\n.\r\nd\r\n", r.msgs[1].data)
+      assert.equal("a\r\nb\r\nc\r\n\r\nd\r\n", r.msgs[1].data)
+    end)
+
+    it("with normalize, unstuffs a leading dot after a bare LF or CR like after CRLF", function()
+      for _, step in ipairs { 1, 3, 1000 } do
+        local r = run(HELLO .. "a\n..b\r..c\r\n..d\n.e\n.\r\nf\r\n.\r\nQUIT\r\n", { normalize = true }, step)
+        assert.same({ 220, 250, 250, 250, 354, 250, 221 }, codes(r.out), step)
+        assert.equal(1, #r.msgs)
+        assert.equal("a\r\n.b\r\n.c\r\n.d\r\ne\r\n\r\nf\r\n", r.msgs[1].data, step)
+      end
+      -- LF.LF, CR.CR, LF.CRLF, CRLF.LF, CRLF.CR: data, never an end; the message ends at CRLF.CRLF
+      local r = run(HELLO .. "x\n.\nMAIL\r.\rRCPT\n.\r\nDATA\r\n.\nA\r\n.\rB\r\n.\r\n", { normalize = true })
+      assert.same({ 220, 250, 250, 250, 354, 250 }, codes(r.out))
+      assert.equal("x\r\n\r\nMAIL\r\n\r\nRCPT\r\n\r\nDATA\r\n\r\nA\r\n\r\nB\r\n", r.msgs[1].data)
     end)
 
     it("refuses a message with a bare LF with 550 and goes on", function()
@@ -330,10 +344,27 @@ describe("server engine", function()
       -- a bare CR/LF in a first chunk refuses the message at LAST, whatever the later chunks hold
       r = run(tx .. "BDAT 2\r\na\nBDAT 1 LAST\r\nb")
       assert.same({ 220, 250, 250, 250, 250, 550 }, codes(r.out))
-      -- normalize = true takes BDAT data as it is
-      r = run(tx .. "BDAT 3 LAST\r\na\nb", { normalize = true })
-      assert.same({ 220, 250, 250, 250, 250 }, codes(r.out))
-      assert.equal("a\nb", r.msgs[1].data)
+    end)
+
+    it("with normalize, turns bare CR and LF in BDAT data into CRLF, across chunks too", function()
+      local tx = "EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
+      local cases = {
+        { "BDAT 3 LAST\r\na\nb", "a\r\nb" },
+        { "BDAT 5 LAST\r\na\rb\n.", "a\r\nb\r\n." },
+        { "BDAT 2\r\na\rBDAT 2 LAST\r\n\nb", "a\r\nb" },
+        { "BDAT 2\r\na\rBDAT 1 LAST\r\nb", "a\r\nb" },
+        { "BDAT 2\r\na\rBDAT 0 LAST\r\n", "a\r\n" },
+        { "BDAT 2 LAST\r\na\r", "a\r\n" },
+        { "BDAT 4 LAST\r\n\r\r\n\n", "\r\n\r\n\r\n" },
+      }
+      for _, c in ipairs(cases) do
+        for _, step in ipairs { 1, 1000 } do
+          local r = run(tx .. c[1] .. "NOOP\r\n", { normalize = true }, step)
+          assert.equal(1, #r.msgs, c[1])
+          assert.equal(c[2], r.msgs[1].data, c[1])
+          assert.equal(250, codes(r.out)[#codes(r.out)], c[1])
+        end
+      end
     end)
 
     it("refuses an oversized BDAT message with 552", function()
