@@ -46,7 +46,6 @@ struct smtp_server {
     char *in;
     size_t in_cap, in_len, in_pos;
     size_t skipped;              /* bytes of an over-long command line thrown away */
-    int skip_secret;             /* the line being skipped is AUTH data: wipe it as it goes */
     /* output */
     char *out;
     size_t out_len, out_alloc;
@@ -1173,13 +1172,6 @@ static const verb verbs[] = {
     { "AUTH", check_auth, do_auth },
 };
 
-/* True for a command line that may carry AUTH data ("AUTH PLAIN <base64>"): its bytes in the
- * input buffer are wiped once read, like every AUTH response line. */
-static int auth_command(const char *line, size_t n)
-{
-    return iprefix(line, n, "AUTH"); /* "AUTHX" too: a wipe too many costs nothing */
-}
-
 static void command(smtp_server *s, const char *line, size_t n)
 {
     if (memchr(line, 0, n)) {
@@ -1618,11 +1610,8 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             char *lf = memchr(s->in + s->in_pos, '\n', s->in_len - s->in_pos);
             size_t upto = lf ? (size_t)(lf - s->in) + 1 : s->in_len;
             s->skipped += upto - s->in_pos;
-            if (s->skip_secret)
-                smtp_wipe(s->in + s->in_pos, upto - s->in_pos);
+            smtp_wipe(s->in + s->in_pos, upto - s->in_pos); /* see M_CMD */
             s->in_pos = upto;
-            if (lf)
-                s->skip_secret = 0;
             if (s->skipped > LONG_LINE_CLOSE) {
                 close_with(s, 421, "4.7.0", "Line too long, closing connection");
                 continue;
@@ -1641,9 +1630,7 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             if (!lf) {
                 if (avail >= s->cfg.max_line) {
                     s->skipped = avail;
-                    s->skip_secret = s->mode == M_AUTH || auth_command(start, avail);
-                    if (s->skip_secret)
-                        smtp_wipe(start, avail);
+                    smtp_wipe(start, avail);
                     s->in_pos = s->in_len;
                     if (s->mode == M_AUTH) {
                         set_mode(s, M_SKIPLINE);
@@ -1658,11 +1645,12 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             }
             size_t n = (size_t)(lf - start);
             s->in_pos += n + 1;
-            /* the line's bytes go once read when they carry credentials */
-            int secret = s->mode == M_AUTH || auth_command(start, n);
+            /* Every command line is wiped from the input buffer once read: "AUTH PLAIN
+             * <base64>" and AUTH responses carry credentials, and so may any line a confused
+             * client sends (commands are short: this costs next to nothing; message data, the
+             * bulk of the traffic, is left alone). Events never point into the line. */
             if (n + 1 > s->cfg.max_line) {
-                if (secret)
-                    smtp_wipe(start, n + 1);
+                smtp_wipe(start, n + 1);
                 if (s->mode == M_AUTH) {
                     wipe_auth(s);
                     set_mode(s, M_CMD);
@@ -1677,8 +1665,7 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 auth_line(s, start, n);
             else
                 command(s, start, n);
-            if (secret)
-                smtp_wipe(start, line_len);
+            smtp_wipe(start, line_len);
             if (s->mode == M_CLOSED)
                 continue;   /* its last reply is queued; nothing the command began goes on */
             if (s->await == A_MAIL || s->await == A_RCPT) {
