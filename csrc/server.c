@@ -1244,16 +1244,18 @@ static size_t bdat_newlines(smtp_server *s, const char *p, size_t n)
     return n;
 }
 
-/* Appends unstuffed bytes unless the message is already refused; counts the size. */
+/* Appends unstuffed bytes unless the message is already refused; counts the size. A message
+ * that goes over max_message_size gives its reader exactly its first max_message_size bytes,
+ * however the input was cut into spans (the reader then gets END 552). */
 static void demit(smtp_server *s, const char *p, size_t n)
 {
     if (s->msg_bad || s->msg_over)
         return;
-    s->msg_size += n;
-    if (s->cfg.max_message_size && s->msg_size > s->cfg.max_message_size) {
+    if (s->cfg.max_message_size && s->msg_size + n > s->cfg.max_message_size) {
+        n = (size_t)(s->cfg.max_message_size - s->msg_size);
         s->msg_over = 1;
-        return;
     }
+    s->msg_size += n;
     memcpy(s->dbuf + s->dlen, p, n);
     s->dlen += n;
 }

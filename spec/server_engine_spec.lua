@@ -7,7 +7,7 @@ local core = require "smtp.core"
 local function run(input, opts, step, decide)
   opts = opts or {}
   local e = core.server_engine(opts)
-  local out, msgs, evs = {}, {}, {}
+  local out, msgs, evs, all = {}, {}, {}, {}
   local cur
   local function pump()
     while true do
@@ -29,6 +29,7 @@ local function run(input, opts, step, decide)
           e:decide(ok, code, enh, text)
           if ok then msgs[#msgs + 1] = cur end
         end
+        all[#all + 1] = cur
         cur = nil
       elseif kind == "mail" or kind == "rcpt" or kind == "auth" then
         local ok, code, enh, text = true, nil, nil, nil
@@ -55,7 +56,7 @@ local function run(input, opts, step, decide)
     i = i + step
   end
   pump()
-  return { out = table.concat(out), msgs = msgs, events = evs, engine = e }
+  return { out = table.concat(out), msgs = msgs, all = all, events = evs, engine = e }
 end
 
 -- The reply codes in order (first line of multi-line replies only).
@@ -292,6 +293,19 @@ describe("server engine", function()
       assert.same({ 220, 250, 250, 250, 354, 552, 250 }, codes(r.out))
       assert.equal(0, #r.msgs)
       assert.matches("552 5%.3%.4 ", r.out)
+    end)
+
+    it("gives the reader of an oversized message exactly its first max_message_size bytes, however cut", function()
+      local body = ("abcdefghi\r\n"):rep(300)
+      for _, step in ipairs { 1, 7, 100000 } do
+        local r = run(HELLO .. body .. ".\r\nNOOP\r\n", { max_message_size = 1000 }, step)
+        assert.same({ 220, 250, 250, 250, 354, 552, 250 }, codes(r.out), step)
+        assert.equal(1, #r.all)
+        assert.equal(body:sub(1, 1000), r.all[1].data, step)
+      end
+      local r = run("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nBDAT 1500 LAST\r\n" ..
+        body:sub(1, 1500) .. "NOOP\r\n", { max_message_size = 1000 }, 9)
+      assert.equal(body:sub(1, 1000), r.all[1].data)
     end)
 
     it("stops taking input while the client does not read its replies", function()
