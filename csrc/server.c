@@ -1712,6 +1712,8 @@ int smtp_server_decide(smtp_server *s, int accept, int code, const char *enh, co
     if (a == A_NONE)
         return -1;
     s->await = A_NONE;
+    if (code < 200 || code > 599)
+        code = 0; /* the default: a reply code has three digits, the first 2 to 5 */
     switch (a) {
     case A_MAIL:
         if (accept)
@@ -1792,7 +1794,10 @@ void smtp_server_shutdown(smtp_server *s, int code, const char *enh, const char 
     if (s->mode == M_CLOSED)
         return;
     s->await = A_NONE;
-    close_with(s, code, enh, text);
+    /* a final reply is a 4xx or 5xx; anything else would go out as a malformed line ("042") */
+    if (code < 400 || code > 599)
+        code = 421;
+    close_with(s, code, enh ? enh : "4.3.2", text ? text : "Service shutting down");
 }
 
 int smtp_server_closed(const smtp_server *s) { return s->mode == M_CLOSED; }
