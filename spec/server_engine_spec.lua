@@ -465,4 +465,12 @@ describe("server engine", function()
     assert.equal("close", e:next())
     assert.is_true(e:closed())
   end)
+
+  it("shutdown with a code that is no final reply code sends 421 instead of a malformed line", function()
+    for _, code in ipairs { 42, 250, 1234, -1 } do
+      local e = core.server_engine {}
+      e:shutdown(code, "4.3.2", "Going down")
+      assert.equal("220 localhost ESMTP lua-smtp\r\n421 4.3.2 Going down\r\n", e:output(), code)
+    end
+  end)
 end)
