@@ -17,8 +17,10 @@
 enum mode { M_CMD, M_SKIPLINE, M_DATA, M_BDAT, M_AUTH, M_CLOSED };
 static const char *const mode_names[] = { "command", "skipline", "data", "bdat", "auth", "closed" };
 
-/* Where a DATA byte stream is: decides unstuffing and the only end marker, CRLF.CRLF. */
-enum dstate { D_BOL, D_MID, D_CR, D_DOT, D_DOTCR };
+/* Where a DATA byte stream is: decides unstuffing and the only end marker, CRLF.CRLF. D_NBOL is
+ * the start of a line that follows a bare CR or LF (normalize_newlines): its leading dot is
+ * stuffing like after CRLF, but "." there can never end the data. */
+enum dstate { D_BOL, D_NBOL, D_MID, D_CR, D_DOT, D_DOTCR };
 
 /* What the pending decision is for. */
 enum await { A_NONE, A_MAIL, A_RCPT, A_END, A_AUTH };
@@ -974,7 +976,9 @@ static void do_starttls(smtp_server *s, const char *arg, size_t alen)
     (void)arg; (void)alen;
     reply(s, 220, "2.0.0", "Ready to start TLS");
     s->tls_pending = 1;
-    /* Everything the client sent after STARTTLS in clear is dropped (CVE-2011-0411). */
+    /* Everything the client sent after STARTTLS in clear is dropped (CVE-2011-0411), and wiped:
+     * a client that pipelined AUTH behind it sent its password in clear. */
+    smtp_wipe(s->in + s->in_pos, s->in_len - s->in_pos);
     s->in_pos = s->in_len;
     s->tls = 1;
     s->helo = 0;
@@ -1213,7 +1217,7 @@ static size_t bdat_newlines(smtp_server *s, const char *p, size_t n)
 {
     /* returns how many bytes come before the first bare CR/LF, so that what the reader gets does
      * not depend on how the chunk arrived */
-    if (s->cfg.normalize_newlines || s->msg_bad)
+    if (s->msg_bad)
         return n;
     const char *start = p, *end = p + n;
     while (p < end) {
@@ -1240,18 +1244,48 @@ static size_t bdat_newlines(smtp_server *s, const char *p, size_t n)
     return n;
 }
 
-/* Appends unstuffed bytes unless the message is already refused; counts the size. */
+/* Appends unstuffed bytes unless the message is already refused; counts the size. A message
+ * that goes over max_message_size gives its reader exactly its first max_message_size bytes,
+ * however the input was cut into spans (the reader then gets END 552). */
 static void demit(smtp_server *s, const char *p, size_t n)
 {
     if (s->msg_bad || s->msg_over)
         return;
-    s->msg_size += n;
-    if (s->cfg.max_message_size && s->msg_size > s->cfg.max_message_size) {
+    if (s->cfg.max_message_size && s->msg_size + n > s->cfg.max_message_size) {
+        n = (size_t)(s->cfg.max_message_size - s->msg_size);
         s->msg_over = 1;
-        return;
     }
+    s->msg_size += n;
     memcpy(s->dbuf + s->dlen, p, n);
     s->dlen += n;
+}
+
+/* BDAT data with normalize_newlines: bare CR and LF become CRLF, as in DATA (no dots: BDAT is
+ * not stuffed). A CR at a chunk's end waits in bdat_cr for the next byte, which may be its LF. */
+static void bdat_normalize(smtp_server *s, const char *p, size_t n)
+{
+    const char *end = p + n;
+    while (p < end) {
+        if (s->bdat_cr) {
+            s->bdat_cr = 0;
+            demit(s, "\r\n", 2);
+            if (*p == '\n')
+                p++;
+            continue;
+        }
+        const char *q = p;
+        while (q < end && *q != '\r' && *q != '\n')
+            q++;
+        if (q > p)
+            demit(s, p, (size_t)(q - p));
+        if (q == end)
+            break;
+        if (*q == '\r')
+            s->bdat_cr = 1;
+        else
+            demit(s, "\r\n", 2);
+        p = q + 1;
+    }
 }
 
 /* Runs the DATA byte machine over the input; returns 1 when CRLF.CRLF was reached. */
@@ -1272,6 +1306,13 @@ static int data_scan(smtp_server *s)
             if (c == '.') { s->ds = D_DOT; i++; break; }
             s->ds = D_MID;
             break; /* reprocess as a mid-line byte */
+        case D_NBOL:
+            /* the dot is dropped whatever follows: ".\n" or ".\r\n" here is an empty line,
+             * so the reader never gets a lone "." line that a relay could take for the end */
+            if (c == '.')
+                i++;
+            s->ds = D_MID;
+            break;
         case D_MID: {
             /* Lines that end in CRLF and are followed by a line not starting with '.' pass
              * through unchanged: they are gathered into one span and copied once. */
@@ -1300,9 +1341,11 @@ static int data_scan(smtp_server *s)
             if (i < n) {
                 if (in[i] == '\r') {
                     s->ds = D_CR;
-                } else { /* bare LF: never a line start, so LF.LF cannot end the data */
+                } else { /* bare LF: a line start only for unstuffing, so LF.LF cannot end
+                          * the data */
                     data_bad(s);
                     demit(s, "\r\n", 2);
+                    s->ds = D_NBOL;
                 }
                 i++;
             }
@@ -1316,7 +1359,7 @@ static int data_scan(smtp_server *s)
             } else { /* bare CR */
                 data_bad(s);
                 demit(s, "\r\n", 2);
-                s->ds = D_MID;
+                s->ds = D_NBOL;
             }
             break;
         case D_DOT:
@@ -1330,7 +1373,7 @@ static int data_scan(smtp_server *s)
             } else { /* "." then bare CR */
                 data_bad(s);
                 demit(s, "\r\n", 2);
-                s->ds = D_MID;
+                s->ds = D_NBOL;
             }
             break;
         }
@@ -1378,6 +1421,8 @@ void smtp_server_free(smtp_server *s)
     reset_tx(s);
     wipe_auth(s);
     free(s->rcpts);
+    if (s->in)
+        smtp_wipe(s->in, s->in_cap); /* unread input may hold AUTH data too */
     free(s->in);
     free(s->out);
     free(s->dbuf);
@@ -1403,8 +1448,14 @@ size_t smtp_server_feed(smtp_server *s, const char *data, size_t len)
         }
     }
     if (s->in_pos) {
-        memmove(s->in, s->in + s->in_pos, s->in_len - s->in_pos);
-        s->in_len -= s->in_pos;
+        size_t rest = s->in_len - s->in_pos;
+        memmove(s->in, s->in + s->in_pos, rest);
+        /* The bytes left behind past the moved rest are stale copies: among commands they may be
+         * an unfinished AUTH line that now lives at the front, so they are wiped (message data,
+         * the bulk of the traffic, is not: AUTH cannot come before its end). */
+        if ((s->mode != M_DATA && s->mode != M_BDAT) || s->end_pending)
+            smtp_wipe(s->in + rest, s->in_len - rest);
+        s->in_len = rest;
         s->in_pos = 0;
     }
     size_t n = len < s->in_cap - s->in_len ? len : s->in_cap - s->in_len;
@@ -1517,7 +1568,9 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             s->in_pos += take;
             s->bdat_left -= take;
             s->dlen = 0;
-            if (!s->bdat_discard) {
+            if (!s->bdat_discard && s->cfg.normalize_newlines) {
+                bdat_normalize(s, p, take);
+            } else if (!s->bdat_discard) {
                 int was_bad = s->msg_bad;
                 size_t good = bdat_newlines(s, p, take);
                 if (!was_bad && good) {
@@ -1532,8 +1585,12 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 if (s->bdat_discard) {
                     s->bdat_discard = 0;
                 } else if (s->bdat_last) {
-                    if (s->bdat_cr && !s->cfg.normalize_newlines)
+                    if (s->bdat_cr && s->cfg.normalize_newlines) {
+                        s->bdat_cr = 0;
+                        demit(s, "\r\n", 2); /* the message ends in a bare CR */
+                    } else if (s->bdat_cr) {
                         s->msg_bad = 1; /* the message ends in a bare CR */
+                    }
                     s->end_pending = 1;
                 } else if (s->msg_over) {
                     /* refuse at once: the rest of the transaction is void */
@@ -1555,6 +1612,7 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             char *lf = memchr(s->in + s->in_pos, '\n', s->in_len - s->in_pos);
             size_t upto = lf ? (size_t)(lf - s->in) + 1 : s->in_len;
             s->skipped += upto - s->in_pos;
+            smtp_wipe(s->in + s->in_pos, upto - s->in_pos); /* see M_CMD */
             s->in_pos = upto;
             if (s->skipped > LONG_LINE_CLOSE) {
                 close_with(s, 421, "4.7.0", "Line too long, closing connection");
@@ -1574,6 +1632,7 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             if (!lf) {
                 if (avail >= s->cfg.max_line) {
                     s->skipped = avail;
+                    smtp_wipe(start, avail);
                     s->in_pos = s->in_len;
                     if (s->mode == M_AUTH) {
                         set_mode(s, M_SKIPLINE);
@@ -1588,7 +1647,12 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             }
             size_t n = (size_t)(lf - start);
             s->in_pos += n + 1;
+            /* Every command line is wiped from the input buffer once read: "AUTH PLAIN
+             * <base64>" and AUTH responses carry credentials, and so may any line a confused
+             * client sends (commands are short: this costs next to nothing; message data, the
+             * bulk of the traffic, is left alone). Events never point into the line. */
             if (n + 1 > s->cfg.max_line) {
+                smtp_wipe(start, n + 1);
                 if (s->mode == M_AUTH) {
                     wipe_auth(s);
                     set_mode(s, M_CMD);
@@ -1596,12 +1660,14 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 fail(s, 500, "5.5.2", "Error: line too long");
                 continue;
             }
+            size_t line_len = n + 1;
             if (n && start[n - 1] == '\r')
                 n--;
             if (s->mode == M_AUTH)
                 auth_line(s, start, n);
             else
                 command(s, start, n);
+            smtp_wipe(start, line_len);
             if (s->mode == M_CLOSED)
                 continue;   /* its last reply is queued; nothing the command began goes on */
             if (s->await == A_MAIL || s->await == A_RCPT) {
@@ -1646,6 +1712,8 @@ int smtp_server_decide(smtp_server *s, int accept, int code, const char *enh, co
     if (a == A_NONE)
         return -1;
     s->await = A_NONE;
+    if (code < 200 || code > 599)
+        code = 0; /* the default: a reply code has three digits, the first 2 to 5 */
     switch (a) {
     case A_MAIL:
         if (accept)
@@ -1726,7 +1794,10 @@ void smtp_server_shutdown(smtp_server *s, int code, const char *enh, const char 
     if (s->mode == M_CLOSED)
         return;
     s->await = A_NONE;
-    close_with(s, code, enh, text);
+    /* a final reply is a 4xx or 5xx; anything else would go out as a malformed line ("042") */
+    if (code < 400 || code > 599)
+        code = 421;
+    close_with(s, code, enh ? enh : "4.3.2", text ? text : "Service shutting down");
 }
 
 int smtp_server_closed(const smtp_server *s) { return s->mode == M_CLOSED; }

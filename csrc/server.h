@@ -69,12 +69,13 @@ size_t smtp_server_feed(smtp_server *s, const char *data, size_t len);
 int smtp_server_next(smtp_server *s, smtp_server_event *ev);
 /* Events and output stay valid until the next call on the engine. Output may come in two pieces
  * (after running out of memory): take what smtp_server_output gives, then ask again. */
-/* Answers the pending MAIL/RCPT/END/AUTH event: accept, or reject with code/enh/text (NULLs give
- * a default 550/451/535). Returns 0, or -1 when no event waits. */
+/* Answers the pending MAIL/RCPT/END/AUTH event: accept, or reject with code/enh/text (NULLs, or
+ * a code outside 200..599, give a default 550/451/535). Returns 0, or -1 when no event waits. */
 int smtp_server_decide(smtp_server *s, int accept, int code, const char *enh, const char *text);
 const char *smtp_server_output(const smtp_server *s, size_t *len);
 void smtp_server_output_done(smtp_server *s, size_t n);
-/* Queues a final reply (421 on shutdown or timeout) and closes the session. */
+/* Queues a final reply (421 on shutdown or timeout; a code outside 400..599 becomes 421, NULLs a
+ * default text) and closes the session. */
 void smtp_server_shutdown(smtp_server *s, int code, const char *enh, const char *text);
 int smtp_server_closed(const smtp_server *s);
 /* True when smtp_server_next stopped because the pending output reached out_cap: write it, then

@@ -3,7 +3,12 @@
  * every reply line well-formed, output bounded while the client does not read, and identical
  * replies and messages whatever the chunking. A third run makes one allocation fail (which one
  * comes from the input): the engine must not crash or leak, and must end the session with its
- * "421 4.3.0" as the last reply. */
+ * "421 4.3.0" as the last reply.
+ * The first two input bytes choose the configuration (see config()): TLS active from the start,
+ * STARTTLS and AUTH offered or not, require_auth, hooks on or off, normalize_newlines, and
+ * max_line, size, recipient and error limits across their range; 00 00 is the configuration the
+ * seeds were written for. With the "resume" bit, the session goes on after STARTTLS with the
+ * bytes that follow the first "~TLS~" (what the client sends once the handshake is done). */
 #include <assert.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -92,35 +97,42 @@ static void drain(smtp_server *s, result *r, const uint8_t *data, size_t size, u
     (void)cur_len;
 }
 
-static void run(const uint8_t *data, size_t size, size_t step, result *r, alloc_ctl *a)
+/* The configuration from the two prefix bytes (0, 0: the one the seeds were written for). */
+static void config(smtp_server_config *c, uint8_t b0, uint8_t b1)
 {
-    smtp_server_config c;
-    memset(&c, 0, sizeof c);
-    c.hostname = "fuzz.test";
-    c.max_message_size = 2000;
-    c.max_recipients = 5;
-    c.out_cap = OUT_CAP;
-    c.tls_available = 1;
-    c.auth_enabled = 1;
-    c.auth_plaintext = 1;
-    c.hook_mail = c.hook_rcpt = 1;
-    c.normalize_newlines = size && (data[0] & 0x80);
-    c.realloc_fn = failing_realloc;
-    c.alloc_ud = a;
-    memset(r, 0, sizeof *r);
-    smtp_server *s = smtp_server_new(&c);
-    if (!s) {
-        assert(a->failed);   /* only the engine's own struct may fail to be made */
-        return;
-    }
-    unsigned k = 0;
+    static const size_t max_line[8] = { 0, 64, 65, 200, 513, 1000, 4096, 65536 };
+    static const size_t max_size[4] = { 2000, 0, 1, 100000 };
+    static const unsigned max_rcpt[4] = { 5, 1, 100, 0 };
+    memset(c, 0, sizeof *c);
+    c->hostname = "fuzz.test";
+    c->out_cap = OUT_CAP;
+    c->tls_active = b0 & 0x01;
+    c->require_auth = (b0 & 0x02) != 0;
+    c->hook_mail = c->hook_rcpt = !(b0 & 0x04);
+    c->normalize_newlines = (b0 & 0x08) != 0;
+    c->tls_available = !(b0 & 0x10);
+    c->auth_enabled = !(b0 & 0x20);
+    c->auth_plaintext = !(b0 & 0x40);
+    c->max_line = max_line[b1 & 7];
+    c->max_message_size = max_size[(b1 >> 3) & 3];
+    c->max_recipients = max_rcpt[(b1 >> 5) & 3];
+    c->max_errors = (b1 & 0x80) ? 3 : 0;
+}
+
+/* Feeds one part of the session `step` bytes at a time; stops at STARTTLS (the rest of the part
+ * would be TLS records) or when the session ends. */
+static void feed_part(smtp_server *s, result *r, const uint8_t *part, size_t plen, size_t step,
+                      const uint8_t *data, size_t size, unsigned *k)
+{
     size_t i = 0;
     int stalls = 0;
-    while (i < size && !smtp_server_closed(s) && !r->tls) {
-        size_t n = size - i < step ? size - i : step;
-        size_t took = smtp_server_feed(s, (const char *)data + i, n);
+    if (!step)
+        step = 1;
+    while (i < plen && !smtp_server_closed(s) && !r->tls) {
+        size_t n = plen - i < step ? plen - i : step;
+        size_t took = smtp_server_feed(s, (const char *)part + i, n);
         i += took;
-        drain(s, r, data, size, &k);
+        drain(s, r, data, size, k);
         /* the client reads everything now and then */
         size_t len;
         const char *o;
@@ -132,7 +144,31 @@ static void run(const uint8_t *data, size_t size, size_t step, result *r, alloc_
             break;
     }
     if (!r->tls)
-        drain(s, r, data, size, &k);
+        drain(s, r, data, size, k);
+}
+
+/* data/size: the session (after the two configuration bytes); b: where it resumes after
+ * STARTTLS (size: not at all). step 0: each part whole. */
+static void run(const smtp_server_config *c0, const uint8_t *data, size_t size, size_t b,
+                size_t step, result *r, alloc_ctl *a)
+{
+    smtp_server_config c = *c0;
+    c.realloc_fn = failing_realloc;
+    c.alloc_ud = a;
+    memset(r, 0, sizeof *r);
+    smtp_server *s = smtp_server_new(&c);
+    if (!s) {
+        assert(a->failed);   /* only the engine's own struct may fail to be made */
+        return;
+    }
+    unsigned k = 0;
+    size_t alen = b < size ? b - 5 : size;   /* part A ends before "~TLS~" */
+    feed_part(s, r, data, alen, step ? step : alen, data, size, &k);
+    if (b < size && !smtp_server_closed(s)) {
+        /* the handshake "succeeded" (or there was no STARTTLS: the client just goes on) */
+        r->tls = 0;
+        feed_part(s, r, data + b, size - b, step ? step : size - b, data, size, &k);
+    }
     size_t len;
     const char *o;
     /* the output may come in two pieces (a 421 that did not fit after running out of memory) */
@@ -176,14 +212,26 @@ static void check_replies(const char *out, size_t n)
     }
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+int LLVMFuzzerTestOneInput(const uint8_t *in, size_t insize)
 {
     result whole, bytes, starved;
     alloc_ctl never = { -1, 0 };
-    run(data, size, size ? size : 1, &whole, &never);
-    run(data, size, 1, &bytes, &never);
+    if (insize < 2)
+        return 0;
+    smtp_server_config c;
+    config(&c, in[0], in[1]);
+    const uint8_t *data = in + 2;
+    size_t size = insize - 2;
+    size_t b = size;
+    if (in[0] & 0x80) {
+        const uint8_t *m = memmem(data, size, "~TLS~", 5);
+        if (m)
+            b = (size_t)(m - data) + 5;
+    }
+    run(&c, data, size, b, 0, &whole, &never);
+    run(&c, data, size, b, 1, &bytes, &never);
     alloc_ctl once = { size ? (long)(data[size - 1] % 32) : 0, 0 };
-    run(data, size, size ? size : 1, &starved, &once);
+    run(&c, data, size, b, 0, &starved, &once);
     if (once.failed && starved.out_len) {
         static const char last[] = "421 4.3.0 Out of memory, closing connection\r\n";
         check_replies(starved.out, starved.out_len);
@@ -195,7 +243,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     /* never more messages than end-of-data markers (CRLF.CRLF, or a BDAT command) */
     /* a DATA command line may end with a bare LF (commands are read leniently), so an empty
      * message can end at "DATA\n.\r\n": count "\n.\r\n", which every real end contains */
-    assert(whole.ends <= count(data, size, "\n.\r\n", 0) + count(data, size, "BDAT", 1));
+    /* counted over what the engine may have been fed: the parts without "~TLS~" between them */
+    uint8_t *fed = malloc(size + 1);
+    assert(fed);
+    size_t alen = b < size ? b - 5 : size, flen = alen;
+    memcpy(fed, data, alen);
+    if (b < size) {
+        memcpy(fed + alen, data + b, size - b);
+        flen += size - b;
+    }
+    assert(whole.ends <= count(fed, flen, "\n.\r\n", 0) + count(fed, flen, "BDAT", 1));
+    free(fed);
     check_replies(whole.out, whole.out_len);
     /* the same conversation whatever the chunking */
     assert(whole.out_len == bytes.out_len && memcmp(whole.out, bytes.out, whole.out_len) == 0);

@@ -7,7 +7,7 @@ local core = require "smtp.core"
 local function run(input, opts, step, decide)
   opts = opts or {}
   local e = core.server_engine(opts)
-  local out, msgs, evs = {}, {}, {}
+  local out, msgs, evs, all = {}, {}, {}, {}
   local cur
   local function pump()
     while true do
@@ -29,6 +29,7 @@ local function run(input, opts, step, decide)
           e:decide(ok, code, enh, text)
           if ok then msgs[#msgs + 1] = cur end
         end
+        all[#all + 1] = cur
         cur = nil
       elseif kind == "mail" or kind == "rcpt" or kind == "auth" then
         local ok, code, enh, text = true, nil, nil, nil
@@ -55,7 +56,7 @@ local function run(input, opts, step, decide)
     i = i + step
   end
   pump()
-  return { out = table.concat(out), msgs = msgs, events = evs, engine = e }
+  return { out = table.concat(out), msgs = msgs, all = all, events = evs, engine = e }
 end
 
 -- The reply codes in order (first line of multi-line replies only).
@@ -138,9 +139,23 @@ describe("server engine", function()
     end
 
     it("normalizes bare CR and LF to CRLF when asked, still without ending the data", function()
+      -- a "." line after a bare line end is an empty line: never a lone "." for the reader
       local r = run(HELLO .. "a\nb\rc\n.\nd\r\n.\r\n", { normalize = true })
       assert.equal(1, #r.msgs)
-      assert.equal("a\r\nb\r\nc\r\n.\r\nd\r\n", r.msgs[1].data)
+      assert.equal("a\r\nb\r\nc\r\n\r\nd\r\n", r.msgs[1].data)
+    end)
+
+    it("with normalize, unstuffs a leading dot after a bare LF or CR like after CRLF", function()
+      for _, step in ipairs { 1, 3, 1000 } do
+        local r = run(HELLO .. "a\n..b\r..c\r\n..d\n.e\n.\r\nf\r\n.\r\nQUIT\r\n", { normalize = true }, step)
+        assert.same({ 220, 250, 250, 250, 354, 250, 221 }, codes(r.out), step)
+        assert.equal(1, #r.msgs)
+        assert.equal("a\r\n.b\r\n.c\r\n.d\r\ne\r\n\r\nf\r\n", r.msgs[1].data, step)
+      end
+      -- LF.LF, CR.CR, LF.CRLF, CRLF.LF, CRLF.CR: data, never an end; the message ends at CRLF.CRLF
+      local r = run(HELLO .. "x\n.\nMAIL\r.\rRCPT\n.\r\nDATA\r\n.\nA\r\n.\rB\r\n.\r\n", { normalize = true })
+      assert.same({ 220, 250, 250, 250, 354, 250 }, codes(r.out))
+      assert.equal("x\r\n\r\nMAIL\r\n\r\nRCPT\r\n\r\nDATA\r\n\r\nA\r\n\r\nB\r\n", r.msgs[1].data)
     end)
 
     it("refuses a message with a bare LF with 550 and goes on", function()
@@ -280,6 +295,19 @@ describe("server engine", function()
       assert.matches("552 5%.3%.4 ", r.out)
     end)
 
+    it("gives the reader of an oversized message exactly its first max_message_size bytes, however cut", function()
+      local body = ("abcdefghi\r\n"):rep(300)
+      for _, step in ipairs { 1, 7, 100000 } do
+        local r = run(HELLO .. body .. ".\r\nNOOP\r\n", { max_message_size = 1000 }, step)
+        assert.same({ 220, 250, 250, 250, 354, 552, 250 }, codes(r.out), step)
+        assert.equal(1, #r.all)
+        assert.equal(body:sub(1, 1000), r.all[1].data, step)
+      end
+      local r = run("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nBDAT 1500 LAST\r\n" ..
+        body:sub(1, 1500) .. "NOOP\r\n", { max_message_size = 1000 }, 9)
+      assert.equal(body:sub(1, 1000), r.all[1].data)
+    end)
+
     it("stops taking input while the client does not read its replies", function()
       local e = core.server_engine { out_cap = 1024 }
       local taken = 0
@@ -330,10 +358,27 @@ describe("server engine", function()
       -- a bare CR/LF in a first chunk refuses the message at LAST, whatever the later chunks hold
       r = run(tx .. "BDAT 2\r\na\nBDAT 1 LAST\r\nb")
       assert.same({ 220, 250, 250, 250, 250, 550 }, codes(r.out))
-      -- normalize = true takes BDAT data as it is
-      r = run(tx .. "BDAT 3 LAST\r\na\nb", { normalize = true })
-      assert.same({ 220, 250, 250, 250, 250 }, codes(r.out))
-      assert.equal("a\nb", r.msgs[1].data)
+    end)
+
+    it("with normalize, turns bare CR and LF in BDAT data into CRLF, across chunks too", function()
+      local tx = "EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
+      local cases = {
+        { "BDAT 3 LAST\r\na\nb", "a\r\nb" },
+        { "BDAT 5 LAST\r\na\rb\n.", "a\r\nb\r\n." },
+        { "BDAT 2\r\na\rBDAT 2 LAST\r\n\nb", "a\r\nb" },
+        { "BDAT 2\r\na\rBDAT 1 LAST\r\nb", "a\r\nb" },
+        { "BDAT 2\r\na\rBDAT 0 LAST\r\n", "a\r\n" },
+        { "BDAT 2 LAST\r\na\r", "a\r\n" },
+        { "BDAT 4 LAST\r\n\r\r\n\n", "\r\n\r\n\r\n" },
+      }
+      for _, c in ipairs(cases) do
+        for _, step in ipairs { 1, 1000 } do
+          local r = run(tx .. c[1] .. "NOOP\r\n", { normalize = true }, step)
+          assert.equal(1, #r.msgs, c[1])
+          assert.equal(c[2], r.msgs[1].data, c[1])
+          assert.equal(250, codes(r.out)[#codes(r.out)], c[1])
+        end
+      end
     end)
 
     it("refuses an oversized BDAT message with 552", function()
@@ -419,5 +464,13 @@ describe("server engine", function()
     assert.equal("220 localhost ESMTP lua-smtp\r\n421 4.4.2 Idle timeout\r\n", e:output())
     assert.equal("close", e:next())
     assert.is_true(e:closed())
+  end)
+
+  it("shutdown with a code that is no final reply code sends 421 instead of a malformed line", function()
+    for _, code in ipairs { 42, 250, 1234, -1 } do
+      local e = core.server_engine {}
+      e:shutdown(code, "4.3.2", "Going down")
+      assert.equal("220 localhost ESMTP lua-smtp\r\n421 4.3.2 Going down\r\n", e:output(), code)
+    end
   end)
 end)

@@ -1,7 +1,7 @@
 -- SMTP smuggling (CVE-2023-51764/51765/51766, CVE-2024-27305): every end-of-data look-alike made
 -- of CR, LF, NUL and "." inside DATA and BDAT, against our server over TCP (never two messages,
--- never a reply before the real end), and inside bodies given to our client (exactly one
--- end-of-data on the wire, no bare CR or LF).
+-- never a reply before the real end), once refusing bare CR/LF and once with normalize_newlines,
+-- and inside bodies given to our client (exactly one end-of-data on the wire, no bare CR or LF).
 local helper = require "helper"
 local hard = require "support.hardening"
 local client_peers = require "support.client_peers"
@@ -59,15 +59,23 @@ local function unstuff(body)
   return table.concat(out, "\r\n") .. "\r\n"
 end
 
+-- Bare CR and LF as CRLF: what normalize_newlines makes of a body, and what the client sends.
+local function normalize(s)
+  return (s:gsub("\r\n", "\n"):gsub("\r", "\n"):gsub("\n", "\r\n"))
+end
+
 local function finals(out)
   local list = {}
   for code, text in ("\n" .. out):gmatch("\n(%d%d%d) ([^\r\n]*)") do list[#list + 1] = { tonumber(code), text } end
   return list
 end
 
-describe("SMTP smuggling against smtp.server over TCP", function()
+-- normalize: false, bare CR/LF refuse the message (550 5.6.11); true, they are line ends, a dot
+-- after them is unstuffed, and the message is still one message that only CRLF.CRLF ends.
+for _, normalize_mode in ipairs { false, true } do
+describe(("SMTP smuggling against smtp.server over TCP (normalize_newlines = %s)"):format(normalize_mode), function()
   it(("DATA: %d look-alikes, one transaction each, never a second message or an early reply"):format(#SEQS), function()
-    local srv, got = hard.recording { max_errors = 100000 }
+    local srv, got = hard.recording { max_errors = 100000, normalize_newlines = normalize_mode }
     local named = {}
     for _, s in ipairs(NAMED) do named[s] = true end
     local steps = { { "replies", 1 }, { "send", "EHLO c.test\r\n" }, { "replies", 2 } }
@@ -95,7 +103,14 @@ describe("SMTP smuggling against smtp.server over TCP", function()
       assert.same({ 250, 250, 354 }, { f[base + 1][1], f[base + 2][1], f[base + 3][1] }, show(seq))
       local body = "x" .. seq .. TAIL
       local final = f[base + 4]
-      if not hard.only_crlf(body) then
+      if normalize_mode then
+        -- one message, bare line ends as CRLF, every line's leading dot unstuffed
+        assert.equal(250, final[1], show(seq))
+        accepted = accepted + 1
+        local m = got.msgs[accepted]
+        assert.equal("a@x.test", m.env.from, show(seq))
+        assert.equal(unstuff(normalize(body)), m.data, show(seq))
+      elseif not hard.only_crlf(body) then
         assert.same({ 550, "5.6.11 Bare CR or LF in message data not allowed" }, final, show(seq))
       else
         assert.equal(250, final[1], show(seq))
@@ -111,7 +126,7 @@ describe("SMTP smuggling against smtp.server over TCP", function()
   end)
 
   it("BDAT: look-alikes (and CRLF.CRLF itself) are data; chunk boundaries inside them change nothing", function()
-    local srv, got = hard.recording { max_errors = 100000 }
+    local srv, got = hard.recording { max_errors = 100000, normalize_newlines = normalize_mode }
     local list = { REAL_END }
     for _, s in ipairs(NAMED) do list[#list + 1] = s end
     local steps = { { "replies", 1 }, { "send", "EHLO c.test\r\n" }, { "replies", 2 } }
@@ -151,8 +166,13 @@ describe("SMTP smuggling against smtp.server over TCP", function()
       local final = f[i + #want - 1]
       i = i + #want
       -- BDAT data is counted, not scanned, so a bare CR/LF ends nothing; the server takes it as
-      -- data (one message, byte for byte) or refuses the whole message: never anything else
-      if hard.only_crlf(c.body) or final[1] == 250 then
+      -- data (one message, byte for byte) or refuses the whole message: never anything else;
+      -- with normalize_newlines it takes every message, its bare CR/LF as CRLF
+      if normalize_mode then
+        assert.same(want, have, show(c.seq))
+        accepted = accepted + 1
+        assert.equal(normalize(c.body), got.msgs[accepted].data, show(c.seq))
+      elseif hard.only_crlf(c.body) or final[1] == 250 then
         assert.same(want, have, show(c.seq))
         accepted = accepted + 1
         assert.equal(c.body, got.msgs[accepted].data, show(c.seq))
@@ -167,6 +187,7 @@ describe("SMTP smuggling against smtp.server over TCP", function()
     assert.equal(accepted, #got.msgs)
   end)
 end)
+end
 
 describe("SMTP smuggling through smtp.send bodies", function()
   local f
