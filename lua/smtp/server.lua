@@ -6,9 +6,33 @@ local check = require "smtp.check"
 
 local M = {}
 
+local now = core.now
+local huge, min = math.huge, math.min
+
+-- A public port's defaults. The per-client ones follow Postfix's anvil (one 60 s window per
+-- client address) and leave loopback clients out, as Postfix leaves out $mynetworks.
 local DEFAULTS = {
   max_message_size = 25 * 1024 * 1024, max_recipients = 100, timeout = 300,
   max_connections = 1000, max_line = 512, max_errors = 10,
+  max_session_time = 1800, command_timeout = 120, data_timeout = 600, data_rate = 1024,
+  max_commands = 50000, max_transactions = 1000,
+  client_window = 60, max_client_connections = 20, max_client_rate = 60,
+  max_client_messages = 300, max_client_recipients = 1000, max_clients = 10000,
+  tarpit_after = 3, tarpit_delay = 1, tarpit_max = 30,
+}
+
+-- Option checks: name -> { lowest value, highest value, integer?, false allowed (= no limit)? }
+local NUMERIC = {
+  port = { 0, 65535, true }, max_message_size = { 0, huge, true }, max_recipients = { 1, 2 ^ 31, true },
+  max_connections = { 1, huge, true }, max_line = { 64, 65536, true }, max_errors = { 1, 2 ^ 31, true },
+  timeout = { 0.001, huge }, backlog = { 1, 2 ^ 31, true },
+  max_session_time = { 0.001, huge, false, true }, command_timeout = { 0.001, huge, false, true },
+  data_timeout = { 0.001, huge, false, true }, data_rate = { 1, huge },
+  max_commands = { 1, 2 ^ 31, true, true }, max_transactions = { 1, 2 ^ 31, true, true },
+  client_window = { 0.001, huge }, max_client_connections = { 1, huge, true, true },
+  max_client_rate = { 1, huge, true, true }, max_client_messages = { 1, huge, true, true },
+  max_client_recipients = { 1, huge, true, true }, max_clients = { 1, huge, true },
+  tarpit_after = { 0, huge, true }, tarpit_delay = { 0, huge }, tarpit_max = { 0, huge },
 }
 
 local function transport() return require "smtp.transport.native" end
@@ -19,12 +43,23 @@ local function argerr(msg) error("bad argument #1 to 'listen' (" .. msg .. ")", 
 
 local function check_opts(o)
   if type(o) ~= "table" then argerr("table expected, got " .. type(o)) end
-  for _, k in ipairs { "on_mail", "on_rcpt", "on_message", "auth" } do
+  for _, k in ipairs { "on_mail", "on_rcpt", "on_message", "auth", "log" } do
     if o[k] ~= nil and type(o[k]) ~= "function" then argerr("option '" .. k .. "': function expected") end
   end
-  for _, k in ipairs { "max_message_size", "max_recipients", "timeout", "max_connections", "max_line",
-    "max_errors", "port" } do
-    if o[k] ~= nil and type(o[k]) ~= "number" then argerr("option '" .. k .. "': number expected") end
+  for k, r in pairs(NUMERIC) do
+    local v = o[k]
+    if v ~= nil and not (v == false and r[4]) then
+      if type(v) ~= "number" then
+        argerr("option '" .. k .. "': number expected" .. (r[4] and " or false" or "") .. ", got " .. type(v))
+      end
+      if v ~= v or v < r[1] or v > r[2] or (r[3] and v ~= huge and v % 1 ~= 0) then
+        argerr(("option '%s': %s within %s..%s expected, got %s"):format(k, r[3] and "an integer" or "a number",
+          tostring(r[1]), r[2] == huge and "inf" or tostring(r[2]), tostring(v)))
+      end
+    end
+  end
+  if o.client_exempt ~= nil and o.client_exempt ~= false and type(o.client_exempt) ~= "function" then
+    argerr("option 'client_exempt': function or false expected")
   end
   if o.tls ~= nil and (type(o.tls) ~= "table" or type(o.tls.cert) ~= "string" or type(o.tls.key) ~= "string") then
     argerr("option 'tls': { cert = path, key = path } expected")
@@ -34,28 +69,151 @@ local function check_opts(o)
   end
 end
 
+local function str(v)
+  local ok, s = pcall(tostring, v)
+  return ok and s or "?"
+end
+
 -- A hook's answer: true | false, code, text (text may start with an enhanced code) |
--- false, code, enhanced, text.
-local function verdict(default_code, default_enh, ok, code, a, b)
+-- false, code, enhanced, text. What cannot go on the wire as it is (a code out of range, an
+-- enhanced code that is not class.subject.detail of 1 to 3 digits each, or whose class is not the
+-- reply's) is replaced by the default and logged: the client always gets a well-formed reply.
+local function verdict(srv, default_code, default_enh, ok, code, a, b)
   if ok then return true end
-  code = tonumber(code) or default_code
-  -- a fraction would make the engine's integer check raise and drop the session without a reply
-  if code < 400 or code > 599 or code % 1 ~= 0 then code = default_code end
+  local c = tonumber(code)
+  if c == nil or c < 400 or c > 599 or c % 1 ~= 0 then
+    if code ~= nil then srv:_log("hook returned an invalid reply code: " .. str(code)) end
+    c = default_code
+  end
   local enh, text
   if b ~= nil then
     enh, text = a, b
   elseif type(a) == "string" then
-    enh, text = a:match("^(%d%.%d%d?%d?%.%d%d?%d?)%s+(.*)$")
+    enh, text = a:match("^(%d+%.%d+%.%d+)%s+(.*)$")
     if not enh then text = a end
+  else
+    text = a
   end
-  if enh and not tostring(enh):match("^[245]%.%d+%.%d+$") then enh = nil end
+  if enh ~= nil then
+    local class = type(enh) == "string" and enh:match("^([245])%.%d%d?%d?%.%d%d?%d?$")
+    if class ~= tostring(c):sub(1, 1) then
+      srv:_log("hook returned an invalid enhanced status code: " .. str(enh))
+      enh = nil
+    end
+  end
   if not enh then
-    enh = (code >= 500 and "5" or "4") .. default_enh:sub(2)
+    enh = (c >= 500 and "5" or "4") .. default_enh:sub(2)
+  end
+  if text ~= nil and type(text) ~= "string" and type(text) ~= "number" then
+    srv:_log("hook returned a reply text that is not a string: " .. type(text))
+    text = nil
   end
   text = text and tostring(text):gsub("[%c]", " ") or nil
   if text then text = text:sub(1, 400) end
-  return false, code, enh, text
+  return false, c, enh, text
 end
+
+-- Per-client limits -------------------------------------------------------------------------
+
+-- The key a client's counts are kept under: its IPv4 address, or the /64 network of an IPv6
+-- one (one host usually holds a whole /64, so counting single IPv6 addresses would count nothing).
+local function client_key(ip)
+  if not ip:find(":", 1, true) then return ip end
+  local v4 = ip:match("^::[fF][fF][fF][fF]:(%d+%.%d+%.%d+%.%d+)$")
+  if v4 then return v4 end
+  ip = ip:gsub("%%.*$", "")
+  local left, right = ip:match("^(.-)::(.*)$")
+  local groups = {}
+  local function add(part)
+    for g in part:gmatch("[^:]+") do groups[#groups + 1] = g end
+  end
+  if left then
+    add(left)
+    local nr = 0
+    for _ in right:gmatch("[^:]+") do nr = nr + 1 end
+    for _ = 1, 8 - #groups - nr do groups[#groups + 1] = "0" end
+    add(right)
+  else
+    add(ip)
+  end
+  local k = {}
+  for i = 1, 4 do k[i] = ("%x"):format(tonumber(groups[i] or "0", 16) or 0) end
+  return table.concat(k, ":") .. "::/64"
+end
+
+local function default_exempt(ip) return check.is_loopback(ip) end
+
+-- Makes room in the client table: entries whose window has passed hold nothing worth keeping;
+-- when that is not enough, the oldest half of the idle ones go. An entry with a live connection
+-- stays, so the table holds at most max_clients + max_connections entries; halving keeps the cost
+-- per new address amortized.
+local function evict(srv, t)
+  local window = srv.opts.client_window
+  local idle = {}
+  for k, e in pairs(srv.clients) do
+    if e.n == 0 then
+      if t - e.t >= window then
+        srv.clients[k] = nil
+        srv.nclients = srv.nclients - 1
+        srv.counters.clients_evicted = srv.counters.clients_evicted + 1
+      else
+        idle[#idle + 1] = k
+      end
+    end
+  end
+  if srv.nclients < srv.opts.max_clients then return end
+  table.sort(idle, function(a, b) return srv.clients[a].seen < srv.clients[b].seen end)
+  for i = 1, math.max(1, math.floor(#idle / 2)) do
+    if idle[i] then
+      srv.clients[idle[i]] = nil
+      srv.nclients = srv.nclients - 1
+      srv.counters.clients_evicted = srv.counters.clients_evicted + 1
+    end
+  end
+end
+
+-- The client's counts, their window restarted when it has passed.
+local function client_entry(srv, ip, t)
+  local key = client_key(ip)
+  local e = srv.clients[key]
+  if not e then
+    if srv.nclients >= srv.opts.max_clients then evict(srv, t) end
+    e = { n = 0, t = t, c = 0, m = 0, r = 0, seen = t }
+    srv.clients[key] = e
+    srv.nclients = srv.nclients + 1
+  elseif t - e.t >= srv.opts.client_window then
+    e.t, e.c, e.m, e.r = t, 0, 0, 0
+  end
+  e.seen = t
+  return e
+end
+
+-- One more of `field` (m: messages, r: recipients) for the client; true when over `max`.
+local function client_over(srv, e, field, max)
+  local t = now()
+  if t - e.t >= srv.opts.client_window then e.t, e.c, e.m, e.r = t, 0, 0, 0 end
+  e.seen = t
+  local v = e[field] + 1
+  e[field] = v
+  return v > max
+end
+
+local function count(srv, name)
+  local c = srv.counters
+  c[name] = (c[name] or 0) + 1
+end
+
+-- What an engine-enforced limit that closed a session is counted as.
+local ENGINE_LIMIT = { errors = "max_errors", commands = "max_commands", transactions = "max_transactions",
+  line = "line_length" }
+
+-- The 421 4.4.2 of each deadline.
+local EXPIRED = {
+  idle_timeout = "Idle timeout, closing connection",
+  session_time = "Session time limit reached, closing connection",
+  command_time = "Command not completed in time, closing connection",
+  data_time = "Message data not received in time, closing connection",
+}
 
 -- Session -----------------------------------------------------------------------------------
 
@@ -70,21 +228,46 @@ local function closed_err(text)
 end
 
 -- Runs one connection to the end. Everything the world does to it ends the session quietly.
-local function run_session(srv, conn, ip, port)
+-- `cl` is the client's entry in the per-client table, nil for an exempt client.
+local function run_session(srv, conn, ip, port, cl, rec)
   local o = srv.opts
-  local eng = core.server_engine {
+  local limit_messages = cl and o.max_client_messages
+  local limit_rcpts = cl and o.max_client_recipients
+  local eok, eng = pcall(core.server_engine, {
     hostname = srv.hostname, max_line = o.max_line, max_message_size = o.max_message_size,
     max_recipients = o.max_recipients, max_errors = o.max_errors,
+    max_commands = o.max_commands or nil, max_transactions = o.max_transactions or nil,
     tls = srv.tls_ctx ~= nil and not srv.implicit, tls_active = srv.implicit,
     auth = o.auth ~= nil, auth_plaintext = srv.auth_plaintext, require_auth = o.require_auth,
-    normalize = o.normalize_newlines, hook_mail = o.on_mail ~= nil, hook_rcpt = o.on_rcpt ~= nil,
-  }
+    normalize = o.normalize_newlines, hook_mail = o.on_mail ~= nil or limit_messages and true,
+    hook_rcpt = o.on_rcpt ~= nil or limit_rcpts and true,
+  })
+  if not eok then
+    srv:_log("session error: " .. str(eng))
+    conn:write("421 4.3.0 Temporary server error, closing connection\r\n", 5)
+    return
+  end
   local session = setmetatable({ address = ip, port = port, server = srv, tls = srv.implicit }, Session)
-  local rec = { conn = conn, eng = eng, session = session }
-  srv.sessions[rec] = true
+  rec.eng, rec.session = eng, session
   local timeout = o.timeout
   local dead = false       -- the connection is gone (closed, reset, timed out)
   local stash              -- an event the reader pulled that belongs to the main loop
+  -- Deadlines besides the idle timeout: the session's end; the current command line's start
+  -- (cmd_t, while the engine holds part of a line; cmd_n tells a new line from the same one);
+  -- the current message's start and bytes so far (its data may take data_timeout plus one
+  -- second per data_rate bytes).
+  local session_end = now() + (o.max_session_time or huge)
+  local command_timeout = o.command_timeout or huge
+  local data_timeout, per_byte = o.data_timeout or huge, 1 / o.data_rate
+  local cmd_t, cmd_n, msg_t, msg_bytes
+
+  -- A deadline passed: 421 4.4.2 and the end.
+  local function expire(why)
+    count(srv, why)
+    eng:shutdown(421, "4.4.2", EXPIRED[why])
+    local out = eng:output()
+    if out and not dead then conn:write(out, min(timeout, 5)) end
+  end
 
   local function flush()
     local out = eng:output()
@@ -106,19 +289,41 @@ local function run_session(srv, conn, ip, port)
     end
     local space = eng:space()
     if space == 0 then return true end
-    -- The transport's read_idle leaves the connection open on a timeout, so 421 can still go out.
-    rec.idle = true
-    local chunk, err = conn:read_idle(timeout, space, rec.full)
-    rec.idle = false
-    rec.full = chunk ~= nil and #chunk >= space
-    if not chunk then
-      if err.kind == "timeout" then
-        eng:shutdown(421, "4.4.2", "Idle timeout, closing connection")
-        flush()
+    -- The wait is the idle timeout, or less when a deadline comes sooner: a client that drips a
+    -- byte per timeout period is not kept by the idle timer.
+    local t = now()
+    local wait, why = timeout, "idle_timeout"
+    local left = session_end - t
+    if left < wait then wait, why = left, "session_time" end
+    if msg_t then
+      left = msg_t + data_timeout + msg_bytes * per_byte - t
+      if left < wait then wait, why = left, "data_time" end
+    else
+      local ncmd, _, partial = eng:usage()
+      if partial then
+        if not cmd_t or ncmd ~= cmd_n then cmd_t, cmd_n = t, ncmd end
+        left = cmd_t + command_timeout - t
+        if left < wait then wait, why = left, "command_time" end
+      else
+        cmd_t = nil
       end
+    end
+    if wait <= 0 then
+      expire(why)
       dead = true
       return false
     end
+    -- The transport's read_idle leaves the connection open on a timeout, so 421 can still go out.
+    rec.idle = true
+    local chunk, err = conn:read_idle(wait, space, rec.full)
+    rec.idle = false
+    rec.full = chunk ~= nil and #chunk >= space
+    if not chunk then
+      if err.kind == "timeout" then expire(why) end
+      dead = true
+      return false
+    end
+    if msg_t then msg_bytes = msg_bytes + #chunk end
     eng:feed(chunk)
     return true
   end
@@ -198,6 +403,7 @@ local function run_session(srv, conn, ip, port)
   -- on_message with a reader that pulls from the connection as the hook reads.
   local function message()
     buf, ended, endcode, endtext, rerr = nil, false, nil, nil, nil
+    msg_t, msg_bytes = now(), 0
     local ok, r1, r2, r3, r4
     if o.on_message then
       local envelope = eng:envelope()
@@ -211,31 +417,73 @@ local function run_session(srv, conn, ip, port)
     -- whatever the hook left: take the whole message in before replying
     buf = nil
     while not ended do pull() end
+    msg_t = nil
     if rerr or dead then return false end
     if endcode then return true end -- the engine refused it and replied already
     if not ok then
-      srv:_log("on_message raised: " .. tostring(r1))
+      srv:_log("on_message raised: " .. str(r1))
       eng:decide(false, 451, "4.3.0", "Error processing message, try again later")
     else
-      eng:decide(verdict(554, "5.6.0", r1, r2, r3, r4))
+      eng:decide(verdict(srv, 554, "5.6.0", r1, r2, r3, r4))
     end
     return true
+  end
+
+  -- After a refusal that counted as an error: past tarpit_after errors the reply waits
+  -- tarpit_delay * 2^(n - 1) seconds (at most tarpit_max) for the n-th error beyond, so guessing
+  -- passwords or harvesting addresses gets slower. Other sessions run on meanwhile (a loop
+  -- sleep), and a command line the client pipelined behind gets its full time after the wait.
+  local function tarpit()
+    local _, errs = eng:usage()
+    local k = errs - o.tarpit_after
+    if k <= 0 or o.tarpit_delay <= 0 then return end
+    local d = min(o.tarpit_max, o.tarpit_delay * 2 ^ (k - 1), session_end - now())
+    if d <= 0 then return end
+    count(srv, "tarpit")
+    loop().sleep(d)
+    cmd_t = nil
   end
 
   local function hook(fn, default_code, default_enh, ...)
     refresh()
     local ok, r1, r2, r3, r4 = pcall(fn, session, ...)
     if not ok then
-      srv:_log("hook raised: " .. tostring(r1))
+      srv:_log("hook raised: " .. str(r1))
       eng:decide(false, 451, "4.3.0", "Temporary error, try again later")
     else
-      eng:decide(verdict(default_code, default_enh, r1, r2, r3, r4))
+      local yes, code, enh, text = verdict(srv, default_code, default_enh, r1, r2, r3, r4)
+      eng:decide(yes, code, enh, text)
+      if not yes then tarpit() end
+    end
+  end
+
+  -- The per-client window's message or recipient count, then the hook.
+  local function mail(from, params)
+    if limit_messages and client_over(srv, cl, "m", limit_messages) then
+      count(srv, "client_messages")
+      eng:decide(false, 451, "4.7.1", "Too much mail from your address, try again later")
+      tarpit()
+    elseif o.on_mail then
+      hook(o.on_mail, 550, "5.7.1", from, params)
+    else
+      eng:decide(true)
+    end
+  end
+
+  local function rcpt(to, params)
+    if limit_rcpts and client_over(srv, cl, "r", limit_rcpts) then
+      count(srv, "client_recipients")
+      eng:decide(false, 452, "4.5.3", "Too many recipients from your address, try again later")
+    elseif o.on_rcpt then
+      hook(o.on_rcpt, 550, "5.1.1", to, params)
+    else
+      eng:decide(true)
     end
   end
 
   local ok, err = pcall(function()
     if srv.implicit then
-      local tok = conn:tls_accept(srv.tls_ctx, timeout)
+      local tok = conn:tls_accept(srv.tls_ctx, min(timeout, session_end - now()))
       if not tok then return end
     end
     while true do
@@ -253,9 +501,9 @@ local function run_session(srv, conn, ip, port)
           break
         end
       elseif kind == "mail" then
-        hook(o.on_mail, 550, "5.7.1", a, b)
+        mail(a, b)
       elseif kind == "rcpt" then
-        hook(o.on_rcpt, 550, "5.1.1", a, b)
+        rcpt(a, b)
       elseif kind == "begin" then
         if not message() then break end
       elseif kind == "end" then
@@ -266,25 +514,41 @@ local function run_session(srv, conn, ip, port)
         local pok, res = pcall(o.auth, session, a, b, c)
         a, b, c = nil, nil, nil
         if not pok then
-          srv:_log("auth callback raised: " .. tostring(res))
+          srv:_log("auth callback raised: " .. str(res))
           eng:decide(false, 454, "4.7.0", "Temporary authentication failure")
         else
           eng:decide(res == true)
+          if res ~= true then tarpit() end
         end
       elseif kind == "starttls" then
         if not flush() then break end
-        local tok = conn:tls_accept(srv.tls_ctx, timeout)
+        local tok = conn:tls_accept(srv.tls_ctx, min(timeout, session_end - now()))
         if not tok then break end
         session.tls = true
       elseif kind == "close" then
+        local _, _, _, limit = eng:usage()
+        if limit then count(srv, ENGINE_LIMIT[limit]) end
         flush()
         break
       end
     end
   end)
-  if not ok then srv:_log("session error: " .. tostring(err)) end
+  if not ok then srv:_log("session error: " .. str(err)) end
+end
+
+-- A session's task: whatever happens in it, the server's and the client's connection counts
+-- go down and the connection is closed.
+local function session_task(srv, conn, ip, port, cl)
+  local rec = { conn = conn }
+  srv.sessions[rec] = true
+  local ok, err = pcall(run_session, srv, conn, ip, port, cl, rec)
+  if not ok then srv:_log("session error: " .. str(err)) end
   srv.sessions[rec] = nil
   srv.active = srv.active - 1
+  if cl then
+    cl.n = cl.n - 1
+    cl.seen = now()
+  end
   conn:close()
 end
 
@@ -297,23 +561,59 @@ function Server:_log(msg)
   if self.opts.log then pcall(self.opts.log, msg) end
 end
 
+-- srv:stats() -> a copy of srv.counters with the current `active` sessions and `clients` tracked.
+function Server:stats()
+  local t = {}
+  for k, v in pairs(self.counters) do t[k] = v end
+  t.active, t.clients = self.active, self.nclients
+  return t
+end
+
 function Server:__tostring()
   return ("smtp.server (%s port %d%s)"):format(self.host, self.port, self.closed and ", closed" or "")
 end
 
 local function accept_loop(srv)
   local l = srv.listener
+  local o = srv.opts
+  local exempt = o.client_exempt
+  if exempt == nil then exempt = default_exempt end
+  if not (o.max_client_connections or o.max_client_rate or o.max_client_messages
+    or o.max_client_recipients) then
+    exempt = function() return true end
+  end
   while not srv.closed do
     local conn, ip, port = l:accept()
     if not conn then
       if srv.closed then break end
       loop().sleep(0.05) -- EMFILE and friends: do not spin
-    elseif srv.active >= srv.opts.max_connections then
+    elseif srv.active >= o.max_connections then
+      count(srv, "max_connections")
       conn:write("421 4.3.2 Too many connections, try again later\r\n", 5)
       conn:close()
     else
-      srv.active = srv.active + 1
-      loop().spawn(run_session, srv, conn, ip, port)
+      local cl
+      if not (exempt and exempt(ip)) then
+        cl = client_entry(srv, ip, now())
+        cl.c = cl.c + 1   -- every attempt counts toward the rate, refused ones too
+      end
+      local refuse
+      if cl and o.max_client_connections and cl.n >= o.max_client_connections then
+        refuse = "client_connections"
+      elseif cl and o.max_client_rate and cl.c > o.max_client_rate then
+        refuse = "client_rate"
+      end
+      if refuse then
+        count(srv, refuse)
+        conn:write(refuse == "client_rate"
+          and "421 4.7.0 Too many connections from your address per minute, try again later\r\n"
+          or "421 4.7.0 Too many connections from your address, try again later\r\n", 5)
+        conn:close()
+      else
+        srv.active = srv.active + 1
+        if cl then cl.n = cl.n + 1 end
+        loop().spawn(session_task, srv, conn, ip, port, cl)
+      end
     end
   end
 end
@@ -346,6 +646,17 @@ function Server:close()
   return true
 end
 
+-- Every limit's counter, so srv.counters lists them all from the start.
+local COUNTERS = { "max_connections", "client_connections", "client_rate", "client_messages",
+  "client_recipients", "idle_timeout", "session_time", "command_time", "data_time", "max_errors",
+  "max_commands", "max_transactions", "line_length", "tarpit", "clients_evicted" }
+
+local function new_counters()
+  local c = {}
+  for _, k in ipairs(COUNTERS) do c[k] = 0 end
+  return c
+end
+
 function M.listen(opts)
   check_opts(opts)
   local o = {}
@@ -369,6 +680,7 @@ function M.listen(opts)
     opts = o, listener = l, host = l.host or host, port = l.port,
     hostname = o.hostname or "localhost", tls_ctx = tls_ctx, implicit = (o.tls and o.tls.implicit) == true,
     auth_plaintext = auth_plaintext, sessions = {}, active = 0,
+    clients = {}, nclients = 0, counters = new_counters(),
   }, Server)
   return srv
 end
