@@ -141,6 +141,8 @@ local function client_key(ip)
   return table.concat(k, ":") .. "::/64"
 end
 
+M._client_key = client_key -- for the specs
+
 local function default_exempt(ip) return check.is_loopback(ip) end
 
 -- Makes room in the client table: entries whose window has passed hold nothing worth keeping;
