@@ -90,10 +90,16 @@ static int l_feed(lua_State *L)
     return 1;
 }
 
+/* e:space() -> bytes the engine can take now, and whether it holds part of a command line (the
+ * server's command deadline runs then) */
 static int l_space(lua_State *L)
 {
-    lua_pushinteger(L, (lua_Integer)smtp_server_space(check_engine(L)));
-    return 1;
+    smtp_server *s = check_engine(L);
+    smtp_server_usage u;
+    smtp_server_get_usage(s, &u);
+    lua_pushinteger(L, (lua_Integer)smtp_server_space(s));
+    lua_pushboolean(L, u.partial);
+    return 2;
 }
 
 static void push_params(lua_State *L, const smtp_server_params *p)
@@ -282,8 +288,8 @@ ENGINE_GETTER(helo, lua_pushstring, smtp_server_helo)
 ENGINE_GETTER(user, lua_pushstring, smtp_server_user)
 ENGINE_GETTER(tls, lua_pushboolean, smtp_server_tls)
 
-/* e:usage() -> commands, errors, partial, limit|nil, transactions: what the session used (the
- * server's deadlines and counters read it once per read from the client) */
+/* e:usage() -> commands, errors, partial, limit|nil, transactions: what the session used (read
+ * for the command deadline while part of a line waits, for the tarpit and at the end) */
 static int l_usage(lua_State *L)
 {
     smtp_server_usage u;

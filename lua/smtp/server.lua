@@ -289,39 +289,30 @@ local function run_session(srv, conn, ip, port, cl, rec)
       flush()
       return false
     end
-    local space = eng:space()
+    local space, partial = eng:space()
     if space == 0 then return true end
-    -- The wait is the idle timeout, or less when a deadline comes sooner: a client that drips a
-    -- byte per timeout period is not kept by the idle timer.
-    local t = now()
-    local wait, why = timeout, "idle_timeout"
-    local left = session_end - t
-    if left < wait then wait, why = left, "session_time" end
+    -- The wait ends at the idle timeout, or at `cap` when that comes first: a client that drips
+    -- a byte per timeout period is not kept by the idle timer. Working out `cap` takes no clock
+    -- reading (the hot path pays a few comparisons); only a command line left partial does.
+    local cap, why = session_end, "session_time"
     if msg_t then
-      left = msg_t + data_timeout + msg_bytes * per_byte - t
-      if left < wait then wait, why = left, "data_time" end
+      local d = msg_t + data_timeout + msg_bytes * per_byte
+      if d < cap then cap, why = d, "data_time" end
+    elseif partial then
+      local ncmd = eng:usage()
+      if not cmd_t or ncmd ~= cmd_n then cmd_t, cmd_n = now(), ncmd end
+      local d = cmd_t + command_timeout
+      if d < cap then cap, why = d, "command_time" end
     else
-      local ncmd, _, partial = eng:usage()
-      if partial then
-        if not cmd_t or ncmd ~= cmd_n then cmd_t, cmd_n = t, ncmd end
-        left = cmd_t + command_timeout - t
-        if left < wait then wait, why = left, "command_time" end
-      else
-        cmd_t = nil
-      end
-    end
-    if wait <= 0 then
-      expire(why)
-      dead = true
-      return false
+      cmd_t = nil
     end
     -- The transport's read_idle leaves the connection open on a timeout, so 421 can still go out.
     rec.idle = true
-    local chunk, err = conn:read_idle(wait, space, rec.full)
+    local chunk, err = conn:read_idle(timeout, space, rec.full, cap)
     rec.idle = false
     rec.full = chunk ~= nil and #chunk >= space
     if not chunk then
-      if err.kind == "timeout" then expire(why) end
+      if err.kind == "timeout" then expire(now() >= cap and why or "idle_timeout") end
       dead = true
       return false
     end
