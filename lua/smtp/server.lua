@@ -217,6 +217,30 @@ local EXPIRED = {
   data_time = "Message data not received in time, closing connection",
 }
 
+-- A deadline passed: 421 4.4.2 and the end.
+local function expire(srv, eng, conn, why)
+  count(srv, why)
+  eng:shutdown(421, "4.4.2", EXPIRED[why])
+  local out = eng:output()
+  if out then conn:write(out, min(srv.opts.timeout, 5)) end
+end
+
+-- After a refusal that counted as an error: past tarpit_after errors the reply waits
+-- tarpit_delay * 2^(n - 1) seconds (at most tarpit_max) for the n-th error beyond, so guessing
+-- passwords or harvesting addresses gets slower. Other sessions run on meanwhile (a loop sleep).
+-- True when it waited.
+local function tarpit(srv, eng, session_end)
+  local o = srv.opts
+  local _, errs = eng:usage()
+  local k = errs - o.tarpit_after
+  if k <= 0 or o.tarpit_delay <= 0 then return false end
+  local d = min(o.tarpit_max, o.tarpit_delay * 2 ^ (k - 1), session_end - now())
+  if d <= 0 then return false end
+  count(srv, "tarpit")
+  loop().sleep(d)
+  return true
+end
+
 -- Session -----------------------------------------------------------------------------------
 
 local Session = { __name = "smtp.server.session" }
@@ -231,45 +255,29 @@ end
 
 -- Runs one connection to the end. Everything the world does to it ends the session quietly.
 -- `cl` is the client's entry in the per-client table, nil for an exempt client.
-local function run_session(srv, conn, ip, port, cl, rec)
+local function run_session(srv, conn, ip, port, cl)
   local o = srv.opts
-  local limit_messages = cl and o.max_client_messages
-  local limit_rcpts = cl and o.max_client_recipients
   local eok, eng = pcall(core.server_engine, {
     hostname = srv.hostname, max_line = o.max_line, max_message_size = o.max_message_size,
     max_recipients = o.max_recipients, max_errors = o.max_errors,
     max_commands = o.max_commands or nil, max_transactions = o.max_transactions or nil,
     tls = srv.tls_ctx ~= nil and not srv.implicit, tls_active = srv.implicit,
     auth = o.auth ~= nil, auth_plaintext = srv.auth_plaintext, require_auth = o.require_auth,
-    normalize = o.normalize_newlines, hook_mail = o.on_mail ~= nil or limit_messages and true,
-    hook_rcpt = o.on_rcpt ~= nil or limit_rcpts and true,
+    normalize = o.normalize_newlines, hook_mail = o.on_mail ~= nil or (cl and o.max_client_messages and true),
+    hook_rcpt = o.on_rcpt ~= nil or (cl and o.max_client_recipients and true),
   })
-  if not eok then
-    srv:_log("session error: " .. str(eng))
-    conn:write("421 4.3.0 Temporary server error, closing connection\r\n", 5)
-    return
-  end
   local session = setmetatable({ address = ip, port = port, server = srv, tls = srv.implicit }, Session)
-  rec.eng, rec.session = eng, session
+  local rec = { conn = conn, eng = eng, session = session }
+  srv.sessions[rec] = true
   local timeout = o.timeout
   local dead = false       -- the connection is gone (closed, reset, timed out)
   local stash              -- an event the reader pulled that belongs to the main loop
   -- Deadlines besides the idle timeout: the session's end; the current command line's start
   -- (cmd_t, while the engine holds part of a line; cmd_n tells a new line from the same one);
   -- the current message's start and bytes so far (its data may take data_timeout plus one
-  -- second per data_rate bytes).
+  -- second per data_rate bytes). Few locals: each costs every session stack space.
   local session_end = now() + (o.max_session_time or huge)
-  local command_timeout = o.command_timeout or huge
-  local data_timeout, per_byte = o.data_timeout or huge, 1 / o.data_rate
   local cmd_t, cmd_n, msg_t, msg_bytes
-
-  -- A deadline passed: 421 4.4.2 and the end.
-  local function expire(why)
-    count(srv, why)
-    eng:shutdown(421, "4.4.2", EXPIRED[why])
-    local out = eng:output()
-    if out and not dead then conn:write(out, min(timeout, 5)) end
-  end
 
   local function flush()
     local out = eng:output()
@@ -296,12 +304,12 @@ local function run_session(srv, conn, ip, port, cl, rec)
     -- reading (the hot path pays a few comparisons); only a command line left partial does.
     local cap, why = session_end, "session_time"
     if msg_t then
-      local d = msg_t + data_timeout + msg_bytes * per_byte
+      local d = msg_t + (o.data_timeout or huge) + msg_bytes / o.data_rate
       if d < cap then cap, why = d, "data_time" end
     elseif partial then
       local ncmd = eng:usage()
       if not cmd_t or ncmd ~= cmd_n then cmd_t, cmd_n = now(), ncmd end
-      local d = cmd_t + command_timeout
+      local d = cmd_t + (o.command_timeout or huge)
       if d < cap then cap, why = d, "command_time" end
     else
       cmd_t = nil
@@ -312,7 +320,7 @@ local function run_session(srv, conn, ip, port, cl, rec)
     rec.idle = false
     rec.full = chunk ~= nil and #chunk >= space
     if not chunk then
-      if err.kind == "timeout" then expire(now() >= cap and why or "idle_timeout") end
+      if err.kind == "timeout" then expire(srv, eng, conn, now() >= cap and why or "idle_timeout") end
       dead = true
       return false
     end
@@ -422,21 +430,6 @@ local function run_session(srv, conn, ip, port, cl, rec)
     return true
   end
 
-  -- After a refusal that counted as an error: past tarpit_after errors the reply waits
-  -- tarpit_delay * 2^(n - 1) seconds (at most tarpit_max) for the n-th error beyond, so guessing
-  -- passwords or harvesting addresses gets slower. Other sessions run on meanwhile (a loop
-  -- sleep), and a command line the client pipelined behind gets its full time after the wait.
-  local function tarpit()
-    local _, errs = eng:usage()
-    local k = errs - o.tarpit_after
-    if k <= 0 or o.tarpit_delay <= 0 then return end
-    local d = min(o.tarpit_max, o.tarpit_delay * 2 ^ (k - 1), session_end - now())
-    if d <= 0 then return end
-    count(srv, "tarpit")
-    loop().sleep(d)
-    cmd_t = nil
-  end
-
   local function hook(fn, default_code, default_enh, ...)
     refresh()
     local ok, r1, r2, r3, r4 = pcall(fn, session, ...)
@@ -446,35 +439,12 @@ local function run_session(srv, conn, ip, port, cl, rec)
     else
       local yes, code, enh, text = verdict(srv, default_code, default_enh, r1, r2, r3, r4)
       eng:decide(yes, code, enh, text)
-      if not yes then tarpit() end
+      -- the wait counts against no deadline of the client's next command
+      if not yes and tarpit(srv, eng, session_end) then cmd_t = nil end
     end
   end
 
-  -- The per-client window's message or recipient count, then the hook.
-  local function mail(from, params)
-    if limit_messages and client_over(srv, cl, "m", limit_messages) then
-      count(srv, "client_messages")
-      eng:decide(false, 451, "4.7.1", "Too much mail from your address, try again later")
-      tarpit()
-    elseif o.on_mail then
-      hook(o.on_mail, 550, "5.7.1", from, params)
-    else
-      eng:decide(true)
-    end
-  end
-
-  local function rcpt(to, params)
-    if limit_rcpts and client_over(srv, cl, "r", limit_rcpts) then
-      count(srv, "client_recipients")
-      eng:decide(false, 452, "4.5.3", "Too many recipients from your address, try again later")
-    elseif o.on_rcpt then
-      hook(o.on_rcpt, 550, "5.1.1", to, params)
-    else
-      eng:decide(true)
-    end
-  end
-
-  local ok, err = pcall(function()
+  local ok, err = eok and pcall(function()
     if srv.implicit then
       local tok = conn:tls_accept(srv.tls_ctx, min(timeout, session_end - now()))
       if not tok then return end
@@ -494,9 +464,25 @@ local function run_session(srv, conn, ip, port, cl, rec)
           break
         end
       elseif kind == "mail" then
-        mail(a, b)
+        -- the client's messages in this window, then the hook
+        if cl and o.max_client_messages and client_over(srv, cl, "m", o.max_client_messages) then
+          count(srv, "client_messages")
+          eng:decide(false, 451, "4.7.1", "Too much mail from your address, try again later")
+          if tarpit(srv, eng, session_end) then cmd_t = nil end
+        elseif o.on_mail then
+          hook(o.on_mail, 550, "5.7.1", a, b)
+        else
+          eng:decide(true)
+        end
       elseif kind == "rcpt" then
-        rcpt(a, b)
+        if cl and o.max_client_recipients and client_over(srv, cl, "r", o.max_client_recipients) then
+          count(srv, "client_recipients")
+          eng:decide(false, 452, "4.5.3", "Too many recipients from your address, try again later")
+        elseif o.on_rcpt then
+          hook(o.on_rcpt, 550, "5.1.1", a, b)
+        else
+          eng:decide(true)
+        end
       elseif kind == "begin" then
         if not message() then break end
       elseif kind == "end" then
@@ -511,7 +497,7 @@ local function run_session(srv, conn, ip, port, cl, rec)
           eng:decide(false, 454, "4.7.0", "Temporary authentication failure")
         else
           eng:decide(res == true)
-          if res ~= true then tarpit() end
+          if res ~= true and tarpit(srv, eng, session_end) then cmd_t = nil end
         end
       elseif kind == "starttls" then
         if not flush() then break end
@@ -526,16 +512,13 @@ local function run_session(srv, conn, ip, port, cl, rec)
       end
     end
   end)
-  if not ok then srv:_log("session error: " .. str(err)) end
-end
-
--- A session's task: whatever happens in it, the server's and the client's connection counts
--- go down and the connection is closed.
-local function session_task(srv, conn, ip, port, cl)
-  local rec = { conn = conn }
-  srv.sessions[rec] = true
-  local ok, err = pcall(run_session, srv, conn, ip, port, cl, rec)
-  if not ok then srv:_log("session error: " .. str(err)) end
+  -- whatever happened, the server's and the client's connection counts go down
+  if not eok then
+    srv:_log("session error: " .. str(eng))
+    conn:write("421 4.3.0 Temporary server error, closing connection\r\n", 5)
+  elseif not ok then
+    srv:_log("session error: " .. str(err))
+  end
   srv.sessions[rec] = nil
   srv.active = srv.active - 1
   if cl then
@@ -605,7 +588,7 @@ local function accept_loop(srv)
       else
         srv.active = srv.active + 1
         if cl then cl.n = cl.n + 1 end
-        loop().spawn(session_task, srv, conn, ip, port, cl)
+        loop().spawn(run_session, srv, conn, ip, port, cl)
       end
     end
   end
