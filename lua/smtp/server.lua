@@ -569,7 +569,10 @@ local function accept_loop(srv)
       conn:close()
     else
       local cl
-      if not (exempt and exempt(ip)) then
+      local xok, yes = true, false
+      if exempt then xok, yes = pcall(exempt, ip) end
+      if not xok then srv:_log("client_exempt raised: " .. str(yes)) end
+      if not (xok and yes) then
         cl = client_entry(srv, ip, now())
         cl.c = cl.c + 1   -- every attempt counts toward the rate, refused ones too
       end
