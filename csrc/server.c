@@ -1181,7 +1181,8 @@ static const verb verbs[] = {
 
 static void command(smtp_server *s, const char *line, size_t n)
 {
-    if (++s->commands > s->cfg.max_commands && s->cfg.max_commands) {
+    s->commands++;
+    if (s->cfg.max_commands && s->commands > s->cfg.max_commands) {
         s->limit = "commands";
         close_with(s, 421, "4.7.0", "Too many commands in one session, closing connection");
         return;
