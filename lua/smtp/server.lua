@@ -21,14 +21,16 @@ local DEFAULTS = {
   tarpit_after = 3, tarpit_delay = 1, tarpit_max = 30,
 }
 
--- Option checks: name -> { lowest value, highest value, integer?, false allowed (= no limit)? }
+-- Option checks: name -> { lowest value, highest value, integer?, false allowed (= no limit)? }.
+-- What the C engine takes must be a whole number it can hold.
+local INT32, INT53 = 2147483647, 9007199254740992
 local NUMERIC = {
-  port = { 0, 65535, true }, max_message_size = { 0, huge, true }, max_recipients = { 1, 2 ^ 31, true },
-  max_connections = { 1, huge, true }, max_line = { 64, 65536, true }, max_errors = { 1, 2 ^ 31, true },
-  timeout = { 0.001, huge }, backlog = { 1, 2 ^ 31, true },
+  port = { 0, 65535, true }, max_message_size = { 0, INT53, true }, max_recipients = { 1, INT32, true },
+  max_connections = { 1, huge, true }, max_line = { 64, 65536, true }, max_errors = { 1, INT32, true },
+  timeout = { 0.001, huge }, backlog = { 1, INT32, true },
   max_session_time = { 0.001, huge, false, true }, command_timeout = { 0.001, huge, false, true },
   data_timeout = { 0.001, huge, false, true }, data_rate = { 1, huge },
-  max_commands = { 1, 2 ^ 31, true, true }, max_transactions = { 1, 2 ^ 31, true, true },
+  max_commands = { 1, INT32, true, true }, max_transactions = { 1, INT32, true, true },
   client_window = { 0.001, huge }, max_client_connections = { 1, huge, true, true },
   max_client_rate = { 1, huge, true, true }, max_client_messages = { 1, huge, true, true },
   max_client_recipients = { 1, huge, true, true }, max_clients = { 1, huge, true },
@@ -54,7 +56,7 @@ local function check_opts(o)
       end
       if v ~= v or v < r[1] or v > r[2] or (r[3] and v ~= huge and v % 1 ~= 0) then
         argerr(("option '%s': %s within %s..%s expected, got %s"):format(k, r[3] and "an integer" or "a number",
-          tostring(r[1]), r[2] == huge and "inf" or tostring(r[2]), tostring(v)))
+          ("%.17g"):format(r[1]), ("%.17g"):format(r[2]), tostring(v)))
       end
     end
   end
@@ -585,7 +587,7 @@ local function accept_loop(srv)
       if refuse then
         count(srv, refuse)
         conn:write(refuse == "client_rate"
-          and "421 4.7.0 Too many connections from your address per minute, try again later\r\n"
+          and "421 4.7.0 Connection rate limit exceeded for your address, try again later\r\n"
           or "421 4.7.0 Too many connections from your address, try again later\r\n", 5)
         conn:close()
       else
