@@ -219,12 +219,42 @@ local EXPIRED = {
   data_time = "Message data not received in time, closing connection",
 }
 
--- A deadline passed: 421 4.4.2 and the end.
-local function expire(srv, eng, conn, why)
+-- A session's wait timed out: 421 4.4.2 and the end. `cap` was the earliest deadline other than
+-- the idle timeout (rec.t_end, the message's or the command line's).
+local function expire(srv, rec, cap)
+  local why = "idle_timeout"
+  if now() >= cap then
+    why = cap == rec.t_end and "session_time" or rec.msg_t and "data_time" or "command_time"
+  end
   count(srv, why)
+  local eng = rec.eng
   eng:shutdown(421, "4.4.2", EXPIRED[why])
   local out = eng:output()
-  if out then conn:write(out, min(srv.opts.timeout, 5)) end
+  if out then rec.conn:write(out, min(srv.opts.timeout, 5)) end
+end
+
+-- The timeout, or less when the session's end comes first.
+local function left(rec, timeout) return min(timeout, rec.t_end - now()) end
+
+-- The session's engine, or why it could not be made (a string).
+local function new_engine(srv, cl)
+  local o = srv.opts
+  local ok, eng = pcall(core.server_engine, {
+    hostname = srv.hostname, max_line = o.max_line, max_message_size = o.max_message_size,
+    max_recipients = o.max_recipients, max_errors = o.max_errors,
+    max_commands = o.max_commands or nil, max_transactions = o.max_transactions or nil,
+    tls = srv.tls_ctx ~= nil and not srv.implicit, tls_active = srv.implicit,
+    auth = o.auth ~= nil, auth_plaintext = srv.auth_plaintext, require_auth = o.require_auth,
+    normalize = o.normalize_newlines, hook_mail = o.on_mail ~= nil or (cl and o.max_client_messages and true),
+    hook_rcpt = o.on_rcpt ~= nil or (cl and o.max_client_recipients and true),
+  })
+  return ok and eng or str(eng)
+end
+
+-- A session the engine closed: which of its limits did it, if one did.
+local function count_engine_limit(srv, eng)
+  local _, _, _, limit = eng:usage()
+  if limit then count(srv, ENGINE_LIMIT[limit]) end
 end
 
 -- After a refusal that counted as an error: past tarpit_after errors the reply waits
@@ -258,33 +288,25 @@ end
 -- Runs one connection to the end. Everything the world does to it ends the session quietly.
 -- `cl` is the client's entry in the per-client table, nil for an exempt client.
 local function run_session(srv, conn, ip, port, cl)
-  local o = srv.opts
-  local eok, eng = pcall(core.server_engine, {
-    hostname = srv.hostname, max_line = o.max_line, max_message_size = o.max_message_size,
-    max_recipients = o.max_recipients, max_errors = o.max_errors,
-    max_commands = o.max_commands or nil, max_transactions = o.max_transactions or nil,
-    tls = srv.tls_ctx ~= nil and not srv.implicit, tls_active = srv.implicit,
-    auth = o.auth ~= nil, auth_plaintext = srv.auth_plaintext, require_auth = o.require_auth,
-    normalize = o.normalize_newlines, hook_mail = o.on_mail ~= nil or (cl and o.max_client_messages and true),
-    hook_rcpt = o.on_rcpt ~= nil or (cl and o.max_client_recipients and true),
-  })
+  local o = srv.opts  -- o.timeout has no local: one more would be a slot in each idle session's stack
+  local eng = new_engine(srv, cl)
   local session = setmetatable({ address = ip, port = port, server = srv, tls = srv.implicit }, Session)
-  local rec = { conn = conn, eng = eng, session = session }
+  -- Deadlines besides the idle timeout live in `rec` (a local more in every session's stack
+  -- frame would cost more than its field): the session's end (t_end); while the engine holds part
+  -- of a command line, the time it was first seen partial (cmd_t) and the command count then
+  -- (cmd_n, a new count means a new line); the current message's start (msg_t) and bytes so far
+  -- (bytes): its data may take data_timeout plus one second per data_rate bytes.
+  local rec = { conn = conn, eng = eng, session = session, idle = false, full = false,
+    t_end = now() + (o.max_session_time or huge), cap = 0, cmd_t = false, cmd_n = 0, msg_t = false,
+    bytes = 0 }
   srv.sessions[rec] = true
-  local timeout = o.timeout
   local dead = false       -- the connection is gone (closed, reset, timed out)
   local stash              -- an event the reader pulled that belongs to the main loop
-  -- Deadlines besides the idle timeout: the session's end; the current command line's start
-  -- (cmd_t, while the engine holds part of a line; cmd_n tells a new line from the same one);
-  -- the current message's start and bytes so far (its data may take data_timeout plus one
-  -- second per data_rate bytes). Few locals: each costs every session stack space.
-  local session_end = now() + (o.max_session_time or huge)
-  local cmd_t, cmd_n, msg_t, msg_bytes
 
   local function flush()
     local out = eng:output()
     if out and not dead then
-      local ok = conn:write(out, timeout)
+      local ok = conn:write(out, o.timeout)
       if not ok then dead = true end
     end
     return not dead
@@ -299,34 +321,41 @@ local function run_session(srv, conn, ip, port, cl)
       flush()
       return false
     end
-    local space, partial = eng:space()
-    if space == 0 then return true end
-    -- The wait ends at the idle timeout, or at `cap` when that comes first: a client that drips
-    -- a byte per timeout period is not kept by the idle timer. Working out `cap` takes no clock
-    -- reading (the hot path pays a few comparisons); only a command line left partial does.
-    local cap, why = session_end, "session_time"
-    if msg_t then
-      local d = msg_t + (o.data_timeout or huge) + msg_bytes / o.data_rate
-      if d < cap then cap, why = d, "data_time" end
-    elseif partial then
-      local ncmd = eng:usage()
-      if not cmd_t or ncmd ~= cmd_n then cmd_t, cmd_n = now(), ncmd end
-      local d = cmd_t + (o.command_timeout or huge)
-      if d < cap then cap, why = d, "command_time" end
-    else
-      cmd_t = nil
+    -- The wait ends at the idle timeout, or at rec.cap when that comes first: a client that
+    -- drips a byte per timeout period is not kept by the idle timer. Working out the cap takes
+    -- no clock reading (the hot path pays a few comparisons); only a command line left partial
+    -- does. It goes through `rec`, and `partial` lives in a block: a local still alive at the
+    -- read would cost each idle session a slot, and on LuaJIT a doubled stack (1.3 KB).
+    local space
+    do
+      local partial
+      space, partial = eng:space()
+      if space == 0 then return true end
+      local cap = rec.t_end
+      if rec.msg_t then
+        partial = rec.msg_t + (o.data_timeout or huge) + rec.bytes / o.data_rate
+        if partial < cap then cap = partial end
+      elseif partial then
+        partial = eng:usage()
+        if not rec.cmd_t or partial ~= rec.cmd_n then rec.cmd_t, rec.cmd_n = now(), partial end
+        partial = rec.cmd_t + (o.command_timeout or huge)
+        if partial < cap then cap = partial end
+      else
+        rec.cmd_t = false
+      end
+      rec.cap = cap
     end
     -- The transport's read_idle leaves the connection open on a timeout, so 421 can still go out.
     rec.idle = true
-    local chunk, err = conn:read_idle(timeout, space, rec.full, cap)
+    local chunk, err = conn:read_idle(o.timeout, space, rec.full, rec.cap)
     rec.idle = false
     rec.full = chunk ~= nil and #chunk >= space
     if not chunk then
-      if err.kind == "timeout" then expire(srv, eng, conn, now() >= cap and why or "idle_timeout") end
+      if err.kind == "timeout" then expire(srv, rec, rec.cap) end
       dead = true
       return false
     end
-    if msg_t then msg_bytes = msg_bytes + #chunk end
+    if rec.msg_t then rec.bytes = rec.bytes + #chunk end
     eng:feed(chunk)
     return true
   end
@@ -406,7 +435,7 @@ local function run_session(srv, conn, ip, port, cl)
   -- on_message with a reader that pulls from the connection as the hook reads.
   local function message()
     buf, ended, endcode, endtext, rerr = nil, false, nil, nil, nil
-    msg_t, msg_bytes = now(), 0
+    rec.msg_t, rec.bytes = now(), 0
     local ok, r1, r2, r3, r4
     if o.on_message then
       local envelope = eng:envelope()
@@ -420,7 +449,7 @@ local function run_session(srv, conn, ip, port, cl)
     -- whatever the hook left: take the whole message in before replying
     buf = nil
     while not ended do pull() end
-    msg_t = nil
+    rec.msg_t = false
     if rerr or dead then return false end
     if endcode then return true end -- the engine refused it and replied already
     if not ok then
@@ -442,13 +471,13 @@ local function run_session(srv, conn, ip, port, cl)
       local yes, code, enh, text = verdict(srv, default_code, default_enh, r1, r2, r3, r4)
       eng:decide(yes, code, enh, text)
       -- the wait counts against no deadline of the client's next command
-      if not yes and tarpit(srv, eng, session_end) then cmd_t = nil end
+      if not yes and tarpit(srv, eng, rec.t_end) then rec.cmd_t = false end
     end
   end
 
-  local ok, err = eok and pcall(function()
+  local ok, err = type(eng) == "userdata" and pcall(function()
     if srv.implicit then
-      local tok = conn:tls_accept(srv.tls_ctx, min(timeout, session_end - now()))
+      local tok = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
       if not tok then return end
     end
     while true do
@@ -470,7 +499,7 @@ local function run_session(srv, conn, ip, port, cl)
         if cl and o.max_client_messages and client_over(srv, cl, "m", o.max_client_messages) then
           count(srv, "client_messages")
           eng:decide(false, 451, "4.7.1", "Too much mail from your address, try again later")
-          if tarpit(srv, eng, session_end) then cmd_t = nil end
+          if tarpit(srv, eng, rec.t_end) then rec.cmd_t = false end
         elseif o.on_mail then
           hook(o.on_mail, 550, "5.7.1", a, b)
         else
@@ -499,24 +528,23 @@ local function run_session(srv, conn, ip, port, cl)
           eng:decide(false, 454, "4.7.0", "Temporary authentication failure")
         else
           eng:decide(res == true)
-          if res ~= true and tarpit(srv, eng, session_end) then cmd_t = nil end
+          if res ~= true and tarpit(srv, eng, rec.t_end) then rec.cmd_t = false end
         end
       elseif kind == "starttls" then
         if not flush() then break end
-        local tok = conn:tls_accept(srv.tls_ctx, min(timeout, session_end - now()))
+        local tok = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
         if not tok then break end
         session.tls = true
       elseif kind == "close" then
-        local _, _, _, limit = eng:usage()
-        if limit then count(srv, ENGINE_LIMIT[limit]) end
+        count_engine_limit(srv, eng)
         flush()
         break
       end
     end
   end)
   -- whatever happened, the server's and the client's connection counts go down
-  if not eok then
-    srv:_log("session error: " .. str(eng))
+  if type(eng) ~= "userdata" then
+    srv:_log("session error: " .. eng)
     conn:write("421 4.3.0 Temporary server error, closing connection\r\n", 5)
   elseif not ok then
     srv:_log("session error: " .. str(err))

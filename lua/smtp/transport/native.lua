@@ -205,10 +205,11 @@ end
 function Conn:read_idle(timeout, max, read_first, cap)
   local sock, fd = self.sock, self.fd
   if not sock then return fail("closed", "read_idle on a closed connection") end
-  local deadline = now() + timeout
-  if cap and cap < deadline then deadline = cap end
+  -- `timeout` becomes the deadline: no local more (a slot in every idle session's stack)
+  timeout = now() + timeout
+  if cap and cap < timeout then timeout = cap end
   if not read_first then
-    local ok, werr = wait.fd(fd, "r", deadline)
+    local ok, werr = wait.fd(fd, "r", timeout)
     if not ok then return idle_fail(werr) end
     sock = self.sock
     if not sock then return fail("closed", "read: connection closed") end
@@ -218,7 +219,7 @@ function Conn:read_idle(timeout, max, read_first, cap)
     local chunk, e, code = sock:read(max)
     if chunk then return chunk end
     if e == "wantread" or e == "wantwrite" then
-      local ok, werr = wait.fd(fd, e == "wantread" and "r" or "w", deadline)
+      local ok, werr = wait.fd(fd, e == "wantread" and "r" or "w", timeout)
       if not ok then return idle_fail(werr) end
       if not self.sock then return fail("closed", "read: connection closed") end
     else
