@@ -324,8 +324,9 @@ local function run_session(srv, conn, ip, port, cl)
     -- The wait ends at the idle timeout, or at rec.cap when that comes first: a client that
     -- drips a byte per timeout period is not kept by the idle timer. Working out the cap takes
     -- no clock reading (the hot path pays a few comparisons); only a command line left partial
-    -- does. It goes through `rec`, and `partial` lives in a block: a local still alive at the
-    -- read would cost each idle session a slot, and on LuaJIT a doubled stack (1.3 KB).
+    -- does. It goes through `rec`, and `partial` (reused for the deadlines) lives in a block: a
+    -- local still alive at the read would cost each idle session a slot, and on LuaJIT a
+    -- doubled stack (1.3 KB).
     local space
     do
       local partial
