@@ -59,6 +59,8 @@ struct smtp_server {
     int authed;
     char user[256];
     unsigned errors;
+    unsigned commands, transactions;   /* for max_commands, max_transactions and usage */
+    const char *limit;           /* the limit that closed the session (smtp_server_get_usage) */
     int close_reported;
     /* transaction */
     int in_tx;
@@ -160,7 +162,8 @@ static void out_add(smtp_server *s, const char *p, size_t n)
     s->out_len += n;
 }
 
-/* One reply line. Protocol errors (not 452, not hook verdicts) count toward max_errors. */
+/* One reply line. Protocol errors and refusals (not 452 past max_recipients) count toward
+ * max_errors: see fail(). */
 static void reply(smtp_server *s, int code, const char *enh, const char *fmt, ...)
 {
     char line[600];
@@ -211,12 +214,14 @@ static void close_with(smtp_server *s, int code, const char *enh, const char *te
     s->mode = M_CLOSED;
 }
 
-/* An engine-made error reply; too many of them end the session. */
+/* An error reply (the engine's, or a hook's or AUTH's refusal); too many end the session. */
 static void fail(smtp_server *s, int code, const char *enh, const char *text)
 {
     reply(s, code, enh, "%s", text);
-    if (++s->errors >= s->cfg.max_errors)
+    if (++s->errors >= s->cfg.max_errors) {
+        s->limit = "errors";
         close_with(s, 421, "4.7.0", "Too many errors, closing connection");
+    }
 }
 
 /* --- transaction -------------------------------------------------------------------------- */
@@ -693,6 +698,11 @@ static int check_mail(smtp_server *s, const char *arg, size_t alen)
         fail(s, 503, "5.5.1", "Error: nested MAIL command");
         return 0;
     }
+    if (s->cfg.max_transactions && s->transactions >= s->cfg.max_transactions) {
+        s->limit = "transactions";
+        close_with(s, 421, "4.7.0", "Too many transactions in one session, closing connection");
+        return 0;
+    }
     return 1;
 }
 
@@ -743,6 +753,7 @@ static void accept_mail(smtp_server *s)
     s->from = s->pending;
     memset(&s->pending, 0, sizeof s->pending);
     s->in_tx = 1;
+    s->transactions++;
     reply(s, 250, "2.1.0", "Ok");
 }
 
@@ -1174,6 +1185,12 @@ static const verb verbs[] = {
 
 static void command(smtp_server *s, const char *line, size_t n)
 {
+    s->commands++;
+    if (s->cfg.max_commands && s->commands > s->cfg.max_commands) {
+        s->limit = "commands";
+        close_with(s, 421, "4.7.0", "Too many commands in one session, closing connection");
+        return;
+    }
     if (memchr(line, 0, n)) {
         fail(s, 500, "5.5.2", "Error: NUL byte in command");
         return;
@@ -1615,6 +1632,7 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             smtp_wipe(s->in + s->in_pos, upto - s->in_pos); /* see M_CMD */
             s->in_pos = upto;
             if (s->skipped > LONG_LINE_CLOSE) {
+                s->limit = "line";
                 close_with(s, 421, "4.7.0", "Line too long, closing connection");
                 continue;
             }
@@ -1720,7 +1738,8 @@ int smtp_server_decide(smtp_server *s, int accept, int code, const char *enh, co
             accept_mail(s);
         else {
             addr_clear(&s->pending);
-            reply(s, code ? code : 550, enh ? enh : "5.7.1", "%s", text ? text : "Sender rejected");
+            /* a refused sender counts as an error: harvesting is not free */
+            fail(s, code ? code : 550, enh ? enh : "5.7.1", text ? text : "Sender rejected");
         }
         break;
     case A_RCPT:
@@ -1728,7 +1747,10 @@ int smtp_server_decide(smtp_server *s, int accept, int code, const char *enh, co
             accept_rcpt(s);
         else {
             addr_clear(&s->pending);
-            reply(s, code ? code : 550, enh ? enh : "5.1.1", "%s", text ? text : "Recipient rejected");
+            if (code == 452) /* too many recipients: not an error (RFC 5321 4.5.3.1.10) */
+                reply(s, code, enh ? enh : "4.5.3", "%s", text ? text : "Too many recipients");
+            else
+                fail(s, code ? code : 550, enh ? enh : "5.1.1", text ? text : "Recipient rejected");
         }
         break;
     case A_END:
@@ -1813,6 +1835,16 @@ const char *smtp_server_error(const smtp_server *s) { return s->oom ? "out of me
 const char *smtp_server_helo(const smtp_server *s) { return s->helo ? s->helo_name : NULL; }
 const char *smtp_server_user(const smtp_server *s) { return s->authed ? s->user : NULL; }
 int smtp_server_tls(const smtp_server *s) { return s->tls; }
+
+void smtp_server_get_usage(const smtp_server *s, smtp_server_usage *u)
+{
+    u->commands = s->commands;
+    u->transactions = s->transactions;
+    u->errors = s->errors;
+    u->partial = s->mode == M_SKIPLINE
+        || ((s->mode == M_CMD || s->mode == M_AUTH) && s->in_len > s->in_pos);
+    u->limit = s->limit;
+}
 
 const char *smtp_server_from(const smtp_server *s, const smtp_server_params **p)
 {

@@ -15,6 +15,8 @@ typedef struct smtp_server_config {
     size_t max_message_size;     /* after unstuffing; 0 = no limit */
     unsigned max_recipients;     /* 452 past it (100) */
     unsigned max_errors;         /* 421 and close once reached (10) */
+    unsigned max_commands;       /* 421 and close at the command past this many; 0 = no limit */
+    unsigned max_transactions;   /* 421 and close at a MAIL past this many; 0 = no limit */
     size_t out_cap;              /* stop consuming input while this much output waits (64 KB) */
     int tls_available;           /* offer STARTTLS */
     int tls_active;              /* implicit TLS: the session starts encrypted */
@@ -89,6 +91,16 @@ const char *smtp_server_error(const smtp_server *s);
 const char *smtp_server_helo(const smtp_server *s);
 const char *smtp_server_user(const smtp_server *s);
 int smtp_server_tls(const smtp_server *s);
+/* What a session has used so far: its caller's deadlines and statistics read it. */
+typedef struct smtp_server_usage {
+    unsigned commands;           /* command lines taken (AUTH continuation lines not counted) */
+    unsigned transactions;       /* MAIL commands accepted */
+    unsigned errors;             /* counted toward max_errors (hook and AUTH rejections too) */
+    int partial;                 /* a command line is partly received, or a long one skipped */
+    const char *limit;           /* NULL, or the limit that closed the session: "errors",
+                                    "commands", "transactions", "line" */
+} smtp_server_usage;
+void smtp_server_get_usage(const smtp_server *s, smtp_server_usage *u);
 /* Envelope of the current transaction. */
 const char *smtp_server_from(const smtp_server *s, const smtp_server_params **p);
 unsigned smtp_server_rcpt_count(const smtp_server *s);

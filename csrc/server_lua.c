@@ -33,6 +33,7 @@ static int opt_bool(lua_State *L, int t, const char *k)
 }
 
 /* core.server_engine{ hostname=, max_line=, max_message_size=, max_recipients=, max_errors=,
+ *   max_commands=, max_transactions=,
  *   out_cap=, tls=, tls_active=, auth=, auth_plaintext=, require_auth=, normalize=, hook_mail=,
  *   hook_rcpt= } -> engine (its greeting already queued) */
 static int l_engine_new(lua_State *L)
@@ -46,6 +47,8 @@ static int l_engine_new(lua_State *L)
     c.max_message_size = (size_t)opt_int(L, 1, "max_message_size", 0);
     c.max_recipients = (unsigned)opt_int(L, 1, "max_recipients", 100);
     c.max_errors = (unsigned)opt_int(L, 1, "max_errors", SMTP_SERVER_MAX_ERRORS_DEFAULT);
+    c.max_commands = (unsigned)opt_int(L, 1, "max_commands", 0);
+    c.max_transactions = (unsigned)opt_int(L, 1, "max_transactions", 0);
     c.out_cap = (size_t)opt_int(L, 1, "out_cap", 64 * 1024);
     c.tls_available = opt_bool(L, 1, "tls");
     c.tls_active = opt_bool(L, 1, "tls_active");
@@ -87,10 +90,16 @@ static int l_feed(lua_State *L)
     return 1;
 }
 
+/* e:space() -> bytes the engine can take now, and whether it holds part of a command line (the
+ * server's command deadline runs then) */
 static int l_space(lua_State *L)
 {
-    lua_pushinteger(L, (lua_Integer)smtp_server_space(check_engine(L)));
-    return 1;
+    smtp_server *s = check_engine(L);
+    smtp_server_usage u;
+    smtp_server_get_usage(s, &u);
+    lua_pushinteger(L, (lua_Integer)smtp_server_space(s));
+    lua_pushboolean(L, u.partial);
+    return 2;
 }
 
 static void push_params(lua_State *L, const smtp_server_params *p)
@@ -163,6 +172,25 @@ static int l_next(lua_State *L)
     }
 }
 
+/* RFC 3463: class "." subject "." detail, class 2, 4 or 5, subject and detail 1 to 3 digits. */
+static int enh_valid(const char *e)
+{
+    if ((e[0] != '2' && e[0] != '4' && e[0] != '5') || e[1] != '.')
+        return 0;
+    e += 2;
+    for (int part = 0; part < 2; part++) {
+        int n = 0;
+        while (*e >= '0' && *e <= '9' && n < 4) {
+            e++;
+            n++;
+        }
+        if (n < 1 || n > 3 || *e != (part ? '\0' : '.'))
+            return 0;
+        e++;
+    }
+    return 1;
+}
+
 /* e:decide(ok [, code, enhanced, text]) */
 static int l_decide(lua_State *L)
 {
@@ -175,7 +203,7 @@ static int l_decide(lua_State *L)
         return luaL_argerror(L, 3, "reply code out of range");
     if (text && strpbrk(text, "\r\n"))
         return luaL_argerror(L, 5, "CR or LF in reply text");
-    if (enh && (strlen(enh) > 12 || strpbrk(enh, "\r\n ")))
+    if (enh && !enh_valid(enh))
         return luaL_argerror(L, 4, "bad enhanced status code");
     if (smtp_server_decide(s, ok, code, enh, text) < 0)
         return luaL_error(L, "no decision pending");
@@ -237,7 +265,11 @@ static int l_shutdown(lua_State *L)
     int code = (int)luaL_optinteger(L, 2, 421);
     const char *enh = luaL_optstring(L, 3, "4.3.2");
     const char *text = luaL_optstring(L, 4, "Service shutting down");
-    if (strpbrk(text, "\r\n") || strpbrk(enh, "\r\n"))
+    if (code < 400 || code > 599)
+        return luaL_argerror(L, 2, "reply code out of range");
+    if (!enh_valid(enh))
+        return luaL_argerror(L, 3, "bad enhanced status code");
+    if (strpbrk(text, "\r\n"))
         return luaL_argerror(L, 4, "CR or LF in reply");
     smtp_server_shutdown(s, code, enh, text);
     return 0;
@@ -256,6 +288,23 @@ ENGINE_GETTER(helo, lua_pushstring, smtp_server_helo)
 ENGINE_GETTER(user, lua_pushstring, smtp_server_user)
 ENGINE_GETTER(tls, lua_pushboolean, smtp_server_tls)
 
+/* e:usage() -> commands, errors, partial, limit|nil, transactions: what the session used (read
+ * for the command deadline while part of a line waits, for the tarpit and at the end) */
+static int l_usage(lua_State *L)
+{
+    smtp_server_usage u;
+    smtp_server_get_usage(check_engine(L), &u);
+    lua_pushinteger(L, (lua_Integer)u.commands);
+    lua_pushinteger(L, (lua_Integer)u.errors);
+    lua_pushboolean(L, u.partial);
+    if (u.limit)
+        lua_pushstring(L, u.limit);
+    else
+        lua_pushnil(L);
+    lua_pushinteger(L, (lua_Integer)u.transactions);
+    return 5;
+}
+
 static int l_engine_tostring(lua_State *L)
 {
     lengine *e = luaL_checkudata(L, 1, ENGINE_MT);
@@ -269,7 +318,7 @@ int smtp_open_server(lua_State *L)
         { "feed", l_feed }, { "space", l_space }, { "next", l_next }, { "decide", l_decide },
         { "output", l_output }, { "envelope", l_envelope }, { "shutdown", l_shutdown },
         { "closed", l_closed }, { "state", l_state }, { "helo", l_helo }, { "user", l_user },
-        { "tls", l_tls }, { NULL, NULL }
+        { "tls", l_tls }, { "usage", l_usage }, { NULL, NULL }
     };
     static const luaL_Reg meta[] = {
         { "__gc", l_engine_gc }, { "__tostring", l_engine_tostring }, { NULL, NULL }

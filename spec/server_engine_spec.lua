@@ -466,11 +466,71 @@ describe("server engine", function()
     assert.is_true(e:closed())
   end)
 
-  it("shutdown with a code that is no final reply code sends 421 instead of a malformed line", function()
+  it("shutdown with a code that is no final reply code is refused, never sent as a malformed line", function()
+    -- The binding refuses; the engine's own guard (421 for C callers) is exercised by fuzz/replybuild.
     for _, code in ipairs { 42, 250, 1234, -1 } do
       local e = core.server_engine {}
-      e:shutdown(code, "4.3.2", "Going down")
-      assert.equal("220 localhost ESMTP lua-smtp\r\n421 4.3.2 Going down\r\n", e:output(), code)
+      assert.has_error(function() e:shutdown(code, "4.3.2", "Going down") end,
+        "bad argument #1 to 'shutdown' (reply code out of range)")
+      assert.equal("220 localhost ESMTP lua-smtp\r\n", e:output(), code)
     end
+  end)
+
+  describe("session limits (issue 15)", function()
+    it("refusals of MAIL and RCPT count toward max_errors; 452 does not", function()
+      local input = "EHLO c\r\nMAIL FROM:<a@x.test>\r\n" .. ("RCPT TO:<b@y.test>\r\n"):rep(5) .. "NOOP\r\n"
+      local n = 0
+      local r = run(input, { hook_rcpt = true, max_errors = 3 }, nil, function(kind)
+        if kind ~= "rcpt" then return true end
+        n = n + 1
+        if n <= 2 then return false, 452, "4.5.3", "later" end
+        return false, 550, "5.1.1", "no"
+      end)
+      assert.matches("452 4%.5%.3 later\r\n452 4%.5%.3 later\r\n550 5%.1%.1 no\r\n550 5%.1%.1 no\r\n550 5%.1%.1 no\r\n"
+        .. "421 4%.7%.0 Too many errors, closing connection\r\n$", r.out)
+      local _, errors, _, limit = r.engine:usage()
+      assert.equal(3, errors)
+      assert.equal("errors", limit)
+    end)
+
+    it("max_commands and max_transactions close with 421 4.7.0 and say which limit it was", function()
+      local r = run(("NOOP\r\n"):rep(4), { max_commands = 3 })
+      assert.matches("250 2%.0%.0 Ok\r\n421 4%.7%.0 Too many commands in one session, closing connection\r\n$", r.out)
+      local commands, _, _, limit = r.engine:usage()
+      assert.equal(4, commands)
+      assert.equal("commands", limit)
+      r = run("EHLO c\r\n" .. ("MAIL FROM:<a@x.test>\r\nRSET\r\n"):rep(3), { max_transactions = 2 })
+      assert.matches("250 2%.0%.0 Ok\r\n421 4%.7%.0 Too many transactions in one session, closing connection\r\n$", r.out)
+      assert.equal("transactions", select(4, r.engine:usage()))
+      assert.equal(2, select(5, r.engine:usage()))
+    end)
+
+    it("space() and usage() say when part of a command line waits, an over-long one too", function()
+      local e = core.server_engine {}
+      assert.is_false(select(2, e:space()))
+      e:feed("NOOP")
+      assert.is_nil(e:next())
+      assert.is_true(select(2, e:space()))
+      assert.is_true(select(3, e:usage()))
+      e:feed("\r\n")
+      e:next()
+      assert.is_false(select(2, e:space()))
+      e:feed(("x"):rep(600))
+      e:next()
+      assert.equal("skipline", e:state())
+      assert.is_true(select(2, e:space()))
+    end)
+
+    it("decide and shutdown refuse an enhanced code outside class.subject.detail of 1-3 digits", function()
+      local e = core.server_engine { hook_rcpt = true }
+      e:feed("EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n")
+      while e:next() ~= "rcpt" do end
+      for _, bad in ipairs { "5.12345678.1", "5.1.1234", "5.1", "6.1.1", "5.1.1 ", "5..1", "5.1.1.1" } do
+        assert.has_error(function() e:decide(false, 550, bad, "no") end)
+        assert.has_error(function() e:shutdown(421, bad, "bye") end)
+      end
+      e:decide(false, 550, "5.999.999", "no")
+      assert.matches("550 5%.999%.999 no\r\n$", e:output())
+    end)
   end)
 end)

@@ -6,9 +6,35 @@ local check = require "smtp.check"
 
 local M = {}
 
+local now = core.now
+local huge, min = math.huge, math.min
+
+-- A public port's defaults. The per-client ones follow Postfix's anvil (one 60 s window per
+-- client address) and leave loopback clients out, as Postfix leaves out $mynetworks.
 local DEFAULTS = {
   max_message_size = 25 * 1024 * 1024, max_recipients = 100, timeout = 300,
   max_connections = 1000, max_line = 512, max_errors = 10,
+  max_session_time = 1800, command_timeout = 120, data_timeout = 600, data_rate = 1024,
+  max_commands = 50000, max_transactions = 1000,
+  client_window = 60, max_client_connections = 20, max_client_rate = 60,
+  max_client_messages = 300, max_client_recipients = 1000, max_clients = 10000,
+  tarpit_after = 3, tarpit_delay = 1, tarpit_max = 30,
+}
+
+-- Option checks: name -> { lowest value, highest value, integer?, false allowed (= no limit)? }.
+-- What the C engine takes must be a whole number it can hold.
+local INT32, INT53 = 2147483647, 9007199254740992
+local NUMERIC = {
+  port = { 0, 65535, true }, max_message_size = { 0, INT53, true }, max_recipients = { 1, INT32, true },
+  max_connections = { 1, huge, true }, max_line = { 64, 65536, true }, max_errors = { 1, INT32, true },
+  timeout = { 0.001, huge }, backlog = { 1, INT32, true },
+  max_session_time = { 0.001, huge, false, true }, command_timeout = { 0.001, huge, false, true },
+  data_timeout = { 0.001, huge, false, true }, data_rate = { 1, huge },
+  max_commands = { 1, INT32, true, true }, max_transactions = { 1, INT32, true, true },
+  client_window = { 0.001, huge }, max_client_connections = { 1, huge, true, true },
+  max_client_rate = { 1, huge, true, true }, max_client_messages = { 1, huge, true, true },
+  max_client_recipients = { 1, huge, true, true }, max_clients = { 1, huge, true },
+  tarpit_after = { 0, huge, true }, tarpit_delay = { 0, huge }, tarpit_max = { 0, huge },
 }
 
 local function transport() return require "smtp.transport.native" end
@@ -19,12 +45,23 @@ local function argerr(msg) error("bad argument #1 to 'listen' (" .. msg .. ")", 
 
 local function check_opts(o)
   if type(o) ~= "table" then argerr("table expected, got " .. type(o)) end
-  for _, k in ipairs { "on_mail", "on_rcpt", "on_message", "auth" } do
+  for _, k in ipairs { "on_mail", "on_rcpt", "on_message", "auth", "log" } do
     if o[k] ~= nil and type(o[k]) ~= "function" then argerr("option '" .. k .. "': function expected") end
   end
-  for _, k in ipairs { "max_message_size", "max_recipients", "timeout", "max_connections", "max_line",
-    "max_errors", "port" } do
-    if o[k] ~= nil and type(o[k]) ~= "number" then argerr("option '" .. k .. "': number expected") end
+  for k, r in pairs(NUMERIC) do
+    local v = o[k]
+    if v ~= nil and not (v == false and r[4]) then
+      if type(v) ~= "number" then
+        argerr("option '" .. k .. "': number expected" .. (r[4] and " or false" or "") .. ", got " .. type(v))
+      end
+      if v ~= v or v < r[1] or v > r[2] or (r[3] and v ~= huge and v % 1 ~= 0) then
+        argerr(("option '%s': %s within %s..%s expected, got %s"):format(k, r[3] and "an integer" or "a number",
+          ("%.17g"):format(r[1]), ("%.17g"):format(r[2]), tostring(v)))
+      end
+    end
+  end
+  if o.client_exempt ~= nil and o.client_exempt ~= false and type(o.client_exempt) ~= "function" then
+    argerr("option 'client_exempt': function or false expected")
   end
   if o.tls ~= nil and (type(o.tls) ~= "table" or type(o.tls.cert) ~= "string" or type(o.tls.key) ~= "string") then
     argerr("option 'tls': { cert = path, key = path } expected")
@@ -34,27 +71,206 @@ local function check_opts(o)
   end
 end
 
+local function str(v)
+  local ok, s = pcall(tostring, v)
+  return ok and s or "?"
+end
+
 -- A hook's answer: true | false, code, text (text may start with an enhanced code) |
--- false, code, enhanced, text.
-local function verdict(default_code, default_enh, ok, code, a, b)
+-- false, code, enhanced, text. What cannot go on the wire as it is (a code out of range, an
+-- enhanced code that is not class.subject.detail of 1 to 3 digits each, or whose class is not the
+-- reply's) is replaced by the default and logged: the client always gets a well-formed reply.
+local function verdict(srv, default_code, default_enh, ok, code, a, b)
   if ok then return true end
-  code = tonumber(code) or default_code
-  -- a fraction would make the engine's integer check raise and drop the session without a reply
-  if code < 400 or code > 599 or code % 1 ~= 0 then code = default_code end
+  local c = tonumber(code)
+  if c == nil or c < 400 or c > 599 or c % 1 ~= 0 then
+    if code ~= nil then srv:_log("hook returned an invalid reply code: " .. str(code)) end
+    c = default_code
+  end
   local enh, text
   if b ~= nil then
     enh, text = a, b
   elseif type(a) == "string" then
-    enh, text = a:match("^(%d%.%d%d?%d?%.%d%d?%d?)%s+(.*)$")
+    enh, text = a:match("^(%d+%.%d+%.%d+)%s+(.*)$")
     if not enh then text = a end
+  else
+    text = a
   end
-  if enh and not tostring(enh):match("^[245]%.%d+%.%d+$") then enh = nil end
+  if enh ~= nil then
+    local class = type(enh) == "string" and enh:match("^([245])%.%d%d?%d?%.%d%d?%d?$")
+    if class ~= tostring(c):sub(1, 1) then
+      srv:_log("hook returned an invalid enhanced status code: " .. str(enh))
+      enh = nil
+    end
+  end
   if not enh then
-    enh = (code >= 500 and "5" or "4") .. default_enh:sub(2)
+    enh = (c >= 500 and "5" or "4") .. default_enh:sub(2)
+  end
+  if text ~= nil and type(text) ~= "string" and type(text) ~= "number" then
+    srv:_log("hook returned a reply text that is not a string: " .. type(text))
+    text = nil
   end
   text = text and tostring(text):gsub("[%c]", " ") or nil
   if text then text = text:sub(1, 400) end
-  return false, code, enh, text
+  return false, c, enh, text
+end
+
+-- Per-client limits -------------------------------------------------------------------------
+
+-- The key a client's counts are kept under: its IPv4 address, or the /64 network of an IPv6
+-- one (one host usually holds a whole /64, so counting single IPv6 addresses would count nothing).
+local function client_key(ip)
+  if not ip:find(":", 1, true) then return ip end
+  local v4 = ip:match("^::[fF][fF][fF][fF]:(%d+%.%d+%.%d+%.%d+)$")
+  if v4 then return v4 end
+  ip = ip:gsub("%%.*$", "")
+  local left, right = ip:match("^(.-)::(.*)$")
+  local groups = {}
+  local function add(part)
+    for g in part:gmatch("[^:]+") do groups[#groups + 1] = g end
+  end
+  if left then
+    add(left)
+    local nr = 0
+    for _ in right:gmatch("[^:]+") do nr = nr + 1 end
+    for _ = 1, 8 - #groups - nr do groups[#groups + 1] = "0" end
+    add(right)
+  else
+    add(ip)
+  end
+  local k = {}
+  for i = 1, 4 do k[i] = ("%x"):format(tonumber(groups[i] or "0", 16) or 0) end
+  return table.concat(k, ":") .. "::/64"
+end
+
+M._client_key = client_key -- for the specs
+
+local function default_exempt(ip) return check.is_loopback(ip) end
+
+-- Makes room in the client table: entries whose window has passed hold nothing worth keeping;
+-- when that is not enough, the oldest half of the idle ones go. An entry with a live connection
+-- stays, so the table holds at most max_clients + max_connections entries; halving keeps the cost
+-- per new address amortized.
+local function evict(srv, t)
+  local window = srv.opts.client_window
+  local idle = {}
+  for k, e in pairs(srv.clients) do
+    if e.n == 0 then
+      if t - e.t >= window then
+        srv.clients[k] = nil
+        srv.nclients = srv.nclients - 1
+        srv.counters.clients_evicted = srv.counters.clients_evicted + 1
+      else
+        idle[#idle + 1] = k
+      end
+    end
+  end
+  if srv.nclients < srv.opts.max_clients then return end
+  table.sort(idle, function(a, b) return srv.clients[a].seen < srv.clients[b].seen end)
+  for i = 1, math.max(1, math.floor(#idle / 2)) do
+    if idle[i] then
+      srv.clients[idle[i]] = nil
+      srv.nclients = srv.nclients - 1
+      srv.counters.clients_evicted = srv.counters.clients_evicted + 1
+    end
+  end
+end
+
+-- The client's counts, their window restarted when it has passed.
+local function client_entry(srv, ip, t)
+  local key = client_key(ip)
+  local e = srv.clients[key]
+  if not e then
+    if srv.nclients >= srv.opts.max_clients then evict(srv, t) end
+    e = { n = 0, t = t, c = 0, m = 0, r = 0, seen = t }
+    srv.clients[key] = e
+    srv.nclients = srv.nclients + 1
+  elseif t - e.t >= srv.opts.client_window then
+    e.t, e.c, e.m, e.r = t, 0, 0, 0
+  end
+  e.seen = t
+  return e
+end
+
+-- One more of `field` (m: messages, r: recipients) for the client; true when over `max`.
+local function client_over(srv, e, field, max)
+  local t = now()
+  if t - e.t >= srv.opts.client_window then e.t, e.c, e.m, e.r = t, 0, 0, 0 end
+  e.seen = t
+  local v = e[field] + 1
+  e[field] = v
+  return v > max
+end
+
+local function count(srv, name)
+  local c = srv.counters
+  c[name] = (c[name] or 0) + 1
+end
+
+-- What an engine-enforced limit that closed a session is counted as.
+local ENGINE_LIMIT = { errors = "max_errors", commands = "max_commands", transactions = "max_transactions",
+  line = "line_length" }
+
+-- The 421 4.4.2 of each deadline.
+local EXPIRED = {
+  idle_timeout = "Idle timeout, closing connection",
+  session_time = "Session time limit reached, closing connection",
+  command_time = "Command not completed in time, closing connection",
+  data_time = "Message data not received in time, closing connection",
+}
+
+-- A session's wait timed out: 421 4.4.2 and the end. `cap` was the earliest deadline other than
+-- the idle timeout (rec.t_end, the message's or the command line's).
+local function expire(srv, rec, cap)
+  local why = "idle_timeout"
+  if now() >= cap then
+    why = cap == rec.t_end and "session_time" or rec.msg_t and "data_time" or "command_time"
+  end
+  count(srv, why)
+  local eng = rec.eng
+  eng:shutdown(421, "4.4.2", EXPIRED[why])
+  local out = eng:output()
+  if out then rec.conn:write(out, min(srv.opts.timeout, 5)) end
+end
+
+-- The timeout, or less when the session's end comes first.
+local function left(rec, timeout) return min(timeout, rec.t_end - now()) end
+
+-- The session's engine, or why it could not be made (a string).
+local function new_engine(srv, cl)
+  local o = srv.opts
+  local ok, eng = pcall(core.server_engine, {
+    hostname = srv.hostname, max_line = o.max_line, max_message_size = o.max_message_size,
+    max_recipients = o.max_recipients, max_errors = o.max_errors,
+    max_commands = o.max_commands or nil, max_transactions = o.max_transactions or nil,
+    tls = srv.tls_ctx ~= nil and not srv.implicit, tls_active = srv.implicit,
+    auth = o.auth ~= nil, auth_plaintext = srv.auth_plaintext, require_auth = o.require_auth,
+    normalize = o.normalize_newlines, hook_mail = o.on_mail ~= nil or (cl and o.max_client_messages and true),
+    hook_rcpt = o.on_rcpt ~= nil or (cl and o.max_client_recipients and true),
+  })
+  return ok and eng or str(eng)
+end
+
+-- A session the engine closed: which of its limits did it, if one did.
+local function count_engine_limit(srv, eng)
+  local _, _, _, limit = eng:usage()
+  if limit then count(srv, ENGINE_LIMIT[limit]) end
+end
+
+-- After a refusal that counted as an error: past tarpit_after errors the reply waits
+-- tarpit_delay * 2^(n - 1) seconds (at most tarpit_max) for the n-th error beyond, so guessing
+-- passwords or harvesting addresses gets slower. Other sessions run on meanwhile (a loop sleep).
+-- True when it waited.
+local function tarpit(srv, eng, session_end)
+  local o = srv.opts
+  local _, errs = eng:usage()
+  local k = errs - o.tarpit_after
+  if k <= 0 or o.tarpit_delay <= 0 then return false end
+  local d = min(o.tarpit_max, o.tarpit_delay * 2 ^ (k - 1), session_end - now())
+  if d <= 0 then return false end
+  count(srv, "tarpit")
+  loop().sleep(d)
+  return true
 end
 
 -- Session -----------------------------------------------------------------------------------
@@ -70,26 +286,27 @@ local function closed_err(text)
 end
 
 -- Runs one connection to the end. Everything the world does to it ends the session quietly.
-local function run_session(srv, conn, ip, port)
-  local o = srv.opts
-  local eng = core.server_engine {
-    hostname = srv.hostname, max_line = o.max_line, max_message_size = o.max_message_size,
-    max_recipients = o.max_recipients, max_errors = o.max_errors,
-    tls = srv.tls_ctx ~= nil and not srv.implicit, tls_active = srv.implicit,
-    auth = o.auth ~= nil, auth_plaintext = srv.auth_plaintext, require_auth = o.require_auth,
-    normalize = o.normalize_newlines, hook_mail = o.on_mail ~= nil, hook_rcpt = o.on_rcpt ~= nil,
-  }
+-- `cl` is the client's entry in the per-client table, nil for an exempt client.
+local function run_session(srv, conn, ip, port, cl)
+  local o = srv.opts  -- o.timeout has no local: one more would be a slot in each idle session's stack
+  local eng = new_engine(srv, cl)
   local session = setmetatable({ address = ip, port = port, server = srv, tls = srv.implicit }, Session)
-  local rec = { conn = conn, eng = eng, session = session }
+  -- Deadlines besides the idle timeout live in `rec` (a local more in every session's stack
+  -- frame would cost more than its field): the session's end (t_end); while the engine holds part
+  -- of a command line, the time it was first seen partial (cmd_t) and the command count then
+  -- (cmd_n, a new count means a new line); the current message's start (msg_t) and bytes so far
+  -- (bytes): its data may take data_timeout plus one second per data_rate bytes.
+  local rec = { conn = conn, eng = eng, session = session, idle = false, full = false,
+    t_end = now() + (o.max_session_time or huge), cap = 0, cmd_t = false, cmd_n = 0, msg_t = false,
+    bytes = 0 }
   srv.sessions[rec] = true
-  local timeout = o.timeout
   local dead = false       -- the connection is gone (closed, reset, timed out)
   local stash              -- an event the reader pulled that belongs to the main loop
 
   local function flush()
     local out = eng:output()
     if out and not dead then
-      local ok = conn:write(out, timeout)
+      local ok = conn:write(out, o.timeout)
       if not ok then dead = true end
     end
     return not dead
@@ -104,21 +321,42 @@ local function run_session(srv, conn, ip, port)
       flush()
       return false
     end
-    local space = eng:space()
-    if space == 0 then return true end
+    -- The wait ends at the idle timeout, or at rec.cap when that comes first: a client that
+    -- drips a byte per timeout period is not kept by the idle timer. Working out the cap takes
+    -- no clock reading (the hot path pays a few comparisons); only a command line left partial
+    -- does. It goes through `rec`, and `partial` (reused for the deadlines) lives in a block: a
+    -- local still alive at the read would cost each idle session a slot, and on LuaJIT a
+    -- doubled stack (1.3 KB).
+    local space
+    do
+      local partial
+      space, partial = eng:space()
+      if space == 0 then return true end
+      local cap = rec.t_end
+      if rec.msg_t then
+        partial = rec.msg_t + (o.data_timeout or huge) + rec.bytes / o.data_rate
+        if partial < cap then cap = partial end
+      elseif partial then
+        partial = eng:usage()
+        if not rec.cmd_t or partial ~= rec.cmd_n then rec.cmd_t, rec.cmd_n = now(), partial end
+        partial = rec.cmd_t + (o.command_timeout or huge)
+        if partial < cap then cap = partial end
+      else
+        rec.cmd_t = false
+      end
+      rec.cap = cap
+    end
     -- The transport's read_idle leaves the connection open on a timeout, so 421 can still go out.
     rec.idle = true
-    local chunk, err = conn:read_idle(timeout, space, rec.full)
+    local chunk, err = conn:read_idle(o.timeout, space, rec.full, rec.cap)
     rec.idle = false
     rec.full = chunk ~= nil and #chunk >= space
     if not chunk then
-      if err.kind == "timeout" then
-        eng:shutdown(421, "4.4.2", "Idle timeout, closing connection")
-        flush()
-      end
+      if err.kind == "timeout" then expire(srv, rec, rec.cap) end
       dead = true
       return false
     end
+    if rec.msg_t then rec.bytes = rec.bytes + #chunk end
     eng:feed(chunk)
     return true
   end
@@ -198,6 +436,7 @@ local function run_session(srv, conn, ip, port)
   -- on_message with a reader that pulls from the connection as the hook reads.
   local function message()
     buf, ended, endcode, endtext, rerr = nil, false, nil, nil, nil
+    rec.msg_t, rec.bytes = now(), 0
     local ok, r1, r2, r3, r4
     if o.on_message then
       local envelope = eng:envelope()
@@ -211,13 +450,14 @@ local function run_session(srv, conn, ip, port)
     -- whatever the hook left: take the whole message in before replying
     buf = nil
     while not ended do pull() end
+    rec.msg_t = false
     if rerr or dead then return false end
     if endcode then return true end -- the engine refused it and replied already
     if not ok then
-      srv:_log("on_message raised: " .. tostring(r1))
+      srv:_log("on_message raised: " .. str(r1))
       eng:decide(false, 451, "4.3.0", "Error processing message, try again later")
     else
-      eng:decide(verdict(554, "5.6.0", r1, r2, r3, r4))
+      eng:decide(verdict(srv, 554, "5.6.0", r1, r2, r3, r4))
     end
     return true
   end
@@ -226,16 +466,19 @@ local function run_session(srv, conn, ip, port)
     refresh()
     local ok, r1, r2, r3, r4 = pcall(fn, session, ...)
     if not ok then
-      srv:_log("hook raised: " .. tostring(r1))
+      srv:_log("hook raised: " .. str(r1))
       eng:decide(false, 451, "4.3.0", "Temporary error, try again later")
     else
-      eng:decide(verdict(default_code, default_enh, r1, r2, r3, r4))
+      local yes, code, enh, text = verdict(srv, default_code, default_enh, r1, r2, r3, r4)
+      eng:decide(yes, code, enh, text)
+      -- the wait counts against no deadline of the client's next command
+      if not yes and tarpit(srv, eng, rec.t_end) then rec.cmd_t = false end
     end
   end
 
-  local ok, err = pcall(function()
+  local ok, err = type(eng) == "userdata" and pcall(function()
     if srv.implicit then
-      local tok = conn:tls_accept(srv.tls_ctx, timeout)
+      local tok = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
       if not tok then return end
     end
     while true do
@@ -253,9 +496,25 @@ local function run_session(srv, conn, ip, port)
           break
         end
       elseif kind == "mail" then
-        hook(o.on_mail, 550, "5.7.1", a, b)
+        -- the client's messages in this window, then the hook
+        if cl and o.max_client_messages and client_over(srv, cl, "m", o.max_client_messages) then
+          count(srv, "client_messages")
+          eng:decide(false, 451, "4.7.1", "Too much mail from your address, try again later")
+          if tarpit(srv, eng, rec.t_end) then rec.cmd_t = false end
+        elseif o.on_mail then
+          hook(o.on_mail, 550, "5.7.1", a, b)
+        else
+          eng:decide(true)
+        end
       elseif kind == "rcpt" then
-        hook(o.on_rcpt, 550, "5.1.1", a, b)
+        if cl and o.max_client_recipients and client_over(srv, cl, "r", o.max_client_recipients) then
+          count(srv, "client_recipients")
+          eng:decide(false, 452, "4.5.3", "Too many recipients from your address, try again later")
+        elseif o.on_rcpt then
+          hook(o.on_rcpt, 550, "5.1.1", a, b)
+        else
+          eng:decide(true)
+        end
       elseif kind == "begin" then
         if not message() then break end
       elseif kind == "end" then
@@ -266,25 +525,37 @@ local function run_session(srv, conn, ip, port)
         local pok, res = pcall(o.auth, session, a, b, c)
         a, b, c = nil, nil, nil
         if not pok then
-          srv:_log("auth callback raised: " .. tostring(res))
+          srv:_log("auth callback raised: " .. str(res))
           eng:decide(false, 454, "4.7.0", "Temporary authentication failure")
         else
           eng:decide(res == true)
+          if res ~= true and tarpit(srv, eng, rec.t_end) then rec.cmd_t = false end
         end
       elseif kind == "starttls" then
         if not flush() then break end
-        local tok = conn:tls_accept(srv.tls_ctx, timeout)
+        local tok = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
         if not tok then break end
         session.tls = true
       elseif kind == "close" then
+        count_engine_limit(srv, eng)
         flush()
         break
       end
     end
   end)
-  if not ok then srv:_log("session error: " .. tostring(err)) end
+  -- whatever happened, the server's and the client's connection counts go down
+  if type(eng) ~= "userdata" then
+    srv:_log("session error: " .. eng)
+    conn:write("421 4.3.0 Temporary server error, closing connection\r\n", 5)
+  elseif not ok then
+    srv:_log("session error: " .. str(err))
+  end
   srv.sessions[rec] = nil
   srv.active = srv.active - 1
+  if cl then
+    cl.n = cl.n - 1
+    cl.seen = now()
+  end
   conn:close()
 end
 
@@ -297,23 +568,62 @@ function Server:_log(msg)
   if self.opts.log then pcall(self.opts.log, msg) end
 end
 
+-- srv:stats() -> a copy of srv.counters with the current `active` sessions and `clients` tracked.
+function Server:stats()
+  local t = {}
+  for k, v in pairs(self.counters) do t[k] = v end
+  t.active, t.clients = self.active, self.nclients
+  return t
+end
+
 function Server:__tostring()
   return ("smtp.server (%s port %d%s)"):format(self.host, self.port, self.closed and ", closed" or "")
 end
 
 local function accept_loop(srv)
   local l = srv.listener
+  local o = srv.opts
+  local exempt = o.client_exempt
+  if exempt == nil then exempt = default_exempt end
+  if not (o.max_client_connections or o.max_client_rate or o.max_client_messages
+    or o.max_client_recipients) then
+    exempt = function() return true end
+  end
   while not srv.closed do
     local conn, ip, port = l:accept()
     if not conn then
       if srv.closed then break end
       loop().sleep(0.05) -- EMFILE and friends: do not spin
-    elseif srv.active >= srv.opts.max_connections then
+    elseif srv.active >= o.max_connections then
+      count(srv, "max_connections")
       conn:write("421 4.3.2 Too many connections, try again later\r\n", 5)
       conn:close()
     else
-      srv.active = srv.active + 1
-      loop().spawn(run_session, srv, conn, ip, port)
+      local cl
+      local xok, yes = true, false
+      if exempt then xok, yes = pcall(exempt, ip) end
+      if not xok then srv:_log("client_exempt raised: " .. str(yes)) end
+      if not (xok and yes) then
+        cl = client_entry(srv, ip, now())
+        cl.c = cl.c + 1   -- every attempt counts toward the rate, refused ones too
+      end
+      local refuse
+      if cl and o.max_client_connections and cl.n >= o.max_client_connections then
+        refuse = "client_connections"
+      elseif cl and o.max_client_rate and cl.c > o.max_client_rate then
+        refuse = "client_rate"
+      end
+      if refuse then
+        count(srv, refuse)
+        conn:write(refuse == "client_rate"
+          and "421 4.7.0 Connection rate limit exceeded for your address, try again later\r\n"
+          or "421 4.7.0 Too many connections from your address, try again later\r\n", 5)
+        conn:close()
+      else
+        srv.active = srv.active + 1
+        if cl then cl.n = cl.n + 1 end
+        loop().spawn(run_session, srv, conn, ip, port, cl)
+      end
     end
   end
 end
@@ -346,6 +656,17 @@ function Server:close()
   return true
 end
 
+-- Every limit's counter, so srv.counters lists them all from the start.
+local COUNTERS = { "max_connections", "client_connections", "client_rate", "client_messages",
+  "client_recipients", "idle_timeout", "session_time", "command_time", "data_time", "max_errors",
+  "max_commands", "max_transactions", "line_length", "tarpit", "clients_evicted" }
+
+local function new_counters()
+  local c = {}
+  for _, k in ipairs(COUNTERS) do c[k] = 0 end
+  return c
+end
+
 function M.listen(opts)
   check_opts(opts)
   local o = {}
@@ -369,6 +690,7 @@ function M.listen(opts)
     opts = o, listener = l, host = l.host or host, port = l.port,
     hostname = o.hostname or "localhost", tls_ctx = tls_ctx, implicit = (o.tls and o.tls.implicit) == true,
     auth_plaintext = auth_plaintext, sessions = {}, active = 0,
+    clients = {}, nclients = 0, counters = new_counters(),
   }, Server)
   return srv
 end

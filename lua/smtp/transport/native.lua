@@ -192,7 +192,7 @@ local function idle_fail(werr)
   return fail("closed", "read: connection closed")
 end
 
--- s:read_idle(timeout [, max [, read_first]]) -> chunk | nil, err: read() for a server waiting on
+-- s:read_idle(timeout [, max [, read_first [, cap]]]) -> chunk | nil, err: read() for a server waiting on
 -- its client. A timeout leaves the connection open, so the server can still say 421 before it
 -- closes. After a reply the client has usually sent nothing yet, so it waits for readability
 -- first and saves a read that would only say EAGAIN; `read_first` reads at once instead (after
@@ -200,13 +200,16 @@ end
 -- It is the server's hot path (one call per chunk a client sends, several per message), so it
 -- checks no arguments: three type checks here cost 4% of the server's instructions per message
 -- (callgrind, smtp-source with 4 KB messages). Nor does it keep the _events/_deadline of cqueues polling: a server
--- connection is never handed to cqueues.poll.
-function Conn:read_idle(timeout, max, read_first)
+-- connection is never handed to cqueues.poll. `cap` (on smtp.core.now's clock) ends the wait
+-- sooner than the timeout would: the server's session, command and data deadlines.
+function Conn:read_idle(timeout, max, read_first, cap)
   local sock, fd = self.sock, self.fd
   if not sock then return fail("closed", "read_idle on a closed connection") end
-  local deadline = now() + timeout
+  -- `timeout` becomes the deadline: no local more (a slot in every idle session's stack)
+  timeout = now() + timeout
+  if cap and cap < timeout then timeout = cap end
   if not read_first then
-    local ok, werr = wait.fd(fd, "r", deadline)
+    local ok, werr = wait.fd(fd, "r", timeout)
     if not ok then return idle_fail(werr) end
     sock = self.sock
     if not sock then return fail("closed", "read: connection closed") end
@@ -216,7 +219,7 @@ function Conn:read_idle(timeout, max, read_first)
     local chunk, e, code = sock:read(max)
     if chunk then return chunk end
     if e == "wantread" or e == "wantwrite" then
-      local ok, werr = wait.fd(fd, e == "wantread" and "r" or "w", deadline)
+      local ok, werr = wait.fd(fd, e == "wantread" and "r" or "w", timeout)
       if not ok then return idle_fail(werr) end
       if not self.sock then return fail("closed", "read: connection closed") end
     else
