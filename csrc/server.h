@@ -7,14 +7,14 @@
 
 typedef struct smtp_server smtp_server;
 
-#define SMTP_SERVER_MAX_ERRORS_DEFAULT 10
+#define SMTP_SERVER_MAX_ERRORS_DEFAULT 20
 
 typedef struct smtp_server_config {
     const char *hostname;        /* name in the greeting and the EHLO reply */
     size_t max_line;             /* command line limit, CRLF included (512) */
     size_t max_message_size;     /* after unstuffing; 0 = no limit */
     unsigned max_recipients;     /* 452 past it (100) */
-    unsigned max_errors;         /* 421 and close once reached (10) */
+    unsigned max_errors;         /* 421 and close once reached (20) */
     unsigned max_commands;       /* 421 and close at the command past this many; 0 = no limit */
     unsigned max_transactions;   /* 421 and close at a MAIL past this many; 0 = no limit */
     size_t out_cap;              /* stop consuming input while this much output waits (64 KB) */

@@ -13,7 +13,7 @@ local huge, min = math.huge, math.min
 -- client address) and leave loopback clients out, as Postfix leaves out $mynetworks.
 local DEFAULTS = {
   max_message_size = 25 * 1024 * 1024, max_recipients = 100, timeout = 300,
-  max_connections = 1000, max_line = 512, max_errors = 10,
+  max_connections = 1000, max_line = 512, max_errors = 20,
   max_session_time = 1800, command_timeout = 120, data_timeout = 600, data_rate = 1024,
   max_commands = 50000, max_transactions = 1000,
   client_window = 60, max_client_connections = 20, max_client_rate = 60,
@@ -283,6 +283,24 @@ end
 
 local function closed_err(text)
   return errors.new { kind = "closed", text = text or "connection closed by client", temporary = true }
+end
+
+-- After the server's last reply (421 after a limit or a deadline, 221, shutting down) the client
+-- may still have bytes in flight: pipelined commands, a dripped byte. Closing with unread input
+-- makes the kernel answer with a reset, and a reset can destroy the reply before the client
+-- reads it. So the sending side closes first and what arrives is read and dropped until the
+-- client closes, for at most LINGER_TIME seconds and LINGER_BYTES bytes.
+local LINGER_TIME, LINGER_BYTES = 2, 65536
+local function linger(conn)
+  if not conn.shutdown or not conn:shutdown() then return end
+  local got, t_end = 0, now() + LINGER_TIME
+  while got < LINGER_BYTES do
+    local left = t_end - now()
+    if left <= 0 then return end
+    local chunk = conn:read(left, 16384)
+    if not chunk or chunk == "" then return end
+    got = got + #chunk
+  end
 end
 
 -- Runs one connection to the end. Everything the world does to it ends the session quietly.
@@ -556,6 +574,7 @@ local function run_session(srv, conn, ip, port, cl)
     cl.n = cl.n - 1
     cl.seen = now()
   end
+  if not dead then linger(conn) end
   conn:close()
 end
 
