@@ -160,12 +160,13 @@ end
 -- Addresses
 ------------------------------------------------------------------------------------------------
 
--- Checks an addr-spec (smtp.check's rules, the same as the envelope's); returns it, and whether
--- it needs SMTPUTF8.
+-- Checks an addr-spec (smtp.check's rules, the same as the envelope's); returns it, whether it
+-- needs SMTPUTF8 (a local part that is not ASCII), and its form with an international domain as
+-- the A-label, which the header carries so that readers and servers without RFC 6532 take it.
 local function check_address(a)
-  local ok, u8 = check.address(a)
+  local ok, u8, wire = check.address(a)
   if not ok then return nil, u8.text end
-  return a, u8
+  return a, u8, wire
 end
 
 -- Splits "a, b <c>, \"d, e\" <f>" at commas outside quotes and angle brackets.
@@ -210,13 +211,13 @@ local function parse_mailbox(v)
     return nil, "address must be a string or a table"
   end
   if name and has_ctl(name) then return nil, "CR, LF or NUL in display name" end
-  local a, err = check_address(addr)
+  local a, err, wire = check_address(addr)
   if not a then return nil, err end
   local utf8 = err
   if name and not is_ascii(name) and not core.utf8_valid(name) then
     return nil, "display name is not UTF-8"
   end
-  return { name = name, address = a, utf8 = utf8 }
+  return { name = name, address = a, wire = wire, utf8 = utf8 }
 end
 
 -- A list option (string with commas, one table mailbox, or a list) -> list of mailboxes.
@@ -243,7 +244,7 @@ end
 local function mailbox_words(mb, last)
   local words = {}
   if mb.name then for _, w in ipairs(phrase_words(mb.name)) do words[#words + 1] = w end end
-  words[#words + 1] = (mb.name and "<" .. mb.address .. ">" or mb.address) .. (last and "" or ",")
+  words[#words + 1] = (mb.name and "<" .. mb.wire .. ">" or mb.wire) .. (last and "" or ",")
   return words
 end
 
@@ -456,7 +457,8 @@ function M.new(opts)
   if #cc > 0 then fields[#fields + 1] = address_header("Cc", cc) end
   if subject ~= nil then fields[#fields + 1] = fold_words("Subject", unstructured_words(subject, "Subject")) end
   local domain = from.address:match("@([^@]+)$")
-  if not is_ascii(domain) or domain:sub(1, 1) == "[" then domain = hostname end
+  if not is_ascii(domain) then domain = check.idna_domain(domain) end   -- valid: checked above
+  if domain:sub(1, 1) == "[" then domain = hostname end
   local rnd = random(16)
   if type(rnd) ~= "string" or #rnd < 16 then error("bad argument #1 to 'new' (random(n) must return n bytes)", 2) end
   self.message_id = "<" .. hexs(rnd:sub(1, 16)) .. "@" .. domain .. ">"
@@ -669,7 +671,8 @@ function Message:envelope()
   for _, l in ipairs({ self.to, self.cc, self.bcc }) do
     for _, mb in ipairs(l) do
       local a = mb.address
-      local key = a:gsub("@(.*)$", function(d) return "@" .. d:lower() end)
+      -- one recipient however its domain is written (case, U-label or A-label)
+      local key = mb.wire:gsub("@(.*)$", function(d) return "@" .. d:lower() end)
       if not seen[key] then seen[key] = true; rcpts[#rcpts + 1] = a end
     end
   end
