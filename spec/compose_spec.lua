@@ -299,3 +299,62 @@ describe("message.new calendar invitations", function()
     bad({ calendar = 42 }, "calendar: iCalendar text")
   end)
 end)
+
+describe("lua-smtp send with threading, list and calendar options", function()
+  local peers = require "support.client_peers"
+  local peer
+  setup(function() peer = peers.aiosmtpd() end)
+  teardown(function() if peer then peer.stop() end end)
+
+  local function cli(args)
+    local function sink()
+      local t = {}
+      return { write = function(self, ...) for _, v in ipairs { ... } do t[#t + 1] = v end return self end,
+        text = function() return table.concat(t) end }
+    end
+    local out, err = sink(), sink()
+    local code = require("smtp.cli.send").main(args, out, err)
+    return code, out.text(), err.text()
+  end
+
+  it("sends what the options ask for", function()
+    local ics = ICS:format("REQUEST")
+    local path = helper.tmpdir() .. "/invite.ics"
+    helper.write(path, ics)
+    local code, out, err = cli { "--server", "localhost:" .. peer.port, "--cafile", peer.ca, "--timeout", "10",
+      "--from", "alice@example.com", "--to", "bob@example.org", "--subject", "Invitation", "--body", "Come.",
+      "--message-id", "inv-1@example.com", "--in-reply-to", "<prev@example.com>",
+      "--references", "<root@example.com>", "--references", "prev@example.com",
+      "--list-id", "news.example.com", "--list-unsubscribe", "https://example.com/u?x=1",
+      "--list-unsubscribe", "mailto:u@example.com", "--calendar", path }
+    assert.equal(0, code, err)
+    assert.truthy(out:find("sent: 250", 1, true))
+    local raw = peer.messages()[#peer.messages()].data
+    assert.equal("<inv-1@example.com>", field(raw, "Message-ID"))
+    assert.equal("<prev@example.com>", field(raw, "In-Reply-To"))
+    assert.equal("<root@example.com> <prev@example.com>", field(raw, "References"))
+    assert.equal("<news.example.com>", field(raw, "List-Id"))
+    assert.equal("<https://example.com/u?x=1>, <mailto:u@example.com>", field(raw, "List-Unsubscribe"))
+    assert.equal("List-Unsubscribe=One-Click", field(raw, "List-Unsubscribe-Post"))
+    local r = calcheck(raw, ics)
+    assert.equal("multipart/mixed(multipart/alternative(text/plain,text/calendar),application/ics)", r.tree)
+    assert.equal("REQUEST", r.method)
+    assert.is_true(r.same_cal and r.att_same)
+  end)
+
+  it("refuses bad values and options --raw cannot carry, exit 2", function()
+    local base = { "--server", "localhost:1", "--from", "a@example.com", "--to", "b@example.org" }
+    local function with(t) local a = {} for _, v in ipairs(base) do a[#a + 1] = v end for _, v in ipairs(t) do a[#a + 1] = v end return a end
+    local code, _, err = cli(with { "--message-id", "not an id" })
+    assert.equal(2, code)
+    assert.truthy(err:find("message_id: not a msg-id", 1, true), err)
+    code, _, err = cli(with { "--list-unsubscribe", "https://a.example/1", "--list-unsubscribe", "https://a.example/2" })
+    assert.equal(2, code)
+    assert.truthy(err:find("at most one http(s) URL and one mailto: URL", 1, true), err)
+    local path = helper.tmpdir() .. "/raw.eml"
+    helper.write(path, "Subject: x\r\n\r\ny\r\n")
+    code, _, err = cli(with { "--raw", path, "--references", "<a@b.example>" })
+    assert.equal(2, code)
+    assert.truthy(err:find("--raw excludes --references", 1, true), err)
+  end)
+end)
