@@ -6,7 +6,7 @@ PKG_CONFIG  ?= pkg-config
 CFLAGS      ?= -O2 -g
 WARN        := -Wall -Wextra -Werror -Wshadow -Wpointer-arith -Wno-unused-parameter
 BASEFLAGS   := -std=gnu11 -fPIC -fvisibility=hidden -D_GNU_SOURCE $(WARN)
-LIBS        := -lssl -lcrypto -lcares
+LIBS        := -lssl -lcrypto -lcares -lidn2
 LUAS        ?= lua5.4 luajit
 PREFIX      ?= /usr/local
 DESTDIR     ?=

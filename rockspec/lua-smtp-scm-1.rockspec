@@ -1,5 +1,5 @@
 -- LuaRocks build of lua-smtp: `luarocks --lua-version=5.4 make rockspec/lua-smtp-scm-1.rockspec`
--- (offline; the C libraries come from Debian: libssl-dev, libc-ares-dev).
+-- (offline; the C libraries come from Debian: libssl-dev, libc-ares-dev, libidn2-dev).
 rockspec_format = "3.0"
 package = "lua-smtp"
 version = "scm-1"
@@ -16,6 +16,7 @@ dependencies = { "lua >= 5.1" }
 external_dependencies = {
   OPENSSL = { header = "openssl/ssl.h" },
   CARES = { header = "ares.h" },
+  IDN2 = { header = "idn2.h" },
 }
 -- The C core needs -fvisibility=hidden (only luaopen_smtp_core exported, as `make` builds it), and
 -- LuaRocks's "builtin" type has no way to add a compiler flag: it takes CFLAGS from the LuaRocks
@@ -23,20 +24,20 @@ external_dependencies = {
 -- built by one command over LuaRocks's own variables, and the files are installed by the
 -- build.install tables, which every build type honours.
 -- The C sources: the plain C engines (text, reply, client, server, codec, dns) and the Lua parts
--- (core, net, tls, poll, sink and each engine's *_lua.c binding).
+-- (core, net, tls, poll, sink, idna and each engine's *_lua.c binding).
 local sources = "csrc/core.c" .. " " .. "csrc/net.c" .. " " .. "csrc/tls.c"
   .. " " .. "csrc/poll.c" .. " " .. "csrc/sink.c" .. " " .. "csrc/text.c"
   .. " " .. "csrc/reply.c" .. " " .. "csrc/reply_lua.c"
   .. " " .. "csrc/client.c" .. " " .. "csrc/client_lua.c"
   .. " " .. "csrc/server.c" .. " " .. "csrc/server_lua.c"
   .. " " .. "csrc/codec.c" .. " " .. "csrc/codec_lua.c" .. " " .. "csrc/dns.c"
-  .. " " .. "csrc/dns_lua.c"
+  .. " " .. "csrc/dns_lua.c" .. " " .. "csrc/idna.c"
 
 build = {
   type = "command",
   build_command = "$(CC) $(CFLAGS) -std=gnu11 -fvisibility=hidden -D_GNU_SOURCE -Icsrc -I$(LUA_INCDIR)"
-    .. " -I$(OPENSSL_INCDIR) -I$(CARES_INCDIR) " .. sources .. " $(LIBFLAG) -o core.so"
-    .. " -L$(OPENSSL_LIBDIR) -L$(CARES_LIBDIR) -lssl -lcrypto -lcares",
+    .. " -I$(OPENSSL_INCDIR) -I$(CARES_INCDIR) -I$(IDN2_INCDIR) " .. sources .. " $(LIBFLAG) -o core.so"
+    .. " -L$(OPENSSL_LIBDIR) -L$(CARES_LIBDIR) -L$(IDN2_LIBDIR) -lssl -lcrypto -lcares -lidn2",
   install = {
     lua = {
       -- ".init" keeps the file name: the tree then has smtp/init.lua, as `make install` lays it out

@@ -4,15 +4,17 @@
 # only with Net::SSLeay, which Debian installs only as a Recommends, and we install without those).
 # As root it runs apt-get itself; otherwise it prints the exact command to run.
 set -eu
-# Build: compiler, make, pkg-config, both interpreters and their headers, OpenSSL and c-ares.
+# Build: compiler, make, pkg-config, both interpreters and their headers, OpenSSL, c-ares and
+# libidn2 (international domain names).
 # Specs: busted; cqueues; Debian's Python (/usr/bin/python3, what the specs run) with aiosmtpd,
-# dnspython (scripted DNS answers) and dkim (verifies our signatures); Postfix (a private MTA, smtp-sink, smtp-source); swaks with Perl TLS
+# dnspython (scripted DNS answers), dkim (verifies our signatures), idna and the idn2 command (IDNA
+# conversions compared) and icalendar (parses our invitations); Postfix (a private MTA, smtp-sink, smtp-source); swaks with Perl TLS
 # (libnet-ssleay-perl) and Perl's Net::SMTP; msmtp; curl; dnsmasq; nginx with the Lua module and
 # its DNS resolver; openssl (test certificates); luarocks (the rockspec). Fuzzing and the sanitizer
 # build: clang with its runtime. valgrind for `make test-valgrind`.
 PKGS="build-essential make pkg-config lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua-busted
-lua-compat53-dev libssl-dev libc-ares-dev luarocks lua-cqueues openssl python3 python3-aiosmtpd
-python3-dnspython python3-dkim postfix swaks libnet-ssleay-perl perl msmtp curl dnsmasq-base nginx
+lua-compat53-dev libssl-dev libc-ares-dev libidn2-dev idn2 luarocks lua-cqueues openssl python3
+python3-aiosmtpd python3-dnspython python3-dkim python3-idna python3-icalendar postfix swaks libnet-ssleay-perl perl msmtp curl dnsmasq-base nginx
 libnginx-mod-http-lua lua-nginx-dns clang libclang-rt-14-dev valgrind"
 
 # What each capability needs: a shell test, and the package that provides it.
@@ -21,14 +23,14 @@ check() {
   sh -c 'swaks --support 2>&1 | grep -q "^=== TLS supported"' 2>/dev/null ||
     failed="$failed swaks-TLS(libnet-ssleay-perl)"
   perl -MNet::SMTP -e 1 2>/dev/null || failed="$failed Net::SMTP(perl)"
-  /usr/bin/python3 -c 'import aiosmtpd.controller, dns.message, dkim' 2>/dev/null ||
-    failed="$failed python-modules(python3-aiosmtpd,python3-dnspython,python3-dkim)"
+  /usr/bin/python3 -c 'import aiosmtpd.controller, dns.message, dkim, idna, icalendar' 2>/dev/null ||
+    failed="$failed python-modules(python3-aiosmtpd,python3-dnspython,python3-dkim,python3-idna,python3-icalendar)"
   [ -x /usr/sbin/dnsmasq ] || failed="$failed dnsmasq(dnsmasq-base)"
   [ -x /usr/lib/postfix/sbin/master ] && command -v smtp-sink >/dev/null 2>&1 ||
     failed="$failed postfix(postfix)"
   ls /usr/share/nginx/modules-available/*http-lua*.conf >/dev/null 2>&1 ||
     failed="$failed nginx-lua(libnginx-mod-http-lua)"
-  for c in cc make pkg-config lua5.4 luajit busted openssl curl msmtp nginx luarocks; do
+  for c in cc make pkg-config lua5.4 luajit busted openssl curl msmtp nginx luarocks idn2; do
     command -v "$c" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin" command -v "$c" >/dev/null 2>&1 ||
       failed="$failed $c"
   done

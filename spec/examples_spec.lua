@@ -56,7 +56,8 @@ describe("examples", function()
 
   it("every script in examples/ is covered here", function()
     local covered = { ["demo.lua"] = true, ["send_starttls_auth.lua"] = true, ["send_many.lua"] = true,
-      ["deliver_literal.lua"] = true, ["dkim_sign.lua"] = true, ["sink_in_tests.lua"] = true }
+      ["deliver_literal.lua"] = true, ["dkim_sign.lua"] = true, ["sink_in_tests.lua"] = true,
+      ["send_invitation.lua"] = true }
     for name in helper.sh("ls -1 " .. q(EX)):gmatch("[^\n]+") do
       if name:match("%.lua$") then assert(covered[name], "examples/" .. name .. " is not run by a spec") end
     end
@@ -82,6 +83,18 @@ describe("examples", function()
     local out, rc = example("send_starttls_auth.lua", submission_env { SMTP_CAFILE = c.other_ca })
     assert.equal(1, rc)
     assert.matches("not sent: tls %(tls%):", out)
+  end)
+
+  it("send_invitation.lua: an invitation to an international domain, with one-click unsubscribe", function()
+    local out, rc = example("send_invitation.lua", submission_env())
+    assert(rc == 0, out)
+    assert.matches("^sent <design%-review%-2024%-01%-02%.invite@example%.com> to bob@bücher%.example: 250 ", out)
+    local m = stored(tls)
+    assert.truthy(m:find("Delivered-To: bob@xn--bcher-kva.example\r\n", 1, true))
+    assert.truthy(m:find("To: bob@xn--bcher-kva.example\r\n", 1, true))
+    assert.truthy(m:find("Content-Type: text/calendar; charset=UTF-8; method=REQUEST\r\n", 1, true))
+    assert.truthy(m:find('Content-Disposition: attachment; filename="invite.ics"', 1, true))
+    assert.truthy(m:find("List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n", 1, true))
   end)
 
   it("send_many.lua: five messages over one session, one line each", function()

@@ -170,7 +170,10 @@ describe("message.new", function()
   it("needs SMTPUTF8 for non-ASCII addresses", function()
     local m = assert(message.new{ from = "jörg@bücher.example", to = "ü@example.org" })
     assert.same({ smtputf8 = true }, m:needs())
-    assert.matches("@host", assert(message.new{ hostname = "host.test", from = "jörg@bücher.example" }).message_id)
+    -- the Message-ID's right side: an international From domain as its A-label; the host name
+    -- for an address literal
+    assert.matches("@xn%-%-bcher%-kva%.example>$", assert(message.new{ hostname = "host.test", from = "jörg@bücher.example" }).message_id)
+    assert.matches("@host%.test>$", assert(message.new{ hostname = "host.test", from = "a@[192.0.2.1]" }).message_id)
   end)
 
   it("quotes display names that need it", function()

@@ -343,6 +343,7 @@ describe_send("smtp.send inside nginx", function()
     location = /send { content_by_lua_block { require("support.openresty_handlers").send() } }
     location = /ping { content_by_lua_block { ngx.say("pong") } }
     location = /deliver { content_by_lua_block { require("support.openresty_handlers").deliver() } }
+    location = /idna { content_by_lua_block { require("support.openresty_handlers").idna() } }
     location = /sendlog {
       content_by_lua_block { ngx.say("ok") }
       log_by_lua_block { require("support.openresty_handlers").send_in_log_phase() }
@@ -386,6 +387,15 @@ describe_send("smtp.send inside nginx", function()
       .. "caf\195\169\r\n.\r\nlast line\r\n"
     assert.are.equal(raw, smtpd.message(before + 1))
     assert.are.equal("a@client.test\nb@smtpd.test\n", smtpd.envelope(before + 1))
+  end)
+
+  it("sends to international domains as A-labels (the IDNA binding works inside nginx)", function()
+    if not needs("send") then return end
+    local before = smtpd.messages()
+    local status, body = nginx_support.request(ngx_srv:url("/idna?port=" .. smtpd.port))
+    assert.are.equal(200, status, body)
+    assert.are.equal("b@Bücher.test 250 xn--bcher-kva.test\n", body)
+    assert.are.equal("a@xn--bcher-kva.test\nb@xn--bcher-kva.test\n", smtpd.envelope(before + 1))
   end)
 
   it("sends to our own server (lua-smtp sink with STARTTLS), stored byte for byte", function()

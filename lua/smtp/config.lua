@@ -142,6 +142,13 @@ function M.connection(opts, fname)
   if type(opts.server) ~= "string" or opts.server == "" then misuse(fname, "server: host name expected") end
   local ok, err = check.hostname(opts.server, "server")
   if not ok then return nil, err end
+  local server = opts.server
+  if has_8bit(server) then
+    -- an international host name: resolved, sent as SNI and checked in the certificate as its A-label
+    local ascii, why = check.idna_domain(server)
+    if not ascii then return invalid("server: bad international domain name " .. server .. ": " .. why) end
+    server = ascii
+  end
   local tls = opts.tls == nil and "starttls" or opts.tls
   if PORTS[tls] == nil then misuse(fname, "tls: starttls, implicit, opportunistic or none") end
   local port = opts.port == nil and PORTS[tls] or tonumber(opts.port)
@@ -162,12 +169,17 @@ function M.connection(opts, fname)
   -- A blank name (an unset environment variable) must not quietly turn the name check off.
   if servername == "" then return invalid("servername: empty name") end
   if servername ~= nil and has_ctl(servername) then return invalid("servername: control character (NUL, CR, LF, ...)") end
+  if servername ~= nil and has_8bit(servername) then
+    local ascii, why = check.idna_domain(servername)
+    if not ascii then return invalid("servername: bad international domain name " .. servername .. ": " .. why) end
+    servername = ascii
+  end
   if opts.verify_name ~= nil and type(opts.verify_name) ~= "boolean" then misuse(fname, "verify_name: boolean expected") end
   if opts.cafile ~= nil and type(opts.cafile) ~= "string" then misuse(fname, "cafile: string expected") end
   return {
-    server = opts.server, port = port, tls = tls, helo = helo, auth = opts.auth,
+    server = server, port = port, tls = tls, helo = helo, auth = opts.auth,
     verify = opts.verify ~= false, verify_name = opts.verify_name ~= false, cafile = opts.cafile,
-    servername = servername or (opts.server:gsub("^%[(.*)%]$", "%1")),
+    servername = servername or (server:gsub("^%[(.*)%]$", "%1")),
     timeouts = check_timeouts(opts.timeout, fname),
     allow_plaintext_auth = opts.allow_plaintext_auth == true,
     chunking = opts.chunking ~= false,
@@ -187,8 +199,9 @@ local function to_list(v, fname, what)
   return out
 end
 
--- Message options -> a transaction description { message, from, to, dsn, smtputf8, head }, or
--- nil, err. Raises on misuse.
+-- Message options -> a transaction description { message, from, to, given, dsn, smtputf8, head },
+-- or nil, err (`given`: the recipients as the caller wrote them, when some differ from `to`).
+-- Raises on misuse.
 function M.message(opts, fname)
   if type(opts) ~= "table" then misuse(fname, "options table expected") end
   local m = opts.message
@@ -215,20 +228,27 @@ function M.message(opts, fname)
   end
   if from == nil then return invalid("from: no envelope sender (give from = ...)") end
   if type(from) ~= "string" then misuse(fname, "from: string expected") end
-  local ok, u8 = check.address(from, "from", true)
+  -- An international domain goes as its A-label (`wire`); results name the address as given.
+  local ok, u8, wire = check.address(from, "from", true)
   if not ok then return nil, u8 end
   if u8 then needs_utf8 = true end
+  from = wire
   if to == nil or #to == 0 then return invalid("to: no recipients") end
-  for _, r in ipairs(to) do
+  local given
+  for i, r in ipairs(to) do
     if type(r) ~= "string" then misuse(fname, "to: strings expected") end
-    ok, u8 = check.address(r, "to")
+    ok, u8, wire = check.address(r, "to")
     if not ok then return nil, u8 end
     if u8 then needs_utf8 = true end
+    if wire ~= r then
+      if not given then given = {}; for k, v in ipairs(to) do given[k] = v end end
+      to[i] = wire
+    end
   end
   local dsn, err = check_dsn(opts.dsn, fname)
   if not dsn then return nil, err end
-  return { message = m, from = from, to = to, dsn = opts.dsn and dsn or nil, smtputf8 = needs_utf8,
-    head = head }
+  return { message = m, from = from, to = to, given = given, dsn = opts.dsn and dsn or nil,
+    smtputf8 = needs_utf8, head = head }
 end
 
 -- MAIL/RCPT parameters given as a table -> "KEY=value KEY2" in a stable order.

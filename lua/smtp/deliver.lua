@@ -267,11 +267,12 @@ function M.deliver(opts)
   local bare_to, jobs, by_domain = {}, {}, {}
   for i, addr in ipairs(to) do
     if type(addr) ~= "string" then return errors.invalid("to[" .. i .. "]: string expected") end
-    local b = bare(addr)
-    local ok, aerr = check.address(b, "to[" .. i .. "]")
+    -- An international domain is looked up and sent as its A-label; results name `addr`.
+    local ok, aerr, b = check.address(bare(addr), "to[" .. i .. "]")
     if not ok then return nil, aerr end
     local d = domain_of(b)
     if not d then return errors.invalid("to[" .. i .. "]: no domain in " .. ("%q"):format(addr)) end
+    if check.has_8bit(d) then d = check.idna_domain(d) end   -- checked valid just above
     if literal_of(d) == false or (not literal_of(d) and not dns.normalize(d)) then
       return errors.invalid("to[" .. i .. "]: bad domain in " .. ("%q"):format(addr))
     end

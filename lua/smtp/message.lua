@@ -160,12 +160,13 @@ end
 -- Addresses
 ------------------------------------------------------------------------------------------------
 
--- Checks an addr-spec (smtp.check's rules, the same as the envelope's); returns it, and whether
--- it needs SMTPUTF8.
+-- Checks an addr-spec (smtp.check's rules, the same as the envelope's); returns it, whether it
+-- needs SMTPUTF8 (a local part that is not ASCII), and its form with an international domain as
+-- the A-label, which the header carries so that readers and servers without RFC 6532 take it.
 local function check_address(a)
-  local ok, u8 = check.address(a)
+  local ok, u8, wire = check.address(a)
   if not ok then return nil, u8.text end
-  return a, u8
+  return a, u8, wire
 end
 
 -- Splits "a, b <c>, \"d, e\" <f>" at commas outside quotes and angle brackets.
@@ -210,13 +211,13 @@ local function parse_mailbox(v)
     return nil, "address must be a string or a table"
   end
   if name and has_ctl(name) then return nil, "CR, LF or NUL in display name" end
-  local a, err = check_address(addr)
+  local a, err, wire = check_address(addr)
   if not a then return nil, err end
   local utf8 = err
   if name and not is_ascii(name) and not core.utf8_valid(name) then
     return nil, "display name is not UTF-8"
   end
-  return { name = name, address = a, utf8 = utf8 }
+  return { name = name, address = a, wire = wire, utf8 = utf8 }
 end
 
 -- A list option (string with commas, one table mailbox, or a list) -> list of mailboxes.
@@ -243,7 +244,7 @@ end
 local function mailbox_words(mb, last)
   local words = {}
   if mb.name then for _, w in ipairs(phrase_words(mb.name)) do words[#words + 1] = w end end
-  words[#words + 1] = (mb.name and "<" .. mb.address .. ">" or mb.address) .. (last and "" or ",")
+  words[#words + 1] = (mb.name and "<" .. mb.wire .. ">" or mb.wire) .. (last and "" or ",")
   return words
 end
 
@@ -372,6 +373,218 @@ local function leaf_headers(p)
 end
 
 ------------------------------------------------------------------------------------------------
+-- Threading, mailing list fields and calendar invitations
+------------------------------------------------------------------------------------------------
+
+local DOT_ATOM = "^[%w!#$%%&'*+/=?^_`{|}~%-]+$"
+M.MSG_ID_MAX = 250   -- octets of a msg-id with its brackets: it cannot be folded, so it must fit a line
+
+-- RFC 5322 msg-id, "<id-left@id-right>" (the brackets may be left out): id-left a dot-atom-text,
+-- id-right a dot-atom-text or a no-fold-literal, printable ASCII only -> "<...>" | nil, why.
+local function msg_id(v, what)
+  if type(v) ~= "string" then return nil, what .. ": msg-id must be a string" end
+  if check.has_ctl(v) then return nil, what .. ": control character (CR, LF, NUL, ...) in msg-id" end
+  local inner = v:match("^<(.*)>$") or v
+  if #inner + 2 > M.MSG_ID_MAX then
+    return nil, what .. ": msg-id over " .. M.MSG_ID_MAX .. " octets"
+  end
+  local left, right = inner:match("^([^@]*)@(.*)$")
+  local function dot_atom(x)
+    for atom in (x .. "."):gmatch("(.-)%.") do
+      if not atom:match(DOT_ATOM) then return false end
+    end
+    return x ~= ""
+  end
+  if not left or not dot_atom(left) or not (dot_atom(right) or right:match("^%[[!-Z^-~]*%]$")) then
+    return nil, what .. ": not a msg-id (<id-left@id-right>): " .. v:gsub("[^ -~]", "?")
+  end
+  return "<" .. inner .. ">"
+end
+
+-- One msg-id or several (a list, or a string of them separated by spaces) -> list of "<...>".
+local function msg_ids(v, what)
+  local items = v
+  if type(v) == "string" then
+    items = {}
+    for tok in v:gmatch("[^%s,]+") do items[#items + 1] = tok end
+    if check.has_ctl(v) then items = { v } end
+  elseif type(v) ~= "table" then
+    return nil, what .. ": a msg-id or a list of them expected"
+  end
+  local out = {}
+  for _, it in ipairs(items) do
+    local id, err = msg_id(it, what)
+    if not id then return nil, err end
+    out[#out + 1] = id
+  end
+  if #out == 0 then return nil, what .. ": no msg-id" end
+  return out
+end
+
+M.URL_MAX = 900   -- octets of a List-* URL: one angle-bracketed URL must fit a header line
+
+-- A URL of an RFC 2369 field: printable ASCII of RFC 3986's characters, "%" only in escapes.
+local function url(u, what)
+  if type(u) ~= "string" then return nil, what .. ": URL must be a string" end
+  if #u > M.URL_MAX then return nil, what .. ": URL over " .. M.URL_MAX .. " octets" end
+  local scheme = u:match("^([%a][%w+.%-]*):")
+  if not scheme or not u:match("^[%w%-._~:/?#%[%]@!$&'()*+,;=%%]+$") or u:gsub("%%%x%x", ""):find("%%") then
+    return nil, what .. ": not a URL (ASCII, no spaces, <, > or quotes, %XX escapes): " .. u:gsub("[^ -~]", "?")
+  end
+  scheme = scheme:lower()
+  if scheme == "http" or scheme == "https" then
+    if not u:match("^[%a]+://[^/?#]+") then return nil, what .. ": URL without a host: " .. u end
+  elseif scheme == "mailto" then
+    local a = u:match("^[%a]+:([^?]+)")
+    local ok = a and check.address((a:gsub("%%(%x%x)", function(x) return string.char(tonumber(x, 16)) end)))
+    if not ok then return nil, what .. ": mailto URL without an address: " .. u end
+  end
+  return u, scheme
+end
+
+-- A list of URLs -> the value of an RFC 2369 field: "<url>, <url>" (folded between them).
+local function url_words(list)
+  local words = {}
+  for i, u in ipairs(list) do words[i] = "<" .. u .. ">" .. (i < #list and "," or "") end
+  return words
+end
+
+local LIST_FIELDS = { { "help", "List-Help" }, { "subscribe", "List-Subscribe" },
+                      { "post", "List-Post" }, { "owner", "List-Owner" }, { "archive", "List-Archive" } }
+
+-- list = { id =, unsubscribe = { url =, mailto =, one_click = }, help =, subscribe =, post =,
+-- owner =, archive = } -> header fields (RFC 2369, 2919, 8058) | nil, why
+local function list_fields(l)
+  if type(l) ~= "table" then return nil, "list must be a table" end
+  local fields = {}
+  if l.id ~= nil then
+    if type(l.id) ~= "string" or has_ctl(l.id) then return nil, "list.id must be a string without CR, LF or NUL" end
+    local name, id = l.id:match("^(.-)%s*<([^<>]*)>%s*$")
+    if not name then id = l.id end
+    local qn = name and name:match('^"(.*)"$')
+    if qn then name = qn:gsub("\\(.)", "%1") end
+    if name == "" then name = nil end
+    -- RFC 2919: a list-label, a dot and a namespace, as a dot-atom-text of at most 255 octets
+    local ok = #id <= 255 and id:find(".", 1, true)
+    if ok then for atom in (id .. "."):gmatch("(.-)%.") do ok = ok and atom:match(DOT_ATOM) end end
+    if not ok then return nil, "list.id: not a list id (label.namespace, e.g. news.example.com): " .. id end
+    if name and not is_ascii(name) and not core.utf8_valid(name) then return nil, "list.id: name is not UTF-8" end
+    local words = {}
+    if name then for _, w in ipairs(phrase_words(name)) do words[#words + 1] = w end end
+    words[#words + 1] = "<" .. id .. ">"
+    fields[#fields + 1] = { "List-Id", words }
+  end
+  for _, f in ipairs(LIST_FIELDS) do
+    local v = l[f[1]]
+    if v ~= nil then
+      local list = type(v) == "table" and v or { v }
+      if #list == 0 then return nil, "list." .. f[1] .. ": no URL" end
+      for _, u in ipairs(list) do
+        local ok, err = url(u, "list." .. f[1])
+        if not ok then return nil, err end
+      end
+      fields[#fields + 1] = { f[2], url_words(list) }
+    end
+  end
+  local u = l.unsubscribe
+  if u ~= nil then
+    if type(u) ~= "table" or (u.url == nil and u.mailto == nil) then
+      return nil, "list.unsubscribe: { url = \"https://...\", mailto = \"mailto:...\" } expected"
+    end
+    local list, https = {}, false
+    if u.url ~= nil then
+      local ok, scheme = url(u.url, "list.unsubscribe.url")
+      if not ok then return nil, scheme end
+      if scheme ~= "https" and scheme ~= "http" then
+        return nil, "list.unsubscribe.url: an https URL expected: " .. u.url
+      end
+      https = scheme == "https"
+      list[#list + 1] = u.url
+    end
+    if u.mailto ~= nil then
+      local ok, scheme = url(u.mailto, "list.unsubscribe.mailto")
+      if not ok then return nil, scheme end
+      if scheme ~= "mailto" then return nil, "list.unsubscribe.mailto: a mailto: URL expected: " .. u.mailto end
+      list[#list + 1] = u.mailto
+    end
+    if u.one_click ~= nil and type(u.one_click) ~= "boolean" then
+      return nil, "list.unsubscribe.one_click must be a boolean"
+    end
+    if u.one_click == true and not https then
+      return nil, "list.unsubscribe: one-click unsubscribe (RFC 8058) needs an https URL"
+    end
+    fields[#fields + 1] = { "List-Unsubscribe", url_words(list) }
+    -- RFC 8058: the receiver POSTs "List-Unsubscribe=One-Click" to the https URL; only https
+    if https and u.one_click ~= false then
+      fields[#fields + 1] = { "List-Unsubscribe-Post", { "List-Unsubscribe=One-Click" } }
+    end
+  end
+  return fields
+end
+
+-- iTIP methods (RFC 5546) a text/calendar part may carry.
+local METHODS = { PUBLISH = true, REQUEST = true, REPLY = true, ADD = true, CANCEL = true,
+                  REFRESH = true, COUNTER = true, DECLINECOUNTER = true }
+
+-- Lines longer than 75 octets folded (RFC 5545 3.1: CRLF and a space), never inside a character.
+local function fold_ical_line(line, out)
+  while #line > 75 do
+    local j = 75
+    while j > 1 and line:byte(j + 1) and line:byte(j + 1) >= 0x80 and line:byte(j + 1) < 0xC0 do j = j - 1 end
+    out[#out + 1] = line:sub(1, j)
+    line = " " .. line:sub(j + 1)
+  end
+  out[#out + 1] = line
+end
+
+-- calendar = "BEGIN:VCALENDAR..." or { content =, method =, filename = "invite.ics",
+-- attachment = true } -> { text = CRLF text, folded, method = "REQUEST", filename =, attach = } | nil, why
+local function calendar(c)
+  if type(c) == "string" then c = { content = c } end
+  if type(c) ~= "table" or type(c.content) ~= "string" then
+    return nil, "calendar: iCalendar text, or { content = text, method = ... } expected"
+  end
+  local text = c.content
+  if text:find("%z") then return nil, "calendar: NUL in the iCalendar text" end
+  if not is_ascii(text) and not core.utf8_valid(text) then return nil, "calendar: not UTF-8" end
+  text = text:gsub("\r\n", "\n"):gsub("\r", "\n")
+  local lines = {}
+  for l in (text:gsub("\n+$", "") .. "\n"):gmatch("([^\n]*)\n") do lines[#lines + 1] = l end
+  if not (lines[1] or ""):upper():match("^BEGIN:VCALENDAR%s*$") or not lines[#lines]:upper():match("^END:VCALENDAR%s*$") then
+    return nil, "calendar: BEGIN:VCALENDAR ... END:VCALENDAR expected"
+  end
+  -- METHOD of the VCALENDAR itself (depth 1), read from unfolded lines
+  local method, depth, logical = nil, 0, {}
+  for _, l in ipairs(lines) do
+    if l:match("^[ \t]") and #logical > 0 then logical[#logical] = logical[#logical] .. l:sub(2)
+    else logical[#logical + 1] = l end
+  end
+  for _, l in ipairs(logical) do
+    local u = l:upper()
+    if u:match("^BEGIN:") then depth = depth + 1
+    elseif u:match("^END:") then depth = depth - 1
+    elseif depth == 1 and u:match("^METHOD[:;]") then
+      if method then return nil, "calendar: METHOD given twice" end
+      method = u:match("^METHOD[^:]*:%s*(.-)%s*$")
+    end
+  end
+  if not method then return nil, "calendar: the VCALENDAR has no METHOD (REQUEST, CANCEL, REPLY, ...)" end
+  if not METHODS[method] then return nil, "calendar: unknown METHOD " .. method:gsub("[^ -~]", "?") end
+  if c.method ~= nil then
+    if type(c.method) ~= "string" or c.method:upper() ~= method then
+      return nil, "calendar: method " .. tostring(c.method) .. " does not match the text's METHOD:" .. method
+    end
+  end
+  local filename = c.filename or "invite.ics"
+  if type(filename) ~= "string" or has_ctl(filename) or filename == "" then return nil, "calendar: bad filename" end
+  if not is_ascii(filename) and not core.utf8_valid(filename) then return nil, "calendar: filename is not UTF-8" end
+  local out = {}
+  for _, l in ipairs(lines) do fold_ical_line(l, out) end
+  return { text = table.concat(out, "\r\n") .. "\r\n", method = method, filename = filename,
+           attach = c.attachment ~= false }
+end
+
+------------------------------------------------------------------------------------------------
 -- message.new
 ------------------------------------------------------------------------------------------------
 
@@ -456,13 +669,37 @@ function M.new(opts)
   if #cc > 0 then fields[#fields + 1] = address_header("Cc", cc) end
   if subject ~= nil then fields[#fields + 1] = fold_words("Subject", unstructured_words(subject, "Subject")) end
   local domain = from.address:match("@([^@]+)$")
-  if not is_ascii(domain) or domain:sub(1, 1) == "[" then domain = hostname end
-  local rnd = random(16)
-  if type(rnd) ~= "string" or #rnd < 16 then error("bad argument #1 to 'new' (random(n) must return n bytes)", 2) end
-  self.message_id = "<" .. hexs(rnd:sub(1, 16)) .. "@" .. domain .. ">"
+  if not is_ascii(domain) then domain = check.idna_domain(domain) end   -- valid: checked above
+  if domain:sub(1, 1) == "[" then domain = hostname end
+  if opts.message_id ~= nil then
+    local id; id, err = msg_id(opts.message_id, "message_id")
+    if not id then return invalid(err) end
+    self.message_id = id
+  else
+    local rnd = random(16)
+    if type(rnd) ~= "string" or #rnd < 16 then error("bad argument #1 to 'new' (random(n) must return n bytes)", 2) end
+    self.message_id = "<" .. hexs(rnd:sub(1, 16)) .. "@" .. domain .. ">"
+  end
   fields[#fields + 1] = "Message-ID: " .. self.message_id
-  fields[#fields + 1] = "MIME-Version: 1.0"
+  -- fields set here are refused in `headers` as given twice
   local seen = {}
+  for _, t in ipairs({ { "in_reply_to", "In-Reply-To" }, { "references", "References" } }) do
+    if opts[t[1]] ~= nil then
+      local ids; ids, err = msg_ids(opts[t[1]], t[1])
+      if not ids then return invalid(err) end
+      fields[#fields + 1] = fold_words(t[2], ids)
+      seen[t[2]:lower()] = true
+    end
+  end
+  if opts.list ~= nil then
+    local lf; lf, err = list_fields(opts.list)
+    if not lf then return invalid(err) end
+    for _, f in ipairs(lf) do
+      fields[#fields + 1] = fold_words(f[1], f[2])
+      seen[f[1]:lower()] = "list"
+    end
+  end
+  fields[#fields + 1] = "MIME-Version: 1.0"
   if opts.headers ~= nil then
     if type(opts.headers) ~= "table" then return invalid("headers must be a list of {name, value}") end
     for _, hv in ipairs(opts.headers) do
@@ -476,6 +713,7 @@ function M.new(opts)
       if not is_ascii(v) and not core.utf8_valid(v) then return invalid("header " .. n .. " is not UTF-8") end
       local ln = n:lower()
       if generated[ln] then return invalid("header " .. n .. " given twice (set by message.new)") end
+      if seen[ln] == "list" then return invalid("header " .. n .. " given twice (set by list)") end
       if single[ln] and seen[ln] then return invalid("header " .. n .. " given twice") end
       seen[ln] = true
       fields[#fields + 1] = fold_words(n, unstructured_words(v, n))
@@ -499,6 +737,11 @@ function M.new(opts)
   local textp = opts.text and text_part("text/plain", opts.text)
   local htmlp = opts.html and text_part("text/html", opts.html)
   if not textp and not htmlp then textp = text_part("text/plain", "") end
+  local cal
+  if opts.calendar ~= nil then
+    cal, err = calendar(opts.calendar)
+    if not cal then return invalid(err) end
+  end
   local inl, att = {}, {}
   for _, spec in ipairs({ { opts.inline, inl, "inline" }, { opts.attachments, att, "attachment" } }) do
     local list = spec[1]
@@ -520,12 +763,25 @@ function M.new(opts)
     for _, p in ipairs(inl) do kids[#kids + 1] = p end
     htmlp = multipart("related", kids)
   end
-  if textp and htmlp then body = multipart("alternative", { textp, htmlp })
+  -- An invitation is the last (richest) alternative, text/calendar with the METHOD as a parameter,
+  -- as Outlook, Gmail and Apple Mail expect; the .ics file goes along as an attachment too.
+  -- Not quoted-printable: base64 when it is not ASCII, which every calendar reader decodes.
+  local calp
+  if cal then
+    calp = { ctype = "text/calendar; charset=UTF-8; method=" .. cal.method, cte = "7bit", body = cal.text }
+    if not core.is_7bit(cal.text) then calp.cte, calp.body, calp.content = "base64", nil, cal.text end
+  end
+  if textp and htmlp then body = multipart("alternative", { textp, htmlp, calp })
+  elseif calp then body = multipart("alternative", { textp or htmlp, calp })
   else body = textp or htmlp end
   if not htmlp and #inl > 0 then
     local kids = { body }
     for _, p in ipairs(inl) do kids[#kids + 1] = p end
     body = multipart("related", kids)
+  end
+  if cal and cal.attach then
+    local p = assert(file_part({ content = cal.text, filename = cal.filename, content_type = "application/ics" }, "attachment"))
+    table.insert(att, 1, p)
   end
   if #att > 0 then
     local kids = { body }
@@ -669,7 +925,8 @@ function Message:envelope()
   for _, l in ipairs({ self.to, self.cc, self.bcc }) do
     for _, mb in ipairs(l) do
       local a = mb.address
-      local key = a:gsub("@(.*)$", function(d) return "@" .. d:lower() end)
+      -- one recipient however its domain is written (case, U-label or A-label)
+      local key = mb.wire:gsub("@(.*)$", function(d) return "@" .. d:lower() end)
       if not seen[key] then seen[key] = true; rcpts[#rcpts + 1] = a end
     end
   end

@@ -42,6 +42,13 @@ end
 function M.lookup(domain, opts)
   if type(domain) ~= "string" then error("bad argument #1 to 'lookup' (string expected)", 2) end
   opts = check_opts(opts)
+  if domain:find("[\128-\255]") then
+    -- an international name is looked up as its A-label (smtp.check loads the C core, which the
+    -- engines need inside nginx too)
+    local ascii, why = require("smtp.check").idna_domain(domain)
+    if not ascii then return errors.invalid("not a valid international domain name: " .. ("%q"):format(domain) .. ": " .. why) end
+    domain = ascii
+  end
   local name = dns.normalize(domain)
   if not name then return errors.invalid("not a valid domain name: " .. ("%q"):format(domain)) end
   local random = opts.random or math.random

@@ -399,14 +399,16 @@ end
 
 function Conn:mail(from, params)
   local ok, err = alive(self, "mail"); if not ok then return nil, err end
-  ok, err = check.address(from, "from", true); if not ok then return nil, err end
-  return command(self, "mail", self.engine.mail, from, config.params(params, "mail"))
+  local wire
+  ok, err, wire = check.address(from, "from", true); if not ok then return nil, err end
+  return command(self, "mail", self.engine.mail, wire, config.params(params, "mail"))
 end
 
 function Conn:rcpt(to, params)
   local ok, err = alive(self, "rcpt"); if not ok then return nil, err end
-  ok, err = check.address(to, "to"); if not ok then return nil, err end
-  return command(self, "rcpt", self.engine.rcpt, to, config.params(params, "rcpt"))
+  local wire
+  ok, err, wire = check.address(to, "to"); if not ok then return nil, err end
+  return command(self, "rcpt", self.engine.rcpt, wire, config.params(params, "rcpt"))
 end
 
 function Conn:rset()

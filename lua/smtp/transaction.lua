@@ -347,7 +347,7 @@ function Tx:take(r)
   if k < #to then
     k = k + 1
     self.nrcpt = k
-    local rcpt = to[k]
+    local rcpt = (self.d.given or to)[k]   -- named as the caller wrote it (not its A-label)
     if ok2xx then self.accepted[#self.accepted + 1] = rcpt
     else self.rejected[#self.rejected + 1] = { recipient = rcpt, code = code, enhanced = r.enhanced, text = r.text } end
     if not (self.result or self.err) then

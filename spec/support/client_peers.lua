@@ -12,6 +12,7 @@ import asyncio, json, ssl, sys, time, base64
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword, SMTP
 port, tls_port, cert, key, record = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+smtputf8 = sys.argv[6:7] != ['no-smtputf8']
 
 def authenticator(server, session, envelope, mechanism, auth_data):
     ok = isinstance(auth_data, LoginPassword) and auth_data.login == b'user' and auth_data.password == b'secret pass'
@@ -40,7 +41,7 @@ class Handler:
 
 ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
 ctx.load_cert_chain(cert, key)
-common = dict(authenticator=authenticator, enable_SMTPUTF8=True, server_hostname='aiosmtpd.test')
+common = dict(authenticator=authenticator, enable_SMTPUTF8=smtputf8, server_hostname='aiosmtpd.test')
 a = Controller(Handler(), hostname='127.0.0.1', port=port, tls_context=ctx, **common)
 a.start()
 ictx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -81,7 +82,8 @@ M.records = records
 
 -- aiosmtpd with STARTTLS on `port` and implicit TLS on `tls_port`; AUTH user "user", password
 -- "secret pass"; recipients starting with "reject" get 550 5.1.1, "later" 450 4.2.1.
-function M.aiosmtpd()
+-- `opts.smtputf8 = false`: a server that does not offer SMTPUTF8 (and refuses non-ASCII paths).
+function M.aiosmtpd(opts)
   helper.need("aiosmtpd")
   local c = helper.certs()
   local dir = helper.tmpdir()
@@ -89,7 +91,8 @@ function M.aiosmtpd()
   helper.write(dir .. "/peer.py", aiosmtpd_py)
   local record = dir .. "/messages.jsonl"
   local p = helper.spawn({ helper.python, dir .. "/peer.py", tostring(port), tostring(tls_port),
-    c.server, c.server_key, record }, { limit = 300 })
+    c.server, c.server_key, record, (opts and opts.smtputf8 == false) and "no-smtputf8" or "smtputf8" },
+    { limit = 300 })
   assert(helper.wait_port("127.0.0.1", port, 15), "aiosmtpd did not start: " .. p:output())
   assert(helper.wait_port("127.0.0.1", tls_port, 15), "aiosmtpd (TLS) did not start: " .. p:output())
   return {

@@ -51,7 +51,8 @@ def main():
         for d in ds:
             print("DEFECT", h(d))
         for name in ("subject", "from", "to", "cc", "reply-to", "sender", "message-id", "date",
-                     "x-test", "bcc"):
+                     "x-test", "bcc", "in-reply-to", "references", "list-id", "list-unsubscribe",
+                     "list-unsubscribe-post"):
             for v in msg.get_all(name) or []:
                 print("HDR", name, h(str(v)))
                 for a in getattr(v, "addresses", ()):

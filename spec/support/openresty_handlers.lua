@@ -243,6 +243,18 @@ function M.send()
     " tls=", tostring(res.server.tls), " reused=", tostring(res.server.reused))
 end
 
+-- /idna?port=N: smtp.send inside nginx from and to addresses under an international domain (the
+-- IDNA binding is in the C core, which nginx loads for the engines): accepted, reply, A-label.
+function M.idna()
+  local smtp = require "smtp"
+  local res, err = smtp.send {
+    server = "localhost", port = tonumber(arg("port")), message = M.RAW, pool = false,
+    from = "a@bücher.test", to = { "b@Bücher.test" }, timeout = 5,
+  }
+  if not res then return fail("send", err) end
+  ngx.say(table.concat(res.accepted, ","), " ", res.reply.code, " ", require("smtp.core").idna_to_ascii("bücher.test"))
+end
+
 -- /glue?port=N: whether smtp.send inside nginx goes through the cosocket transport (the native
 -- one is never loaded) and whether it pools (its result says how often the session was reused).
 function M.glue()

@@ -14,6 +14,8 @@ usage: lua-smtp send --server HOST[:PORT] [--tls starttls|implicit|opportunistic
                      [--helo NAME] [--cafile F] [--insecure] [--timeout SECONDS]
                      [--to-file FILE [--concurrency N]] [--json] [--nameserver HOST[:PORT]]...
                      [--destinations remote|public|any]
+                     [--message-id ID] [--in-reply-to ID] [--references ID]...
+                     [--list-id ID] [--list-unsubscribe URL]... [--calendar FILE]
 Without --server the message goes straight to each recipient domain's MX hosts.
 --destinations says where that may connect: remote (default) refuses this host, link-local,
 multicast and reserved addresses; public allows public Internet addresses only; any allows all.
@@ -27,6 +29,11 @@ transaction, over N sessions at once (--concurrency, default 1): a progress bar 
 line per recipient otherwise, then a summary "sent N, failed N, deferred N".
 --json prints the results as one JSON array instead, one object per recipient (recipient, status
 sent|failed|deferred, code, enhanced, text, host), also for a single message.
+--message-id, --in-reply-to and --references (repeat for more) set the threading fields;
+--list-id and --list-unsubscribe (an https: URL, which adds one-click unsubscribe, and/or a
+mailto: URL) the mailing list fields; --calendar FILE sends the iCalendar invitation in FILE
+(METHOD:REQUEST, CANCEL, ...) as text/calendar and invite.ics. Addresses and --server may use
+international domain names: they are sent as A-labels (xn--...).
 Exit status: 0 accepted, 1 not accepted (reason on stderr), 2 usage error.]==]
 
 -- Options that take one value, options that take one or more values, and flags.
@@ -40,9 +47,14 @@ local multi = { to = true, cc = true, bcc = true, attach = true }
 -- Options that take one value each time and may be given again (as `lua-smtp mx` has them).
 local repeated = { nameserver = true }
 local flags = { insecure = true, ["allow-plaintext-auth"] = true, json = true }
+-- What a composed message may carry besides its bodies (not with --raw).
+local compose_single = { "message-id", "in-reply-to", "list-id", "calendar" }
+local compose_repeated = { "references", "list-unsubscribe" }
+for _, k in ipairs(compose_single) do single[k] = true end
+for _, k in ipairs(compose_repeated) do repeated[k] = true end
 
 local function parse(args)
-  local o = { to = {}, cc = {}, bcc = {}, attach = {}, nameserver = {} }
+  local o = { to = {}, cc = {}, bcc = {}, attach = {}, nameserver = {}, references = {}, ["list-unsubscribe"] = {} }
   local i = 1
   while i <= #args do
     local a = args[i]
@@ -222,6 +234,10 @@ function M.main(args, out, err)
   if o.raw and (o.body or o["body-file"] or o["html-file"] or #o.attach > 0 or o.subject) then
     return usage_error("--raw excludes --subject, --body, --body-file, --html-file and --attach")
   end
+  if o.raw then
+    for _, k in ipairs(compose_single) do if o[k] then return usage_error("--raw excludes --" .. k) end end
+    for _, k in ipairs(compose_repeated) do if #o[k] > 0 then return usage_error("--raw excludes --" .. k) end end
+  end
   local given = (o.password and 1 or 0) + (o["password-env"] and 1 or 0) + (o["password-file"] and 1 or 0)
   if given > 1 then return usage_error("give one of --password, --password-env, --password-file") end
   if o["password-env"] then
@@ -288,12 +304,30 @@ function M.main(args, out, err)
     end
     local attachments = {}
     for _, p in ipairs(o.attach) do attachments[#attachments + 1] = { path = p } end
+    local calendar
+    if o.calendar then
+      local ferr
+      calendar, ferr = read_file(o.calendar)
+      if not calendar then err:write("lua-smtp send: ", tostring(ferr), "\n"); return 2 end
+    end
+    local list
+    if o["list-id"] or #o["list-unsubscribe"] > 0 then
+      list = { id = o["list-id"] }
+      for _, u in ipairs(o["list-unsubscribe"]) do
+        list.unsubscribe = list.unsubscribe or {}
+        local key = u:lower():match("^mailto:") and "mailto" or "url"
+        if list.unsubscribe[key] then return usage_error("--list-unsubscribe: at most one http(s) URL and one mailto: URL") end
+        list.unsubscribe[key] = u
+      end
+    end
     local mmod = require "smtp.message"
     local merr
     message, merr = mmod.new {
       from = o.from, to = o.to, cc = o.cc, bcc = o.bcc, subject = o.subject or "",
       text = text or (html == nil and "" or nil), html = html,
       attachments = #attachments > 0 and attachments or nil,
+      message_id = o["message-id"], in_reply_to = o["in-reply-to"],
+      references = #o.references > 0 and o.references or nil, list = list, calendar = calendar,
     }
     if not message then
       err:write("lua-smtp send: ", tostring(merr), "\n")
