@@ -271,4 +271,53 @@ describe("url = ... against a server", function()
   end)
 end)
 
-local _ = helper
+describe("lua-smtp send --url and SMTP_URL", function()
+  local server = require "smtp.server"
+  local loop = require "smtp.loop"
+  local bin = helper.root .. "/bin/lua-smtp"
+
+  -- Runs the command (argv after `lua-smtp send`) beside a server, with `env`; returns its output
+  -- and the users the server saw log in.
+  local function run(args, env)
+    local users = {}
+    local srv = assert(server.listen { host = "127.0.0.1", port = 0, auth_plaintext = true,
+      auth = function(_, _, user, pass) users[#users + 1] = user .. "/" .. pass; return true end,
+      on_message = function(_, _, reader) for _ in reader:chunks() do end return true end })
+    local out
+    loop.spawn(function()
+      srv:serve()
+      local argv = { helper.lua, bin, "send", "--from", "a@example.com", "--to", "b@example.org", "--subject", "u" }
+      for _, a in ipairs(args) do argv[#argv + 1] = (a:gsub("PORT", tostring(srv.port))) end
+      local e = {}
+      for k, v in pairs(env or {}) do e[k] = v:gsub("PORT", tostring(srv.port)) end
+      local p = helper.spawn(argv, { env = e })
+      local t0 = loop.now()
+      while p:alive() and loop.now() - t0 < 20 do loop.sleep(0.05) end
+      out = p:output()
+      srv:close()
+    end)
+    loop.run()
+    return out, users
+  end
+
+  it("sends to --url, and to SMTP_URL when neither --url nor --server is given", function()
+    local out, users = run({ "--url", "smtp://al%40ice:" .. PW .. "@127.0.0.1:PORT?tls=none" })
+    assert.truthy(out:find("sent: 250", 1, true), out)
+    assert.same({ "al@ice/" .. PW }, users)
+    out, users = run({}, { SMTP_URL = "smtp://bob:" .. PW .. "@127.0.0.1:PORT?tls=none" })
+    assert.truthy(out:find("sent: 250", 1, true), out)
+    assert.same({ "bob/" .. PW }, users)
+  end)
+
+  it("refuses a bad URL or a conflicting flag as a usage error, without the password", function()
+    for _, c in ipairs {
+      { { "--url", "smtp://u:" .. PW .. "@127.0.0.1:PORT?nope=1" }, "bad --url: url: unknown query option 'nope'" },
+      { { "--url", "smtps://u:" .. PW .. "@127.0.0.1:PORT", "--tls", "starttls" }, "tls is given both in the URL" },
+      { { "--url", "smtps://u:" .. PW .. "@127.0.0.1:PORT", "--server", "127.0.0.1" }, "--url and --server exclude each other" },
+    } do
+      local out = run(c[1])
+      assert.truthy(out:find(c[2], 1, true), out)
+      assert.is_nil(out:find(PW, 1, true), out)
+    end
+  end)
+end)
