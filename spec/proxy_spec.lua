@@ -189,6 +189,32 @@ describe("smtp.send through real proxies", function()
     end
   end)
 
+  it("smtp.deliver goes through the proxy to the address it checked", function()
+    local before = #peer.messages()
+    local res = assert(smtp.deliver { message = BODY, from = "a@example.com", to = { "b@[127.0.0.1]" },
+      port = peer.port, tls = "none", destinations = "any", timeout = 10, proxy = socks_url("socks5") })
+    assert.equal("sent", res[1].status)
+    assert.equal(before + 1, #peer.messages())
+    res = assert(smtp.deliver { message = BODY, from = "a@example.com", to = { "b@[127.0.0.1]" },
+      port = peer.port, tls = "none", destinations = "any", timeout = 10,
+      proxy = "socks5h://127.0.0.1:" .. socks_auth_port })
+    assert.equal("deferred", res[1].status)
+    assert.truthy(res[1].text:find("requires authentication", 1, true), res[1].text)
+  end)
+
+  it("lets AUTH go in plaintext to loopback only when the proxy is on loopback too", function()
+    local o = { server = "127.0.0.1", port = 25, tls = "none", auth = { user = "u", password = "p" },
+      from = "a@example.com", to = "b@example.org", message = BODY }
+    o.proxy = "socks5://192.0.2.1:1080"
+    local res, err = smtp.send(o)
+    assert.is_nil(res)
+    assert.equal("invalid", err.kind)
+    assert.truthy(err.text:find("auth over a plaintext connection", 1, true))
+    local config = require "smtp.config"
+    o.proxy = "socks5://127.0.0.1:1080"
+    assert(config.connection(o, "send"))
+  end)
+
   it("url = with ?proxy= goes through the proxy", function()
     local res, err = send { server = nil, port = nil, url = ("smtp+starttls://localhost:%d?proxy=%s"):format(peer.port,
       socks_url()) }
