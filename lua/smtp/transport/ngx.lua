@@ -359,6 +359,12 @@ function M.connect(opts)
     if cerr == "timeout" then
       last = errors.new { kind = "timeout", phase = "connect", temporary = true,
         text = "connect to " .. addr .. ":" .. port .. " timed out", address = addr }
+    elseif bind then
+      -- nginx binds inside connect: its failure names the local address here
+      local foreign = tostring(cerr):find("assign requested address", 1, true) ~= nil
+      last = errors.new { kind = "connect", phase = "connect", temporary = not foreign,
+        text = "connect to " .. addr .. ":" .. port .. " from " .. bind.ip .. ": " .. tostring(cerr), address = addr }
+      if foreign then break end
     else
       last = errors.new { kind = "connect", phase = "connect", temporary = true,
         text = "connect to " .. addr .. ":" .. port .. ": " .. tostring(cerr), address = addr }
