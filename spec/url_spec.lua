@@ -222,6 +222,9 @@ describe("url = ... and the table's options", function()
     local none, err = cfg { url = "smtps://h.example?auth=xoauth2", auth = { token = tok } }
     assert.is_nil(none)
     assert.truthy(tostring(err):find("needs a user name", 1, true))
+    none, err = cfg { url = "smtps://alice@h.example" }
+    assert.is_nil(none)
+    assert.truthy(tostring(err):find("a user name without a password", 1, true))
   end)
 
   it("prints the config without the password or the proxy's", function()

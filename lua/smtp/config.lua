@@ -182,6 +182,9 @@ local function merge_url(opts, fname)
   if out.auth and out.auth.user == nil then
     return invalid("url: auth=" .. tostring(out.auth.mechanism):lower() .. " needs a user name in the URL or auth.user")
   end
+  if out.auth and out.auth.password == nil and out.auth.token == nil then
+    return invalid("url: a user name without a password (put it in the URL, or give auth.password or auth.token)")
+  end
   return out
 end
 
