@@ -167,20 +167,52 @@ static int check_port(lua_State *L, int idx)
     return (int)port;
 }
 
-/* core.connect_start(ip, port) -> sock | nil, msg, code */
+/* Binds fd to the local address bip (port bport, 0 = any) before it connects: for hosts with
+ * several addresses. With port 0 the kernel picks the port at connect time (IP_BIND_ADDRESS_NO_PORT),
+ * so many connections from one address do not each reserve a port at bind time. */
+static int bind_local(int fd, const sockaddr_any *b, socklen_t blen, int bport)
+{
+    if (bport == 0) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+    }
+    return bind(fd, &b->sa, blen);
+}
+
+/* core.connect_start(ip, port [, bind_ip [, bind_port]]) -> sock | nil, msg, code
+ * A bind address of another family than ip fails with code "EAFNOSUPPORT"; one this host does
+ * not hold with "EADDRNOTAVAIL" (the message then starts with "bind"). */
 static int l_connect_start(lua_State *L)
 {
     const char *ip = luaL_checkstring(L, 1);
     int port = check_port(L, 2);
-    sockaddr_any a;
-    socklen_t alen;
+    const char *bip = luaL_optstring(L, 3, NULL);
+    int bport = (int)luaL_optinteger(L, 4, 0);
+    sockaddr_any a, b;
+    socklen_t alen, blen = 0;
     int fd, flags = 0;
+    if (bport < 0 || bport > 65535)
+        return luaL_argerror(L, 4, "port out of range");
     if (!addr_parse(ip, port, &a, &alen))
         return smtp_push_fail(L, "not a numeric IP address", "EINVAL");
+    if (bip) {
+        if (!addr_parse(bip, bport, &b, &blen))
+            return smtp_push_fail(L, "bind: not a numeric IP address", "EINVAL");
+        if (b.sa.sa_family != a.sa.sa_family)
+            return smtp_push_fail(L, "bind: the local address is not of the server address's family",
+                                  "EAFNOSUPPORT");
+    }
     fd = socket(a.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return push_errno(L, errno);
     set_nodelay(fd);
+    if (bip && bind_local(fd, &b, blen, bport) < 0) {
+        int e = errno;
+        char msg[160];
+        close(fd);
+        snprintf(msg, sizeof msg, "bind %s: %s", bip, strerror(e));
+        return smtp_push_fail(L, msg, errno_name(e));
+    }
     if (connect(fd, &a.sa, alen) < 0) {
         if (errno == EINPROGRESS || errno == EINTR) {
             flags = SOCK_F_CONNECTING;

@@ -85,6 +85,8 @@ local NEEDS = {
   luarocks = { "command -v luarocks", "luarocks" },
   script = { "command -v script", "bsdutils" },
   cqueues = { function() return (pcall(require, "cqueues")) end, "lua-cqueues" },
+  microsocks = { "command -v microsocks", "microsocks" },
+  tinyproxy = { "command -v tinyproxy", "tinyproxy-bin" },
   ["nginx lua"] = { function() return require("support.nginx").available() end, "nginx libnginx-mod-http-lua" },
 }
 local have = {}
@@ -108,7 +110,8 @@ end
 -- need() for a command line about to run: its program, and for swaks the TLS it is asked for.
 local by_program = { swaks = "swaks", curl = "curl", msmtp = "msmtp", perl = "perl", python3 = "python3",
   ["smtp-sink"] = "smtp-sink", ["smtp-source"] = "smtp-source", nginx = "nginx", dnsmasq = "dnsmasq",
-  openssl = "openssl", luarocks = "luarocks", script = "script" }
+  openssl = "openssl", luarocks = "luarocks", script = "script", microsocks = "microsocks",
+  tinyproxy = "tinyproxy" }
 function helper.need_argv(argv)
   local prog = tostring(argv[1] or ""):match("([^/]+)$") or ""
   if by_program[prog] then helper.need(by_program[prog]) end

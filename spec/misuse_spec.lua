@@ -10,7 +10,11 @@ local native = require "smtp.transport.native"
 describe("misuse", function()
   local cases = {
     { "smtp.send", function() smtp.send(42) end, "#1 to 'send'" },
-    { "smtp.connect", function() smtp.connect("smtp.example.com") end, "#1 to 'connect'" },
+    -- a string is a URL (kind "invalid" when it is not one): a number is misuse
+    { "smtp.connect", function() smtp.connect(42) end, "#1 to 'connect'" },
+    { "smtp.send url", function() smtp.send { url = 42, message = "m" } end, "#1 to 'send'" },
+    { "smtp.send proxy", function() smtp.send { server = "x.test", proxy = 42, message = "m" } end, "#1 to 'send'" },
+    { "transport connect bind", function() native.connect { host = "127.0.0.1", port = 25, bind = 42 } end, "#1 to 'connect'" },
     { "smtp.send tls", function() smtp.send { server = "x.test", tls = "maybe", message = "m" } end, "#1 to 'send'" },
     { "smtp.deliver", function() smtp.deliver(42) end, "#1 to 'deliver'" },
     { "smtp.deliver tls", function() smtp.deliver { message = "m", to = { "a@b.test" }, tls = "x" } end, "#1 to 'deliver'" },

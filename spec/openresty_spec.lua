@@ -398,6 +398,20 @@ describe_send("smtp.send inside nginx", function()
     assert.are.equal("a@xn--bcher-kva.test\nb@xn--bcher-kva.test\n", smtpd.envelope(before + 1))
   end)
 
+  it("sends from a bind address (tcpsock:bind), and refuses proxies inside nginx", function()
+    if not needs("send") then return end
+    local before = smtpd.messages()
+    local status, body = nginx_support.request(send_url(smtpd.port, "&pool=0&bind=127.0.0.2"))
+    assert.are.equal(200, status, body)
+    assert.are.equal("127.0.0.2", smtpd.peer(before + 1))
+    status, body = nginx_support.request(send_url(smtpd.port, "&pool=0&bind=127.0.0.2:2525"))
+    assert.are.equal(500, status, body)
+    assert.truthy(body:find("invalid (connect): connect: bind with a port is not supported inside nginx", 1, true), body)
+    status, body = nginx_support.request(send_url(smtpd.port, "&pool=0&proxy=socks5h://127.0.0.1:1080"))
+    assert.are.equal(500, status, body)
+    assert.truthy(body:find("invalid (connect): connect: proxies are not supported inside nginx", 1, true), body)
+  end)
+
   it("sends to our own server (lua-smtp sink with STARTTLS), stored byte for byte", function()
     if not needs("send") then return end
     local c = helper.certs()

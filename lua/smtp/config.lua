@@ -4,10 +4,12 @@
 local check = require "smtp.check"
 local errors = require "smtp.errors"
 local source = require "smtp.source"
+local url = require "smtp.url"
 
 local M = {}
 
 local type, pairs, ipairs, tostring, tonumber = type, pairs, ipairs, tostring, tonumber
+local getmetatable, setmetatable = getmetatable, setmetatable
 local concat, sort = table.concat, table.sort
 local has_ctl, has_8bit = check.has_ctl, check.has_8bit
 
@@ -136,9 +138,79 @@ local function check_pool(p, fname)
   return { size = size, idle_timeout = idle }
 end
 
+-- `url = ...` and the table's own options: the URL fills in what the table leaves out, and an
+-- option given both ways must be the same (else kind "invalid", naming it): a URL from the
+-- environment must not silently lose to, or override, what the program says. auth merges field
+-- by field, so a URL may name the user and the table give a token function.
+local function merge_url(opts, fname)
+  if type(opts.url) ~= "string" then misuse(fname, "url: string expected") end
+  local u, err = url.parse(opts.url)
+  if not u then return nil, err end
+  local out = {}
+  for k, v in pairs(opts) do out[k] = v end
+  out.url = nil
+  for k, v in pairs(u) do
+    local mine = opts[k]
+    if k == "auth" and type(mine) == "table" then
+      local a = {}
+      for ak, av in pairs(mine) do a[ak] = av end
+      for ak, av in pairs(v) do
+        if a[ak] ~= nil and a[ak] ~= av then
+          return invalid("url: auth." .. ak .. " is given both in the URL and in the options, differently")
+        end
+        a[ak] = av
+      end
+      out.auth = a
+    elseif mine ~= nil and k == "proxy" then
+      -- a proxy option is a URL string, the URL's a parsed one: compare what they mean
+      local p = type(mine) == "string" and url.proxy(mine) or mine
+      if type(p) ~= "table" or p.scheme ~= v.scheme or p.host ~= v.host or p.port ~= v.port
+        or p.user ~= v.user or p.password ~= v.password then
+        return invalid("url: proxy is given both in the URL and in the options, differently")
+      end
+    elseif mine ~= nil and k == "bind" then
+      local b = type(mine) == "string" and url.bind(mine) or mine
+      if type(b) ~= "table" or b.ip ~= v.ip or b.port ~= v.port then
+        return invalid("url: bind is given both in the URL and in the options, differently")
+      end
+    elseif mine ~= nil and mine ~= v then
+      return invalid("url: " .. k .. " is given both in the URL and in the options, differently")
+    else
+      out[k] = v
+    end
+  end
+  if out.auth and out.auth.user == nil then
+    return invalid("url: auth=" .. tostring(out.auth.mechanism):lower() .. " needs a user name in the URL or auth.user")
+  end
+  if out.auth and out.auth.password == nil and out.auth.token == nil then
+    return invalid("url: a user name without a password (put it in the URL, or give auth.password or auth.token)")
+  end
+  return out
+end
+
+-- The redacted form of a validated config (for tostring): never the password or token.
+local cfg_mt = { __name = "smtp.config" }
+function cfg_mt.__tostring(c)
+  local scheme = c.tls == "implicit" and "smtps" or c.tls == "starttls" and "smtp+starttls" or "smtp"
+  local user = ""
+  if c.auth and c.auth.user then
+    user = c.auth.user:gsub("[%%@:/?#]", function(ch) return ("%%%02X"):format(ch:byte()) end)
+    user = user .. ((c.auth.password or c.auth.token) and ":***@" or "@")
+  end
+  local s = ("smtp.config (%s://%s%s:%d"):format(scheme, user, c.server, c.port)
+  if c.proxy then s = s .. " via " .. tostring(c.proxy) end
+  if c.bind then s = s .. " from " .. c.bind.text end
+  return s .. ")"
+end
+
 -- Connection options -> a validated config, or nil, err. Raises on misuse.
 function M.connection(opts, fname)
   if type(opts) ~= "table" then misuse(fname, "options table expected") end
+  if opts.url ~= nil then
+    local merged, uerr = merge_url(opts, fname)
+    if not merged then return nil, uerr end
+    opts = merged
+  end
   if type(opts.server) ~= "string" or opts.server == "" then misuse(fname, "server: host name expected") end
   local ok, err = check.hostname(opts.server, "server")
   if not ok then return nil, err end
@@ -161,9 +233,6 @@ function M.connection(opts, fname)
   end
   ok, err = check_auth(opts.auth, fname)
   if not ok then return nil, err end
-  if opts.auth and tls == "none" and not opts.allow_plaintext_auth and not check.is_loopback(opts.server) then
-    return invalid("auth over a plaintext connection: use TLS or allow_plaintext_auth = true")
-  end
   local servername = opts.servername
   if servername ~= nil and type(servername) ~= "string" then misuse(fname, "servername: string expected") end
   -- A blank name (an unset environment variable) must not quietly turn the name check off.
@@ -176,7 +245,33 @@ function M.connection(opts, fname)
   end
   if opts.verify_name ~= nil and type(opts.verify_name) ~= "boolean" then misuse(fname, "verify_name: boolean expected") end
   if opts.cafile ~= nil and type(opts.cafile) ~= "string" then misuse(fname, "cafile: string expected") end
-  return {
+  local proxy, bind
+  if opts.proxy ~= nil then
+    if type(opts.proxy) == "string" then
+      proxy, err = url.proxy(opts.proxy)
+      if not proxy then return nil, err end
+    elseif getmetatable(opts.proxy) == url.proxy_mt then
+      proxy = opts.proxy
+    else
+      misuse(fname, "proxy: URL string expected")
+    end
+  end
+  if opts.bind ~= nil then
+    if type(opts.bind) == "string" then
+      bind, err = url.bind(opts.bind)
+      if not bind then return nil, err end
+    elseif type(opts.bind) == "table" and type(opts.bind.ip) == "string" and opts.bind.text then
+      bind = opts.bind
+    else
+      misuse(fname, "bind: string expected")
+    end
+  end
+  -- AUTH in the clear is let through to loopback only when nothing but this host carries it
+  local local_only = check.is_loopback(opts.server) and (not proxy or check.is_loopback(proxy.host))
+  if opts.auth and tls == "none" and not opts.allow_plaintext_auth and not local_only then
+    return invalid("auth over a plaintext connection: use TLS or allow_plaintext_auth = true")
+  end
+  return setmetatable({
     server = server, port = port, tls = tls, helo = helo, auth = opts.auth,
     verify = opts.verify ~= false, verify_name = opts.verify_name ~= false, cafile = opts.cafile,
     servername = servername or (server:gsub("^%[(.*)%]$", "%1")),
@@ -187,7 +282,8 @@ function M.connection(opts, fname)
     nameservers = opts.nameservers,
     transport = opts.transport,
     pool = check_pool(opts.pool, fname),
-  }
+    proxy = proxy, bind = bind, local_only = local_only,
+  }, cfg_mt)
 end
 
 local function to_list(v, fname, what)

@@ -135,7 +135,7 @@ local function deliver_domain(job, results, ctx)
     local h, address = target.host, target.address
     local copts = {
       server = address, port = ctx.port, tls = ctx.tls, helo = opts.helo,
-      timeout = opts.timeout,
+      timeout = opts.timeout, bind = ctx.bind, proxy = ctx.proxy,
     }
     if ctx.tls == "starttls" or ctx.tls == "implicit" then
       -- Required TLS is verified as in smtp.send, against the MX host's name.
@@ -236,7 +236,7 @@ local function run_all(fns)
 end
 
 -- deliver{ message=, from=, to=, helo=, tls="opportunistic", nameservers=, port=25, timeout=30,
---          dns_timeout=, random=, verify=, cafile=, dsn=, destinations="remote" }
+--          dns_timeout=, random=, verify=, cafile=, dsn=, destinations="remote", bind=, proxy= }
 --   -> results | nil, err (invalid input)
 -- Recipient domains often come from users; `destinations` keeps their MX records and address
 -- literals from steering connections into this host or its networks (request forgery).
@@ -294,14 +294,15 @@ function M.deliver(opts)
   -- The client's own checks (EHLO name, addresses, timeouts), so that bad input opens nothing.
   local config = require "smtp.config"
   local cfg, cerr = config.connection({ server = "127.0.0.1", port = opts.port or 25, tls = tls,
-    helo = opts.helo, timeout = opts.timeout, cafile = opts.cafile }, "deliver")
+    helo = opts.helo, timeout = opts.timeout, cafile = opts.cafile, bind = opts.bind,
+    proxy = opts.proxy }, "deliver")
   if not cfg then return nil, cerr end
   local tx, terr = config.message({ message = message, from = from, to = to, dsn = opts.dsn }, "deliver")
   if not tx then return nil, terr end
   local timeout = opts.timeout
   local ctx = {
     opts = opts, smtp = smtp, message = message, from = bare(from), to = to, bare_to = bare_to,
-    tls = tls, port = opts.port or 25, destinations = destinations,
+    tls = tls, port = opts.port or 25, destinations = destinations, bind = cfg.bind, proxy = cfg.proxy,
     dns_timeout = opts.dns_timeout or (type(timeout) == "number" and timeout) or nil,
   }
   local results = {}

@@ -3,7 +3,7 @@ local M = {}
 
 local kinds = {
   invalid = true, dns = true, connect = true, tls = true, timeout = true,
-  protocol = true, auth = true, rejected = true, closed = true,
+  protocol = true, auth = true, rejected = true, closed = true, proxy = true,
 }
 M.kinds = kinds
 

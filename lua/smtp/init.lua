@@ -12,8 +12,9 @@ M.DEFAULT_TIMEOUTS = config.DEFAULT_TIMEOUTS
 -- smtp.check_address(addr, what [, allow_null]) -> true, needs_smtputf8 | nil, err
 M.check_address = require("smtp.check").address
 
--- smtp.connect{...} -> conn | nil, err
+-- smtp.connect{...} or smtp.connect(url) -> conn | nil, err
 function M.connect(opts)
+  if type(opts) == "string" then opts = { url = opts } end
   local cfg, err = config.connection(opts, "connect")
   if not cfg then return nil, err end
   local conn = session.new(cfg, false)

@@ -254,9 +254,10 @@ function Conn:_acquire(transport)
   local a = cfg.auth or {}
   self.pool_key = transport.pool_key { server = cfg.server, port = cfg.port, tls = cfg.tls,
     verify = cfg.verify, verify_name = cfg.verify_name, servername = cfg.servername, helo = cfg.helo,
-    user = a.user, password = a.password, token = a.token }
+    user = a.user, password = a.password, token = a.token, bind = cfg.bind and cfg.bind.text }
   local copts = { host = cfg.server, port = cfg.port, timeout = cfg.timeouts.connect,
-    nameservers = cfg.nameservers, pool = self.pool_key, pool_size = cfg.pool.size }
+    nameservers = cfg.nameservers, pool = self.pool_key, pool_size = cfg.pool.size,
+    bind = cfg.bind, proxy = cfg.proxy }
   for try = 1, cfg.pool.size + 2 do
     if try == cfg.pool.size + 2 then copts.pool = nil; self.pool_key = nil end
     local sock, err = transport.connect(copts)
@@ -306,14 +307,17 @@ function Conn:_open()
     if got == "reused" then return true end
   else
     local sock, err = transport.connect { host = cfg.server, port = cfg.port,
-      timeout = cfg.timeouts.connect, nameservers = cfg.nameservers }
+      timeout = cfg.timeouts.connect, nameservers = cfg.nameservers, bind = cfg.bind,
+      proxy = cfg.proxy }
     if not sock then return nil, connect_error(err) end
     self.sock, self.dead = sock, false
   end
   local sock = self.sock
   local info = sock:info()
   self.address = info.address
+  -- through a proxy the bytes also cross the way to it: loopback only when both ends are
   self.loopback = check.is_loopback(info.address or cfg.server)
+    and (not cfg.proxy or check.is_loopback(cfg.proxy.host))
   if cfg.tls == "implicit" then
     local ok, herr = self:_handshake()
     if not ok then return nil, herr end

@@ -163,6 +163,7 @@ function M.smtpd(opts)
   function h.rsets() return count("rsets") end
   function h.message(n) return helper.read(dir .. "/" .. n .. ".eml") end
   function h.envelope(n) return helper.read(dir .. "/" .. n .. ".env") end
+  function h.peer(n) return helper.read(dir .. "/" .. n .. ".peer") end
   function h.stop() stop(proc) end
   -- Ready once the controller has printed "ready" (it has then made its own trigger connection).
   for _ = 1, 200 do

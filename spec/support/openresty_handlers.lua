@@ -222,7 +222,7 @@ end
 M.RAW = "From: a@client.test\r\nTo: b@smtpd.test\r\nSubject: raw\r\n\r\n.leading dot\r\n..two\r\n"
   .. "caf\195\169\r\n.\r\nlast line\r\n"
 
--- /send?port=N[&tls=none][&pool=0][&n=K][&server=H][&servername=S]: one smtp.send of M.RAW to
+-- /send?port=N[&tls=none][&pool=0][&n=K][&server=H][&servername=S][&bind=A][&proxy=U]: one smtp.send of M.RAW to
 -- localhost:N (or H:N); prints
 -- accepted, the final reply, TLS and how often the pooled session was used before.
 function M.send()
@@ -235,7 +235,7 @@ function M.send()
     tls = arg("tls") or "starttls",
     message = n and M.RAW:gsub("Subject: raw", "Subject: raw " .. n) or M.RAW,
     from = "a@client.test", to = { "b@smtpd.test" },
-    pool = pool,
+    pool = pool, bind = arg("bind"), proxy = arg("proxy"),
     timeout = { connect = 5, greeting = 10, ehlo = 5, tls = 5, mail = 5, rcpt = 5, data = 5, data_end = 5 },
   }
   if not res then return fail("send", err) end

@@ -1,5 +1,6 @@
 # aiosmtpd peer for the OpenResty specs: STARTTLS with the test certificate, stores each message's
-# raw bytes (as received, unstuffed, CRLF) in DIR/N.eml with its envelope in DIR/N.env, counts
+# raw bytes (as received, unstuffed, CRLF) in DIR/N.eml with its envelope in DIR/N.env and the
+# client's address in DIR/N.peer, counts
 # TCP connections in DIR/connections, and can delay its greeting to play a slow server.
 # usage: openresty_smtpd.py HOST PORT DIR [--cert F --key F] [--greeting-delay S] [--require-tls]
 #        [--implicit] [--rset-status LINE]
@@ -35,6 +36,8 @@ class Recorder:
             f.write(envelope.original_content)
         with open(os.path.join(a.dir, "%d.env" % n), "w") as f:
             f.write(envelope.mail_from + "\n" + "\n".join(envelope.rcpt_tos) + "\n")
+        with open(os.path.join(a.dir, "%d.peer" % n), "w") as f:
+            f.write(session.peer[0])
         bump("messages")
         return "250 2.0.0 stored %d" % n
 

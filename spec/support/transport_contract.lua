@@ -76,6 +76,10 @@ function M.run(t, peer)
     t.connect, { host = host, port = 25, timeout = "1" })
   raises("connect: nameservers type", "bad argument #1 to 'connect' (option 'nameservers': table expected, got string)",
     t.connect, { host = host, port = 25, nameservers = "127.0.0.1" })
+  raises("connect: bind type", "bad argument #1 to 'connect' (option 'bind': string expected, got number)",
+    t.connect, { host = host, port = 25, bind = 1 })
+  raises("connect: proxy type", "bad argument #1 to 'connect' (option 'proxy': string expected, got boolean)",
+    t.connect, { host = host, port = 25, proxy = true })
 
   -- Bad values are expected failures: kind invalid, phase connect, not temporary.
   for _, port in ipairs { 0, 65536, 1.5 } do
@@ -84,7 +88,15 @@ function M.run(t, peer)
       err_ok("connect: port " .. port .. " is invalid", err, "invalid", "connect")
     end
   end
-  local s, err = t.connect { host = "", port = 25 }
+  -- a bind address that is not an address, or that this host does not hold
+  local s, err = t.connect { host = host, port = 25, bind = "not-an-address" }
+  if check("connect: bad bind fails", s == nil, s) then err_ok("connect: bad bind is invalid", err, "invalid", "connect") end
+  s, err = t.connect { host = host, port = peer.smtp, bind = "192.0.2.9", timeout = 5 }
+  if check("connect: foreign bind fails", s == nil, s) then
+    err_ok("connect: foreign bind", err, "connect", "connect")
+    check("connect: foreign bind names it", tostring(err):find("192.0.2.9", 1, true) ~= nil, tostring(err))
+  end
+  s, err = t.connect { host = "", port = 25 }
   if check("connect: empty host fails", s == nil, s) then err_ok("connect: empty host is invalid", err, "invalid", "connect") end
   s, err = t.connect { host = host, port = peer.closed, timeout = 5 }
   if check("connect: refused fails", s == nil, s) then

@@ -14,6 +14,7 @@ usage: lua-smtp send --server HOST[:PORT] [--tls starttls|implicit|opportunistic
                      [--helo NAME] [--cafile F] [--insecure] [--timeout SECONDS]
                      [--to-file FILE [--concurrency N]] [--json] [--nameserver HOST[:PORT]]...
                      [--destinations remote|public|any]
+                     [--url URL] [--source ADDR] [--proxy URL]
                      [--message-id ID] [--in-reply-to ID] [--references ID]...
                      [--list-id ID] [--list-unsubscribe URL]... [--calendar FILE]
 Without --server the message goes straight to each recipient domain's MX hosts.
@@ -27,6 +28,11 @@ from a file (one final line end ignored), so it is not in the process's argument
 --to-file sends the message to each address in FILE (one a line, # comments) in its own
 transaction, over N sessions at once (--concurrency, default 1): a progress bar on a terminal, one
 line per recipient otherwise, then a summary "sent N, failed N, deferred N".
+--url smtps://USER:PASS@HOST:PORT?verify=false... names the server by URL (smtp://, smtp+starttls://,
+smtps://; the SMTP_URL environment variable is the default when neither --url nor --server is
+given); options also given as flags must agree with it.
+--source ADDR sends from that local address (IP, or [IPv6]); --proxy socks5://, socks5h:// or
+http:// (CONNECT) reaches the server through that proxy.
 --json prints the results as one JSON array instead, one object per recipient (recipient, status
 sent|failed|deferred, code, enhanced, text, host), also for a single message.
 --message-id, --in-reply-to and --references (repeat for more) set the threading fields;
@@ -42,6 +48,7 @@ local single = {
   ["password-file"] = true, from = true, subject = true, body = true,
   ["body-file"] = true, ["html-file"] = true, raw = true, cafile = true, timeout = true, helo = true,
   ["to-file"] = true, concurrency = true, destinations = true,
+  url = true, source = true, proxy = true,
 }
 local multi = { to = true, cc = true, bcc = true, attach = true }
 -- Options that take one value each time and may be given again (as `lua-smtp mx` has them).
@@ -271,6 +278,30 @@ function M.main(args, out, err)
     return usage_error("bad --destinations '" .. o.destinations .. "' (remote, public or any)")
   end
   if o.destinations and o.server then return usage_error("--destinations is for direct delivery (no --server)") end
+  -- --url (or SMTP_URL) names the server; --source and --proxy are checked here, so a bad value
+  -- is a usage error found before any connection.
+  if o.url and o.server then return usage_error("--url and --server exclude each other") end
+  if not o.url and not o.server and not o.destinations then
+    local env = os.getenv("SMTP_URL")
+    if env and env ~= "" then o.url = env end
+  end
+  local url_mod = require "smtp.url"
+  if o.url then
+    local _, uerr = url_mod.parse(o.url)
+    if uerr then return usage_error("bad --url: " .. tostring(uerr.text)) end
+    if o.destinations then return usage_error("--destinations is for direct delivery (no --url)") end
+  end
+  if o.source then
+    local _, berr = url_mod.bind(o.source)
+    if berr then return usage_error("bad --source: " .. tostring(berr.text)) end
+  end
+  if o.proxy then
+    local _, perr = url_mod.proxy(o.proxy)
+    if perr then return usage_error("bad --proxy: " .. tostring(perr.text)) end
+  end
+  -- nil unless --insecure: a URL's ?verify= must not meet a second opinion nobody gave
+  local verify
+  if o.insecure then verify = false end
   local host, port
   if o.server then
     host, port = o.server:match("^%[(.+)%]:(%d+)$")
@@ -349,21 +380,23 @@ function M.main(args, out, err)
     end
     -- on a terminal a progress bar instead of a line per sent message
     if not o.json and is_tty(out) then line = progress(out, err, #all) end
-    if o.server then
+    if o.server or o.url then
       if io.type(message) == "file" then
         -- the same bytes go out once per recipient
         local data = message:read("*a"); message:close(); message = data
       end
       results = bulk(smtp, {
-        server = host, port = port, tls = tls, auth = o.user and { user = o.user, password = o.password } or nil,
-        helo = o.helo, cafile = o.cafile, verify = not o.insecure, timeout = timeout,
+        url = o.url, server = host, port = port, tls = tls,
+        auth = o.user and { user = o.user, password = o.password } or nil,
+        helo = o.helo, cafile = o.cafile, verify = verify, timeout = timeout,
         allow_plaintext_auth = o["allow-plaintext-auth"] or nil, nameservers = nameservers,
+        bind = o.source, proxy = o.proxy,
       }, message, env_from, all, concurrency, line)
     else
       local derr
       results, derr = smtp.deliver { message = message, from = env_from, to = all, helo = o.helo,
         tls = tls or "opportunistic", timeout = timeout, cafile = o.cafile, verify = not o.insecure,
-        nameservers = nameservers, destinations = o.destinations }
+        nameservers = nameservers, destinations = o.destinations, bind = o.source, proxy = o.proxy }
       if not results then
         err:write("lua-smtp send: not sent: ", tostring(derr), "\n")
         return 1
@@ -377,12 +410,13 @@ function M.main(args, out, err)
     end
     return count.sent == #results and 0 or 1
   end
-  if o.server then
+  if o.server or o.url then
     local auth = o.user and { user = o.user, password = o.password } or nil
     local res, serr = smtp.send {
-      server = host, port = port, tls = tls, auth = auth, helo = o.helo, message = message,
-      from = from, to = to, cafile = o.cafile, verify = not o.insecure, timeout = timeout,
+      url = o.url, server = host, port = port, tls = tls, auth = auth, helo = o.helo, message = message,
+      from = from, to = to, cafile = o.cafile, verify = verify, timeout = timeout,
       allow_plaintext_auth = o["allow-plaintext-auth"] or nil, nameservers = nameservers,
+      bind = o.source, proxy = o.proxy,
     }
     if io.type(message) == "file" then message:close() end
     if o.json then
@@ -429,7 +463,7 @@ function M.main(args, out, err)
   local results, derr = smtp.deliver {
     message = message, from = from, to = to, helo = o.helo, tls = tls or "opportunistic",
     timeout = timeout, cafile = o.cafile, verify = not o.insecure, nameservers = nameservers,
-    destinations = o.destinations,
+    destinations = o.destinations, bind = o.source, proxy = o.proxy,
   }
   if io.type(message) == "file" then message:close() end
   if not results then

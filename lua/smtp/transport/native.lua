@@ -4,6 +4,8 @@ local core = require "smtp.core"
 local wait = require "smtp.wait"
 local errors = require "smtp.errors"
 local argcheck_mod = require "smtp.argcheck"
+local url = require "smtp.url"
+local proxy_mod = require "smtp.proxy"
 
 local M = { pooling = false }
 
@@ -342,7 +344,7 @@ end
 -- s:info() -> { address=, port=, tls = false | "TLSv1.3", version = nil | "TLSv1.3", cipher=,
 --              bits=, peer_subject=, peer_issuer=, reused = 0 }
 function Conn:info()
-  local t = { address = self.address, port = self.port, tls = false, reused = 0 }
+  local t = { address = self.address, port = self.port, tls = false, reused = 0, proxy = self.proxy }
   local ti = self._tls and self.sock and self.sock:tls_info()
   if ti then
     t.tls, t.version, t.cipher, t.bits = ti.version, ti.version, ti.cipher, ti.bits
@@ -387,27 +389,9 @@ local function check_port(port, fname, allow_zero)
   return port
 end
 
--- t.connect{ host=, port=, timeout=, nameservers= } -> conn | nil, err
-function M.connect(opts)
-  argcheck(type(opts) == "table", 1, "connect", "table expected, got " .. type(opts))
-  local host, timeout = opts.host, opts.timeout
-  argcheck(type(host) == "string", 1, "connect", "option 'host': string expected, got " .. type(host))
-  optcheck(timeout, "number", "connect", "timeout")
-  optcheck(opts.nameservers, "table", "connect", "nameservers")
-  if opts.port == nil then error("bad argument #1 to 'connect' (option 'port' missing)", 2) end
-  local port = check_port(opts.port, "connect")
-  local at_connect = { phase = "connect" }
-  if not port then return errors.invalid("connect: port out of range: " .. tostring(opts.port), at_connect) end
-  if host == "" then return errors.invalid("connect: empty host", at_connect) end
-  if timeout and timeout < 0 then return errors.invalid("connect: negative timeout", at_connect) end
-  local deadline = deadline_of(timeout, DEFAULT_TIMEOUT)
-
-  local addrs, rerr = resolve(host, opts, deadline)
-  if not addrs then
-    rerr.phase = rerr.phase or "connect"
-    return nil, rerr
-  end
-
+-- One TCP connection to the first of `addrs` that answers, each address under a fair share of
+-- what is left of the deadline, from the local address `bind` when given.
+local function tcp_connect(addrs, port, bind, deadline, host, timeout)
   local last
   for i, addr in ipairs(addrs) do
     -- Each address gets a fair share of what is left, the last one all of it, so one
@@ -415,18 +399,14 @@ function M.connect(opts)
     local left = #addrs - i + 1
     local d = deadline
     if deadline and left > 1 then d = now() + (deadline - now()) / left end
-    local sock, msg, code = core.connect_start(addr, port)
+    local sock, msg, code
+    if bind then sock, msg, code = core.connect_start(addr, port, bind.ip, bind.port)
+    else sock, msg, code = core.connect_start(addr, port) end
     if sock then
       local conn = wrap(sock, addr, port, host, timeout)
       while true do
         local ok, e, c = sock:connect_finish()
-        if ok then
-          if opts.tls then
-            local tok, terr = conn:starttls(type(opts.tls) == "table" and opts.tls or opts)
-            if not tok then return nil, terr end
-          end
-          return conn
-        end
+        if ok then return conn end
         if e ~= "wantwrite" then
           conn:close()
           last = errors.new { kind = "connect", phase = "connect", text = ("%s port %d: %s"):format(addr, port, e), errno = c }
@@ -447,14 +427,148 @@ function M.connect(opts)
           break
         end
       end
-    elseif code == "EINVAL" and not sock then
-      return errors.invalid(("connect: not a usable address: %s"):format(addr), at_connect)
+    elseif code == "EINVAL" and not bind then
+      return errors.invalid(("connect: not a usable address: %s"):format(addr), { phase = "connect" })
     else
-      last = errors.new { kind = "connect", phase = "connect", text = ("%s port %d: %s"):format(addr, port, msg), errno = code }
+      last = errors.new { kind = "connect", phase = "connect", text = ("%s port %d: %s"):format(addr, port, msg),
+        errno = code, temporary = code ~= "EADDRNOTAVAIL" and code ~= "EINVAL" }
     end
     if deadline and now() >= deadline then break end
   end
   return nil, last
+end
+
+-- With a local address to bind to, only the server's addresses of its family can be reached.
+local function same_family(addrs, bind, host)
+  if not bind then return addrs end
+  local v6 = bind.ip:find(":", 1, true) ~= nil
+  local out = {}
+  for _, a in ipairs(addrs) do
+    if (a:find(":", 1, true) ~= nil) == v6 then out[#out + 1] = a end
+  end
+  if #out == 0 then
+    return fail("connect", ("%s has no %s address to reach from bind address %s"):format(host,
+      v6 and "IPv6" or "IPv4", bind.ip), { phase = "connect", temporary = false })
+  end
+  return out
+end
+
+-- Drives a proxy handshake (smtp.proxy) over conn under the deadline.
+local function run_handshake(conn, h, deadline)
+  local function left() return deadline and math.max(0, deadline - now()) or math.huge end
+  local function broken(err)
+    conn:close()
+    if err.kind ~= "timeout" then return h:closed() end
+    local _, e = h:fail(("the %s handshake timed out"):format(h.proxy.kind == "socks5" and "SOCKS5" or "HTTP CONNECT"), true)
+    e.kind = "timeout"
+    return nil, e
+  end
+  while true do
+    local out = h:output()
+    if out then
+      local ok, err = conn:write(out, left())
+      if not ok then return broken(err) end
+    end
+    if h.done then return true end
+    local chunk, err = conn:read(left(), h:want())
+    if not chunk then return broken(err) end
+    local ok, ferr = h:feed(chunk)
+    if not ok then conn:close(); return nil, ferr end
+  end
+end
+
+-- A connection through a proxy: to the proxy (from `bind`), then its handshake for host:port.
+-- socks5:// resolves host here and tries its addresses in turn, each through a new proxy
+-- connection; socks5h:// and http:// hand the name to the proxy.
+local function proxy_connect(proxy, opts, host, port, bind, deadline, timeout)
+  local paddrs, perr = resolve(proxy.host, opts, deadline)
+  if not paddrs then perr.phase = perr.phase or "connect"; return nil, perr end
+  paddrs, perr = same_family(paddrs, bind, proxy.host)
+  if not paddrs then return nil, perr end
+  local bare = host:gsub("^%[(.*)%]$", "%1")
+  local targets = { bare }
+  if proxy.kind == "socks5" and not proxy.remote_dns then
+    local rerr
+    targets, rerr = resolve(host, opts, deadline)
+    if not targets then rerr.phase = rerr.phase or "connect"; return nil, rerr end
+  end
+  local last
+  for i, target in ipairs(targets) do
+    local left = #targets - i + 1
+    local d = deadline
+    if deadline and left > 1 then d = now() + (deadline - now()) / left end
+    local conn, cerr = tcp_connect(paddrs, proxy.port, bind, d, host, timeout)
+    if not conn then
+      -- the proxy itself cannot be reached: another target would not help
+      cerr.text = "proxy " .. cerr.text
+      return nil, cerr
+    end
+    local h, herr = proxy_mod.new(proxy, target, port)
+    local ok = h ~= nil
+    if ok then ok, herr = run_handshake(conn, h, d) end
+    if ok then
+      conn.address, conn.port, conn.proxy = target, port, proxy.host .. ":" .. proxy.port
+      return conn
+    end
+    conn:close()
+    last = herr
+    -- A refusal that another address cannot change ends the tries.
+    if not herr.temporary then break end
+    if deadline and now() >= deadline then break end
+  end
+  return nil, last
+end
+
+-- t.connect{ host=, port=, timeout=, nameservers=, tls=, bind=, proxy= } -> conn | nil, err
+-- bind: a local address ("192.0.2.1", "[::1]:2525") or url.bind's table; proxy: a proxy URL
+-- (socks5://, socks5h://, http://) or url.proxy's table.
+function M.connect(opts)
+  argcheck(type(opts) == "table", 1, "connect", "table expected, got " .. type(opts))
+  local host, timeout = opts.host, opts.timeout
+  argcheck(type(host) == "string", 1, "connect", "option 'host': string expected, got " .. type(host))
+  optcheck(timeout, "number", "connect", "timeout")
+  optcheck(opts.nameservers, "table", "connect", "nameservers")
+  local bind, proxy = opts.bind, opts.proxy
+  argcheck(bind == nil or type(bind) == "string" or type(bind) == "table", 1, "connect",
+    "option 'bind': string expected, got " .. type(bind))
+  argcheck(proxy == nil or type(proxy) == "string" or type(proxy) == "table", 1, "connect",
+    "option 'proxy': string expected, got " .. type(proxy))
+  if opts.port == nil then error("bad argument #1 to 'connect' (option 'port' missing)", 2) end
+  local port = check_port(opts.port, "connect")
+  local at_connect = { phase = "connect" }
+  if not port then return errors.invalid("connect: port out of range: " .. tostring(opts.port), at_connect) end
+  if host == "" then return errors.invalid("connect: empty host", at_connect) end
+  if timeout and timeout < 0 then return errors.invalid("connect: negative timeout", at_connect) end
+  local perr
+  if type(bind) == "string" then
+    bind, perr = url.bind(bind)
+    if not bind then perr.phase = "connect"; return nil, perr end
+  end
+  if type(proxy) == "string" then
+    proxy, perr = url.proxy(proxy)
+    if not proxy then perr.phase = "connect"; return nil, perr end
+  end
+  local deadline = deadline_of(timeout, DEFAULT_TIMEOUT)
+
+  local conn, err
+  if proxy then
+    conn, err = proxy_connect(proxy, opts, host, port, bind, deadline, timeout)
+  else
+    local addrs, rerr = resolve(host, opts, deadline)
+    if not addrs then
+      rerr.phase = rerr.phase or "connect"
+      return nil, rerr
+    end
+    addrs, rerr = same_family(addrs, bind, host)
+    if not addrs then return nil, rerr end
+    conn, err = tcp_connect(addrs, port, bind, deadline, host, timeout)
+  end
+  if not conn then return nil, err end
+  if opts.tls then
+    local tok, terr = conn:starttls(type(opts.tls) == "table" and opts.tls or opts)
+    if not tok then return nil, terr end
+  end
+  return conn
 end
 
 -- Listeners ---------------------------------------------------------------------------------

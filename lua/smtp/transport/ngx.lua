@@ -4,6 +4,7 @@
 local errors = require "smtp.errors"
 local argcheck_mod = require "smtp.argcheck"
 local ngx_dns = require "smtp.transport.ngx_dns"
+local url = require "smtp.url"
 
 local M = { _VERSION = "0.1.0", pooling = true }
 
@@ -163,8 +164,10 @@ function M.set_session_state(pool, state)
   sessions[pool] = state
 end
 
--- pool_key{ server=, port=, tls=, verify=, verify_name=, servername=, helo=, user=, password= | token= }
--- One pool per server, port, TLS mode, verification, name checked, EHLO name and credentials: a
+-- pool_key{ server=, port=, tls=, verify=, verify_name=, servername=, helo=, user=, password= | token=,
+-- bind= }
+-- One pool per server, port, TLS mode, verification, name checked, EHLO name, credentials and
+-- local address: a
 -- connection verified differently or authenticated as someone else is never handed out. The secret
 -- enters only as a SHA-1 digest; a token given as a function is left out (it changes over time).
 function M.pool_key(o)
@@ -184,7 +187,7 @@ function M.pool_key(o)
     "smtp", tostring(o.server or ""), tostring(o.port or ""), tostring(o.tls or "starttls"),
     o.verify == false and "noverify" or (o.verify_name == false and "verifychain" or "verify"),
     tostring(o.servername or ""),
-    tostring(o.helo or ""), tostring(o.user or ""), digest,
+    tostring(o.helo or ""), tostring(o.user or ""), digest, tostring(o.bind or ""),
   }
   -- Length-prefixed so no value can forge another key by containing the separator.
   for i, p in ipairs(parts) do parts[i] = #p .. ":" .. p end
@@ -235,6 +238,26 @@ function M.connect(opts)
   end
   if opts.host == "" then return errors.invalid("connect: empty host", at_connect) end
   if opts.timeout and opts.timeout < 0 then return errors.invalid("connect: negative timeout", at_connect) end
+  local bind = opts.bind
+  if bind ~= nil and type(bind) ~= "string" and type(bind) ~= "table" then
+    argcheck(false, 1, "connect", "option 'bind': string expected, got " .. type(bind))
+  end
+  if opts.proxy ~= nil and type(opts.proxy) ~= "string" and type(opts.proxy) ~= "table" then
+    argcheck(false, 1, "connect", "option 'proxy': string expected, got " .. type(opts.proxy))
+  end
+  -- Cosockets connect by themselves: no proxy handshake can come between connect and use.
+  if opts.proxy ~= nil then
+    return errors.invalid("connect: proxies are not supported inside nginx (cosockets)", at_connect)
+  end
+  if type(bind) == "string" then
+    local berr
+    bind, berr = url.bind(bind)
+    if not bind then berr.phase = "connect"; return nil, berr end
+  end
+  -- tcpsock:bind (lua-nginx-module 0.10.23 and later) takes an address only, no port.
+  if bind and bind.port ~= 0 then
+    return errors.invalid("connect: bind with a port is not supported inside nginx", at_connect)
+  end
   local usable, phase = M.usable()
   if not usable then return nil, phase_error(phase) end
   local ngx = ngx_table()
@@ -270,6 +293,18 @@ function M.connect(opts)
     end
   end
 
+  if bind then
+    -- only the addresses of the bind address's family can be reached from it
+    local v6, same = bind.ip:find(":", 1, true) ~= nil, {}
+    for _, a in ipairs(addresses) do
+      if (a:find(":", 1, true) ~= nil) == v6 then same[#same + 1] = a end
+    end
+    if #same == 0 then
+      return nil, errors.new { kind = "connect", phase = "connect", temporary = false,
+        text = ("%s has no %s address to reach from bind address %s"):format(host, v6 and "IPv6" or "IPv4", bind.ip) }
+    end
+    addresses = same
+  end
   local copts
   if opts.pool then
     copts = { pool = opts.pool, pool_size = opts.pool_size, backlog = opts.backlog }
@@ -288,6 +323,16 @@ function M.connect(opts)
     end
     local sock = ngx.socket.tcp()
     sock:settimeouts(ms(left), ms(left), ms(left))
+    if bind then
+      if not sock.bind then
+        return errors.invalid("connect: bind needs lua-nginx-module 0.10.23 or later (tcpsock:bind)", at_connect)
+      end
+      local bok, berr = sock:bind(bind.ip)
+      if not bok then
+        return nil, errors.new { kind = "connect", phase = "connect", temporary = false,
+          text = "bind " .. bind.ip .. ": " .. tostring(berr) }
+      end
+    end
     -- nginx parses the target as a URL: IPv6 needs brackets.
     local target = ngx_dns.is_ipv6(addr) and ("[" .. addr .. "]") or addr
     local ok, cerr
@@ -314,6 +359,12 @@ function M.connect(opts)
     if cerr == "timeout" then
       last = errors.new { kind = "timeout", phase = "connect", temporary = true,
         text = "connect to " .. addr .. ":" .. port .. " timed out", address = addr }
+    elseif bind then
+      -- nginx binds inside connect: its failure names the local address here
+      local foreign = tostring(cerr):find("assign requested address", 1, true) ~= nil
+      last = errors.new { kind = "connect", phase = "connect", temporary = not foreign,
+        text = "connect to " .. addr .. ":" .. port .. " from " .. bind.ip .. ": " .. tostring(cerr), address = addr }
+      if foreign then break end
     else
       last = errors.new { kind = "connect", phase = "connect", temporary = true,
         text = "connect to " .. addr .. ":" .. port .. ": " .. tostring(cerr), address = addr }
