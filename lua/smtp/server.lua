@@ -3,6 +3,7 @@
 local core = require "smtp.core"
 local errors = require "smtp.errors"
 local check = require "smtp.check"
+local observe = require "smtp.observe"
 
 local M = {}
 
@@ -45,7 +46,7 @@ local function argerr(msg) error("bad argument #1 to 'listen' (" .. msg .. ")", 
 
 local function check_opts(o)
   if type(o) ~= "table" then argerr("table expected, got " .. type(o)) end
-  for _, k in ipairs { "on_mail", "on_rcpt", "on_message", "auth", "log" } do
+  for _, k in ipairs { "on_mail", "on_rcpt", "on_message", "auth", "log", "transcript", "on_event" } do
     if o[k] ~= nil and type(o[k]) ~= "function" then argerr("option '" .. k .. "': function expected") end
   end
   for k, r in pairs(NUMERIC) do
@@ -59,6 +60,9 @@ local function check_opts(o)
           ("%.17g"):format(r[1]), ("%.17g"):format(r[2]), tostring(v)))
       end
     end
+  end
+  if o.transcript_body ~= nil and type(o.transcript_body) ~= "boolean" then
+    argerr("option 'transcript_body': boolean expected")
   end
   if o.client_exempt ~= nil and o.client_exempt ~= false and type(o.client_exempt) ~= "function" then
     argerr("option 'client_exempt': function or false expected")
@@ -205,6 +209,7 @@ end
 local function count(srv, name)
   local c = srv.counters
   c[name] = (c[name] or 0) + 1
+  if srv.opts.on_event then observe.event(srv.opts.on_event, "limit", nil, { name = name }) end
 end
 
 -- What an engine-enforced limit that closed a session is counted as.
@@ -273,6 +278,73 @@ local function tarpit(srv, eng, session_end)
   return true
 end
 
+-- Transcript and events (smtp.observe): called only when someone listens --------------------
+
+-- The client's lines the engine read since the last call, then the replies about to go out.
+local function trace(o, session, eng, out)
+  local fn, id = o.transcript, session.id
+  if type(eng) ~= "userdata" then return end
+  local list = eng:trace_take()
+  if list then observe.records(fn, id, list, "recv", session) end
+  if out then observe.recv(fn, id, session, out, "send") end
+end
+
+local function open_session(srv, session, eng)
+  local o = srv.opts
+  if o.transcript then
+    if type(eng) == "userdata" then eng:trace(true) end
+    observe.line(o.transcript, session.id, "info", ("connection from [%s]:%s"):format(tostring(session.address),
+      tostring(session.port)))
+  end
+  if o.on_event then
+    observe.event(o.on_event, "session_open", session.id, { address = session.address, port = session.port })
+  end
+end
+
+local function close_session(srv, session, eng, err)
+  local o = srv.opts
+  local limit
+  if type(eng) == "userdata" then
+    local _, _, _, l = eng:usage()
+    limit = l and ENGINE_LIMIT[l]
+    if o.transcript then trace(o, session, eng, nil) end
+  end
+  if o.transcript then observe.line(o.transcript, session.id, "info", "connection closed") end
+  if o.on_event then
+    observe.event(o.on_event, "session_close", session.id, { address = session.address, port = session.port,
+      limit = limit, error = err and str(err) or nil })
+  end
+end
+
+-- After a TLS handshake (conn:tls_accept's results): counted and told; returns ok.
+local function tls_done(srv, session, conn, ok, err)
+  local c = srv.counters
+  if ok then c.tls = c.tls + 1 else c.tls_failures = c.tls_failures + 1 end
+  local o = srv.opts
+  if not (o.transcript or o.on_event) then return ok end
+  local t
+  if ok then
+    t = observe.tls_fields(conn:info(), false)
+    t.verify_result = nil   -- no client certificate is asked for
+  else
+    t = { error = type(err) == "table" and err.text or str(err) }
+  end
+  t.ok = ok and true or false
+  if o.transcript then
+    observe.line(o.transcript, session.id, "tls", ok and observe.tls_line(t) or ("TLS handshake failed: " .. t.error))
+  end
+  if o.on_event then observe.event(o.on_event, "tls", session.id, t) end
+  return ok
+end
+
+local function auth_done(srv, session, yes, mech, user)
+  local c = srv.counters
+  if yes then c.auth = c.auth + 1 else c.auth_failures = c.auth_failures + 1 end
+  if srv.opts.on_event then
+    observe.event(srv.opts.on_event, "auth", session.id, { ok = yes, mechanism = mech, user = user })
+  end
+end
+
 -- Session -----------------------------------------------------------------------------------
 
 local Session = { __name = "smtp.server.session" }
@@ -290,7 +362,8 @@ end
 local function run_session(srv, conn, ip, port, cl)
   local o = srv.opts  -- o.timeout has no local: one more would be a slot in each idle session's stack
   local eng = new_engine(srv, cl)
-  local session = setmetatable({ address = ip, port = port, server = srv, tls = srv.implicit }, Session)
+  local session = setmetatable({ address = ip, port = port, server = srv, tls = srv.implicit,
+    id = observe.next_id() }, Session)
   -- Deadlines besides the idle timeout live in `rec` (a local more in every session's stack
   -- frame would cost more than its field): the session's end (t_end); while the engine holds part
   -- of a command line, the time it was first seen partial (cmd_t) and the command count then
@@ -302,9 +375,12 @@ local function run_session(srv, conn, ip, port, cl)
   srv.sessions[rec] = true
   local dead = false       -- the connection is gone (closed, reset, timed out)
   local stash              -- an event the reader pulled that belongs to the main loop
+  srv.counters.sessions = srv.counters.sessions + 1
+  if o.transcript or o.on_event then open_session(srv, session, eng) end
 
   local function flush()
     local out = eng:output()
+    if o.transcript then trace(o, session, eng, out) end
     if out and not dead then
       local ok = conn:write(out, o.timeout)
       if not ok then dead = true end
@@ -374,7 +450,10 @@ local function run_session(srv, conn, ip, port, cl)
   local function pull()
     while not ended do
       local kind, a, b = eng:next()
-      if kind == "data" then return a end
+      if kind == "data" then
+        if o.transcript_body and o.transcript then observe.recv(o.transcript, session.id, rec, a) end
+        return a
+      end
       if kind == "end" then
         ended, endcode, endtext = true, a, b
         return nil
@@ -453,11 +532,22 @@ local function run_session(srv, conn, ip, port, cl)
     rec.msg_t = false
     if rerr or dead then return false end
     if endcode then return true end -- the engine refused it and replied already
+    local yes, code
     if not ok then
       srv:_log("on_message raised: " .. str(r1))
+      yes, code = false, 451
       eng:decide(false, 451, "4.3.0", "Error processing message, try again later")
     else
-      eng:decide(verdict(srv, 554, "5.6.0", r1, r2, r3, r4))
+      local enh, text
+      yes, code, enh, text = verdict(srv, 554, "5.6.0", r1, r2, r3, r4)
+      eng:decide(yes, code, enh, text)
+    end
+    local cs = srv.counters
+    if yes then cs.messages = cs.messages + 1 else cs.messages_refused = cs.messages_refused + 1 end
+    if o.on_event then
+      local env = eng:envelope()
+      observe.event(o.on_event, "message", session.id, { ok = yes, code = yes and 250 or code,
+        from = env and env.from, recipients = env and env.to and #env.to, bytes = rec.bytes })
     end
     return true
   end
@@ -478,8 +568,7 @@ local function run_session(srv, conn, ip, port, cl)
 
   local ok, err = type(eng) == "userdata" and pcall(function()
     if srv.implicit then
-      local tok = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
-      if not tok then return end
+      if not tls_done(srv, session, conn, conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))) then return end
     end
     while true do
       local kind, a, b, c
@@ -523,18 +612,19 @@ local function run_session(srv, conn, ip, port, cl)
       elseif kind == "auth" then
         refresh()
         local pok, res = pcall(o.auth, session, a, b, c)
-        a, b, c = nil, nil, nil
+        c = nil
         if not pok then
           srv:_log("auth callback raised: " .. str(res))
           eng:decide(false, 454, "4.7.0", "Temporary authentication failure")
         else
           eng:decide(res == true)
-          if res ~= true and tarpit(srv, eng, rec.t_end) then rec.cmd_t = false end
         end
+        auth_done(srv, session, pok and res == true, a, b)
+        a, b = nil, nil
+        if pok and res ~= true and tarpit(srv, eng, rec.t_end) then rec.cmd_t = false end
       elseif kind == "starttls" then
         if not flush() then break end
-        local tok = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
-        if not tok then break end
+        if not tls_done(srv, session, conn, conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))) then break end
         session.tls = true
       elseif kind == "close" then
         count_engine_limit(srv, eng)
@@ -552,6 +642,7 @@ local function run_session(srv, conn, ip, port, cl)
   end
   srv.sessions[rec] = nil
   srv.active = srv.active - 1
+  if o.transcript or o.on_event then close_session(srv, session, eng, not ok and err or nil) end
   if cl then
     cl.n = cl.n - 1
     cl.seen = now()
@@ -659,7 +750,9 @@ end
 -- Every limit's counter, so srv.counters lists them all from the start.
 local COUNTERS = { "max_connections", "client_connections", "client_rate", "client_messages",
   "client_recipients", "idle_timeout", "session_time", "command_time", "data_time", "max_errors",
-  "max_commands", "max_transactions", "line_length", "tarpit", "clients_evicted" }
+  "max_commands", "max_transactions", "line_length", "tarpit", "clients_evicted",
+  -- not limits: sessions opened, messages accepted and refused, AUTH and TLS outcomes
+  "sessions", "messages", "messages_refused", "auth", "auth_failures", "tls", "tls_failures" }
 
 local function new_counters()
   local c = {}
