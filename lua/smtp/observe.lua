@@ -117,7 +117,7 @@ function M.tls_fields(info, verify)
 end
 
 function M.tls_line(t)
-  local parts = { "TLS", tostring(t.version), tostring(t.cipher) }
+  local parts = { "TLS " .. tostring(t.version), tostring(t.cipher) }
   if t.peer_subject then parts[#parts + 1] = "peer " .. t.peer_subject end
   if t.verify_result then
     parts[#parts + 1] = "verify " .. t.verify_result .. (t.verified and "" or " (not enforced)")

@@ -532,6 +532,8 @@ local function run_session(srv, conn, ip, port, cl)
     rec.msg_t = false
     if rerr or dead then return false end
     if endcode then return true end -- the engine refused it and replied already
+    -- the envelope is gone once decided
+    local env = o.on_event and eng:envelope()
     local yes, code
     if not ok then
       srv:_log("on_message raised: " .. str(r1))
@@ -544,8 +546,7 @@ local function run_session(srv, conn, ip, port, cl)
     end
     local cs = srv.counters
     if yes then cs.messages = cs.messages + 1 else cs.messages_refused = cs.messages_refused + 1 end
-    if o.on_event then
-      local env = eng:envelope()
+    if env then
       observe.event(o.on_event, "message", session.id, { ok = yes, code = yes and 250 or code,
         from = env and env.from, recipients = env and env.to and #env.to, bytes = rec.bytes })
     end
