@@ -446,4 +446,25 @@ describe("server transcript", function()
     assert.equal(1, srv:stats().max_errors)
     assert.truthy(c.text():find("\nrecv BOGUS\nrecv BOGUS\n", 1, true), c.text())
   end)
+
+  it("the 421 of an idle timeout is in the transcript, and the limit in the events", function()
+    local srv, c = listening { timeout = 0.3 }
+    local native = require "smtp.transport.native"
+    loop.spawn(function()
+      srv:serve()
+      local s = assert(native.connect { host = "127.0.0.1", port = srv.port, timeout = 5 })
+      local got = ""
+      while true do
+        local d = s:read(5)
+        if not d then break end
+        got = got .. d
+      end
+      s:close()
+      srv:close()
+    end)
+    loop.run()
+    local text = c.text()
+    assert.truthy(text:find("\nsend 421 4.4.2 Idle timeout, closing connection\ninfo connection closed$"), text)
+    assert.truthy(c.types():find("limit session_close$"), c.types())
+  end)
 end)

@@ -224,60 +224,6 @@ local EXPIRED = {
   data_time = "Message data not received in time, closing connection",
 }
 
--- A session's wait timed out: 421 4.4.2 and the end. `cap` was the earliest deadline other than
--- the idle timeout (rec.t_end, the message's or the command line's).
-local function expire(srv, rec, cap)
-  local why = "idle_timeout"
-  if now() >= cap then
-    why = cap == rec.t_end and "session_time" or rec.msg_t and "data_time" or "command_time"
-  end
-  count(srv, why)
-  local eng = rec.eng
-  eng:shutdown(421, "4.4.2", EXPIRED[why])
-  local out = eng:output()
-  if out then rec.conn:write(out, min(srv.opts.timeout, 5)) end
-end
-
--- The timeout, or less when the session's end comes first.
-local function left(rec, timeout) return min(timeout, rec.t_end - now()) end
-
--- The session's engine, or why it could not be made (a string).
-local function new_engine(srv, cl)
-  local o = srv.opts
-  local ok, eng = pcall(core.server_engine, {
-    hostname = srv.hostname, max_line = o.max_line, max_message_size = o.max_message_size,
-    max_recipients = o.max_recipients, max_errors = o.max_errors,
-    max_commands = o.max_commands or nil, max_transactions = o.max_transactions or nil,
-    tls = srv.tls_ctx ~= nil and not srv.implicit, tls_active = srv.implicit,
-    auth = o.auth ~= nil, auth_plaintext = srv.auth_plaintext, require_auth = o.require_auth,
-    normalize = o.normalize_newlines, hook_mail = o.on_mail ~= nil or (cl and o.max_client_messages and true),
-    hook_rcpt = o.on_rcpt ~= nil or (cl and o.max_client_recipients and true),
-  })
-  return ok and eng or str(eng)
-end
-
--- A session the engine closed: which of its limits did it, if one did.
-local function count_engine_limit(srv, eng)
-  local _, _, _, limit = eng:usage()
-  if limit then count(srv, ENGINE_LIMIT[limit]) end
-end
-
--- After a refusal that counted as an error: past tarpit_after errors the reply waits
--- tarpit_delay * 2^(n - 1) seconds (at most tarpit_max) for the n-th error beyond, so guessing
--- passwords or harvesting addresses gets slower. Other sessions run on meanwhile (a loop sleep).
--- True when it waited.
-local function tarpit(srv, eng, session_end)
-  local o = srv.opts
-  local _, errs = eng:usage()
-  local k = errs - o.tarpit_after
-  if k <= 0 or o.tarpit_delay <= 0 then return false end
-  local d = min(o.tarpit_max, o.tarpit_delay * 2 ^ (k - 1), session_end - now())
-  if d <= 0 then return false end
-  count(srv, "tarpit")
-  loop().sleep(d)
-  return true
-end
-
 -- Transcript and events (smtp.observe): called only when someone listens --------------------
 
 -- The client's lines the engine read since the last call, then the replies about to go out.
@@ -291,6 +237,8 @@ end
 
 local function open_session(srv, session, eng)
   local o = srv.opts
+  -- given only when someone listens: one field more would grow every idle session's table
+  session.id = observe.next_id()
   if o.transcript then
     if type(eng) == "userdata" then eng:trace(true) end
     observe.line(o.transcript, session.id, "info", ("connection from [%s]:%s"):format(tostring(session.address),
@@ -345,6 +293,61 @@ local function auth_done(srv, session, yes, mech, user)
   end
 end
 
+-- A session's wait timed out: 421 4.4.2 and the end. `cap` was the earliest deadline other than
+-- the idle timeout (rec.t_end, the message's or the command line's).
+local function expire(srv, rec, cap)
+  local why = "idle_timeout"
+  if now() >= cap then
+    why = cap == rec.t_end and "session_time" or rec.msg_t and "data_time" or "command_time"
+  end
+  count(srv, why)
+  local eng = rec.eng
+  eng:shutdown(421, "4.4.2", EXPIRED[why])
+  local out = eng:output()
+  if srv.opts.transcript then trace(srv.opts, rec.session, eng, out) end
+  if out then rec.conn:write(out, min(srv.opts.timeout, 5)) end
+end
+
+-- The timeout, or less when the session's end comes first.
+local function left(rec, timeout) return min(timeout, rec.t_end - now()) end
+
+-- The session's engine, or why it could not be made (a string).
+local function new_engine(srv, cl)
+  local o = srv.opts
+  local ok, eng = pcall(core.server_engine, {
+    hostname = srv.hostname, max_line = o.max_line, max_message_size = o.max_message_size,
+    max_recipients = o.max_recipients, max_errors = o.max_errors,
+    max_commands = o.max_commands or nil, max_transactions = o.max_transactions or nil,
+    tls = srv.tls_ctx ~= nil and not srv.implicit, tls_active = srv.implicit,
+    auth = o.auth ~= nil, auth_plaintext = srv.auth_plaintext, require_auth = o.require_auth,
+    normalize = o.normalize_newlines, hook_mail = o.on_mail ~= nil or (cl and o.max_client_messages and true),
+    hook_rcpt = o.on_rcpt ~= nil or (cl and o.max_client_recipients and true),
+  })
+  return ok and eng or str(eng)
+end
+
+-- A session the engine closed: which of its limits did it, if one did.
+local function count_engine_limit(srv, eng)
+  local _, _, _, limit = eng:usage()
+  if limit then count(srv, ENGINE_LIMIT[limit]) end
+end
+
+-- After a refusal that counted as an error: past tarpit_after errors the reply waits
+-- tarpit_delay * 2^(n - 1) seconds (at most tarpit_max) for the n-th error beyond, so guessing
+-- passwords or harvesting addresses gets slower. Other sessions run on meanwhile (a loop sleep).
+-- True when it waited.
+local function tarpit(srv, eng, session_end)
+  local o = srv.opts
+  local _, errs = eng:usage()
+  local k = errs - o.tarpit_after
+  if k <= 0 or o.tarpit_delay <= 0 then return false end
+  local d = min(o.tarpit_max, o.tarpit_delay * 2 ^ (k - 1), session_end - now())
+  if d <= 0 then return false end
+  count(srv, "tarpit")
+  loop().sleep(d)
+  return true
+end
+
 -- Session -----------------------------------------------------------------------------------
 
 local Session = { __name = "smtp.server.session" }
@@ -362,8 +365,7 @@ end
 local function run_session(srv, conn, ip, port, cl)
   local o = srv.opts  -- o.timeout has no local: one more would be a slot in each idle session's stack
   local eng = new_engine(srv, cl)
-  local session = setmetatable({ address = ip, port = port, server = srv, tls = srv.implicit,
-    id = observe.next_id() }, Session)
+  local session = setmetatable({ address = ip, port = port, server = srv, tls = srv.implicit }, Session)
   -- Deadlines besides the idle timeout live in `rec` (a local more in every session's stack
   -- frame would cost more than its field): the session's end (t_end); while the engine holds part
   -- of a command line, the time it was first seen partial (cmd_t) and the command count then
@@ -741,6 +743,7 @@ function Server:close()
       -- waiting for the client: answer 421 now and close, which wakes the session's task
       rec.eng:shutdown(421, "4.3.2", "Service shutting down")
       local out = rec.eng:output()
+      if self.opts.transcript then trace(self.opts, rec.session, rec.eng, out) end
       if out then rec.conn:write(out, 1) end
       rec.conn:close()
     end

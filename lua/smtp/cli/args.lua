@@ -95,7 +95,8 @@ function M.parse(argv, spec)
       local v = inline
       if not v then
         v = argv[i + 1]
-        if v == nil or is_option(v) then
+        if v == nil then return nil, "--" .. name .. " needs a value" end
+        if is_option(v) then
           return nil, "--" .. name .. " needs a value (write --" .. name .. "=VALUE for one that starts with '-')"
         end
         i = i + 1
