@@ -1657,6 +1657,8 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             if (done)
                 s->end_pending = 1;
             if (s->dlen) {
+                if (s->trace == 2)
+                    trace_rec(s, 'B', s->dbuf, s->dlen);
                 ev->kind = SMTP_SRV_DATA;
                 ev->a = s->dbuf;
                 ev->alen = s->dlen;
@@ -1704,6 +1706,8 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 }
             }
             if (s->dlen) {
+                if (s->trace == 2)
+                    trace_rec(s, 'B', s->dbuf, s->dlen);
                 ev->kind = SMTP_SRV_DATA;
                 ev->a = s->dbuf;
                 ev->alen = s->dlen;

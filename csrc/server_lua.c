@@ -305,10 +305,14 @@ static int l_usage(lua_State *L)
     return 5;
 }
 
-/* e:trace(on): record the lines read (credentials replaced) for e:trace_take() */
+/* e:trace(level): 0 off, 1 record the lines read (credentials replaced) for e:trace_take(), 2
+ * the message data too */
 static int l_trace(lua_State *L)
 {
-    smtp_server_set_trace(check_engine(L), lua_toboolean(L, 2));
+    smtp_server *s = check_engine(L);
+    lua_Integer level = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, level >= 0 && level <= 2, 2, "0, 1 or 2 expected");
+    smtp_server_set_trace(s, (int)level);
     return 0;
 }
 

@@ -14,7 +14,6 @@ local observe = require "smtp.observe"
 local M = {}
 
 local new_error = errors.new
-local counters = observe.counters
 local WRITE_BATCH, is_open = transaction.WRITE_BATCH, transaction.is_open
 -- Transactions in flight at once with PIPELINING (small messages: MAIL, RCPTs and BDAT LAST
 -- each), and how far the window drains before it is filled again, so writes stay large.
@@ -48,25 +47,19 @@ local function ended(err, culprit, q, qh, qt, descs, nxt, n, out)
   return out
 end
 
--- Counts each transaction's outcome and tells the session's on_event about it.
+-- Tells the session's on_event about each transaction's outcome (smtp.transaction counts them).
 local function outcomes(sess, descs, out, n)
   local ev = sess.ev
   for i = 1, n do
     local r = out[i]
     if descs[i] then
-      counters.transactions = counters.transactions + 1
       local failed = errors.is(r)
-      if failed then counters.transactions_failed = counters.transactions_failed + 1 end
-      local acc, rej = failed and 0 or #r.accepted, failed and r.rejected and #r.rejected or 0
-      if not failed then rej = #r.rejected end
-      counters.recipients_accepted = counters.recipients_accepted + acc
-      counters.recipients_rejected = counters.recipients_rejected + rej
-      if ev then
-        local reply = failed and r or r.reply
-        observe.event(ev, "transaction", sess.id, { ok = not failed, index = i, accepted = acc,
-          rejected = rej, code = reply.code, enhanced = reply.enhanced, text = reply.text,
-          message_id = not failed and r.message_id or nil, error = failed and r or nil })
-      end
+      local reply = failed and r or r.reply
+      observe.event(ev, "transaction", sess.id, { ok = not failed, index = i,
+        accepted = failed and 0 or #r.accepted,
+        rejected = (failed and (r.rejected and #r.rejected or 0)) or #r.rejected,
+        code = reply.code, enhanced = reply.enhanced, text = reply.text,
+        message_id = not failed and r.message_id or nil, error = failed and r or nil })
     end
   end
   return out
@@ -76,7 +69,9 @@ end
 -- entry's error. Fills out[1..n].
 local run_txs
 local function run(sess, descs, out, n)
-  return outcomes(sess, descs, run_txs(sess, descs, out, n), n)
+  out = run_txs(sess, descs, out, n)
+  if sess.ev then return outcomes(sess, descs, out, n) end
+  return out
 end
 
 function run_txs(sess, descs, out, n)

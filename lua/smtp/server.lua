@@ -227,9 +227,14 @@ local EXPIRED = {
 -- Transcript and events (smtp.observe): called only when someone listens --------------------
 
 -- The client's lines the engine read since the last call, then the replies about to go out.
-local function trace(o, session, eng, out)
+-- The session of each engine being traced: flush() finds it here, so no closure of an idle
+-- session holds a reference more than before (each would be a slot in every session).
+local traced = setmetatable({}, { __mode = "k" })
+
+local function trace(o, eng, out)
+  local session = traced[eng]
+  if not session then return end
   local fn, id = o.transcript, session.id
-  if type(eng) ~= "userdata" then return end
   local list = eng:trace_take()
   if list then observe.records(fn, id, list, "recv", session) end
   if out then observe.recv(fn, id, session, out, "send") end
@@ -240,7 +245,10 @@ local function open_session(srv, session, eng)
   -- given only when someone listens: one field more would grow every idle session's table
   session.id = observe.next_id()
   if o.transcript then
-    if type(eng) == "userdata" then eng:trace(true) end
+    if type(eng) == "userdata" then
+      eng:trace(o.transcript_body and 2 or 1)
+      traced[eng] = session
+    end
     observe.line(o.transcript, session.id, "info", ("connection from [%s]:%s"):format(tostring(session.address),
       tostring(session.port)))
   end
@@ -255,41 +263,12 @@ local function close_session(srv, session, eng, err)
   if type(eng) == "userdata" then
     local _, _, _, l = eng:usage()
     limit = l and ENGINE_LIMIT[l]
-    if o.transcript then trace(o, session, eng, nil) end
+    if o.transcript then trace(o, eng, nil) end
   end
   if o.transcript then observe.line(o.transcript, session.id, "info", "connection closed") end
   if o.on_event then
     observe.event(o.on_event, "session_close", session.id, { address = session.address, port = session.port,
       limit = limit, error = err and str(err) or nil })
-  end
-end
-
--- After a TLS handshake (conn:tls_accept's results): counted and told; returns ok.
-local function tls_done(srv, session, conn, ok, err)
-  local c = srv.counters
-  if ok then c.tls = c.tls + 1 else c.tls_failures = c.tls_failures + 1 end
-  local o = srv.opts
-  if not (o.transcript or o.on_event) then return ok end
-  local t
-  if ok then
-    t = observe.tls_fields(conn:info(), false)
-    t.verify_result = nil   -- no client certificate is asked for
-  else
-    t = { error = type(err) == "table" and err.text or str(err) }
-  end
-  t.ok = ok and true or false
-  if o.transcript then
-    observe.line(o.transcript, session.id, "tls", ok and observe.tls_line(t) or ("TLS handshake failed: " .. t.error))
-  end
-  if o.on_event then observe.event(o.on_event, "tls", session.id, t) end
-  return ok
-end
-
-local function auth_done(srv, session, yes, mech, user)
-  local c = srv.counters
-  if yes then c.auth = c.auth + 1 else c.auth_failures = c.auth_failures + 1 end
-  if srv.opts.on_event then
-    observe.event(srv.opts.on_event, "auth", session.id, { ok = yes, mechanism = mech, user = user })
   end
 end
 
@@ -304,7 +283,7 @@ local function expire(srv, rec, cap)
   local eng = rec.eng
   eng:shutdown(421, "4.4.2", EXPIRED[why])
   local out = eng:output()
-  if srv.opts.transcript then trace(srv.opts, rec.session, eng, out) end
+  if srv.opts.transcript then trace(srv.opts, eng, out) end
   if out then rec.conn:write(out, min(srv.opts.timeout, 5)) end
 end
 
@@ -382,7 +361,7 @@ local function run_session(srv, conn, ip, port, cl)
 
   local function flush()
     local out = eng:output()
-    if o.transcript then trace(o, session, eng, out) end
+    if o._trace then o._trace(o, eng, out) end
     if out and not dead then
       local ok = conn:write(out, o.timeout)
       if not ok then dead = true end
@@ -452,10 +431,7 @@ local function run_session(srv, conn, ip, port, cl)
   local function pull()
     while not ended do
       local kind, a, b = eng:next()
-      if kind == "data" then
-        if o.transcript_body and o.transcript then observe.recv(o.transcript, session.id, rec, a) end
-        return a
-      end
+      if kind == "data" then return a end
       if kind == "end" then
         ended, endcode, endtext = true, a, b
         return nil
@@ -546,12 +522,7 @@ local function run_session(srv, conn, ip, port, cl)
       yes, code, enh, text = verdict(srv, 554, "5.6.0", r1, r2, r3, r4)
       eng:decide(yes, code, enh, text)
     end
-    local cs = srv.counters
-    if yes then cs.messages = cs.messages + 1 else cs.messages_refused = cs.messages_refused + 1 end
-    if env then
-      observe.event(o.on_event, "message", session.id, { ok = yes, code = yes and 250 or code,
-        from = env and env.from, recipients = env and env.to and #env.to, bytes = rec.bytes })
-    end
+    srv:_message_done(session, yes, code, env, rec.bytes)
     return true
   end
 
@@ -571,7 +542,8 @@ local function run_session(srv, conn, ip, port, cl)
 
   local ok, err = type(eng) == "userdata" and pcall(function()
     if srv.implicit then
-      if not tls_done(srv, session, conn, conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))) then return end
+      local tok, terr = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
+      if not srv:_tls_done(session, conn, tok, terr) then return end
     end
     while true do
       local kind, a, b, c
@@ -622,12 +594,13 @@ local function run_session(srv, conn, ip, port, cl)
         else
           eng:decide(res == true)
         end
-        auth_done(srv, session, pok and res == true, a, b)
+        srv:_auth_done(session, pok and res == true, a, b)
         a, b = nil, nil
         if pok and res ~= true and tarpit(srv, eng, rec.t_end) then rec.cmd_t = false end
       elseif kind == "starttls" then
         if not flush() then break end
-        if not tls_done(srv, session, conn, conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))) then break end
+        local tok, terr = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
+        if not srv:_tls_done(session, conn, tok, terr) then break end
         session.tls = true
       elseif kind == "close" then
         count_engine_limit(srv, eng)
@@ -657,6 +630,50 @@ end
 
 local Server = { __name = "smtp.server" }
 Server.__index = Server
+
+-- What sessions report through the server (methods: a session's closures reach them through
+-- `srv`, which they hold already, so no closure grows). --------------------------------------
+
+-- After a TLS handshake (conn:tls_accept's results): counted and told; returns ok.
+function Server:_tls_done(session, conn, ok, err)
+  local srv = self
+  local c = srv.counters
+  if ok then c.tls = c.tls + 1 else c.tls_failures = c.tls_failures + 1 end
+  local o = srv.opts
+  if not (o.transcript or o.on_event) then return ok end
+  local t
+  if ok then
+    t = observe.tls_fields(conn:info(), false)
+    t.verify_result = nil   -- no client certificate is asked for
+  else
+    t = { error = type(err) == "table" and err.text or str(err) }
+  end
+  t.ok = ok and true or false
+  if o.transcript then
+    observe.line(o.transcript, session.id, "tls", ok and observe.tls_line(t) or ("TLS handshake failed: " .. t.error))
+  end
+  if o.on_event then observe.event(o.on_event, "tls", session.id, t) end
+  return ok
+end
+
+function Server:_auth_done(session, yes, mech, user)
+  local srv = self
+  local c = srv.counters
+  if yes then c.auth = c.auth + 1 else c.auth_failures = c.auth_failures + 1 end
+  if srv.opts.on_event then
+    observe.event(srv.opts.on_event, "auth", session.id, { ok = yes, mechanism = mech, user = user })
+  end
+end
+
+-- A message decided: counted, and told to on_event (`env` is its envelope when someone listens).
+function Server:_message_done(session, yes, code, env, bytes)
+  local c = self.counters
+  if yes then c.messages = c.messages + 1 else c.messages_refused = c.messages_refused + 1 end
+  if env then
+    observe.event(self.opts.on_event, "message", session.id, { ok = yes, code = yes and 250 or code,
+      from = env.from, recipients = env.to and #env.to, bytes = bytes })
+  end
+end
 
 function Server:_log(msg)
   if self.opts.log then pcall(self.opts.log, msg) end
@@ -743,7 +760,7 @@ function Server:close()
       -- waiting for the client: answer 421 now and close, which wakes the session's task
       rec.eng:shutdown(421, "4.3.2", "Service shutting down")
       local out = rec.eng:output()
-      if self.opts.transcript then trace(self.opts, rec.session, rec.eng, out) end
+      if self.opts.transcript then trace(self.opts, rec.eng, out) end
       if out then rec.conn:write(out, 1) end
       rec.conn:close()
     end
@@ -769,6 +786,8 @@ function M.listen(opts)
   local o = {}
   for k, v in pairs(DEFAULTS) do o[k] = v end
   for k, v in pairs(opts) do o[k] = v end
+  -- reached through `o`, which every session's flush() holds already
+  o._trace = o.transcript and trace or nil
   local t = transport()
   local host = o.host or "127.0.0.1"
   local tls_ctx
