@@ -522,7 +522,9 @@ local function run_session(srv, conn, ip, port, cl)
       yes, code, enh, text = verdict(srv, 554, "5.6.0", r1, r2, r3, r4)
       eng:decide(yes, code, enh, text)
     end
-    srv:_message_done(session, yes, code, env, rec.bytes)
+    local c = srv.counters
+    if yes then c.messages = c.messages + 1 else c.messages_refused = c.messages_refused + 1 end
+    if env then srv:_message_event(session, yes, code, env, rec.bytes) end
     return true
   end
 
@@ -665,14 +667,10 @@ function Server:_auth_done(session, yes, mech, user)
   end
 end
 
--- A message decided: counted, and told to on_event (`env` is its envelope when someone listens).
-function Server:_message_done(session, yes, code, env, bytes)
-  local c = self.counters
-  if yes then c.messages = c.messages + 1 else c.messages_refused = c.messages_refused + 1 end
-  if env then
-    observe.event(self.opts.on_event, "message", session.id, { ok = yes, code = yes and 250 or code,
-      from = env.from, recipients = env.to and #env.to, bytes = bytes })
-  end
+-- A message decided, told to on_event (`env` is its envelope).
+function Server:_message_event(session, yes, code, env, bytes)
+  observe.event(self.opts.on_event, "message", session.id, { ok = yes, code = yes and 250 or code,
+    from = env.from, recipients = env.to and #env.to, bytes = bytes })
 end
 
 function Server:_log(msg)
