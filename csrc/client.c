@@ -4,6 +4,7 @@
  * Lua: its binding is client_lua.c); OpenSSL only for CRAM-MD5's HMAC. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
@@ -104,6 +105,7 @@ int smtp_stuff_finish(smtp_stuffer *s, smtp_buf *out)
 /* A command awaiting its reply, and where its bytes end in the output stream. */
 struct pending {
     unsigned long long end;
+    unsigned long long trace;   /* where its trace records start (for a rollback) */
     unsigned char cmd;
 };
 
@@ -125,6 +127,11 @@ struct smtp_client {
     smtp_sasl mech;
     int auth_step;
     smtp_buf user, secret;
+    /* Transcript (smtp_client_set_trace): records of what was queued, credentials replaced */
+    int trace;
+    smtp_buf tr;
+    unsigned long long tr_taken;  /* record bytes taken so far: tr starts here */
+    unsigned long long body_len;  /* body bytes of the DATA in progress */
 };
 
 static void set_state(smtp_client *c, smtp_client_state s)
@@ -137,6 +144,52 @@ static void set_state(smtp_client *c, smtp_client_state s)
 }
 
 static unsigned long long out_end(const smtp_client *c) { return c->taken + c->out.len; }
+
+/* One transcript record: a kind byte (client.h), a 32-bit length, the bytes. The record of a
+ * command is made from what was queued, except for credentials: the caller passes a marker
+ * instead, so no secret or encoding of it is ever copied here. A record that does not fit in
+ * memory is left out (the transcript must never make the session fail). */
+static void trace_rec(smtp_client *c, char kind, const char *p, size_t n)
+{
+    if (n > 0x7fffffffu || smtp_buf_reserve(&c->tr, 5 + n) < 0)
+        return;
+    uint32_t len = (uint32_t)n;
+    c->tr.p[c->tr.len] = kind;
+    memcpy(c->tr.p + c->tr.len + 1, &len, 4);
+    if (n)
+        memcpy(c->tr.p + c->tr.len + 5, p, n);
+    c->tr.len += 5 + n;
+}
+
+/* The command line that ends the output (from `from`, its CRLF left out). */
+static void trace_out(smtp_client *c, size_t from)
+{
+    if (c->trace && c->out.len >= from + 2)
+        trace_rec(c, SMTP_TRACE_LINE, c->out.p + from, c->out.len - from - 2);
+}
+
+static void trace_secret(smtp_client *c, const char *prefix)
+{
+    if (!c->trace)
+        return;
+    char line[64];
+    int n = snprintf(line, sizeof line, "%s%s", prefix, SMTP_TRACE_MARKER);
+    trace_rec(c, SMTP_TRACE_SECRET, line, (size_t)n);
+}
+
+void smtp_client_set_trace(smtp_client *c, int level) { c->trace = level; }
+
+const char *smtp_client_trace(smtp_client *c, size_t *n)
+{
+    *n = c->tr.len;
+    return c->tr.p ? c->tr.p : "";
+}
+
+void smtp_client_trace_taken(smtp_client *c)
+{
+    c->tr_taken += c->tr.len;
+    c->tr.len = 0;
+}
 
 /* Queues cmd as awaiting a reply; call after its bytes are in the output. */
 static int push_pending(smtp_client *c, smtp_cmd cmd)
@@ -156,6 +209,7 @@ static int push_pending(smtp_client *c, smtp_cmd cmd)
     struct pending *e = &c->pending[(c->phead + c->pcount) % c->pcap];
     e->cmd = (unsigned char)cmd;
     e->end = out_end(c);
+    e->trace = c->tr_taken + c->tr.len;
     c->pcount++;
     return 0;
 }
@@ -199,6 +253,7 @@ void smtp_client_free(smtp_client *c)
     wipe_credentials(c);
     smtp_buf_free(&c->in);
     smtp_buf_free(&c->out);
+    smtp_buf_free(&c->tr);
     smtp_reply_parser_free(&c->parser);
     free(c->pending);
     free(c);
@@ -247,6 +302,8 @@ int smtp_client_rollback(smtp_client *c, smtp_client_mark mark, const char **why
             break;
         if (e->cmd == SMTP_CMD_AUTH)
             wipe_credentials(c);
+        if (e->trace >= c->tr_taken && e->trace - c->tr_taken < c->tr.len)
+            c->tr.len = (size_t)(e->trace - c->tr_taken);
         c->pcount--;
     }
     size_t keep = (size_t)(mark - c->taken);
@@ -306,10 +363,14 @@ static int auth_continue(smtp_client *c, const smtp_reply *r)
     c->auth_step++;
     switch (c->mech) {
     case SMTP_SASL_LOGIN:
-        if (c->auth_step == 1)
+        if (c->auth_step == 1) {
+            trace_secret(c, "");
             return add_b64_line(c, (unsigned char *)c->user.p, c->user.len);
-        if (c->auth_step == 2)
+        }
+        if (c->auth_step == 2) {
+            trace_secret(c, "");
             return add_b64_line(c, (unsigned char *)c->secret.p, c->secret.len);
+        }
         break;
     case SMTP_SASL_CRAM_MD5:
         if (c->auth_step == 1) {
@@ -343,6 +404,7 @@ static int auth_continue(smtp_client *c, const smtp_reply *r)
                 rc = -1;
             else
                 rc = add_b64_line(c, (unsigned char *)resp.p, resp.len);
+            trace_secret(c, "");
             smtp_buf_free(&resp);
             smtp_wipe(md, sizeof md);
             smtp_wipe(hx, sizeof hx);
@@ -351,19 +413,30 @@ static int auth_continue(smtp_client *c, const smtp_reply *r)
         break;
     case SMTP_SASL_XOAUTH2:
         /* a 334 here carries a JSON error; an empty line makes the server send its 5xx */
-        if (c->auth_step == 1)
-            return add(c, "\r\n", 2);
+        if (c->auth_step == 1) {
+            size_t from = c->out.len;
+            rc = add(c, "\r\n", 2);
+            trace_out(c, from);
+            return rc;
+        }
         break;
     case SMTP_SASL_OAUTHBEARER:
         /* RFC 7628 §3.2.3: the client answers the error with a single %x01 */
-        if (c->auth_step == 1)
-            return add(c, "AQ==\r\n", 6);
+        if (c->auth_step == 1) {
+            size_t from = c->out.len;
+            rc = add(c, "AQ==\r\n", 6);
+            trace_out(c, from);
+            return rc;
+        }
         break;
     default:
         break;
     }
     /* A challenge the mechanism does not expect: cancel the exchange (RFC 4954 §4). */
-    return add(c, "*\r\n", 3);
+    size_t from = c->out.len;
+    rc = add(c, "*\r\n", 3);
+    trace_out(c, from);
+    return rc;
 }
 
 int smtp_client_next(smtp_client *c, const smtp_reply **r, smtp_cmd *cmd)
@@ -504,8 +577,11 @@ int smtp_client_command(smtp_client *c, smtp_cmd cmd, const char *arg, size_t al
         *why = "out of memory";
         return -1;
     }
-    if (cmd == SMTP_CMD_DATA)
+    trace_out(c, mark);
+    if (cmd == SMTP_CMD_DATA) {
         smtp_stuffer_init(&c->stuffer, 1);
+        c->body_len = 0;
+    }
     return 0;
 }
 
@@ -580,6 +656,7 @@ int smtp_client_auth(smtp_client *c, smtp_sasl mech, const char *user, size_t ul
     } else {
         rc |= add(c, "\r\n", 2);
     }
+    size_t irlen = ir.len;
     smtp_buf_free(&ir);
     if (rc || push_pending(c, SMTP_CMD_AUTH) < 0) {
         smtp_wipe(c->out.p + mark, c->out.len - mark);
@@ -587,6 +664,15 @@ int smtp_client_auth(smtp_client *c, smtp_sasl mech, const char *user, size_t ul
         wipe_credentials(c);
         *why = "out of memory";
         return -1;
+    }
+    if (c->trace) {
+        /* the verb and mechanism from fixed strings, never from the output that holds the secret */
+        char head[48];
+        snprintf(head, sizeof head, "AUTH %s%s", smtp_sasl_names[mech], irlen ? " " : "");
+        if (irlen)
+            trace_secret(c, head);
+        else
+            trace_rec(c, SMTP_TRACE_LINE, head, strlen(head));
     }
     return 0;
 }
@@ -597,10 +683,14 @@ int smtp_client_body(smtp_client *c, const char *data, size_t n, const char **wh
         *why = "no DATA accepted (354) to send a body for";
         return -1;
     }
+    size_t from = c->out.len;
     if (smtp_stuff(&c->stuffer, data, n, &c->out) < 0) {
         *why = "out of memory";
         return -1;
     }
+    c->body_len += c->out.len - from;
+    if (c->trace == 2)
+        trace_rec(c, SMTP_TRACE_BODY, c->out.p + from, c->out.len - from);
     seal(c);
     return 0;
 }
@@ -611,9 +701,18 @@ int smtp_client_body_end(smtp_client *c, const char **why)
         *why = "no DATA accepted (354) to end";
         return -1;
     }
+    size_t from = c->out.len;
     if (smtp_stuff_finish(&c->stuffer, &c->out) < 0 || push_pending(c, SMTP_CMD_DATA_END) < 0) {
         *why = "out of memory";
         return -1;
+    }
+    if (c->trace == 2) {
+        trace_rec(c, SMTP_TRACE_BODY, c->out.p + from, c->out.len - from);
+    } else if (c->trace) {
+        /* the size of what went (the line end finish() may have added counts, the dot not) */
+        unsigned long long total = c->body_len + (c->out.len - from) - 3;
+        trace_rec(c, SMTP_TRACE_SIZE, (const char *)&total, sizeof total);
+        trace_rec(c, SMTP_TRACE_LINE, ".", 1);
     }
     seal(c);
     set_state(c, SMTP_CS_READY);
@@ -632,6 +731,15 @@ int smtp_client_bdat(smtp_client *c, const char *data, size_t n, int last, const
         c->out.len = mark;
         *why = "out of memory";
         return -1;
+    }
+    if (c->trace) {
+        trace_rec(c, SMTP_TRACE_LINE, head, (size_t)hl - 2);
+        if (c->trace == 2) {
+            trace_rec(c, SMTP_TRACE_BODY, data, n);
+        } else {
+            unsigned long long total = n;
+            trace_rec(c, SMTP_TRACE_SIZE, (const char *)&total, sizeof total);
+        }
     }
     return 0;
 }

@@ -84,6 +84,21 @@ size_t smtp_client_pending(const smtp_client *c);
  * changes nothing when a byte after the mark was already taken ("already written"), one of those
  * commands was already answered, body bytes or a SASL answer follow the mark, or the value is not
  * a mark of this engine. */
+/* Transcript. With level 1 the engine keeps a record of each line it queues, credentials
+ * replaced by SMTP_TRACE_MARKER (AUTH's initial response, every SASL answer made from the user
+ * name or secret) and body bytes counted, not copied; level 2 copies body bytes too. A record
+ * is a kind byte, a native uint32 length and that many bytes. smtp_client_trace() gives the
+ * records not taken yet; smtp_client_trace_taken() drops them. A rollback drops the records of
+ * the commands it takes back. */
+#define SMTP_TRACE_LINE 'L'     /* a command line, without CRLF */
+#define SMTP_TRACE_SECRET 'S'   /* a line whose credentials were replaced by the marker */
+#define SMTP_TRACE_SIZE 'N'     /* body bytes sent (unsigned long long): DATA's body, a BDAT chunk */
+#define SMTP_TRACE_BODY 'B'     /* body bytes as sent (level 2) */
+#define SMTP_TRACE_MARKER "[redacted]"
+void smtp_client_set_trace(smtp_client *c, int level);
+const char *smtp_client_trace(smtp_client *c, size_t *n);
+void smtp_client_trace_taken(smtp_client *c);
+
 typedef unsigned long long smtp_client_mark;
 smtp_client_mark smtp_client_mark_now(const smtp_client *c);
 int smtp_client_rollback(smtp_client *c, smtp_client_mark mark, const char **why);

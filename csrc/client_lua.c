@@ -1,5 +1,6 @@
 /* Lua binding of the client engine (client.h): core.client_engine() and core.stuffer(). Only the
  * engine's header API is used here. */
+#include <stdint.h>
 #include <string.h>
 #include "core.h"
 #include "client.h"
@@ -275,6 +276,66 @@ static int l_rollback(lua_State *L)
     return result(L, rc, why);
 }
 
+/* e:trace(level): 0 off, 1 lines (credentials replaced, body sizes), 2 body bytes too */
+static int l_trace(lua_State *L)
+{
+    smtp_client *c = check_engine(L);
+    lua_Integer level = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, level >= 0 && level <= 2, 2, "0, 1 or 2 expected");
+    smtp_client_set_trace(c, (int)level);
+    return 0;
+}
+
+/* Transcript records (client.h's format, server.h uses it too) as a Lua list
+ * { kind, value, kind, value, ... }: kind "line" (a line as sent or read), "secret" (a line whose
+ * credentials were replaced by the marker), "size" (message bytes, a number) or "body" (message
+ * bytes as sent). Pushes nil when there are none. */
+void smtp_push_trace(lua_State *L, const char *p, size_t n)
+{
+    size_t i = 0;
+    if (n == 0) {
+        lua_pushnil(L);
+        return;
+    }
+    lua_newtable(L);
+    int k = 0;
+    while (i + 5 <= n) {
+        uint32_t len;
+        char kind = p[i];
+        memcpy(&len, p + i + 1, 4);
+        const char *v = p + i + 5;
+        if (len > n - i - 5)
+            break;
+        i += 5 + (size_t)len;
+        switch (kind) {
+        case SMTP_TRACE_LINE: lua_pushliteral(L, "line"); break;
+        case SMTP_TRACE_SECRET: lua_pushliteral(L, "secret"); break;
+        case SMTP_TRACE_SIZE: lua_pushliteral(L, "size"); break;
+        default: lua_pushliteral(L, "body"); break;
+        }
+        lua_rawseti(L, -2, ++k);
+        if (kind == SMTP_TRACE_SIZE) {
+            unsigned long long total = 0;
+            memcpy(&total, v, len < sizeof total ? len : sizeof total);
+            lua_pushinteger(L, (lua_Integer)total);
+        } else {
+            lua_pushlstring(L, v, len);
+        }
+        lua_rawseti(L, -2, ++k);
+    }
+}
+
+/* e:trace_take() -> nil | { kind, value, ... }: the records queued since the last call */
+static int l_trace_take(lua_State *L)
+{
+    smtp_client *c = check_engine(L);
+    size_t n;
+    const char *p = smtp_client_trace(c, &n);
+    smtp_push_trace(L, p, n);
+    smtp_client_trace_taken(c);
+    return 1;
+}
+
 /* ---- core.stuffer([dot = true]) --------------------------------------------------------- */
 
 typedef struct {
@@ -374,7 +435,8 @@ int smtp_open_client(lua_State *L)
         {"auth", l_auth}, {"body", l_body}, {"body_end", l_body_end}, {"bdat", l_bdat},
         {"bdat_last", l_bdat_last}, {"bdat_from", l_bdat_from}, {"take", l_take},
         {"write_to", l_write_to}, {"outlen", l_outlen}, {"upgrade", l_upgrade}, {"state", l_state},
-        {"pending", l_pending}, {"mark", l_mark}, {"rollback", l_rollback}, {NULL, NULL},
+        {"pending", l_pending}, {"mark", l_mark}, {"rollback", l_rollback},
+        {"trace", l_trace}, {"trace_take", l_trace_take}, {NULL, NULL},
     };
     static const luaL_Reg engine_meta[] = {
         {"__gc", l_engine_gc}, {"__tostring", l_engine_tostring}, {NULL, NULL},

@@ -32,6 +32,9 @@ struct smtp_reply;
 void smtp_reply_push(lua_State *L, const struct smtp_reply *r, int caps);
 
 /* Creates a metatable named `name` with __name, __index = methods, and the metamethods. */
+/* Pushes transcript records (the client engine's format, client.h) as a Lua list, or nil;
+ * client_lua.c holds it, server_lua.c uses it too. */
+void smtp_push_trace(lua_State *L, const char *p, size_t n);
 void smtp_newclass(lua_State *L, const char *name, const luaL_Reg *methods,
                    const luaL_Reg *metamethods);
 

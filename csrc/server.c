@@ -3,6 +3,7 @@
  * directly). Running out of memory never aborts: the session ends with a 421 (see oom()). */
 #include <ctype.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -93,6 +94,10 @@ struct smtp_server {
     int oom;                     /* an allocation failed: the session is over */
     const char *tail;            /* the final 421 when it could not be put in `out` */
     size_t tail_len;
+    /* transcript (smtp_server_set_trace): records of the lines read, credentials replaced */
+    int trace;
+    char *tr;
+    size_t tr_len, tr_cap;
 };
 
 static const char OOM_REPLY[] = "421 4.3.0 Out of memory, closing connection\r\n";
@@ -112,6 +117,70 @@ static void *xrealloc(smtp_server *s, void *p, size_t n)
 
 static void reset_tx(smtp_server *s);
 static void wipe_auth(smtp_server *s);
+
+/* One transcript record (the client engine's format, client.h): a kind byte, a native uint32
+ * length, the bytes. A record that does not fit in memory is left out: the transcript must never
+ * end a session. */
+static void trace_rec(smtp_server *s, char kind, const char *p, size_t n)
+{
+    if (n > 0xffffu)
+        n = 0xffffu;
+    if (s->tr_len + 5 + n > s->tr_cap) {
+        size_t cap = s->tr_cap ? s->tr_cap * 2 : 256;
+        while (cap < s->tr_len + 5 + n)
+            cap *= 2;
+        char *nt = xrealloc(s, s->tr, cap);
+        if (!nt)
+            return;
+        s->tr = nt;
+        s->tr_cap = cap;
+    }
+    uint32_t len = (uint32_t)n;
+    s->tr[s->tr_len] = kind;
+    memcpy(s->tr + s->tr_len + 1, &len, 4);
+    if (n)
+        memcpy(s->tr + s->tr_len + 5, p, n);
+    s->tr_len += 5 + n;
+}
+
+/* A line read in command or AUTH mode, as the transcript shows it: an AUTH response, and the
+ * initial response on an AUTH command, become the marker; the lines are never copied whole. */
+static void trace_line(smtp_server *s, const char *line, size_t n)
+{
+    if (s->mode == M_AUTH) {
+        if (n == 1 && line[0] == '*')
+            trace_rec(s, 'L', line, n);
+        else
+            trace_rec(s, 'S', SMTP_SERVER_TRACE_MARKER, sizeof SMTP_SERVER_TRACE_MARKER - 1);
+        return;
+    }
+    if (n >= 4 && (line[0] | 0x20) == 'a' && (line[1] | 0x20) == 'u' && (line[2] | 0x20) == 't' &&
+        (line[3] | 0x20) == 'h') {
+        /* "AUTH MECH": the verb and the mechanism name, then the marker for anything after it;
+         * a line that only looks like AUTH ("AUTH\tPLAIN ...") shows its first four bytes */
+        size_t i = 4;
+        if (i < n && line[i] == ' ') {
+            while (i < n && line[i] == ' ')
+                i++;
+            while (i < n && line[i] != ' ' && i < 64)
+                i++;
+        }
+        size_t rest = i;
+        while (rest < n && line[rest] == ' ')
+            rest++;
+        if (rest < n) {
+            char buf[64 + sizeof SMTP_SERVER_TRACE_MARKER + 1];
+            memcpy(buf, line, i);
+            buf[i] = ' ';
+            memcpy(buf + i + 1, SMTP_SERVER_TRACE_MARKER, sizeof SMTP_SERVER_TRACE_MARKER - 1);
+            trace_rec(s, 'S', buf, i + sizeof SMTP_SERVER_TRACE_MARKER);
+            return;
+        }
+        trace_rec(s, 'L', line, i);
+        return;
+    }
+    trace_rec(s, 'L', line, n);
+}
 
 /* An allocation failed. There is nothing sane left to do for this client but to say so: a reply
  * built halfway (a multi-line EHLO) is dropped, a final 421 queued, the session closed, and the
@@ -1443,8 +1512,19 @@ void smtp_server_free(smtp_server *s)
     free(s->in);
     free(s->out);
     free(s->dbuf);
+    free(s->tr);
     free(s);
 }
+
+void smtp_server_set_trace(smtp_server *s, int on) { s->trace = on; }
+
+const char *smtp_server_trace(const smtp_server *s, size_t *n)
+{
+    *n = s->tr_len;
+    return s->tr ? s->tr : "";
+}
+
+void smtp_server_trace_taken(smtp_server *s) { s->tr_len = 0; }
 
 size_t smtp_server_space(const smtp_server *s)
 {
@@ -1498,6 +1578,12 @@ static void idle_trim(smtp_server *s)
 static int ev_end(smtp_server *s, smtp_server_event *ev)
 {
     s->end_pending = 0;
+    if (s->trace) {
+        unsigned long long size = s->msg_size;
+        trace_rec(s, 'N', (const char *)&size, sizeof size);
+        if (s->data_tx)
+            trace_rec(s, 'L', ".", 1);
+    }
     if (s->mode != M_CLOSED)
         set_mode(s, M_CMD);
     memset(ev, 0, sizeof *ev);
@@ -1571,6 +1657,8 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             if (done)
                 s->end_pending = 1;
             if (s->dlen) {
+                if (s->trace == 2)
+                    trace_rec(s, 'B', s->dbuf, s->dlen);
                 ev->kind = SMTP_SRV_DATA;
                 ev->a = s->dbuf;
                 ev->alen = s->dlen;
@@ -1618,6 +1706,8 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 }
             }
             if (s->dlen) {
+                if (s->trace == 2)
+                    trace_rec(s, 'B', s->dbuf, s->dlen);
                 ev->kind = SMTP_SRV_DATA;
                 ev->a = s->dbuf;
                 ev->alen = s->dlen;
@@ -1681,6 +1771,8 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
             size_t line_len = n + 1;
             if (n && start[n - 1] == '\r')
                 n--;
+            if (s->trace)
+                trace_line(s, start, n);
             if (s->mode == M_AUTH)
                 auth_line(s, start, n);
             else

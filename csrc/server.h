@@ -101,6 +101,16 @@ typedef struct smtp_server_usage {
                                     "commands", "transactions", "line" */
 } smtp_server_usage;
 void smtp_server_get_usage(const smtp_server *s, smtp_server_usage *u);
+/* Transcript: with it on (1), the engine records each line it reads in command or AUTH mode
+ * (records as the client engine's, client.h: 'L' a line, 'S' a line whose credentials became
+ * SMTP_SERVER_TRACE_MARKER: AUTH's initial response and every AUTH response line; 'N' the size
+ * of a message's data, a native unsigned long long, at its end; at level 2 'B' the message data
+ * as the application gets it). smtp_server_trace() gives the
+ * records not taken yet; smtp_server_trace_taken() drops them. */
+#define SMTP_SERVER_TRACE_MARKER "[redacted]"
+void smtp_server_set_trace(smtp_server *s, int on);
+const char *smtp_server_trace(const smtp_server *s, size_t *n);
+void smtp_server_trace_taken(smtp_server *s);
 /* Envelope of the current transaction. */
 const char *smtp_server_from(const smtp_server *s, const smtp_server_params **p);
 unsigned smtp_server_rcpt_count(const smtp_server *s);

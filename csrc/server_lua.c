@@ -305,6 +305,28 @@ static int l_usage(lua_State *L)
     return 5;
 }
 
+/* e:trace(level): 0 off, 1 record the lines read (credentials replaced) for e:trace_take(), 2
+ * the message data too */
+static int l_trace(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    lua_Integer level = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, level >= 0 && level <= 2, 2, "0, 1 or 2 expected");
+    smtp_server_set_trace(s, (int)level);
+    return 0;
+}
+
+/* e:trace_take() -> nil | { kind, value, ... } (smtp_push_trace): lines read since the last call */
+static int l_trace_take(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    size_t n;
+    const char *p = smtp_server_trace(s, &n);
+    smtp_push_trace(L, p, n);
+    smtp_server_trace_taken(s);
+    return 1;
+}
+
 static int l_engine_tostring(lua_State *L)
 {
     lengine *e = luaL_checkudata(L, 1, ENGINE_MT);
@@ -318,7 +340,8 @@ int smtp_open_server(lua_State *L)
         { "feed", l_feed }, { "space", l_space }, { "next", l_next }, { "decide", l_decide },
         { "output", l_output }, { "envelope", l_envelope }, { "shutdown", l_shutdown },
         { "closed", l_closed }, { "state", l_state }, { "helo", l_helo }, { "user", l_user },
-        { "tls", l_tls }, { "usage", l_usage }, { NULL, NULL }
+        { "tls", l_tls }, { "usage", l_usage }, { "trace", l_trace },
+        { "trace_take", l_trace_take }, { NULL, NULL }
     };
     static const luaL_Reg meta[] = {
         { "__gc", l_engine_gc }, { "__tostring", l_engine_tostring }, { NULL, NULL }

@@ -487,7 +487,8 @@ static void set_name(lua_State *L, X509_NAME *n, const char *field)
     BIO_free(b);
 }
 
-/* sock:tls_info() -> nil | { version=, cipher=, bits=, peer_subject=, peer_issuer= } */
+/* sock:tls_info() -> nil | { version=, cipher=, bits=, peer_subject=, peer_issuer=,
+ *                            verify_result= ("ok" or why the peer certificate fails) } */
 static int l_tls_info(lua_State *L)
 {
     smtp_sock *s = smtp_check_sock(L, 1);
@@ -508,6 +509,10 @@ static int l_tls_info(lua_State *L)
         set_name(L, X509_get_subject_name(peer), "peer_subject");
         set_name(L, X509_get_issuer_name(peer), "peer_issuer");
         X509_free(peer);
+        /* what the chain and name check concluded, also when the caller chose not to enforce it */
+        long vr = SSL_get_verify_result(s->ssl);
+        lua_pushstring(L, vr == X509_V_OK ? "ok" : X509_verify_cert_error_string(vr));
+        lua_setfield(L, -2, "verify_result");
     }
     return 1;
 }

@@ -86,7 +86,7 @@ describe("lua-smtp send --nameserver, direct delivery", function()
     helper.write(path, raw)
     local before = #mxh.messages()
     local rc, out, err = run("send", { "--nameserver", zone.nameserver, "--from", "a@example.com",
-      "--to", "b@direct.test", "c@direct.test", "--raw", path, "--timeout", "20", "--helo", "client.test",
+      "--to", "b@direct.test", "--to", "c@direct.test", "--raw", path, "--timeout", "20", "--helo", "client.test",
       "--destinations", "any" })
     assert.equal("", err)
     assert.equal(0, rc)

@@ -412,6 +412,18 @@ describe_send("smtp.send inside nginx", function()
     assert.truthy(body:find("invalid (connect): connect: proxies are not supported inside nginx", 1, true), body)
   end)
 
+  it("hands the session's transcript to the caller inside nginx too", function()
+    if not needs("send") then return end
+    local status, body = nginx_support.request(send_url(smtpd.port, "&pool=0&transcript=1"))
+    assert.are.equal(200, status, body)
+    assert.truthy(body:find("\nrecv 220 ", 1, true), body)
+    assert.truthy(body:find("\nsend STARTTLS\n", 1, true), body)
+    assert.truthy(body:find("\ntls TLS TLSv1%.3, [^\n]+, peer ", 1), body)
+    assert.truthy(body:find("\nsend RCPT TO:<b@smtpd.test>\n", 1, true), body)
+    assert.truthy(body:find("\nsend %[message data: %d+ bytes%]\n"), body)
+    assert.is_nil(body:find("leading dot", 1, true), body)
+  end)
+
   it("sends to our own server (lua-smtp sink with STARTTLS), stored byte for byte", function()
     if not needs("send") then return end
     local c = helper.certs()

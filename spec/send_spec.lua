@@ -187,7 +187,7 @@ describe("lua-smtp send", function()
     local path = helper.tmpdir() .. "/raw.eml"
     helper.write(path, "Subject: cli\n\nraw body\n")
     local code, out = cli { "--server", "localhost:" .. peer.port, "--cafile", peer.ca, "--from", "a@example.com",
-      "--to", "b@example.org", "c@example.org", "--raw", path, "--timeout", "10" }
+      "--to", "b@example.org", "--to", "c@example.org", "--raw", path, "--timeout", "10" }
     assert.equal(0, code)
     assert.equal("sent: 250 2.0.0 OK queued as X1\n  accepted: b@example.org\n  accepted: c@example.org\n", out)
     local m = peer.messages()[#peer.messages()]

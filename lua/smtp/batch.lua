@@ -9,6 +9,7 @@ local config = require "smtp.config"
 local errors = require "smtp.errors"
 local session = require "smtp.session"
 local transaction = require "smtp.transaction"
+local observe = require "smtp.observe"
 
 local M = {}
 
@@ -46,9 +47,34 @@ local function ended(err, culprit, q, qh, qt, descs, nxt, n, out)
   return out
 end
 
+-- Tells the session's on_event about each transaction's outcome (smtp.transaction counts them).
+local function outcomes(sess, descs, out, n)
+  local ev = sess.ev
+  for i = 1, n do
+    local r = out[i]
+    if descs[i] then
+      local failed = errors.is(r)
+      local reply = failed and r or r.reply
+      observe.event(ev, "transaction", sess.id, { ok = not failed, index = i,
+        accepted = failed and 0 or #r.accepted,
+        rejected = (failed and (r.rejected and #r.rejected or 0)) or #r.rejected,
+        code = reply.code, enhanced = reply.enhanced, text = reply.text,
+        message_id = not failed and r.message_id or nil, error = failed and r or nil })
+    end
+  end
+  return out
+end
+
 -- descs[i]: a transaction description (config.message) or false when out[i] already holds the
 -- entry's error. Fills out[1..n].
+local run_txs
 local function run(sess, descs, out, n)
+  out = run_txs(sess, descs, out, n)
+  if sess.ev then return outcomes(sess, descs, out, n) end
+  return out
+end
+
+function run_txs(sess, descs, out, n)
   local q, qh, qt = {}, 1, 0       -- transactions started and not over, oldest first
   local nxt, prev, last_sent = 1, nil, nil
   local e = sess.engine

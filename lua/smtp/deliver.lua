@@ -7,6 +7,7 @@ local check = require "smtp.check"
 local dns = require("smtp.transport").dns()
 local mx = require "smtp.mx"
 local dnsutil = require "smtp.dnsutil"
+local observe = require "smtp.observe"
 
 local M = {}
 
@@ -78,6 +79,18 @@ local function status_of(code)
   return "deferred"
 end
 
+-- The answers of an MX lookup as transcript lines (dir "dns").
+local function dns_lines(fn, domain, hosts, err)
+  if not hosts then
+    observe.line(fn, nil, "dns", ("MX %s: %s"):format(domain, tostring(err)))
+    return
+  end
+  for _, h in ipairs(hosts) do
+    observe.line(fn, nil, "dns", ("MX %s: %s%d %s [%s]"):format(domain, h.implicit and "no MX, implicit " or "",
+      h.preference or 0, h.host, table.concat(h.addresses or {}, " ")))
+  end
+end
+
 -- Delivers one domain's recipients; fills results[i] for each index in `idx`.
 local function deliver_domain(job, results, ctx)
   local opts, smtp = ctx.opts, ctx.smtp
@@ -97,6 +110,7 @@ local function deliver_domain(job, results, ctx)
     local err
     hosts, err = mx.lookup(job.domain, { nameservers = opts.nameservers, timeout = ctx.dns_timeout,
                                           random = opts.random })
+    if ctx.tr then dns_lines(ctx.tr, job.domain, hosts, err) end
     if not hosts then
       local status, code, enhanced = dns_result(err)
       set_all { status = status, code = code, enhanced = enhanced, text = err.text }
@@ -118,6 +132,10 @@ local function deliver_domain(job, results, ctx)
       end
     end
   end
+  if refused and ctx.tr then
+    observe.line(ctx.tr, nil, "info", ("not connecting to %s (%s) of %s: destinations = %q"):format(
+      refused.address, refused.why, refused.host, ctx.destinations))
+  end
   if #targets == 0 and refused then
     -- Every address the lookup gave is one this policy refuses: final, and it says why.
     set_all {
@@ -133,9 +151,22 @@ local function deliver_domain(job, results, ctx)
   for attempt, target in ipairs(targets) do
     if attempt > M.max_attempts then break end
     local h, address = target.host, target.address
+    if last then
+      -- the previous address failed in a way the next one may not: that is a retry
+      observe.counters.retries = observe.counters.retries + 1
+      if ctx.tr then
+        observe.line(ctx.tr, nil, "info", ("trying %s [%s] after %s [%s]: %s"):format(h.host, address,
+          last.host, last.address, tostring(last.err)))
+      end
+      if ctx.ev then
+        observe.event(ctx.ev, "retry", nil, { domain = job.domain, host = h.host, address = address,
+          previous_host = last.host, previous_address = last.address, error = last.err, attempt = attempt })
+      end
+    end
     local copts = {
       server = address, port = ctx.port, tls = ctx.tls, helo = opts.helo,
       timeout = opts.timeout, bind = ctx.bind, proxy = ctx.proxy,
+      transcript = ctx.tr, transcript_body = opts.transcript_body, on_event = ctx.ev,
     }
     if ctx.tls == "starttls" or ctx.tls == "implicit" then
       -- Required TLS is verified as in smtp.send, against the MX host's name.
@@ -257,6 +288,7 @@ function M.deliver(opts)
     return errors.invalid("port out of range: " .. tostring(opts.port))
   end
   if opts.message == nil then error("bad argument #1 to 'deliver' (message: message expected)", 2) end
+  observe.check(opts, "deliver")
   local message = replayable(opts.message)
   if message == nil then error("bad argument #1 to 'deliver' (message: string, smtp.message, file or function expected)", 2) end
 
@@ -304,6 +336,7 @@ function M.deliver(opts)
     opts = opts, smtp = smtp, message = message, from = bare(from), to = to, bare_to = bare_to,
     tls = tls, port = opts.port or 25, destinations = destinations, bind = cfg.bind, proxy = cfg.proxy,
     dns_timeout = opts.dns_timeout or (type(timeout) == "number" and timeout) or nil,
+    tr = opts.transcript, ev = opts.on_event,
   }
   local results = {}
   local fns = {}
@@ -311,6 +344,15 @@ function M.deliver(opts)
     fns[#fns + 1] = function() deliver_domain(job, results, ctx) end
   end
   run_all(fns)
+  local c, ev = observe.counters, opts.on_event
+  for _, r in ipairs(results) do
+    local k = "deliver_" .. r.status
+    c[k] = (c[k] or 0) + 1
+    if ev then
+      observe.event(ev, "deliver", nil, { recipient = r.recipient, status = r.status, code = r.code,
+        enhanced = r.enhanced, text = r.text, host = r.host, address = r.address })
+    end
+  end
   return results
 end
 

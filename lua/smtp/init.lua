@@ -5,6 +5,7 @@
 local config = require "smtp.config"
 local session = require "smtp.session"
 local batch = require "smtp.batch"
+local observe = require "smtp.observe"
 
 local M = { _VERSION = "0.1.0" }
 
@@ -12,12 +13,17 @@ M.DEFAULT_TIMEOUTS = config.DEFAULT_TIMEOUTS
 -- smtp.check_address(addr, what [, allow_null]) -> true, needs_smtputf8 | nil, err
 M.check_address = require("smtp.check").address
 
+-- smtp.counters() -> a copy of the process-wide client counters (connections, tls, auth,
+-- transactions, recipients, deliver outcomes, retries and their failures)
+M.counters = observe.snapshot
+
 -- smtp.connect{...} or smtp.connect(url) -> conn | nil, err
 function M.connect(opts)
   if type(opts) == "string" then opts = { url = opts } end
   local cfg, err = config.connection(opts, "connect")
   if not cfg then return nil, err end
-  local conn = session.new(cfg, false)
+  observe.check(opts, "connect")
+  local conn = session.new(cfg, false, opts)
   local ok
   ok, err = conn:_open()
   if not ok then conn:_abort(); return nil, err end
@@ -32,7 +38,8 @@ function M.send(opts)
   local d
   d, err = config.message(opts, "send")
   if not d then return nil, err end
-  local conn = session.new(cfg, true)
+  observe.check(opts, "send")
+  local conn = session.new(cfg, true, opts)
   local ok
   ok, err = conn:_open()
   if not ok then conn:_abort(); return nil, err end

@@ -3,6 +3,7 @@
 local core = require "smtp.core"
 local errors = require "smtp.errors"
 local check = require "smtp.check"
+local observe = require "smtp.observe"
 
 local M = {}
 
@@ -45,7 +46,7 @@ local function argerr(msg) error("bad argument #1 to 'listen' (" .. msg .. ")", 
 
 local function check_opts(o)
   if type(o) ~= "table" then argerr("table expected, got " .. type(o)) end
-  for _, k in ipairs { "on_mail", "on_rcpt", "on_message", "auth", "log" } do
+  for _, k in ipairs { "on_mail", "on_rcpt", "on_message", "auth", "log", "transcript", "on_event" } do
     if o[k] ~= nil and type(o[k]) ~= "function" then argerr("option '" .. k .. "': function expected") end
   end
   for k, r in pairs(NUMERIC) do
@@ -59,6 +60,9 @@ local function check_opts(o)
           ("%.17g"):format(r[1]), ("%.17g"):format(r[2]), tostring(v)))
       end
     end
+  end
+  if o.transcript_body ~= nil and type(o.transcript_body) ~= "boolean" then
+    argerr("option 'transcript_body': boolean expected")
   end
   if o.client_exempt ~= nil and o.client_exempt ~= false and type(o.client_exempt) ~= "function" then
     argerr("option 'client_exempt': function or false expected")
@@ -205,6 +209,7 @@ end
 local function count(srv, name)
   local c = srv.counters
   c[name] = (c[name] or 0) + 1
+  if srv.opts.on_event then observe.event(srv.opts.on_event, "limit", nil, { name = name }) end
 end
 
 -- What an engine-enforced limit that closed a session is counted as.
@@ -219,6 +224,54 @@ local EXPIRED = {
   data_time = "Message data not received in time, closing connection",
 }
 
+-- Transcript and events (smtp.observe): called only when someone listens --------------------
+
+-- The client's lines the engine read since the last call, then the replies about to go out.
+-- The session of each engine being traced: flush() finds it here, so no closure of an idle
+-- session holds a reference more than before (each would be a slot in every session).
+local traced = setmetatable({}, { __mode = "k" })
+
+local function trace(o, eng, out)
+  local session = traced[eng]
+  if not session then return end
+  local fn, id = o.transcript, session.id
+  local list = eng:trace_take()
+  if list then observe.records(fn, id, list, "recv", session) end
+  if out then observe.recv(fn, id, session, out, "send") end
+end
+
+local function open_session(srv, session, eng)
+  local o = srv.opts
+  -- given only when someone listens: one field more would grow every idle session's table
+  session.id = observe.next_id()
+  if o.transcript then
+    if type(eng) == "userdata" then
+      eng:trace(o.transcript_body and 2 or 1)
+      traced[eng] = session
+    end
+    observe.line(o.transcript, session.id, "info", ("connection from [%s]:%s"):format(tostring(session.address),
+      tostring(session.port)))
+  end
+  if o.on_event then
+    observe.event(o.on_event, "session_open", session.id, { address = session.address, port = session.port })
+  end
+end
+
+local function close_session(srv, session, eng, err)
+  local o = srv.opts
+  local limit
+  if type(eng) == "userdata" then
+    local _, _, _, l = eng:usage()
+    limit = l and ENGINE_LIMIT[l]
+    if o.transcript then trace(o, eng, nil) end
+  end
+  if o.transcript then observe.line(o.transcript, session.id, "info", "connection closed") end
+  if o.on_event then
+    observe.event(o.on_event, "session_close", session.id, { address = session.address, port = session.port,
+      limit = limit, error = err and str(err) or nil })
+  end
+end
+
 -- A session's wait timed out: 421 4.4.2 and the end. `cap` was the earliest deadline other than
 -- the idle timeout (rec.t_end, the message's or the command line's).
 local function expire(srv, rec, cap)
@@ -230,6 +283,7 @@ local function expire(srv, rec, cap)
   local eng = rec.eng
   eng:shutdown(421, "4.4.2", EXPIRED[why])
   local out = eng:output()
+  if srv.opts.transcript then trace(srv.opts, eng, out) end
   if out then rec.conn:write(out, min(srv.opts.timeout, 5)) end
 end
 
@@ -320,9 +374,12 @@ local function run_session(srv, conn, ip, port, cl)
   srv.sessions[rec] = true
   local dead = false       -- the connection is gone (closed, reset, timed out)
   local stash              -- an event the reader pulled that belongs to the main loop
+  srv.counters.sessions = srv.counters.sessions + 1
+  if o.transcript or o.on_event then open_session(srv, session, eng) end
 
   local function flush()
     local out = eng:output()
+    if o._trace then o._trace(o, eng, out) end
     if out and not dead then
       local ok = conn:write(out, o.timeout)
       if not ok then dead = true end
@@ -471,12 +528,21 @@ local function run_session(srv, conn, ip, port, cl)
     rec.msg_t = false
     if rerr or dead then return false end
     if endcode then return true end -- the engine refused it and replied already
+    -- the envelope is gone once decided
+    local env = o.on_event and eng:envelope()
+    local yes, code
     if not ok then
       srv:_log("on_message raised: " .. str(r1))
+      yes, code = false, 451
       eng:decide(false, 451, "4.3.0", "Error processing message, try again later")
     else
-      eng:decide(verdict(srv, 554, "5.6.0", r1, r2, r3, r4))
+      local enh, text
+      yes, code, enh, text = verdict(srv, 554, "5.6.0", r1, r2, r3, r4)
+      eng:decide(yes, code, enh, text)
     end
+    local c = srv.counters
+    if yes then c.messages = c.messages + 1 else c.messages_refused = c.messages_refused + 1 end
+    if env then srv:_message_event(session, yes, code, env, rec.bytes) end
     return true
   end
 
@@ -496,8 +562,8 @@ local function run_session(srv, conn, ip, port, cl)
 
   local ok, err = type(eng) == "userdata" and pcall(function()
     if srv.implicit then
-      local tok = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
-      if not tok then return end
+      local tok, terr = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
+      if not srv:_tls_done(session, conn, tok, terr) then return end
     end
     while true do
       local kind, a, b, c
@@ -541,18 +607,20 @@ local function run_session(srv, conn, ip, port, cl)
       elseif kind == "auth" then
         refresh()
         local pok, res = pcall(o.auth, session, a, b, c)
-        a, b, c = nil, nil, nil
+        c = nil
         if not pok then
           srv:_log("auth callback raised: " .. str(res))
           eng:decide(false, 454, "4.7.0", "Temporary authentication failure")
         else
           eng:decide(res == true)
-          if res ~= true and tarpit(srv, eng, rec.t_end) then rec.cmd_t = false end
         end
+        srv:_auth_done(session, pok and res == true, a, b)
+        a, b = nil, nil
+        if pok and res ~= true and tarpit(srv, eng, rec.t_end) then rec.cmd_t = false end
       elseif kind == "starttls" then
         if not flush() then break end
-        local tok = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
-        if not tok then break end
+        local tok, terr = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
+        if not srv:_tls_done(session, conn, tok, terr) then break end
         session.tls = true
       elseif kind == "close" then
         count_engine_limit(srv, eng)
@@ -570,6 +638,7 @@ local function run_session(srv, conn, ip, port, cl)
   end
   srv.sessions[rec] = nil
   srv.active = srv.active - 1
+  if o.transcript or o.on_event then close_session(srv, session, eng, not ok and err or nil) end
   if cl then
     cl.n = cl.n - 1
     cl.seen = now()
@@ -582,6 +651,46 @@ end
 
 local Server = { __name = "smtp.server" }
 Server.__index = Server
+
+-- What sessions report through the server (methods: a session's closures reach them through
+-- `srv`, which they hold already, so no closure grows). --------------------------------------
+
+-- After a TLS handshake (conn:tls_accept's results): counted and told; returns ok.
+function Server:_tls_done(session, conn, ok, err)
+  local srv = self
+  local c = srv.counters
+  if ok then c.tls = c.tls + 1 else c.tls_failures = c.tls_failures + 1 end
+  local o = srv.opts
+  if not (o.transcript or o.on_event) then return ok end
+  local t
+  if ok then
+    t = observe.tls_fields(conn:info(), false)
+    t.verify_result = nil   -- no client certificate is asked for
+  else
+    t = { error = type(err) == "table" and err.text or str(err) }
+  end
+  t.ok = ok and true or false
+  if o.transcript then
+    observe.line(o.transcript, session.id, "tls", ok and observe.tls_line(t) or ("TLS handshake failed: " .. t.error))
+  end
+  if o.on_event then observe.event(o.on_event, "tls", session.id, t) end
+  return ok
+end
+
+function Server:_auth_done(session, yes, mech, user)
+  local srv = self
+  local c = srv.counters
+  if yes then c.auth = c.auth + 1 else c.auth_failures = c.auth_failures + 1 end
+  if srv.opts.on_event then
+    observe.event(srv.opts.on_event, "auth", session.id, { ok = yes, mechanism = mech, user = user })
+  end
+end
+
+-- A message decided, told to on_event (`env` is its envelope).
+function Server:_message_event(session, yes, code, env, bytes)
+  observe.event(self.opts.on_event, "message", session.id, { ok = yes, code = yes and 250 or code,
+    from = env.from, recipients = env.to and #env.to, bytes = bytes })
+end
 
 function Server:_log(msg)
   if self.opts.log then pcall(self.opts.log, msg) end
@@ -668,6 +777,7 @@ function Server:close()
       -- waiting for the client: answer 421 now and close, which wakes the session's task
       rec.eng:shutdown(421, "4.3.2", "Service shutting down")
       local out = rec.eng:output()
+      if self.opts.transcript then trace(self.opts, rec.eng, out) end
       if out then rec.conn:write(out, 1) end
       rec.conn:close()
     end
@@ -678,7 +788,9 @@ end
 -- Every limit's counter, so srv.counters lists them all from the start.
 local COUNTERS = { "max_connections", "client_connections", "client_rate", "client_messages",
   "client_recipients", "idle_timeout", "session_time", "command_time", "data_time", "max_errors",
-  "max_commands", "max_transactions", "line_length", "tarpit", "clients_evicted" }
+  "max_commands", "max_transactions", "line_length", "tarpit", "clients_evicted",
+  -- not limits: sessions opened, messages accepted and refused, AUTH and TLS outcomes
+  "sessions", "messages", "messages_refused", "auth", "auth_failures", "tls", "tls_failures" }
 
 local function new_counters()
   local c = {}
@@ -691,6 +803,8 @@ function M.listen(opts)
   local o = {}
   for k, v in pairs(DEFAULTS) do o[k] = v end
   for k, v in pairs(opts) do o[k] = v end
+  -- reached through `o`, which every session's flush() holds already
+  o._trace = o.transcript and trace or nil
   local t = transport()
   local host = o.host or "127.0.0.1"
   local tls_ctx

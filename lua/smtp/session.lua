@@ -7,6 +7,7 @@ local check = require "smtp.check"
 local config = require "smtp.config"
 local errors = require "smtp.errors"
 local source = require "smtp.source"
+local observe = require "smtp.observe"
 
 local M = {}
 
@@ -14,6 +15,7 @@ local type, pairs, ipairs, tostring, getmetatable, setmetatable = type, pairs, i
   getmetatable, setmetatable
 local now = core.now
 local new_error = errors.new
+local counters = observe.counters
 
 -- Strongest first among what the server offers.
 local PASSWORD_ORDER = { "CRAM-MD5", "PLAIN", "LOGIN" }
@@ -58,6 +60,10 @@ function Conn:_flush(phase)
   if e:outlen() == 0 then return true end
   local ok, err = self.sock:write_engine(e, self.timeouts[phase])
   if not ok then return self:_io_error(err, phase) end
+  if self.tr then
+    local list = e:trace_take()
+    if list then observe.records(self.tr, self.id, list, "send", self) end
+  end
   return true
 end
 
@@ -99,6 +105,7 @@ function Conn:_reply(phase)
     end
     local data, rerr = self.sock:read(t)
     if not data then return self:_io_error(rerr, phase) end
+    if self.tr then observe.recv(self.tr, self.id, self, data) end
     ok, perr = e:feed(data)
     if not ok then
       self:_abort()
@@ -162,10 +169,19 @@ function Conn:_handshake()
     verify_name = cfg.verify_name, cafile = cfg.cafile, timeout = cfg.timeouts.tls }
   if not ok then
     self:_abort()
-    return nil, new_error { kind = "tls", phase = "tls", temporary = false,
-      text = type(terr) == "table" and terr.text or tostring(terr) }
+    local text = type(terr) == "table" and terr.text or tostring(terr)
+    counters.tls_failures = counters.tls_failures + 1
+    if self.tr then observe.line(self.tr, self.id, "tls", "TLS handshake failed: " .. text) end
+    if self.ev then observe.event(self.ev, "tls", self.id, { ok = false, error = text }) end
+    return nil, new_error { kind = "tls", phase = "tls", temporary = false, text = text }
   end
   self.tls = true
+  counters.tls = counters.tls + 1
+  if self.tr or self.ev then
+    local t = observe.tls_fields(self.sock:info(), cfg.verify)
+    if self.tr then observe.line(self.tr, self.id, "tls", observe.tls_line(t)) end
+    if self.ev then t.ok = true; observe.event(self.ev, "tls", self.id, t) end
+  end
   return true
 end
 
@@ -229,10 +245,20 @@ function Conn:_auth()
   local secret, serr = secret_of(a)
   if not secret then self:quit(); return nil, serr end
   local r, err = command(self, "auth", self.engine.auth, mech, a.user, secret, a.authzid)
+  secret = nil
   if not r then return nil, err end
   if r.code ~= 235 then
+    counters.auth_failures = counters.auth_failures + 1
+    if self.ev then
+      observe.event(self.ev, "auth", self.id, { ok = false, mechanism = mech, user = a.user,
+        code = r.code, enhanced = r.enhanced, text = r.text })
+    end
     self:quit()
     return nil, reply_error("auth", r, "auth")
+  end
+  counters.auth = counters.auth + 1
+  if self.ev then
+    observe.event(self.ev, "auth", self.id, { ok = true, mechanism = mech, user = a.user, code = r.code })
   end
   self.auth_mechanism = mech
   self._info = nil
@@ -265,12 +291,12 @@ function Conn:_acquire(transport)
     self.sock, self.dead = sock, false
     local state = sock:reused() > 0 and sock:state() or nil
     if not state then
-      self.engine = core.client_engine()
+      self.engine = self:_engine()
       return true
     end
     -- A new engine told it had its greeting, so RSET is the next command; a short wait, since
     -- a stale session should cost little.
-    local e = core.client_engine()
+    local e = self:_engine()
     e:feed("220 pooled session\r\n")
     e:reply()
     self.engine = e
@@ -303,18 +329,28 @@ function Conn:_open()
   local transport = cfg.transport or require("smtp.transport").get()
   if cfg.pool and self.pooling and transport.pooling then
     local got, err = self:_acquire(transport)
-    if not got then return nil, connect_error(err) end
+    if not got then return self:_connect_failed(connect_error(err)) end
     if got == "reused" then return true end
   else
     local sock, err = transport.connect { host = cfg.server, port = cfg.port,
       timeout = cfg.timeouts.connect, nameservers = cfg.nameservers, bind = cfg.bind,
       proxy = cfg.proxy }
-    if not sock then return nil, connect_error(err) end
+    if not sock then return self:_connect_failed(connect_error(err)) end
     self.sock, self.dead = sock, false
   end
   local sock = self.sock
   local info = sock:info()
   self.address = info.address
+  counters.connections = counters.connections + 1
+  if self.tr then
+    observe.line(self.tr, self.id, "info", ("connected to %s [%s]:%s%s%s"):format(cfg.server,
+      tostring(info.address), tostring(info.port or cfg.port), (info.reused or 0) > 0 and " (reused)" or "",
+      cfg.proxy and (" via proxy " .. tostring(info.proxy or cfg.proxy.host)) or ""))
+  end
+  if self.ev then
+    observe.event(self.ev, "connect", self.id, { ok = true, host = cfg.server, port = cfg.port,
+      address = info.address, reused = info.reused })
+  end
   -- through a proxy the bytes also cross the way to it: loopback only when both ends are
   self.loopback = check.is_loopback(info.address or cfg.server)
     and (not cfg.proxy or check.is_loopback(cfg.proxy.host))
@@ -365,10 +401,32 @@ local function collect(self)
 end
 local newproxy = newproxy   -- LuaJIT (and 5.1) only
 
--- A new, unopened session for validated options (config.connection).
-function M.new(cfg, pooling)
-  local self = setmetatable({ cfg = cfg, timeouts = cfg.timeouts, engine = core.client_engine(),
-    ext = {}, pooling = pooling }, Conn)
+function Conn:_connect_failed(err)
+  counters.connect_failures = counters.connect_failures + 1
+  if self.tr then observe.line(self.tr, self.id, "info", "connect to " .. self.cfg.server .. " failed: " .. tostring(err)) end
+  if self.ev then
+    observe.event(self.ev, "connect", self.id, { ok = false, host = self.cfg.server, port = self.cfg.port,
+      error = err })
+  end
+  return nil, err
+end
+
+-- A client engine, recording a transcript when someone reads one.
+function Conn:_engine()
+  local e = core.client_engine()
+  if self.tr then e:trace(self.tr_body and 2 or 1) end
+  return e
+end
+
+-- A new, unopened session for validated options (config.connection). `obs` holds the observer
+-- options (observe.check): transcript, transcript_body, on_event.
+function M.new(cfg, pooling, obs)
+  local self = setmetatable({ cfg = cfg, timeouts = cfg.timeouts, ext = {}, pooling = pooling,
+    id = observe.next_id() }, Conn)
+  if obs then
+    self.tr, self.tr_body, self.ev = obs.transcript, obs.transcript_body, obs.on_event
+  end
+  self.engine = self:_engine()
   if newproxy then
     local p = newproxy(true)
     getmetatable(p).__gc = function() collect(self) end

@@ -7,6 +7,7 @@ local errors = require "smtp.errors"
 local check = require "smtp.check"
 local source = require "smtp.source"
 local session = require "smtp.session"
+local counters = require("smtp.observe").counters
 
 local M = {}
 
@@ -143,9 +144,14 @@ function M.new(sess, d)
   }, Tx)
 end
 
--- The transaction's outcome; the first one decided stands.
+-- The transaction's outcome; the first one decided stands (and is counted, smtp.counters()).
 function Tx:_fail(err, dirty)
-  if not self.result and not self.err then self.err = err end
+  if not self.result and not self.err then
+    self.err = err
+    counters.transactions_failed = counters.transactions_failed + 1
+    local rej = err.rejected
+    if rej then counters.recipients_rejected = counters.recipients_rejected + #rej end
+  end
   if dirty ~= nil then self.dirty = dirty end
   if self.bdat and self.pipelining then self.open = true end
 end
@@ -157,6 +163,10 @@ function Tx:_succeed(r, id)
     message_id = (is_message(m) and m.message_id) or id or nil,
     server = self.sess:info() }
   self.dirty = false
+  counters.transactions = counters.transactions + 1
+  counters.recipients_accepted = counters.recipients_accepted + #self.accepted
+  local nrej = #self.rejected
+  if nrej > 0 then counters.recipients_rejected = counters.recipients_rejected + nrej end
 end
 
 function Tx:decided() return (self.result or self.err) and true or false end

@@ -230,6 +230,8 @@ function M.send()
   local n = arg("n")
   local pool                 -- default: pooled inside nginx
   if arg("pool") == "0" then pool = false end
+  -- &transcript=1: the session's transcript follows the result line, one "dir line" each
+  local lines = arg("transcript") and {} or nil
   local res, err = smtp.send {
     server = arg("server") or "localhost", servername = arg("servername"), port = tonumber(arg("port")),
     tls = arg("tls") or "starttls",
@@ -237,10 +239,12 @@ function M.send()
     from = "a@client.test", to = { "b@smtpd.test" },
     pool = pool, bind = arg("bind"), proxy = arg("proxy"),
     timeout = { connect = 5, greeting = 10, ehlo = 5, tls = 5, mail = 5, rcpt = 5, data = 5, data_end = 5 },
+    transcript = lines and function(ev) lines[#lines + 1] = ev.dir .. " " .. ev.line end or nil,
   }
   if not res then return fail("send", err) end
   ngx.say(table.concat(res.accepted, ","), " ", res.reply.code, " ", tostring(res.reply.enhanced), " ", res.reply.text,
     " tls=", tostring(res.server.tls), " reused=", tostring(res.server.reused))
+  if lines then ngx.say(table.concat(lines, "\n")) end
 end
 
 -- /idna?port=N: smtp.send inside nginx from and to addresses under an international domain (the

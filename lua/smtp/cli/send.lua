@@ -9,14 +9,19 @@ local usage = [==[
 usage: lua-smtp send --server HOST[:PORT] [--tls starttls|implicit|opportunistic|none]
                      [--user U --password P | --password-env VAR | --password-file F]
                      [--allow-plaintext-auth]
-                     --from ADDR --to ADDR... [--cc ADDR...] [--bcc ADDR...] [--subject S]
-                     [--body TEXT | --body-file F] [--html-file F] [--attach FILE...] [--raw FILE]
-                     [--helo NAME] [--cafile F] [--insecure] [--timeout SECONDS]
+                     --from ADDR --to ADDR [--to ADDR]... [--cc ADDR]... [--bcc ADDR]...
+                     [--subject S] [--body TEXT | --body-file F] [--html-file F] [--attach FILE]...
+                     [--raw FILE] [--helo NAME] [--cafile F] [--insecure] [--timeout SECONDS]
                      [--to-file FILE [--concurrency N]] [--json] [--nameserver HOST[:PORT]]...
                      [--destinations remote|public|any]
                      [--url URL] [--source ADDR] [--proxy URL]
                      [--message-id ID] [--in-reply-to ID] [--references ID]...
-                     [--list-id ID] [--list-unsubscribe URL]... [--calendar FILE]
+                     [--list-id ID] [--list-unsubscribe URL]... [--calendar FILE] [-v | --verbose]
+--to, --cc, --bcc, --attach, --nameserver, --references and --list-unsubscribe take one value
+each and may be repeated
+(--to a@x --to b@y). A value that starts with '-' is written --option=VALUE.
+-v, --verbose prints the SMTP conversation on stderr ("<-" received, "->" sent, "*" TLS, DNS
+and connections), passwords and AUTH data replaced by [redacted], message data by its size.
 Without --server the message goes straight to each recipient domain's MX hosts.
 --destinations says where that may connect: remote (default) refuses this host, link-local,
 multicast and reserved addresses; public allows public Internet addresses only; any allows all.
@@ -42,62 +47,30 @@ mailto: URL) the mailing list fields; --calendar FILE sends the iCalendar invita
 international domain names: they are sent as A-labels (xn--...).
 Exit status: 0 accepted, 1 not accepted (reason on stderr), 2 usage error.]==]
 
--- Options that take one value, options that take one or more values, and flags.
-local single = {
-  server = true, tls = true, user = true, password = true, ["password-env"] = true,
-  ["password-file"] = true, from = true, subject = true, body = true,
-  ["body-file"] = true, ["html-file"] = true, raw = true, cafile = true, timeout = true, helo = true,
-  ["to-file"] = true, concurrency = true, destinations = true,
-  url = true, source = true, proxy = true,
+-- Options that take one value, options that take one value each time and may be repeated
+-- (--to a --to b), and flags (args.parse).
+local spec = {
+  single = {
+    server = true, tls = true, user = true, password = true, ["password-env"] = true,
+    ["password-file"] = true, from = true, subject = true, body = true,
+    ["body-file"] = true, ["html-file"] = true, raw = true, cafile = true, timeout = true, helo = true,
+    ["to-file"] = true, concurrency = true, destinations = true,
+    url = true, source = true, proxy = true,
+    -- what a composed message may carry besides its bodies (not with --raw)
+    ["message-id"] = true, ["in-reply-to"] = true, ["list-id"] = true, calendar = true,
+  },
+  repeated = { to = true, cc = true, bcc = true, attach = true, nameserver = true,
+    references = true, ["list-unsubscribe"] = true },
+  flags = { insecure = true, ["allow-plaintext-auth"] = true, json = true, verbose = true },
+  short = { v = "verbose" },
 }
-local multi = { to = true, cc = true, bcc = true, attach = true }
--- Options that take one value each time and may be given again (as `lua-smtp mx` has them).
-local repeated = { nameserver = true }
-local flags = { insecure = true, ["allow-plaintext-auth"] = true, json = true }
--- What a composed message may carry besides its bodies (not with --raw).
+
+-- What a composed message may carry besides its bodies: --raw refuses them.
 local compose_single = { "message-id", "in-reply-to", "list-id", "calendar" }
 local compose_repeated = { "references", "list-unsubscribe" }
-for _, k in ipairs(compose_single) do single[k] = true end
-for _, k in ipairs(compose_repeated) do repeated[k] = true end
 
 local function parse(args)
-  local o = { to = {}, cc = {}, bcc = {}, attach = {}, nameserver = {}, references = {}, ["list-unsubscribe"] = {} }
-  local i = 1
-  while i <= #args do
-    local a = args[i]
-    if a == "-h" or a == "--help" then return nil, "help" end
-    local name, inline = a:match("^%-%-([%w%-]+)=(.*)$")
-    name = name or a:match("^%-%-([%w%-]+)$")
-    if not name then return nil, "unexpected argument '" .. a .. "'" end
-    if flags[name] then
-      if inline then return nil, "--" .. name .. " takes no value" end
-      o[name] = true
-    elseif single[name] then
-      local v = inline
-      if not v then i = i + 1; v = args[i] end
-      if v == nil then return nil, "--" .. name .. " needs a value" end
-      if o[name] ~= nil then return nil, "--" .. name .. " given twice" end
-      o[name] = v
-    elseif repeated[name] then
-      local v = inline
-      if not v then i = i + 1; v = args[i] end
-      if v == nil then return nil, "--" .. name .. " needs a value" end
-      local list = o[name]
-      list[#list + 1] = v
-    elseif multi[name] then
-      local list = o[name]
-      if inline then list[#list + 1] = inline end
-      while args[i + 1] and args[i + 1]:sub(1, 2) ~= "--" do
-        i = i + 1
-        list[#list + 1] = args[i]
-      end
-      if #list == 0 then return nil, "--" .. name .. " needs a value" end
-    else
-      return nil, "unknown option --" .. name
-    end
-    i = i + 1
-  end
-  return o
+  return args_mod.parse(args, spec)
 end
 
 local function read_file(path)
@@ -367,6 +340,7 @@ function M.main(args, out, err)
   end
 
   local smtp = require "smtp"
+  local transcript = o.verbose and args_mod.transcript_printer(err, "client") or nil
   if #listed > 0 then
     local all = {}
     for _, a in ipairs(envelope_to) do all[#all + 1] = a end
@@ -391,12 +365,14 @@ function M.main(args, out, err)
         helo = o.helo, cafile = o.cafile, verify = verify, timeout = timeout,
         allow_plaintext_auth = o["allow-plaintext-auth"] or nil, nameservers = nameservers,
         bind = o.source, proxy = o.proxy,
+        transcript = transcript,
       }, message, env_from, all, concurrency, line)
     else
       local derr
       results, derr = smtp.deliver { message = message, from = env_from, to = all, helo = o.helo,
         tls = tls or "opportunistic", timeout = timeout, cafile = o.cafile, verify = not o.insecure,
-        nameservers = nameservers, destinations = o.destinations, bind = o.source, proxy = o.proxy }
+        nameservers = nameservers, destinations = o.destinations, bind = o.source, proxy = o.proxy,
+        transcript = transcript }
       if not results then
         err:write("lua-smtp send: not sent: ", tostring(derr), "\n")
         return 1
@@ -416,7 +392,7 @@ function M.main(args, out, err)
       url = o.url, server = host, port = port, tls = tls, auth = auth, helo = o.helo, message = message,
       from = from, to = to, cafile = o.cafile, verify = verify, timeout = timeout,
       allow_plaintext_auth = o["allow-plaintext-auth"] or nil, nameservers = nameservers,
-      bind = o.source, proxy = o.proxy,
+      bind = o.source, proxy = o.proxy, transcript = transcript,
     }
     if io.type(message) == "file" then message:close() end
     if o.json then
@@ -463,7 +439,7 @@ function M.main(args, out, err)
   local results, derr = smtp.deliver {
     message = message, from = from, to = to, helo = o.helo, tls = tls or "opportunistic",
     timeout = timeout, cafile = o.cafile, verify = not o.insecure, nameservers = nameservers,
-    destinations = o.destinations, bind = o.source, proxy = o.proxy,
+    destinations = o.destinations, bind = o.source, proxy = o.proxy, transcript = transcript,
   }
   if io.type(message) == "file" then message:close() end
   if not results then

@@ -3,6 +3,7 @@
 local core = require "smtp.core"
 local loop = require "smtp.loop"
 local server = require "smtp.server"
+local args_mod = require "smtp.cli.args"
 
 local M = {}
 
@@ -25,6 +26,9 @@ usage: lua-smtp sink --listen HOST:PORT [--maildir DIR | --mbox FILE] [options]
   --reject-rcpt PATTERN  answer 550 5.1.1 to recipients matching PATTERN (a glob: * and ?,
                          case-insensitive), to test bounces; may be given more than once
   --timeout SECONDS      idle timeout per session (default 300)
+  -v, --verbose          print each session's conversation on stderr ("<-" from the client,
+                         "->" the replies, "*" connections and TLS), prefixed by its connection
+                         id; AUTH data shown as [redacted], message data by its size
 Without --maildir or --mbox messages are counted and printed, not stored.
 Each stored message is the data as received (CRLF line ends) after a `Return-Path: <sender>` line
 and one `Delivered-To: <recipient>` line per recipient. In the printed line each envelope address
@@ -41,12 +45,14 @@ local function parse(args)
   local function val(name)
     i = i + 1
     local v = args[i]
-    if v == nil then error({ usage = name .. " needs a value" }) end
+    -- a flag is never taken as a value (--listen -v)
+    if v == nil or args_mod.is_option(v) then error({ usage = name .. " needs a value" }) end
     return v
   end
   while i <= #args do
     local a = args[i]
     if a == "--help" or a == "-h" then o.help = true
+    elseif a == "-v" or a == "--verbose" then o.verbose = true
     elseif a == "--listen" then o.listen = val(a)
     elseif a == "--maildir" then o.maildir = val(a)
     elseif a == "--mbox" then o.mbox = val(a)
@@ -340,6 +346,7 @@ function M.main(args)
     max_message_size = o.max_size, max_recipients = o.max_rcpt, timeout = o.timeout,
     on_rcpt = on_rcpt, on_message = on_message,
     log = function(msg) io.stderr:write("lua-smtp sink: ", msg, "\n") end,
+    transcript = o.verbose and args_mod.transcript_printer(io.stderr, "server") or nil,
   }
   if not srv then
     io.stderr:write("lua-smtp sink: ", tostring(err), "\n")

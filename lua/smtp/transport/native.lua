@@ -342,13 +342,13 @@ function Conn:shutdown()
 end
 
 -- s:info() -> { address=, port=, tls = false | "TLSv1.3", version = nil | "TLSv1.3", cipher=,
---              bits=, peer_subject=, peer_issuer=, reused = 0 }
+--              bits=, peer_subject=, peer_issuer=, verify_result=, reused = 0 }
 function Conn:info()
   local t = { address = self.address, port = self.port, tls = false, reused = 0, proxy = self.proxy }
   local ti = self._tls and self.sock and self.sock:tls_info()
   if ti then
     t.tls, t.version, t.cipher, t.bits = ti.version, ti.version, ti.cipher, ti.bits
-    t.peer_subject, t.peer_issuer = ti.peer_subject, ti.peer_issuer
+    t.peer_subject, t.peer_issuer, t.verify_result = ti.peer_subject, ti.peer_issuer, ti.verify_result
   end
   return t
 end
