@@ -363,6 +363,43 @@ print('right %s %.2f' % (r, time.time() - t))
     assert.is_true(d[3] >= 3 * 0.95, out)     -- tarpit_max
     assert.matches("right 235 ", out)
   end)
+
+  it("srv:close() ends a session asleep in the tarpit at once, with 421, not when the wait is over", function()
+    local loop = require "smtp.loop"
+    local srv = start { tarpit_after = 0, tarpit_delay = 60, tarpit_max = 60,
+      on_rcpt = function() return false, 550, "5.1.1", "no such user" end }
+    local dir = helper.tmpdir()
+    helper.write(dir .. "/c.py", [[
+import socket, sys, time
+s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), 10)
+s.settimeout(90)
+s.sendall(b'EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n')
+buf = b''
+while True:
+    d = s.recv(4096)
+    if not d: break
+    buf += d
+print(buf.decode().replace('\r\n', '|'))
+]])
+    local p = helper.spawn({ helper.python, dir .. "/c.py", tostring(srv.port) }, { limit = 120 })
+    local closed_at
+    loop.spawn(function()
+      local t0 = loop.now()
+      while srv.counters.tarpit < 1 and loop.now() - t0 < 30 do loop.sleep(0.05) end
+      closed_at = loop.now()
+      srv:close()
+    end)
+    srv:serve()
+    local took = loop.now() - closed_at
+    local t0 = loop.now()
+    while p:alive() and loop.now() - t0 < 30 do loop.sleep(0.05) end
+    local out = p:output()
+    p:stop()
+    assert.equal(1, srv.counters.tarpit)
+    assert.is_true(took < 20, "the session outlived srv:close() by " .. took .. " s")  -- 60 s before
+    assert.matches("550 5%.1%.1 no such user|421 4%.3%.2 Service shutting down|", out)
+    assert.equal(0, srv.active)
+  end)
 end)
 
 describe("smtp.server hook replies and options that cannot go on the wire", function()

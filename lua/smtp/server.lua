@@ -323,7 +323,11 @@ local function tarpit(srv, eng, session_end)
   local d = min(o.tarpit_max, o.tarpit_delay * 2 ^ (k - 1), session_end - now())
   if d <= 0 then return false end
   count(srv, "tarpit")
-  loop().sleep(d)
+  -- in slices, so srv:close() ends a session asleep here within one slice, not tarpit_max later
+  local t_end = now() + d
+  repeat
+    loop().sleep(min(0.5, t_end - now()))
+  until srv.closing or now() >= t_end
   return true
 end
 
