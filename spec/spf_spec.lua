@@ -1,0 +1,282 @@
+-- smtp.spf: every mechanism, qualifier, modifier, macro and limit of RFC 7208, checked against
+-- pyspf (Debian python3-spf) with both asking the same dnsmasq on loopback; then what only our
+-- API shows (the matched mechanism, counts, explanations, misuse, temperror, the time limit)
+-- through an injected resolver.
+local helper = require "helper"
+local peers = require "support.dnsmasq"
+local spf = require "smtp.spf"
+
+local V4, V4X, V4P, V4Q = "192.0.2.10", "192.0.2.99", "192.0.2.20", "192.0.2.21"
+local V6, V6X, V6P = "2001:db8::10", "2001:db8:1::10", "2001:db8::20"
+
+local function txt(name, text) return "--txt-record=" .. name .. "," .. text end
+local function host(name, ...) return "--host-record=" .. table.concat({ name, ... }, ",") end
+
+-- The policies. dnsmasq splits a TXT argument at commas into character-strings, so none of the
+-- texts has one except split.test, which is about exactly that.
+local ZONE = {
+  txt("pass-all.test", "v=spf1 +all"), txt("fail-all.test", "v=spf1 -all"),
+  txt("soft-all.test", "v=spf1 ~all"), txt("neutral-all.test", "v=spf1 ?all"),
+  txt("empty.test", "v=spf1"), txt("case.test", "V=SPF1 IP4:192.0.2.10 -ALL"),
+  txt("spaces.test", "v=spf1   ip4:192.0.2.10    -all   "),
+  txt("ip4.test", "v=spf1 ip4:192.0.2.0/24 -all"), txt("ip4-host.test", "v=spf1 ip4:192.0.2.10 -all"),
+  txt("ip4-zero.test", "v=spf1 ip4:10.0.0.0/0 -all"),
+  txt("ip6.test", "v=spf1 ip6:2001:db8::/48 -all"), txt("ip6-host.test", "v=spf1 ip6:2001:db8::10 ~all"),
+  txt("a.test", "v=spf1 a -all"), host("a.test", V4, V6),
+  txt("a-other.test", "v=spf1 a:host.a-other.test -all"), host("host.a-other.test", V4),
+  txt("a-cidr.test", "v=spf1 a:net.a-cidr.test/24 -all"), host("net.a-cidr.test", "192.0.2.1"),
+  txt("a-dual.test", "v=spf1 a:net.a-dual.test/24//64 -all"), host("net.a-dual.test", "192.0.2.1", "2001:db8::1"),
+  txt("a-v6cidr.test", "v=spf1 a:net.a-dual.test//64 -all"),
+  txt("a-v6only.test", "v=spf1 a:v6.a-v6only.test -all"), host("v6.a-v6only.test", V6),
+  txt("mx.test", "v=spf1 mx -all"), "--mx-host=mx.test,mail.mx.test,10", host("mail.mx.test", V4, V6),
+  txt("mx-cidr.test", "v=spf1 mx/24 -all"), "--mx-host=mx-cidr.test,mail.mx-cidr.test,10",
+  host("mail.mx-cidr.test", "192.0.2.1"),
+  txt("mx-other.test", "v=spf1 mx:mx.test -all"),
+  txt("mx-second.test", "v=spf1 mx -all"), "--mx-host=mx-second.test,one.mx-second.test,10",
+  "--mx-host=mx-second.test,two.mx-second.test,20", host("one.mx-second.test", "192.0.2.77"),
+  host("two.mx-second.test", V4),
+  txt("mx-null.test", "v=spf1 mx -all"), "--mx-host=mx-null.test,.,0",
+  txt("mx-none.test", "v=spf1 mx ?all"),
+  txt("mx-many.test", "v=spf1 mx -all"),
+  txt("ptr.test", "v=spf1 ptr -all"), "--ptr-record=20.2.0.192.in-addr.arpa,mail.ptr.test",
+  host("mail.ptr.test", V4P, V6P), "--ptr-record=21.2.0.192.in-addr.arpa,mail.ptr.test",
+  txt("ptr-other.test", "v=spf1 ptr:ptr.test -all"),
+  txt("exists.test", "v=spf1 exists:%{i}.allow.exists.test -all"), host("192.0.2.10.allow.exists.test", "127.0.0.2"),
+  txt("exists-l.test", "v=spf1 exists:%{l}.users.exists-l.test -all"), host("alice.users.exists-l.test", "127.0.0.2"),
+  txt("exists-ir.test", "v=spf1 -exists:%{ir}.%{v}.block.exists-ir.test +all"),
+  host("10.2.0.192.in-addr.block.exists-ir.test", "127.0.0.2"),
+  txt("exists-a.test", "v=spf1 exists:yes.exists-a.test -all"), host("yes.exists-a.test", "127.0.0.2"),
+  txt("email.macro.test", "v=spf1 exists:%{lr-}.lp.%{ir}.%{v}._spf.%{d2} -all"),
+  host("bad.strong.lp.10.2.0.192.in-addr._spf.macro.test", "127.0.0.2"),
+  txt("d-macro.test", "v=spf1 exists:%{d1r}.%{o}.%{h}.dm.test -all"), host("d-macro.d-macro.test.helo.test.dm.test", "127.0.0.2"),
+  txt("pmacro.test", "v=spf1 exists:%{p}.ok.pmacro.test -all"), host("mail.ptr.test.ok.pmacro.test", "127.0.0.2"),
+  txt("include-pass.test", "v=spf1 include:pass-all.test -all"),
+  txt("include-fail.test", "v=spf1 include:fail-all.test ~all"),
+  txt("include-soft.test", "v=spf1 include:soft-all.test -all"),
+  txt("include-neutral.test", "v=spf1 include:neutral-all.test -all"),
+  txt("include-none.test", "v=spf1 include:nospf.test -all"), host("nospf.test", V4),
+  txt("include-nx.test", "v=spf1 include:nx.test -all"),
+  txt("include-perm.test", "v=spf1 include:syn-mech.test +all"),
+  txt("include-temp.test", "v=spf1 include:x.broken.test -all"),
+  txt("include-loop.test", "v=spf1 include:include-loop.test -all"),
+  txt("include-uscore.test", "v=spf1 include:_spf.uscore.test -all"), txt("_spf.uscore.test", "v=spf1 ip4:192.0.2.10 -all"),
+  txt("include-ip.test", "v=spf1 include:ip4.test ?all"),
+  txt("redirect.test", "v=spf1 redirect=ip4.test"),
+  txt("redirect-none.test", "v=spf1 redirect=nospf.test"),
+  txt("redirect-ignored.test", "v=spf1 -all redirect=pass-all.test"),
+  txt("redirect-exp.test", "v=spf1 exp=why.exp.test redirect=exp-target.test"),
+  txt("exp-target.test", "v=spf1 -all exp=other.exp.test"), txt("other.exp.test", "the redirect target says no"),
+  txt("redirect-noexp.test", "v=spf1 exp=why.exp.test redirect=fail-all.test"),
+  txt("exp.test", "v=spf1 -all exp=why.exp.test"),
+  txt("why.exp.test", "%{i} is not one of %{d}'s designated mail servers"),
+  txt("exp-macros.test", "v=spf1 -all exp=macros.exp.test"),
+  txt("macros.exp.test", "%{c} asked %{r} for %{s} (%{l} at %{o} via %{h}): %% %_%- %{d2} %{ir}"),
+  txt("exp-multi.test", "v=spf1 -all exp=multi.exp.test"), txt("multi.exp.test", "one"), txt("multi.exp.test", "two"),
+  txt("exp-nx.test", "v=spf1 -all exp=nx.exp.test"),
+  txt("exp-syntax.test", "v=spf1 -all exp=bad.exp.test"), txt("bad.exp.test", "bad %{x} macro"),
+  txt("exp-soft.test", "v=spf1 ~all exp=why.exp.test"),
+  txt("exp-include.test", "v=spf1 include:exp.test -all"),
+  txt("lim10.test", "v=spf1 a a a a a a a a a a ip4:192.0.2.10 -all"), host("lim10.test", "192.0.2.1"),
+  txt("lim11.test", "v=spf1 a a a a a a a a a a a ip4:192.0.2.10 -all"), host("lim11.test", "192.0.2.1"),
+  txt("lim-inc.test", "v=spf1 a include:lim-inc2.test ip4:192.0.2.10 -all"), host("lim-inc.test", "192.0.2.1"),
+  txt("lim-inc2.test", "v=spf1 a a a a a a a a a"), host("lim-inc2.test", "192.0.2.1"),
+  txt("lim-match-first.test", "v=spf1 ip4:192.0.2.10 a a a a a a a a a a a -all"), host("lim-match-first.test", "192.0.2.1"),
+  txt("void2.test", "v=spf1 a:nx1.test a:nx2.test -all"),
+  txt("void3.test", "v=spf1 a:nx1.test a:nx2.test a:nx3.test -all"),
+  txt("void-nodata.test", "v=spf1 a:nospf-v6.test mx:nospf.test exists:nx4.test -all"), host("nospf-v6.test", V6),
+  txt("multi.test", "v=spf1 +all"), txt("multi.test", "v=spf1 -all"),
+  txt("mixed.test", "hello world"), txt("mixed.test", "v=spf1 ip4:192.0.2.10 -all"), txt("mixed.test", "v=spf10 -all"),
+  txt("spf10.test", "v=spf10 +all"),
+  txt("split.test", "v=spf1 ip4:192.0.2.0/24, -all"),
+  txt("syn-ip4.test", "v=spf1 ip4:192.0.2.300 -all"), txt("syn-mech.test", "v=spf1 foo:bar -all"),
+  txt("syn-cidr.test", "v=spf1 ip4:192.0.2.0/33 -all"), txt("syn-cidr6.test", "v=spf1 a//129 -all"),
+  txt("syn-exp2.test", "v=spf1 -all exp=a.test exp=b.test"),
+  txt("syn-redirect2.test", "v=spf1 redirect=a.test redirect=b.test"),
+  txt("syn-a-ip.test", "v=spf1 a:192.0.2.10 -all"), txt("syn-macro.test", "v=spf1 exists:%{z}.x.test -all"),
+  txt("syn-pct.test", "v=spf1 exists:%(i).x.test -all"), txt("syn-crt.test", "v=spf1 exists:%{c}.x.test -all"),
+  txt("syn-all.test", "v=spf1 -all:foo"), txt("syn-late.test", "v=spf1 +all foo:bar"),
+  txt("syn-include-empty.test", "v=spf1 include: -all"), txt("syn-qual.test", "v=spf1 !all"),
+  txt("syn-ptr-cidr.test", "v=spf1 ptr/24 -all"), txt("syn-toplabel.test", "v=spf1 a:foo.123 -all"),
+  txt("syn-lead0.test", "v=spf1 ip4:192.0.2.0/024 -all"),
+  txt("unknown-mod.test", "v=spf1 foo=bar ip4:192.0.2.10 -all"),
+  txt("helo.test", "v=spf1 a -all"), host("helo.test", V4),
+  "--server=/broken.test/127.0.0.1#9",
+  "--local=/in-addr.arpa/", "--local=/ip6.arpa/",
+}
+for i = 1, 11 do
+  ZONE[#ZONE + 1] = ("--mx-host=mx-many.test,m%d.mx-many.test,%d"):format(i, i)
+  ZONE[#ZONE + 1] = host(("m%d.mx-many.test"):format(i), V4)
+end
+
+-- { name, ip, mail_from, helo, expected result } (the expected result is what RFC 7208 says;
+-- pyspf must say the same).
+local CASES = {
+  { "pass-all", V4, "u@pass-all.test", "h.test", "pass" },
+  { "fail-all", V4, "u@fail-all.test", "h.test", "fail" },
+  { "softfail-all", V4, "u@soft-all.test", "h.test", "softfail" },
+  { "neutral-all", V4, "u@neutral-all.test", "h.test", "neutral" },
+  { "empty record", V4, "u@empty.test", "h.test", "neutral" },
+  { "upper case record", V4, "u@case.test", "h.test", "pass" },
+  { "extra spaces", V4, "u@spaces.test", "h.test", "pass" },
+  { "ip4 net", V4, "u@ip4.test", "h.test", "pass" },
+  { "ip4 net miss", "198.51.100.1", "u@ip4.test", "h.test", "fail" },
+  { "ip4 host", V4, "u@ip4-host.test", "h.test", "pass" },
+  { "ip4 host miss", V4X, "u@ip4-host.test", "h.test", "fail" },
+  { "ip4 /0", V4, "u@ip4-zero.test", "h.test", "pass" },
+  { "ip4 from IPv6", V6, "u@ip4.test", "h.test", "fail" },
+  { "ip4 from IPv4-mapped IPv6", "::ffff:192.0.2.10", "u@ip4.test", "h.test", "pass" },
+  { "ip6 net", V6, "u@ip6.test", "h.test", "pass" },
+  { "ip6 net miss", V6X, "u@ip6.test", "h.test", "fail" },
+  { "ip6 from IPv4", V4, "u@ip6.test", "h.test", "fail" },
+  { "ip6 host softfail", V6X, "u@ip6-host.test", "h.test", "softfail" },
+  { "ip6 host", V6, "u@ip6-host.test", "h.test", "pass" },
+  { "a", V4, "u@a.test", "h.test", "pass" },
+  { "a IPv6", V6, "u@a.test", "h.test", "pass" },
+  { "a miss", V4X, "u@a.test", "h.test", "fail" },
+  { "a:other", V4, "u@a-other.test", "h.test", "pass" },
+  { "a/24", V4, "u@a-cidr.test", "h.test", "pass" },
+  { "a/24 miss", "192.0.3.1", "u@a-cidr.test", "h.test", "fail" },
+  { "a/24//64 IPv4", V4, "u@a-dual.test", "h.test", "pass" },
+  { "a/24//64 IPv6", V6, "u@a-dual.test", "h.test", "pass" },
+  { "a/24//64 IPv6 miss", V6X, "u@a-dual.test", "h.test", "fail" },
+  { "a//64 IPv4 exact only", V4, "u@a-v6cidr.test", "h.test", "fail" },
+  { "a//64 IPv6", V6, "u@a-v6cidr.test", "h.test", "pass" },
+  { "a AAAA only, IPv4 client", V4, "u@a-v6only.test", "h.test", "fail" },
+  { "a AAAA only, IPv6 client", V6, "u@a-v6only.test", "h.test", "pass" },
+  { "mx", V4, "u@mx.test", "h.test", "pass" },
+  { "mx IPv6", V6, "u@mx.test", "h.test", "pass" },
+  { "mx miss", V4X, "u@mx.test", "h.test", "fail" },
+  { "mx/24", V4, "u@mx-cidr.test", "h.test", "pass" },
+  { "mx:other", V4, "u@mx-other.test", "h.test", "pass" },
+  { "mx second host", V4, "u@mx-second.test", "h.test", "pass" },
+  { "mx null MX", V4, "u@mx-null.test", "h.test", "fail" },
+  { "mx without MX records", V4, "u@mx-none.test", "h.test", "neutral" },
+  { "mx more than 10", V4, "u@mx-many.test", "h.test", "permerror" },
+  { "ptr", V4P, "u@ptr.test", "h.test", "pass" },
+  { "ptr IPv6", V6P, "u@ptr.test", "h.test", "pass" },
+  { "ptr not validated", V4Q, "u@ptr.test", "h.test", "fail" },
+  { "ptr no PTR", V4X, "u@ptr.test", "h.test", "fail" },
+  { "ptr:domain", V4P, "u@ptr-other.test", "h.test", "pass" },
+  { "exists %{i}", V4, "u@exists.test", "h.test", "pass" },
+  { "exists %{i} miss", V4X, "u@exists.test", "h.test", "fail" },
+  { "exists %{l}", V4, "alice@exists-l.test", "h.test", "pass" },
+  { "exists %{l} miss", V4, "bob@exists-l.test", "h.test", "fail" },
+  { "-exists %{ir}.%{v}", V4, "u@exists-ir.test", "h.test", "fail" },
+  { "-exists %{ir}.%{v} miss", V4X, "u@exists-ir.test", "h.test", "pass" },
+  { "exists asks A from an IPv6 client", V6, "u@exists-a.test", "h.test", "pass" },
+  { "RFC 7208 7.4 macros in exists", V4, "strong-bad@email.macro.test", "h.test", "pass" },
+  { "d1r, o, h macros", V4, "u@d-macro.test", "helo.test", "pass" },
+  { "%{p}", V4P, "u@pmacro.test", "h.test", "pass" },
+  { "%{p} unknown", V4X, "u@pmacro.test", "h.test", "fail" },
+  { "include pass", V4, "u@include-pass.test", "h.test", "pass" },
+  { "include fail is no match", V4, "u@include-fail.test", "h.test", "softfail" },
+  { "include softfail is no match", V4, "u@include-soft.test", "h.test", "fail" },
+  { "include neutral is no match", V4, "u@include-neutral.test", "h.test", "fail" },
+  { "include none", V4, "u@include-none.test", "h.test", "permerror" },
+  { "include NXDOMAIN", V4, "u@include-nx.test", "h.test", "permerror" },
+  { "include permerror", V4, "u@include-perm.test", "h.test", "permerror" },
+  { "include temperror", V4, "u@include-temp.test", "h.test", "temperror" },
+  { "include loop", V4, "u@include-loop.test", "h.test", "permerror" },
+  { "include _spf name", V4, "u@include-uscore.test", "h.test", "pass" },
+  { "include ip4 match", V4X, "u@include-ip.test", "h.test", "pass" },
+  { "include ip4 miss (outside)", "198.51.100.1", "u@include-ip.test", "h.test", "neutral" },
+  { "redirect", V4, "u@redirect.test", "h.test", "pass" },
+  { "redirect miss", "198.51.100.1", "u@redirect.test", "h.test", "fail" },
+  { "redirect to none", V4, "u@redirect-none.test", "h.test", "permerror" },
+  { "redirect ignored after all", V4, "u@redirect-ignored.test", "h.test", "fail" },
+  { "exp", V4, "u@exp.test", "h.test", "fail", exp = true },
+  { "exp after redirect is the target's", V4, "u@redirect-exp.test", "h.test", "fail", exp = true },
+  { "exp before redirect is dropped", V4, "u@redirect-noexp.test", "h.test", "fail", exp = true },
+  { "exp macros", V4, "someone@exp-macros.test", "helo.test", "fail", exp = true },
+  { "exp IPv6 %{c}", V6, "someone@exp-macros.test", "helo.test", "fail", exp = true },
+  { "exp two TXT records", V4, "u@exp-multi.test", "h.test", "fail", exp = true },
+  { "exp NXDOMAIN", V4, "u@exp-nx.test", "h.test", "fail", exp = true },
+  { "exp syntax error", V4, "u@exp-syntax.test", "h.test", "fail", exp = true },
+  { "exp on softfail", V4, "u@exp-soft.test", "h.test", "softfail" },
+  { "exp of an included record", V4, "u@exp-include.test", "h.test", "fail", exp = true },
+  { "10 lookups", V4, "u@lim10.test", "h.test", "pass" },
+  { "11 lookups", V4, "u@lim11.test", "h.test", "permerror" },
+  { "10 lookups through include", V4, "u@lim-inc.test", "h.test", "pass" },
+  { "match before the limit", V4, "u@lim-match-first.test", "h.test", "pass" },
+  { "2 void lookups", V4, "u@void2.test", "h.test", "fail" },
+  { "3 void lookups", V4, "u@void3.test", "h.test", "permerror" },
+  { "3 void lookups, NODATA ones", V4, "u@void-nodata.test", "h.test", "permerror" },
+  { "two SPF records", V4, "u@multi.test", "h.test", "permerror" },
+  { "SPF among other TXT", V4, "u@mixed.test", "h.test", "pass" },
+  { "v=spf10 is not SPF", V4, "u@spf10.test", "h.test", "none" },
+  { "split TXT strings joined", V4, "u@split.test", "h.test", "pass" },
+  { "syntax: ip4 octet", V4, "u@syn-ip4.test", "h.test", "permerror" },
+  { "syntax: unknown mechanism", V4, "u@syn-mech.test", "h.test", "permerror" },
+  { "syntax: ip4 CIDR 33", V4, "u@syn-cidr.test", "h.test", "permerror" },
+  { "syntax: a//129", V6, "u@syn-cidr6.test", "h.test", "permerror" },
+  { "syntax: exp twice", V4, "u@syn-exp2.test", "h.test", "permerror" },
+  { "syntax: redirect twice", V4, "u@syn-redirect2.test", "h.test", "permerror" },
+  { "syntax: a:address", V4, "u@syn-a-ip.test", "h.test", "permerror" },
+  { "syntax: unknown macro", V4, "u@syn-macro.test", "h.test", "permerror" },
+  { "syntax: %(", V4, "u@syn-pct.test", "h.test", "permerror" },
+  { "syntax: %{c} outside exp", V4, "u@syn-crt.test", "h.test", "permerror" },
+  { "syntax: all with argument", V4, "u@syn-all.test", "h.test", "permerror" },
+  { "syntax: error after a match", V4, "u@syn-late.test", "h.test", "permerror" },
+  { "syntax: include without domain", V4, "u@syn-include-empty.test", "h.test", "permerror" },
+  { "syntax: bad qualifier", V4, "u@syn-qual.test", "h.test", "permerror" },
+  { "syntax: ptr/24", V4, "u@syn-ptr-cidr.test", "h.test", "permerror" },
+  { "syntax: numeric top label", V4, "u@syn-toplabel.test", "h.test", "permerror" },
+  { "syntax: CIDR leading zero", V4, "u@syn-lead0.test", "h.test", "permerror" },
+  { "unknown modifier ignored", V4, "u@unknown-mod.test", "h.test", "pass" },
+  { "no SPF record", V4, "u@nospf.test", "h.test", "none" },
+  { "NXDOMAIN", V4, "u@nx.test", "h.test", "none" },
+  { "not a domain", V4, "u@localhost", "h.test", "none" },
+  { "DNS timeout", V4, "u@x.broken.test", "h.test", "temperror" },
+  { "null sender: postmaster@helo", V4, "", "helo.test", "pass" },
+  { "null sender: postmaster@helo miss", V4X, "", "helo.test", "fail" },
+  { "no local part", V4, "@a.test", "h.test", "pass" },
+}
+
+local function pyspf_available()
+  return helper.sh("/usr/bin/python3 -c 'import spf' >/dev/null 2>&1 && echo yes"):match("yes") ~= nil
+end
+
+-- Runs pyspf over `lines` (tab-separated requests), one answer line each: { [name] = fields }.
+local function pyspf(port, lines)
+  if not pyspf_available() then
+    error("missing peer: pyspf (install the Debian package python3-spf; `make deps` does)", 2)
+  end
+  local dir = helper.tmpdir()
+  helper.write(dir .. "/in.txt", table.concat(lines, "\n") .. "\n")
+  local out = helper.sh(("timeout 300 %s %s %d 3 < %s 2>%s"):format(helper.python,
+    helper.quote(helper.root .. "/spec/support/pyspf_check.py"), port, helper.quote(dir .. "/in.txt"),
+    helper.quote(dir .. "/err.txt")))
+  local res = {}
+  for line in out:gmatch("[^\n]+") do
+    local f = {}
+    for field in (line .. "\t"):gmatch("([^\t]*)\t") do f[#f + 1] = field end
+    res[f[1]] = f
+  end
+  assert(next(res), "pyspf printed nothing: " .. (helper.read(dir .. "/err.txt") or ""))
+  return res
+end
+
+describe("smtp.spf against pyspf over a loopback DNS server", function()
+  local zone, theirs
+  setup(function()
+    zone = peers.start(ZONE)
+    local lines = {}
+    for _, c in ipairs(CASES) do
+      lines[#lines + 1] = table.concat({ "check", c[1], c[2], c[3], c[4] }, "\t")
+    end
+    theirs = pyspf(zone.port, lines)
+  end)
+  teardown(function() zone:stop() end)
+
+  for _, c in ipairs(CASES) do
+    it(c[1], function()
+      local r = assert(spf.check(c[2], c[3], c[4], {
+        nameservers = { zone.nameserver }, timeout = 3, receiver = "mx.receiver.test",
+        default_explanation = "DEFAULT",
+      }))
+      local t = assert(theirs[c[1]], "no answer from pyspf")
+      assert.same({ c[5], c[5] }, { r.result, t[2] }, r.reason)
+      if c.exp then assert.equal(t[3], r.explanation) end
+    end)
+  end
+end)
