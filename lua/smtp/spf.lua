@@ -364,7 +364,7 @@ local function lookup(st, name, qtype)
     if timeout <= 0 then abort("temperror", "time limit for the SPF check exceeded") end
   end
   st.queries = st.queries + 1
-  local ans, err = st.dns(name, qtype, timeout)
+  local ans, err = st.dns(name, qtype, timeout)   -- the time left, for resolvers that take one
   if type(ans) == "table" then
     st.cache[key] = ans
     return ans
@@ -373,7 +373,8 @@ local function lookup(st, name, qtype)
     error(format("bad argument #4 to 'check' (dns: returned %s, expected a table or nil, err)", type(ans)), 0)
   end
   local rcode = type(err) == "table" and err.rcode or nil
-  if rcode == "nxdomain" or rcode == "nodata" then
+  -- NXDOMAIN, no records, or a name no server could hold (bytes DNS names do not carry)
+  if rcode == "nxdomain" or rcode == "nodata" or rcode == "badname" then
     st.cache[key] = {}
     return st.cache[key]
   end
@@ -622,47 +623,64 @@ end
 -- The explanation of a fail (6.2): the exp= TXT record expanded, or the default. Anything wrong
 -- with exp= (DNS errors, no or several records, bad syntax, non-ASCII) falls back to the default.
 local function explanation(st, res)
+  -- a DNS failure here (or the time running out) only means no explanation from DNS
+  local function try(f)
+    local ok, r = pcall(f)
+    if ok then return r end
+    if getmetatable(r) ~= Abort then error(r, 0) end
+    return nil
+  end
   local text
   if res.exp then
-    local ok, r = pcall(function()
-      local name = target_name(st, res.exp, res.domain)
-      local txts = lookup(st, name, "TXT")
+    text = try(function()
+      local txts = lookup(st, target_name(st, res.exp, res.domain), "TXT")
       if #txts ~= 1 then return nil end
-      local t = tostring(txts[1])
-      local tokens = tokenize(t, true)
+      local tokens = tokenize(tostring(txts[1]), true)
       return tokens and expand(st, tokens, res.domain)
     end)
-    if ok then
-      text = r
-    elseif getmetatable(r) ~= Abort then
-      error(r, 0)
-    end
   end
   if not text and st.default_explanation then
-    local tokens = tokenize(st.default_explanation, true)
-    text = tokens and expand(st, tokens, res.domain)
+    text = try(function()
+      local tokens = tokenize(st.default_explanation, true)
+      return tokens and expand(st, tokens, res.domain)
+    end)
   end
   return text
 end
 
 ---------------------------------------------------------------------------------------------
--- The default resolver, chosen at the first call that needs it: smtp.dns, or inside nginx the
--- cosocket one (smtp.transport picks).
-
+-- The default resolver: smtp.dns, or inside nginx the cosocket one (smtp.transport picks). One
+-- resolver serves the whole check, under its time limit. Queries go through the backend's
+-- resolver object rather than dns.query, which takes only host names for A, AAAA and MX: SPF
+-- asks for the addresses of names its macros build ("1.2.0.192.in-addr._spf.example.com").
 local function default_dns(opts)
   local dns = require("smtp.transport").dns()
-  local core_ok, core = pcall(require, "smtp.core")
-  local clock = opts.clock
-  if not clock then
-    if ngx and ngx.now then              -- luacheck: ignore
-      clock = function() ngx.update_time(); return ngx.now() end
-    elseif core_ok and core.now then
-      clock = core.now
+  local util = require "smtp.dnsutil"
+  local r, deadline
+  local function query(name, qtype)
+    local qname = util.normalize_qname(name)
+    if not qname then return nil, util.error(name, "badname") end
+    if not r then
+      r, deadline = dns.resolver { nameservers = opts.nameservers, timeout = opts.timeout or M.default_timeout }
+      if not r then return nil, deadline end
     end
+    local id, why = r:query(qname, qtype)
+    if not id then return nil, util.error(qname, why == "badname" and "badname" or "error", tostring(why)) end
+    dns.drive(r, deadline)
+    return dns.collect(r, id, qname)
   end
-  return function(name, qtype, timeout)
-    return dns.query(name, qtype, { nameservers = opts.nameservers, timeout = timeout or opts.query_timeout })
-  end, clock
+  local function close()
+    if r then dns.close(r) end
+    r = nil
+  end
+  local clock
+  if ngx and ngx.now then                          -- luacheck: ignore
+    clock = function() ngx.update_time(); return ngx.now() end
+  else
+    local ok, core = pcall(require, "smtp.core")
+    clock = ok and core.now or nil
+  end
+  return query, clock, close
 end
 
 local function check_args(ip, mail_from, helo, opts)
@@ -708,8 +726,8 @@ function M.check(ip, mail_from, helo, opts)
   sdomain = sdomain:gsub("%.$", "")
   sender = localpart .. "@" .. sdomain
 
-  local dns, clock = opts.dns, opts.clock
-  if not dns then dns, clock = default_dns(opts) end
+  local dns, clock, close = opts.dns, opts.clock, nil
+  if not dns then dns, clock, close = default_dns(opts) end
   local st = {
     ip = parsed_ip, addr_type = parsed_ip.family == 4 and "A" or "AAAA",
     sender = sender, localpart = localpart, sender_domain = sdomain,
@@ -726,10 +744,14 @@ function M.check(ip, mail_from, helo, opts)
   if ok then
     out.result, out.mechanism, out.reason = res.result, res.mechanism, res.reason
     if res.result == "fail" then
-      local eok, text = pcall(explanation, st, res)
-      if not eok then error(text, 0) end
-      out.explanation = text
+      ok, res = pcall(explanation, st, res)
+      out.explanation = ok and res or nil
     end
+  end
+  if close then close() end
+  if ok then
+    out.lookups, out.void_lookups, out.queries = st.lookups, st.voids, st.queries
+    return out
   elseif getmetatable(res) == Abort then
     out.result, out.reason, out.error = res.result, res.reason, res.err
   else
