@@ -9,7 +9,7 @@ M.max_void = 2          -- 4.6.4: lookups that answer NXDOMAIN or nothing
 M.max_mx = 10           -- 4.6.4: MX names per mx term (more is a permerror)
 M.max_ptr = 10          -- 4.6.4: PTR names per ptr term or %{p} (the rest are ignored)
 M.default_timeout = 20  -- 4.6.4: seconds for the whole check
-M.default_explanation = "%{i} is not allowed to send mail for %{d}"
+M.default_explanation = "%{c} is not allowed to send mail for %{d}"
 
 local type, tostring, tonumber, error, pcall, ipairs = type, tostring, tonumber, error, pcall, ipairs
 local concat, format, floor = table.concat, string.format, math.floor
@@ -249,7 +249,7 @@ local lookup_soft
 local function validated_names(st)
   local names = lookup_soft(st, st.reverse, "PTR")
   local out = {}
-  if not names then return out, true end
+  if not names then return out, false end     -- a failure, not a void lookup
   for i = 1, math.min(#names, M.max_ptr) do
     local name = tostring(names[i]):gsub("%.$", ""):lower()
     local addrs = queryable(name) and lookup_soft(st, name, st.addr_type)
@@ -288,7 +288,7 @@ local function macro_value(st, letter, domain)
   elseif letter == "h" then return st.helo
   elseif letter == "c" then return st.ip.family == 4 and concat(st.ip.bytes, ".") or v6_text(st.ip.bytes)
   elseif letter == "r" then return st.receiver
-  elseif letter == "t" then return tostring(st.now)
+  elseif letter == "t" then return format("%d", floor(st.now))
   end
 end
 
