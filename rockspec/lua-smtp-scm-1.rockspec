@@ -61,6 +61,7 @@ build = {
       ["smtp.deliver"] = "lua/smtp/deliver.lua",
       ["smtp.message"] = "lua/smtp/message.lua",
       ["smtp.dkim"] = "lua/smtp/dkim.lua",
+      ["smtp.spf"] = "lua/smtp/spf.lua",
       ["smtp.server"] = "lua/smtp/server.lua",
       ["smtp.transport.init"] = "lua/smtp/transport/init.lua",
       ["smtp.transport.native"] = "lua/smtp/transport/native.lua",
