@@ -539,3 +539,34 @@ describe("smtp.spf results through an injected resolver", function()
       "bad argument #4 to 'check' (dns: returned string, expected a table or nil, err)")
   end)
 end)
+
+describe("smtp.spf inside nginx (the cosocket resolver)", function()
+  local nginx = require "support.nginx"
+  local zone, srv
+  setup(function()
+    helper.need("nginx lua")
+    zone = peers.start(ZONE)
+    srv = nginx.start {
+      locations = [[ location = /spf { content_by_lua_block { require("support.spf_nginx").run() } } ]],
+    }
+  end)
+  teardown(function()
+    if srv then srv:stop() end
+    if zone then zone:stop() end
+  end)
+
+  it("gives every policy's result, as outside nginx", function()
+    local lines = {}
+    for _, c in ipairs(CASES) do lines[#lines + 1] = table.concat({ c[1], c[2], c[3], c[4] }, "\t") end
+    local status, body = nginx.request(srv:url("/spf?ns=" .. zone.nameserver),
+      table.concat(lines, "\n") .. "\n", 120)
+    assert.equal(200, status, body)
+    local got = {}
+    for line in body:gmatch("[^\n]+") do
+      local name, result, _, via = line:match("^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)$")
+      assert.equal("ngx_dns", via, line)
+      got[name] = result
+    end
+    for _, c in ipairs(CASES) do assert.equal(c[5], got[c[1]], c[1]) end
+  end)
+end)
