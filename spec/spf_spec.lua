@@ -465,6 +465,16 @@ describe("smtp.spf results through an injected resolver", function()
     assert.same({ "pass", "u@example.test" }, { r.result, r.sender })
   end)
 
+  it("checks an international domain as its A-labels (RFC 7208 4.3)", function()
+    local log = {}
+    local zone = { ["xn--bcher-kva.example"] = { { "TXT", "v=spf1 ip4:192.0.2.1 -all" } } }
+    local r = assert(spf.check("192.0.2.1", "u@bücher.example", "h", { dns = resolver(zone, log) }))
+    assert.same({ "pass", "xn--bcher-kva.example", "u@xn--bcher-kva.example" }, { r.result, r.domain, r.sender })
+    assert.same({ "TXT xn--bcher-kva.example" }, log)
+    r = assert(spf.check("192.0.2.1", "u@a\255b.example", "h", { dns = resolver(zone, log) }))
+    assert.same({ "none", 1 }, { r.result, #log })
+  end)
+
   it("turns DNS failures into temperror, keeping the error", function()
     local function servfail(name)
       return nil, require("smtp.dnsutil").error(name, "servfail")

@@ -18,8 +18,8 @@ local concat, format, floor = table.concat, string.format, math.floor
 -- metatable; anything else raised is a bug and is raised again.
 local Abort = {}
 
-local function abort(result, reason, err)
-  error(setmetatable({ result = result, reason = reason, err = err }, Abort), 0)
+local function abort(result, reason, err, final)
+  error(setmetatable({ result = result, reason = reason, err = err, final = final }, Abort), 0)
 end
 local function permerror(reason) abort("permerror", reason) end
 
@@ -156,10 +156,10 @@ local function valid_toplabel(l)
   return l:match("^%w+%-[%w%-]*%w$") ~= nil
 end
 
--- A domain check_host() can look at (4.3): two labels or more, none empty or longer than 63,
--- a top label that is not all digits (so not an address literal either).
+-- A domain check_host() can look at (4.3): ASCII, two labels or more, none empty or longer than
+-- 63, a top label that is not all digits (so not an address literal either).
 local function valid_domain(d)
-  if #d > 253 or d:find("[%[%]]") then return false end
+  if #d > 253 or d:find("[%[%]\128-\255]") then return false end
   local labels = {}
   for l in (d .. "."):gmatch("([^.]*)%.") do
     if #l == 0 or #l > 63 then return false end
@@ -361,7 +361,7 @@ local function lookup(st, name, qtype)
   local timeout
   if st.deadline then
     timeout = st.deadline - now(st)
-    if timeout <= 0 then abort("temperror", "time limit for the SPF check exceeded") end
+    if timeout <= 0 then abort("temperror", "time limit for the SPF check exceeded", nil, true) end
   end
   st.queries = st.queries + 1
   local ans, err = st.dns(name, qtype, timeout)   -- the time left, for resolvers that take one
@@ -385,8 +385,7 @@ end
 function lookup_soft(st, name, qtype)
   local ok, res = pcall(lookup, st, name, qtype)
   if ok then return res end
-  if getmetatable(res) ~= Abort then error(res, 0) end
-  if res.reason == "time limit for the SPF check exceeded" then error(res, 0) end
+  if getmetatable(res) ~= Abort or res.final then error(res, 0) end
   return nil
 end
 
@@ -481,12 +480,10 @@ local function parse_directive(term)
   else
     permerror("unknown mechanism " .. term)
   end
-  if arg ~= nil and d.spec ~= nil then
+  if d.spec ~= nil then
     local tokens, why = check_domain_spec(d.spec)
     if not tokens then permerror(why .. " (in " .. term .. ")") end
     d.spec = tokens
-  elseif arg == "" then
-    permerror("empty argument in " .. term)
   end
   return d
 end
@@ -586,23 +583,19 @@ local function evaluate(st, d, domain)
 end
 
 -- Returns { result=, mechanism=, domain=, exp=, reason= }; permerror and temperror raise.
+-- Recursion (include, redirect) is bounded by the lookup limit: each level costs a lookup.
 function check_host(st, domain, nested)
-  st.depth = st.depth + 1
-  if st.depth > 2 * M.max_lookups + 2 then permerror("recursion too deep") end
   if not valid_domain(domain) then
-    st.depth = st.depth - 1
     return { result = "none", domain = domain, reason = "not a valid domain name: " .. domain }
   end
   local rec, void = find_record(st, domain)
   if not rec then
     if void and nested then count_void(st, domain) end
-    st.depth = st.depth - 1
     return { result = "none", domain = domain, reason = "no SPF record for " .. domain }
   end
   local parsed = parse_record(rec)
   for _, d in ipairs(parsed) do
     if evaluate(st, d, domain) then
-      st.depth = st.depth - 1
       return { result = d.result, mechanism = d.text, domain = domain, exp = parsed.exp,
                reason = format("%s matched %s in the record of %s", d.result, d.text, domain) }
     end
@@ -612,10 +605,8 @@ function check_host(st, domain, nested)
     local target = target_name(st, parsed.redirect, domain)
     local res = check_host(st, target, true)
     if res.result == "none" then permerror("redirect=" .. target .. ": " .. res.reason) end
-    st.depth = st.depth - 1
     return res
   end
-  st.depth = st.depth - 1
   return { result = "neutral", mechanism = "default", domain = domain, exp = parsed.exp,
            reason = "no mechanism matched in the record of " .. domain }
 end
@@ -674,7 +665,8 @@ local function default_dns(opts)
     r = nil
   end
   local clock
-  if ngx and ngx.now then                          -- luacheck: ignore
+  local ngx = rawget(_G, "ngx")
+  if ngx and ngx.now then
     clock = function() ngx.update_time(); return ngx.now() end
   else
     local ok, core = pcall(require, "smtp.core")
@@ -724,6 +716,11 @@ function M.check(ip, mail_from, helo, opts)
   if not localpart then localpart, sdomain = "postmaster", sender end
   if localpart == "" then localpart = "postmaster" end
   sdomain = sdomain:gsub("%.$", "")
+  if sdomain:find("[\128-\255]") then
+    -- RFC 7208 4.3: an international domain is checked as its A-labels; one that is not a valid
+    -- name stays as it is and comes out "none"
+    sdomain = require("smtp.check").idna_domain(sdomain) or sdomain
+  end
   sender = localpart .. "@" .. sdomain
 
   local dns, clock, close = opts.dns, opts.clock, nil
@@ -733,7 +730,7 @@ function M.check(ip, mail_from, helo, opts)
     sender = sender, localpart = localpart, sender_domain = sdomain,
     helo = (helo and helo ~= "") and helo or "unknown",
     receiver = opts.receiver or "unknown", now = opts.now or os.time(),
-    dns = dns, clock = clock, cache = {}, lookups = 0, voids = 0, queries = 0, depth = 0,
+    dns = dns, clock = clock, cache = {}, lookups = 0, voids = 0, queries = 0,
     default_explanation = opts.default_explanation or M.default_explanation,
   }
   st.reverse = reverse_name(parsed_ip)
@@ -775,7 +772,7 @@ function M.expand(text, ctx)
   local st = { ip = ip, addr_type = ip.family == 4 and "A" or "AAAA", sender = lp .. "@" .. sd,
                localpart = lp, sender_domain = sd, helo = ctx.helo or "unknown",
                receiver = ctx.receiver or "unknown", now = ctx.now or 0, cache = {},
-               lookups = 0, voids = 0, queries = 0, depth = 0, reverse = reverse_name(ip),
+               lookups = 0, voids = 0, queries = 0, reverse = reverse_name(ip),
                dns = ctx.dns or function() return {} end }
   local eok, res = pcall(expand, st, tokens, ctx.domain or sd)
   if eok then return res end
