@@ -60,6 +60,7 @@ build = {
       ["smtp.mx"] = "lua/smtp/mx.lua",
       ["smtp.deliver"] = "lua/smtp/deliver.lua",
       ["smtp.message"] = "lua/smtp/message.lua",
+      ["smtp.parse"] = "lua/smtp/parse.lua",
       ["smtp.dkim"] = "lua/smtp/dkim.lua",
       ["smtp.server"] = "lua/smtp/server.lua",
       ["smtp.transport.init"] = "lua/smtp/transport/init.lua",

@@ -938,4 +938,6 @@ function Message:needs()
 end
 
 M.Message = Message
+-- reading messages back: smtp.message.parse(source [, opts])
+M.parse = require("smtp.parse").parse
 return M
