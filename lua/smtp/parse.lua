@@ -245,12 +245,13 @@ local function read_headers(s, from, to, st, defects)
     if line == "" then return fields, index, nextpos end
     if line:match("^[ \t]") then
       if cur then
-        cur.raw = cur.raw .. "\r\n" .. line
+        -- a table, not repeated concatenation: thousands of continuation lines stay linear
+        cur.lines[#cur.lines + 1] = line
       else
         defects[#defects + 1] = "first header line is a continuation"
       end
     else
-      local name, value = line:match("^([!-9;-~]+)[ \t]*:(.*)$")
+      local name = line:match("^([!-9;-~]+)[ \t]*:")
       if not name then
         if line:match("^From ") and #fields == 0 then
           -- a Unix mbox separator: readers skip it
@@ -268,7 +269,7 @@ local function read_headers(s, from, to, st, defects)
           if not a or a > to then return fields, index, to + 1 end
           return fields, index, b + 1
         end
-        cur = { name = name, raw = line, value0 = value }
+        cur = { name = name, lines = { line } }
         fields[#fields + 1] = cur
         local k = name:lower()
         index[k] = index[k] or {}
@@ -282,9 +283,10 @@ end
 
 local function finish_fields(fields, defects)
   for _, f in ipairs(fields) do
+    f.raw = table.concat(f.lines, "\r\n")
+    f.lines = nil
     local v = f.raw:sub(#f.name + 1):gsub("^[ \t]*:", "")
-    v = v:gsub("\r?\n([ \t])", "%1"):gsub("^[ \t]+", ""):gsub("[ \t]+$", "")
-    f.value0 = nil
+    v = v:gsub("\r\n([ \t])", "%1"):gsub("^[ \t]+", ""):gsub("[ \t]+$", "")
     f.unfolded = v
     if not core.is_7bit(v) and not core.utf8_valid(v) then
       defects[#defects + 1] = "8-bit header " .. f.name .. " is not UTF-8"
@@ -419,7 +421,8 @@ parse_entity = function(s, from, to, depth, st, defects, path, default_type)
   if cid then p.cid = cid:match("^%s*<(.-)>%s*$") or cid end
   local cte = p:header("content-transfer-encoding")
   p.transfer_encoding = cte and cte:lower():match("^%s*(%S*)") or "7bit"
-  p.raw_body = s:sub(bstart, to)
+  -- a multipart keeps offsets only: copying every level's text would cost depth times the message
+  p.body_range = { bstart, to }
   if p.maintype == "multipart" then
     if depth >= st.max_depth then
       defects[#defects + 1] = "nesting too deep at part " .. path
@@ -428,14 +431,14 @@ parse_entity = function(s, from, to, depth, st, defects, path, default_type)
       return p
     end
     -- readers show a broken multipart as its text
-    p.body = p.raw_body
+    p.body = s:sub(bstart, to)
     p.content = p.body
     return p
   end
   if p.content_type == "message/rfc822" and depth < st.max_depth and st.parts < st.max_parts then
     p.parts[1] = parse_entity(s, bstart, to, depth + 1, st, defects, path .. ".1", "text/plain")
   end
-  p.body = p.raw_body
+  p.body = s:sub(bstart, to)
   decode_body(p, defects)
   return p
 end
@@ -488,18 +491,19 @@ function M.parse(source, opts)
   if not s then return fail(err) end
   local defects = {}
   -- line discipline over the whole message, once
-  local crlf = select(2, s:gsub("\r\n", ""))
-  local lf = select(2, s:gsub("\n", "")) - crlf
-  if crlf > 0 and lf > 0 then defects[#defects + 1] = "mixed line endings" end
-  if s:find("\r[^\n]") or s:sub(-1) == "\r" then defects[#defects + 1] = "bare CR" end
+  local crlf, lf = 0, 0
   local pos, n = 1, #s
   while pos <= n do
-    local nl = s:find("\n", pos, true) or n + 1
-    if nl - pos > st.max_line then
+    local nl = s:find("\n", pos, true)
+    if (nl or n + 1) - pos > st.max_line then
       return fail("line longer than " .. st.max_line .. " octets")
     end
+    if not nl then break end
+    if nl > pos and s:byte(nl - 1) == 13 then crlf = crlf + 1 else lf = lf + 1 end
     pos = nl + 1
   end
+  if crlf > 0 and lf > 0 then defects[#defects + 1] = "mixed line endings" end
+  if s:find("\r[^\n]") or s:sub(-1) == "\r" then defects[#defects + 1] = "bare CR" end
   local msg = parse_entity(s, 1, n, 0, st, defects, "1", "text/plain")
   msg.defects = defects
   msg.truncated = st.truncated
