@@ -49,7 +49,8 @@ end
 local function leaves(m)
   local parts, multi = {}, {}
   for p in m:walk() do
-    if #p.parts > 0 or p.maintype == "multipart" then
+    -- a multipart whose boundary never shows is a leaf holding its text, as in Python
+    if #p.parts > 0 or (p.maintype == "multipart" and not p.content) then
       multi[#multi + 1] = p.content_type
     else
       local content = p.content
@@ -140,6 +141,26 @@ local HAND = {
   { raw = "Content-Type: multipart/mixed; boundary=\"outer\"\n\n--outer\nContent-Type: message/rfc822\n\n"
         .. "Subject: inner\nContent-Type: text/plain\n\ninner body\n--outer--\n",
     defects = {} },
+  { raw = "Content-Type: multipart/mixed; boundary=zz\n\n--zz  \nContent-Type: text/plain\n\na\n--zz--  \nepilogue\n",
+    defects = {} },
+  { raw = "Content-Type: multipart/mixed; boundary=zz\n\nno boundaries here\n",
+    defects = { "start boundary not found" } },
+  { raw = "Content-Type: text/plain; charset=iso-8859-1\nContent-Transfer-Encoding: base64\n\nY2Fm6Q\n",
+    defects = {} },
+  { raw = "Content-Type: multipart/digest; boundary=d\n\n--d\n\nSubject: in digest\n\nhi\n--d--\n",
+    defects = {} },
+  { raw = "Content-Type: text\n\nbad type\n", defects = { "invalid content type" } },
+  { raw = "Content-Type: multipart/mixed; boundary=a\n\n--a\nContent-Type: multipart/alternative; boundary=b\n\n"
+        .. "--b\nContent-Type: text/plain\n\nx\n--a--\n",
+    defects = { "close boundary missing in part 1.1" } },
+  { raw = "Content-Type: application/octet-stream; name=\"=?UTF-8?B?w6kuYmlu?=\"\nContent-Transfer-Encoding: base64\n\nAAE=\n",
+    defects = {} },
+  { raw = "Content-Type: text/plain\nContent-Disposition: attachment; filename=\"a b.txt\" (comment)\n\nq\n",
+    defects = {} },
+  -- settled disagreement: Python shows undecodable 8-bit header octets as U+FFFD, this parser
+  -- reads them as Latin-1 (what most mail readers fall back to) and lists a defect
+  { raw = "Subject: caf\233 8bit\nContent-Type: text/plain; charset=utf-8\n\nbody\n",
+    subject = "café 8bit", py_subject = false, defects = { "8-bit header Subject is not UTF-8" } },
 }
 
 describe("message.parse against Python's email", function()
@@ -156,8 +177,10 @@ describe("message.parse against Python's email", function()
       assert.equal(py[i].type, m.content_type, "message " .. i)
       assert.same(py[i].multi, multi, "message " .. i)
       assert.same(py[i].parts, parts, "message " .. i)
-      if py[i].hdr.subject then assert.equal(py[i].hdr.subject[1], m:header("subject"), "message " .. i) end
       local h = HAND[i - nc]
+      if py[i].hdr.subject and not (h and h.py_subject == false) then
+        assert.equal(py[i].hdr.subject[1], m:header("subject"), "message " .. i)
+      end
       if h then
         if h.subject then assert.equal(h.subject, m:header("subject")) end
         local all = table.concat(m.defects, "|")
