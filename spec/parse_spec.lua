@@ -228,6 +228,33 @@ describe("message.parse limits", function()
     assert.truthy(tostring(err):find("larger than", 1, true))
   end)
 
+  it("keeps a header of many continuation lines linear and whole", function()
+    local raw = "Subject: a" .. string.rep("\r\n b", 100000) .. "\r\n\r\nx\r\n"
+    local m = assert(message.parse(raw))
+    assert.equal(1 + 2 * 100000, #m:header("subject"))
+  end)
+
+  it("never raises on mutated messages (deterministic mutations of a composed one)", function()
+    local base = new(corpus()[12]):tostring()
+    local seed = 12345
+    local function rnd(n) seed = (seed * 1103515245 + 12345) % 2147483648; return seed % n + 1 end
+    local junk = { "\r", "\n", "\r\n", "--", "=", "=?", "?=", ";", "\"", "*0*=", "\0", "\255", "=?UTF-8?B?", "(" }
+    for _ = 1, 300 do
+      local s = base
+      for _ = 1, rnd(8) do
+        local at = rnd(#s)
+        local op = rnd(3)
+        if op == 1 then s = s:sub(1, at) .. junk[rnd(#junk)] .. s:sub(at + 1)
+        elseif op == 2 then s = s:sub(1, at) .. s:sub(at + rnd(40))
+        else s = s:sub(1, at) .. s:sub(rnd(#s), rnd(#s)) .. s:sub(at + 1) end
+      end
+      local ok, m, err = pcall(message.parse, s)
+      assert(ok, tostring(m))
+      assert(m or err)
+      if m then for _ in m:walk() do end end
+    end
+  end)
+
   it("raises on misuse", function()
     assert.has_error(function() message.parse(42) end,
       "bad argument #1 to 'parse' (string, function or file expected, got number)")
