@@ -157,6 +157,18 @@ local HAND = {
     defects = {} },
   { raw = "Content-Type: text/plain\nContent-Disposition: attachment; filename=\"a b.txt\" (comment)\n\nq\n",
     defects = {} },
+  { raw = "Subject: x\nthis is not a header\nmore\n", defects = { "missing header body separator" } },
+  { raw = "Subject: only headers\n", defects = {} },
+  { raw = "", defects = {} },
+  { raw = "\nbody only\n", defects = {} },
+  { raw = "Content-Type: text/plain; charset=\"utf-8\"\nContent-Transfer-Encoding: quoted-printable\n\n"
+        .. "l=C3=A9ger =\nsoft=3D\n", defects = {} },
+  { raw = "Content-Type: multipart/alternative; boundary=\"q\"\nMIME-Version: 1.0\n\n--q\nContent-Type: text/plain\n"
+        .. "\n\n--q\nContent-Type: text/html\n\n<b>\n\n--q--", defects = {} },
+  { raw = "Subject: =?utf-8?q?a_b?= =?utf-8?q?c?=\n\nx\n", subject = "a bc", defects = {} },
+  { raw = "Subject: =?utf-8?b?w6k?=\n\nx\n", subject = "é", defects = { "base64 padding missing" } },
+  { raw = "Content-Type: message/rfc822\n\nSubject: inner\nContent-Type: multipart/mixed; boundary=i\n\n"
+        .. "--i\nContent-Type: text/plain\n\nin\n--i--\n", defects = {} },
   -- settled disagreement: Python shows undecodable 8-bit header octets as U+FFFD, this parser
   -- reads them as Latin-1 (what most mail readers fall back to) and lists a defect
   { raw = "Subject: caf\233 8bit\nContent-Type: text/plain; charset=utf-8\n\nbody\n",
