@@ -6,7 +6,7 @@ local errors = require "smtp.errors"
 local M = {}
 
 M.defaults = {
-  max_size = 64 * 1024 * 1024,   -- octets of the whole message (this first cut holds it in memory)
+  max_size = 128 * 1024 * 1024,  -- octets of the whole message (this first cut holds it in memory)
   max_depth = 20,                -- multipart nesting
   max_parts = 1000,              -- parts of every kind, the message itself included
   max_headers = 1000,            -- header fields per part
