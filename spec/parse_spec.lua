@@ -272,5 +272,9 @@ describe("message.parse limits", function()
       "bad argument #1 to 'parse' (string, function or file expected, got number)")
     assert.has_error(function() message.parse("", 1) end,
       "bad argument #2 to 'parse' (table expected, got number)")
+    assert.has_error(function() message.parse("", { max_depth = "x" }) end,
+      "bad argument #2 to 'parse' (max_depth must be a positive number)")
+    assert.has_error(function() message.parse(setmetatable({}, { __index = function() error("no") end })) end,
+      "bad argument #1 to 'parse' (string, function or file expected, got table)")
   end)
 end)

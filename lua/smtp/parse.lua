@@ -447,6 +447,12 @@ end
 -- Entry point
 ------------------------------------------------------------------------------------------------
 
+-- a userdata or table without a read method may raise when indexed; that is misuse, not a crash
+local function has_read(x)
+  local ok, r = pcall(function() return x.read end)
+  return ok and r ~= nil
+end
+
 local function slurp(source, max)
   local t = type(source)
   if t == "string" then
@@ -456,7 +462,7 @@ local function slurp(source, max)
   local read
   if t == "function" then
     read = source
-  elseif (t == "userdata" or t == "table") and source.read then
+  elseif (t == "userdata" or t == "table") and has_read(source) then
     read = function() return source:read(65536) end
   else
     return false
@@ -483,7 +489,13 @@ function M.parse(source, opts)
     error("bad argument #2 to 'parse' (table expected, got " .. type(opts) .. ")", 2)
   end
   local st = { parts = 0, truncated = false }
-  for k, v in pairs(M.defaults) do st[k] = (opts and opts[k]) or v end
+  for k, v in pairs(M.defaults) do
+    local o = opts and opts[k]
+    if o ~= nil and (type(o) ~= "number" or o < 1) then
+      error("bad argument #2 to 'parse' (" .. k .. " must be a positive number)", 2)
+    end
+    st[k] = o or v
+  end
   local s, err = slurp(source, st.max_size)
   if s == false then
     error("bad argument #1 to 'parse' (string, function or file expected, got " .. type(source) .. ")", 2)
