@@ -11,59 +11,41 @@
  * rule). Mail sent to the wrong domain cannot be called back, so a name that fails is refused. */
 #define IDNA_FLAGS (IDN2_NFC_INPUT | IDN2_NONTRANSITIONAL)
 
-/* The domain as a C string: a NUL inside would cut it short, so it is refused. */
-static const char *domain_arg(lua_State *L)
+/* Runs one libidn2 conversion on argument 1 -> the result | nil, why. The domain goes as a C
+ * string, so a NUL inside (which would cut it short) is refused first. */
+static int convert(lua_State *L, int (*fn)(const char *, char **, int), int flags)
 {
     size_t len;
-    const char *s = luaL_checklstring(L, 1, &len);
-    if (strlen(s) != len)
-        return NULL;
-    return s;
+    const char *in = luaL_checklstring(L, 1, &len);
+    char *out = NULL;
+    int rc;
+    if (strlen(in) != len) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "NUL in domain");
+        return 2;
+    }
+    rc = fn(in, &out, flags);
+    if (rc != IDN2_OK) {
+        lua_pushnil(L);
+        lua_pushstring(L, idn2_strerror(rc));
+        return 2;
+    }
+    lua_pushstring(L, out);
+    idn2_free(out);
+    return 1;
 }
 
 /* core.idna_to_ascii(domain) -> ascii | nil, why. ASCII labels come back lower-cased (the
  * mapping folds case); the caller decides whether to call it for an ASCII name at all. */
 static int l_idna_to_ascii(lua_State *L)
 {
-    const char *in = domain_arg(L);
-    char *out = NULL;
-    int rc;
-    if (!in) {
-        lua_pushnil(L);
-        lua_pushliteral(L, "NUL in domain");
-        return 2;
-    }
-    rc = idn2_to_ascii_8z(in, &out, IDNA_FLAGS);
-    if (rc != IDN2_OK) {
-        lua_pushnil(L);
-        lua_pushstring(L, idn2_strerror(rc));
-        return 2;
-    }
-    lua_pushstring(L, out);
-    idn2_free(out);
-    return 1;
+    return convert(L, idn2_to_ascii_8z, IDNA_FLAGS);
 }
 
 /* core.idna_to_unicode(domain) -> utf8 | nil, why: A-labels decoded, for showing a name. */
 static int l_idna_to_unicode(lua_State *L)
 {
-    const char *in = domain_arg(L);
-    char *out = NULL;
-    int rc;
-    if (!in) {
-        lua_pushnil(L);
-        lua_pushliteral(L, "NUL in domain");
-        return 2;
-    }
-    rc = idn2_to_unicode_8z8z(in, &out, 0);
-    if (rc != IDN2_OK) {
-        lua_pushnil(L);
-        lua_pushstring(L, idn2_strerror(rc));
-        return 2;
-    }
-    lua_pushstring(L, out);
-    idn2_free(out);
-    return 1;
+    return convert(L, idn2_to_unicode_8z8z, 0);
 }
 
 int smtp_open_idna(lua_State *L)
