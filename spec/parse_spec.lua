@@ -222,6 +222,20 @@ local HAND = {
   { raw = "Subject: long\n\n" .. ("x"):rep(5000) .. "\n", defects = {} },
   { raw = "Content-Type: multipart/mixed; boundary=\"=_weird (b) :?\"\n\n--=_weird (b) :?\n\nw\n--=_weird (b) :?--\n",
     defects = {} },
+  -- settled: Python's feedparser ends lines at a bare CR too, so "Subject: a\rX-B: c" is two
+  -- fields there; RFC 5322 has CR only in CRLF, and so do we (one field holding the CR), with a
+  -- defect
+  { raw = "Subject: a\rX-B: c\r\nContent-Type: text/plain\r\n\r\nline\rmore\r\n", settle_tree = true,
+    defects = { "bare CR" } },
+  -- settled: a space before the colon (RFC 5322 4.5 obsolete syntax, still seen) ends Python's
+  -- header section (the whole message becomes body); we read the field, as mail readers do
+  { raw = "Subject : spaced\nX-A: b\n\nbody\n", settle_tree = true, subject = "spaced", defects = {} },
+  -- settled: Python reads message/delivery-status as a list of header blocks (parts without
+  -- content); we keep it one leaf whose content is the status fields (RFC 3464), to read as text
+  { raw = "Content-Type: multipart/report; report-type=delivery-status; boundary=r\n\n--r\n"
+        .. "Content-Type: text/plain\n\nfailed\n--r\nContent-Type: message/delivery-status\n\n"
+        .. "Reporting-MTA: dns; mx.example\n\nFinal-Recipient: rfc822; a@example.com\nStatus: 5.1.1\n--r--\n",
+    settle_tree = true, defects = {} },
   -- settled: Python decodes the non-standard x-uuencode; we pass any encoding RFC 2045 does not
   -- define through as it is (a reader can still decode it) and list a defect
   { raw = "Content-Type: text/plain\nContent-Transfer-Encoding: x-uuencode\n\nbegin 644 f\n`\nend\n",
@@ -268,11 +282,11 @@ local function agree(paths, hand)
     local h = hand and hand[i]
     local m = assert(message.parse(raw))
     local lu = P.lua(m)
-    local d = P.diff(py[i], lu, settler(h))
+    local d = h and h.settle_tree and {} or P.diff(py[i], lu, settler(h))
     assert(#d == 0, path .. ":\n  " .. table.concat(d, "\n  "))
     -- every header, in order, by name; unstructured ones by decoded value too
-    assert.equal(#py[i].hdr, #lu.hdr, path)
-    for j, ph in ipairs(py[i].hdr) do
+    if not (h and h.settle_tree) then assert.equal(#py[i].hdr, #lu.hdr, path) end
+    for j, ph in ipairs(h and h.settle_tree and {} or py[i].hdr) do
       local name = lu.hdr[j][1]
       assert.equal(ph[1], name, path)
       local n = name:lower()
@@ -282,7 +296,7 @@ local function agree(paths, hand)
     end
     -- each defect Python reports, we report too
     local all = table.concat(m.defects, "|")
-    for _, cls in ipairs(py[i].defects) do
+    for _, cls in ipairs(h and h.settle_tree and {} or py[i].defects) do
       local words = DEFECT_WORDS[cls]
       if words then assert.truthy(all:find(words, 1, true), path .. ": " .. cls .. " not in " .. all) end
     end
@@ -483,6 +497,7 @@ describe("message.parse limits", function()
     assert.is_true(depth <= 20, "depth " .. depth)
     -- message/rfc822 inside message/rfc822 counts too
     m = assert(message.parse(("Content-Type: message/rfc822\n\n"):rep(5000) .. "x\n"))
+    assert.is_true(m.truncated)
     depth = 0
     for p in m:walk() do depth = math.max(depth, select(2, p.path:gsub("%.", ""))) end
     assert.equal(20, depth)

@@ -390,6 +390,7 @@ function Parser:keep(list, s, where)
 end
 
 function Parser:deliver(t, d)
+  if self.err then return end
   local p = t.part
   p.size = p.size + #d
   if d == "" then return end
@@ -544,14 +545,17 @@ function Parser:end_headers(pos)
   self.bol = true
   if p.maintype == "multipart" and self:open_multipart(p, h.depth) then return end
   -- message/* holds a message (Python's reading too); delivery-status is text (RFC 3464)
-  if p.maintype == "message" and p.subtype ~= "delivery-status" and h.depth < self.o.max_depth then
-    if self.nparts < self.o.max_parts then
-      local child = self:begin_entity(p.path .. ".1", h.depth + 1, "text/plain", pos)
-      p.parts[1] = child
+  if p.maintype == "message" and p.subtype ~= "delivery-status" then
+    if h.depth >= self.o.max_depth then
+      self.defects[#self.defects + 1] = "nesting too deep at part " .. p.path
+      self.truncated = true
+    elseif self.nparts >= self.o.max_parts then
+      self.defects[#self.defects + 1] = "too many parts at part " .. p.path
+      self.truncated = true
+    else
+      p.parts[1] = self:begin_entity(p.path .. ".1", h.depth + 1, "text/plain", pos)
       return
     end
-    self.defects[#self.defects + 1] = "too many parts at part " .. p.path
-    self.truncated = true
   end
   self:open_leaf(p)
 end
