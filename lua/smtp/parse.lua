@@ -15,7 +15,7 @@ M.defaults = {
   max_headers = 1000,            -- header fields per part
   max_header_size = 4 * MiB,     -- octets of header fields over the whole message
   max_line = 100000,             -- octets of one line; RFC 5322 says 998, real mail is sloppier
-  max_kept = 32 * MiB,           -- octets of content, preambles and epilogues held in memory
+  max_kept = 64 * MiB,           -- octets of content, preambles and epilogues held in memory
 }
 
 local CHUNK = 65536
@@ -376,12 +376,12 @@ local Parser = {}
 Parser.__index = Parser
 
 -- Memory: text kept while the budget allows; past it, the part is flagged and its text dropped.
-function Parser:keep(list, s, where)
+function Parser:keep(list, s, what, part)
   if list.dropped then return end
   if self.kept + #s > self.o.max_kept then
     list.dropped = true
     for i = #list, 1, -1 do self.kept = self.kept - #list[i]; list[i] = nil end
-    self.defects[#self.defects + 1] = where .. " not kept: over max_kept"
+    self.defects[#self.defects + 1] = what .. " of part " .. part.path .. " not kept: over max_kept"
     self.truncated = true
     return
   end
@@ -396,7 +396,7 @@ function Parser:deliver(t, d)
   if d == "" then return end
   local sink = t.sink
   if sink == nil then
-    self:keep(t.chunks, d, "content of part " .. p.path)
+    self:keep(t.chunks, d, "content", p)
   elseif sink == false then
     return
   elseif type(sink) == "function" then
@@ -415,7 +415,7 @@ function Parser:put(s, i, j)
   if t.kind == "leaf" then
     self:deliver(t, t.decoder:feed(s, i, j))
   elseif t.kind == "collect" then
-    self:keep(t.chunks, s:sub(i, j), t.what .. " of part " .. t.part.path)
+    self:keep(t.chunks, s:sub(i, j), t.what, t.part)
   end
 end
 
