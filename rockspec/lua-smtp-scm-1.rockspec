@@ -31,7 +31,7 @@ local sources = "csrc/core.c" .. " " .. "csrc/net.c" .. " " .. "csrc/tls.c"
   .. " " .. "csrc/client.c" .. " " .. "csrc/client_lua.c"
   .. " " .. "csrc/server.c" .. " " .. "csrc/server_lua.c"
   .. " " .. "csrc/codec.c" .. " " .. "csrc/codec_lua.c" .. " " .. "csrc/dns.c"
-  .. " " .. "csrc/dns_lua.c" .. " " .. "csrc/idna.c"
+  .. " " .. "csrc/dns_lua.c" .. " " .. "csrc/idna.c" .. " " .. "csrc/mime.c" .. " " .. "csrc/mime_lua.c"
 
 build = {
   type = "command",
@@ -60,6 +60,7 @@ build = {
       ["smtp.mx"] = "lua/smtp/mx.lua",
       ["smtp.deliver"] = "lua/smtp/deliver.lua",
       ["smtp.message"] = "lua/smtp/message.lua",
+      ["smtp.parse"] = "lua/smtp/parse.lua",
       ["smtp.dkim"] = "lua/smtp/dkim.lua",
       ["smtp.spf"] = "lua/smtp/spf.lua",
       ["smtp.server"] = "lua/smtp/server.lua",

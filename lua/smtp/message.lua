@@ -938,4 +938,7 @@ function Message:needs()
 end
 
 M.Message = Message
+-- reading messages back: smtp.message.parse(source [, opts]), and the same driven by pushes
+M.parse = require("smtp.parse").parse
+M.parser = require("smtp.parse").parser
 return M
