@@ -112,12 +112,17 @@ function M.signer(opts)
   if ts ~= nil and ts ~= false and (type(ts) ~= "number" or ts < 0) then
     return invalid("timestamp must be seconds or false")
   end
+  local exp = opts.expiration
+  if exp ~= nil and (type(exp) ~= "number" or exp < 0 or exp ~= math.floor(exp)) then
+    return invalid("expiration must be seconds since the epoch")
+  end
   local identity = opts.identity
   if identity ~= nil and (type(identity) ~= "string" or identity:find("[%c%s;]")) then
     return invalid("identity must be an address-like string")
   end
   return setmetatable({ key = key, algorithm = alg, hcanon = hc, bcanon = bc, domain = domain,
-                        selector = selector, names = names, over = over, timestamp = ts, identity = identity },
+                        selector = selector, names = names, over = over, timestamp = ts, identity = identity,
+                        expiration = exp },
                       Signer)
 end
 
@@ -178,6 +183,7 @@ function Signer:sign(fields, bodyhash, now)
   local ts = self.timestamp
   if ts == nil then ts = now or os.time() end
   if ts then tags[#tags + 1] = string.format("t=%d", ts) end
+  if self.expiration then tags[#tags + 1] = string.format("x=%d", self.expiration) end
   local h = { "h=" }
   local hcol = 0
   for i, n in ipairs(hnames) do
