@@ -1,10 +1,12 @@
 /* DNS answer parsing, plain C (c-ares reads the wire format): MX and A/AAAA answers cut down to
- * valid, unique host names and numeric addresses, and host name checks. Shared by the resolver's
+ * valid, unique host names and numeric addresses, TXT records joined, PTR names checked, and host
+ * name checks. Shared by the resolver's
  * Lua binding (dns_lua.c) and fuzz/mx_fuzz.c. */
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <netdb.h>
 #include <arpa/nameser.h>
 #include <ares.h>
 #include "dns.h"
@@ -144,5 +146,114 @@ int dns_parse_addrs(const unsigned char *abuf, int alen, int family, struct dns_
             if (inet_ntop(AF_INET6, &a[i].ip6addr, out->addr[out->count], DNS_ADDR_MAX))
                 out->count++;
     }
+    return ARES_SUCCESS;
+}
+
+int dns_valid_qname(const char *s)
+{
+    size_t n = strlen(s);
+    if (n > 0 && s[n - 1] == '.')
+        n--;
+    if (n == 0 || n > DNS_HOST_MAX)
+        return 0;
+    size_t label = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '.') {
+            if (label == 0)
+                return 0;
+            label = 0;
+            continue;
+        }
+        if (c <= 0x20 || c >= 0x7f || c == '\\')
+            return 0;
+        if (++label > 63)
+            return 0;
+    }
+    return 1;
+}
+
+void dns_txt_free(struct dns_txt_answer *a)
+{
+    free(a->buf);
+    a->buf = NULL;
+    a->count = 0;
+}
+
+int dns_parse_txt(const unsigned char *abuf, int alen, struct dns_txt_answer *out)
+{
+    struct ares_txt_ext *head = NULL;
+    memset(out, 0, sizeof *out);
+    int status = ares_parse_txt_reply_ext(abuf, alen, &head);
+    if (status != ARES_SUCCESS)
+        return status;
+    /* Room for every kept record and its NUL: the answer bounds the total (< 64 KB). */
+    size_t total = 0;
+    for (struct ares_txt_ext *t = head; t; t = t->next)
+        total += t->length + 1;
+    out->buf = malloc(total + 1);
+    if (!out->buf) {
+        ares_free_data(head);
+        return ARES_ENOMEM;
+    }
+    size_t used = 0;
+    int cur = -1;
+    for (struct ares_txt_ext *t = head; t; t = t->next) {
+        if (t->record_start || cur < 0) {
+            if (cur >= 0 && cur < DNS_MAX_TXT)
+                out->buf[used++] = '\0';
+            cur++;
+            if (cur >= DNS_MAX_TXT) {
+                out->dropped++;
+                continue;
+            }
+            out->rec[cur] = out->buf + used;
+            out->len[cur] = 0;
+            out->count = cur + 1;
+        } else if (cur >= DNS_MAX_TXT) {
+            continue;
+        }
+        memcpy(out->buf + used, t->txt, t->length);
+        used += t->length;
+        out->len[cur] += t->length;
+    }
+    out->buf[used] = '\0';
+    ares_free_data(head);
+    if (out->count == 0) {
+        dns_txt_free(out);
+        return ARES_ENODATA;
+    }
+    return ARES_SUCCESS;
+}
+
+static void add_ptr(struct dns_ptr_answer *out, const char *h)
+{
+    if (!h || !dns_valid_hostname(h) || out->count >= DNS_MAX_PTR) {
+        out->dropped++;
+        return;
+    }
+    char name[DNS_HOST_MAX + 1];
+    copy_host(name, h);
+    for (int i = 0; i < out->count; i++)
+        if (strcmp(out->name[i], name) == 0) {
+            out->dropped++;
+            return;
+        }
+    memcpy(out->name[out->count++], name, strlen(name) + 1);
+}
+
+int dns_parse_ptr(const unsigned char *abuf, int alen, struct dns_ptr_answer *out)
+{
+    memset(out, 0, sizeof *out);
+    /* c-ares wants the address asked about to fill its hostent; the names are all we read. */
+    static const unsigned char any[4];
+    struct hostent *h = NULL;
+    int status = ares_parse_ptr_reply(abuf, alen, any, (int)sizeof any, AF_INET, &h);
+    if (status != ARES_SUCCESS)
+        return status;
+    add_ptr(out, h->h_name);
+    for (int i = 0; h->h_aliases && h->h_aliases[i]; i++)
+        add_ptr(out, h->h_aliases[i]);
+    ares_free_hostent(h);
     return ARES_SUCCESS;
 }

@@ -12,6 +12,8 @@
 #define DNS_MAX_ADDRS   16      /* addresses kept per A or AAAA answer */
 #define DNS_HOST_MAX    253     /* longest host name in text form, without the final dot */
 #define DNS_ADDR_MAX    INET6_ADDRSTRLEN
+#define DNS_MAX_TXT     64      /* TXT records kept per answer (SPF, DKIM, DMARC need one or few) */
+#define DNS_MAX_PTR     16      /* PTR names kept per answer (SPF looks at ten at most) */
 
 struct dns_mx {
     unsigned short preference;
@@ -43,5 +45,36 @@ int dns_parse_mx(const unsigned char *abuf, int alen, struct dns_mx_answer *out)
 /* Parses an A (family AF_INET) or AAAA (AF_INET6) answer, CNAMEs in the answer followed, into
  * numeric address strings, at most DNS_MAX_ADDRS. Returns an ARES_* status. */
 int dns_parse_addrs(const unsigned char *abuf, int alen, int family, struct dns_addr_answer *out);
+
+/* One TXT answer: each record's character-strings joined, as SPF (RFC 7208 §3.3), DKIM (RFC 6376
+ * §3.6.2.2) and DMARC read them. rec[i] points into buf, is len[i] bytes (it may hold NULs) and is
+ * NUL-terminated. dropped counts records past DNS_MAX_TXT. Free with dns_txt_free. */
+struct dns_txt_answer {
+    int count;
+    int dropped;
+    char *buf;
+    const char *rec[DNS_MAX_TXT];
+    size_t len[DNS_MAX_TXT];
+};
+
+/* Parses a TXT answer. Returns an ARES_* status (ARES_ENODATA: no TXT records). On success the
+ * caller frees with dns_txt_free; on failure nothing is held. */
+int dns_parse_txt(const unsigned char *abuf, int alen, struct dns_txt_answer *out);
+void dns_txt_free(struct dns_txt_answer *a);
+
+/* One PTR answer: the names, lower-cased, without the final dot, valid host names only and
+ * without duplicates; dropped counts the others and those past DNS_MAX_PTR. */
+struct dns_ptr_answer {
+    int count;
+    int dropped;
+    char name[DNS_MAX_PTR][DNS_HOST_MAX + 1];
+};
+
+int dns_parse_ptr(const unsigned char *abuf, int alen, struct dns_ptr_answer *out);
+
+/* 1 when s may be asked for a TXT or PTR record: dot-separated labels of 1 to 63 printable ASCII
+ * bytes other than '\\' (underscores and other characters SPF macros produce included), at most 253
+ * bytes, an optional final dot. */
+int dns_valid_qname(const char *s);
 
 #endif

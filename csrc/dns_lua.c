@@ -1,4 +1,4 @@
-/* dns part of the C core for Lua: a c-ares resolver for A, AAAA and MX that never blocks and
+/* dns part of the C core for Lua: a c-ares resolver for A, AAAA, MX, TXT and PTR that never blocks and
  * offers one pollable fd (an epoll set holding c-ares's own sockets), and its binding
  * core.resolver{...}. The answers are parsed by dns.c. */
 #include <errno.h>
@@ -23,9 +23,9 @@
 enum query_state { Q_PENDING, Q_DONE, Q_ABANDONED };
 static const char *const query_state_name[] = { "pending", "done", "abandoned" };
 
-enum query_type { T_ADDR4, T_ADDR6, T_MXREC };
-static const char *const query_type_name[] = { "A", "AAAA", "MX" };
-static const int query_type_ns[] = { ns_t_a, ns_t_aaaa, ns_t_mx };
+enum query_type { T_ADDR4, T_ADDR6, T_MXREC, T_TXTREC, T_PTRREC, T_COUNT };
+static const char *const query_type_name[] = { "A", "AAAA", "MX", "TXT", "PTR" };
+static const int query_type_ns[] = { ns_t_a, ns_t_aaaa, ns_t_mx, ns_t_txt, ns_t_ptr };
 
 struct dns_resolver;
 
@@ -273,7 +273,7 @@ static int l_resolver(lua_State *L)
     return 1;
 }
 
-/* r:query(name, "A"|"AAAA"|"MX") -> id | nil, msg */
+/* r:query(name, "A"|"AAAA"|"MX"|"TXT"|"PTR") -> id | nil, msg */
 static int l_query(lua_State *L)
 {
     struct lresolver *lr = check_resolver(L);
@@ -281,12 +281,12 @@ static int l_query(lua_State *L)
     const char *name = luaL_checklstring(L, 2, &len);
     const char *tname = luaL_checkstring(L, 3);
     int type = -1;
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < T_COUNT; i++)
         if (strcmp(tname, query_type_name[i]) == 0)
             type = i;
     if (type < 0)
-        return luaL_argerror(L, 3, "\"A\", \"AAAA\" or \"MX\" expected");
-    if (len == 0 || len > DNS_HOST_MAX + 1 || strlen(name) != len) {
+        return luaL_argerror(L, 3, "\"A\", \"AAAA\", \"MX\", \"TXT\" or \"PTR\" expected");
+    if (len == 0 || len > DNS_HOST_MAX + 1 || strlen(name) != len || !dns_valid_qname(name)) {
         lua_pushnil(L);
         lua_pushliteral(L, "badname");
         return 2;
@@ -314,6 +314,43 @@ static int l_query(lua_State *L)
 
 static void push_result(lua_State *L, struct dns_query *q)
 {
+    if (q->type == T_TXTREC) {
+        struct dns_txt_answer a;
+        int st = dns_parse_txt(q->abuf, q->alen, &a);
+        if (st != ARES_SUCCESS && st != ARES_ENODATA) {
+            lua_pushnil(L);
+            lua_pushstring(L, status_name(st));
+            return;
+        }
+        lua_createtable(L, a.count, 1);
+        for (int i = 0; i < a.count; i++) {
+            lua_pushlstring(L, a.rec[i], a.len[i]);
+            lua_rawseti(L, -2, i + 1);
+        }
+        lua_pushinteger(L, a.dropped);
+        lua_setfield(L, -2, "dropped");
+        dns_txt_free(&a);
+        lua_pushnil(L);
+        return;
+    }
+    if (q->type == T_PTRREC) {
+        struct dns_ptr_answer a;
+        int st = dns_parse_ptr(q->abuf, q->alen, &a);
+        if (st != ARES_SUCCESS && st != ARES_ENODATA) {
+            lua_pushnil(L);
+            lua_pushstring(L, status_name(st));
+            return;
+        }
+        lua_createtable(L, a.count, 1);
+        for (int i = 0; i < a.count; i++) {
+            lua_pushstring(L, a.name[i]);
+            lua_rawseti(L, -2, i + 1);
+        }
+        lua_pushinteger(L, a.dropped);
+        lua_setfield(L, -2, "dropped");
+        lua_pushnil(L);
+        return;
+    }
     if (q->type == T_MXREC) {
         struct dns_mx_answer a;
         int st = dns_parse_mx(q->abuf, q->alen, &a);
@@ -357,7 +394,9 @@ static void push_result(lua_State *L, struct dns_query *q)
 
 /* r:result(id) -> answer | nil, "pending" | nil, errname. A finished query is consumed.
  * Answers: A/AAAA a list of address strings; MX a list of {host=, preference=} with fields
- * null (a null MX) and dropped (records left out). NOERROR without records is an empty list. */
+ * null (a null MX) and dropped (records left out); TXT a list of strings (each record's
+ * character-strings joined); PTR a list of host names; TXT and PTR lists carry `dropped` too.
+ * NOERROR without records is an empty list. */
 static int l_result(lua_State *L)
 {
     struct lresolver *lr = check_resolver(L);

@@ -1,5 +1,6 @@
-/* libFuzzer harness for the MX (and A/AAAA) answer handling of csrc/dns.c: arbitrary bytes as a
- * DNS answer must yield only valid, lower-case, unique host names in preference order, capped. */
+/* libFuzzer harness for the answer handling of csrc/dns.c: arbitrary bytes as a DNS answer must
+ * yield only valid, lower-case, unique host names (MX in preference order, PTR), numeric addresses
+ * (A/AAAA) and TXT records that stay inside their buffer, all capped. */
 #include <assert.h>
 #include <stdint.h>
 #include <string.h>
@@ -62,6 +63,30 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (int i = 0; i < a.count; i++) {
             unsigned char buf[16];
             assert(inet_pton(fam[f], a.addr[i], buf) == 1);
+        }
+    }
+
+    struct dns_txt_answer t;
+    if (dns_parse_txt(data, (int)size, &t) == ARES_SUCCESS) {
+        assert(t.count > 0 && t.count <= DNS_MAX_TXT && t.dropped >= 0);
+        size_t sum = 0;
+        for (int i = 0; i < t.count; i++) {
+            assert(t.rec[i][t.len[i]] == '\0');   /* reads the whole record: ASan checks bounds */
+            sum += t.len[i];
+        }
+        assert(sum <= size);
+        dns_txt_free(&t);
+    } else {
+        assert(t.buf == NULL && t.count == 0);
+    }
+
+    struct dns_ptr_answer p;
+    if (dns_parse_ptr(data, (int)size, &p) == ARES_SUCCESS) {
+        assert(p.count >= 0 && p.count <= DNS_MAX_PTR);
+        for (int i = 0; i < p.count; i++) {
+            assert(ok_host(p.name[i]));
+            for (int j = 0; j < i; j++)
+                assert(strcmp(p.name[i], p.name[j]) != 0);
         }
     }
     return 0;

@@ -15,6 +15,12 @@ describe("smtp.dns", function()
       "--cname=alias.example.test,mx1.example.test",
       "--mx-host=example.test,mx1.example.test,10",
       "--server=/broken.test/127.0.0.1#9",
+      "--txt-record=example.test,v=spf1 ip4:192.0.2.0/24, -all",   -- two strings, one record
+      "--txt-record=example.test,second record",
+      "--txt-record=_dmarc.example.test,v=DMARC1; p=reject",
+      "--txt-record=sel._domainkey.example.test," .. string.rep("k", 300),
+      "--ptr-record=7.2.0.192.in-addr.arpa,v4.example.test",
+      "--ptr-record=7.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa,V6.Example.Test.",
     }
     fake = peers.fake()
   end)
@@ -94,6 +100,30 @@ describe("smtp.dns", function()
     assert.equal(1, #res)
   end)
 
+  it("queries TXT: each record's strings joined, underscores allowed, long records whole", function()
+    local res = assert(dns.query("example.test", "TXT", ns()))
+    table.sort(res)
+    assert.same({ "second record", "v=spf1 ip4:192.0.2.0/24 -all" }, { res[1], res[2] })
+    assert.equal(2, #res)
+    assert.same({ "v=DMARC1; p=reject" }, { (assert(dns.query("_DMARC.example.test.", "TXT", ns())))[1] })
+    local long = assert(dns.query("sel._domainkey.example.test", "TXT", ns()))
+    assert.equal(string.rep("k", 300), long[1])
+    assert.same({}, { table.unpack(assert(dns.query("v4.example.test", "TXT", ns()))) })
+    local nx, err = dns.query("nope.example.test", "TXT", ns())
+    assert.is_nil(nx)
+    assert.equal("nxdomain", err.rcode)
+  end)
+
+  it("queries PTR by reverse name or by address, IPv4 and IPv6", function()
+    assert.equal("7.2.0.192.in-addr.arpa", dns.reverse_name("192.0.2.7"))
+    assert.equal("1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa",
+      dns.reverse_name("2001:db8::1"))
+    assert.is_nil(dns.reverse_name("example.test"))
+    assert.same({ "v4.example.test" }, { table.unpack(assert(dns.query("192.0.2.7", "PTR", ns()))) })
+    assert.same({ "v4.example.test" }, { table.unpack(assert(dns.query("7.2.0.192.in-addr.arpa", "PTR", ns()))) })
+    assert.same({ "v6.example.test" }, { table.unpack(assert(dns.query("2001:db8::7", "PTR", ns()))) })
+  end)
+
   it("rejects bad names and misuse", function()
     local res, err = dns.resolve("bad name.test", ns())
     assert.is_nil(res)
@@ -101,7 +131,11 @@ describe("smtp.dns", function()
     res, err = dns.resolve("a\r\nb.test", ns())
     assert.equal("invalid", err.kind)
     assert.has_error(function() dns.resolve(42) end, "bad argument #1 to 'resolve' (string expected)")
-    assert.has_error(function() dns.query("a.test", "TXT") end)
+    assert.has_error(function() dns.query("a.test", "SRV") end)
+    res, err = dns.query("a b.test", "TXT", ns())
+    assert.equal("invalid", err.kind)
+    res, err = dns.query("a\\b.test", "TXT", ns())
+    assert.equal("invalid", err.kind)
     assert.has_error(function() core.resolver { nameservers = { "1.2.3.4,5.6.7.8" } } end)
   end)
 

@@ -258,7 +258,8 @@ describe_or_skip("smtp inside nginx", function()
       "--pid-file=", "--local=/test/", "--local-ttl=300",
       "--mx-host=example.test,mx2.example.test,20", "--mx-host=example.test,mx1.example.test,10",
       "--host-record=mx1.example.test,127.0.0.1,::1", "--mx-host=nullmx.test,.,0",
-      "--host-record=nomx.test,127.0.0.4" }, { limit = 120 })
+      "--host-record=nomx.test,127.0.0.4", '--txt-record=_dmarc.example.test,v=DMARC1;, p=none',
+      "--ptr-record=4.0.0.127.in-addr.arpa,NoMX.test." }, { limit = 120 })
     assert(helper.wait_port("127.0.0.1", port, 10), dns:output())
     local function ask(name, typ)
       local status, body = nginx_support.request(ngx_srv:url("/dns?ns=127.0.0.1:" .. port .. "&name=" .. name .. "&type=" .. typ))
@@ -268,6 +269,8 @@ describe_or_skip("smtp inside nginx", function()
     assert.are.equal("mx1.example.test 10\nmx2.example.test 20\nnull=nil dropped=0\n", ask("example.test", "MX"))
     assert.are.equal("::1\n127.0.0.1\nnull=nil dropped=nil\n", ask("mx1.example.test", "resolve"))
     assert.are.equal("null=true dropped=0\n", ask("nullmx.test", "MX"))
+    assert.are.equal("v=DMARC1; p=none\nnull=nil dropped=0\n", ask("_dmarc.example.test", "TXT"))
+    assert.are.equal("nomx.test\nnull=nil dropped=0\n", ask("127.0.0.4", "PTR"))
     assert.are.equal("null=nil dropped=0\n", ask("nomx.test", "MX"))
     assert.are.equal("error dns nxdomain false\n", ask("nothere.test", "MX"))
     assert.are.equal("error dns nxdomain false\n", ask("nothere.test", "resolve"))

@@ -1,4 +1,4 @@
--- Name resolution for lua-smtp: A/AAAA/MX through the core's c-ares resolver, waiting with
+-- Name resolution for lua-smtp: A/AAAA/MX/TXT/PTR through the core's c-ares resolver, waiting with
 -- smtp.wait (so it yields inside smtp.loop or cqueues), never through getaddrinfo.
 --
 -- Numeric addresses and "localhost" resolve without DNS. When no `nameservers` are given, the
@@ -101,8 +101,10 @@ M.start_addresses = util.start_addresses
 -- dns.finish_addresses(r, p[, max]) -> addresses (AAAA first, then A) | nil, err, for a lookup
 --   begun by start_addresses and driven;
 -- dns.resolve(name, {nameservers=, timeout=}) -> { addresses... } (AAAA, then A) | nil, err;
--- dns.query(name, "MX"|"A"|"AAAA", opts) -> answer | nil, err. A/AAAA: a list of address strings;
---   MX: a list of {host=, preference=} in preference order with `null = true` for a null MX and
---   `dropped` = records left out (bad names, duplicates, cap). NOERROR without records of the
---   type is an empty list.
+-- dns.query(name, "MX"|"A"|"AAAA"|"TXT"|"PTR", opts) -> answer | nil, err. A/AAAA: a list of
+--   address strings; MX: a list of {host=, preference=} in preference order with `null = true` for
+--   a null MX and `dropped` = records left out (bad names, duplicates, cap); TXT: a list of strings,
+--   each record's character-strings joined; PTR (name or IP address): a list of host names. NOERROR
+--   without records of the type is an empty list;
+-- dns.reverse_name(ip) -> the in-addr.arpa / ip6.arpa name.
 return util.frontend(M)

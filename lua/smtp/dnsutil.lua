@@ -261,14 +261,57 @@ function M.resolve(D, name, opts, level)
   return res, err
 end
 
-local qtypes = { A = true, AAAA = true, MX = true }
+M.QTYPES = { A = true, AAAA = true, MX = true, TXT = true, PTR = true }
 
--- query(name, "MX"|"A"|"AAAA", opts) of backend D -> answer | nil, err.
+-- A name that may be asked for TXT or PTR records, normalized (lower case, no final dot), or nil:
+-- labels of 1 to 63 printable ASCII bytes but "\\" (underscores as in "_dmarc" and whatever SPF
+-- macros produce), 253 bytes at most. The same rule as dns_valid_qname in the core.
+function M.normalize_qname(name)
+  if type(name) ~= "string" then return nil end
+  local n = name:gsub("%.$", ""):lower()
+  if n == "" or #n > 253 or n:find("[^%w%p]") or n:find("\\", 1, true) then return nil end
+  for label in (n .. "."):gmatch("([^.]*)%.") do
+    if #label == 0 or #label > 63 then return nil end
+  end
+  return n
+end
+
+-- The name a PTR query asks for an address: "192.0.2.1" -> "1.2.0.192.in-addr.arpa",
+-- "2001:db8::1" -> "1.0.0.0...8.b.d.0.1.0.0.2.ip6.arpa"; nil for text that is not an address.
+function M.reverse_name(addr)
+  if type(addr) ~= "string" then return nil end
+  addr = addr:match("^%[(.*)%]$") or addr
+  local n = v4_number(addr)
+  if n then
+    local o = {}
+    for i = 4, 1, -1 do o[i] = tostring(n % 256); n = math.floor(n / 256) end
+    return ("%s.%s.%s.%s.in-addr.arpa"):format(o[4], o[3], o[2], o[1])
+  end
+  if not addr:find(":", 1, true) then return nil end
+  local g = v6_groups(addr)
+  if not g then return nil end
+  local hex = {}
+  for i = 1, 8 do hex[#hex + 1] = ("%04x"):format(g[i]) end
+  local nibbles = table.concat(hex):reverse()
+  return nibbles:gsub(".", "%0.") .. "ip6.arpa"
+end
+
+-- query(name, "MX"|"A"|"AAAA"|"TXT"|"PTR", opts) of backend D -> answer | nil, err. For PTR the
+-- name may be an IP address: its reverse name is asked.
 function M.query(D, name, qtype, opts, level)
   if type(name) ~= "string" then error("bad argument #1 to 'query' (string expected)", level + 1) end
-  if not qtypes[qtype] then error("bad argument #2 to 'query' (\"A\", \"AAAA\" or \"MX\" expected)", level + 1) end
+  if not M.QTYPES[qtype] then
+    error("bad argument #2 to 'query' (\"A\", \"AAAA\", \"MX\", \"TXT\" or \"PTR\" expected)", level + 1)
+  end
   opts = M.check_opts(opts, level + 1, "query", 3)
-  local host = D.normalize(name)
+  local host
+  if qtype == "PTR" and M.literal(name) then
+    host = M.reverse_name(M.literal(name))
+  elseif qtype == "TXT" or qtype == "PTR" then
+    host = M.normalize_qname(name)
+  else
+    host = D.normalize(name)
+  end
   if not host then return errors.invalid("not a valid domain name: " .. ("%q"):format(name)) end
   local r, deadline = D.resolver(opts)
   if not r then return nil, deadline end
@@ -280,7 +323,8 @@ function M.query(D, name, qtype, opts, level)
 end
 
 -- Gives backend D (with resolver, drive, collect, close, normalize, max_addresses) the functions
--- written here once: finish_addresses(r, p[, max]), resolve(name, opts), query(name, qtype, opts).
+-- written here once: finish_addresses(r, p[, max]), resolve(name, opts), query(name, qtype, opts),
+-- reverse_name(addr).
 function M.frontend(D)
   function D.finish_addresses(r, p, max)
     return M.finish_addresses(D.collect, r, p, max or D.max_addresses)
@@ -293,6 +337,7 @@ function M.frontend(D)
     local res, err = M.query(D, name, qtype, opts, 2)
     return res, err
   end
+  D.reverse_name = M.reverse_name
   return D
 end
 

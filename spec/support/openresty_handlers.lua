@@ -176,7 +176,7 @@ function M.contract()
   ngx.print(table.concat(lines, "\n"), "\n")
 end
 
--- /dns?ns=127.0.0.1:P&name=N&type=MX|A|AAAA|resolve: what ngx_dns answers, one line per record.
+-- /dns?ns=127.0.0.1:P&name=N&type=MX|A|AAAA|TXT|PTR|resolve: what ngx_dns answers, one line per record.
 function M.dns()
   local d = require("smtp.transport").dns()
   local opts = { nameservers = { arg("ns") }, timeout = 3 }

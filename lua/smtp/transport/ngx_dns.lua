@@ -179,6 +179,36 @@ local function mx_answer(r, answers)
   return out
 end
 
+-- TXT records -> a list of strings, each record's character-strings joined (resty.dns gives a
+-- string for one, a table for several), at most 64 as the core keeps.
+local function txt_answer(r, answers)
+  local out = { dropped = 0 }
+  for _, a in ipairs(answers) do
+    if a.type == r.TYPE_TXT then
+      local v = type(a.txt) == "table" and table.concat(a.txt) or a.txt or ""
+      if #out < 64 then out[#out + 1] = v else out.dropped = out.dropped + 1 end
+    end
+  end
+  return out
+end
+
+-- PTR records -> valid host names, lower case, unique, at most 16 as the core keeps.
+local function ptr_answer(r, answers)
+  local out, seen = { dropped = 0 }, {}
+  for _, a in ipairs(answers) do
+    if a.type == r.TYPE_PTR then
+      local h = (a.ptrdname or ""):gsub("%.$", ""):lower()
+      if valid_hostname(h) and not seen[h] and #out < 16 then
+        seen[h] = true
+        out[#out + 1] = h
+      else
+        out.dropped = out.dropped + 1
+      end
+    end
+  end
+  return out
+end
+
 -- One query of one type: the answer as smtp.dns gives it | nil, err.
 local function run_one(opts, name, qtype, timeout)
   local r, err = new_resolver(opts, name, timeout)
@@ -196,6 +226,8 @@ local function run_one(opts, name, qtype, timeout)
     return dns_error(name, rcode_names[answers.errcode] or "error")
   end
   if qtype == "MX" then return mx_answer(r, answers) end
+  if qtype == "TXT" then return txt_answer(r, answers) end
+  if qtype == "PTR" then return ptr_answer(r, answers) end
   return addresses_of(r, answers, t)
 end
 
@@ -222,8 +254,8 @@ function M.resolver(opts)
 end
 
 function Batch:query(name, qtype)
-  if qtype ~= "A" and qtype ~= "AAAA" and qtype ~= "MX" then
-    error("bad argument 'qtype': \"A\", \"AAAA\" or \"MX\" expected", 2)
+  if not util.QTYPES[qtype] then
+    error("bad argument 'qtype': \"A\", \"AAAA\", \"MX\", \"TXT\" or \"PTR\" expected", 2)
   end
   self.n = self.n + 1
   self.queue[#self.queue + 1] = { id = self.n, name = name, qtype = qtype }
@@ -287,8 +319,9 @@ end
 -- resolve(name, { nameservers = {"127.0.0.1:5353"}, timeout = 10 })
 --   -> { "2001:db8::1", "192.0.2.1", ... } (AAAA, then A) | nil, err (kind "dns", `rcode`,
 --   temporary true|false). Without nameservers, /etc/hosts first, as the system would;
--- query(name, "MX"|"A"|"AAAA", opts) -> answer | nil, err, as smtp.dns.query: A/AAAA a list of
---   address strings; MX as mx_answer above. NOERROR without records of the type is an empty list.
+-- query(name, "MX"|"A"|"AAAA"|"TXT"|"PTR", opts) -> answer | nil, err, as smtp.dns.query: A/AAAA a
+--   list of address strings; MX as mx_answer above; TXT and PTR as txt_answer and ptr_answer. NOERROR
+--   without records of the type is an empty list.
 util.frontend(M)
 
 -- mx(name, opts): query(name, "MX", opts).
