@@ -519,3 +519,41 @@ describe("dkim.verify", function()
     assert.is_true(peak < 8 * 1024, "Lua heap reached " .. peak .. " KB")
   end)
 end)
+
+describe("dkim.verify through DNS", function()
+  it("fetches keys as TXT <selector>._domainkey.<domain> from a real server (dnsmasq)", function()
+    local k = genkeys()
+    local peers = require "support.dnsmasq"
+    -- a 2048-bit key's record is longer than one TXT string (255 octets): dnsmasq takes the
+    -- strings comma-separated, and the resolver joins them
+    local rec = record("rsa", k.rsa_p)
+    local parts = {}
+    for i = 1, #rec, 200 do parts[#parts + 1] = rec:sub(i, i + 199) end
+    local zone = peers.start {
+      "--txt-record=rsa._domainkey.example.test," .. table.concat(parts, ","),
+      "--txt-record=ed._domainkey.example.test," .. record("ed25519", k.ed_p),
+      "--txt-record=gone._domainkey.example.test,v=DKIM1; p=",
+      "--server=/broken.test/127.0.0.1#9",
+    }
+    local ok, err = pcall(function()
+      local function signed(selector, domain, key)
+        return assert(dkim.sign(corpus.plain, { domain = domain, selector = selector, key = key }))
+      end
+      local ns = { nameservers = { zone.nameserver }, timeout = 2 }
+      local raw = assert(dkim.sign(signed("rsa", "example.test", k.rsa), { domain = "example.test",
+        selector = "ed", key = k.ed }))
+      local rs = assert(dkim.verify(raw, ns))
+      assert.equal("pass pass", words(rs))
+      assert.equal("ed", rs[1].s); assert.equal("rsa", rs[2].s)
+      rs = assert(dkim.verify(signed("gone", "example.test", k.rsa), ns))
+      assert.equal("permerror", rs[1].result); assert.equal("key revoked", rs[1].reason)
+      rs = assert(dkim.verify(signed("none", "example.test", k.rsa), ns))
+      assert.equal("permerror", rs[1].result); assert.equal("no key for signature", rs[1].reason)
+      rs = assert(dkim.verify(signed("rsa", "broken.test", k.rsa), { nameservers = { zone.nameserver }, timeout = 1 }))
+      assert.equal("temperror", rs[1].result)
+      assert.matches("^key lookup: ", rs[1].reason)
+    end)
+    zone:stop()
+    assert(ok, err)
+  end)
+end)
