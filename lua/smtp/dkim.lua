@@ -547,7 +547,7 @@ function M.verify(message, opts)
     return nil, errors.new { kind = "invalid", text = "dkim: " .. tostring(header) }
   end
   if not header then
-    return { { result = "permerror", reason = "header section too large" } }
+    return { { result = "permerror", reason = "header section too large" }, from_fields = 0 }
   end
   local fields = M.split_header(header)
   local results, sigs = {}, {}
@@ -558,6 +558,12 @@ function M.verify(message, opts)
     l[#l + 1] = f
   end
   froms = byname.from and #byname.from or 0
+  -- the From field for DMARC (smtp.auth.check): its value, when there is exactly one
+  local function finish(rs)
+    rs.from_fields = froms
+    if froms == 1 then rs.from = byname.from[1]:match("^[^:]*:(.*)$"):gsub("\r\n", "") end
+    return rs
+  end
   for _, f in ipairs(byname["dkim-signature"] or {}) do
     if #results >= maxsig then
       results[#results + 1] = { result = "policy", reason = "more than " .. maxsig .. " signatures" }
@@ -575,7 +581,7 @@ function M.verify(message, opts)
       results[#results + 1] = r
     end
   end
-  if #results == 0 then return { { result = "none", reason = "no signatures" } } end
+  if #results == 0 then return finish({ { result = "none", reason = "no signatures" } }) end
 
   -- keys, once per selector and domain
   local keys = {}
@@ -666,6 +672,6 @@ function M.verify(message, opts)
     end
   end
   header_b(results)
-  return results
+  return finish(results)
 end
 return M
