@@ -174,3 +174,67 @@ describe("auth.check", function()
     assert.equal("several From fields", r.dmarc.reason)
   end)
 end)
+
+describe("auth.check in a server's on_message", function()
+  it("verifies a DKIM-signed message as it arrives and prepends the field to what it stores", function()
+    helper.need("publicsuffix")
+    helper.need("openssl")
+    local smtp = require "smtp"
+    local server = require "smtp.server"
+    local loop = require "smtp.loop"
+    local message = require "smtp.message"
+    local dir = helper.tmpdir()
+    helper.sh("openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out " .. dir .. "/rsa.pem 2>/dev/null")
+    local pem = assert(helper.read(dir .. "/rsa.pem"))
+    local rec = "v=DKIM1; k=rsa; p=" .. assert(core.dkim_key(pem)):public()
+    local stored = {}
+    local srv = assert(server.listen {
+      host = "127.0.0.1", port = 0,
+      on_message = function(session, envelope, reader)
+        -- the reader streams into the DKIM hashes; a handler that also stores the message
+        -- keeps the chunks as they pass
+        local kept = {}
+        local src = reader:chunks()
+        local r = assert(auth.check(function()
+          local c = src()
+          kept[#kept + 1] = c
+          return c
+        end, { authserv_id = "mx.example.org",
+               dkim = { key = function(s, d) if s == "s1" and d == "example.com" then return rec end end },
+               dmarc = { txt = function(name)
+                 if name == "_dmarc.example.com" then return { "v=DMARC1; p=reject" } end
+               end } }))
+        stored[#stored + 1] = r.header .. table.concat(kept)
+        return true
+      end,
+    })
+    local err
+    loop.spawn(function()
+      local ok, e = pcall(function()
+        srv:serve()
+        for _, text in ipairs({ "Hello Bob", string.rep("A long body line. ", 20000) }) do
+          local m = assert(message.new { from = "Alice <alice@example.com>", to = { "bob@example.org" },
+            subject = "signed", text = text, dkim = { domain = "example.com", selector = "s1", key = pem } })
+          assert(smtp.send { server = "127.0.0.1", port = srv.port, tls = "none", from = "alice@example.com",
+            to = { "bob@example.org" }, message = m })
+        end
+      end)
+      err = not ok and e or nil
+      srv:close()
+    end)
+    loop.run()
+    assert(not err, err)
+    assert.equal(2, #stored)
+    for _, s in ipairs(stored) do
+      local field = s:match("^(Authentication%-Results:.-\r\n)[^ ]")
+      assert.truthy(field, s:sub(1, 300))
+      local p = parse_back({ field })[1]
+      assert.equal("mx.example.org", p.id)
+      assert.equal("dkim", p.results[1].method); assert.equal("pass", p.results[1].result)
+      assert.same({ method = "dmarc", result = "pass", props = { "header.from=example.com" } }, p.results[2])
+      -- what was stored still verifies, with the field in front
+      local again = assert(dkim.verify(s, { key = function() return rec end }))
+      assert.equal("pass", again[1].result)
+    end
+  end)
+end)

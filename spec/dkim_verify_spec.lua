@@ -319,6 +319,31 @@ describe("dkim.verify against dkimpy", function()
     end)
   end
 
+  it("differs from dkimpy, by the RFC: whitespace around the b= value is deleted with it (RFC 6376 3.7)", function()
+    -- a signature whose b= is not the last tag and has a space before the ";": RFC 6376 3.7
+    -- hashes the field with the value "including all surrounding whitespace" deleted; dkimpy
+    -- deletes the value alone, so for it the space stays (relaxed: "b= ;")
+    local k = genkeys()
+    local head = "From: alice@example.com\r\nSubject: lunch\r\n"
+    local body = "Shall we?\r\n"
+    local bh = core.b64encode(core.sha256(core.dkim_canon_body(body, "relaxed")))
+    local function field(b)
+      return "DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com; s=rsa; b=" .. b ..
+        " ; h=from:subject; bh=" .. bh
+    end
+    local data = core.dkim_header("From: alice@example.com", "relaxed") ..
+      core.dkim_header("Subject: lunch", "relaxed") ..
+      core.dkim_header(field(""):gsub("b= ;", "b=;"), "relaxed"):sub(1, -3)
+    local sig = core.b64encode(assert(core.dkim_key(k.rsa)):sign(data))
+    local raw = field(sig) .. "\r\n" .. head .. "\r\n" .. body
+    local dns = { ["rsa._domainkey.example.com"] = record("rsa", k.rsa_p) }
+    local path = helper.tmpdir() .. "/m"
+    helper.write(path, raw)
+    local py = dkimpy(dns, nil, { m = path })
+    assert.equal("not", py_words(py.m))
+    assert.equal("pass", results_of(raw, dns)[1].result)
+  end)
+
   it("a 768-bit RSA key: dkimpy and we both refuse it (RFC 8301 3.2), we as policy", function()
     local k = genkeys()
     local dir = helper.tmpdir()
@@ -497,7 +522,7 @@ describe("dkim.verify", function()
     assert.equal("invalid", err.kind)
     assert.matches("disk on fire", tostring(err), 1, true)
     assert.matches("failed: ", "failed: " .. err, 1, true)
-    assert.has_error(function() dkim.verify(42) end, "bad argument #1 to 'verify' (string, file or function expected)")
+    assert.has_error(function() dkim.verify(42) end, "bad argument #1 to 'verify' (string, file, function or reader expected)")
     assert.has_error(function() dkim.verify("x", 5) end, "bad argument #2 to 'verify' (options table expected)")
     assert.has_error(function() dkim.verify("x", { key = "k" }) end, "bad argument #2 to 'verify' (key must be a function)")
   end)

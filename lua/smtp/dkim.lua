@@ -467,6 +467,15 @@ local function reader_of(message)
       if d == nil and err then error("message read: " .. tostring(err), 0) end
       return d
     end
+  elseif (t == "table" or t == "userdata") and type(message.read) == "function" then
+    -- the server's reader (or any object with read(n))
+    return function()
+      local c = message:read(16384)
+      if c ~= nil and type(c) ~= "string" then
+        error("message reader gave a " .. type(c) .. " instead of a string", 0)
+      end
+      return c
+    end
   elseif t == "function" then
     return function()
       local c = message()
@@ -476,7 +485,7 @@ local function reader_of(message)
       return c
     end
   end
-  error("bad argument #1 to 'verify' (string, file or function expected)", 3)
+  error("bad argument #1 to 'verify' (string, file, function or reader expected)", 3)
 end
 
 -- Line ends as the signer sends them: CRLF, with a bare CR or LF made into one. st.cr: the last
