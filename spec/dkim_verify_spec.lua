@@ -454,6 +454,11 @@ describe("dkim.verify", function()
     { "x= before t=", good .. "; t=2000; x=1000", "x= is not after t=" },
     { "b= not base64", good:gsub("b=AAAA", "b=AA*A"), "b= is not base64" },
   }
+  it("is neutral on a DKIM-Signature line without a colon", function()
+    local r = results_of("DKIM-Signature\r\n" .. base, {})[1]
+    assert.equal("neutral", r.result)
+    assert.equal("signature syntax: no colon", r.reason)
+  end)
   for _, c in ipairs(syntax) do
     it("is neutral on a malformed signature: " .. c[1], function()
       local r = results_of(with_sig(c[2]), {}, { now = 1500 })[1]
@@ -525,6 +530,32 @@ describe("dkim.verify", function()
     assert.has_error(function() dkim.verify(42) end, "bad argument #1 to 'verify' (string, file, function or reader expected)")
     assert.has_error(function() dkim.verify("x", 5) end, "bad argument #2 to 'verify' (options table expected)")
     assert.has_error(function() dkim.verify("x", { key = "k" }) end, "bad argument #2 to 'verify' (key must be a function)")
+  end)
+
+  it("verifies what it signs over random messages, chunkings and canonicalizations; a changed byte fails", function()
+    local k = genkeys()
+    local dns = dns_of()
+    math.randomseed(17)
+    local alphabet = { "a", "b", " ", "\t", "\r\n", "\r\n", "\n", "\r", "x y", "\r\n\r\n", "." }
+    local canons = { "simple/simple", "relaxed/relaxed", "simple/relaxed", "relaxed/simple" }
+    for n = 1, 60 do
+      local parts = {}
+      for _ = 1, math.random(0, 60) do parts[#parts + 1] = alphabet[math.random(#alphabet)] end
+      local raw = "From: a@example.com\r\nSubject: s" .. n .. "\r\n\r\n" .. table.concat(parts)
+      local canon = canons[math.random(#canons)]
+      local signed = assert(dkim.sign(raw, { domain = "example.com", selector = "ed", key = k.ed,
+        canonicalization = canon }))
+      local size = math.random(1, 9)
+      local pos = 1
+      local rs = results_of(function()
+        if pos > #signed then return nil end
+        local c = signed:sub(pos, pos + size - 1); pos = pos + size; return c
+      end, dns)
+      assert.equal("pass", rs[1].result, canon .. " " .. string.format("%q", raw))
+      -- a letter added to the body is never canonicalized away
+      rs = results_of(signed .. "z", dns)
+      assert.equal("fail", rs[1].result, canon .. " " .. string.format("%q", raw))
+    end
   end)
 
   it("verifies a 64 MB message from a function source with the Lua heap under 8 MB", function()

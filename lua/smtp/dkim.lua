@@ -325,6 +325,7 @@ local key_types = { ["rsa-sha256"] = "rsa", ["ed25519-sha256"] = "ed25519" }
 local function parse_signature(field, now, skew)
   local colon = field:find(":", 1, true)
   local r = { result = "neutral" }
+  if not colon then r.reason = "signature syntax: no colon"; return nil, r end
   local tags, spans = parse_tags(field:sub(colon + 1))
   if not tags then r.reason = "signature syntax: " .. spans; return nil, r end
   if tags.d and valid_domain(tags.d) then r.d = tags.d end
@@ -608,7 +609,12 @@ function M.verify(message, opts)
       if recs and not recs.fail then
         -- several records: the first that makes a key for this signature (RFC 6376 6.1.2)
         for _, rec in ipairs(recs) do
-          local key, a, b = parse_key(rec, sig)
+          local key, a, b
+          if type(rec) == "string" then
+            key, a, b = parse_key(rec, sig)
+          else
+            a, b = "permerror", "key record is not a string"
+          end
           if key then sig.key, sig.r.testing = key, a or nil; break end
           if not res then res, why = a, b end
         end
