@@ -619,3 +619,49 @@ describe("dkim.verify through DNS", function()
     assert(ok, err)
   end)
 end)
+
+describe("dkim.verify and dmarc.check inside nginx", function()
+  it("fetch keys and policies through the nginx resolver (dnsmasq behind it)", function()
+    helper.need("nginx lua")
+    local k = genkeys()
+    local nginx = require "support.nginx"
+    local peers = require "support.dnsmasq"
+    local rec = record("rsa", k.rsa_p)
+    local parts = {}
+    for i = 1, #rec, 200 do parts[#parts + 1] = rec:sub(i, i + 199) end
+    local zone = peers.start {
+      "--txt-record=rsa._domainkey.example.test," .. table.concat(parts, ","),
+      "--txt-record=_dmarc.example.test,v=DMARC1; p=reject",
+    }
+    local srv
+    local ok, err = pcall(function()
+      srv = nginx.start {
+        http = "  client_body_buffer_size 1m; client_max_body_size 1m;",
+        locations = [[
+    location /verify {
+      content_by_lua_block {
+        local dkim = require "smtp.dkim"
+        local dmarc = require "smtp.dmarc"
+        ngx.req.read_body()
+        local ns = { nameservers = { ngx.var.arg_ns }, timeout = 3 }
+        local rs = assert(dkim.verify(ngx.req.get_body_data(), ns))
+        for _, r in ipairs(rs) do ngx.say("dkim ", r.result, " ", tostring(r.reason)) end
+        ns.from, ns.dkim = rs.from, rs
+        local d = assert(dmarc.check(ns))
+        ngx.say("dmarc ", d.result, " ", d.disposition)
+      }
+    }]] }
+      local raw = assert(dkim.sign(corpus.plain:gsub("example%.com", "example.test"), { domain = "example.test",
+        selector = "rsa", key = k.rsa }))
+      local status, body = nginx.request(srv:url("/verify?ns=" .. zone.nameserver), raw)
+      assert.equal(200, status, body)
+      assert.equal("dkim pass nil\ndmarc pass none\n", body)
+      status, body = nginx.request(srv:url("/verify?ns=" .. zone.nameserver), (raw:gsub("noon", "nine")))
+      assert.equal(200, status, body)
+      assert.equal("dkim fail body hash did not verify\ndmarc fail reject\n", body)
+    end)
+    if srv then srv.stop() end
+    zone:stop()
+    assert(ok, err)
+  end)
+end)
