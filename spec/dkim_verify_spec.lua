@@ -487,6 +487,9 @@ describe("dkim.verify", function()
     { "q=", good .. "; q=http/well-known", "q= does not offer dns/txt" },
     { "x= before t=", good .. "; t=2000; x=1000", "x= is not after t=" },
     { "b= not base64", good:gsub("b=AAAA", "b=AA*A"), "b= is not base64" },
+    -- reasons quote the field without its line breaks
+    { "a malformed tag across a fold", "v=1; a=rsa-sha256;\r\n\tbad tag here", 'signature syntax: malformed tag "bad tag here"' },
+    { "c= across a fold", good .. "; c=relaxed\r\n /fancy", "unknown canonicalization c=relaxed  /fancy" },
   }
   it("is neutral on a DKIM-Signature line without a colon", function()
     local r = results_of("DKIM-Signature\r\n" .. base, {})[1]

@@ -54,12 +54,11 @@ local function comment(s)
   return "(" .. s:gsub("[\\()]", "\\%0") .. ")"
 end
 
-local function clean(s, what, level)
+-- Reasons, comments and values often quote what a message or a DNS record said: control
+-- characters (a CR LF that would start a new header field) become one space.
+local function clean(s)
   if type(s) ~= "string" then s = tostring(s) end
-  if s:find("[%z\1-\31\127]") then
-    error("bad argument #2 to 'authentication_results' (" .. what .. " holds a control character)", level)
-  end
-  return s
+  return (s:gsub("[%z\1-\31\127]+", " "))
 end
 
 -- One resinfo: method=result [reason=...] [(comment)] ptype.property=value...
@@ -74,9 +73,9 @@ local function resinfo(e, level)
   end
   local words = { method .. "=" .. result }
   if e.reason and e.reason ~= "" then
-    words[#words + 1] = "reason=" .. value(clean(e.reason, "a reason", level + 1))
+    words[#words + 1] = "reason=" .. value(clean(e.reason))
   end
-  if e.comment and e.comment ~= "" then words[#words + 1] = comment(clean(e.comment, "a comment", level + 1)) end
+  if e.comment and e.comment ~= "" then words[#words + 1] = comment(clean(e.comment)) end
   local props = e.props or {}
   local list = {}
   if #props > 0 then
@@ -91,7 +90,7 @@ local function resinfo(e, level)
       error("bad argument #2 to 'authentication_results' (bad property " .. tostring(name) .. ")", level)
     end
     if v ~= nil and v ~= "" then
-      words[#words + 1] = name .. "=" .. pvalue(clean(v, name, level + 1))
+      words[#words + 1] = name .. "=" .. pvalue(clean(v))
     end
   end
   return words

@@ -275,7 +275,9 @@ local function parse_tags(s)
       break   -- a ";" may end the list
     end
     local name, eq = seg:match("^[ \t\r\n]*([A-Za-z][A-Za-z0-9_]*)[ \t\r\n]*()=")
-    if not name then return nil, "malformed tag " .. string.format("%q", seg:sub(1, 20)) end
+    if not name then
+      return nil, 'malformed tag "' .. seg:sub(1, 20):gsub("%c+", " "):gsub("^ +", "") .. '"'
+    end
     if tags[name] then return nil, "duplicate tag " .. name end
     local first = pos + eq
     local value = s:sub(first, stop):gsub("^[ \t\r\n]+", ""):gsub("[ \t\r\n]+$", "")
@@ -352,8 +354,9 @@ local function parse_signature(field, now, skew)
     if not n:match("^[!-9;-~]+$") then return bad("h= holds a bad field name") end
   end
   if not has(h, "from") then return bad("h= does not sign From") end
-  local i = tags.i
+  local i = tags.i and tags.i:gsub("\r\n", "")
   if i then
+    if i:find("%c") then return bad("i= is not an identity") end
     local idom = i:match("@([^@]*)$")
     if not idom then return bad("i= is not an identity") end
     idom = idom:lower()
@@ -687,6 +690,10 @@ function M.verify(message, opts)
     end
   end
   header_b(results)
+  -- reasons quote what the message said: no control characters in them
+  for _, r in ipairs(results) do
+    if r.reason then r.reason = r.reason:gsub("%c+", " ") end
+  end
   return finish(results)
 end
 return M

@@ -193,7 +193,7 @@ function M.check(opts)
     if not list then return nil, err end
   end
   local from, why = M.from_domain(opts.from)
-  if not from then return errors.invalid("dmarc: " .. why) end
+  if not from then return errors.invalid("dmarc: " .. why:gsub("%c+", " ")) end
   local function org(d) return list:organizational_domain(d) or d end
   local lookup = opts.txt or default_lookup(opts)
   local out = { domain = from, org_domain = org(from), disposition = "none" }
@@ -204,7 +204,8 @@ function M.check(opts)
     rec, res, rwhy = fetch(out.org_domain, lookup)
   end
   if not rec then
-    out.result, out.reason = res, rwhy or ("no DMARC record for " .. from)
+    -- the reason may quote the record: no control characters in it
+    out.result, out.reason = res, (rwhy or ("no DMARC record for " .. from)):gsub("%c+", " ")
     return out
   end
   out.record, out.policy_domain = rec, rec.domain
