@@ -455,6 +455,14 @@ describe("dkim.verify", function()
     assert.equal(b:sub(1, 8), r.header_b)
   end)
 
+  it("dkim.sign refuses an expiration not after the timestamp", function()
+    local k = genkeys()
+    local none, err = dkim.sign(base, { domain = "example.com", selector = "rsa", key = k.rsa,
+      timestamp = 2000, expiration = 2000 })
+    assert.is_nil(none)
+    assert.equal("invalid: dkim: expiration must be after the timestamp", tostring(err))
+  end)
+
   it("x= and t= are judged against opts.now with opts.clock_skew of latitude", function()
     local signed = sign({ timestamp = 1000, expiration = 2000 })
     local dns = dns_of()

@@ -26,8 +26,8 @@ end
 
 -- RFC 8601 pvalue forms besides a token: [local-part] "@" domain-name, or a domain-name.
 local function is_domain(s)
-  return #s <= 253 and s:match("^[%w_][%w%-_]*%.?") and s:match("^[%w%-_%.]+$") and not s:find("..", 1, true)
-    and s:sub(-1) ~= "."
+  return #s <= 253 and s:match("^[%w%-_%.]+$") ~= nil and not s:find("..", 1, true)
+    and s:sub(1, 1) ~= "." and s:sub(-1) ~= "."
 end
 local function is_addr(s)
   local lp, d = s:match("^(.*)@([^@]*)$")

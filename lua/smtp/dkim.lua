@@ -116,6 +116,8 @@ function M.signer(opts)
   if exp ~= nil and (type(exp) ~= "number" or exp < 0 or exp ~= math.floor(exp)) then
     return invalid("expiration must be seconds since the epoch")
   end
+  -- verifiers refuse x= not after t= (RFC 6376 3.5)
+  if exp and ts and exp <= ts then return invalid("expiration must be after the timestamp") end
   local identity = opts.identity
   if identity ~= nil and (type(identity) ~= "string" or identity:find("[%c%s;]")) then
     return invalid("identity must be an address-like string")
@@ -183,6 +185,9 @@ function Signer:sign(fields, bodyhash, now)
   local ts = self.timestamp
   if ts == nil then ts = now or os.time() end
   if ts then tags[#tags + 1] = string.format("t=%d", ts) end
+  if self.expiration and ts and self.expiration <= ts then
+    return nil, errors.new{ kind = "invalid", text = "dkim: expiration must be after the timestamp" }
+  end
   if self.expiration then tags[#tags + 1] = string.format("x=%d", self.expiration) end
   local h = { "h=" }
   local hcol = 0
@@ -641,7 +646,7 @@ function M.verify(message, opts)
     end
   end
   if #list > 0 then
-    ok, header = pcall(function()
+    local rok, rerr = pcall(function()
       for _, h in ipairs(list) do h:update(first) end
       local c = read()
       if c and st.cr and c:byte(1) == 10 then c = c:sub(2) end
@@ -650,9 +655,9 @@ function M.verify(message, opts)
         c = read()
       end
     end)
-    if not ok then
-      if errors.is(header) then return nil, header end
-      return nil, errors.new { kind = "invalid", text = "dkim: " .. tostring(header) }
+    if not rok then
+      if errors.is(rerr) then return nil, rerr end
+      return nil, errors.new { kind = "invalid", text = "dkim: " .. tostring(rerr) }
     end
   end
   local digests = {}
