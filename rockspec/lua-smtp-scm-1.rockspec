@@ -61,6 +61,7 @@ build = {
       ["smtp.deliver"] = "lua/smtp/deliver.lua",
       ["smtp.message"] = "lua/smtp/message.lua",
       ["smtp.dkim"] = "lua/smtp/dkim.lua",
+      ["smtp.spf"] = "lua/smtp/spf.lua",
       ["smtp.psl"] = "lua/smtp/psl.lua",
       ["smtp.dmarc"] = "lua/smtp/dmarc.lua",
       ["smtp.auth"] = "lua/smtp/auth.lua",

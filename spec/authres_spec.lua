@@ -175,6 +175,26 @@ describe("auth.check", function()
     assert.equal("fail", r.dmarc.result)
     assert.equal("quarantine", r.dmarc.disposition)
     assert.matches("dmarc=fail (p=quarantine dis=quarantine) header.from=news.example.com", r.header, 1, true)
+    -- with SPF: the MAIL FROM domain passes and aligns, so DMARC passes though DKIM failed
+    local spf_dns = function(name, qtype)
+      if qtype == "TXT" and name == "example.com" then return { "v=spf1 ip4:192.0.2.0/24 -all" } end
+      return nil, { rcode = "nxdomain" }
+    end
+    local o = { ip = "192.0.2.7", mail_from = "<bounce@example.com>", helo = "mail.example.com",
+      spf = { dns = spf_dns } }
+    for key, v in pairs(opts) do o[key] = v end
+    r = assert(auth.check(signed:gsub("Hello", "Hellp"), o))
+    assert.equal("fail", r.dkim[1].result)
+    assert.equal("pass", r.spf.result)
+    assert.equal("pass", r.dmarc.result)
+    assert.is_true(r.dmarc.spf_aligned)
+    p = parse_back({ r.header })[1]
+    assert.same({ "fail", "pass", "pass" }, { p.results[1].result, p.results[2].result, p.results[3].result })
+    assert.same({ "smtp.mailfrom=bounce@example.com" }, p.results[2].props)
+    o.ip = "198.51.100.1"
+    r = assert(auth.check(signed, o))
+    assert.equal("fail", r.spf.result)
+    assert.equal("pass", r.dmarc.result)   -- DKIM still aligns
     -- two From fields: DMARC cannot pick one
     r = assert(auth.check("From: x@example.net\r\n" .. signed, opts))
     assert.equal("permerror", r.dmarc.result)

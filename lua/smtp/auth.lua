@@ -1,13 +1,14 @@
 -- smtp.auth: the receiving side's message authentication in one place: DMARC, SPF (smtp.spf,
--- when installed), the Authentication-Results header (RFC 8601) built from their results, and
--- check(), which runs DKIM, SPF and DMARC over one message for a DATA handler.
+-- loaded on first use), the Authentication-Results header (RFC 8601) built from their results,
+-- and check(), which runs DKIM, SPF and DMARC over one message for a DATA handler.
 local errors = require "smtp.errors"
 
 local M = {}
 
 M.dmarc = require "smtp.dmarc"
 
--- smtp.spf is loaded on first use: auth works without it, and spf is nil then.
+-- smtp.spf is loaded on first use (a caller of authentication_results alone never needs it); an
+-- installation without it has auth.spf nil.
 setmetatable(M, { __index = function(t, k)
   if k ~= "spf" then return nil end
   local ok, spf = pcall(require, "smtp.spf")
@@ -182,8 +183,7 @@ function M.authentication_results(authserv_id, results)
 end
 
 -- auth.check(message, opts) -> { dkim =, spf =, dmarc =, header = } | nil, err: DKIM over the
--- message, SPF for opts.ip / opts.mail_from / opts.helo (when smtp.spf is there and ip is
--- given), DMARC for the From field, and the Authentication-Results field for
+-- message, SPF for opts.ip / opts.mail_from / opts.helo (when ip is given), DMARC for the From field, and the Authentication-Results field for
 -- opts.authserv_id. opts.dkim, opts.spf and opts.dmarc are passed to each check (with
 -- nameservers and timeout from opts); message is what dkim.verify reads.
 function M.check(message, opts)
