@@ -1,7 +1,7 @@
 /* Lua binding of the codecs (core.b64encode, b64decode, qpencode, qpdecode, xtext_encode,
  * xtext_decode, is_7bit, utf8_valid, has_8bit, sha256, random, dkim_header, dkim_body,
- * dkim_canon_body, dkim_key): argument checking and Lua strings around codec.h and text.h, plus
- * SHA-256 and DKIM signing with OpenSSL 3. */
+ * dkim_canon_body, dkim_key, dkim_pubkey): argument checking and Lua strings around codec.h and
+ * text.h, plus SHA-256 and DKIM signing and verifying with OpenSSL 3. */
 #include <stdlib.h>
 #include <string.h>
 #include <openssl/evp.h>
@@ -14,6 +14,7 @@
 
 #define KEY_CLASS "smtp.dkim_key"
 #define BODY_CLASS "smtp.dkim_body"
+#define PUBKEY_CLASS "smtp.dkim_pubkey"
 
 static void *xalloc(lua_State *L, size_t n)
 {
@@ -172,16 +173,29 @@ static int l_dkim_header(lua_State *L)
     return 1;
 }
 
-/* Body canonicalizer object: a running SHA-256 over the canonical body. */
+/* Body canonicalizer object: a running SHA-256 over the canonical body, or over its first
+ * `limit` bytes (a verifier's l=); `total` counts every canonical byte, so what l= left unsigned
+ * can be reported. */
 struct body_obj {
     EVP_MD_CTX *md;
     int done;
+    int limited;
+    unsigned long long limit, total;
     struct smtp_bodycanon c;
 };
 
 static void sink_md(void *ud, const char *p, size_t n)
 {
-    EVP_DigestUpdate((EVP_MD_CTX *)ud, p, n);
+    struct body_obj *b = (struct body_obj *)ud;
+    size_t take = n;
+    if (b->limited) {
+        unsigned long long room = b->total >= b->limit ? 0 : b->limit - b->total;
+        if (take > room)
+            take = (size_t)room;
+    }
+    b->total += n;
+    if (take)
+        EVP_DigestUpdate(b->md, p, take);
 }
 
 /* After __gc (which Lua code can call through the metatable) the digest context is gone and
@@ -194,17 +208,31 @@ static struct body_obj *check_body(lua_State *L)
     return b;
 }
 
+/* core.dkim_body(mode [, limit]): limit is the l= of a signature being verified. */
 static int l_dkim_body(lua_State *L)
 {
     int relaxed = canon_mode(L, 1);
+    lua_Integer limit = luaL_optinteger(L, 2, -1);
+    luaL_argcheck(L, limit >= -1, 2, "limit must be a byte count");
     struct body_obj *b = (struct body_obj *)lua_newuserdata(L, sizeof *b);
     b->md = NULL;
     b->done = 0;
+    b->limited = limit >= 0;
+    b->limit = limit >= 0 ? (unsigned long long)limit : 0;
+    b->total = 0;
     luaL_setmetatable(L, BODY_CLASS);
     b->md = EVP_MD_CTX_new();
     if (!b->md || !EVP_DigestInit_ex(b->md, EVP_sha256(), NULL))
         return luaL_error(L, "sha256 init failed");
-    smtp_bodycanon_init(&b->c, relaxed, sink_md, b->md);
+    smtp_bodycanon_init(&b->c, relaxed, sink_md, b);
+    return 1;
+}
+
+/* b:length() -> canonical body bytes so far (all of them once digest() has run). */
+static int body_length(lua_State *L)
+{
+    struct body_obj *b = check_body(L);
+    lua_pushinteger(L, (lua_Integer)b->total);
     return 1;
 }
 
@@ -473,10 +501,146 @@ static int key_tostring(lua_State *L)
     return 1;
 }
 
+/* Verifying keys: the p= of a DKIM key record, decoded. RSA takes a SubjectPublicKeyInfo (what
+ * RFC 6376 3.6.1 specifies) or a bare RSAPublicKey (which some publish, and other verifiers take);
+ * Ed25519 the raw 32-byte key (RFC 8463 4). */
+struct pubkey_obj {
+    EVP_PKEY *pkey;
+    int ed25519;
+};
+
+static struct pubkey_obj *check_pubkey(lua_State *L)
+{
+    struct pubkey_obj *k = (struct pubkey_obj *)luaL_checkudata(L, 1, PUBKEY_CLASS);
+    if (!k->pkey)
+        luaL_error(L, "key is closed");
+    return k;
+}
+
+/* core.dkim_pubkey(bytes, "rsa"|"ed25519") -> key | nil, why */
+static int l_dkim_pubkey(lua_State *L)
+{
+    static const char *const types[] = { "rsa", "ed25519", NULL };
+    size_t n;
+    const unsigned char *der = (const unsigned char *)luaL_checklstring(L, 1, &n);
+    int ed = luaL_checkoption(L, 2, NULL, types);
+    struct pubkey_obj *k = (struct pubkey_obj *)lua_newuserdata(L, sizeof *k);
+    k->pkey = NULL;
+    k->ed25519 = ed;
+    luaL_setmetatable(L, PUBKEY_CLASS);
+    ERR_clear_error();
+    if (n > 16 * 1024) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "public key too long");
+        return 2;
+    }
+    if (ed) {
+        if (n != 32) {
+            lua_pushnil(L);
+            lua_pushliteral(L, "an ed25519 public key is 32 bytes");
+            return 2;
+        }
+        k->pkey = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, NULL, der, n);
+        if (!k->pkey)
+            return push_ssl_error(L, "ed25519 public key does not parse");
+        return 1;
+    }
+    const unsigned char *p = der;
+    k->pkey = d2i_PUBKEY(NULL, &p, (long)n);
+    if (!k->pkey || p != der + n) {
+        EVP_PKEY_free(k->pkey);
+        p = der;
+        k->pkey = d2i_PublicKey(EVP_PKEY_RSA, NULL, &p, (long)n);
+        if (k->pkey && p != der + n) {
+            EVP_PKEY_free(k->pkey);
+            k->pkey = NULL;
+        }
+    }
+    if (!k->pkey)
+        return push_ssl_error(L, "RSA public key does not parse");
+    ERR_clear_error();
+    if (EVP_PKEY_get_base_id(k->pkey) != EVP_PKEY_RSA) {
+        EVP_PKEY_free(k->pkey);
+        k->pkey = NULL;
+        lua_pushnil(L);
+        lua_pushliteral(L, "p= is not an RSA key");
+        return 2;
+    }
+    return 1;
+}
+
+static int pubkey_type(lua_State *L)
+{
+    struct pubkey_obj *k = check_pubkey(L);
+    lua_pushstring(L, k->ed25519 ? "ed25519" : "rsa");
+    return 1;
+}
+
+static int pubkey_bits(lua_State *L)
+{
+    struct pubkey_obj *k = check_pubkey(L);
+    lua_pushinteger(L, EVP_PKEY_get_bits(k->pkey));
+    return 1;
+}
+
+/* key:verify(data, sig) -> true | false: the counterpart of key:sign (PKCS#1 v1.5 over SHA-256
+ * of data; PureEdDSA over the SHA-256 digest of data). A signature that does not verify, whatever
+ * the reason OpenSSL gives, is false. */
+static int pubkey_verify(lua_State *L)
+{
+    struct pubkey_obj *k = check_pubkey(L);
+    size_t n, slen;
+    const char *data = luaL_checklstring(L, 2, &n);
+    const unsigned char *sig = (const unsigned char *)luaL_checklstring(L, 3, &slen);
+    unsigned char md[32];
+    const unsigned char *tbs = (const unsigned char *)data;
+    size_t tbslen = n;
+    int ok;
+    ERR_clear_error();
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    if (!ctx)
+        return luaL_error(L, "out of memory");
+    if (k->ed25519) {
+        unsigned int mdlen = 0;
+        if (!EVP_Digest(data, n, md, &mdlen, EVP_sha256(), NULL)) {
+            EVP_MD_CTX_free(ctx);
+            return luaL_error(L, "sha256 failed");
+        }
+        tbs = md;
+        tbslen = mdlen;
+        ok = EVP_DigestVerifyInit(ctx, NULL, NULL, NULL, k->pkey) == 1;
+    } else {
+        ok = EVP_DigestVerifyInit(ctx, NULL, EVP_sha256(), NULL, k->pkey) == 1;
+    }
+    ok = ok && EVP_DigestVerify(ctx, sig, slen, tbs, tbslen) == 1;
+    EVP_MD_CTX_free(ctx);
+    ERR_clear_error();
+    lua_pushboolean(L, ok);
+    return 1;
+}
+
+static int pubkey_gc(lua_State *L)
+{
+    struct pubkey_obj *k = (struct pubkey_obj *)luaL_checkudata(L, 1, PUBKEY_CLASS);
+    if (k->pkey) {
+        EVP_PKEY_free(k->pkey);
+        k->pkey = NULL;
+    }
+    return 0;
+}
+
+static int pubkey_tostring(lua_State *L)
+{
+    struct pubkey_obj *k = (struct pubkey_obj *)luaL_checkudata(L, 1, PUBKEY_CLASS);
+    lua_pushfstring(L, "%s (%s)", PUBKEY_CLASS, !k->pkey ? "closed" : k->ed25519 ? "ed25519" : "rsa");
+    return 1;
+}
+
 int smtp_open_codec(lua_State *L)
 {
     static const luaL_Reg body_methods[] = {
-        { "update", body_update }, { "digest", body_digest }, { NULL, NULL }
+        { "update", body_update }, { "digest", body_digest }, { "length", body_length },
+        { NULL, NULL }
     };
     static const luaL_Reg body_meta[] = { { "__gc", body_gc }, { NULL, NULL } };
     static const luaL_Reg key_methods[] = {
@@ -486,6 +650,13 @@ int smtp_open_codec(lua_State *L)
     static const luaL_Reg key_meta[] = {
         { "__gc", key_close }, { "__tostring", key_tostring }, { NULL, NULL }
     };
+    static const luaL_Reg pubkey_methods[] = {
+        { "type", pubkey_type }, { "bits", pubkey_bits }, { "verify", pubkey_verify },
+        { "close", pubkey_gc }, { NULL, NULL }
+    };
+    static const luaL_Reg pubkey_meta[] = {
+        { "__gc", pubkey_gc }, { "__tostring", pubkey_tostring }, { NULL, NULL }
+    };
     static const luaL_Reg funcs[] = {
         { "b64encode", l_b64encode }, { "b64decode", l_b64decode },
         { "qpencode", l_qpencode }, { "qpdecode", l_qpdecode },
@@ -494,10 +665,11 @@ int smtp_open_codec(lua_State *L)
         { "sha256", l_sha256 }, { "random", l_random },
         { "dkim_header", l_dkim_header }, { "dkim_body", l_dkim_body },
         { "dkim_canon_body", l_dkim_canon_body }, { "dkim_key", l_dkim_key },
-        { NULL, NULL }
+        { "dkim_pubkey", l_dkim_pubkey }, { NULL, NULL }
     };
     smtp_newclass(L, BODY_CLASS, body_methods, body_meta);
     smtp_newclass(L, KEY_CLASS, key_methods, key_meta);
+    smtp_newclass(L, PUBKEY_CLASS, pubkey_methods, pubkey_meta);
     luaL_setfuncs(L, funcs, 0);
     return 0;
 }

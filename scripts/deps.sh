@@ -7,16 +7,17 @@ set -eu
 # Build: compiler, make, pkg-config, both interpreters and their headers, OpenSSL, c-ares and
 # libidn2 (international domain names).
 # Specs: busted; cqueues; Debian's Python (/usr/bin/python3, what the specs run) with aiosmtpd,
-# dnspython (scripted DNS answers), dkim (verifies our signatures), idna and the idn2 command (IDNA
-# conversions compared), icalendar (parses our invitations) and spf (pyspf, the SPF reference); lyaml
-# (lua-yaml: the RFC 7208 test suite is YAML); Postfix (a private MTA, smtp-sink, smtp-source); swaks with Perl TLS
+# dnspython (scripted DNS answers), dkim (verifies our signatures, signs what we verify), authres
+# (parses our Authentication-Results), idna and the idn2 command (IDNA conversions compared),
+# icalendar (parses our invitations) and spf (pyspf, the SPF reference); lyaml (lua-yaml: the
+# RFC 7208 test suite is YAML); publicsuffix (the Public Suffix List DMARC needs); Postfix (a private MTA, smtp-sink, smtp-source); swaks with Perl TLS
 # (libnet-ssleay-perl) and Perl's Net::SMTP; msmtp; curl; dnsmasq; nginx with the Lua module and
 # its DNS resolver; openssl (test certificates); luarocks (the rockspec); microsocks (SOCKS5) and
 # tinyproxy (HTTP CONNECT; the -bin package: the binary without a system service). Fuzzing and the sanitizer
 # build: clang with its runtime. valgrind for `make test-valgrind`.
 PKGS="build-essential make pkg-config lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua-busted
 lua-compat53-dev libssl-dev libc-ares-dev libidn2-dev idn2 luarocks lua-cqueues openssl python3
-python3-aiosmtpd python3-dnspython python3-dkim python3-idna python3-icalendar python3-spf lua-yaml postfix swaks libnet-ssleay-perl perl msmtp curl dnsmasq-base nginx
+python3-aiosmtpd python3-dnspython python3-dkim python3-authres python3-idna python3-icalendar python3-spf lua-yaml publicsuffix postfix swaks libnet-ssleay-perl perl msmtp curl dnsmasq-base nginx
 libnginx-mod-http-lua lua-nginx-dns clang libclang-rt-14-dev valgrind microsocks tinyproxy-bin"
 
 # What each capability needs: a shell test, and the package that provides it.
@@ -25,9 +26,10 @@ check() {
   sh -c 'swaks --support 2>&1 | grep -q "^=== TLS supported"' 2>/dev/null ||
     failed="$failed swaks-TLS(libnet-ssleay-perl)"
   perl -MNet::SMTP -e 1 2>/dev/null || failed="$failed Net::SMTP(perl)"
-  /usr/bin/python3 -c 'import aiosmtpd.controller, dns.message, dkim, idna, icalendar, spf' 2>/dev/null ||
-    failed="$failed python-modules(python3-aiosmtpd,python3-dnspython,python3-dkim,python3-idna,python3-icalendar,python3-spf)"
+  /usr/bin/python3 -c 'import aiosmtpd.controller, dns.message, dkim, nacl.signing, authres, idna, icalendar, spf' 2>/dev/null ||
+    failed="$failed python-modules(python3-aiosmtpd,python3-dnspython,python3-dkim,python3-nacl,python3-authres,python3-idna,python3-icalendar,python3-spf)"
   lua5.4 -e 'require "lyaml"' 2>/dev/null || failed="$failed lyaml(lua-yaml)"
+  [ -s /usr/share/publicsuffix/public_suffix_list.dat ] || failed="$failed public-suffix-list(publicsuffix)"
   [ -x /usr/sbin/dnsmasq ] || failed="$failed dnsmasq(dnsmasq-base)"
   [ -x /usr/lib/postfix/sbin/master ] && command -v smtp-sink >/dev/null 2>&1 ||
     failed="$failed postfix(postfix)"
