@@ -402,6 +402,10 @@ function M.main(args, out, err)
         for _, a in ipairs(res.accepted) do
           by[a] = { status = "sent", code = res.reply.code, enhanced = res.reply.enhanced, text = res.reply.text }
         end
+        -- LMTP: each recipient's own reply after the data
+        for _, r in ipairs(res.recipients or {}) do
+          if r.status == "accepted" then by[r.recipient] = { status = "sent", code = r.code, enhanced = r.enhanced, text = r.text } end
+        end
       end
       for _, r in ipairs((res and res.rejected) or (serr and serr.rejected) or {}) do
         by[r.recipient] = { status = r.code < 500 and "deferred" or "failed", code = r.code, enhanced = r.enhanced, text = r.text }
