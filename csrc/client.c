@@ -522,6 +522,7 @@ int smtp_client_next(smtp_client *c, const smtp_reply **r, smtp_cmd *cmd)
         if (head == SMTP_CMD_AUTH)
             wipe_credentials(c);
         if (rep->code == 421) {
+            c->due = 0;   /* nothing more comes after it */
             set_state(c, SMTP_CS_CLOSED);
         } else {
             switch (head) {

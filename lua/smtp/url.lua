@@ -190,7 +190,7 @@ function M.parse(s)
         return bad("url", "unknown query option " .. shown)
       end
       if key == "tls" and not sch.tls_query then
-        return bad("url", "query option 'tls' goes with smtp:// and lmtp:// only (the scheme says the TLS mode)")
+        return bad("url", "query option 'tls' goes with smtp:// only (and lmtp://; the other schemes say the TLS mode)")
       end
       if seen[key] then return bad("url", "query option '" .. key .. "' given twice") end
       seen[key] = true

@@ -34,7 +34,7 @@ from a file (one final line end ignored), so it is not in the process's argument
 transaction, over N sessions at once (--concurrency, default 1): a progress bar on a terminal, one
 line per recipient otherwise, then a summary "sent N, failed N, deferred N".
 --url smtps://USER:PASS@HOST:PORT?verify=false... names the server by URL (smtp://, smtp+starttls://,
-smtps://; the SMTP_URL environment variable is the default when neither --url nor --server is
+smtps://, and for LMTP lmtp://HOST:PORT or lmtp:///path/to/socket; the SMTP_URL environment variable is the default when neither --url nor --server is
 given); options also given as flags must agree with it.
 --source ADDR sends from that local address (IP, or [IPv6]); --proxy socks5://, socks5h:// or
 http:// (CONNECT) reaches the server through that proxy.
