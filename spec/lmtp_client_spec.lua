@@ -321,6 +321,30 @@ describe("smtp.send to Dovecot's LMTP server", function()
     conn:close()
   end)
 
+  it("delivers over the Unix socket from inside a cqueues controller, several sends at once", function()
+    need()
+    helper.need("cqueues")
+    local cqueues = require "cqueues"
+    local cq = cqueues.new()
+    local results = {}
+    for i = 1, 5 do
+      cq:wrap(function()
+        results[i] = { smtp.send { url = "lmtp://" .. dv.socket, helo = "client.test", timeout = 15,
+          from = "a@example.com", to = { "carol@example.test", "nosuch@example.test" },
+          message = "Subject: cqueues " .. i .. "\r\n\r\nfrom cqueues " .. i .. "\r\n" } }
+      end)
+    end
+    local before = #dv.maildir("carol")
+    assert(cq:loop(30))
+    for i = 1, 5 do
+      local res, err = results[i][1], results[i][2]
+      assert(res, tostring(err))
+      assert.same({ "carol@example.test" }, res.accepted)
+      assert.same({ "accepted", "permanent" }, { res.recipients[1].status, res.recipients[2].status })
+    end
+    assert.equal(before + 5, #dv.maildir("carol"))
+  end)
+
   it("works from the command line: lua-smtp send --url lmtp:///path", function()
     need()
     local msg = helper.tmpdir() .. "/m.eml"
