@@ -203,6 +203,7 @@ end
 
 -- The timeout phase of the next reply awaited.
 function Tx:phase()
+  if self.finals then return "data_end" end   -- LMTP: the next recipient's reply to the end
   if self.rset_wait or not self.mail_r then return "mail" end
   if self.nrcpt < #self.d.to then return "rcpt" end
   if self.bdat then
