@@ -97,6 +97,57 @@ describe("the client engine in LMTP mode", function()
   end)
 end)
 
+-- A transport whose reads hand out `chunks` in turn, then time out; what is written goes to `log`.
+local function canned(chunks, log)
+  local errors = require "smtp.errors"
+  local i, sock = 0, {}
+  function sock.write_engine(_, e) log[#log + 1] = e:take(); return true end
+  function sock.write(_, d) log[#log + 1] = d; return true end
+  function sock.read()
+    i = i + 1
+    if chunks[i] then return chunks[i] end
+    return nil, errors.new { kind = "timeout", text = "read timed out", temporary = true }
+  end
+  function sock.info() return { address = "127.0.0.1", port = 24, tls = false, reused = 0 } end
+  function sock.close() return true end
+  return { pooling = false, connect = function() return sock end }
+end
+
+describe("smtp.send in LMTP mode over a canned transport", function()
+  local GREET = "220 lmtp.test LMTP\r\n250-lmtp.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n"
+
+  it("maps the replies after the data to the recipients in order, a recipient given twice too", function()
+    local log = {}
+    local res = assert(smtp.send { server = "127.0.0.1", lmtp = true, tls = "none", helo = "client.test",
+      transport = canned({ GREET, "250 ok\r\n250 ok\r\n550 no\r\n250 ok\r\n250 2.0.0 b saved\r\n",
+        "452 4.2.2 b full now\r\n221 bye\r\n" }, log),
+      from = "a@x.test", to = { "b@x.test", "c@x.test", "b@x.test" }, message = "Subject: x\r\n\r\nx\r\n" })
+    assert.matches("^LHLO client%.test\r\n", log[1])
+    assert.same({ "b@x.test" }, res.accepted)
+    local r = res.recipients
+    assert.same({ "accepted", "permanent", "temporary" }, { r[1].status, r[2].status, r[3].status })
+    assert.same({ "data_end", "rcpt", "data_end" }, { r[1].phase, r[2].phase, r[3].phase })
+    assert.same({ "c@x.test", "b@x.test" }, { res.rejected[1].recipient, res.rejected[2].recipient })
+    assert.equal("b full now", res.rejected[2].text)
+  end)
+
+  it("waits for the later replies under the data_end timeout, and says so when one never comes", function()
+    local _, err = smtp.send { server = "127.0.0.1", lmtp = true, tls = "none", helo = "client.test",
+      transport = canned({ GREET, "250 ok\r\n250 ok\r\n250 ok\r\n250 2.0.0 b saved\r\n" }, {}),
+      from = "a@x.test", to = { "b@x.test", "c@x.test" }, message = "Subject: x\r\n\r\nx\r\n" }
+    assert.same({ "timeout", "data_end" }, { err.kind, err.phase })
+  end)
+
+  it("does not fall back to HELO when LHLO is refused", function()
+    local log = {}
+    local _, err = smtp.send { server = "127.0.0.1", lmtp = true, tls = "none", helo = "client.test",
+      transport = canned({ "220 lmtp.test\r\n500 5.5.1 what\r\n", "221 bye\r\n" }, log),
+      from = "a@x.test", to = "b@x.test", message = "x" }
+    assert.same({ "rejected", "ehlo", 500 }, { err.kind, err.phase, err.code })
+    assert.is_nil(table.concat(log):find("HELO", 1, true))
+  end)
+end)
+
 describe("lmtp:// URLs", function()
   it("name a Unix socket (no TLS) or a host and port (24, STARTTLS when offered)", function()
     assert.same({ path = "/run/dovecot/lmtp", tls = "none", lmtp = true }, url.parse("lmtp:///run/dovecot/lmtp"))
