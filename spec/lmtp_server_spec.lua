@@ -224,6 +224,32 @@ describe("server.listen{ lmtp = true } with our LMTP client", function()
   end)
 end)
 
+describe("lua-smtp sink --lmtp", function()
+  it("takes LMTP on a Unix socket and stores the message once, each recipient answered", function()
+    local d = helper.tmpdir()
+    local sock, md = d .. "/sink.sock", d .. "/Maildir"
+    local sink = helper.spawn({ helper.lua, helper.root .. "/bin/lua-smtp", "sink", "--lmtp", "--listen", sock,
+      "--maildir", md, "--reject-rcpt", "nobody@*" }, { limit = 60 })
+    for _ = 1, 200 do
+      if helper.sh("test -S " .. helper.quote(sock) .. " && echo yes"):match("yes") then break end
+      helper.sleep(0.05)
+    end
+    local res, err = smtp.send { url = "lmtp://" .. sock, helo = "client.test", timeout = 10, from = "a@x.test",
+      to = { "b@x.test", "nobody@x.test", "c@x.test" }, message = "Subject: sink\r\n\r\nto the sink\r\n" }
+    local files = helper.sh("ls " .. helper.quote(md .. "/new"))
+    sink:stop()
+    assert(res, tostring(err) .. sink:output())
+    assert.same({ "b@x.test", "c@x.test" }, res.accepted)
+    assert.same({ "accepted", "permanent", "accepted" },
+      { res.recipients[1].status, res.recipients[2].status, res.recipients[3].status })
+    local file = files:match("^(%S+)\n$")
+    assert.truthy(file, files)
+    assert.equal("Return-Path: <a@x.test>\r\nDelivered-To: b@x.test\r\nDelivered-To: c@x.test\r\n" ..
+      "Subject: sink\r\n\r\nto the sink\r\n", helper.read(md .. "/new/" .. file))
+    assert.matches("listening on " .. sock:gsub("%p", "%%%0"), sink:output())
+  end)
+end)
+
 -- Our LMTP server as a process of its own (Postfix's lmtp client connects to it while the spec
 -- waits on Postfix's log): per-recipient verdicts by local part, each message recorded.
 local SERVER = [=[
