@@ -84,6 +84,7 @@ struct smtp_server {
     int begin_pending;           /* BEGIN to report before the first chunk */
     int tls_pending;             /* STARTTLS to report */
     int msg_abort;               /* a BDAT message ended by RSET/EHLO/QUIT: END without reply */
+    unsigned lmtp_due;           /* LMTP: END decisions still owed, one per accepted recipient */
     /* auth exchange */
     enum authstep austep;
     char *auth_buf;              /* decoded credentials, wiped after use */
@@ -711,6 +712,25 @@ static int check_helo(smtp_server *s, const char *arg, size_t alen)
     return 1;
 }
 
+/* RFC 2033 4.1: an LMTP server answers HELO and EHLO with 500; LHLO is LMTP's alone. */
+static int check_hello(smtp_server *s, const char *arg, size_t alen)
+{
+    if (s->cfg.lmtp) {
+        fail(s, 500, "5.5.1", "Error: this is LMTP, send LHLO");
+        return 0;
+    }
+    return check_helo(s, arg, alen);
+}
+
+static int check_lhlo(smtp_server *s, const char *arg, size_t alen)
+{
+    if (!s->cfg.lmtp) {
+        fail(s, 500, "5.5.2", "Error: command not recognized");
+        return 0;
+    }
+    return check_helo(s, arg, alen);
+}
+
 static void set_helo(smtp_server *s, const char *arg, size_t alen, int ehlo)
 {
     size_t n = 0;
@@ -894,7 +914,8 @@ static int check_data(smtp_server *s, const char *arg, size_t alen)
         return 0;
     }
     if (s->nrcpt == 0) {
-        fail(s, 554, "5.5.1", "Error: no valid recipients");
+        /* RFC 2033 4.2: 503 in LMTP */
+        fail(s, s->cfg.lmtp ? 503 : 554, "5.5.1", "Error: no valid recipients");
         return 0;
     }
     return 1;
@@ -1237,8 +1258,9 @@ static void auth_line(smtp_server *s, const char *line, size_t n)
 }
 
 static const verb verbs[] = {
-    { "HELO", check_helo, do_helo },
-    { "EHLO", check_helo, do_ehlo },
+    { "HELO", check_hello, do_helo },
+    { "EHLO", check_hello, do_ehlo },
+    { "LHLO", check_lhlo, do_ehlo },
     { "MAIL", check_mail, do_mail },
     { "RCPT", check_rcpt, do_rcpt },
     { "DATA", check_data, do_data },
@@ -1496,7 +1518,7 @@ smtp_server *smtp_server_new(const smtp_server_config *cfg)
     s->tls = cfg->tls_active;
     s->in_cap = s->cfg.max_line + IN_EXTRA;
     set_mode(s, M_CMD);
-    reply(s, 220, NULL, "%s ESMTP lua-smtp", s->hostname);
+    reply(s, 220, NULL, "%s %s lua-smtp", s->hostname, s->cfg.lmtp ? "LMTP" : "ESMTP");
     return s;
 }
 
@@ -1575,9 +1597,17 @@ static void idle_trim(smtp_server *s)
     }
 }
 
+/* How many replies the end of the current message gets: in LMTP one per accepted recipient
+ * after the final dot or BDAT LAST (RFC 2033 4.2), one for a refused chunk before LAST. */
+static unsigned end_replies(const smtp_server *s)
+{
+    return (s->cfg.lmtp && (s->data_tx || s->bdat_last) && s->nrcpt) ? s->nrcpt : 1;
+}
+
 static int ev_end(smtp_server *s, smtp_server_event *ev)
 {
     s->end_pending = 0;
+    unsigned fan = end_replies(s);
     if (s->trace) {
         unsigned long long size = s->msg_size;
         trace_rec(s, 'N', (const char *)&size, sizeof size);
@@ -1599,15 +1629,18 @@ static int ev_end(smtp_server *s, smtp_server_event *ev)
     } else if (s->msg_over) {
         ev->code = 552;
         ev->a = "Message size exceeds fixed maximum message size";
-        reply(s, 552, "5.3.4", "%s", ev->a);
+        for (unsigned i = 0; i < fan; i++)
+            reply(s, 552, "5.3.4", "%s", ev->a);
         reset_tx(s);
     } else if (s->msg_bad) {
         ev->code = 550;
         ev->a = "Bare CR or LF in message data not allowed";
-        reply(s, 550, "5.6.11", "%s", ev->a);
+        for (unsigned i = 0; i < fan; i++)
+            reply(s, 550, "5.6.11", "%s", ev->a);
         reset_tx(s);
     } else {
         s->await = A_END;
+        s->lmtp_due = fan;
     }
     ev->alen = ev->a ? strlen(ev->a) : 0;
     return ev->kind;
@@ -1850,6 +1883,12 @@ int smtp_server_decide(smtp_server *s, int accept, int code, const char *enh, co
             reply(s, 250, "2.0.0", "%s", text ? text : "Ok: queued");
         else
             reply(s, code ? code : 554, enh ? enh : "5.6.0", "%s", text ? text : "Message rejected");
+        if (s->lmtp_due > 1 && !s->oom) {
+            s->lmtp_due--;
+            s->await = A_END;   /* LMTP: the next recipient's reply */
+            break;
+        }
+        s->lmtp_due = 0;
         reset_tx(s);
         break;
     case A_AUTH:
@@ -1915,6 +1954,7 @@ void smtp_server_shutdown(smtp_server *s, int code, const char *enh, const char 
 }
 
 int smtp_server_closed(const smtp_server *s) { return s->mode == M_CLOSED; }
+unsigned smtp_server_lmtp_due(const smtp_server *s) { return s->await == A_END ? s->lmtp_due : 0; }
 int smtp_server_want_write(const smtp_server *s)
 {
     return s->mode != M_CLOSED && s->await == A_NONE && s->out_len >= s->cfg.out_cap;

@@ -35,7 +35,7 @@ static int opt_bool(lua_State *L, int t, const char *k)
 /* core.server_engine{ hostname=, max_line=, max_message_size=, max_recipients=, max_errors=,
  *   max_commands=, max_transactions=,
  *   out_cap=, tls=, tls_active=, auth=, auth_plaintext=, require_auth=, normalize=, hook_mail=,
- *   hook_rcpt= } -> engine (its greeting already queued) */
+ *   hook_rcpt=, lmtp= } -> engine (its greeting already queued) */
 static int l_engine_new(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -58,6 +58,7 @@ static int l_engine_new(lua_State *L)
     c.normalize_newlines = opt_bool(L, 1, "normalize");
     c.hook_mail = opt_bool(L, 1, "hook_mail");
     c.hook_rcpt = opt_bool(L, 1, "hook_rcpt");
+    c.lmtp = opt_bool(L, 1, "lmtp");
     if (c.max_line < 64 || c.max_line > 65536)
         return luaL_argerror(L, 1, "max_line must be within 64..65536");
     lengine *e = lua_newuserdata(L, sizeof *e);
@@ -287,6 +288,8 @@ ENGINE_GETTER(state, lua_pushstring, smtp_server_state_name)
 ENGINE_GETTER(helo, lua_pushstring, smtp_server_helo)
 ENGINE_GETTER(user, lua_pushstring, smtp_server_user)
 ENGINE_GETTER(tls, lua_pushboolean, smtp_server_tls)
+/* e:lmtp_due(): LMTP replies still to decide for the pending "end" (one per accepted recipient) */
+ENGINE_GETTER(lmtp_due, lua_pushinteger, smtp_server_lmtp_due)
 
 /* e:usage() -> commands, errors, partial, limit|nil, transactions: what the session used (read
  * for the command deadline while part of a line waits, for the tarpit and at the end) */
@@ -341,7 +344,7 @@ int smtp_open_server(lua_State *L)
         { "output", l_output }, { "envelope", l_envelope }, { "shutdown", l_shutdown },
         { "closed", l_closed }, { "state", l_state }, { "helo", l_helo }, { "user", l_user },
         { "tls", l_tls }, { "usage", l_usage }, { "trace", l_trace },
-        { "trace_take", l_trace_take }, { NULL, NULL }
+        { "trace_take", l_trace_take }, { "lmtp_due", l_lmtp_due }, { NULL, NULL }
     };
     static const luaL_Reg meta[] = {
         { "__gc", l_engine_gc }, { "__tostring", l_engine_tostring }, { NULL, NULL }

@@ -448,6 +448,30 @@ describe_send("smtp.send inside nginx", function()
       helper.read(md .. "/new/" .. file))
   end)
 
+  it("speaks LMTP over a Unix socket (a cosocket to unix:/path) to lua-smtp sink --lmtp", function()
+    if not needs("send") then return end
+    local d = helper.tmpdir()
+    local sock, md = d .. "/lmtp.sock", d .. "/Maildir"
+    local sink = helper.spawn({ "lua5.4", helper.root .. "/bin/lua-smtp", "sink", "--lmtp", "--listen", sock,
+      "--maildir", md, "--hostname", "lmtp.test" }, { limit = 120 })
+    for _ = 1, 200 do
+      if helper.sh("test -S " .. helper.quote(sock) .. " && echo yes"):match("yes") then break end
+      helper.sleep(0.05)
+    end
+    -- the nginx worker runs as nobody: let it reach the socket
+    helper.sh("chmod 755 " .. helper.quote(d) .. " && chmod 666 " .. helper.quote(sock))
+    local escaped = ("lmtp://" .. sock):gsub("[^%w%-%._~]", function(ch) return ("%%%02X"):format(ch:byte()) end)
+    local status, body = nginx_support.request(ngx_srv:url("/send?pool=0&transcript=1&url=" .. escaped))
+    local files = helper.sh("ls " .. helper.quote(md .. "/new"))
+    nginx_support.stop(sink)
+    assert.are.equal(200, status, body)
+    assert.truthy(body:match("^b@smtpd%.test 250 2%.0%.0 .* tls=false reused=0\n"), body)
+    assert.truthy(body:find("\nsend LHLO ", 1, true), body)
+    local file = files:match("^(%S+)\n$")
+    assert.truthy(file, files)
+    assert.matches("\r\nlast line\r\n$", helper.read(md .. "/new/" .. file))
+  end)
+
   it("answers another request at once while smtp.send waits on a slow server (one worker)", function()
     if not needs("send") then return end
     -- 4 s: a ping held behind the slow request would take over 3 s, far from an unhindered one

@@ -1,4 +1,4 @@
--- smtp.server: a minimal, strict SMTP server over the C engine: one coroutine per connection in
+-- smtp.server: a minimal, strict SMTP (or LMTP) server over the C engine: one coroutine per connection in
 -- smtp.loop, hooks that accept or reject, and message data streamed to on_message.
 local core = require "smtp.core"
 local errors = require "smtp.errors"
@@ -73,6 +73,9 @@ local function check_opts(o)
   if o.hostname ~= nil and (type(o.hostname) ~= "string" or o.hostname:find("[%c%s]")) then
     argerr("option 'hostname': a name without spaces expected")
   end
+  if o.lmtp ~= nil and type(o.lmtp) ~= "boolean" then argerr("option 'lmtp': boolean expected") end
+  if o.path ~= nil and (type(o.path) ~= "string" or o.path == "") then argerr("option 'path': socket path expected") end
+  if o.path ~= nil and (o.host ~= nil or o.port ~= nil) then argerr("option 'path': give path or host and port, not both") end
 end
 
 local function str(v)
@@ -300,7 +303,7 @@ local function new_engine(srv, cl)
     tls = srv.tls_ctx ~= nil and not srv.implicit, tls_active = srv.implicit,
     auth = o.auth ~= nil, auth_plaintext = srv.auth_plaintext, require_auth = o.require_auth,
     normalize = o.normalize_newlines, hook_mail = o.on_mail ~= nil or (cl and o.max_client_messages and true),
-    hook_rcpt = o.on_rcpt ~= nil or (cl and o.max_client_recipients and true),
+    hook_rcpt = o.on_rcpt ~= nil or (cl and o.max_client_recipients and true), lmtp = o.lmtp,
   })
   return ok and eng or str(eng)
 end
@@ -535,7 +538,9 @@ local function run_session(srv, conn, ip, port, cl)
     -- the envelope is gone once decided
     local env = o.on_event and eng:envelope()
     local yes, code
-    if not ok then
+    if o.lmtp then
+      yes, code = srv:_lmtp_decide(eng, ok, r1, r2, r3, r4)
+    elseif not ok then
       srv:_log("on_message raised: " .. str(r1))
       yes, code = false, 451
       eng:decide(false, 451, "4.3.0", "Error processing message, try again later")
@@ -607,7 +612,10 @@ local function run_session(srv, conn, ip, port, cl)
         if not message() then break end
       elseif kind == "end" then
         -- a BDAT message aborted before any data was read: nothing to do
-        if not a then eng:decide(true) end
+        if not a then
+          eng:decide(true)
+          if o.lmtp then while eng:lmtp_due() > 0 do eng:decide(true) end end
+        end
       elseif kind == "auth" then
         refresh()
         local pok, res = pcall(o.auth, session, a, b, c)
@@ -690,6 +698,42 @@ function Server:_auth_done(session, yes, mech, user)
   end
 end
 
+-- LMTP (RFC 2033): the end of a message is answered once per accepted recipient, in order.
+-- on_message's answer is one verdict for all (true, or false, code, ...), or a table of them
+-- keyed by the recipient's index in envelope.to or by its address: true, false, or
+-- { false, code, text } / { false, code, enhanced, text }. A recipient the table leaves out gets
+-- 451 4.3.0 (logged): no message is taken or lost by omission. -> whether any recipient took it,
+-- and the first refusal's code.
+function Server:_lmtp_decide(eng, ok, r1, r2, r3, r4)
+  local env = eng:envelope()
+  local to = env and env.to or {}
+  local n = eng:lmtp_due()
+  local any, first_code = false, nil
+  for i = 1, n do
+    local yes, code, enh, text
+    if not ok then
+      if i == 1 then self:_log("on_message raised: " .. str(r1)) end
+      yes, code, enh, text = false, 451, "4.3.0", "Error processing message, try again later"
+    elseif type(r1) == "table" then
+      local v = r1[i]
+      if v == nil then v = r1[to[i]] end
+      if v == nil then
+        self:_log("on_message gave no reply for recipient " .. i .. " (" .. str(to[i]) .. ")")
+        yes, code, enh, text = false, 451, "4.3.0", "No reply for this recipient, try again later"
+      elseif type(v) == "table" then
+        yes, code, enh, text = verdict(self, 554, "5.6.0", v[1], v[2], v[3], v[4])
+      else
+        yes, code, enh, text = verdict(self, 554, "5.6.0", v)
+      end
+    else
+      yes, code, enh, text = verdict(self, 554, "5.6.0", r1, r2, r3, r4)
+    end
+    eng:decide(yes, code, enh, text)
+    if yes then any = true elseif not first_code then first_code = code end
+  end
+  return any, first_code
+end
+
 -- A message decided, told to on_event (`env` is its envelope).
 function Server:_message_event(session, yes, code, env, bytes)
   observe.event(self.opts.on_event, "message", session.id, { ok = yes, code = yes and 250 or code,
@@ -717,8 +761,9 @@ local function accept_loop(srv)
   local o = srv.opts
   local exempt = o.client_exempt
   if exempt == nil then exempt = default_exempt end
+  -- a Unix socket's clients are local, and all look alike ("unix"): no per-client counts
   if not (o.max_client_connections or o.max_client_rate or o.max_client_messages
-    or o.max_client_recipients) then
+    or o.max_client_recipients) or l.path then
     exempt = function() return true end
   end
   while not srv.closed do
@@ -819,10 +864,10 @@ function M.listen(opts)
       return nil, errors.new { kind = "tls", text = "server certificate: " .. tostring(err and err.text), temporary = false }
     end
   end
-  local l, err = t.listen { host = host, port = o.port or 0, backlog = o.backlog or 512 }
+  local l, err = t.listen { host = host, port = o.port or 0, backlog = o.backlog or 512, path = o.path }
   if not l then return nil, err end
   local auth_plaintext = o.auth_plaintext
-  if auth_plaintext == nil then auth_plaintext = check.is_loopback(host) end
+  if auth_plaintext == nil then auth_plaintext = o.path ~= nil or check.is_loopback(host) end
   local srv = setmetatable({
     opts = o, listener = l, host = l.host or host, port = l.port,
     hostname = o.hostname or "localhost", tls_ctx = tls_ctx, implicit = (o.tls and o.tls.implicit) == true,

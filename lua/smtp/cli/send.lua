@@ -34,7 +34,7 @@ from a file (one final line end ignored), so it is not in the process's argument
 transaction, over N sessions at once (--concurrency, default 1): a progress bar on a terminal, one
 line per recipient otherwise, then a summary "sent N, failed N, deferred N".
 --url smtps://USER:PASS@HOST:PORT?verify=false... names the server by URL (smtp://, smtp+starttls://,
-smtps://; the SMTP_URL environment variable is the default when neither --url nor --server is
+smtps://, and for LMTP lmtp://HOST:PORT or lmtp:///path/to/socket; the SMTP_URL environment variable is the default when neither --url nor --server is
 given); options also given as flags must agree with it.
 --source ADDR sends from that local address (IP, or [IPv6]); --proxy socks5://, socks5h:// or
 http:// (CONNECT) reaches the server through that proxy.
@@ -401,6 +401,10 @@ function M.main(args, out, err)
       if res then
         for _, a in ipairs(res.accepted) do
           by[a] = { status = "sent", code = res.reply.code, enhanced = res.reply.enhanced, text = res.reply.text }
+        end
+        -- LMTP: each recipient's own reply after the data
+        for _, r in ipairs(res.recipients or {}) do
+          if r.status == "accepted" then by[r.recipient] = { status = "sent", code = r.code, enhanced = r.enhanced, text = r.text } end
         end
       end
       for _, r in ipairs((res and res.rejected) or (serr and serr.rejected) or {}) do

@@ -9,7 +9,9 @@ local M = {}
 
 local usage = [[
 usage: lua-smtp sink --listen HOST:PORT [--maildir DIR | --mbox FILE] [options]
-  --listen HOST:PORT     where to listen (default 127.0.0.1:2525; port 0 picks one)
+  --listen HOST:PORT     where to listen (default 127.0.0.1:2525; port 0 picks one), or a
+                         Unix socket's path (starting with /)
+  --lmtp                 speak LMTP (RFC 2033): LHLO, one reply per recipient after the data
   --maildir DIR          store each message in DIR/new (tmp/ new/ cur/ are created)
   --mbox FILE            append each message to FILE under a lock (From_ lines quoted)
   --tls-cert F --tls-key F   offer STARTTLS with this certificate and key
@@ -53,6 +55,7 @@ local function parse(args)
     local a = args[i]
     if a == "--help" or a == "-h" then o.help = true
     elseif a == "-v" or a == "--verbose" then o.verbose = true
+    elseif a == "--lmtp" then o.lmtp = true
     elseif a == "--listen" then o.listen = val(a)
     elseif a == "--maildir" then o.maildir = val(a)
     elseif a == "--mbox" then o.mbox = val(a)
@@ -88,6 +91,7 @@ local function parse(args)
   end
   if o.auth and not o.auth:find(":", 1, true) then error({ usage = o.auth_from .. ": USER:PASS expected" }) end
   local l = o.listen or "127.0.0.1:2525"
+  if l:sub(1, 1) == "/" then o.path = l; return o end
   local host, port = l:match("^%[(.+)%]:(%d+)$")
   if not host then host, port = l:match("^(.+):(%d+)$") end
   if not host then error({ usage = "--listen HOST:PORT" }) end
@@ -339,7 +343,7 @@ function M.main(args)
   end
 
   local srv, err = server.listen {
-    host = o.host, port = o.port, hostname = o.hostname or "localhost",
+    host = o.host, port = o.port, path = o.path, lmtp = o.lmtp, hostname = o.hostname or "localhost",
     tls = o.cert and { cert = o.cert, key = o.key, implicit = o.implicit } or nil,
     auth = user and function(_, _, u, p) return u == user and p == pass end or nil,
     require_auth = user ~= nil,
@@ -352,7 +356,8 @@ function M.main(args)
     io.stderr:write("lua-smtp sink: ", tostring(err), "\n")
     return 1
   end
-  io.stderr:write(("lua-smtp sink: listening on %s port %d\n"):format(o.host, srv.port))
+  if o.path then io.stderr:write(("lua-smtp sink: listening on %s\n"):format(o.path))
+  else io.stderr:write(("lua-smtp sink: listening on %s port %d\n"):format(o.host, srv.port)) end
   io.stderr:flush()
   srv:serve()
   return 0
