@@ -2124,6 +2124,7 @@ const char *smtp_server_state_name(const smtp_server *s)
 }
 const char *smtp_server_error(const smtp_server *s) { return s->oom ? "out of memory" : NULL; }
 const char *smtp_server_helo(const smtp_server *s) { return s->helo ? s->helo_name : NULL; }
+int smtp_server_helo_kind(const smtp_server *s) { return s->helo; }
 const char *smtp_server_user(const smtp_server *s) { return s->authed ? s->user : NULL; }
 int smtp_server_tls(const smtp_server *s) { return s->tls; }
 

@@ -98,6 +98,7 @@ const char *smtp_server_state_name(const smtp_server *s);
 /* NULL, or why the engine failed ("out of memory"). */
 const char *smtp_server_error(const smtp_server *s);
 const char *smtp_server_helo(const smtp_server *s);
+int smtp_server_helo_kind(const smtp_server *s);   /* 0 none yet, 1 HELO, 2 EHLO */
 const char *smtp_server_user(const smtp_server *s);
 int smtp_server_tls(const smtp_server *s);
 /* What a session has used so far: its caller's deadlines and statistics read it. */

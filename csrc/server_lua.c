@@ -305,6 +305,7 @@ static int l_shutdown(lua_State *L)
 ENGINE_GETTER(closed, lua_pushboolean, smtp_server_closed)
 ENGINE_GETTER(state, lua_pushstring, smtp_server_state_name)
 ENGINE_GETTER(helo, lua_pushstring, smtp_server_helo)
+ENGINE_GETTER(helo_kind, lua_pushinteger, smtp_server_helo_kind)
 ENGINE_GETTER(user, lua_pushstring, smtp_server_user)
 ENGINE_GETTER(tls, lua_pushboolean, smtp_server_tls)
 
@@ -359,7 +360,8 @@ int smtp_open_server(lua_State *L)
     static const luaL_Reg methods[] = {
         { "feed", l_feed }, { "space", l_space }, { "next", l_next }, { "decide", l_decide },
         { "output", l_output }, { "envelope", l_envelope }, { "shutdown", l_shutdown },
-        { "closed", l_closed }, { "state", l_state }, { "helo", l_helo }, { "user", l_user },
+        { "closed", l_closed }, { "state", l_state }, { "helo", l_helo }, { "helo_kind", l_helo_kind },
+        { "user", l_user },
         { "tls", l_tls }, { "usage", l_usage }, { "trace", l_trace },
         { "trace_take", l_trace_take }, { NULL, NULL }
     };

@@ -38,8 +38,7 @@ function M.header(f)
   if f.rcpt then
     lines[#lines + 1] = ("\tfor <%s>; %s"):format((tostring(f.rcpt):gsub("[%c<>]", "?")), date)
   else
-    lines[#lines] = lines[#lines] .. ";"
-    lines[#lines + 1] = "\t" .. date
+    lines[#lines] = lines[#lines] .. "; " .. date
   end
   return table.concat(lines, "\r\n") .. "\r\n"
 end
