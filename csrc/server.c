@@ -781,7 +781,7 @@ static void ehlo_reply(smtp_server *s)
     if (auth_offered(s) && !s->authed)
         out_add(s, "250-AUTH PLAIN LOGIN\r\n", 22);
     if (s->cfg.xclient == 2) {
-        static const char xc[] = "250-XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT\r\n";
+        static const char xc[] = "250-XCLIENT NAME REVERSE_NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT\r\n";
         out_add(s, xc, sizeof xc - 1);
     }
     static const char tail[] = "250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n"
@@ -1282,7 +1282,7 @@ static void auth_line(smtp_server *s, const char *line, size_t n)
  * HELO, no AUTH, no transaction, a new 220; HELO= and LOGIN= stand in for those. */
 
 static const char *const xclient_names[] = {
-    "NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT"
+    "NAME", "REVERSE_NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT"
 };
 
 static int check_xclient(smtp_server *s, const char *arg, size_t alen)

@@ -514,6 +514,7 @@ end
 local XC_CHECK = {
   ADDR = xc_addr, DESTADDR = xc_addr, PORT = xc_port, DESTPORT = xc_port,
   NAME = function(v) if unknown(v) then return false end return v:match("^[%w%.%-_]+$") end,
+  REVERSE_NAME = function(v) if unknown(v) then return false end return v:match("^[%w%.%-_]+$") end,
   PROTO = function(v)
     if unknown(v) then return false end
     v = v:upper()
@@ -522,7 +523,8 @@ local XC_CHECK = {
   HELO = function(v) if unknown(v) then return false end return v end,
   LOGIN = function(v) if unknown(v) then return false end return v end,
 }
-local XC_FIELD = { ADDR = "address", PORT = "port", NAME = "name", DESTADDR = "local_address",
+local XC_FIELD = { ADDR = "address", PORT = "port", NAME = "name", REVERSE_NAME = "reverse_name",
+  DESTADDR = "local_address",
   DESTPORT = "local_port" }
 
 -- XCLIENT from a trusted peer: the values checked, then on_connect judges the new client as a
@@ -533,7 +535,7 @@ local function xclient(srv, session, eng, t)
   for k, v in pairs(t) do
     local val = XC_CHECK[k](v)
     if val == nil then
-      eng:decide(false, 501, "5.5.4", ("Bad %s syntax: %s"):format(k, v:sub(1, 100)))
+      eng:decide(false, 501, "5.5.4", ("Bad XCLIENT %s syntax: %s"):format(k, v:sub(1, 100)))
       return
     end
     new[k] = val
@@ -1104,7 +1106,7 @@ function M.listen(opts)
     hostname = o.hostname or "localhost", tls_ctx = tls_ctx, implicit = (o.tls and o.tls.implicit) == true,
     auth_plaintext = auth_plaintext, sessions = {}, active = 0,
     clients = {}, nclients = 0, counters = new_counters(), exempt = exempt,
-    proxy_trusted = pp and cidr.list(pp.trusted), proxy_timeout = pp and pp.timeout or 10,
+    proxy_trusted = pp and cidr.list(pp.trusted), proxy_timeout = pp and pp.timeout or 5,
     xclient_trusted = xc and cidr.list(xc.trusted),
   }, Server)
   return srv
