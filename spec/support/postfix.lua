@@ -253,7 +253,8 @@ local function unavailable()
 end
 
 -- Starts the sink and the MTA. Returns the instance, or nil and the reason it could not start.
-function M.start()
+-- `extra`: more main.cf lines (a string), for a spec that needs one setting changed.
+function M.start(extra)
   local why = unavailable()
   if why then return nil, why end
   local c = helper.certs()
@@ -268,7 +269,7 @@ function M.start()
     PORT = tostring(pf.port), SMALL = tostring(pf.small_port), AUTH = tostring(pf.auth_port),
     STRICT = tostring(pf.strict_port), IDLE = tostring(pf.idle_port) }
   pf.user, pf.password = "user@postfix.test", "secret pass"
-  helper.write(d .. "/etc/main.cf", fill(main_cf, vars))
+  helper.write(d .. "/etc/main.cf", fill(main_cf, vars) .. (extra or ""))
   helper.write(d .. "/etc/master.cf", fill(master_cf, vars))
   helper.write(d .. "/sink.py", sink_py)
   helper.write(d .. "/auth.py", auth_py)
