@@ -706,8 +706,8 @@ local function run_session(srv, conn, ip, port, cl)
     return true
   end
 
-  local function refresh()
-    if o._front then return facts(session, eng) end
+  -- chosen once per session: the per-message path asks nothing more than before the front door
+  local refresh = o._front and function() facts(session, eng) end or function()
     session.helo = eng:helo()
     session.user = eng:user()
   end
@@ -800,7 +800,7 @@ local function run_session(srv, conn, ip, port, cl)
     if rerr or dead then return false end
     if endcode then return true end -- the engine refused it and replied already
     -- the envelope is gone once decided
-    local env = (o.on_event or o._front) and eng:envelope()
+    local env = o._env and eng:envelope()
     local yes, code
     if not ok then
       srv:_log("on_message raised: " .. str(r1))
@@ -813,10 +813,7 @@ local function run_session(srv, conn, ip, port, cl)
     end
     local c = srv.counters
     if yes then c.messages = c.messages + 1 else c.messages_refused = c.messages_refused + 1 end
-    if o._front and yes then
-      session.messages, session.recipients = session.messages + 1, session.recipients + #env.to
-    end
-    if o.on_event then srv:_message_event(session, yes, code, env, rec.bytes) end
+    if env then srv:_message_done(session, yes, code, env, rec.bytes) end
     return true
   end
 
@@ -975,10 +972,16 @@ function Server:_auth_done(session, yes, mech, user)
   end
 end
 
--- A message decided, told to on_event (`env` is its envelope).
-function Server:_message_event(session, yes, code, env, bytes)
-  observe.event(self.opts.on_event, "message", session.id, { ok = yes, code = yes and 250 or code,
-    from = env.from, recipients = env.to and #env.to, bytes = bytes })
+-- A message decided (`env` is its envelope): counted in the session's facts, told to on_event.
+function Server:_message_done(session, yes, code, env, bytes)
+  local o = self.opts
+  if o._front and yes then
+    session.messages, session.recipients = session.messages + 1, session.recipients + #env.to
+  end
+  if o.on_event then
+    observe.event(o.on_event, "message", session.id, { ok = yes, code = yes and 250 or code,
+      from = env.from, recipients = env.to and #env.to, bytes = bytes })
+  end
 end
 
 function Server:_log(msg)
@@ -1100,6 +1103,8 @@ function M.listen(opts)
     exempt = function() return true end
   end
   o._front = (o.on_connect or o.on_helo or o.on_auth or o.on_rset or o.on_close or o.received) and true or nil
+  -- the envelope is read once decided only for someone who uses it
+  o._env = (o.on_event or o._front) and true or nil
   local pp, xc = o.proxy_protocol or nil, o.xclient or nil
   local srv = setmetatable({
     opts = o, listener = l, host = l.host or host, port = l.port,
