@@ -304,8 +304,11 @@ end
 -- The timeout, or less when the session's end comes first.
 local function left(rec, timeout) return min(timeout, rec.t_end - now()) end
 
--- The session's engine, or why it could not be made (a string).
-local function new_engine(srv, cl, ip)
+local proxied
+
+-- The session's engine, or why it could not be made (a string). Behind a proxy it is fed what
+-- the client sent after the PROXY header (nothing, unless it did not wait for the greeting).
+local function new_engine(srv, cl, ip, conn)
   local o = srv.opts
   local xc = srv.xclient_trusted
   if xc then xc = xc(ip) and 2 or 1 end
@@ -319,7 +322,10 @@ local function new_engine(srv, cl, ip)
     hook_rcpt = o.on_rcpt ~= nil or (cl and o.max_client_recipients and true),
     hook_helo = o.on_helo ~= nil, hook_rset = o.on_rset ~= nil, xclient = xc,
   })
-  return ok and eng or str(eng)
+  if not ok then return str(eng) end
+  local p = srv.proxy_trusted and proxied[conn]
+  if p and p.rest and eng:feed(p.rest) < #p.rest then eng:shutdown(421, "4.7.0", "Too much input") end
+  return eng
 end
 
 -- A session the engine closed: which of its limits did it, if one did.
@@ -354,7 +360,7 @@ end
 
 -- The bytes a PROXY header left behind and the addresses it named, from the accept side to the
 -- session (a field of the session's own would cost every idle session).
-local proxied = setmetatable({}, { __mode = "k" })
+proxied = setmetatable({}, { __mode = "k" })
 
 -- The session's facts for hooks and the Received header.
 local function facts(session, eng)
@@ -618,21 +624,9 @@ end
 -- `cl` is the client's entry in the per-client table, nil for an exempt client.
 local function run_session(srv, conn, ip, port, cl)
   local o = srv.opts  -- o.timeout has no local: one more would be a slot in each idle session's stack
-  if srv.proxy_trusted then
-    ip, port, cl = front_proxy(srv, conn, ip, port)
-    if not ip then
-      srv.active = srv.active - 1
-      conn:close()
-      return
-    end
-  end
-  local eng = new_engine(srv, cl, ip)
+  local eng = new_engine(srv, cl, ip, conn)
   local session = setmetatable({ address = ip, port = port, server = srv, tls = srv.implicit }, Session)
   if o._front then open_front(srv, session, conn) end
-  if srv.proxy_trusted and type(eng) == "userdata" and proxied[conn].rest then
-    -- what the client sent after the header (nothing, unless it did not wait for the greeting)
-    if eng:feed(proxied[conn].rest) < #proxied[conn].rest then eng:shutdown(421, "4.7.0", "Too much input") end
-  end
   -- Deadlines besides the idle timeout live in `rec` (a local more in every session's stack
   -- frame would cost more than its field): the session's end (t_end); while the engine holds part
   -- of a command line, the time it was first seen partial (cmd_t) and the command count then
@@ -836,7 +830,7 @@ local function run_session(srv, conn, ip, port, cl)
       local tok, terr = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
       if not srv:_tls_done(session, conn, tok, terr) then return end
     end
-    if o.on_connect then connect_hook(srv, session, eng) end
+    if o.on_connect then srv:_connect_hook(session, eng) end
     while true do
       local kind, a, b, c
       if stash then
@@ -874,9 +868,9 @@ local function run_session(srv, conn, ip, port, cl)
       elseif kind == "helo" then
         hook(o.on_helo, 550, "5.7.1", a, b)
       elseif kind == "rset" then
-        notify(srv, "on_rset", session, eng)
+        srv:_notify("on_rset", session, eng)
       elseif kind == "xclient" then
-        xclient(srv, session, eng, a)
+        srv:_xclient(session, eng, a)
       elseif kind == "begin" then
         if not message() then break end
       elseif kind == "end" then
@@ -890,7 +884,7 @@ local function run_session(srv, conn, ip, port, cl)
           srv:_log("auth callback raised: " .. str(res))
           eng:decide(false, 454, "4.7.0", "Temporary authentication failure")
         elseif o.on_auth then
-          res = auth_hook(srv, session, eng, res == true, a, b)
+          res = srv:_auth_hook(session, eng, res == true, a, b)
         else
           eng:decide(res == true)
         end
@@ -916,7 +910,7 @@ local function run_session(srv, conn, ip, port, cl)
   elseif not ok then
     srv:_log("session error: " .. str(err))
   end
-  if o.on_close and type(eng) == "userdata" then notify(srv, "on_close", session, eng) end
+  if o.on_close and type(eng) == "userdata" then srv:_notify("on_close", session, eng) end
   srv.sessions[rec] = nil
   srv.active = srv.active - 1
   if o.transcript or o.on_event then close_session(srv, session, eng, not ok and err or nil) end
@@ -926,6 +920,18 @@ local function run_session(srv, conn, ip, port, cl)
   end
   if not dead then linger(conn) end
   conn:close()
+end
+
+-- Behind a proxy: its header first (front_proxy), then the session as any other.
+local function proxied_session(srv, conn, ip, port)
+  local cl
+  ip, port, cl = front_proxy(srv, conn, ip, port)
+  if not ip then
+    srv.active = srv.active - 1
+    conn:close()
+    return
+  end
+  return run_session(srv, conn, ip, port, cl)
 end
 
 -- Server ------------------------------------------------------------------------------------
@@ -984,6 +990,10 @@ function Server:_message_done(session, yes, code, env, bytes)
   end
 end
 
+-- The front door's steps, as methods: a session's closures reach them through `srv`, so none
+-- of them holds one more upvalue per session.
+Server._connect_hook, Server._auth_hook, Server._notify, Server._xclient = connect_hook, auth_hook, notify, xclient
+
 function Server:_log(msg)
   if self.opts.log then pcall(self.opts.log, msg) end
 end
@@ -1015,7 +1025,7 @@ local function accept_loop(srv)
     elseif srv.proxy_trusted then
       -- the real client is known once its proxy's header is read: the session admits it
       srv.active = srv.active + 1
-      loop().spawn(run_session, srv, conn, ip, port, nil)
+      loop().spawn(proxied_session, srv, conn, ip, port)
     else
       local cl, refuse = admit(srv, ip)
       if cl == false then
