@@ -1,5 +1,6 @@
 -- The PROXY protocol in front of smtp.server (issue 17): HAProxy as the real peer with
--- send-proxy (v1) and send-proxy-v2, over IPv4 and IPv6; curl --haproxy-protocol; hand-written
+-- send-proxy (v1) and send-proxy-v2, over IPv4 and IPv6; curl --haproxy-protocol and swaks
+-- --proxy-*; hand-written
 -- headers for what HAProxy never sends (LOCAL, UNIX, TLVs, malformed, late); untrusted peers
 -- closed; the real client's address in the hooks, the per-client limits, the sink's log line
 -- and its Received header. core.proxy_parse, the C parser, on its own first.
@@ -204,6 +205,27 @@ describe("smtp.server PROXY protocol by hand", function()
     assert.equal(0, code, out)
     assert.equal(1, #got.msgs)
     assert.equal("127.0.0.1", got.msgs[1].address)
+  end)
+
+  it("swaks --proxy-*: v1 TCP4 and v2 AF_INET6", function()
+    local cases = {
+      { { "--proxy-version", "1", "--proxy-family", "TCP4", "--proxy-source", "192.0.2.44",
+        "--proxy-source-port", "1044", "--proxy-dest", "198.51.100.25", "--proxy-dest-port", "25" }, "192.0.2.44", 1044 },
+      { { "--proxy-version", "2", "--proxy-family", "AF_INET6", "--proxy-source", "2001:db8::7",
+        "--proxy-source-port", "1234", "--proxy-dest", "2001:db8::25", "--proxy-dest-port", "25" }, "2001:db8::7", 1234 },
+      -- (not --proxy-command LOCAL: swaks 20201014 writes it as command 2 with a one-byte length,
+      -- which is no v2 header; the hand-written LOCAL below stands for it)
+    }
+    for _, c in ipairs(cases) do
+      local srv, got = start()
+      local argv = { "swaks", "--server", "127.0.0.1", "--port", tostring(srv.port), "--helo", "client.test",
+        "--from", "a@x.test", "--to", "b@y.test" }
+      for _, a in ipairs(c[1]) do argv[#argv + 1] = a end
+      local out, code = peers.run(srv, argv)
+      assert.equal(0, code, out)
+      assert.equal(c[2], got.msgs[1].address, out)
+      if c[3] then assert.equal(c[3], got.connects[1].port) end
+    end
   end)
 
   it("takes a v2 header with TLVs, a LOCAL one (the socket's address stands) and one in pieces", function()
