@@ -1,8 +1,8 @@
 -- The PROXY protocol in front of smtp.server (issue 17): HAProxy as the real peer with
 -- send-proxy (v1) and send-proxy-v2, over IPv4 and IPv6; curl --haproxy-protocol and swaks
 -- --proxy-*; hand-written headers for what HAProxy never sends (LOCAL, UNIX, TLVs, malformed,
--- late); untrusted peers closed; the real client's address in the hooks, the per-client limits, the sink's log line
--- and its Received header. core.proxy_parse, the C parser, on its own first.
+-- late); untrusted peers closed; the real client's address in the hooks, the per-client
+-- limits, the sink's log line and its Received header. core.proxy_parse, the C parser, on its own first.
 local helper = require "helper"
 local peers = require "support.server_peers"
 local haproxy = require "support.haproxy"
