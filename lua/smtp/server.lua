@@ -438,6 +438,7 @@ local function front_proxy(srv, conn, ip, port)
     return nil
   end
   local h, rest = read_proxy(srv, conn)
+  if srv.closing then return nil end -- srv:close() came while the header was awaited
   if not h then
     count(srv, "proxy_refused")
     srv:_log(("PROXY protocol from %s: %s, connection closed"):format(str(ip), rest))
