@@ -306,6 +306,7 @@ ENGINE_GETTER(closed, lua_pushboolean, smtp_server_closed)
 ENGINE_GETTER(state, lua_pushstring, smtp_server_state_name)
 ENGINE_GETTER(helo, lua_pushstring, smtp_server_helo)
 ENGINE_GETTER(helo_kind, lua_pushinteger, smtp_server_helo_kind)
+ENGINE_GETTER(rcpt_count, lua_pushinteger, smtp_server_rcpt_count)
 ENGINE_GETTER(user, lua_pushstring, smtp_server_user)
 ENGINE_GETTER(tls, lua_pushboolean, smtp_server_tls)
 
@@ -361,6 +362,7 @@ int smtp_open_server(lua_State *L)
         { "feed", l_feed }, { "space", l_space }, { "next", l_next }, { "decide", l_decide },
         { "output", l_output }, { "envelope", l_envelope }, { "shutdown", l_shutdown },
         { "closed", l_closed }, { "state", l_state }, { "helo", l_helo }, { "helo_kind", l_helo_kind },
+        { "rcpt_count", l_rcpt_count },
         { "user", l_user },
         { "tls", l_tls }, { "usage", l_usage }, { "trace", l_trace },
         { "trace_take", l_trace_take }, { NULL, NULL }

@@ -795,7 +795,8 @@ local function run_session(srv, conn, ip, port, cl)
     if rerr or dead then return false end
     if endcode then return true end -- the engine refused it and replied already
     -- the envelope is gone once decided
-    local env = o._env and eng:envelope()
+    -- (the session's facts need only the count: no envelope table is built for them)
+    local env = o._env and (o.on_event and eng:envelope() or eng:rcpt_count())
     local yes, code
     if not ok then
       srv:_log("on_message raised: " .. str(r1))
@@ -979,11 +980,13 @@ function Server:_auth_done(session, yes, mech, user)
   end
 end
 
--- A message decided (`env` is its envelope): counted in the session's facts, told to on_event.
+-- A message decided (`env` is its envelope, or without on_event its number of recipients):
+-- counted in the session's facts, told to on_event.
 function Server:_message_done(session, yes, code, env, bytes)
   local o = self.opts
   if o._front and yes then
-    session.messages, session.recipients = session.messages + 1, session.recipients + #env.to
+    session.messages = session.messages + 1
+    session.recipients = session.recipients + (type(env) == "table" and #env.to or env)
   end
   if o.on_event then
     observe.event(o.on_event, "message", session.id, { ok = yes, code = yes and 250 or code,
