@@ -27,6 +27,10 @@ typedef struct smtp_server_config {
     int hook_mail, hook_rcpt;    /* report MAIL/RCPT as events needing a decision */
     int lmtp;                    /* LMTP (RFC 2033): LHLO, no HELO/EHLO (500), and the end of a
                                     message's data decided once per accepted recipient (below) */
+    int hook_helo;               /* report HELO/EHLO as an event needing a decision */
+    int hook_rset;               /* report RSET (after its 250) as an event needing none */
+    int xclient;                 /* 0: XCLIENT unknown; 1: refused (550 5.7.0, an untrusted
+                                    peer); 2: advertised and reported for a decision */
     /* Every allocation goes through realloc_fn(alloc_ud, p, n) when set (else realloc); what it
      * returns must be releasable with free(). Tests and the fuzzer use it to make allocations
      * fail: the engine then queues "421 4.3.0" and closes (smtp_server_error says why). */
@@ -44,7 +48,12 @@ enum smtp_server_event_kind {
                             with `code` (already replied) and a = its text */
     SMTP_SRV_AUTH,       /* a = mechanism, b = user, c = secret; decide */
     SMTP_SRV_STARTTLS,   /* 220 queued: write the output, then run the TLS handshake */
-    SMTP_SRV_CLOSE       /* final reply queued: write the output, then close */
+    SMTP_SRV_CLOSE,      /* final reply queued: write the output, then close */
+    SMTP_SRV_HELO,       /* a = the name, b = "HELO", "EHLO" or "LHLO"; decide (hook_helo) */
+    SMTP_SRV_RSET,       /* RSET answered; nothing to decide (hook_rset) */
+    SMTP_SRV_XCLIENT     /* a = NAME NUL value NUL ... (values xtext-decoded, names upper
+                            case), alen its length; decide: accepted, the session starts over
+                            with a new 220 greeting */
 };
 
 typedef struct smtp_server_params smtp_server_params;
@@ -96,6 +105,7 @@ const char *smtp_server_state_name(const smtp_server *s);
 /* NULL, or why the engine failed ("out of memory"). */
 const char *smtp_server_error(const smtp_server *s);
 const char *smtp_server_helo(const smtp_server *s);
+int smtp_server_helo_kind(const smtp_server *s);   /* 0 none yet, 1 HELO, 2 EHLO */
 const char *smtp_server_user(const smtp_server *s);
 int smtp_server_tls(const smtp_server *s);
 /* What a session has used so far: its caller's deadlines and statistics read it. */

@@ -169,6 +169,29 @@ describe("server.listen{ lmtp = true } with our LMTP client", function()
     end
   end
 
+  it("tells on_helo the verb was LHLO and writes LMTP in its Received header", function()
+    local verbs, header = {}, nil
+    local srv = assert(server.listen { lmtp = true, host = "127.0.0.1", port = 0, hostname = "lmtp.test",
+      received = true,
+      on_helo = function(_, name, verb) verbs[#verbs + 1] = verb .. " " .. name; return true end,
+      on_message = function(session, env, reader)
+        header = session:received(env)
+        for _ in reader:chunks() do end
+        return true
+      end })
+    local res, err
+    loop.spawn(function()
+      srv:serve()
+      res, err = smtp.send { url = "lmtp://127.0.0.1:" .. srv.port, helo = "client.test", timeout = 10,
+        from = "a@x.test", to = { "b@x.test" }, message = MSG }
+      srv:close()
+    end)
+    loop.run()
+    assert(res, tostring(err))
+    assert.same({ "LHLO client.test" }, verbs)
+    assert.truthy(header:match("\r\n\tby lmtp%.test %(lua%-smtp%) with LMTP id %w+\r\n"), header)
+  end)
+
   it("replaces a socket file nobody listens on, refuses any other file, and checks its options", function()
     local d = helper.tmpdir()
     local stale = d .. "/stale.sock"
@@ -244,8 +267,12 @@ describe("lua-smtp sink --lmtp", function()
       { res.recipients[1].status, res.recipients[2].status, res.recipients[3].status })
     local file = files:match("^(%S+)\n$")
     assert.truthy(file, files)
-    assert.equal("Return-Path: <a@x.test>\r\nDelivered-To: b@x.test\r\nDelivered-To: c@x.test\r\n" ..
-      "Subject: sink\r\n\r\nto the sink\r\n", helper.read(md .. "/new/" .. file))
+    local stored = helper.read(md .. "/new/" .. file)
+    -- the Received line of a Unix socket's client names no address; its date is matched by grammar
+    local received = "Received: from client%.test\r\n\tby localhost %(lua%-smtp%) with LMTP id %w+; "
+      .. "%a%a%a, %d%d %a%a%a %d%d%d%d %d%d:%d%d:%d%d [+-]%d%d%d%d\r\n"
+    assert.truthy(stored:match("^Return%-Path: <a@x%.test>\r\nDelivered%-To: b@x%.test\r\nDelivered%-To: c@x%.test\r\n"
+      .. received .. "Subject: sink\r\n\r\nto the sink\r\n$"), stored)
     assert.matches("listening on " .. sock:gsub("%p", "%%%0"), sink:output())
   end)
 end)

@@ -28,13 +28,19 @@ usage: lua-smtp sink --listen HOST:PORT [--maildir DIR | --mbox FILE] [options]
   --reject-rcpt PATTERN  answer 550 5.1.1 to recipients matching PATTERN (a glob: * and ?,
                          case-insensitive), to test bounces; may be given more than once
   --timeout SECONDS      idle timeout per session (default 300)
+  --no-received          store the data without the Received header the sink adds
+  --proxy-trusted NET    read a PROXY protocol header (v1 or v2: HAProxy's send-proxy) from
+                         peers in NET (an address or CIDR network; repeatable); the client it
+                         names is the one logged and written in Received. Other peers are closed
+  --xclient-trusted NET  accept XCLIENT (Postfix's) from peers in NET (repeatable)
   -v, --verbose          print each session's conversation on stderr ("<-" from the client,
                          "->" the replies, "*" connections and TLS), prefixed by its connection
                          id; AUTH data shown as [redacted], message data by its size
 Without --maildir or --mbox messages are counted and printed, not stored.
-Each stored message is the data as received (CRLF line ends) after a `Return-Path: <sender>` line
-and one `Delivered-To: <recipient>` line per recipient. In the printed line each envelope address
-is written <addr> with space, ", \, <, >, comma and control bytes as \xHH.]]
+Each stored message is the data as received (CRLF line ends) after a `Return-Path: <sender>` line,
+one `Delivered-To: <recipient>` line per recipient and a `Received:` header in Postfix's form. In
+the printed line each envelope address is written <addr> with space, ", \, <, >, comma and
+control bytes as \xHH; client= is the client's address.]]
 
 local function glob_to_pattern(g)
   local p = g:lower():gsub("[%^%$%(%)%%%.%[%]%+%-]", "%%%0"):gsub("%*", ".*"):gsub("%?", ".")
@@ -42,7 +48,7 @@ local function glob_to_pattern(g)
 end
 
 local function parse(args)
-  local o = { reject = {} }
+  local o = { reject = {}, proxy = {}, xclient = {} }
   local i = 1
   local function val(name)
     i = i + 1
@@ -72,9 +78,16 @@ local function parse(args)
     elseif a == "--max-recipients" then o.max_rcpt = tonumber(val(a)) or error({ usage = "--max-recipients: number expected" })
     elseif a == "--hostname" then o.hostname = val(a)
     elseif a == "--reject-rcpt" then o.reject[#o.reject + 1] = glob_to_pattern(val(a))
+    elseif a == "--no-received" then o.no_received = true
+    elseif a == "--proxy-trusted" then o.proxy[#o.proxy + 1] = val(a)
+    elseif a == "--xclient-trusted" then o.xclient[#o.xclient + 1] = val(a)
     elseif a == "--timeout" then o.timeout = tonumber(val(a)) or error({ usage = "--timeout: number expected" })
     else error({ usage = "unknown option " .. a }) end
     i = i + 1
+  end
+  for _, k in ipairs { "proxy", "xclient" } do
+    local _, why = require("smtp.cidr").list(o[k])
+    if why then error({ usage = "--" .. k .. "-trusted: " .. why }) end
   end
   if o.maildir and o.mbox then error({ usage = "--maildir and --mbox exclude each other" }) end
   if (o.cert == nil) ~= (o.key == nil) then error({ usage = "--tls-cert and --tls-key go together" }) end
@@ -218,7 +231,7 @@ function M.main(args)
 
   -- Receives one message into a temporary file: the header lines then the data as received.
   -- Returns the path and the facts to print, or nil when the data did not arrive whole.
-  local function receive(env, reader)
+  local function receive(session, env, reader)
     local tmp, f, err
     if store_dir then
       for _ = 1, 5 do
@@ -231,6 +244,7 @@ function M.main(args)
     local head = {}
     head[1] = "Return-Path: <" .. env.from .. ">\r\n"
     for _, r in ipairs(env.to) do head[#head + 1] = "Delivered-To: " .. r .. "\r\n" end
+    if not o.no_received then head[#head + 1] = session:received(env) end
     local wok, werr = true, nil
     if f then wok, werr = f:write(table.concat(head)) end
     local size, hbuf, hlen = 0, {}, 0
@@ -302,8 +316,8 @@ function M.main(args)
     return o.mbox
   end
 
-  local function on_message(_, env, reader)
-    local tmp, size, subject = receive(env, reader)
+  local function on_message(session, env, reader)
+    local tmp, size, subject = receive(session, env, reader)
     if not tmp then
       if size then return false, 451, "4.3.0 " .. tostring(size) end
       return false
@@ -326,8 +340,9 @@ function M.main(args)
     end
     local to = {}
     for i, r in ipairs(env.to) do to[i] = logaddr(r) end
-    io.stdout:write(("from=%s to=%s size=%d subject=%q file=%s\n"):format(
-      logaddr(env.from), table.concat(to, ","), size, (subject:gsub("[%c]", " ")), file))
+    io.stdout:write(("from=%s to=%s size=%d subject=%q file=%s client=[%s]\n"):format(
+      logaddr(env.from), table.concat(to, ","), size, (subject:gsub("[%c]", " ")), file,
+      tostring(session.address)))
     return true
   end
 
@@ -348,7 +363,9 @@ function M.main(args)
     auth = user and function(_, _, u, p) return u == user and p == pass end or nil,
     require_auth = user ~= nil,
     max_message_size = o.max_size, max_recipients = o.max_rcpt, timeout = o.timeout,
-    on_rcpt = on_rcpt, on_message = on_message,
+    on_rcpt = on_rcpt, on_message = on_message, received = not o.no_received or nil,
+    proxy_protocol = #o.proxy > 0 and { trusted = o.proxy } or nil,
+    xclient = #o.xclient > 0 and { trusted = o.xclient } or nil,
     log = function(msg) io.stderr:write("lua-smtp sink: ", msg, "\n") end,
     transcript = o.verbose and args_mod.transcript_printer(io.stderr, "server") or nil,
   }

@@ -353,6 +353,13 @@ function Conn:info()
   return t
 end
 
+-- s:local_address() -> ip, port: this end of the connection (the server's side: the address a
+-- client reached). nil when closed.
+function Conn:local_address()
+  if not self.sock then return nil end
+  return self.sock:local_addr()
+end
+
 -- The pool calls of the transport contract. Native connections are never pooled (M.pooling is
 -- false): each one is fresh and has no stored state, and keepalive closes it.
 function Conn:reused() return 0 end
