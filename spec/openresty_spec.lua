@@ -69,7 +69,8 @@ describe_or_skip("smtp inside nginx", function()
     local status, body = nginx_support.request(ngx_srv:url("/transport?port=" .. smtpd.port
       .. "&servername=wrong.example"))
     assert.are.equal(500, status)
-    assert.truthy(body:match("^starttls: tls %(tls%): TLS handshake with wrong%.example failed: certificate host mismatch"), body)
+    assert.truthy(body:match("^starttls: tls %(tls%): TLS handshake with wrong%.example failed: certificate host mismatch"),
+      body .. "\nnginx error log (last 3000 bytes):\n" .. ngx_srv.error_log():sub(-3000))
   end)
 
   -- Server name integrity (issue 15): the peer's certificate is for wrong.example only, signed by
