@@ -32,6 +32,7 @@ local sources = "csrc/core.c" .. " " .. "csrc/net.c" .. " " .. "csrc/tls.c"
   .. " " .. "csrc/server.c" .. " " .. "csrc/server_lua.c"
   .. " " .. "csrc/codec.c" .. " " .. "csrc/codec_lua.c" .. " " .. "csrc/dns.c"
   .. " " .. "csrc/dns_lua.c" .. " " .. "csrc/idna.c" .. " " .. "csrc/mime.c" .. " " .. "csrc/mime_lua.c"
+  .. " " .. "csrc/spool.c"
 
 build = {
   type = "command",
