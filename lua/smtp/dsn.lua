@@ -43,7 +43,7 @@ end
 function M.headers_of(raw, max)
   max = max or 65536
   local head = raw:sub(1, max)
-  local e = head:find("\r?\n\r?\n")
+  local e = head:find("\n\r?\n")
   if e then head = head:sub(1, e) end
   head = head:gsub("\r?\n", "\r\n")
   if head ~= "" and head:sub(-2) ~= "\r\n" then head = head .. "\r\n" end

@@ -580,7 +580,6 @@ function Q:run_once()
   local counts = { messages = 0, sent = 0, failed = 0, deferred = 0, bounced = 0, warned = 0,
     done = 0, locked = 0, limited = 0, broken = 0 }
   self:_clean()
-  local now = self.now()
   -- each pass reads the directory afresh: bounces submitted during the pass go out in it too
   local pass, seen = 0, {}
   repeat
@@ -591,7 +590,8 @@ function Q:run_once()
         seen[id] = true
         more = true
         local st = self:_read_state(id)
-        if st and (st.next or 0) <= now then
+        if not st then counts.broken = counts.broken + 1 end
+        if st and (st.next or 0) <= self.now() then
           local lock, _, why = core.spool_lock(self.dir .. "/msg/" .. id)
           if lock then
             counts.messages = counts.messages + 1
