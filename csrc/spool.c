@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include "core.h"
 
@@ -47,18 +48,22 @@ static void push_sfile(lua_State *L, int fd)
     luaL_setmetatable(L, SPOOL_MT);
 }
 
-/* core.spool_create(path) -> file | nil, msg: a new file (it must not exist), 0600, locked. */
+/* core.spool_create(path) -> file | nil, msg [, "retry"]: a new file (it must not exist), 0600,
+ * locked. Creating and locking are two steps, and between them a runner cleaning tmp/ may take
+ * the lock and unlink the name: then "retry" (with another name), never a file nobody can find. */
 static int l_spool_create(lua_State *L)
 {
     const char *path = luaL_checkstring(L, 1);
     int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0)
         return push_err(L, errno, path);
-    if (lock_nb(fd) < 0) { /* only someone cleaning tmp/ who saw the name first */
+    struct stat st;
+    if (lock_nb(fd) < 0 || fstat(fd, &st) < 0 || st.st_nlink == 0) {
         int e = errno;
-        close(fd);
-        unlink(path);
-        return push_err(L, e, path);
+        close(fd); /* the cleaner that holds it unlinks it */
+        push_err(L, e ? e : ENOENT, path);
+        lua_pushliteral(L, "retry");
+        return 3;
     }
     push_sfile(L, fd);
     return 1;

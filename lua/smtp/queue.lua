@@ -168,7 +168,7 @@ function M.open(dir, opts)
     limits = opts.limits,
     hostname = opts.hostname,
     poll = opts.poll or 60,
-    send = opts.send or function(o) return require("smtp").send(o) end,
+    connect = opts.connect or function(o) return require("smtp").connect(o) end,
     deliver = opts.deliver or function(o) return require("smtp").deliver(o) end,
     options = opts.options,     -- added to every send/deliver call, not stored (transcript, on_event)
     log = opts.log,
@@ -185,8 +185,12 @@ end
 -- and fsyncs dest's directory. Returns the still locked file (close it once whatever depends on
 -- it is on disk) | nil, err.
 local function write_durable(q, id, dest, data, point)
-  local tmp = tmpname(q, id)
-  local f, err = core.spool_create(tmp)
+  local tmp, f, err, why
+  for _ = 1, 10 do
+    tmp = tmpname(q, id)
+    f, err, why = core.spool_create(tmp)
+    if f or why ~= "retry" then break end
+  end
   if not f then return nil, err end
   local ok, werr = true, nil
   if type(data) == "string" then
@@ -387,7 +391,15 @@ function Q:_transmit(st, group)
     end
     return out, busy and "busy" or (anyok and "ok" or "error")
   end
-  local res, err = self.send(o)
+  -- connect, send, and leave QUIT until the outcome is on disk: the wait for QUIT's reply would
+  -- only widen the window in which a kill makes an accepted recipient look unsent
+  local dsn = o.dsn
+  o.message, o.from, o.to, o.dsn = nil, nil, nil, nil
+  local conn, err = self.connect(o)
+  local res
+  if conn then
+    res, err = conn:send { message = f, from = st.from, to = addrs, dsn = dsn }
+  end
   f:close()
   if res then
     local host = res.server and res.server.host
@@ -398,7 +410,7 @@ function Q:_transmit(st, group)
       out[rj.recipient] = { status = (rj.code and rj.code >= 500) and "failed" or "deferred",
         code = rj.code, enhanced = rj.enhanced, text = rj.text, host = host }
     end
-    return out, "ok"
+    return out, "ok", conn
   end
   if err.rejected then
     for _, rj in ipairs(err.rejected) do
@@ -409,9 +421,9 @@ function Q:_transmit(st, group)
   local e = err_outcome(err)
   for _, a in ipairs(addrs) do out[a] = out[a] or e end
   if err.code == 421 or (err.code == 451 and tostring(err.text or ""):lower():find("too many")) then
-    return out, "busy"
+    return out, "busy", conn
   end
-  return out, "error"
+  return out, "error", conn
 end
 
 -- The original's header section, for the DSN's text/rfc822-headers part.
@@ -479,18 +491,23 @@ function Q:_process(id, counts)
       counts.limited = counts.limited + #group
     else
       self.crash("before_transaction")
-      local ok, out, outcome = pcall(self._transmit, self, st, group)
-      if self.limits then self.limits:release(dest, ok and outcome or "error") end
-      if not ok then error(out, 0) end
+      local ok, out, outcome, conn = pcall(self._transmit, self, st, group)
+      if not ok then
+        if self.limits then self.limits:release(dest, "error") end
+        error(out, 0)
+      end
       self.crash("after_transaction")
       now = self.now()
       for _, r in ipairs(group) do
         self:_outcome(r, out[r.rcpt] or { status = "deferred", text = "no outcome for this recipient" }, now, counts)
       end
+      -- on disk before the next transaction begins: a restart never repeats an accepted recipient
+      local wok, werr = self:_write_state(st)
+      if conn then conn:close() end
+      if self.limits then self.limits:release(dest, outcome) end
+      if not wok then error("queue: cannot write the state of " .. id .. ": " .. tostring(werr), 0) end
     end
-    -- on disk before the next transaction begins: a restart never repeats an accepted recipient
-    local wok, werr = self:_write_state(st)
-    if not wok then error("queue: cannot write the state of " .. id .. ": " .. tostring(werr), 0) end
+    if not go then self:_write_state(st) end
   end
   -- bounces for recipients failed and not yet reported; never to the null sender
   local failed = {}
