@@ -3,7 +3,7 @@
  * names in a directory (core.spool_list). A lock is how a runner tells a live writer or runner
  * from a dead one: the kernel drops it when the process dies, however it dies, so no timeout or
  * PID file is needed to clean up after a kill -9. flock follows the open file, not the name, so a
- * lock taken on tmp/X still holds once X is renamed into msg/. Durability of renames goes through
+ * lock taken on tmp/X still holds once X is renamed into msg/. Also core.spool_mkdir. Durability of renames goes through
  * core.fsync_dir (sink.c). */
 #include <dirent.h>
 #include <errno.h>
@@ -158,6 +158,17 @@ static int l_spool_list(lua_State *L)
     return 1;
 }
 
+/* core.spool_mkdir(path) -> true | nil, msg: one directory, 0700 (the spool may hold smarthost
+ * credentials); one that exists already is left as it is. */
+static int l_spool_mkdir(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    if (mkdir(path, 0700) < 0 && errno != EEXIST)
+        return push_err(L, errno, path);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 int smtp_open_spool(lua_State *L)
 {
     static const luaL_Reg methods[] = {
@@ -172,5 +183,7 @@ int smtp_open_spool(lua_State *L)
     lua_setfield(L, -2, "spool_lock");
     lua_pushcfunction(L, l_spool_list);
     lua_setfield(L, -2, "spool_list");
+    lua_pushcfunction(L, l_spool_mkdir);
+    lua_setfield(L, -2, "spool_mkdir");
     return 0;
 }

@@ -24,7 +24,7 @@ external_dependencies = {
 -- built by one command over LuaRocks's own variables, and the files are installed by the
 -- build.install tables, which every build type honours.
 -- The C sources: the plain C engines (text, reply, client, server, codec, dns) and the Lua parts
--- (core, net, tls, poll, sink, idna and each engine's *_lua.c binding).
+-- (core, net, tls, poll, sink, spool, idna and each engine's *_lua.c binding).
 local sources = "csrc/core.c" .. " " .. "csrc/net.c" .. " " .. "csrc/tls.c"
   .. " " .. "csrc/poll.c" .. " " .. "csrc/sink.c" .. " " .. "csrc/text.c"
   .. " " .. "csrc/reply.c" .. " " .. "csrc/reply_lua.c"
@@ -68,6 +68,8 @@ build = {
       ["smtp.dmarc"] = "lua/smtp/dmarc.lua",
       ["smtp.auth"] = "lua/smtp/auth.lua",
       ["smtp.server"] = "lua/smtp/server.lua",
+      ["smtp.queue"] = "lua/smtp/queue.lua",
+      ["smtp.dsn"] = "lua/smtp/dsn.lua",
       ["smtp.transport.init"] = "lua/smtp/transport/init.lua",
       ["smtp.transport.native"] = "lua/smtp/transport/native.lua",
       ["smtp.transport.ngx"] = "lua/smtp/transport/ngx.lua",
@@ -75,6 +77,7 @@ build = {
       ["smtp.cli.send"] = "lua/smtp/cli/send.lua",
       ["smtp.cli.sink"] = "lua/smtp/cli/sink.lua",
       ["smtp.cli.mx"] = "lua/smtp/cli/mx.lua",
+      ["smtp.cli.queue"] = "lua/smtp/cli/queue.lua",
       ["smtp.cli.args"] = "lua/smtp/cli/args.lua",
     },
     lib = { ["smtp.core"] = "core.so" },

@@ -131,10 +131,6 @@ local function crash_hook(spec)
   end
 end
 
-local function mkdir(path)
-  os.execute("mkdir -p '" .. path:gsub("'", "'\\''") .. "'")
-end
-
 -- queue.open(dir [, opts]) -> q | nil, err
 function M.open(dir, opts)
   if type(dir) ~= "string" or dir == "" then badarg(1, "open", "directory name expected") end
@@ -151,9 +147,9 @@ function M.open(dir, opts)
   if opts.limits ~= nil and (type(opts.limits) ~= "table" and type(opts.limits) ~= "userdata") then
     badarg(2, "open", "option 'limits': limiter expected")
   end
-  for _, sub in ipairs { "tmp", "msg", "state", "done" } do
-    if not core.spool_list(dir .. "/" .. sub) then mkdir(dir .. "/" .. sub) end
-    local ok, err = core.spool_list(dir .. "/" .. sub)
+  for _, sub in ipairs { "", "/tmp", "/msg", "/state", "/done" } do
+    local ok, err = core.spool_mkdir(dir .. sub)
+    if ok then ok, err = core.spool_list(dir .. sub) end
     if not ok then return invalid("queue directory: " .. tostring(err)) end
   end
   local q = setmetatable({
@@ -580,6 +576,9 @@ function Q:_clean()
     end
   end
   local now = self.now()
+  -- finished states are few to drop and many to read: once an hour is enough
+  if self.purged and now - self.purged < 3600 and now >= self.purged then return end
+  self.purged = now
   for _, id in ipairs(list(self.dir .. "/done")) do
     local st = self:_read_state(id, "done")
     if not st or now - (st.finished or st.created or now) >= self.keep_done then
@@ -618,17 +617,16 @@ function Q:run_once()
               if self.log then self.log("queue: " .. id .. ": " .. tostring(err)) end
               counts.errors = (counts.errors or 0) + 1
             end
+            st = self:_read_state(id)
           elseif why == "locked" then
             counts.locked = counts.locked + 1
+            st = nil
           end
         end
+        if st and st.next then counts.next = math.min(counts.next or math.huge, st.next) end
       end
     end
   until not more or pass >= 3
-  for _, id in ipairs(list(self.dir .. "/state")) do
-    local st = self:_read_state(id)
-    if st and st.next then counts.next = math.min(counts.next or math.huge, st.next) end
-  end
   return counts
 end
 
