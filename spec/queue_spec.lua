@@ -442,6 +442,28 @@ describe("lua-smtp queue", function()
     assert.matches("0 messages", out)
   end)
 
+  it("runs as a long-running command until stopped, delivering what is submitted meanwhile", function()
+    local dir = helper.tmpdir()
+    local port = helper.free_port()
+    local sink = mxsink.start("127.0.0.1", port, {})
+    local q = assert(queue.open(dir))
+    local proc = helper.spawn({ helper.lua, helper.root .. "/bin/lua-smtp", "queue", "run", dir, "--poll", "0.2" },
+      { limit = 60 })
+    assert(q:submit { message = raw, from = "ann@example.com", to = "late@example.org",
+      via = { server = "127.0.0.1", port = port, tls = "none" } })
+    local got
+    for _ = 1, 200 do
+      got = sink:transactions()[1]
+      if got then break end
+      helper.sleep(0.05)
+    end
+    proc:stop()
+    sink:stop()
+    assert.truthy(got, proc:output())
+    assert.same({ "late@example.org" }, got.to)
+    assert.matches("sent 1, failed 0, deferred 0, bounced 0, done 1", proc:output(), 1, true)
+  end)
+
   it("refuses bad usage with status 2", function()
     local _, code = cli("")
     assert.equal(2, code)

@@ -144,6 +144,9 @@ function M.open(dir, opts)
   end
   if opts.now ~= nil and type(opts.now) ~= "function" then badarg(2, "open", "option 'now': function expected") end
   if opts.random ~= nil and type(opts.random) ~= "function" then badarg(2, "open", "option 'random': function expected") end
+  if opts.via ~= nil and opts.via ~= "mx" and type(opts.via) ~= "table" then
+    badarg(2, "open", "option 'via': \"mx\" or a table expected")
+  end
   if opts.limits ~= nil and (type(opts.limits) ~= "table" and type(opts.limits) ~= "userdata") then
     badarg(2, "open", "option 'limits': limiter expected")
   end
@@ -163,6 +166,7 @@ function M.open(dir, opts)
     warn_after = opts.warn_after,
     limits = opts.limits,
     hostname = opts.hostname,
+    via = opts.via,             -- the default of submit's via
     poll = opts.poll or 60,
     connect = opts.connect or function(o) return require("smtp").connect(o) end,
     deliver = opts.deliver or function(o) return require("smtp").deliver(o) end,
