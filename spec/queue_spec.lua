@@ -386,6 +386,32 @@ describe("smtp.queue", function()
   end)
 end)
 
+describe("smtp.queue in cqueues", function()
+  it("runs in a cqueues controller, its sleeps yielding to other coroutines", function()
+    helper.need("cqueues")
+    local cqueues = require "cqueues"
+    local dir = helper.tmpdir()
+    local port = helper.free_port()
+    local sink = mxsink.start("127.0.0.1", port, {})
+    local q = assert(queue.open(dir, { poll = 0.05 }))
+    assert(q:submit { message = raw, from = "ann@example.com", to = "cq@example.org",
+      via = { server = "127.0.0.1", port = port, tls = "none", timeout = 10 } })
+    local ticks, passes = 0, 0
+    local cq = cqueues.new()
+    cq:wrap(function()
+      q:run { stop = function(n) passes = passes + 1; return passes >= 3 end }
+    end)
+    cq:wrap(function()
+      for _ = 1, 5 do ticks = ticks + 1; cqueues.sleep(0.01) end
+    end)
+    assert(cq:loop(20))
+    sink:stop()
+    assert.equal(5, ticks)
+    assert.equal(3, passes)
+    assert.same({ "cq@example.org" }, sink:transactions()[1].to)
+  end)
+end)
+
 describe("lua-smtp queue", function()
   local function cli(args)
     local out = helper.sh(helper.lua .. " " .. helper.quote(helper.root .. "/bin/lua-smtp") .. " queue " .. args ..
