@@ -219,4 +219,87 @@ describe_or_skip("smtp.background inside nginx", function()
     nginx_support.stop(sink)
     assert(ok, err)
   end)
+
+  it("a worker killed mid-send: its claim expires and another worker sends the message, once", function()
+    local port = helper.free_port()
+    -- a server that greets after 3 s: the send is surely under way when the worker is killed
+    local slow = nginx_support.smtpd { tls = true, port = port, greeting_delay = 3 }
+    local srv = start_nginx("crashq", "1m", port, 2, "{ claim_ttl = 2 }")
+    local ok, err = pcall(function()
+      local id = get(srv, "/queue?n=1"):match("queued (%S+)")
+      local st
+      assert(wait_for(function()
+        st = get(srv, "/status?id=" .. id)
+        return st:match("^sending ") ~= nil
+      end, 10), tostring(st))
+      local pid = assert(tonumber(st:match(" by=(%d+)")), st)
+      helper.sh("kill -KILL " .. pid)
+      assert(wait_for(function() return slow.messages() >= 1 end, 20), srv.error_log():sub(-2000))
+      helper.sleep(1)
+      assert.are.equal(1, slow.messages())
+      -- the controller's own check, the killed worker's connection, the retry's
+      assert.are.equal(3, slow.connections())
+      st = get(srv, "/status?id=" .. id)
+      assert.truthy(st:match("^sent "), st)
+      assert.truthy(slow.message(1):find("Message-ID: <bg-1@client.test>", 1, true))
+    end)
+    srv.stop()
+    slow.stop()
+    assert(ok, err)
+  end)
+
+  it("keeps queued messages through a reload (HUP), and the new workers send them", function()
+    local port = helper.free_port()
+    local srv = start_nginx("reloadq", "4m", port, 2)
+    local smtpd
+    local ok, err = pcall(function()
+      local ids = {}
+      for i = 1, 20 do ids[i] = assert(get(srv, "/queue?n=" .. i):match("queued (%S+)")) end
+      local master = assert(tonumber(helper.read(srv.prefix .. "/logs/nginx.pid")))
+      local before = select(2, srv.error_log():gsub("start worker process", ""))
+      helper.sh("kill -HUP " .. master)
+      assert(wait_for(function()
+        return select(2, srv.error_log():gsub("start worker process", "")) >= before + 2
+      end, 10), srv.error_log():sub(-2000))
+      assert.are.equal("queued=20 accepted=20 low=1\n", get(srv, "/stats"))
+      smtpd = nginx_support.smtpd { tls = true, port = port }
+      assert(wait_for(function() return smtpd.messages() >= 20 end, 20), srv.error_log():sub(-2000))
+      helper.sleep(1)
+      assert.are.equal(20, smtpd.messages())
+      local seen = {}
+      for i = 1, 20 do seen[smtpd.message(i):match("Message%-ID: <bg%-(%d+)@")] = true end
+      for i = 1, 20 do assert(seen[tostring(i)], "message " .. i .. " missing") end
+      for i = 1, 20 do assert.truthy(get(srv, "/status?id=" .. ids[i]):match("^sent ")) end
+    end)
+    srv.stop()
+    if smtpd then smtpd.stop() end
+    assert(ok, err)
+  end)
+
+  it("runs the shipped example: POST /signup answers 202 at once, the welcome mail follows", function()
+    local smtpd = nginx_support.smtpd { tls = true }
+    local ex = nginx_support.start {
+      example = helper.root .. "/examples/openresty/nginx.conf",
+      env = { SMTP_SERVER = "localhost", SMTP_PORT = tostring(smtpd.port), MAIL_FROM = "nginx@client.test" },
+    }
+    local ok, err = pcall(function()
+      local status, body = nginx_support.request(ex:url("/signup?email=new@smtpd.test"), "")
+      assert.are.equal(202, status, body .. ex.error_log())
+      local id = assert(body:match("^queued (%S+)\n$"), body)
+      assert(wait_for(function() return smtpd.messages() >= 1 end, 20), ex.error_log():sub(-2000))
+      assert.are.equal("nginx@client.test\nnew@smtpd.test\n", smtpd.envelope(1))
+      assert.truthy(smtpd.message(1):find("Subject: Welcome\r\n", 1, true))
+      local st
+      assert(wait_for(function()
+        st = select(2, nginx_support.request(ex:url("/mail-status?id=" .. id)))
+        return st == "sent after 1 attempt(s)\n"
+      end, 10), st)
+      status, body = nginx_support.request(ex:url("/signup?email=bad%0D%0Aaddress"), "")
+      assert.are.equal(400, status, body)
+      assert.truthy(body:match("^bad address: invalid"), body)
+    end)
+    ex.stop()
+    smtpd.stop()
+    assert(ok, err)
+  end)
 end)

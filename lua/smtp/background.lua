@@ -26,7 +26,7 @@ local ngx = rawget(_G, "ngx")
 local DEFAULTS = {
   interval = 1,          -- seconds between a worker's scans of the queue
   concurrency = 10,      -- sends in flight per worker
-  claim_ttl = 900,       -- a claim older than this is taken to be a dead worker's
+  claim_ttl = 30,        -- a claim not renewed for this long is taken to be a dead worker's
   status_ttl = 3600,     -- how long an outcome stays readable through status(id)
   initial = 60,          -- first retry after this many seconds
   factor = 2,
@@ -541,17 +541,29 @@ pass = function(premature, q)
       end
       if q.low > shared_low then dict:safe_set("low", q.low) end
       if #batch == 0 then break end
-      local threads = {}
+      local threads, inflight = {}, {}
       for _, idx in ipairs(batch) do
+        inflight[idx] = true
         threads[#threads + 1] = ngx.thread.spawn(function()
           local sok, serr = pcall(send_one, q, idx)
+          inflight[idx] = nil
           if not sok then
             ngx.log(ngx.ERR, "smtp.background: sending ", q.gen, "-", idx, " raised: ", serr)
             dict:delete("c:" .. idx)
           end
         end)
       end
+      -- Claims last claim_ttl, and are renewed every third of it while their send goes on: a
+      -- send may take longer than the ttl, a dead worker's claim still lapses soon.
+      local ttl = setting(q, "claim_ttl")
+      local keeper = ngx.thread.spawn(function()
+        while next(inflight) do
+          ngx.sleep(ttl / 3)
+          for idx in pairs(inflight) do dict:expire("c:" .. idx, ttl) end
+        end
+      end)
       for _, t in ipairs(threads) do ngx.thread.wait(t) end
+      ngx.thread.kill(keeper)
     end
   end)
   q.running = false
@@ -575,8 +587,9 @@ function M.status(id, name)
   if not meta then return nil, "unknown id (finished long ago, or never accepted): " .. id end
   local attempts, due, first, states = meta_unpack(meta)
   local x = dict:get("x:" .. idx)
+  local by = dict:get("c:" .. idx)
   return {
-    id = id, state = dict:get("c:" .. idx) and "sending" or "queued", attempts = attempts,
+    id = id, state = by and "sending" or "queued", claimed_by = by, attempts = attempts,
     next_attempt = due, queued_at = first, recipients = #states,
     pending = select(2, states:gsub("%.", "")), last_error = x and deserialize(x) or nil,
   }

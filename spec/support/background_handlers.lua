@@ -45,7 +45,8 @@ function M.status()
   if not st then ngx.say("none ", err); return end
   ngx.say(st.state, " attempts=", tostring(st.attempts), " error=",
     tostring(st.error and st.error.text or (st.last_error and st.last_error.text)),
-    " sent=", table.concat(st.sent or {}, ","), " failed=", table.concat(st.failed or {}, ","))
+    " sent=", table.concat(st.sent or {}, ","), " failed=", table.concat(st.failed or {}, ","),
+    st.claimed_by and (" by=" .. st.claimed_by) or "")
 end
 
 -- /stats
