@@ -1,6 +1,6 @@
--- Sends one message through the local Postfix (examples/postfix-relay/README.md): lua-smtp's part
--- ends when Postfix answers "250 ... queued as ID"; from then on the message is on Postfix's
--- disk and Postfix retries, relays and bounces it.
+-- Hands messages to the local Postfix (docs/delivery.md; Postfix's settings are in main.cf here):
+-- lua-smtp's part ends when Postfix answers "250 ... queued as ID"; from then on the message is
+-- on Postfix's disk and Postfix retries, relays and bounces it. COUNT messages (default 1):
 --   RELAY_HOST=127.0.0.1 RELAY_PORT=25 MAIL_FROM=app@example.com MAIL_TO=you@example.org lua send.lua
 -- RELAY_CAFILE: the CA of Postfix's smtpd certificate, when it has one (STARTTLS is then required).
 local smtp = require "smtp"
