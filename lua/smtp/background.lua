@@ -178,10 +178,12 @@ end
 
 local pass   -- forward
 
+-- A run at once (after the current request's handler), unless one runs or is already coming: a
+-- burst of submits must not pile up zero-delay timers (nginx caps the pending ones).
 local function kick(q)
-  if q.running or q.stopping then return end
+  if q.running or q.kicked or q.stopping then return end
   local ok, err = ngx.timer.at(0, pass, q)
-  if not ok then ngx.log(ngx.WARN, "smtp.background: could not start a queue run: ", err) end
+  if ok then q.kicked = true else ngx.log(ngx.WARN, "smtp.background: could not start a queue run: ", err) end
 end
 
 -- The send defaults: everything in cfg that is not the queue's own.
@@ -293,7 +295,8 @@ function M.submit(opts)
   local config = require "smtp.config"
   local copy = {}
   for k, v in pairs(merged) do copy[k] = v end
-  copy.message, copy.to = raw, { unpack and unpack(to) or table.unpack(to) }
+  copy.message, copy.to = raw, {}
+  for i, r in ipairs(to) do copy.to[i] = r end
   local ok, err = config.message(copy, "background")
   if not ok then return nil, err end
   if merged.via ~= "mx" then
@@ -494,6 +497,7 @@ end
 -- One run over the queue: claims due entries, sends up to `concurrency` at a time in light
 -- threads, and goes on until nothing is due.
 pass = function(premature, q)
+  q.kicked = false
   if premature then q.stopping = true; return end
   if q.running then return end
   q.running = true
