@@ -277,6 +277,14 @@ function M.submit(opts)
     if to == nil then to = mt end
   end
   if type(to) == "string" then to = { to } end
+  if type(to) == "table" then
+    -- each recipient once: the state bytes are per address
+    local seen, once = {}, {}
+    for _, r in ipairs(to) do
+      if not seen[r] then seen[r] = true; once[#once + 1] = r end
+    end
+    to = once
+  end
   local raw = render(opts.message)
   if raw == nil then misuse(1, "background", "option 'message': string, file, function or smtp.message expected") end
   if type(from) ~= "string" then return errors.invalid("from: no envelope sender (give from = ...)") end
