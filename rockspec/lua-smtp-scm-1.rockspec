@@ -73,6 +73,7 @@ build = {
       ["smtp.cidr"] = "lua/smtp/cidr.lua",
       ["smtp.received"] = "lua/smtp/received.lua",
       ["smtp.queue"] = "lua/smtp/queue.lua",
+      ["smtp.serial"] = "lua/smtp/serial.lua",
       ["smtp.dsn"] = "lua/smtp/dsn.lua",
       ["smtp.transport.init"] = "lua/smtp/transport/init.lua",
       ["smtp.transport.native"] = "lua/smtp/transport/native.lua",

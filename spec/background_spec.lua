@@ -276,6 +276,31 @@ describe_or_skip("smtp.background inside nginx", function()
     assert(ok, err)
   end)
 
+  it("with spool = DIR keeps accepted messages through a stop and a new nginx (not a reload)", function()
+    local port = helper.free_port()
+    local dir = helper.tmpdir() .. "/spool"
+    local extra = ("{ spool = %q }"):format(dir)
+    local srv = start_nginx("spoolq", "1m", port, 2, extra)
+    local smtpd
+    local ok, err = pcall(function()
+      local ids = {}
+      for i = 1, 20 do ids[i] = assert(get(srv, "/queue?n=" .. i):match("queued (spool%-%x+)")) end
+      srv.stop()          -- the shared dict dies with nginx: only the spool holds the messages now
+      smtpd = nginx_support.smtpd { tls = true, port = port }
+      srv = start_nginx("spoolq", "1m", port, 2, extra)
+      assert(wait_for(function() return smtpd.messages() >= 20 end, 30), srv.error_log():sub(-2000))
+      helper.sleep(1)
+      assert.are.equal(20, smtpd.messages())
+      local seen = {}
+      for i = 1, 20 do seen[smtpd.message(i):match("Message%-ID: <bg%-(%d+)@")] = true end
+      for i = 1, 20 do assert(seen[tostring(i)], "message " .. i .. " missing") end
+      for i = 1, 20 do assert.truthy(get(srv, "/status?id=" .. ids[i]):match("^sent "), ids[i]) end
+    end)
+    srv.stop()
+    if smtpd then smtpd.stop() end
+    assert(ok, err)
+  end)
+
   it("runs the shipped example: POST /signup answers 202 at once, the welcome mail follows", function()
     local smtpd = nginx_support.smtpd { tls = true }
     local ex = nginx_support.start {

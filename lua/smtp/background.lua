@@ -18,6 +18,7 @@
 -- Nothing here uses the dict's evicting calls (set, add, incr with init): a full dict refuses a
 -- new message instead of dropping an old one.
 local errors = require "smtp.errors"
+local serial = require "smtp.serial"
 
 local M = { _VERSION = "0.1.0" }
 
@@ -43,7 +44,7 @@ M.DEFAULTS = DEFAULTS
 local OWN = {
   dict = true, interval = true, concurrency = true, claim_ttl = true, status_ttl = true,
   retry = true, max_messages = true, headroom = true, on_failure = true, on_sent = true,
-  hole_grace = true,
+  hole_grace = true, spool = true, key = true,
 }
 
 local function misuse(n, fname, msg)
@@ -58,47 +59,18 @@ local function need_ngx(fname)
 end
 
 ----------------------------------------------------------------------------------------------------
--- Serializing the send options: plain data only (strings, numbers, booleans, tables of them).
-local function ser(v, out, fname, path)
-  local t = type(v)
-  if t == "string" then
-    out[#out + 1] = string.format("%q", v)
-  elseif t == "number" then
-    if v ~= v or v == math.huge or v == -math.huge then misuse(1, fname, path .. ": finite number expected") end
-    out[#out + 1] = string.format("%.17g", v)
-  elseif t == "boolean" then
-    out[#out + 1] = tostring(v)
-  elseif t == "table" then
-    out[#out + 1] = "{"
-    for k, x in pairs(v) do
-      if type(k) == "string" then
-        out[#out + 1] = "[" .. string.format("%q", k) .. "]="
-      elseif type(k) == "number" and k % 1 == 0 then
-        out[#out + 1] = "[" .. string.format("%d", k) .. "]="
-      else
-        misuse(1, fname, path .. ": only string and integer keys can be queued")
-      end
-      ser(x, out, fname, path .. "." .. tostring(k))
-      out[#out + 1] = ","
-    end
-    out[#out + 1] = "}"
-  else
-    misuse(1, fname, "option '" .. path .. "' is a " .. t .. ": only plain data can be queued "
+-- The send options and outcomes are stored as Lua text (smtp.serial: plain data only).
+local function serialize(v, fname)
+  local text, path, why = serial.encode(v)
+  if not text then
+    misuse(1, fname, "option '" .. path .. "': " .. why .. ": only plain data can be queued "
       .. "(give functions to smtp.background.start in every worker)")
   end
-end
-
-local function serialize(v, fname)
-  local out = {}
-  ser(v, out, fname, "opts")
-  return table.concat(out)
+  return text
 end
 
 local function deserialize(s)
-  local f = load("return " .. s, "=smtp.background", "t", {})
-  if not f then return nil end
-  local ok, v = pcall(f)
-  return ok and v or nil
+  return (serial.decode(s, "smtp.background"))
 end
 
 ----------------------------------------------------------------------------------------------------
@@ -160,6 +132,9 @@ local function check_cfg(cfg, fname)
       misuse(1, fname, "option '" .. k .. "': function expected")
     end
   end
+  if cfg.spool ~= nil and (type(cfg.spool) ~= "string" or cfg.spool == "") then
+    misuse(1, fname, "option 'spool': directory path expected")
+  end
   if cfg.retry ~= nil then
     if type(cfg.retry) ~= "table" then misuse(1, fname, "option 'retry': table expected") end
     for k, v in pairs(cfg.retry) do
@@ -208,12 +183,29 @@ function M.start(cfg)
     math.randomseed(math.floor(ngx.now() * 1000) + ngx.worker.pid() * 7919)
   end
   q.cfg, q.defaults = cfg, defaults_of(cfg)
+  if cfg.spool and not q.spool then
+    -- On disk (smtp.queue): what was accepted survives a restart or a crash of nginx, and every
+    -- worker runs the spool; its per-message locks keep two workers from sending one message.
+    local sp, serr = require("smtp.queue").open(cfg.spool, {
+      options = q.defaults, retry_base = setting(q, "initial"), retry_max = setting(q, "max_delay"),
+      max_age = setting(q, "max_age"), poll = setting(q, "interval"),
+      log = function(msg) ngx.log(ngx.WARN, "smtp.background spool: ", msg) end,
+    })
+    if not sp then return nil, serr end
+    q.spool = sp
+  end
   if q.timer then return true end
   local every = setting(q, "interval")
   if every <= 0 then every = DEFAULTS.interval end
   local ok, err = ngx.timer.every(every, function(premature)
     if premature then q.stopping = true; return end
     if not q.running then pass(false, q) end
+    if q.spool and not q.spool_running then
+      q.spool_running = true
+      local okr, rerr = pcall(q.spool.run_once, q.spool)
+      q.spool_running = false
+      if not okr then ngx.log(ngx.ERR, "smtp.background spool: ", rerr) end
+    end
   end)
   if not ok then return nil, err end
   q.timer = true
@@ -311,6 +303,18 @@ function M.submit(opts)
     if merged.via ~= nil then misuse(1, "background", "option 'via': \"mx\" or nil expected") end
     ok, err = config.connection(copy, "background")
     if not ok then return nil, err end
+  end
+
+  if q.spool then
+    -- Durable before the handler goes on (an fsync: the worker waits for the disk that long).
+    local via = merged.via == "mx" and "mx" or rec
+    if via ~= "mx" then
+      via = {}
+      for k, v in pairs(rec) do if k ~= "from" and k ~= "to" and k ~= "via" then via[k] = v end end
+    end
+    local sid, serr = q.spool:submit { message = raw, from = from, to = to, via = via, key = opts.key }
+    if not sid then return nil, serr end
+    return "spool-" .. sid
   end
 
   local dict = q.dict
@@ -589,6 +593,22 @@ function M.status(id, name)
   need_ngx("status")
   name = name or next(queues)
   if type(name) ~= "string" then misuse(2, "status", "name of a lua_shared_dict expected") end
+  local spooled = id:match("^spool%-(%x+)$")
+  if spooled then
+    local q = queues[name]
+    if not (q and q.spool) then return nil, "no spool for queue '" .. name .. "' in this worker" end
+    local st, serr = q.spool:show(spooled)
+    if not st then return nil, tostring(serr) end
+    local out = { id = id, state = "queued", sent = {}, failed = {}, recipients = #st.recipients, pending = 0 }
+    for _, r in ipairs(st.recipients) do
+      if r.state == "sent" then out.sent[#out.sent + 1] = r.rcpt
+      elseif r.state == "failed" then out.failed[#out.failed + 1] = r.rcpt
+      else out.pending = out.pending + 1 end
+      out.attempts = math.max(out.attempts or 0, r.attempts or 0)
+    end
+    if out.pending == 0 then out.state = #out.failed == 0 and "sent" or (#out.sent == 0 and "failed" or "partial") end
+    return out
+  end
   local dict = open_dict(name, "status")
   local gen, idx = id:match("^(%x+)%-(%d+)$")
   if not gen then return nil, "not an smtp.background id: " .. id end

@@ -10,6 +10,7 @@ local core = require "smtp.core"
 local errors = require "smtp.errors"
 local source = require "smtp.source"
 local check = require "smtp.check"
+local serial = require "smtp.serial"
 
 local M = {}
 
@@ -34,47 +35,11 @@ local function invalid(text)
   return nil, errors.new { kind = "invalid", text = text }
 end
 
--- Serialization of states: a Lua table constructor, read back by load() in an empty environment
--- and text mode. Only strings, finite numbers, booleans and tables of them are stored.
-local function ser(v, out, depth)
-  local t = type(v)
-  if t == "string" then
-    out[#out + 1] = ("%q"):format(v)
-  elseif t == "number" then
-    if v ~= v or v == math.huge or v == -math.huge then error("a number that cannot be stored", 0) end
-    if v == math.floor(v) and v > -2^53 and v < 2^53 then
-      out[#out + 1] = ("%d"):format(v)
-    else
-      out[#out + 1] = ("%.17g"):format(v)
-    end
-  elseif t == "boolean" then
-    out[#out + 1] = tostring(v)
-  elseif t == "table" then
-    if depth > 20 then error("tables nested too deep", 0) end
-    out[#out + 1] = "{"
-    local n = #v
-    for i = 1, n do ser(v[i], out, depth + 1); out[#out + 1] = "," end
-    local keys = {}
-    for k in pairs(v) do
-      if not (type(k) == "number" and k >= 1 and k <= n and k == math.floor(k)) then
-        if type(k) ~= "string" then error("a key that is not a string", 0) end
-        keys[#keys + 1] = k
-      end
-    end
-    table.sort(keys)
-    for _, k in ipairs(keys) do
-      out[#out + 1] = "["; ser(k, out, depth + 1); out[#out + 1] = "]="; ser(v[k], out, depth + 1)
-      out[#out + 1] = ",\n"
-    end
-    out[#out + 1] = "}"
-  else
-    error("a " .. t .. " cannot be stored", 0)
-  end
-end
+-- States are stored as Lua text (smtp.serial: plain data, read back without running anything).
 local function serialize(v)
-  local out = {}
-  ser(v, out, 0)
-  return table.concat(out)
+  local text, path, why = serial.encode(v)
+  if not text then error(why .. (path ~= "" and (" at " .. path) or ""), 0) end
+  return text
 end
 M._serialize = serialize
 
@@ -87,11 +52,9 @@ local function read_all(path)
 end
 
 local function deserialize(s)
-  if not s then return nil, "missing" end
-  local fn, err = load("return " .. s, "=state", "t", {})
-  if not fn then return nil, err end
-  local ok, v = pcall(fn)
-  if not ok or type(v) ~= "table" or type(v.recipients) ~= "table" then return nil, "not a state" end
+  local v, err = serial.decode(s, "state")
+  if v == nil then return nil, err end
+  if type(v) ~= "table" or type(v.recipients) ~= "table" then return nil, "not a state" end
   return v
 end
 
