@@ -16,7 +16,9 @@ static int is_ldh(unsigned char c)
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-';
 }
 
-int dns_valid_hostname(const char *s)
+/* Labels of 1 to 63 bytes, 253 in all, an optional final dot; `ldh`: letters, digits and inner
+ * hyphens only (a host name), else any printable ASCII byte but '\\' (a name to ask TXT or PTR of). */
+static int valid_name(const char *s, int ldh)
 {
     size_t n = strlen(s);
     if (n > 0 && s[n - 1] == '.')
@@ -27,19 +29,22 @@ int dns_valid_hostname(const char *s)
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
         if (c == '.') {
-            if (label == 0 || s[i - 1] == '-')
+            if (label == 0 || (ldh && s[i - 1] == '-'))
                 return 0;
             label = 0;
             continue;
         }
-        if (!is_ldh(c))
-            return 0;
-        if (label == 0 && c == '-')
+        if (ldh ? (!is_ldh(c) || (label == 0 && c == '-')) : (c <= 0x20 || c >= 0x7f || c == '\\'))
             return 0;
         if (++label > 63)
             return 0;
     }
-    return s[n - 1] != '-';
+    return !ldh || s[n - 1] != '-';
+}
+
+int dns_valid_hostname(const char *s)
+{
+    return valid_name(s, 1);
 }
 
 /* Copies a valid host name lower-cased and without its final dot. */
@@ -151,26 +156,7 @@ int dns_parse_addrs(const unsigned char *abuf, int alen, int family, struct dns_
 
 int dns_valid_qname(const char *s)
 {
-    size_t n = strlen(s);
-    if (n > 0 && s[n - 1] == '.')
-        n--;
-    if (n == 0 || n > DNS_HOST_MAX)
-        return 0;
-    size_t label = 0;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c == '.') {
-            if (label == 0)
-                return 0;
-            label = 0;
-            continue;
-        }
-        if (c <= 0x20 || c >= 0x7f || c == '\\')
-            return 0;
-        if (++label > 63)
-            return 0;
-    }
-    return 1;
+    return valid_name(s, 0);
 }
 
 void dns_txt_free(struct dns_txt_answer *a)

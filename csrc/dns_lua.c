@@ -314,40 +314,38 @@ static int l_query(lua_State *L)
 
 static void push_result(lua_State *L, struct dns_query *q)
 {
-    if (q->type == T_TXTREC) {
-        struct dns_txt_answer a;
-        int st = dns_parse_txt(q->abuf, q->alen, &a);
+    if (q->type == T_TXTREC || q->type == T_PTRREC) {
+        /* Both are lists of strings with a count of records left out. */
+        struct dns_txt_answer t;
+        struct dns_ptr_answer p;
+        const char *rec[DNS_MAX_TXT > DNS_MAX_PTR ? DNS_MAX_TXT : DNS_MAX_PTR];
+        size_t len[DNS_MAX_TXT > DNS_MAX_PTR ? DNS_MAX_TXT : DNS_MAX_PTR];
+        int st, count, dropped;
+        if (q->type == T_TXTREC) {
+            st = dns_parse_txt(q->abuf, q->alen, &t);
+            count = t.count, dropped = t.dropped;
+            for (int i = 0; i < count; i++)
+                rec[i] = t.rec[i], len[i] = t.len[i];
+        } else {
+            st = dns_parse_ptr(q->abuf, q->alen, &p);
+            count = p.count, dropped = p.dropped;
+            for (int i = 0; i < count; i++)
+                rec[i] = p.name[i], len[i] = strlen(p.name[i]);
+        }
         if (st != ARES_SUCCESS && st != ARES_ENODATA) {
             lua_pushnil(L);
             lua_pushstring(L, status_name(st));
             return;
         }
-        lua_createtable(L, a.count, 1);
-        for (int i = 0; i < a.count; i++) {
-            lua_pushlstring(L, a.rec[i], a.len[i]);
+        lua_createtable(L, count, 1);
+        for (int i = 0; i < count; i++) {
+            lua_pushlstring(L, rec[i], len[i]);
             lua_rawseti(L, -2, i + 1);
         }
-        lua_pushinteger(L, a.dropped);
+        lua_pushinteger(L, dropped);
         lua_setfield(L, -2, "dropped");
-        dns_txt_free(&a);
-        lua_pushnil(L);
-        return;
-    }
-    if (q->type == T_PTRREC) {
-        struct dns_ptr_answer a;
-        int st = dns_parse_ptr(q->abuf, q->alen, &a);
-        if (st != ARES_SUCCESS && st != ARES_ENODATA) {
-            lua_pushnil(L);
-            lua_pushstring(L, status_name(st));
-            return;
-        }
-        lua_createtable(L, a.count, 1);
-        for (int i = 0; i < a.count; i++) {
-            lua_pushstring(L, a.name[i]);
-            lua_rawseti(L, -2, i + 1);
-        }
-        lua_pushinteger(L, a.dropped);
-        lua_setfield(L, -2, "dropped");
+        if (q->type == T_TXTREC && st == ARES_SUCCESS)
+            dns_txt_free(&t);
         lua_pushnil(L);
         return;
     }

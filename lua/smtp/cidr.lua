@@ -2,53 +2,15 @@
 -- for the server's PROXY protocol and XCLIENT peers; an IPv4-mapped IPv6 peer matches as IPv4.
 local M = {}
 
--- The address as a string of 4 or 16 bytes, or nil when it is not one.
+local util = require "smtp.dnsutil"
+
+-- The address as a string of 4 or 16 bytes, or nil when it is not one; a zone ("%eth0") is
+-- ignored and an IPv4-mapped IPv6 address is the IPv4 address it carries.
 local function bytes(ip)
   if type(ip) ~= "string" then return nil end
-  ip = ip:gsub("%%.*$", "")
-  local a, b, c, d = ip:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
-  if a then
-    a, b, c, d = tonumber(a), tonumber(b), tonumber(c), tonumber(d)
-    if a > 255 or b > 255 or c > 255 or d > 255 then return nil end
-    return string.char(a, b, c, d)
-  end
-  if not ip:find(":", 1, true) or ip:find("[^%x:%.]") then return nil end
-  -- an IPv4 tail counts as two groups
-  local head, v4 = ip:match("^(.*:)(%d+%.%d+%.%d+%.%d+)$")
-  local tail = ""
-  if head then
-    local t = bytes(v4)
-    if not t then return nil end
-    tail = t
-    ip = head:sub(-2) == "::" and head or head:sub(1, -2)
-  end
-  local want = (16 - #tail) / 2
-  local left, right = ip:match("^(.-)::(.*)$")
-  local groups = {}
-  local function add(part)
-    if part == "" then return true end
-    for g in (part .. ":"):gmatch("([^:]*):") do
-      if g == "" or #g > 4 then return false end
-      groups[#groups + 1] = tonumber(g, 16)
-    end
-    return true
-  end
-  if left then
-    if right:find("::", 1, true) or not add(left) then return nil end
-    local nl = #groups
-    if not add(right) then return nil end
-    local nr = #groups - nl
-    if nl + nr >= want then return nil end
-    for i = #groups, nl + 1, -1 do groups[i + want - nl - nr] = groups[i] end
-    for i = nl + 1, want - nr do groups[i] = 0 end
-  elseif not add(ip) or #groups ~= want then
-    return nil
-  end
-  local out = {}
-  for i = 1, want do out[i] = string.char(math.floor(groups[i] / 256), groups[i] % 256) end
-  local s = table.concat(out) .. tail
+  local s = util.ip_bytes((ip:gsub("%%.*$", "")))
   -- ::ffff:a.b.c.d is the IPv4 host a.b.c.d
-  if s:sub(1, 12) == ("\0"):rep(10) .. "\255\255" then return s:sub(13) end
+  if s and #s == 16 and s:sub(1, 12) == ("\0"):rep(10) .. "\255\255" then return s:sub(13) end
   return s
 end
 M.bytes = bytes

@@ -92,9 +92,8 @@ local function v4_scope(n)
   return "public"
 end
 
--- IPv6 text -> its eight 16-bit groups, or nil. A zone ("%eth0") is dropped.
+-- IPv6 text (no zone) -> its eight 16-bit groups, or nil.
 local function v6_groups(s)
-  s = s:gsub("%%.*$", "")
   local function parts(str)
     local out = {}
     if str == "" then return out end
@@ -157,10 +156,27 @@ local function v6_scope(g)
   return "public"
 end
 
+-- The address as a string of 4 or 16 bytes in network order, or nil: four decimal octets without
+-- leading zeros, or IPv6 in any RFC 4291 text form (an IPv4 tail included); no brackets, no zone.
+-- The one address parser of the pure-Lua parts (SPF, the server's trusted-address lists, scopes).
+function M.ip_bytes(s)
+  if type(s) ~= "string" then return nil end
+  local n = v4_number(s)
+  if n then
+    return string.char(math.floor(n / 2 ^ 24) % 256, math.floor(n / 2 ^ 16) % 256, math.floor(n / 256) % 256, n % 256)
+  end
+  if #s > 45 or not s:find(":", 1, true) or s:find("[^%x:%.]") then return nil end
+  local g = v6_groups(s)
+  if not g then return nil end
+  local out = {}
+  for i = 1, 8 do out[i] = string.char(math.floor(g[i] / 256), g[i] % 256) end
+  return table.concat(out)
+end
+
 -- scope("192.0.2.1") -> "documentation"; nil for text that is not an IP address.
 function M.address_scope(addr)
   if type(addr) ~= "string" then return nil end
-  addr = addr:match("^%[(.*)%]$") or addr
+  addr = (addr:match("^%[(.*)%]$") or addr):gsub("%%.*$", "")
   local n = v4_number(addr)
   if n then return v4_scope(n) end
   if not addr:find(":", 1, true) then return nil end

@@ -26,57 +26,20 @@ local function permerror(reason) abort("permerror", reason) end
 ---------------------------------------------------------------------------------------------
 -- Addresses: 4 or 16 bytes.
 
--- "a.b.c.d" without leading zeros (the ip4-network of the grammar) -> { bytes }
+-- "a.b.c.d" without leading zeros (the ip4-network of the grammar) -> { bytes }, and IPv6 text
+-- -> its 16 bytes, through the one address parser (smtp.dnsutil).
+local ip_bytes = require("smtp.dnsutil").ip_bytes
+
 local function parse_v4(s)
-  local out = {}
-  for part in (s .. "."):gmatch("([^.]*)%.") do
-    if not part:match("^%d%d?%d?$") or (#part > 1 and part:sub(1, 1) == "0") then return nil end
-    local v = tonumber(part)
-    if v > 255 then return nil end
-    out[#out + 1] = v
-  end
-  if #out ~= 4 then return nil end
-  return out
+  local b = ip_bytes(s)
+  if not b or #b ~= 4 then return nil end
+  return { b:byte(1, 4) }
 end
 
 local function parse_v6(s)
-  if not s:match("^[%x:.]+$") or #s > 45 then return nil end
-  local head, tail = s:match("^(.-)::(.*)$")
-  if head and tail:find("::", 1, true) then return nil end
-  local function groups(str, v4_last)
-    local out = {}
-    if str == "" then return out end
-    local parts = {}
-    for p in (str .. ":"):gmatch("([^:]*):") do parts[#parts + 1] = p end
-    for i, p in ipairs(parts) do
-      if v4_last and i == #parts and p:find(".", 1, true) then
-        local b = parse_v4(p)
-        if not b then return nil end
-        out[#out + 1] = b[1] * 256 + b[2]
-        out[#out + 1] = b[3] * 256 + b[4]
-      elseif p:match("^%x%x?%x?%x?$") then
-        out[#out + 1] = tonumber(p, 16)
-      else
-        return nil
-      end
-    end
-    return out
-  end
-  local h, t
-  if head then
-    h, t = groups(head, false), groups(tail, true)
-  else
-    h, t = groups(s, true), {}
-  end
-  if not h or not t then return nil end
-  local fill = 8 - #h - #t
-  if (head and fill < 1) or (not head and fill ~= 0) then return nil end
-  local bytes = {}
-  local function put(g) bytes[#bytes + 1] = floor(g / 256); bytes[#bytes + 1] = g % 256 end
-  for _, g in ipairs(h) do put(g) end
-  for _ = 1, fill do put(0) end
-  for _, g in ipairs(t) do put(g) end
-  return bytes
+  local b = ip_bytes(s)
+  if not b or #b ~= 16 then return nil end
+  return { b:byte(1, 16) }
 end
 
 -- { family = 4|6, bytes = {...} } or nil. An IPv4-mapped IPv6 address is the IPv4 address it
