@@ -30,6 +30,23 @@ static int push_errno(lua_State *L, const char *what)
     return 2;
 }
 
+/* An exclusive flock without waiting (EWOULDBLOCK when another process holds it). */
+int smtp_flock_nb(int fd)
+{
+    int r;
+    while ((r = flock(fd, LOCK_EX | LOCK_NB)) < 0 && errno == EINTR)
+        ;
+    return r;
+}
+
+/* A file object (:write :sync :size :truncate :close) owning fd; the spool's files are these too. */
+void smtp_push_file(lua_State *L, int fd)
+{
+    lfile *f = lua_newuserdata(L, sizeof *f);
+    f->fd = fd;
+    luaL_setmetatable(L, FILE_MT);
+}
+
 /* core.sink_file(path, "create" | "append") -> file | nil, msg [, "locked"]
  * "create" fails if the file exists (Maildir tmp/); "append" takes an exclusive flock (mbox)
  * without waiting: when another process holds it, nil, msg, "locked". */
@@ -43,10 +60,7 @@ static int l_sink_file(lua_State *L)
     if (fd < 0)
         return push_errno(L, path);
     if (m == 1) {
-        int r;
-        while ((r = flock(fd, LOCK_EX | LOCK_NB)) < 0 && errno == EINTR)
-            ;
-        if (r < 0) {
+        if (smtp_flock_nb(fd) < 0) {
             int e = errno;
             close(fd);
             errno = e;
@@ -57,9 +71,7 @@ static int l_sink_file(lua_State *L)
             return 3;
         }
     }
-    lfile *f = lua_newuserdata(L, sizeof *f);
-    f->fd = fd;
-    luaL_setmetatable(L, FILE_MT);
+    smtp_push_file(L, fd);
     return 1;
 }
 

@@ -3,8 +3,9 @@
  * names in a directory (core.spool_list). A lock is how a runner tells a live writer or runner
  * from a dead one: the kernel drops it when the process dies, however it dies, so no timeout or
  * PID file is needed to clean up after a kill -9. flock follows the open file, not the name, so a
- * lock taken on tmp/X still holds once X is renamed into msg/. Also core.spool_mkdir. Durability of renames goes through
- * core.fsync_dir (sink.c). */
+ * lock taken on tmp/X still holds once X is renamed into msg/. Also core.spool_mkdir. The files
+ * are the sink's file objects (sink.c: :write :sync :close), and durability of renames goes
+ * through core.fsync_dir (sink.c). */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -14,38 +15,11 @@
 #include <unistd.h>
 #include "core.h"
 
-#define SPOOL_MT "smtp.spool_file"
-
-typedef struct { int fd; } sfile;
-
-static sfile *check_sfile(lua_State *L)
-{
-    sfile *f = luaL_checkudata(L, 1, SPOOL_MT);
-    if (f->fd < 0)
-        luaL_error(L, "file already closed");
-    return f;
-}
-
 static int push_err(lua_State *L, int e, const char *what)
 {
     lua_pushnil(L);
     lua_pushfstring(L, "%s: %s", what, strerror(e));
     return 2;
-}
-
-static int lock_nb(int fd)
-{
-    int r;
-    while ((r = flock(fd, LOCK_EX | LOCK_NB)) < 0 && errno == EINTR)
-        ;
-    return r;
-}
-
-static void push_sfile(lua_State *L, int fd)
-{
-    sfile *f = lua_newuserdata(L, sizeof *f);
-    f->fd = fd;
-    luaL_setmetatable(L, SPOOL_MT);
 }
 
 /* core.spool_create(path) -> file | nil, msg [, "retry"]: a new file (it must not exist), 0600,
@@ -58,14 +32,14 @@ static int l_spool_create(lua_State *L)
     if (fd < 0)
         return push_err(L, errno, path);
     struct stat st;
-    if (lock_nb(fd) < 0 || fstat(fd, &st) < 0 || st.st_nlink == 0) {
+    if (smtp_flock_nb(fd) < 0 || fstat(fd, &st) < 0 || st.st_nlink == 0) {
         int e = errno;
         close(fd); /* the cleaner that holds it unlinks it */
         push_err(L, e ? e : ENOENT, path);
         lua_pushliteral(L, "retry");
         return 3;
     }
-    push_sfile(L, fd);
+    smtp_push_file(L, fd);
     return 1;
 }
 
@@ -83,7 +57,7 @@ static int l_spool_lock(lua_State *L)
         lua_pushliteral(L, "missing");
         return 3;
     }
-    if (lock_nb(fd) < 0) {
+    if (smtp_flock_nb(fd) < 0) {
         int e = errno;
         close(fd);
         push_err(L, e, path);
@@ -92,46 +66,8 @@ static int l_spool_lock(lua_State *L)
         lua_pushliteral(L, "locked");
         return 3;
     }
-    push_sfile(L, fd);
+    smtp_push_file(L, fd);
     return 1;
-}
-
-static int l_sfile_write(lua_State *L)
-{
-    sfile *f = check_sfile(L);
-    size_t n;
-    const char *p = luaL_checklstring(L, 2, &n);
-    while (n) {
-        ssize_t w = write(f->fd, p, n);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return push_err(L, errno, "write");
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    lua_pushboolean(L, 1);
-    return 1;
-}
-
-static int l_sfile_sync(lua_State *L)
-{
-    sfile *f = check_sfile(L);
-    if (fsync(f->fd) < 0)
-        return push_err(L, errno, "fsync");
-    lua_pushboolean(L, 1);
-    return 1;
-}
-
-static int l_sfile_close(lua_State *L)
-{
-    sfile *f = luaL_checkudata(L, 1, SPOOL_MT);
-    if (f->fd >= 0) {
-        close(f->fd); /* drops the lock */
-        f->fd = -1;
-    }
-    return 0;
 }
 
 /* core.spool_list(dir) -> { names } | nil, msg: every entry but "." and "..", unsorted. */
@@ -171,12 +107,6 @@ static int l_spool_mkdir(lua_State *L)
 
 int smtp_open_spool(lua_State *L)
 {
-    static const luaL_Reg methods[] = {
-        { "write", l_sfile_write }, { "sync", l_sfile_sync }, { "close", l_sfile_close },
-        { NULL, NULL }
-    };
-    static const luaL_Reg meta[] = { { "__gc", l_sfile_close }, { NULL, NULL } };
-    smtp_newclass(L, SPOOL_MT, methods, meta);
     lua_pushcfunction(L, l_spool_create);
     lua_setfield(L, -2, "spool_create");
     lua_pushcfunction(L, l_spool_lock);
