@@ -122,6 +122,61 @@ describe("send_many with smtp.limits", function()
   end)
 end)
 
+describe("batch.bulk", function()
+  it("backs off from a server's 421 at connect and 451 on MAIL and still sends everything", function()
+    local refused_once = {}
+    local got = sink { max_client_connections = 2, client_exempt = false, max_client_rate = false,
+      max_client_messages = false, max_client_recipients = false, tarpit_delay = 0,
+      on_mail = function() return true end,
+      on_rcpt = function(_, rcpt)
+        -- every 7th recipient is refused for load the first time it comes
+        local n = tonumber(rcpt:match("^r(%d+)@"))
+        if n % 7 == 0 and not refused_once[n] then
+          refused_once[n] = true
+          return false, 451, "4.7.1 Too many messages, slow down"
+        end
+        return true
+      end }
+    local lim = limits.new { backoff = 0.05, max_backoff = 0.2, recover = 0.2 }
+    local seen = {}
+    local out = with_server(got, function(srv)
+      return require("smtp.batch").bulk { connect = { server = "127.0.0.1", port = srv.port, tls = "none" },
+        entries = entries(40), limits = lim, concurrency = 5,
+        on_result = function(i) seen[#seen + 1] = i end }
+    end)
+    for i = 1, 40 do assert.is_false(errors.is(out[i]), i .. ": " .. tostring(out[i])) end
+    assert.equal(40, #seen)
+    local st = lim:stats()["127.0.0.1:" .. got.srv.port]
+    assert.is_true(st.busy >= 1)
+    assert.is_true(got.srv.counters.client_connections >= 1)   -- it did meet the 421s
+    local per = {}
+    for _, r in ipairs(got.messages) do per[r] = (per[r] or 0) + 1 end
+    for i = 1, 40 do assert.equal(1, per[("r%d@example.org"):format(i)]) end
+  end)
+
+  it("the command refuses bad limit flags", function()
+    local send = require "smtp.cli.send"
+    local function run(args)
+      local o, e = {}, {}
+      local out = { write = function(_, ...) for _, v in ipairs { ... } do o[#o + 1] = v end end, flush = function() end }
+      local err = { write = function(_, ...) for _, v in ipairs { ... } do e[#e + 1] = v end end, flush = function() end }
+      return send.main(args, out, err), table.concat(e)
+    end
+    local dir = helper.tmpdir()
+    helper.write(dir .. "/to.txt", "a@example.org\n")
+    local base = { "--server", "127.0.0.1:1", "--from", "a@example.com", "--to-file", dir .. "/to.txt" }
+    local function with(...) local t = { (table.unpack or unpack)(base) } for _, v in ipairs { ... } do t[#t + 1] = v end return t end
+    local st, e = run(with("--rate", "fast"))
+    assert.equal(2, st); assert.matches("bad %-%-rate 'fast'", e)
+    st, e = run(with("--max-connections", "0"))
+    assert.equal(2, st); assert.matches("bad %-%-max%-connections '0'", e)
+    st, e = run(with("--messages-per-connection", "1.5"))
+    assert.equal(2, st); assert.matches("bad %-%-messages%-per%-connection", e)
+    st, e = run { "--server", "127.0.0.1:1", "--from", "a@example.com", "--to", "b@example.org", "--rate", "5/1" }
+    assert.equal(2, st); assert.matches("go with %-%-to%-file", e)
+  end)
+end)
+
 describe("smtp.deliver and smtp.send with smtp.limits", function()
   it("deliver paces a shared limiter per recipient domain; send per host:port", function()
     local stamps = {}
