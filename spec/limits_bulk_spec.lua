@@ -329,3 +329,37 @@ describe("a bulk run against a sink that enforces limits", function()
       #mails, MAXC, R, W, elapsed, max_1s, max_active, #opens, max_per))
   end)
 end)
+
+describe("lim:wait in each scheduler", function()
+  -- 3 messages at 2 per 0.3 s: the third waits about 0.3 s, however the waiting is done
+  local function three(lim)
+    local t0 = core.now()
+    for _ = 1, 3 do assert.is_true(lim:wait("d", "message")) end
+    return core.now() - t0
+  end
+
+  it("blocks a plain script", function()
+    local took = three(limits.new { rate = "2/0.3" })
+    assert.is_true(took >= 0.29 and took < 5, took)
+  end)
+
+  it("yields inside smtp.loop: another task runs meanwhile", function()
+    local took, ticks = nil, 0
+    loop.spawn(function() took = three(limits.new { rate = "2/0.3" }) end)
+    loop.spawn(function() for _ = 1, 5 do ticks = ticks + 1; loop.sleep(0.02) end end)
+    loop.run()
+    assert.is_true(took >= 0.29 and took < 5, took)
+    assert.equal(5, ticks)
+  end)
+
+  it("sleeps through cqueues inside a controller", function()
+    local cqueues = require "cqueues"   -- a test dependency (lua-cqueues)
+    local cq = cqueues.new()
+    local took, ticks = nil, 0
+    cq:wrap(function() took = three(limits.new { rate = "2/0.3" }) end)
+    cq:wrap(function() for _ = 1, 5 do ticks = ticks + 1; cqueues.sleep(0.02) end end)
+    assert(cq:loop(10))
+    assert.is_true(took >= 0.29 and took < 5, took)
+    assert.equal(5, ticks)
+  end)
+end)
