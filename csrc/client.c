@@ -107,6 +107,7 @@ struct pending {
     unsigned long long end;
     unsigned long long trace;   /* where its trace records start (for a rollback) */
     unsigned char cmd;
+    unsigned char last;         /* BDAT: the LAST chunk (LMTP answers it once per recipient) */
 };
 
 struct smtp_client {
@@ -132,6 +133,13 @@ struct smtp_client {
     smtp_buf tr;
     unsigned long long tr_taken;  /* record bytes taken so far: tr starts here */
     unsigned long long body_len;  /* body bytes of the DATA in progress */
+    /* LMTP (smtp_client_set_lmtp): LHLO for EHLO, no HELO, and the end of a message's data
+     * answered once per accepted recipient. Counted from the replies as they come, since with
+     * PIPELINING a BDAT LAST is queued before any RCPT is answered. */
+    int lmtp;
+    unsigned rcpt_ok;             /* RCPTs of this transaction answered 2xx */
+    unsigned due;                 /* replies still due to the end of data being answered */
+    int chunk_failed;             /* a BDAT chunk before LAST was refused: LAST gets one reply */
 };
 
 static void set_state(smtp_client *c, smtp_client_state s)
@@ -178,6 +186,8 @@ static void trace_secret(smtp_client *c, const char *prefix)
 }
 
 void smtp_client_set_trace(smtp_client *c, int level) { c->trace = level; }
+void smtp_client_set_lmtp(smtp_client *c, int on) { c->lmtp = on; }
+unsigned smtp_client_lmtp_due(const smtp_client *c) { return c->due; }
 
 const char *smtp_client_trace(smtp_client *c, size_t *n)
 {
@@ -208,6 +218,7 @@ static int push_pending(smtp_client *c, smtp_cmd cmd)
     }
     struct pending *e = &c->pending[(c->phead + c->pcount) % c->pcap];
     e->cmd = (unsigned char)cmd;
+    e->last = 0;
     e->end = out_end(c);
     e->trace = c->tr_taken + c->tr.len;
     c->pcount++;
@@ -439,6 +450,43 @@ static int auth_continue(smtp_client *c, const smtp_reply *r)
     return rc;
 }
 
+/* LMTP bookkeeping for one reply to e (the command at the head); returns 1 when e stays at the
+ * head because more replies to it are due. RFC 2033: after the end of the data (the final dot,
+ * or BDAT LAST) one reply comes for each RCPT that was accepted, in order; with none accepted
+ * (or after a refused chunk, the transaction being void) the server has only one reply to give. */
+static int lmtp_more(smtp_client *c, const struct pending *e, const smtp_reply *rep)
+{
+    int ok = rep->code >= 200 && rep->code < 300;
+    switch ((smtp_cmd)e->cmd) {
+    case SMTP_CMD_MAIL:
+    case SMTP_CMD_RSET:
+    case SMTP_CMD_EHLO:
+        c->rcpt_ok = 0;
+        c->chunk_failed = 0;
+        return 0;
+    case SMTP_CMD_RCPT:
+        if (ok)
+            c->rcpt_ok++;
+        return 0;
+    case SMTP_CMD_BDAT:
+    case SMTP_CMD_DATA_END:
+        if (e->cmd == SMTP_CMD_BDAT && !e->last) {
+            if (!ok)
+                c->chunk_failed = 1;
+            return 0;
+        }
+        if (c->due == 0)
+            c->due = (c->rcpt_ok && !c->chunk_failed) ? c->rcpt_ok : 1;
+        if (--c->due > 0)
+            return 1;
+        c->rcpt_ok = 0;
+        c->chunk_failed = 0;
+        return 0;
+    default:
+        return 0;
+    }
+}
+
 int smtp_client_next(smtp_client *c, const smtp_reply **r, smtp_cmd *cmd)
 {
     for (;;) {
@@ -465,10 +513,16 @@ int smtp_client_next(smtp_client *c, const smtp_reply **r, smtp_cmd *cmd)
             seal(c);   /* a SASL answer is not a command a rollback could take back */
             continue;
         }
+        if (c->lmtp && rep->code != 421 && lmtp_more(c, &c->pending[c->phead], rep)) {
+            *r = rep;
+            *cmd = head;
+            return 1;   /* more replies to the same end of data follow */
+        }
         pop_pending(c);
         if (head == SMTP_CMD_AUTH)
             wipe_credentials(c);
         if (rep->code == 421) {
+            c->due = 0;   /* nothing more comes after it */
             set_state(c, SMTP_CS_CLOSED);
         } else {
             switch (head) {
@@ -560,8 +614,12 @@ int smtp_client_command(smtp_client *c, smtp_cmd cmd, const char *arg, size_t al
         *why = "empty HELO name";
         return -1;
     }
+    if (cmd == SMTP_CMD_HELO && c->lmtp) {
+        *why = "LMTP has no HELO (RFC 2033)";
+        return -1;
+    }
     size_t mark = c->out.len;
-    int rc = add_str(c, verbs[cmd]);
+    int rc = add_str(c, cmd == SMTP_CMD_EHLO && c->lmtp ? "LHLO " : verbs[cmd]);
     if (cmd == SMTP_CMD_EHLO || cmd == SMTP_CMD_HELO || cmd == SMTP_CMD_MAIL ||
         cmd == SMTP_CMD_RCPT)
         rc |= add(c, arg, alen);
@@ -732,6 +790,7 @@ int smtp_client_bdat(smtp_client *c, const char *data, size_t n, int last, const
         *why = "out of memory";
         return -1;
     }
+    c->pending[(c->phead + c->pcount - 1) % c->pcap].last = last ? 1 : 0;
     if (c->trace) {
         trace_rec(c, SMTP_TRACE_LINE, head, (size_t)hl - 2);
         if (c->trace == 2) {

@@ -96,6 +96,13 @@ size_t smtp_client_pending(const smtp_client *c);
 #define SMTP_TRACE_BODY 'B'     /* body bytes as sent (level 2) */
 #define SMTP_TRACE_MARKER "[redacted]"
 void smtp_client_set_trace(smtp_client *c, int level);
+/* LMTP (RFC 2033) instead of SMTP: EHLO is sent as LHLO, HELO is refused, and the end of a
+ * message's data (the final dot, BDAT LAST) gets one reply per RCPT accepted in its transaction
+ * (one when none was, or after a refused BDAT chunk): smtp_client_next returns each with the
+ * same command, in the order of the RCPTs. */
+void smtp_client_set_lmtp(smtp_client *c, int on);
+/* After smtp_client_next gave an LMTP end-of-data reply: how many more replies to it follow. */
+unsigned smtp_client_lmtp_due(const smtp_client *c);
 const char *smtp_client_trace(smtp_client *c, size_t *n);
 void smtp_client_trace_taken(smtp_client *c);
 

@@ -71,7 +71,8 @@ static int l_engine_feed(lua_State *L)
     return result(L, rc, smtp_client_error(c));
 }
 
-/* e:reply() -> reply table (with .command) | nil (more input needed) | nil, err */
+/* e:reply() -> reply table (with .command, and .more = true when LMTP has more replies to the
+ * same end of data) | nil (more input needed) | nil, err */
 static int l_engine_reply(lua_State *L)
 {
     smtp_client *c = check_engine(L);
@@ -90,6 +91,11 @@ static int l_engine_reply(lua_State *L)
     smtp_reply_push(L, r, (cmd == SMTP_CMD_EHLO && r->code / 100 == 2));
     lua_pushstring(L, smtp_cmd_names[cmd]);
     lua_setfield(L, -2, "command");
+    if (smtp_client_lmtp_due(c)) {
+        /* LMTP: another reply to the same end of data follows (the next recipient's) */
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "more");
+    }
     return 1;
 }
 
@@ -276,6 +282,14 @@ static int l_rollback(lua_State *L)
     return result(L, rc, why);
 }
 
+/* e:lmtp(on): speak LMTP (client.h, smtp_client_set_lmtp) */
+static int l_lmtp(lua_State *L)
+{
+    smtp_client *c = check_engine(L);
+    smtp_client_set_lmtp(c, lua_toboolean(L, 2));
+    return 0;
+}
+
 /* e:trace(level): 0 off, 1 lines (credentials replaced, body sizes), 2 body bytes too */
 static int l_trace(lua_State *L)
 {
@@ -436,7 +450,7 @@ int smtp_open_client(lua_State *L)
         {"bdat_last", l_bdat_last}, {"bdat_from", l_bdat_from}, {"take", l_take},
         {"write_to", l_write_to}, {"outlen", l_outlen}, {"upgrade", l_upgrade}, {"state", l_state},
         {"pending", l_pending}, {"mark", l_mark}, {"rollback", l_rollback},
-        {"trace", l_trace}, {"trace_take", l_trace_take}, {NULL, NULL},
+        {"trace", l_trace}, {"trace_take", l_trace_take}, {"lmtp", l_lmtp}, {NULL, NULL},
     };
     static const luaL_Reg engine_meta[] = {
         {"__gc", l_engine_gc}, {"__tostring", l_engine_tostring}, {NULL, NULL},

@@ -31,6 +31,8 @@ SMTP_API int luaopen_smtp_core(lua_State *L)
     smtp_open_codec(L);
     smtp_open_idna(L);
     smtp_open_mime(L);
+    smtp_open_proxyproto(L);
+    smtp_open_spool(L);
     lua_pushliteral(L, "0.1.0");
     lua_setfield(L, -2, "_VERSION");
     return 1;

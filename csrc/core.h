@@ -26,6 +26,8 @@ int smtp_open_sink(lua_State *L);
 int smtp_open_codec(lua_State *L);
 int smtp_open_idna(lua_State *L);
 int smtp_open_mime(lua_State *L);
+int smtp_open_proxyproto(lua_State *L);
+int smtp_open_spool(lua_State *L);
 
 /* Pushes a parsed reply as a table { code=, enhanced=, text=, lines={...} } plus
  * extensions={KEYWORD=params} when caps != 0 (reply_lua.c; used by client_lua.c too). */

@@ -1,11 +1,15 @@
-/* Non-blocking TCP sockets for the native transport: connect, listen/accept, read, write. */
+/* Non-blocking sockets for the native transport (TCP, and Unix domain sockets for LMTP and local
+ * servers): connect, listen/accept, read, write. */
 #include <errno.h>
+#include <stddef.h>
 #include <string.h>
 #include <stdio.h>
 #include <unistd.h>
 #include <poll.h>
 #include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/stat.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
@@ -17,6 +21,7 @@ typedef union {
     struct sockaddr sa;
     struct sockaddr_in v4;
     struct sockaddr_in6 v6;
+    struct sockaddr_un un;
     struct sockaddr_storage ss;
 } sockaddr_any;
 
@@ -46,6 +51,9 @@ static int addr_parse(const char *ip, int port, sockaddr_any *a, socklen_t *len)
     return 0;
 }
 
+/* Room for an address as text: an IPv6 address, or a Unix socket's path. */
+#define ADDR_TEXT 112
+
 /* Address -> text and port (for peer() and accept()). */
 static void addr_format(const sockaddr_any *a, char *buf, size_t len, int *port)
 {
@@ -57,7 +65,27 @@ static void addr_format(const sockaddr_any *a, char *buf, size_t len, int *port)
     } else if (a->sa.sa_family == AF_INET6) {
         inet_ntop(AF_INET6, &a->v6.sin6_addr, buf, (socklen_t)len);
         *port = ntohs(a->v6.sin6_port);
+    } else if (a->sa.sa_family == AF_UNIX) {
+        /* a client's end of a Unix socket usually has no name: say what it is instead */
+        const char *name = a->un.sun_path[0] ? a->un.sun_path : "unix";
+        size_t n = strnlen(name, sizeof a->un.sun_path);
+        if (n >= len)
+            n = len - 1;
+        memcpy(buf, name, n);
+        buf[n] = '\0';
     }
+}
+
+/* A Unix socket path -> address; 0 when it is empty or too long for sun_path. */
+static int unix_addr(const char *path, size_t n, sockaddr_any *a, socklen_t *len)
+{
+    memset(a, 0, sizeof *a);
+    if (n == 0 || n >= sizeof a->un.sun_path || memchr(path, '\0', n))
+        return 0;
+    a->un.sun_family = AF_UNIX;
+    memcpy(a->un.sun_path, path, n);
+    *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + 1);
+    return 1;
 }
 
 /* Small writes must leave at once: SMTP is request/reply and Nagle would stall it 40 ms. */
@@ -226,6 +254,34 @@ static int l_connect_start(lua_State *L)
     return 1;
 }
 
+/* core.connect_unix(path) -> sock | nil, msg, code: a stream connection to a Unix socket (an
+ * LMTP server's, say), non-blocking like connect_start; connect_finish completes it. A listener
+ * whose backlog is full answers EAGAIN at once (no handshake to wait for): that is a failure. */
+static int l_connect_unix(lua_State *L)
+{
+    size_t n;
+    const char *path = luaL_checklstring(L, 1, &n);
+    sockaddr_any a;
+    socklen_t alen;
+    int fd, flags = 0;
+    if (!unix_addr(path, n, &a, &alen))
+        return smtp_push_fail(L, "not a usable socket path (empty, a NUL, or too long)", "EINVAL");
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return push_errno(L, errno);
+    if (connect(fd, &a.sa, alen) < 0) {
+        if (errno == EINPROGRESS || errno == EINTR) {
+            flags = SOCK_F_CONNECTING;
+        } else {
+            int e = errno;
+            close(fd);
+            return push_errno(L, e);
+        }
+    }
+    new_sock(L, fd, flags);
+    return 1;
+}
+
 /* sock:connect_finish() -> true | nil,"wantwrite" | nil,msg,code */
 static int l_connect_finish(lua_State *L)
 {
@@ -361,7 +417,7 @@ static int push_name(lua_State *L, int fd, int peer)
 {
     sockaddr_any a;
     socklen_t len = sizeof a;
-    char buf[INET6_ADDRSTRLEN];
+    char buf[ADDR_TEXT];
     int port;
     memset(&a, 0, sizeof a);
     if ((peer ? getpeername(fd, &a.sa, &len) : getsockname(fd, &a.sa, &len)) < 0)
@@ -435,16 +491,63 @@ static int l_listen(lua_State *L)
     return 1;
 }
 
+/* A socket file at a that nobody listens on any more (a server that died left it): it may go. */
+static int stale_socket(const sockaddr_any *a, socklen_t alen)
+{
+    struct stat st;
+    if (stat(a->un.sun_path, &st) < 0 || !S_ISSOCK(st.st_mode))
+        return 0;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return 0;
+    int refused = connect(fd, &a->sa, alen) < 0 && errno == ECONNREFUSED;
+    close(fd);
+    return refused;
+}
+
+/* core.listen_unix(path, backlog) -> listener | nil, msg, code: a listener on a Unix socket
+ * (port() is 0). A socket file left by a server that is gone is replaced; a live one, or any
+ * other file, is EADDRINUSE. The file stays when the listener closes: the caller removes it. */
+static int l_listen_unix(lua_State *L)
+{
+    size_t n;
+    const char *path = luaL_checklstring(L, 1, &n);
+    lua_Integer backlog = luaL_optinteger(L, 2, 128);
+    sockaddr_any a;
+    socklen_t alen;
+    if (!unix_addr(path, n, &a, &alen))
+        return smtp_push_fail(L, "not a usable socket path (empty, a NUL, or too long)", "EINVAL");
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return push_errno(L, errno);
+    if (backlog < 1 || backlog > 65535)
+        backlog = 128;
+    int rc = bind(fd, &a.sa, alen);
+    if (rc < 0 && errno == EADDRINUSE && stale_socket(&a, alen) && unlink(path) == 0)
+        rc = bind(fd, &a.sa, alen);
+    if (rc < 0 || listen(fd, (int)backlog) < 0) {
+        int e = errno;
+        close(fd);
+        return push_errno(L, e);
+    }
+    smtp_listener *l = (smtp_listener *)lua_newuserdata(L, sizeof *l);
+    l->fd = fd;
+    l->port = 0;
+    luaL_setmetatable(L, SMTP_LISTENER);
+    return 1;
+}
+
 /* listener:accept() -> sock, peer_ip, peer_port | nil,"wantread" | nil,msg,code */
 static int l_accept(lua_State *L)
 {
     smtp_listener *l = check_listener(L, 1);
     sockaddr_any a;
     socklen_t alen = sizeof a;
-    char buf[INET6_ADDRSTRLEN];
+    char buf[ADDR_TEXT];
     int fd, port;
     if (l->fd < 0)
         return luaL_error(L, "attempt to use a closed listener");
+    memset(&a, 0, sizeof a);   /* an unnamed Unix peer leaves sun_path unwritten */
     do
         fd = accept4(l->fd, &a.sa, &alen, SOCK_NONBLOCK | SOCK_CLOEXEC);
     while (fd < 0 && errno == EINTR);
@@ -527,7 +630,9 @@ static const luaL_Reg listener_meta[] = {
 
 static const luaL_Reg funcs[] = {
     { "connect_start", l_connect_start },
+    { "connect_unix", l_connect_unix },
     { "listen", l_listen },
+    { "listen_unix", l_listen_unix },
     { NULL, NULL },
 };
 

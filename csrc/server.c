@@ -24,12 +24,13 @@ static const char *const mode_names[] = { "command", "skipline", "data", "bdat",
 enum dstate { D_BOL, D_NBOL, D_MID, D_CR, D_DOT, D_DOTCR };
 
 /* What the pending decision is for. */
-enum await { A_NONE, A_MAIL, A_RCPT, A_END, A_AUTH };
+enum await { A_NONE, A_MAIL, A_RCPT, A_END, A_AUTH, A_HELO, A_XCLIENT };
 
 enum authstep { AU_PLAIN, AU_LOGIN_USER, AU_LOGIN_PASS };
 
 const char *const smtp_server_event_names[] = {
-    "none", "mail", "rcpt", "begin", "data", "end", "auth", "starttls", "close"
+    "none", "mail", "rcpt", "begin", "data", "end", "auth", "starttls", "close",
+    "helo", "rset", "xclient"
 };
 
 struct addr {
@@ -84,6 +85,7 @@ struct smtp_server {
     int begin_pending;           /* BEGIN to report before the first chunk */
     int tls_pending;             /* STARTTLS to report */
     int msg_abort;               /* a BDAT message ended by RSET/EHLO/QUIT: END without reply */
+    unsigned lmtp_due;           /* LMTP: END decisions still owed, one per accepted recipient */
     /* auth exchange */
     enum authstep austep;
     char *auth_buf;              /* decoded credentials, wiped after use */
@@ -94,6 +96,12 @@ struct smtp_server {
     int oom;                     /* an allocation failed: the session is over */
     const char *tail;            /* the final 421 when it could not be put in `out` */
     size_t tail_len;
+    /* front door: a HELO/EHLO waiting for the hook, RSET to report, XCLIENT's attributes */
+    char helo_pend[256];
+    int helo_pend_ehlo;
+    int rset_pending;
+    char *xc;                    /* NAME NUL value NUL ...: the pending XCLIENT */
+    size_t xc_len;
     /* transcript (smtp_server_set_trace): records of the lines read, credentials replaced */
     int trace;
     char *tr;
@@ -711,6 +719,25 @@ static int check_helo(smtp_server *s, const char *arg, size_t alen)
     return 1;
 }
 
+/* RFC 2033 4.1: an LMTP server answers HELO and EHLO with 500; LHLO is LMTP's alone. */
+static int check_hello(smtp_server *s, const char *arg, size_t alen)
+{
+    if (s->cfg.lmtp) {
+        fail(s, 500, "5.5.1", "Error: this is LMTP, send LHLO");
+        return 0;
+    }
+    return check_helo(s, arg, alen);
+}
+
+static int check_lhlo(smtp_server *s, const char *arg, size_t alen)
+{
+    if (!s->cfg.lmtp) {
+        fail(s, 500, "5.5.2", "Error: command not recognized");
+        return 0;
+    }
+    return check_helo(s, arg, alen);
+}
+
 static void set_helo(smtp_server *s, const char *arg, size_t alen, int ehlo)
 {
     size_t n = 0;
@@ -722,16 +749,44 @@ static void set_helo(smtp_server *s, const char *arg, size_t alen, int ehlo)
     reset_tx(s);
 }
 
+static void ehlo_reply(smtp_server *s);
+
+/* With hook_helo the name waits in helo_pend for the decision; the transaction is reset at once,
+ * as RFC 5321 4.1.4 has EHLO do whatever the answer. */
+static int helo_hooked(smtp_server *s, const char *arg, size_t alen, int ehlo)
+{
+    if (!s->cfg.hook_helo)
+        return 0;
+    size_t n = 0;
+    while (n < alen && arg[n] != ' ')
+        n++;
+    memcpy(s->helo_pend, arg, n);
+    s->helo_pend[n] = 0;
+    s->helo_pend_ehlo = ehlo;
+    reset_tx(s);
+    s->await = A_HELO;
+    return 1;
+}
+
 static void do_helo(smtp_server *s, const char *arg, size_t alen)
 {
+    if (helo_hooked(s, arg, alen, 0))
+        return;
     set_helo(s, arg, alen, 0);
     reply(s, 250, NULL, "%s", s->hostname);
 }
 
 static void do_ehlo(smtp_server *s, const char *arg, size_t alen)
 {
-    char line[300];
+    if (helo_hooked(s, arg, alen, 1))
+        return;
     set_helo(s, arg, alen, 1);
+    ehlo_reply(s);
+}
+
+static void ehlo_reply(smtp_server *s)
+{
+    char line[300];
     int n = snprintf(line, sizeof line, "250-%s\r\n", s->hostname);
     out_add(s, line, (size_t)n);
     out_add(s, "250-PIPELINING\r\n", 16);
@@ -745,6 +800,10 @@ static void do_ehlo(smtp_server *s, const char *arg, size_t alen)
         out_add(s, "250-STARTTLS\r\n", 14);
     if (auth_offered(s) && !s->authed)
         out_add(s, "250-AUTH PLAIN LOGIN\r\n", 22);
+    if (s->cfg.xclient == 2) {
+        static const char xc[] = "250-XCLIENT NAME REVERSE_NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT\r\n";
+        out_add(s, xc, sizeof xc - 1);
+    }
     static const char tail[] = "250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n"
                                "250-CHUNKING\r\n250 DSN\r\n";
     out_add(s, tail, sizeof tail - 1);
@@ -894,7 +953,8 @@ static int check_data(smtp_server *s, const char *arg, size_t alen)
         return 0;
     }
     if (s->nrcpt == 0) {
-        fail(s, 554, "5.5.1", "Error: no valid recipients");
+        /* RFC 2033 4.2: 503 in LMTP */
+        fail(s, s->cfg.lmtp ? 503 : 554, "5.5.1", "Error: no valid recipients");
         return 0;
     }
     return 1;
@@ -995,6 +1055,7 @@ static void do_rset(smtp_server *s, const char *arg, size_t alen)
     (void)arg; (void)alen;
     reset_tx(s);
     reply(s, 250, "2.0.0", "Ok");
+    s->rset_pending = s->cfg.hook_rset;
 }
 
 static void do_noop(smtp_server *s, const char *arg, size_t alen)
@@ -1236,9 +1297,126 @@ static void auth_line(smtp_server *s, const char *line, size_t n)
     }
 }
 
+/* --- XCLIENT (Postfix's XCLIENT_README): a trusted proxy or filter tells who the real client
+ * is. The engine checks the syntax and decodes the values; the application checks the values
+ * (an address, a port) and decides. Accepted, the session starts over as Postfix's does: no
+ * HELO, no AUTH, no transaction, a new 220; HELO= and LOGIN= stand in for those. */
+
+static const char *const xclient_names[] = {
+    "NAME", "REVERSE_NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT"
+};
+
+static int check_xclient(smtp_server *s, const char *arg, size_t alen)
+{
+    if (s->cfg.xclient != 2) {
+        fail(s, 550, "5.7.0", "Error: insufficient authorization");
+        return 0;
+    }
+    if (s->in_tx) {
+        fail(s, 503, "5.5.1", "Error: MAIL transaction in progress");
+        return 0;
+    }
+    if (alen == 0) {
+        fail(s, 501, "5.5.4", "Syntax: XCLIENT attribute=value...");
+        return 0;
+    }
+    return 1;
+}
+
+static void xclient_clear(smtp_server *s)
+{
+    free(s->xc);
+    s->xc = NULL;
+    s->xc_len = 0;
+}
+
+static void do_xclient(smtp_server *s, const char *arg, size_t alen)
+{
+    /* decoded values are never longer than their xtext: the line's length bounds the block */
+    char *b = xrealloc(s, NULL, alen + 2);
+    if (!b) {
+        oom(s);
+        return;
+    }
+    size_t bl = 0, i = 0;
+    while (i < alen) {
+        size_t e = i;
+        while (e < alen && arg[e] != ' ')
+            e++;
+        const char *eq = memchr(arg + i, '=', e - i);
+        size_t k = 0;
+        if (eq) {
+            for (; k < sizeof xclient_names / sizeof xclient_names[0]; k++)
+                if (ieq(arg + i, (size_t)(eq - arg - i), xclient_names[k]))
+                    break;
+        }
+        char val[256];
+        if (!eq || k == sizeof xclient_names / sizeof xclient_names[0] ||
+            xtext_value(eq + 1, (size_t)(arg + e - eq - 1), val, sizeof val)) {
+            free(b);
+            fail(s, 501, "5.5.4", eq && k == sizeof xclient_names / sizeof xclient_names[0]
+                 ? "Bad XCLIENT attribute name" : "Syntax: XCLIENT attribute=value...");
+            return;
+        }
+        size_t nl = strlen(xclient_names[k]), vl = strlen(val);
+        /* name NUL value NUL fits: "N=" is at least as long as "N\0", the value shrank */
+        memcpy(b + bl, xclient_names[k], nl + 1);
+        bl += nl + 1;
+        memcpy(b + bl, val, vl + 1);
+        bl += vl + 1;
+        i = e;
+        while (i < alen && arg[i] == ' ')
+            i++;
+    }
+    xclient_clear(s);
+    s->xc = b;
+    s->xc_len = bl;
+    s->await = A_XCLIENT;
+}
+
+/* The value of attribute `name` in the pending XCLIENT, or NULL; the last one given wins. */
+static const char *xclient_get(const smtp_server *s, const char *name)
+{
+    const char *found = NULL;
+    for (size_t i = 0; i < s->xc_len;) {
+        const char *n = s->xc + i, *v = n + strlen(n) + 1;
+        if (!strcmp(n, name))
+            found = v;
+        i = (size_t)(v - s->xc) + strlen(v) + 1;
+    }
+    return found;
+}
+
+static int xclient_known(const char *v)
+{
+    return v && strcmp(v, "[UNAVAILABLE]") && strcmp(v, "[TEMPUNAVAIL]");
+}
+
+static void xclient_accept(smtp_server *s)
+{
+    const char *helo = xclient_get(s, "HELO"), *proto = xclient_get(s, "PROTO");
+    const char *login = xclient_get(s, "LOGIN");
+    reset_tx(s);
+    wipe_auth(s);
+    s->helo = 0;
+    s->helo_name[0] = 0;
+    if (xclient_known(helo)) {
+        snprintf(s->helo_name, sizeof s->helo_name, "%s", helo);
+        s->helo = proto && !strcmp(proto, "ESMTP") ? 2 : 1;
+    }
+    s->authed = 0;
+    smtp_wipe(s->user, sizeof s->user);
+    if (xclient_known(login)) {
+        snprintf(s->user, sizeof s->user, "%s", login);
+        s->authed = 1;
+    }
+    reply(s, 220, NULL, "%s ESMTP lua-smtp", s->hostname);
+}
+
 static const verb verbs[] = {
-    { "HELO", check_helo, do_helo },
-    { "EHLO", check_helo, do_ehlo },
+    { "HELO", check_hello, do_helo },
+    { "EHLO", check_hello, do_ehlo },
+    { "LHLO", check_lhlo, do_ehlo },
     { "MAIL", check_mail, do_mail },
     { "RCPT", check_rcpt, do_rcpt },
     { "DATA", check_data, do_data },
@@ -1250,6 +1428,7 @@ static const verb verbs[] = {
     { "HELP", check_none, do_help },
     { "STARTTLS", check_starttls, do_starttls },
     { "AUTH", check_auth, do_auth },
+    { "XCLIENT", check_xclient, do_xclient },
 };
 
 static void command(smtp_server *s, const char *line, size_t n)
@@ -1273,6 +1452,8 @@ static void command(smtp_server *s, const char *line, size_t n)
     while (alen && arg[alen - 1] == ' ')
         alen--;
     for (size_t i = 0; i < sizeof verbs / sizeof verbs[0]; i++) {
+        if (verbs[i].proceed == do_xclient && !s->cfg.xclient)
+            continue;
         if (ieq(line, vl, verbs[i].name)) {
             int begun = s->msg_begun && s->bdat_tx;
             if (verbs[i].check(s, arg, alen))
@@ -1496,7 +1677,7 @@ smtp_server *smtp_server_new(const smtp_server_config *cfg)
     s->tls = cfg->tls_active;
     s->in_cap = s->cfg.max_line + IN_EXTRA;
     set_mode(s, M_CMD);
-    reply(s, 220, NULL, "%s ESMTP lua-smtp", s->hostname);
+    reply(s, 220, NULL, "%s %s lua-smtp", s->hostname, s->cfg.lmtp ? "LMTP" : "ESMTP");
     return s;
 }
 
@@ -1506,6 +1687,7 @@ void smtp_server_free(smtp_server *s)
         return;
     reset_tx(s);
     wipe_auth(s);
+    xclient_clear(s);
     free(s->rcpts);
     if (s->in)
         smtp_wipe(s->in, s->in_cap); /* unread input may hold AUTH data too */
@@ -1575,9 +1757,17 @@ static void idle_trim(smtp_server *s)
     }
 }
 
+/* How many replies the end of the current message gets: in LMTP one per accepted recipient
+ * after the final dot or BDAT LAST (RFC 2033 4.2), one for a refused chunk before LAST. */
+static unsigned end_replies(const smtp_server *s)
+{
+    return (s->cfg.lmtp && (s->data_tx || s->bdat_last) && s->nrcpt) ? s->nrcpt : 1;
+}
+
 static int ev_end(smtp_server *s, smtp_server_event *ev)
 {
     s->end_pending = 0;
+    unsigned fan = end_replies(s);
     if (s->trace) {
         unsigned long long size = s->msg_size;
         trace_rec(s, 'N', (const char *)&size, sizeof size);
@@ -1599,15 +1789,18 @@ static int ev_end(smtp_server *s, smtp_server_event *ev)
     } else if (s->msg_over) {
         ev->code = 552;
         ev->a = "Message size exceeds fixed maximum message size";
-        reply(s, 552, "5.3.4", "%s", ev->a);
+        for (unsigned i = 0; i < fan; i++)
+            reply(s, 552, "5.3.4", "%s", ev->a);
         reset_tx(s);
     } else if (s->msg_bad) {
         ev->code = 550;
         ev->a = "Bare CR or LF in message data not allowed";
-        reply(s, 550, "5.6.11", "%s", ev->a);
+        for (unsigned i = 0; i < fan; i++)
+            reply(s, 550, "5.6.11", "%s", ev->a);
         reset_tx(s);
     } else {
         s->await = A_END;
+        s->lmtp_due = fan;
     }
     ev->alen = ev->a ? strlen(ev->a) : 0;
     return ev->kind;
@@ -1621,6 +1814,13 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
     for (;;) {
         if (s->end_pending)
             return ev_end(s, ev);
+        if (s->rset_pending) {
+            s->rset_pending = 0;
+            if (s->mode != M_CLOSED) {
+                ev->kind = SMTP_SRV_RSET;
+                return ev->kind;
+            }
+        }
         if (s->mode == M_CLOSED) {
             if (!s->close_reported) {
                 s->close_reported = 1;
@@ -1803,6 +2003,20 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 }
                 return ev->kind;
             }
+            if (s->await == A_HELO) {
+                ev->kind = SMTP_SRV_HELO;
+                ev->a = s->helo_pend;
+                ev->alen = strlen(s->helo_pend);
+                ev->b = s->helo_pend_ehlo ? (s->cfg.lmtp ? "LHLO" : "EHLO") : "HELO";
+                ev->blen = 4;
+                return ev->kind;
+            }
+            if (s->await == A_XCLIENT) {
+                ev->kind = SMTP_SRV_XCLIENT;
+                ev->a = s->xc;
+                ev->alen = s->xc_len;
+                return ev->kind;
+            }
             if (s->tls_pending) {
                 s->tls_pending = 0;
                 ev->kind = SMTP_SRV_STARTTLS;
@@ -1850,6 +2064,12 @@ int smtp_server_decide(smtp_server *s, int accept, int code, const char *enh, co
             reply(s, 250, "2.0.0", "%s", text ? text : "Ok: queued");
         else
             reply(s, code ? code : 554, enh ? enh : "5.6.0", "%s", text ? text : "Message rejected");
+        if (s->lmtp_due > 1 && !s->oom) {
+            s->lmtp_due--;
+            s->await = A_END;   /* LMTP: the next recipient's reply */
+            break;
+        }
+        s->lmtp_due = 0;
         reset_tx(s);
         break;
     case A_AUTH:
@@ -1864,6 +2084,24 @@ int smtp_server_decide(smtp_server *s, int accept, int code, const char *enh, co
                  text ? text : "Authentication credentials invalid");
         }
         wipe_auth(s);
+        break;
+    case A_HELO:
+        if (accept) {
+            set_helo(s, s->helo_pend, strlen(s->helo_pend), s->helo_pend_ehlo);
+            if (s->helo_pend_ehlo)
+                ehlo_reply(s);
+            else
+                reply(s, 250, NULL, "%s", s->hostname);
+        } else {
+            fail(s, code ? code : 550, enh ? enh : "5.7.1", text ? text : "Helo command rejected");
+        }
+        break;
+    case A_XCLIENT:
+        if (accept)
+            xclient_accept(s);
+        else
+            fail(s, code ? code : 550, enh ? enh : "5.7.0", text ? text : "XCLIENT rejected");
+        xclient_clear(s);
         break;
     default:
         break;
@@ -1915,6 +2153,7 @@ void smtp_server_shutdown(smtp_server *s, int code, const char *enh, const char 
 }
 
 int smtp_server_closed(const smtp_server *s) { return s->mode == M_CLOSED; }
+unsigned smtp_server_lmtp_due(const smtp_server *s) { return s->await == A_END ? s->lmtp_due : 0; }
 int smtp_server_want_write(const smtp_server *s)
 {
     return s->mode != M_CLOSED && s->await == A_NONE && s->out_len >= s->cfg.out_cap;
@@ -1925,6 +2164,7 @@ const char *smtp_server_state_name(const smtp_server *s)
 }
 const char *smtp_server_error(const smtp_server *s) { return s->oom ? "out of memory" : NULL; }
 const char *smtp_server_helo(const smtp_server *s) { return s->helo ? s->helo_name : NULL; }
+int smtp_server_helo_kind(const smtp_server *s) { return s->helo; }
 const char *smtp_server_user(const smtp_server *s) { return s->authed ? s->user : NULL; }
 int smtp_server_tls(const smtp_server *s) { return s->tls; }
 

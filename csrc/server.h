@@ -25,6 +25,12 @@ typedef struct smtp_server_config {
     int require_auth;            /* MAIL before AUTH: 530 */
     int normalize_newlines;      /* bare CR/LF in DATA become CRLF instead of a 550 */
     int hook_mail, hook_rcpt;    /* report MAIL/RCPT as events needing a decision */
+    int lmtp;                    /* LMTP (RFC 2033): LHLO, no HELO/EHLO (500), and the end of a
+                                    message's data decided once per accepted recipient (below) */
+    int hook_helo;               /* report HELO/EHLO as an event needing a decision */
+    int hook_rset;               /* report RSET (after its 250) as an event needing none */
+    int xclient;                 /* 0: XCLIENT unknown; 1: refused (550 5.7.0, an untrusted
+                                    peer); 2: advertised and reported for a decision */
     /* Every allocation goes through realloc_fn(alloc_ud, p, n) when set (else realloc); what it
      * returns must be releasable with free(). Tests and the fuzzer use it to make allocations
      * fail: the engine then queues "421 4.3.0" and closes (smtp_server_error says why). */
@@ -42,7 +48,12 @@ enum smtp_server_event_kind {
                             with `code` (already replied) and a = its text */
     SMTP_SRV_AUTH,       /* a = mechanism, b = user, c = secret; decide */
     SMTP_SRV_STARTTLS,   /* 220 queued: write the output, then run the TLS handshake */
-    SMTP_SRV_CLOSE       /* final reply queued: write the output, then close */
+    SMTP_SRV_CLOSE,      /* final reply queued: write the output, then close */
+    SMTP_SRV_HELO,       /* a = the name, b = "HELO", "EHLO" or "LHLO"; decide (hook_helo) */
+    SMTP_SRV_RSET,       /* RSET answered; nothing to decide (hook_rset) */
+    SMTP_SRV_XCLIENT     /* a = NAME NUL value NUL ... (values xtext-decoded, names upper
+                            case), alen its length; decide: accepted, the session starts over
+                            with a new 220 greeting */
 };
 
 typedef struct smtp_server_params smtp_server_params;
@@ -72,8 +83,13 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev);
 /* Events and output stay valid until the next call on the engine. Output may come in two pieces
  * (after running out of memory): take what smtp_server_output gives, then ask again. */
 /* Answers the pending MAIL/RCPT/END/AUTH event: accept, or reject with code/enh/text (NULLs, or
- * a code outside 200..599, give a default 550/451/535). Returns 0, or -1 when no event waits. */
+ * a code outside 200..599, give a default 550/451/535). Returns 0, or -1 when no event waits.
+ * With lmtp an END is answered once per accepted recipient, in their order: the event stays
+ * pending until smtp_server_lmtp_due() says none is left. The engine's own refusals at the end
+ * (552 size, 550 bare CR/LF) are repeated for each recipient by the engine. */
 int smtp_server_decide(smtp_server *s, int accept, int code, const char *enh, const char *text);
+/* LMTP: replies still to be decided for the pending END (0 when none is pending). */
+unsigned smtp_server_lmtp_due(const smtp_server *s);
 const char *smtp_server_output(const smtp_server *s, size_t *len);
 void smtp_server_output_done(smtp_server *s, size_t n);
 /* Queues a final reply (421 on shutdown or timeout; a code outside 400..599 becomes 421, NULLs a
@@ -89,6 +105,7 @@ const char *smtp_server_state_name(const smtp_server *s);
 /* NULL, or why the engine failed ("out of memory"). */
 const char *smtp_server_error(const smtp_server *s);
 const char *smtp_server_helo(const smtp_server *s);
+int smtp_server_helo_kind(const smtp_server *s);   /* 0 none yet, 1 HELO, 2 EHLO */
 const char *smtp_server_user(const smtp_server *s);
 int smtp_server_tls(const smtp_server *s);
 /* What a session has used so far: its caller's deadlines and statistics read it. */

@@ -35,7 +35,8 @@ static int opt_bool(lua_State *L, int t, const char *k)
 /* core.server_engine{ hostname=, max_line=, max_message_size=, max_recipients=, max_errors=,
  *   max_commands=, max_transactions=,
  *   out_cap=, tls=, tls_active=, auth=, auth_plaintext=, require_auth=, normalize=, hook_mail=,
- *   hook_rcpt= } -> engine (its greeting already queued) */
+ *   hook_rcpt=, hook_helo=, hook_rset=, xclient= (0, 1 refused, 2 trusted), lmtp= } -> engine
+ *   (its greeting already queued) */
 static int l_engine_new(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -58,6 +59,12 @@ static int l_engine_new(lua_State *L)
     c.normalize_newlines = opt_bool(L, 1, "normalize");
     c.hook_mail = opt_bool(L, 1, "hook_mail");
     c.hook_rcpt = opt_bool(L, 1, "hook_rcpt");
+    c.lmtp = opt_bool(L, 1, "lmtp");
+    c.hook_helo = opt_bool(L, 1, "hook_helo");
+    c.hook_rset = opt_bool(L, 1, "hook_rset");
+    c.xclient = (int)opt_int(L, 1, "xclient", 0);
+    if (c.xclient < 0 || c.xclient > 2)
+        return luaL_argerror(L, 1, "xclient must be 0, 1 or 2");
     if (c.max_line < 64 || c.max_line > 65536)
         return luaL_argerror(L, 1, "max_line must be within 64..65536");
     lengine *e = lua_newuserdata(L, sizeof *e);
@@ -124,7 +131,8 @@ static void push_params(lua_State *L, const smtp_server_params *p)
 }
 
 /* e:next() -> nil (needs input) | nil, "write" (write the output first) | "mail", addr, params | "rcpt", addr, params | "begin" | "data", chunk |
- *   "end", code|nil, text | "auth", mechanism, user, secret | "starttls" | "close" */
+ *   "end", code|nil, text | "auth", mechanism, user, secret | "starttls" | "close" |
+ *   "helo", name, "HELO"|"EHLO" | "rset" | "xclient", { NAME = value, ... } */
 static int l_next(lua_State *L)
 {
     smtp_server *s = check_engine(L);
@@ -160,6 +168,19 @@ static int l_next(lua_State *L)
         lua_pushlstring(L, ev.b, ev.blen);
         lua_pushlstring(L, ev.c, ev.clen);
         return 4;
+    case SMTP_SRV_HELO:
+        lua_pushlstring(L, ev.a, ev.alen);
+        lua_pushlstring(L, ev.b, ev.blen);
+        return 3;
+    case SMTP_SRV_XCLIENT:
+        lua_newtable(L);
+        for (size_t i = 0; i < ev.alen;) {
+            const char *n = ev.a + i, *v = n + strlen(n) + 1;
+            lua_pushstring(L, v);
+            lua_setfield(L, -2, n);
+            i = (size_t)(v - ev.a) + strlen(v) + 1;
+        }
+        return 2;
     case SMTP_SRV_CLOSE:
         /* "close", "out of memory" when the engine gave up (its 421 is in the output) */
         if (smtp_server_error(s)) {
@@ -285,8 +306,12 @@ static int l_shutdown(lua_State *L)
 ENGINE_GETTER(closed, lua_pushboolean, smtp_server_closed)
 ENGINE_GETTER(state, lua_pushstring, smtp_server_state_name)
 ENGINE_GETTER(helo, lua_pushstring, smtp_server_helo)
+ENGINE_GETTER(helo_kind, lua_pushinteger, smtp_server_helo_kind)
+ENGINE_GETTER(rcpt_count, lua_pushinteger, smtp_server_rcpt_count)
 ENGINE_GETTER(user, lua_pushstring, smtp_server_user)
 ENGINE_GETTER(tls, lua_pushboolean, smtp_server_tls)
+/* e:lmtp_due(): LMTP replies still to decide for the pending "end" (one per accepted recipient) */
+ENGINE_GETTER(lmtp_due, lua_pushinteger, smtp_server_lmtp_due)
 
 /* e:usage() -> commands, errors, partial, limit|nil, transactions: what the session used (read
  * for the command deadline while part of a line waits, for the tarpit and at the end) */
@@ -339,9 +364,11 @@ int smtp_open_server(lua_State *L)
     static const luaL_Reg methods[] = {
         { "feed", l_feed }, { "space", l_space }, { "next", l_next }, { "decide", l_decide },
         { "output", l_output }, { "envelope", l_envelope }, { "shutdown", l_shutdown },
-        { "closed", l_closed }, { "state", l_state }, { "helo", l_helo }, { "user", l_user },
+        { "closed", l_closed }, { "state", l_state }, { "helo", l_helo }, { "helo_kind", l_helo_kind },
+        { "rcpt_count", l_rcpt_count },
+        { "user", l_user },
         { "tls", l_tls }, { "usage", l_usage }, { "trace", l_trace },
-        { "trace_take", l_trace_take }, { NULL, NULL }
+        { "trace_take", l_trace_take }, { "lmtp_due", l_lmtp_due }, { NULL, NULL }
     };
     static const luaL_Reg meta[] = {
         { "__gc", l_engine_gc }, { "__tostring", l_engine_tostring }, { NULL, NULL }

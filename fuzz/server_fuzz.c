@@ -5,7 +5,8 @@
  * comes from the input): the engine must not crash or leak, and must end the session with its
  * "421 4.3.0" as the last reply.
  * The first two input bytes choose the configuration (see config()): TLS active from the start,
- * STARTTLS and AUTH offered or not, require_auth, hooks on or off, normalize_newlines, and
+ * STARTTLS and AUTH offered or not, require_auth, hooks on or off, normalize_newlines, the front
+ * door (HELO/RSET hooks and XCLIENT, the high bit of the first byte), and
  * max_line, size, recipient and error limits across their range; 00 00 is the configuration the
  * seeds were written for. With the "resume" bit, the session goes on after STARTTLS with the
  * bytes that follow the first "~TLS~" (what the client sends once the handshake is done). */
@@ -82,7 +83,11 @@ static void drain(smtp_server *s, result *r, const uint8_t *data, size_t size, u
             break;
         case SMTP_SRV_MAIL:
         case SMTP_SRV_RCPT:
-        case SMTP_SRV_AUTH: {
+        case SMTP_SRV_AUTH:
+        case SMTP_SRV_HELO:
+        case SMTP_SRV_XCLIENT: {
+            if (kind == SMTP_SRV_XCLIENT) /* NAME NUL value NUL ...: whole pairs */
+                assert(ev.alen >= 4 && ev.a[ev.alen - 1] == 0);
             int ok = size ? !(data[(*k)++ % size] & 2) : 1;
             smtp_server_decide(s, ok, ok ? 0 : 550, NULL, NULL);
             break;
@@ -117,6 +122,9 @@ static void config(smtp_server_config *c, uint8_t b0, uint8_t b1)
     c->max_message_size = max_size[(b1 >> 3) & 3];
     c->max_recipients = max_rcpt[(b1 >> 5) & 3];
     c->max_errors = (b1 & 0x80) ? 3 : 0;
+    /* the front door: HELO and RSET hooks, XCLIENT from a trusted peer */
+    c->hook_helo = c->hook_rset = (b0 & 0x80) != 0;
+    c->xclient = (b0 & 0x80) ? 2 : 0;
 }
 
 /* Feeds one part of the session `step` bytes at a time; stops at STARTTLS (the rest of the part

@@ -23,8 +23,8 @@ external_dependencies = {
 -- configuration only and ignores build.variables (that is read by the "make" type). So the core is
 -- built by one command over LuaRocks's own variables, and the files are installed by the
 -- build.install tables, which every build type honours.
--- The C sources: the plain C engines (text, reply, client, server, codec, dns) and the Lua parts
--- (core, net, tls, poll, sink, idna and each engine's *_lua.c binding).
+-- The C sources: the plain C engines (text, reply, client, server, codec, dns, proxyproto, mime)
+-- and the Lua parts (core, net, tls, poll, sink, spool, idna and each engine's *_lua.c binding).
 local sources = "csrc/core.c" .. " " .. "csrc/net.c" .. " " .. "csrc/tls.c"
   .. " " .. "csrc/poll.c" .. " " .. "csrc/sink.c" .. " " .. "csrc/text.c"
   .. " " .. "csrc/reply.c" .. " " .. "csrc/reply_lua.c"
@@ -32,6 +32,8 @@ local sources = "csrc/core.c" .. " " .. "csrc/net.c" .. " " .. "csrc/tls.c"
   .. " " .. "csrc/server.c" .. " " .. "csrc/server_lua.c"
   .. " " .. "csrc/codec.c" .. " " .. "csrc/codec_lua.c" .. " " .. "csrc/dns.c"
   .. " " .. "csrc/dns_lua.c" .. " " .. "csrc/idna.c" .. " " .. "csrc/mime.c" .. " " .. "csrc/mime_lua.c"
+  .. " " .. "csrc/proxyproto.c" .. " " .. "csrc/proxyproto_lua.c"
+  .. " " .. "csrc/spool.c"
 
 build = {
   type = "command",
@@ -60,6 +62,7 @@ build = {
       ["smtp.dnsutil"] = "lua/smtp/dnsutil.lua",
       ["smtp.mx"] = "lua/smtp/mx.lua",
       ["smtp.deliver"] = "lua/smtp/deliver.lua",
+      ["smtp.background"] = "lua/smtp/background.lua",
       ["smtp.message"] = "lua/smtp/message.lua",
       ["smtp.parse"] = "lua/smtp/parse.lua",
       ["smtp.dkim"] = "lua/smtp/dkim.lua",
@@ -68,6 +71,10 @@ build = {
       ["smtp.dmarc"] = "lua/smtp/dmarc.lua",
       ["smtp.auth"] = "lua/smtp/auth.lua",
       ["smtp.server"] = "lua/smtp/server.lua",
+      ["smtp.cidr"] = "lua/smtp/cidr.lua",
+      ["smtp.received"] = "lua/smtp/received.lua",
+      ["smtp.queue"] = "lua/smtp/queue.lua",
+      ["smtp.dsn"] = "lua/smtp/dsn.lua",
       ["smtp.transport.init"] = "lua/smtp/transport/init.lua",
       ["smtp.transport.native"] = "lua/smtp/transport/native.lua",
       ["smtp.transport.ngx"] = "lua/smtp/transport/ngx.lua",
@@ -75,6 +82,7 @@ build = {
       ["smtp.cli.send"] = "lua/smtp/cli/send.lua",
       ["smtp.cli.sink"] = "lua/smtp/cli/sink.lua",
       ["smtp.cli.mx"] = "lua/smtp/cli/mx.lua",
+      ["smtp.cli.queue"] = "lua/smtp/cli/queue.lua",
       ["smtp.cli.args"] = "lua/smtp/cli/args.lua",
     },
     lib = { ["smtp.core"] = "core.so" },

@@ -211,7 +211,8 @@ describe("dkim.verify against dkimpy", function()
         return (m:gsub("bh=[%w+/=\r\n\t ]-;", "bh=" .. core.b64encode(core.sha256("x")) .. ";", 1)) end,
       ours = "fail", reason = "body hash did not verify" },
     { "b= altered", tamper = function(m)
-        return (m:gsub("([;%s]b=%s*)(%w)", function(pre, c) return pre .. (c == "A" and "B" or "A") end, 1)) end,
+        -- the value's first character, whichever of the 64 it is (a signature may start with + or /)
+        return (m:gsub("([;%s]b=%s*)([%w+/])", function(pre, c) return pre .. (c == "A" and "B" or "A") end, 1)) end,
       ours = "fail", reason = "signature did not verify" },
     { "key published for the other algorithm", dns = function(k, d)
         d["rsa._domainkey.example.com"] = record("ed25519", k.ed_p)
@@ -603,27 +604,40 @@ describe("dkim.verify", function()
     end
   end)
 
+  -- In a fresh interpreter: inside busted the heap holds what earlier specs left, and a collector
+  -- pacing itself against a big live heap lets garbage pile up.
   it("verifies a 64 MB message from a function source with the Lua heap under 8 MB", function()
     local k = genkeys()
-    local signer = assert(dkim.signer({ domain = "example.com", selector = "ed", key = k.ed }))
-    local header = "From: alice@example.com\r\nSubject: big\r\n"
-    local line = string.rep("0123456789abcdef", 4) .. "  \r\n"
-    local chunk = string.rep(line, math.floor(65536 / #line))
-    local count = math.floor(64 * 1024 * 1024 / #chunk)
-    local h = signer:body_hasher()
-    for _ = 1, count do h:update(chunk) end
-    local sig = assert(signer:sign(dkim.split_header(header), h:digest()))
-    collectgarbage()
-    local peak, i = 0, -1
-    local rs = assert(dkim.verify(function()
-      i = i + 1
-      local kb = collectgarbage("count")
-      if kb > peak then peak = kb end
-      if i == 0 then return sig .. header .. "\r\n" end
-      if i <= count then return chunk end
-    end, { key = keyfn(dns_of()) }))
-    assert.equal("pass", rs[1].result)
-    assert.is_true(peak < 8 * 1024, "Lua heap reached " .. peak .. " KB")
+    local dir = helper.tmpdir()
+    helper.write(dir .. "/big.lua", [[
+local dkim = require "smtp.dkim"
+local f = assert(io.open(arg[1])); local pem = f:read("a"); f:close()
+local record = arg[2]
+local signer = assert(dkim.signer({ domain = "example.com", selector = "ed", key = pem }))
+local header = "From: alice@example.com\r\nSubject: big\r\n"
+local line = string.rep("0123456789abcdef", 4) .. "  \r\n"
+local chunk = string.rep(line, math.floor(65536 / #line))
+local count = math.floor(64 * 1024 * 1024 / #chunk)
+local h = signer:body_hasher()
+for _ = 1, count do h:update(chunk) end
+local sig = assert(signer:sign(dkim.split_header(header), h:digest()))
+collectgarbage()
+local peak, i = 0, -1
+local rs = assert(dkim.verify(function()
+  i = i + 1
+  local kb = collectgarbage("count")
+  if kb > peak then peak = kb end
+  if i == 0 then return sig .. header .. "\r\n" end
+  if i <= count then return chunk end
+end, { key = function() return record end }))
+print(rs[1].result, math.floor(peak))
+]])
+    local record = "v=DKIM1; k=ed25519; p=" .. k.ed_p
+    local out = helper.sh(helper.lua .. " " .. helper.quote(dir .. "/big.lua") .. " " .. helper.quote(k.ed_path)
+      .. " " .. helper.quote(record) .. " 2>&1")
+    local result, peak = out:match("^(%a+)\t(%d+)\n$")
+    assert.equal("pass", result, out)
+    assert.is_true(tonumber(peak) < 8 * 1024, "Lua heap reached " .. tostring(peak) .. " KB")
   end)
 end)
 

@@ -89,6 +89,7 @@ local NEEDS = {
   cqueues = { function() return (pcall(require, "cqueues")) end, "lua-cqueues" },
   microsocks = { "command -v microsocks", "microsocks" },
   tinyproxy = { "command -v tinyproxy", "tinyproxy-bin" },
+  haproxy = { "command -v haproxy || test -x /usr/sbin/haproxy", "haproxy" },
   ["nginx lua"] = { function() return require("support.nginx").available() end, "nginx libnginx-mod-http-lua" },
 }
 local have = {}
@@ -113,7 +114,7 @@ end
 local by_program = { swaks = "swaks", curl = "curl", msmtp = "msmtp", perl = "perl", python3 = "python3",
   ["smtp-sink"] = "smtp-sink", ["smtp-source"] = "smtp-source", nginx = "nginx", dnsmasq = "dnsmasq",
   openssl = "openssl", luarocks = "luarocks", script = "script", microsocks = "microsocks",
-  tinyproxy = "tinyproxy" }
+  tinyproxy = "tinyproxy", haproxy = "haproxy" }
 function helper.need_argv(argv)
   local prog = tostring(argv[1] or ""):match("([^/]+)$") or ""
   if by_program[prog] then helper.need(by_program[prog]) end

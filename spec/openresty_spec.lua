@@ -69,7 +69,8 @@ describe_or_skip("smtp inside nginx", function()
     local status, body = nginx_support.request(ngx_srv:url("/transport?port=" .. smtpd.port
       .. "&servername=wrong.example"))
     assert.are.equal(500, status)
-    assert.truthy(body:match("^starttls: tls %(tls%): TLS handshake with wrong%.example failed: certificate host mismatch"), body)
+    assert.truthy(body:match("^starttls: tls %(tls%): TLS handshake with wrong%.example failed: certificate host mismatch"),
+      body .. "\nnginx error log (last 3000 bytes):\n" .. ngx_srv.error_log():sub(-3000))
   end)
 
   -- Server name integrity (issue 15): the peer's certificate is for wrong.example only, signed by
@@ -444,8 +445,35 @@ describe_send("smtp.send inside nginx", function()
     assert.truthy(file, files)
     local raw = "From: a@client.test\r\nTo: b@smtpd.test\r\nSubject: raw\r\n\r\n.leading dot\r\n..two\r\n"
       .. "caf\195\169\r\n.\r\nlast line\r\n"
-    assert.are.equal("Return-Path: <a@client.test>\r\nDelivered-To: b@smtpd.test\r\n" .. raw,
-      helper.read(md .. "/new/" .. file))
+    -- after the sink's Received header (over TLS: Postfix's "using" and certificate lines)
+    local stored = helper.read(md .. "/new/" .. file)
+    assert.are.equal(raw, stored:match("^Return%-Path: <a@client%.test>\r\nDelivered%-To: b@smtpd%.test\r\n" ..
+      "Received: from [^\r]*\r\n\t%(using [^\r]*\r\n\t%(No client certificate requested%)\r\n" ..
+      "\tby sink%.test %(lua%-smtp%) with ESMTPSA? id %x+\r\n\tfor <b@smtpd%.test>; [^\r]*\r\n(.*)$"), stored)
+  end)
+
+  it("speaks LMTP over a Unix socket (a cosocket to unix:/path) to lua-smtp sink --lmtp", function()
+    if not needs("send") then return end
+    local d = helper.tmpdir()
+    local sock, md = d .. "/lmtp.sock", d .. "/Maildir"
+    local sink = helper.spawn({ "lua5.4", helper.root .. "/bin/lua-smtp", "sink", "--lmtp", "--listen", sock,
+      "--maildir", md, "--hostname", "lmtp.test" }, { limit = 120 })
+    for _ = 1, 200 do
+      if helper.sh("test -S " .. helper.quote(sock) .. " && echo yes"):match("yes") then break end
+      helper.sleep(0.05)
+    end
+    -- the nginx worker runs as nobody: let it reach the socket
+    helper.sh("chmod 755 " .. helper.quote(d) .. " && chmod 666 " .. helper.quote(sock))
+    local escaped = ("lmtp://" .. sock):gsub("[^%w%-%._~]", function(ch) return ("%%%02X"):format(ch:byte()) end)
+    local status, body = nginx_support.request(ngx_srv:url("/send?pool=0&transcript=1&url=" .. escaped))
+    local files = helper.sh("ls " .. helper.quote(md .. "/new"))
+    nginx_support.stop(sink)
+    assert.are.equal(200, status, body)
+    assert.truthy(body:match("^b@smtpd%.test 250 2%.0%.0 .* tls=false reused=0\n"), body)
+    assert.truthy(body:find("\nsend LHLO ", 1, true), body)
+    local file = files:match("^(%S+)\n$")
+    assert.truthy(file, files)
+    assert.matches("\r\nlast line\r\n$", helper.read(md .. "/new/" .. file))
   end)
 
   it("answers another request at once while smtp.send waits on a slow server (one worker)", function()

@@ -81,7 +81,7 @@ describe("lua-smtp sink", function()
     assert.matches("EXIT:2", out)
   end)
 
-  it("stores into a Maildir it creates, byte for byte after Return-Path and Delivered-To", function()
+  it("stores into a Maildir it creates, byte for byte after Return-Path, Delivered-To and Received", function()
     local md = helper.tmpdir() .. "/Maildir"
     local p, port = start { "--maildir", md }
     local f = helper.tmpdir() .. "/m.eml"
@@ -92,10 +92,17 @@ describe("lua-smtp sink", function()
     assert.same({}, ls(md .. "/cur"))
     local files = ls(md .. "/new")
     assert.equal(1, #files)
-    assert.equal("Return-Path: <a@x.test>\r\nDelivered-To: b@y.test\r\nDelivered-To: c@y.test\r\n" .. MSG,
-      helper.read(md .. "/new/" .. files[1]))
+    local stored = helper.read(md .. "/new/" .. files[1])
+    local head = "Return-Path: <a@x.test>\r\nDelivered-To: b@y.test\r\nDelivered-To: c@y.test\r\n"
+    assert.equal(head, stored:sub(1, #head))
+    -- Postfix's shape; two recipients, so no "for <...>" (spec/received_spec.lua has the rest)
+    local when, rest = stored:sub(#head + 1):match("^Received: from %S+ %(unknown %[127%.0%.0%.1%]%)\r\n" ..
+      "\tby localhost %(lua%-smtp%) with ESMTP id %x+; ([^\r\n]+)\r\n(.*)$")
+    assert.is_truthy(when, stored)
+    dates.check(when)
+    assert.equal(MSG, rest)
     local line = p:output():match("(from=[^\n]*)\n")
-    assert.equal(('from=<a@x.test> to=<b@y.test>,<c@y.test> size=%d subject="hello sink" file=%s/new/%s')
+    assert.equal(('from=<a@x.test> to=<b@y.test>,<c@y.test> size=%d subject="hello sink" file=%s/new/%s client=[127.0.0.1]')
       :format(#MSG, md, files[1]), line)
   end)
 
@@ -106,7 +113,8 @@ describe("lua-smtp sink", function()
     assert.matches("<%*%* 550 5%.1%.1 Recipient address rejected", out)
     local files = ls(md .. "/new")
     assert.equal(1, #files)
-    assert.matches("Delivered%-To: ok@y%.test\r\nDate:", helper.read(md .. "/new/" .. files[1]))
+    assert.matches("Delivered%-To: ok@y%.test\r\nReceived: [^\r]*\r\n\t[^\r]*\r\n\tfor <ok@y%.test>; [^\r]*\r\nDate:",
+      helper.read(md .. "/new/" .. files[1]))
   end)
 
   it("appends to an mbox with From_ lines quoted", function()
@@ -182,7 +190,7 @@ s.quit()
     end
     -- one message: exactly these five space-separated fields, addresses without a space, quote,
     -- comma or angle bracket inside their own <>
-    local f, t, size, subject, file = line:match('^from=(%S+) to=(%S+) size=(%d+) subject=("[^"]*") file=(%S+)$')
+    local f, t, size, subject, file = line:match('^from=(%S+) to=(%S+) size=(%d+) subject=("[^"]*") file=(%S+) client=%[127%.0%.0%.1%]$')
     assert.truthy(f, line)
     assert.equal('"spoof"', subject)
     assert.equal(#"Subject: spoof\r\n\r\nhi\r\n", tonumber(size))
@@ -251,7 +259,7 @@ s.quit()
     end
     assert.matches("^250 ", helper.read(result) or client:output())
     assert.matches("^From a@x%.test [^\n]*\r\nReturn%-Path: <a@x%.test>\r\nDelivered%-To: b@y%.test\r\n" ..
-      "Subject: locked\r\n\r\nbody\r\n", helper.read(mbox))
+      "Received: [^\r]*\r\n\t[^\r]*\r\n\tfor <b@y%.test>; [^\r]*\r\nSubject: locked\r\n\r\nbody\r\n", helper.read(mbox))
   end)
 
   it("answers 451 4.3.0 when the mbox stays locked past --lock-wait, and stores nothing", function()

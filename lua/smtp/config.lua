@@ -191,7 +191,8 @@ end
 -- The redacted form of a validated config (for tostring): never the password or token.
 local cfg_mt = { __name = "smtp.config" }
 function cfg_mt.__tostring(c)
-  local scheme = c.tls == "implicit" and "smtps" or c.tls == "starttls" and "smtp+starttls" or "smtp"
+  if c.path then return ("smtp.config (%s://%s)"):format(c.lmtp and "lmtp" or "unix", c.path) end
+  local scheme = c.lmtp and "lmtp" or c.tls == "implicit" and "smtps" or c.tls == "starttls" and "smtp+starttls" or "smtp"
   local user = ""
   if c.auth and c.auth.user then
     user = c.auth.user:gsub("[%%@:/?#]", function(ch) return ("%%%02X"):format(ch:byte()) end)
@@ -211,20 +212,36 @@ function M.connection(opts, fname)
     if not merged then return nil, uerr end
     opts = merged
   end
-  if type(opts.server) ~= "string" or opts.server == "" then misuse(fname, "server: host name expected") end
-  local ok, err = check.hostname(opts.server, "server")
-  if not ok then return nil, err end
-  local server = opts.server
-  if has_8bit(server) then
-    -- an international host name: resolved, sent as SNI and checked in the certificate as its A-label
-    local ascii, why = check.idna_domain(server)
-    if not ascii then return invalid("server: bad international domain name " .. server .. ": " .. why) end
-    server = ascii
+  if opts.lmtp ~= nil and type(opts.lmtp) ~= "boolean" then misuse(fname, "lmtp: boolean expected") end
+  local lmtp, path = opts.lmtp == true, opts.path
+  local ok, err, server
+  if path ~= nil then
+    -- a Unix socket (an LMTP server's, usually) instead of a host and port
+    if type(path) ~= "string" or path == "" then misuse(fname, "path: socket path expected") end
+    if opts.server ~= nil or opts.port ~= nil then misuse(fname, "path: give path or server and port, not both") end
+    if has_ctl(path) then return invalid("path: control character in the socket path") end
+    if #path > 107 then return invalid("path: longer than a Unix socket path can be (107 bytes)") end
+    if opts.proxy ~= nil or opts.bind ~= nil then return invalid("path: proxy and bind do not go with a Unix socket") end
+    server = path
+  else
+    if type(opts.server) ~= "string" or opts.server == "" then misuse(fname, "server: host name expected") end
+    ok, err = check.hostname(opts.server, "server")
+    if not ok then return nil, err end
+    server = opts.server
+    if has_8bit(server) then
+      -- an international host name: resolved, sent as SNI and checked in the certificate as its A-label
+      local ascii, why = check.idna_domain(server)
+      if not ascii then return invalid("server: bad international domain name " .. server .. ": " .. why) end
+      server = ascii
+    end
   end
-  local tls = opts.tls == nil and "starttls" or opts.tls
+  -- LMTP delivers locally: no TLS over a Unix socket, and STARTTLS when offered over TCP, unless asked
+  local tls = opts.tls
+  if tls == nil then tls = path and "none" or lmtp and "opportunistic" or "starttls" end
   if PORTS[tls] == nil then misuse(fname, "tls: starttls, implicit, opportunistic or none") end
-  local port = opts.port == nil and PORTS[tls] or tonumber(opts.port)
-  if not port or port < 1 or port > 65535 or port % 1 ~= 0 then misuse(fname, "port: 1..65535") end
+  local port = opts.port == nil and (lmtp and 24 or PORTS[tls]) or tonumber(opts.port)
+  if path then port = nil
+  elseif not port or port < 1 or port > 65535 or port % 1 ~= 0 then misuse(fname, "port: 1..65535") end
   local helo = opts.helo
   if helo == nil then helo = default_helo() else
     if type(helo) ~= "string" then misuse(fname, "helo: string expected") end
@@ -267,14 +284,15 @@ function M.connection(opts, fname)
     end
   end
   -- AUTH in the clear is let through to loopback only when nothing but this host carries it
-  local local_only = check.is_loopback(opts.server) and (not proxy or check.is_loopback(proxy.host))
+  local local_only = path ~= nil or (check.is_loopback(opts.server) and (not proxy or check.is_loopback(proxy.host)))
   if opts.auth and tls == "none" and not opts.allow_plaintext_auth and not local_only then
     return invalid("auth over a plaintext connection: use TLS or allow_plaintext_auth = true")
   end
   return setmetatable({
     server = server, port = port, tls = tls, helo = helo, auth = opts.auth,
     verify = opts.verify ~= false, verify_name = opts.verify_name ~= false, cafile = opts.cafile,
-    servername = servername or (server:gsub("^%[(.*)%]$", "%1")),
+    servername = servername or (path and "localhost") or (server:gsub("^%[(.*)%]$", "%1")),
+    path = path, lmtp = lmtp,
     timeouts = check_timeouts(opts.timeout, fname),
     allow_plaintext_auth = opts.allow_plaintext_auth == true,
     chunking = opts.chunking ~= false,

@@ -4,6 +4,7 @@ local M = {}
 local kinds = {
   invalid = true, dns = true, connect = true, tls = true, timeout = true,
   protocol = true, auth = true, rejected = true, closed = true, proxy = true,
+  full = true,   -- a queue with no room left (smtp.background)
 }
 M.kinds = kinds
 

@@ -65,4 +65,8 @@ end
 
 function M.deliver(opts) return require("smtp.deliver").deliver(opts) end
 
+-- smtp.background{...} -> id | nil, err: inside nginx, queue a message in a lua_shared_dict and
+-- send it from a timer (smtp.background.start, .status, .stats)
+M.background = require "smtp.background"
+
 return M

@@ -1,9 +1,10 @@
--- smtp.server: a minimal, strict SMTP server over the C engine: one coroutine per connection in
+-- smtp.server: a minimal, strict SMTP (or LMTP) server over the C engine: one coroutine per connection in
 -- smtp.loop, hooks that accept or reject, and message data streamed to on_message.
 local core = require "smtp.core"
 local errors = require "smtp.errors"
 local check = require "smtp.check"
 local observe = require "smtp.observe"
+local cidr = require "smtp.cidr"
 
 local M = {}
 
@@ -46,7 +47,8 @@ local function argerr(msg) error("bad argument #1 to 'listen' (" .. msg .. ")", 
 
 local function check_opts(o)
   if type(o) ~= "table" then argerr("table expected, got " .. type(o)) end
-  for _, k in ipairs { "on_mail", "on_rcpt", "on_message", "auth", "log", "transcript", "on_event" } do
+  for _, k in ipairs { "on_mail", "on_rcpt", "on_message", "auth", "log", "transcript", "on_event",
+    "on_connect", "on_helo", "on_auth", "on_rset", "on_close" } do
     if o[k] ~= nil and type(o[k]) ~= "function" then argerr("option '" .. k .. "': function expected") end
   end
   for k, r in pairs(NUMERIC) do
@@ -64,15 +66,30 @@ local function check_opts(o)
   if o.transcript_body ~= nil and type(o.transcript_body) ~= "boolean" then
     argerr("option 'transcript_body': boolean expected")
   end
+  if o.received ~= nil and type(o.received) ~= "boolean" then argerr("option 'received': boolean expected") end
   if o.client_exempt ~= nil and o.client_exempt ~= false and type(o.client_exempt) ~= "function" then
     argerr("option 'client_exempt': function or false expected")
   end
   if o.tls ~= nil and (type(o.tls) ~= "table" or type(o.tls.cert) ~= "string" or type(o.tls.key) ~= "string") then
     argerr("option 'tls': { cert = path, key = path } expected")
   end
+  for _, k in ipairs { "proxy_protocol", "xclient" } do
+    local v = o[k]
+    if v ~= nil and v ~= false then
+      if type(v) ~= "table" then argerr("option '" .. k .. "': { trusted = { address, ... } } expected") end
+      local m, why = cidr.list(v.trusted)
+      if not m then argerr("option '" .. k .. ".trusted': " .. why) end
+      if v.timeout ~= nil and (type(v.timeout) ~= "number" or not (v.timeout > 0)) then
+        argerr("option '" .. k .. ".timeout': positive number expected")
+      end
+    end
+  end
   if o.hostname ~= nil and (type(o.hostname) ~= "string" or o.hostname:find("[%c%s]")) then
     argerr("option 'hostname': a name without spaces expected")
   end
+  if o.lmtp ~= nil and type(o.lmtp) ~= "boolean" then argerr("option 'lmtp': boolean expected") end
+  if o.path ~= nil and (type(o.path) ~= "string" or o.path == "") then argerr("option 'path': socket path expected") end
+  if o.path ~= nil and (o.host ~= nil or o.port ~= nil) then argerr("option 'path': give path or host and port, not both") end
 end
 
 local function str(v)
@@ -290,9 +307,14 @@ end
 -- The timeout, or less when the session's end comes first.
 local function left(rec, timeout) return min(timeout, rec.t_end - now()) end
 
--- The session's engine, or why it could not be made (a string).
-local function new_engine(srv, cl)
+local proxied
+
+-- The session's engine, or why it could not be made (a string). Behind a proxy it is fed what
+-- the client sent after the PROXY header (nothing, unless it did not wait for the greeting).
+local function new_engine(srv, cl, ip, conn)
   local o = srv.opts
+  local xc = srv.xclient_trusted
+  if xc then xc = xc(ip) and 2 or 1 end
   local ok, eng = pcall(core.server_engine, {
     hostname = srv.hostname, max_line = o.max_line, max_message_size = o.max_message_size,
     max_recipients = o.max_recipients, max_errors = o.max_errors,
@@ -300,9 +322,13 @@ local function new_engine(srv, cl)
     tls = srv.tls_ctx ~= nil and not srv.implicit, tls_active = srv.implicit,
     auth = o.auth ~= nil, auth_plaintext = srv.auth_plaintext, require_auth = o.require_auth,
     normalize = o.normalize_newlines, hook_mail = o.on_mail ~= nil or (cl and o.max_client_messages and true),
-    hook_rcpt = o.on_rcpt ~= nil or (cl and o.max_client_recipients and true),
+    hook_rcpt = o.on_rcpt ~= nil or (cl and o.max_client_recipients and true), lmtp = o.lmtp,
+    hook_helo = o.on_helo ~= nil, hook_rset = o.on_rset ~= nil, xclient = xc,
   })
-  return ok and eng or str(eng)
+  if not ok then return str(eng) end
+  local p = srv.proxy_trusted and proxied[conn]
+  if p and p.rest and eng:feed(p.rest) < #p.rest then eng:shutdown(421, "4.7.0", "Too much input") end
+  return eng
 end
 
 -- A session the engine closed: which of its limits did it, if one did.
@@ -331,10 +357,247 @@ local function tarpit(srv, eng, session_end)
   return true
 end
 
+-- Front door: PROXY protocol, the connect/HELO/AUTH/RSET/close hooks, XCLIENT, facts --------
+-- Everything here runs only when configured (o._front: a front-door hook or `received`), so a
+-- server without them pays nothing per message.
+
+-- The bytes a PROXY header left behind and the addresses it named, from the accept side to the
+-- session (a field of the session's own would cost every idle session).
+proxied = setmetatable({}, { __mode = "k" })
+
+-- The session's facts for hooks and the Received header.
+local function facts(session, eng)
+  session.helo, session.user = eng:helo(), eng:user()
+  session.esmtp = eng:helo_kind() == 2
+  local commands, errs, _, _, tx = eng:usage()
+  session.commands, session.errors, session.transactions = commands, errs, tx
+end
+
+local function open_front(srv, session, conn)
+  local p = proxied[conn]
+  if p and p.local_address then
+    session.local_address, session.local_port = p.local_address, p.local_port
+  else
+    session.local_address, session.local_port = conn:local_address()
+  end
+  if p then session.proxied = p.proxied end
+  session.messages, session.recipients, session.commands, session.errors = 0, 0, 0, 0
+end
+
+-- Reads a PROXY protocol header (v1 or v2) from a trusted peer within proxy_protocol.timeout:
+-- its facts and the bytes after it, or nil, why.
+local function read_proxy(srv, conn)
+  local t_end = now() + srv.proxy_timeout
+  local buf = ""
+  while true do
+    local left = t_end - now()
+    if left <= 0 then return nil, "no PROXY header in time" end
+    local chunk, err = conn:read(left, 65552 - #buf)
+    if not chunk then return nil, "PROXY header not received: " .. str(err) end
+    buf = buf .. chunk
+    local n, h = core.proxy_parse(buf)
+    if not n then return nil, h end
+    if n > 0 then return h, buf:sub(n + 1) end
+    if #buf >= 65552 then return nil, "PROXY header too long" end
+  end
+end
+
+-- The refusals of the per-client limits at connection time.
+local CLIENT_REFUSAL = {
+  client_rate = "421 4.7.0 Connection rate limit exceeded for your address, try again later\r\n",
+  client_connections = "421 4.7.0 Too many connections from your address, try again later\r\n",
+}
+
+-- The per-client limits for a new connection from ip: the client's entry (nil when exempt, its
+-- open count already raised), or false and the name of the limit that refuses it.
+local function admit(srv, ip)
+  local o = srv.opts
+  local exempt = srv.exempt
+  local cl
+  local xok, yes = true, false
+  if exempt then xok, yes = pcall(exempt, ip) end
+  if not xok then srv:_log("client_exempt raised: " .. str(yes)) end
+  if not (xok and yes) then
+    cl = client_entry(srv, ip, now())
+    cl.c = cl.c + 1   -- every attempt counts toward the rate, refused ones too
+  end
+  if cl and o.max_client_connections and cl.n >= o.max_client_connections then
+    return false, "client_connections"
+  elseif cl and o.max_client_rate and cl.c > o.max_client_rate then
+    return false, "client_rate"
+  end
+  if cl then cl.n = cl.n + 1 end
+  return cl
+end
+
+-- Behind a proxy: the header first, then the real client's address goes through the per-client
+-- limits. Returns the client's address, port and entry, or nil when the session must end (the
+-- connection is left to close: an untrusted or broken peer gets no reply, a limited client its
+-- 421).
+local function front_proxy(srv, conn, ip, port)
+  if not srv.proxy_trusted(ip) then
+    count(srv, "proxy_refused")
+    srv:_log(("PROXY protocol: %s is not a trusted proxy, connection closed"):format(str(ip)))
+    return nil
+  end
+  local h, rest = read_proxy(srv, conn)
+  if srv.closing then return nil end -- srv:close() came while the header was awaited
+  if not h then
+    count(srv, "proxy_refused")
+    srv:_log(("PROXY protocol from %s: %s, connection closed"):format(str(ip), rest))
+    return nil
+  end
+  local p = { rest = rest ~= "" and rest or nil, proxied = { address = ip, port = port, version = h.version } }
+  if h.family ~= 0 then
+    ip, port = h.src, h.sport
+    p.local_address, p.local_port = h.dst, h.dport
+  end
+  proxied[conn] = p
+  local cl, refuse = admit(srv, ip)
+  if cl == false then
+    count(srv, refuse)
+    conn:write(CLIENT_REFUSAL[refuse], 5)
+    return nil
+  end
+  return ip, port, cl or nil
+end
+
+-- on_connect: true to go on; a refusal replaces the greeting and ends the session.
+local function connect_hook(srv, session, eng)
+  facts(session, eng)
+  local ok, r1, r2, r3, r4 = pcall(srv.opts.on_connect, session)
+  local yes, code, enh, text
+  if not ok then
+    srv:_log("on_connect raised: " .. str(r1))
+    yes, code, enh, text = false, 421, "4.3.0", "Temporary server error, try again later"
+  else
+    yes, code, enh, text = verdict(srv, 554, "5.7.1", r1, r2, r3, r4)
+  end
+  if yes then return true end
+  count(srv, "connect_refused")
+  eng:output() -- the 220 never goes out
+  eng:shutdown(code, enh, text or "Service unavailable")
+  return false
+end
+
+-- After the credentials were checked (`yes`): on_auth hears the outcome and may turn a success
+-- into a refusal. Decides the engine's AUTH; returns the final outcome.
+local function auth_hook(srv, session, eng, yes, mech, user)
+  facts(session, eng)
+  local ok, r1, r2, r3, r4 = pcall(srv.opts.on_auth, session, { ok = yes, mechanism = mech, user = user })
+  if not ok then
+    srv:_log("on_auth raised: " .. str(r1))
+    if yes then
+      eng:decide(false, 454, "4.7.0", "Temporary authentication failure")
+      return false
+    end
+  elseif yes then
+    local code, enh, text
+    yes, code, enh, text = verdict(srv, 535, "5.7.8", r1, r2, r3, r4)
+    eng:decide(yes, code, enh, text)
+    if yes then session.auth_mechanism = mech end
+    return yes
+  end
+  eng:decide(false)
+  return false
+end
+
+local function notify(srv, name, session, eng)
+  facts(session, eng)
+  local ok, err = pcall(srv.opts[name], session)
+  if not ok then srv:_log(name .. " raised: " .. str(err)) end
+end
+
+-- XCLIENT's values, checked as Postfix checks them; [UNAVAILABLE] and [TEMPUNAVAIL] stand for
+-- "not known" anywhere.
+local function unknown(v) return v == "[UNAVAILABLE]" or v == "[TEMPUNAVAIL]" end
+local function xc_addr(v)
+  if unknown(v) then return false end
+  local a = v:match("^[Ii][Pp][Vv]6:(.*)$") or v
+  return cidr.bytes(a) and a or nil
+end
+local function xc_port(v)
+  if unknown(v) then return false end
+  local n = v:match("^%d+$") and tonumber(v)
+  return n and n <= 65535 and n or nil
+end
+local XC_CHECK = {
+  ADDR = xc_addr, DESTADDR = xc_addr, PORT = xc_port, DESTPORT = xc_port,
+  NAME = function(v) if unknown(v) then return false end return v:match("^[%w%.%-_]+$") end,
+  REVERSE_NAME = function(v) if unknown(v) then return false end return v:match("^[%w%.%-_]+$") end,
+  PROTO = function(v)
+    if unknown(v) then return false end
+    v = v:upper()
+    return (v == "SMTP" or v == "ESMTP") and v or nil
+  end,
+  HELO = function(v) if unknown(v) then return false end return v end,
+  LOGIN = function(v) if unknown(v) then return false end return v end,
+}
+local XC_FIELD = { ADDR = "address", PORT = "port", NAME = "name", REVERSE_NAME = "reverse_name",
+  DESTADDR = "local_address",
+  DESTPORT = "local_port" }
+
+-- XCLIENT from a trusted peer: the values checked, then on_connect judges the new client as a
+-- new connection (a refusal is the reply to XCLIENT; the peer's session goes on). Accepted, the
+-- session takes the client's facts and starts over.
+local function xclient(srv, session, eng, t)
+  local new = {}
+  for k, v in pairs(t) do
+    local val = XC_CHECK[k](v)
+    if val == nil then
+      eng:decide(false, 501, "5.5.4", ("Bad XCLIENT %s syntax: %s"):format(k, v:sub(1, 100)))
+      return
+    end
+    new[k] = val
+  end
+  local old = {}
+  for k, f in pairs(XC_FIELD) do
+    old[f] = session[f]
+    if new[k] ~= nil then session[f] = new[k] or nil end
+  end
+  if srv.opts.on_connect then
+    facts(session, eng)
+    local ok, r1, r2, r3, r4 = pcall(srv.opts.on_connect, session)
+    local yes, code, enh, text = true, nil, nil, nil
+    if not ok then
+      srv:_log("on_connect raised: " .. str(r1))
+      yes, code, enh, text = false, 451, "4.3.0", "Temporary server error, try again later"
+    else
+      yes, code, enh, text = verdict(srv, 554, "5.7.1", r1, r2, r3, r4)
+    end
+    if not yes then
+      for _, f in pairs(XC_FIELD) do session[f] = old[f] end
+      count(srv, "connect_refused")
+      eng:decide(false, code, enh, text)
+      return
+    end
+  end
+  session.xclient = t
+  session.auth_mechanism = nil
+  eng:decide(true)
+end
+
+-- session:received(envelope [, opts]) -> "Received: ...\r\n" for the message being received
+-- (server.listen with `received = true`); opts: id (default a random queue id), time (epoch).
+local function received_header(session, envelope, opts)
+  opts = opts or {}
+  local srv = session.server
+  local t = session.tls and { version = session.tls_version, cipher = session.tls_cipher, bits = session.tls_bits }
+  local id = opts.id
+  if not id then id = core.random(5):gsub(".", function(c) return ("%02X"):format(c:byte()) end) end
+  local to = envelope and envelope.to
+  return require("smtp.received").header {
+    helo = session.helo, name = session.name, address = session.address, tls = t, user = session.user,
+    esmtp = session.esmtp, lmtp = srv.opts.lmtp, by = srv.hostname, id = id, rcpt = to and #to == 1 and to[1] or nil,
+    time = opts.time,
+  }
+end
+
 -- Session -----------------------------------------------------------------------------------
 
 local Session = { __name = "smtp.server.session" }
 Session.__index = Session
+Session.received = received_header
 function Session:__tostring()
   return ("smtp.server.session (%s port %s)"):format(tostring(self.address), tostring(self.port))
 end
@@ -365,8 +628,9 @@ end
 -- `cl` is the client's entry in the per-client table, nil for an exempt client.
 local function run_session(srv, conn, ip, port, cl)
   local o = srv.opts  -- o.timeout has no local: one more would be a slot in each idle session's stack
-  local eng = new_engine(srv, cl)
+  local eng = new_engine(srv, cl, ip, conn)
   local session = setmetatable({ address = ip, port = port, server = srv, tls = srv.implicit }, Session)
+  if o._front then open_front(srv, session, conn) end
   -- Deadlines besides the idle timeout live in `rec` (a local more in every session's stack
   -- frame would cost more than its field): the session's end (t_end); while the engine holds part
   -- of a command line, the time it was first seen partial (cmd_t) and the command count then
@@ -440,7 +704,8 @@ local function run_session(srv, conn, ip, port, cl)
     return true
   end
 
-  local function refresh()
+  -- chosen once per session: the per-message path asks nothing more than before the front door
+  local refresh = o._front and function() facts(session, eng) end or function()
     session.helo = eng:helo()
     session.user = eng:user()
   end
@@ -533,9 +798,12 @@ local function run_session(srv, conn, ip, port, cl)
     if rerr or dead then return false end
     if endcode then return true end -- the engine refused it and replied already
     -- the envelope is gone once decided
-    local env = o.on_event and eng:envelope()
+    -- (the session's facts need only the count: no envelope table is built for them)
+    local env = o._env and (o.on_event and eng:envelope() or eng:rcpt_count())
     local yes, code
-    if not ok then
+    if o.lmtp then
+      yes, code = srv:_lmtp_decide(eng, ok, r1, r2, r3, r4)
+    elseif not ok then
       srv:_log("on_message raised: " .. str(r1))
       yes, code = false, 451
       eng:decide(false, 451, "4.3.0", "Error processing message, try again later")
@@ -546,7 +814,7 @@ local function run_session(srv, conn, ip, port, cl)
     end
     local c = srv.counters
     if yes then c.messages = c.messages + 1 else c.messages_refused = c.messages_refused + 1 end
-    if env then srv:_message_event(session, yes, code, env, rec.bytes) end
+    if env then srv:_message_done(session, yes, code, env, rec.bytes) end
     return true
   end
 
@@ -569,6 +837,7 @@ local function run_session(srv, conn, ip, port, cl)
       local tok, terr = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
       if not srv:_tls_done(session, conn, tok, terr) then return end
     end
+    if o.on_connect then srv:_connect_hook(session, eng) end
     while true do
       local kind, a, b, c
       if stash then
@@ -603,11 +872,20 @@ local function run_session(srv, conn, ip, port, cl)
         else
           eng:decide(true)
         end
+      elseif kind == "helo" then
+        hook(o.on_helo, 550, "5.7.1", a, b)
+      elseif kind == "rset" then
+        srv:_notify("on_rset", session, eng)
+      elseif kind == "xclient" then
+        srv:_xclient(session, eng, a)
       elseif kind == "begin" then
         if not message() then break end
       elseif kind == "end" then
         -- a BDAT message aborted before any data was read: nothing to do
-        if not a then eng:decide(true) end
+        if not a then
+          eng:decide(true)
+          if o.lmtp then while eng:lmtp_due() > 0 do eng:decide(true) end end
+        end
       elseif kind == "auth" then
         refresh()
         local pok, res = pcall(o.auth, session, a, b, c)
@@ -615,6 +893,8 @@ local function run_session(srv, conn, ip, port, cl)
         if not pok then
           srv:_log("auth callback raised: " .. str(res))
           eng:decide(false, 454, "4.7.0", "Temporary authentication failure")
+        elseif o.on_auth then
+          res = srv:_auth_hook(session, eng, res == true, a, b)
         else
           eng:decide(res == true)
         end
@@ -640,6 +920,7 @@ local function run_session(srv, conn, ip, port, cl)
   elseif not ok then
     srv:_log("session error: " .. str(err))
   end
+  if o.on_close and type(eng) == "userdata" then srv:_notify("on_close", session, eng) end
   srv.sessions[rec] = nil
   srv.active = srv.active - 1
   if o.transcript or o.on_event then close_session(srv, session, eng, not ok and err or nil) end
@@ -649,6 +930,18 @@ local function run_session(srv, conn, ip, port, cl)
   end
   if not dead then linger(conn) end
   conn:close()
+end
+
+-- Behind a proxy: its header first (front_proxy), then the session as any other.
+local function proxied_session(srv, conn, ip, port)
+  local cl
+  ip, port, cl = front_proxy(srv, conn, ip, port)
+  if not ip then
+    srv.active = srv.active - 1
+    conn:close()
+    return
+  end
+  return run_session(srv, conn, ip, port, cl)
 end
 
 -- Server ------------------------------------------------------------------------------------
@@ -665,6 +958,11 @@ function Server:_tls_done(session, conn, ok, err)
   local c = srv.counters
   if ok then c.tls = c.tls + 1 else c.tls_failures = c.tls_failures + 1 end
   local o = srv.opts
+  if ok and o._front then
+    local i = conn:info()
+    session.tls_version, session.tls_cipher, session.tls_bits = i.version, i.cipher, i.bits
+    session.peer_subject, session.verify_result = i.peer_subject, i.verify_result
+  end
   if not (o.transcript or o.on_event) then return ok end
   local t
   if ok then
@@ -690,11 +988,59 @@ function Server:_auth_done(session, yes, mech, user)
   end
 end
 
--- A message decided, told to on_event (`env` is its envelope).
-function Server:_message_event(session, yes, code, env, bytes)
-  observe.event(self.opts.on_event, "message", session.id, { ok = yes, code = yes and 250 or code,
-    from = env.from, recipients = env.to and #env.to, bytes = bytes })
+-- LMTP (RFC 2033): the end of a message is answered once per accepted recipient, in order.
+-- on_message's answer is one verdict for all (true, or false, code, ...), or a table of them
+-- keyed by the recipient's index in envelope.to or by its address: true, false, or
+-- { false, code, text } / { false, code, enhanced, text }. A recipient the table leaves out gets
+-- 451 4.3.0 (logged): no message is taken or lost by omission. -> whether any recipient took it,
+-- and the first refusal's code.
+function Server:_lmtp_decide(eng, ok, r1, r2, r3, r4)
+  local env = eng:envelope()
+  local to = env and env.to or {}
+  local n = eng:lmtp_due()
+  local any, first_code = false, nil
+  for i = 1, n do
+    local yes, code, enh, text
+    if not ok then
+      if i == 1 then self:_log("on_message raised: " .. str(r1)) end
+      yes, code, enh, text = false, 451, "4.3.0", "Error processing message, try again later"
+    elseif type(r1) == "table" then
+      local v = r1[i]
+      if v == nil then v = r1[to[i]] end
+      if v == nil then
+        self:_log("on_message gave no reply for recipient " .. i .. " (" .. str(to[i]) .. ")")
+        yes, code, enh, text = false, 451, "4.3.0", "No reply for this recipient, try again later"
+      elseif type(v) == "table" then
+        yes, code, enh, text = verdict(self, 554, "5.6.0", v[1], v[2], v[3], v[4])
+      else
+        yes, code, enh, text = verdict(self, 554, "5.6.0", v)
+      end
+    else
+      yes, code, enh, text = verdict(self, 554, "5.6.0", r1, r2, r3, r4)
+    end
+    eng:decide(yes, code, enh, text)
+    if yes then any = true elseif not first_code then first_code = code end
+  end
+  return any, first_code
 end
+
+-- A message decided (`env` is its envelope, or without on_event its number of recipients):
+-- counted in the session's facts, told to on_event.
+function Server:_message_done(session, yes, code, env, bytes)
+  local o = self.opts
+  if o._front and yes then
+    session.messages = session.messages + 1
+    session.recipients = session.recipients + (type(env) == "table" and #env.to or env)
+  end
+  if o.on_event then
+    observe.event(o.on_event, "message", session.id, { ok = yes, code = yes and 250 or code,
+      from = env.from, recipients = env.to and #env.to, bytes = bytes })
+  end
+end
+
+-- The front door's steps, as methods: a session's closures reach them through `srv`, so none
+-- of them holds one more upvalue per session.
+Server._connect_hook, Server._auth_hook, Server._notify, Server._xclient = connect_hook, auth_hook, notify, xclient
 
 function Server:_log(msg)
   if self.opts.log then pcall(self.opts.log, msg) end
@@ -715,12 +1061,6 @@ end
 local function accept_loop(srv)
   local l = srv.listener
   local o = srv.opts
-  local exempt = o.client_exempt
-  if exempt == nil then exempt = default_exempt end
-  if not (o.max_client_connections or o.max_client_rate or o.max_client_messages
-    or o.max_client_recipients) then
-    exempt = function() return true end
-  end
   while not srv.closed do
     local conn, ip, port = l:accept()
     if not conn then
@@ -730,30 +1070,18 @@ local function accept_loop(srv)
       count(srv, "max_connections")
       conn:write("421 4.3.2 Too many connections, try again later\r\n", 5)
       conn:close()
+    elseif srv.proxy_trusted then
+      -- the real client is known once its proxy's header is read: the session admits it
+      srv.active = srv.active + 1
+      loop().spawn(proxied_session, srv, conn, ip, port)
     else
-      local cl
-      local xok, yes = true, false
-      if exempt then xok, yes = pcall(exempt, ip) end
-      if not xok then srv:_log("client_exempt raised: " .. str(yes)) end
-      if not (xok and yes) then
-        cl = client_entry(srv, ip, now())
-        cl.c = cl.c + 1   -- every attempt counts toward the rate, refused ones too
-      end
-      local refuse
-      if cl and o.max_client_connections and cl.n >= o.max_client_connections then
-        refuse = "client_connections"
-      elseif cl and o.max_client_rate and cl.c > o.max_client_rate then
-        refuse = "client_rate"
-      end
-      if refuse then
+      local cl, refuse = admit(srv, ip)
+      if cl == false then
         count(srv, refuse)
-        conn:write(refuse == "client_rate"
-          and "421 4.7.0 Connection rate limit exceeded for your address, try again later\r\n"
-          or "421 4.7.0 Too many connections from your address, try again later\r\n", 5)
+        conn:write(CLIENT_REFUSAL[refuse], 5)
         conn:close()
       else
         srv.active = srv.active + 1
-        if cl then cl.n = cl.n + 1 end
         loop().spawn(run_session, srv, conn, ip, port, cl)
       end
     end
@@ -793,6 +1121,9 @@ end
 local COUNTERS = { "max_connections", "client_connections", "client_rate", "client_messages",
   "client_recipients", "idle_timeout", "session_time", "command_time", "data_time", "max_errors",
   "max_commands", "max_transactions", "line_length", "tarpit", "clients_evicted",
+  -- the front door: connections closed for a missing or bad PROXY header or an untrusted peer,
+  -- and clients refused by on_connect
+  "proxy_refused", "connect_refused",
   -- not limits: sessions opened, messages accepted and refused, AUTH and TLS outcomes
   "sessions", "messages", "messages_refused", "auth", "auth_failures", "tls", "tls_failures" }
 
@@ -819,15 +1150,28 @@ function M.listen(opts)
       return nil, errors.new { kind = "tls", text = "server certificate: " .. tostring(err and err.text), temporary = false }
     end
   end
-  local l, err = t.listen { host = host, port = o.port or 0, backlog = o.backlog or 512 }
+  local l, err = t.listen { host = host, port = o.port or 0, backlog = o.backlog or 512, path = o.path }
   if not l then return nil, err end
   local auth_plaintext = o.auth_plaintext
-  if auth_plaintext == nil then auth_plaintext = check.is_loopback(host) end
+  if auth_plaintext == nil then auth_plaintext = o.path ~= nil or check.is_loopback(host) end
+  local exempt = o.client_exempt
+  if exempt == nil then exempt = default_exempt end
+  -- a Unix socket's clients are local, and all look alike ("unix"): no per-client counts
+  if not (o.max_client_connections or o.max_client_rate or o.max_client_messages
+    or o.max_client_recipients) or o.path then
+    exempt = function() return true end
+  end
+  o._front = (o.on_connect or o.on_helo or o.on_auth or o.on_rset or o.on_close or o.received) and true or nil
+  -- the envelope is read once decided only for someone who uses it
+  o._env = (o.on_event or o._front) and true or nil
+  local pp, xc = o.proxy_protocol or nil, o.xclient or nil
   local srv = setmetatable({
     opts = o, listener = l, host = l.host or host, port = l.port,
     hostname = o.hostname or "localhost", tls_ctx = tls_ctx, implicit = (o.tls and o.tls.implicit) == true,
     auth_plaintext = auth_plaintext, sessions = {}, active = 0,
-    clients = {}, nclients = 0, counters = new_counters(),
+    clients = {}, nclients = 0, counters = new_counters(), exempt = exempt,
+    proxy_trusted = pp and cidr.list(pp.trusted), proxy_timeout = pp and pp.timeout or 5,
+    xclient_trusted = xc and cidr.list(xc.trusted),
   }, Server)
   return srv
 end

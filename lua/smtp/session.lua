@@ -1,4 +1,4 @@
--- smtp.session: one client session over a transport. Opens it (greeting, EHLO, STARTTLS, AUTH,
+-- smtp.session: one client session (SMTP, or LMTP) over a transport. Opens it (greeting, EHLO or LHLO, STARTTLS, AUTH,
 -- or a pooled session checked with RSET), moves the engine's bytes and replies, closes it, and
 -- holds the lower-level methods (ehlo, mail, rcpt, data, rset, noop). Transactions are run by
 -- smtp.transaction and smtp.batch through the four primitives _flush, _reply, _abort and dead.
@@ -144,12 +144,12 @@ local function parse_auth_list(ext)
   return offered
 end
 
--- EHLO (HELO when EHLO is refused): the extensions table.
+-- EHLO (HELO when EHLO is refused; LHLO for LMTP, which has no fallback): the extensions table.
 function Conn:_hello()
   self._info = nil
   local r, err = command(self, "ehlo", self.engine.ehlo, self.cfg.helo)
   if not r then return nil, err end
-  if r.code >= 500 and r.code <= 502 then
+  if r.code >= 500 and r.code <= 502 and not self.cfg.lmtp then
     r, err = command(self, "ehlo", self.engine.helo, self.cfg.helo)
     if not r then return nil, err end
     if r.code ~= 250 then return nil, reply_error("rejected", r, "ehlo") end
@@ -278,10 +278,10 @@ end
 function Conn:_acquire(transport)
   local cfg = self.cfg
   local a = cfg.auth or {}
-  self.pool_key = transport.pool_key { server = cfg.server, port = cfg.port, tls = cfg.tls,
+  self.pool_key = transport.pool_key { server = (cfg.lmtp and "lmtp:" or "") .. cfg.server, port = cfg.port, tls = cfg.tls,
     verify = cfg.verify, verify_name = cfg.verify_name, servername = cfg.servername, helo = cfg.helo,
     user = a.user, password = a.password, token = a.token, bind = cfg.bind and cfg.bind.text }
-  local copts = { host = cfg.server, port = cfg.port, timeout = cfg.timeouts.connect,
+  local copts = { host = cfg.server, port = cfg.port, path = cfg.path, timeout = cfg.timeouts.connect,
     nameservers = cfg.nameservers, pool = self.pool_key, pool_size = cfg.pool.size,
     bind = cfg.bind, proxy = cfg.proxy }
   for try = 1, cfg.pool.size + 2 do
@@ -332,7 +332,7 @@ function Conn:_open()
     if not got then return self:_connect_failed(connect_error(err)) end
     if got == "reused" then return true end
   else
-    local sock, err = transport.connect { host = cfg.server, port = cfg.port,
+    local sock, err = transport.connect { host = cfg.server, port = cfg.port, path = cfg.path,
       timeout = cfg.timeouts.connect, nameservers = cfg.nameservers, bind = cfg.bind,
       proxy = cfg.proxy }
     if not sock then return self:_connect_failed(connect_error(err)) end
@@ -343,8 +343,9 @@ function Conn:_open()
   self.address = info.address
   counters.connections = counters.connections + 1
   if self.tr then
-    observe.line(self.tr, self.id, "info", ("connected to %s [%s]:%s%s%s"):format(cfg.server,
-      tostring(info.address), tostring(info.port or cfg.port), (info.reused or 0) > 0 and " (reused)" or "",
+    local where = cfg.path and "" or (" [" .. tostring(info.address) .. "]:" .. tostring(info.port or cfg.port))
+    observe.line(self.tr, self.id, "info", ("connected to %s%s%s%s"):format(cfg.server,
+      where, (info.reused or 0) > 0 and " (reused)" or "",
       cfg.proxy and (" via proxy " .. tostring(info.proxy or cfg.proxy.host)) or ""))
   end
   if self.ev then
@@ -352,8 +353,8 @@ function Conn:_open()
       address = info.address, reused = info.reused })
   end
   -- through a proxy the bytes also cross the way to it: loopback only when both ends are
-  self.loopback = check.is_loopback(info.address or cfg.server)
-    and (not cfg.proxy or check.is_loopback(cfg.proxy.host))
+  self.loopback = cfg.path ~= nil or (check.is_loopback(info.address or cfg.server)
+    and (not cfg.proxy or check.is_loopback(cfg.proxy.host)))
   if cfg.tls == "implicit" then
     local ok, herr = self:_handshake()
     if not ok then return nil, herr end
@@ -415,6 +416,7 @@ end
 function Conn:_engine()
   local e = core.client_engine()
   if self.tr then e:trace(self.tr_body and 2 or 1) end
+  if self.cfg.lmtp then e:lmtp(true) end
   return e
 end
 
@@ -498,7 +500,17 @@ function Conn:data(src)
   if not ok then return nil, err end
   ok, err = self:_flush("data_block")
   if not ok then return nil, err end
-  return self:_reply("data_end")
+  r, err = self:_reply("data_end")
+  if not r or not self.cfg.lmtp then return r, err end
+  -- LMTP: one reply per accepted recipient; the first is returned, all of them in `replies`
+  local replies = { r }
+  while replies[#replies].more do
+    local nr, nerr = self:_reply("data_end")
+    if not nr then return nil, nerr end
+    replies[#replies + 1] = nr
+  end
+  r.replies = replies
+  return r
 end
 
 -- smtp.batch builds on this module: looked up once, on the first send.

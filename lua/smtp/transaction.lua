@@ -140,6 +140,9 @@ function M.new(sess, d)
     mp = false, dsn = false, id = false,       -- MAIL parameters, DSN options, the Message-ID
     open = false,      -- see M.is_open
     result = false, err = false,               -- the outcome: one of them, once decided
+    lmtp = sess.cfg.lmtp and true or false,    -- LMTP: one reply per accepted recipient at the end
+    finals = false,    -- LMTP: those replies so far, in the order of `accepted`
+    took = false,      -- LMTP: took[k] = the k-th RCPT was accepted
     dirty = nil,       -- after it: true = a MAIL may be open (RSET first), false = clean, nil = unknown
   }, Tx)
 end
@@ -200,6 +203,7 @@ end
 
 -- The timeout phase of the next reply awaited.
 function Tx:phase()
+  if self.finals then return "data_end" end   -- LMTP: the next recipient's reply to the end
   if self.rset_wait or not self.mail_r then return "mail" end
   if self.nrcpt < #self.d.to then return "rcpt" end
   if self.bdat then
@@ -325,10 +329,65 @@ function Tx:_after_rcpts()
   if not self.pipelining then self:_step("data", e.data) end
 end
 
+local function status_of(code)
+  return (code >= 200 and code < 300) and "accepted" or code < 500 and "temporary" or "permanent"
+end
+
+-- LMTP (RFC 2033): the end of the data is answered once per recipient accepted at RCPT, in
+-- order (the engine counts them and marks every reply but the last `more`). Once all are in,
+-- the message counts as sent when at least one recipient took it; each recipient's final reply is
+-- in `recipients`, and those refused after the data join `rejected` with phase "data_end".
+function Tx:_lmtp_end(r)
+  local finals = self.finals
+  if not finals then finals = {}; self.finals = finals end
+  finals[#finals + 1] = r
+  if r.more then return true end
+  local accepted, rcpt_rej, ok, late, recipients = self.accepted, self.rejected, {}, {}, {}
+  local first_ok
+  local given, took = self.d.given or self.d.to, self.took
+  local ia, ir = 0, 0
+  for k = 1, #given do
+    local f, phase
+    if took[k] then
+      ia = ia + 1
+      f, phase = finals[ia] or finals[#finals], "data_end"
+      if f.code >= 200 and f.code < 300 then
+        ok[#ok + 1] = accepted[ia]
+        first_ok = first_ok or f
+      else
+        late[#late + 1] = { recipient = accepted[ia], code = f.code, enhanced = f.enhanced, text = f.text,
+          phase = "data_end" }
+      end
+    else
+      ir = ir + 1
+      f, phase = rcpt_rej[ir], "rcpt"
+    end
+    if f then
+      recipients[#recipients + 1] = { recipient = given[k], code = f.code, enhanced = f.enhanced,
+        text = f.text, status = status_of(f.code), phase = phase }
+    end
+  end
+  for _, x in ipairs(late) do rcpt_rej[#rcpt_rej + 1] = x end
+  if first_ok then
+    self.accepted = ok
+    self:_succeed(first_ok, self.id)
+    self.result.recipients = recipients
+  else
+    local first, temp = late[1], false
+    for _, x in ipairs(late) do if x.code < 500 then temp = true end end
+    self:_fail(new_error { kind = "rejected", phase = "data_end", code = first.code, enhanced = first.enhanced,
+      text = first.text, rejected = rcpt_rej, recipients = recipients, temporary = temp }, false)
+  end
+  self.dirty = false
+  return true
+end
+
 -- Takes the next reply awaited (replies come in the order the commands were queued). -> true, or
 -- false when the session ended here (the transaction's own error is then set).
 function Tx:take(r)
   self.nexp = self.nexp - 1
+  -- LMTP: the engine says another reply to this end of data follows
+  if r.more then self.nexp = self.nexp + 1 end
   local code = r.code
   local ok2xx = code >= 200 and code < 300
   if self.rset_wait then
@@ -358,6 +417,10 @@ function Tx:take(r)
     k = k + 1
     self.nrcpt = k
     local rcpt = (self.d.given or to)[k]   -- named as the caller wrote it (not its A-label)
+    if self.lmtp then
+      if not self.took then self.took = {} end
+      self.took[k] = ok2xx
+    end
     if ok2xx then self.accepted[#self.accepted + 1] = rcpt
     else self.rejected[#self.rejected + 1] = { recipient = rcpt, code = code, enhanced = r.enhanced, text = r.text } end
     if not (self.result or self.err) then
@@ -373,10 +436,12 @@ function Tx:take(r)
     return true
   end
   if self.bdat then
+    if self.finals then return self:_lmtp_end(r) end      -- LMTP: the next recipient's reply to LAST
     local j = self.chunks_in + 1
     self.chunks_in = j
     if self.result or self.err then return true end      -- chunks in flight after a failure: discarded
     local last = self.sent_last and j == self.chunks_out
+    if last and self.lmtp then return self:_lmtp_end(r) end
     if code ~= 250 then
       if not (self.mail_r.code >= 200 and self.mail_r.code < 300) then
         self:_fail(reply_error("rejected", self.mail_r, "mail", { rejected = self.rejected }), true)
@@ -423,6 +488,8 @@ function Tx:take(r)
   -- the end-of-data's reply
   if self.result or self.err then
     self.dirty = false        -- the empty data after a refused transaction: its error stands
+  elseif self.lmtp then
+    return self:_lmtp_end(r)
   elseif code ~= 250 then
     self:_fail(reply_error("rejected", r, "data_end", { rejected = self.rejected }), false)
   else

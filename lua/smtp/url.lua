@@ -1,4 +1,4 @@
--- smtp.url: connection URLs (smtp://, smtp+starttls://, smtps://), proxy URLs (socks5://,
+-- smtp.url: connection URLs (smtp://, smtp+starttls://, smtps://, lmtp://), proxy URLs (socks5://,
 -- socks5h://, http://) and local addresses to bind to, turned into the option tables
 -- smtp.config checks. Pure Lua (loaded inside nginx too). Errors name the part of the URL that is
 -- wrong and never repeat what came before the host: it may hold a password.
@@ -18,6 +18,9 @@ M.SCHEMES = {
   smtp = { tls = "opportunistic", port = 25, tls_query = true },
   ["smtp+starttls"] = { tls = "starttls", port = 587 },
   smtps = { tls = "implicit", port = 465 },
+  -- LMTP (RFC 2033) over TCP (port 24), or over a Unix socket: lmtp:///run/dovecot/lmtp, where
+  -- TLS is off unless the query asks
+  lmtp = { tls = "opportunistic", port = 24, tls_query = true, lmtp = true, unix_tls = "none" },
 }
 
 M.PROXY_SCHEMES = {
@@ -84,7 +87,8 @@ local function split_authority(auth, what)
   return { user = user, password = password, host = h, port = port }
 end
 
--- scheme://authority[/][?query] -> scheme, authority, query (or nil) | nil, err
+-- scheme://authority[/path][?query] -> scheme, authority, query (or nil), path ("" for none or
+-- "/") | nil, err
 local function split(s, what)
   local scheme, rest = match(s, "^([%a][%w+.-]*)://(.*)$")
   if not scheme then return bad(what, "not a URL (scheme://host...)") end
@@ -99,8 +103,8 @@ local function split(s, what)
   if find(tail, "#", 1, true) then return bad(what, "a fragment (#...) is not allowed") end
   local path, query = match(tail, "^([^?]*)%?(.*)$")
   if not path then path = tail end
-  if path ~= "" and path ~= "/" then return bad(what, "a path is not allowed") end
-  return scheme, auth, query
+  if path == "/" then path = "" end
+  return scheme, auth, query, path
 end
 
 local BOOL = { ["true"] = true, ["1"] = true, yes = true, ["false"] = false, ["0"] = false, no = false }
@@ -153,17 +157,28 @@ M.QUERY_KEYS = QUERY
 function M.parse(s)
   if type(s) ~= "string" then return bad("url", "string expected") end
   if find(s, "[%z\1-\32\127]") then return bad("url", "a space or control character") end
-  local scheme, auth, query = split(s, "url")
+  local scheme, auth, query, path = split(s, "url")
   if not scheme then return nil, auth end
   local sch = M.SCHEMES[scheme]
   if not sch then
     -- the scheme is all before "://" and so holds no password
-    return bad("url", "unknown scheme '" .. scheme .. "' (smtp, smtp+starttls or smtps)")
+    return bad("url", "unknown scheme '" .. scheme .. "' (smtp, smtp+starttls, smtps or lmtp)")
   end
-  local a, err = split_authority(auth, "url")
-  if not a then return nil, err end
-  -- no port: the scheme's default, which is smtp.config's default for the TLS mode
-  local o = { server = a.host, port = a.port, tls = sch.tls }
+  local o
+  if path ~= "" then
+    -- a Unix socket: lmtp:///path, no host (the authority is empty)
+    if not sch.unix_tls then return bad("url", "a path is not allowed") end
+    if auth ~= "" then return bad("url", "a socket path goes with no host (" .. scheme .. ":///path)") end
+    local p = pct_decode(path)
+    if not p or find(p, "%z") then return bad("url", "bad percent-encoding in the socket path") end
+    o = { path = p, tls = sch.unix_tls, lmtp = sch.lmtp }
+  else
+    local a, err = split_authority(auth, "url")
+    if not a then return nil, err end
+    -- no port: the scheme's default (for smtp schemes smtp.config's default for the TLS mode)
+    o = { server = a.host, port = a.port or (sch.lmtp and sch.port) or nil, tls = sch.tls, lmtp = sch.lmtp }
+    if a.user then o._user, o._password = a.user, a.password end
+  end
   local seen = {}
   if query and query ~= "" then
     for pair in (query .. "&"):gmatch("([^&]*)&") do
@@ -175,7 +190,7 @@ function M.parse(s)
         return bad("url", "unknown query option " .. shown)
       end
       if key == "tls" and not sch.tls_query then
-        return bad("url", "query option 'tls' goes with smtp:// only (the scheme says the TLS mode)")
+        return bad("url", "query option 'tls' goes with smtp:// only (and lmtp://; the other schemes say the TLS mode)")
       end
       if seen[key] then return bad("url", "query option '" .. key .. "' given twice") end
       seen[key] = true
@@ -192,10 +207,12 @@ function M.parse(s)
       if key == "auth" then o.mechanism = out else o[key] = out end
     end
   end
-  if a.user then
-    local au = { user = a.user }
-    if o.mechanism == "XOAUTH2" or o.mechanism == "OAUTHBEARER" then au.token = a.password
-    else au.password = a.password end
+  local user, password = o._user, o._password
+  o._user, o._password = nil, nil
+  if user then
+    local au = { user = user }
+    if o.mechanism == "XOAUTH2" or o.mechanism == "OAUTHBEARER" then au.token = password
+    else au.password = password end
     au.mechanism = o.mechanism
     o.auth = au
   elseif o.mechanism then
@@ -211,8 +228,9 @@ end
 function M.proxy(s)
   if type(s) ~= "string" then return bad("proxy", "string expected") end
   if find(s, "[%z\1-\32\127]") then return bad("proxy", "a space or control character") end
-  local scheme, auth, query = split(s, "proxy")
+  local scheme, auth, query, path = split(s, "proxy")
   if not scheme then return nil, auth end
+  if path ~= "" then return bad("proxy", "a path is not allowed") end
   local sch = M.PROXY_SCHEMES[scheme]
   if not sch then return bad("proxy", "unknown scheme '" .. scheme .. "' (socks5, socks5h or http)") end
   if query then return bad("proxy", "a query (?...) is not allowed") end

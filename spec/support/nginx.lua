@@ -42,7 +42,7 @@ end
 
 -- M.start{ http = "<extra http-block directives>", locations = "<location blocks>",
 --          main = "<extra main-context directives>", env = { NAME = value },
---          no_ca = true (no lua_ssl_trusted_certificate) }
+--          no_ca = true (no lua_ssl_trusted_certificate), workers = n (a master and n workers) }
 -- or M.start{ example = "examples/openresty/nginx.conf", env = {...} } for a shipped config -> handle with .port, .prefix, :url(path),
 -- :stop(), :error_log(). The checkout's lua/ and LuaJIT build are on the Lua paths, and the test
 -- CA is lua_ssl_trusted_certificate.
@@ -59,8 +59,10 @@ function M.start(opts)
     "load_module " .. ndk .. ";",
     "load_module " .. lua .. ";",
     "daemon off;",
-    "master_process off;",
-    "worker_processes 1;",
+    opts.workers and "master_process on;" or "master_process off;",
+    -- workers as root (not nobody): they read the test CA and the checkout in private temp dirs
+    opts.workers and "user root;" or "",
+    "worker_processes " .. (opts.workers or 1) .. ";",
     "error_log " .. prefix .. "/logs/error.log info;",
     "pid " .. prefix .. "/logs/nginx.pid;",
     opts.main or "",

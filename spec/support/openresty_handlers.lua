@@ -223,7 +223,7 @@ M.RAW = "From: a@client.test\r\nTo: b@smtpd.test\r\nSubject: raw\r\n\r\n.leading
   .. "caf\195\169\r\n.\r\nlast line\r\n"
 
 -- /send?port=N[&tls=none][&pool=0][&n=K][&server=H][&servername=S][&bind=A][&proxy=U]: one smtp.send of M.RAW to
--- localhost:N (or H:N); prints
+-- localhost:N (or H:N; or /send?url=U alone, an lmtp:///path say); prints
 -- accepted, the final reply, TLS and how often the pooled session was used before.
 function M.send()
   local smtp = require "smtp"
@@ -232,9 +232,11 @@ function M.send()
   if arg("pool") == "0" then pool = false end
   -- &transcript=1: the session's transcript follows the result line, one "dir line" each
   local lines = arg("transcript") and {} or nil
+  local url = arg("url") and ngx.unescape_uri(arg("url"))
   local res, err = smtp.send {
-    server = arg("server") or "localhost", servername = arg("servername"), port = tonumber(arg("port")),
-    tls = arg("tls") or "starttls",
+    url = url,
+    server = not url and (arg("server") or "localhost") or nil, servername = arg("servername"), port = tonumber(arg("port")),
+    tls = not url and (arg("tls") or "starttls") or nil,
     message = n and M.RAW:gsub("Subject: raw", "Subject: raw " .. n) or M.RAW,
     from = "a@client.test", to = { "b@smtpd.test" },
     pool = pool, bind = arg("bind"), proxy = arg("proxy"),

@@ -253,7 +253,10 @@ local function unavailable()
 end
 
 -- Starts the sink and the MTA. Returns the instance, or nil and the reason it could not start.
-function M.start()
+-- opts.main: settings for main.cf, each replacing the one of that name (another default_transport, say);
+-- opts.master: lines appended to master.cf (a service those settings name).
+function M.start(opts)
+  opts = opts or {}
   local why = unavailable()
   if why then return nil, why end
   local c = helper.certs()
@@ -268,8 +271,12 @@ function M.start()
     PORT = tostring(pf.port), SMALL = tostring(pf.small_port), AUTH = tostring(pf.auth_port),
     STRICT = tostring(pf.strict_port), IDLE = tostring(pf.idle_port) }
   pf.user, pf.password = "user@postfix.test", "secret pass"
-  helper.write(d .. "/etc/main.cf", fill(main_cf, vars))
-  helper.write(d .. "/etc/master.cf", fill(master_cf, vars))
+  local main = fill(main_cf, vars)
+  for name in (opts.main or ""):gmatch("([%w_]+)%s*=[^\n]*") do
+    main = main:gsub("\n" .. name .. " =[^\n]*", "")
+  end
+  helper.write(d .. "/etc/main.cf", main .. (opts.main or ""))
+  helper.write(d .. "/etc/master.cf", fill(master_cf, vars) .. (opts.master or ""))
   helper.write(d .. "/sink.py", sink_py)
   helper.write(d .. "/auth.py", auth_py)
 

@@ -103,6 +103,15 @@ function M.run(t, peer)
     err_ok("connect: refused", err, "connect", "connect")
     check("connect: refused is temporary", err.temporary == true, err.temporary)
   end
+  -- a Unix socket path instead of host and port
+  raises("connect: path type", "bad argument #1 to 'connect' (option 'path': string expected, got number)",
+    t.connect, { path = 1 })
+  s, err = t.connect { path = "/nonexistent-lua-smtp/lmtp.sock", timeout = 5 }
+  if check("connect: missing socket fails", s == nil, s) then err_ok("connect: missing socket", err, "connect", "connect") end
+  s, err = t.connect { path = "" }
+  if check("connect: empty path fails", s == nil, s) then err_ok("connect: empty path is invalid", err, "invalid", "connect") end
+  s, err = t.connect { path = "/nonexistent-lua-smtp/lmtp.sock", bind = "127.0.0.1" }
+  if check("connect: path with bind fails", s == nil, s) then err_ok("connect: path with bind is invalid", err, "invalid", "connect") end
   s, err = t.connect { host = "no-such-host.invalid", port = 25, timeout = 2,
     nameservers = { "127.0.0.1:" .. peer.closed } }
   if check("connect: DNS failure fails", s == nil, s) then err_ok("connect: DNS failure", err, "dns", "connect") end

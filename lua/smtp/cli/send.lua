@@ -40,7 +40,7 @@ or, without --server, per recipient domain: a server that answers 421 or a "too 
 is left alone for a while with fewer connections; through --server the messages it refused or
 never saw go again on a new session (up to 5 times each).
 --url smtps://USER:PASS@HOST:PORT?verify=false... names the server by URL (smtp://, smtp+starttls://,
-smtps://; the SMTP_URL environment variable is the default when neither --url nor --server is
+smtps://, and for LMTP lmtp://HOST:PORT or lmtp:///path/to/socket; the SMTP_URL environment variable is the default when neither --url nor --server is
 given); options also given as flags must agree with it.
 --source ADDR sends from that local address (IP, or [IPv6]); --proxy socks5://, socks5h:// or
 http:// (CONNECT) reaches the server through that proxy.
@@ -461,6 +461,10 @@ function M.main(args, out, err)
       if res then
         for _, a in ipairs(res.accepted) do
           by[a] = { status = "sent", code = res.reply.code, enhanced = res.reply.enhanced, text = res.reply.text }
+        end
+        -- LMTP: each recipient's own reply after the data
+        for _, r in ipairs(res.recipients or {}) do
+          if r.status == "accepted" then by[r.recipient] = { status = "sent", code = r.code, enhanced = r.enhanced, text = r.text } end
         end
       end
       for _, r in ipairs((res and res.rejected) or (serr and serr.rejected) or {}) do

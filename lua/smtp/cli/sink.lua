@@ -9,7 +9,9 @@ local M = {}
 
 local usage = [[
 usage: lua-smtp sink --listen HOST:PORT [--maildir DIR | --mbox FILE] [options]
-  --listen HOST:PORT     where to listen (default 127.0.0.1:2525; port 0 picks one)
+  --listen HOST:PORT     where to listen (default 127.0.0.1:2525; port 0 picks one), or a
+                         Unix socket's path (starting with /)
+  --lmtp                 speak LMTP (RFC 2033): LHLO, one reply per recipient after the data
   --maildir DIR          store each message in DIR/new (tmp/ new/ cur/ are created)
   --mbox FILE            append each message to FILE under a lock (From_ lines quoted)
   --tls-cert F --tls-key F   offer STARTTLS with this certificate and key
@@ -26,13 +28,19 @@ usage: lua-smtp sink --listen HOST:PORT [--maildir DIR | --mbox FILE] [options]
   --reject-rcpt PATTERN  answer 550 5.1.1 to recipients matching PATTERN (a glob: * and ?,
                          case-insensitive), to test bounces; may be given more than once
   --timeout SECONDS      idle timeout per session (default 300)
+  --no-received          store the data without the Received header the sink adds
+  --proxy-trusted NET    read a PROXY protocol header (v1 or v2: HAProxy's send-proxy) from
+                         peers in NET (an address or CIDR network; repeatable); the client it
+                         names is the one logged and written in Received. Other peers are closed
+  --xclient-trusted NET  accept XCLIENT (Postfix's) from peers in NET (repeatable)
   -v, --verbose          print each session's conversation on stderr ("<-" from the client,
                          "->" the replies, "*" connections and TLS), prefixed by its connection
                          id; AUTH data shown as [redacted], message data by its size
 Without --maildir or --mbox messages are counted and printed, not stored.
-Each stored message is the data as received (CRLF line ends) after a `Return-Path: <sender>` line
-and one `Delivered-To: <recipient>` line per recipient. In the printed line each envelope address
-is written <addr> with space, ", \, <, >, comma and control bytes as \xHH.]]
+Each stored message is the data as received (CRLF line ends) after a `Return-Path: <sender>` line,
+one `Delivered-To: <recipient>` line per recipient and a `Received:` header in Postfix's form. In
+the printed line each envelope address is written <addr> with space, ", \, <, >, comma and
+control bytes as \xHH; client= is the client's address.]]
 
 local function glob_to_pattern(g)
   local p = g:lower():gsub("[%^%$%(%)%%%.%[%]%+%-]", "%%%0"):gsub("%*", ".*"):gsub("%?", ".")
@@ -40,7 +48,7 @@ local function glob_to_pattern(g)
 end
 
 local function parse(args)
-  local o = { reject = {} }
+  local o = { reject = {}, proxy = {}, xclient = {} }
   local i = 1
   local function val(name)
     i = i + 1
@@ -53,6 +61,7 @@ local function parse(args)
     local a = args[i]
     if a == "--help" or a == "-h" then o.help = true
     elseif a == "-v" or a == "--verbose" then o.verbose = true
+    elseif a == "--lmtp" then o.lmtp = true
     elseif a == "--listen" then o.listen = val(a)
     elseif a == "--maildir" then o.maildir = val(a)
     elseif a == "--mbox" then o.mbox = val(a)
@@ -69,9 +78,16 @@ local function parse(args)
     elseif a == "--max-recipients" then o.max_rcpt = tonumber(val(a)) or error({ usage = "--max-recipients: number expected" })
     elseif a == "--hostname" then o.hostname = val(a)
     elseif a == "--reject-rcpt" then o.reject[#o.reject + 1] = glob_to_pattern(val(a))
+    elseif a == "--no-received" then o.no_received = true
+    elseif a == "--proxy-trusted" then o.proxy[#o.proxy + 1] = val(a)
+    elseif a == "--xclient-trusted" then o.xclient[#o.xclient + 1] = val(a)
     elseif a == "--timeout" then o.timeout = tonumber(val(a)) or error({ usage = "--timeout: number expected" })
     else error({ usage = "unknown option " .. a }) end
     i = i + 1
+  end
+  for _, k in ipairs { "proxy", "xclient" } do
+    local _, why = require("smtp.cidr").list(o[k])
+    if why then error({ usage = "--" .. k .. "-trusted: " .. why }) end
   end
   if o.maildir and o.mbox then error({ usage = "--maildir and --mbox exclude each other" }) end
   if (o.cert == nil) ~= (o.key == nil) then error({ usage = "--tls-cert and --tls-key go together" }) end
@@ -88,6 +104,7 @@ local function parse(args)
   end
   if o.auth and not o.auth:find(":", 1, true) then error({ usage = o.auth_from .. ": USER:PASS expected" }) end
   local l = o.listen or "127.0.0.1:2525"
+  if l:sub(1, 1) == "/" then o.path = l; return o end
   local host, port = l:match("^%[(.+)%]:(%d+)$")
   if not host then host, port = l:match("^(.+):(%d+)$") end
   if not host then error({ usage = "--listen HOST:PORT" }) end
@@ -214,7 +231,7 @@ function M.main(args)
 
   -- Receives one message into a temporary file: the header lines then the data as received.
   -- Returns the path and the facts to print, or nil when the data did not arrive whole.
-  local function receive(env, reader)
+  local function receive(session, env, reader)
     local tmp, f, err
     if store_dir then
       for _ = 1, 5 do
@@ -227,6 +244,7 @@ function M.main(args)
     local head = {}
     head[1] = "Return-Path: <" .. env.from .. ">\r\n"
     for _, r in ipairs(env.to) do head[#head + 1] = "Delivered-To: " .. r .. "\r\n" end
+    if not o.no_received then head[#head + 1] = session:received(env) end
     local wok, werr = true, nil
     if f then wok, werr = f:write(table.concat(head)) end
     local size, hbuf, hlen = 0, {}, 0
@@ -298,8 +316,8 @@ function M.main(args)
     return o.mbox
   end
 
-  local function on_message(_, env, reader)
-    local tmp, size, subject = receive(env, reader)
+  local function on_message(session, env, reader)
+    local tmp, size, subject = receive(session, env, reader)
     if not tmp then
       if size then return false, 451, "4.3.0 " .. tostring(size) end
       return false
@@ -322,8 +340,9 @@ function M.main(args)
     end
     local to = {}
     for i, r in ipairs(env.to) do to[i] = logaddr(r) end
-    io.stdout:write(("from=%s to=%s size=%d subject=%q file=%s\n"):format(
-      logaddr(env.from), table.concat(to, ","), size, (subject:gsub("[%c]", " ")), file))
+    io.stdout:write(("from=%s to=%s size=%d subject=%q file=%s client=[%s]\n"):format(
+      logaddr(env.from), table.concat(to, ","), size, (subject:gsub("[%c]", " ")), file,
+      tostring(session.address)))
     return true
   end
 
@@ -339,12 +358,14 @@ function M.main(args)
   end
 
   local srv, err = server.listen {
-    host = o.host, port = o.port, hostname = o.hostname or "localhost",
+    host = o.host, port = o.port, path = o.path, lmtp = o.lmtp, hostname = o.hostname or "localhost",
     tls = o.cert and { cert = o.cert, key = o.key, implicit = o.implicit } or nil,
     auth = user and function(_, _, u, p) return u == user and p == pass end or nil,
     require_auth = user ~= nil,
     max_message_size = o.max_size, max_recipients = o.max_rcpt, timeout = o.timeout,
-    on_rcpt = on_rcpt, on_message = on_message,
+    on_rcpt = on_rcpt, on_message = on_message, received = not o.no_received or nil,
+    proxy_protocol = #o.proxy > 0 and { trusted = o.proxy } or nil,
+    xclient = #o.xclient > 0 and { trusted = o.xclient } or nil,
     log = function(msg) io.stderr:write("lua-smtp sink: ", msg, "\n") end,
     transcript = o.verbose and args_mod.transcript_printer(io.stderr, "server") or nil,
   }
@@ -352,7 +373,8 @@ function M.main(args)
     io.stderr:write("lua-smtp sink: ", tostring(err), "\n")
     return 1
   end
-  io.stderr:write(("lua-smtp sink: listening on %s port %d\n"):format(o.host, srv.port))
+  if o.path then io.stderr:write(("lua-smtp sink: listening on %s\n"):format(o.path))
+  else io.stderr:write(("lua-smtp sink: listening on %s port %d\n"):format(o.host, srv.port)) end
   io.stderr:flush()
   srv:serve()
   return 0

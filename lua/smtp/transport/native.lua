@@ -1,4 +1,4 @@
--- smtp.transport.native: TCP and TLS connections on the C core, waiting through smtp.wait so the
+-- smtp.transport.native: TCP (or Unix socket) and TLS connections on the C core, waiting through smtp.wait so the
 -- same calls block, yield to smtp.loop or poll under cqueues. Engines talk to this shape only.
 local core = require "smtp.core"
 local wait = require "smtp.wait"
@@ -353,6 +353,13 @@ function Conn:info()
   return t
 end
 
+-- s:local_address() -> ip, port: this end of the connection (the server's side: the address a
+-- client reached). nil when closed.
+function Conn:local_address()
+  if not self.sock then return nil end
+  return self.sock:local_addr()
+end
+
 -- The pool calls of the transport contract. Native connections are never pooled (M.pooling is
 -- false): each one is fresh and has no stored state, and keepalive closes it.
 function Conn:reused() return 0 end
@@ -519,11 +526,53 @@ local function proxy_connect(proxy, opts, host, port, bind, deadline, timeout)
   return nil, last
 end
 
--- t.connect{ host=, port=, timeout=, nameservers=, tls=, bind=, proxy= } -> conn | nil, err
+-- A connection to a Unix socket (an LMTP server's): info() gives the path as its address.
+local function unix_connect(path, deadline, timeout)
+  local sock, msg, code = core.connect_unix(path)
+  if not sock then
+    if code == "EINVAL" then return errors.invalid("connect: " .. msg .. ": " .. path, { phase = "connect" }) end
+    return nil, errors.new { kind = "connect", phase = "connect", text = ("%s: %s"):format(path, msg),
+      errno = code, temporary = code ~= "ENOENT" and code ~= "EACCES" and code ~= "ENOTSOCK" }
+  end
+  local conn = wrap(sock, path, nil, nil, timeout)
+  while true do
+    local ok, e, c = sock:connect_finish()
+    if ok then return conn end
+    if e ~= "wantwrite" then
+      conn:close()
+      return nil, errors.new { kind = "connect", phase = "connect", text = ("%s: %s"):format(path, e), errno = c }
+    end
+    conn._events, conn._deadline = "w", deadline
+    local w, werr = wait.fd(conn.fd, "w", deadline)
+    conn._deadline = nil
+    if not w then
+      conn:close()
+      return nil, errors.new { kind = werr == "timeout" and "timeout" or "connect", phase = "connect",
+        text = ("connect to %s %s"):format(path, werr == "timeout" and "timed out" or tostring(werr)) }
+    end
+  end
+end
+
+-- t.connect{ host=, port=, path=, timeout=, nameservers=, tls=, bind=, proxy= } -> conn | nil, err
 -- bind: a local address ("192.0.2.1", "[::1]:2525") or url.bind's table; proxy: a proxy URL
--- (socks5://, socks5h://, http://) or url.proxy's table.
+-- (socks5://, socks5h://, http://) or url.proxy's table. path: a Unix socket to connect to
+-- instead of host and port (bind and proxy do not go with it).
 function M.connect(opts)
   argcheck(type(opts) == "table", 1, "connect", "table expected, got " .. type(opts))
+  if opts.path ~= nil then
+    argcheck(type(opts.path) == "string", 1, "connect", "option 'path': string expected, got " .. type(opts.path))
+    optcheck(opts.timeout, "number", "connect", "timeout")
+    if opts.bind ~= nil or opts.proxy ~= nil then
+      return errors.invalid("connect: bind and proxy do not go with a Unix socket path", { phase = "connect" })
+    end
+    local conn, err = unix_connect(opts.path, deadline_of(opts.timeout, DEFAULT_TIMEOUT), opts.timeout)
+    if not conn then return nil, err end
+    if opts.tls then
+      local tok, terr = conn:starttls(type(opts.tls) == "table" and opts.tls or opts)
+      if not tok then return nil, terr end
+    end
+    return conn
+  end
   local host, timeout = opts.host, opts.timeout
   argcheck(type(host) == "string", 1, "connect", "option 'host': string expected, got " .. type(host))
   optcheck(timeout, "number", "connect", "timeout")
@@ -577,8 +626,21 @@ local Listener = { __name = "smtp.transport.native.listener" }
 Listener.__index = Listener
 
 -- t.listen{ host=, port=, backlog= } -> listener (l.port is the bound port) | nil, err
+-- t.listen{ path=, backlog= }: on a Unix socket (l.path; l.port is 0; the socket file is
+-- removed when the listener closes)
 function M.listen(opts)
   argcheck(type(opts) == "table", 1, "listen", "table expected, got " .. type(opts))
+  if opts.path ~= nil then
+    argcheck(type(opts.path) == "string", 1, "listen", "option 'path': string expected, got " .. type(opts.path))
+    optcheck(opts.backlog, "number", "listen", "backlog")
+    local l, msg, code = core.listen_unix(opts.path, opts.backlog or 128)
+    if not l then
+      if code == "EINVAL" then return errors.invalid("listen: " .. msg .. ": " .. opts.path) end
+      return fail("connect", ("listen on %s: %s"):format(opts.path, msg), { errno = code })
+    end
+    return setmetatable({ l = l, fd = l:fd(), host = opts.path, path = opts.path, port = 0,
+      _deadline = nil, default_timeout = opts.timeout }, Listener)
+  end
   local host = opts.host or "127.0.0.1"
   argcheck(type(host) == "string", 1, "listen", "option 'host': string expected, got " .. type(host))
   optcheck(opts.backlog, "number", "listen", "backlog")
@@ -621,6 +683,7 @@ function Listener:close()
     self.l = nil
     wait.closing(self.fd)
     l:close()
+    if self.path then os.remove(self.path) end
   end
   return true
 end

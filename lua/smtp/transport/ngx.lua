@@ -220,8 +220,53 @@ end
 -- A name is resolved through resty.dns.resolver (the nameservers given, else the system's), and
 -- each address is tried in turn under one deadline. With `pool`, a connection left idle in that
 -- cosocket pool is taken first (see s:reused()).
+-- A cosocket to a Unix socket: nginx connects to "unix:/path" (an LMTP server's, say).
+local function unix_connect(opts)
+  optcheck(opts.timeout, "number", "connect", "timeout")
+  optcheck(opts.pool, "string", "connect", "pool")
+  optcheck(opts.pool_size, "number", "connect", "pool_size")
+  local at_connect = { phase = "connect" }
+  if opts.bind ~= nil or opts.proxy ~= nil then
+    return errors.invalid("connect: bind and proxy do not go with a Unix socket path", at_connect)
+  end
+  if opts.path == "" then return errors.invalid("connect: empty socket path", at_connect) end
+  local usable, phase = M.usable()
+  if not usable then return nil, phase_error(phase) end
+  local ngx = ngx_table()
+  local timeout = opts.timeout or DEFAULT_TIMEOUT
+  if timeout >= MAX_MS / 1000 then timeout = MAX_MS / 1000 end
+  local sock = ngx.socket.tcp()
+  sock:settimeouts(ms(timeout), ms(timeout), ms(timeout))
+  local target = "unix:" .. opts.path
+  local ok, cerr
+  if opts.pool then
+    ok, cerr = sock:connect(target, { pool = opts.pool, pool_size = opts.pool_size, backlog = opts.backlog })
+  else
+    ok, cerr = sock:connect(target)
+  end
+  if not ok then
+    return nil, errors.new { kind = cerr == "timeout" and "timeout" or "connect", phase = "connect",
+      temporary = true, text = "connect to " .. opts.path .. ": " .. tostring(cerr), address = opts.path }
+  end
+  local s = setmetatable({
+    sock = sock, host = nil, address = opts.path, port = nil, pool = opts.pool,
+    reused_times = sock:getreusedtimes() or 0, tls = false, default_timeout = opts.timeout or DEFAULT_TIMEOUT,
+  }, S_mt)
+  if opts.tls then
+    local tok, terr = s:starttls(type(opts.tls) == "table" and opts.tls or opts)
+    if not tok then return nil, terr end
+  end
+  return s
+end
+
 function M.connect(opts)
   if type(opts) ~= "table" then argcheck(false, 1, "connect", "table expected, got " .. type(opts)) end
+  if opts.path ~= nil then
+    if type(opts.path) ~= "string" then
+      argcheck(false, 1, "connect", "option 'path': string expected, got " .. type(opts.path))
+    end
+    return unix_connect(opts)
+  end
   if type(opts.host) ~= "string" then
     argcheck(false, 1, "connect", "option 'host': string expected, got " .. type(opts.host))
   end
