@@ -207,6 +207,30 @@ describe("smtp.deliver and smtp.send with smtp.limits", function()
   end)
 end)
 
+describe("smtp.queue with smtp.limits", function()
+  it("the runner's acquire and release work with the real limiter", function()
+    local got = sink {}
+    local lim = limits.new { max_connections = 1 }
+    local q = assert(require("smtp.queue").open(helper.tmpdir(), { limits = lim }))
+    local via = { server = "127.0.0.1", port = got.srv.port, tls = "none", timeout = 10 }
+    for i = 1, 3 do assert(q:submit { message = MSG, from = "a@example.com", to = { ("q%d@example.org"):format(i) }, via = via }) end
+    -- the only slot is taken: the runner leaves the messages for later
+    assert.is_true(lim:acquire("127.0.0.1"))
+    local n1, n2
+    with_server(got, function()
+      n1 = q:run_once()
+      lim:release("127.0.0.1", "ok")
+      for _, m in ipairs(q:list()) do assert(q:retry(m.id)) end
+      n2 = q:run_once()
+    end)
+    assert.equal(3, n1.limited); assert.equal(0, n1.sent)
+    assert.equal(3, n2.sent)
+    assert.equal(3, #got.messages)
+    local st = lim:stats()["127.0.0.1"]
+    assert.equal(0, st.active); assert.equal(1, st.peak)
+  end)
+end)
+
 -- The sink of the measured run, as its own process: its clock and its log decide.
 local SINK = [[
 local server = require "smtp.server"
