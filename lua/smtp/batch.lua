@@ -48,14 +48,15 @@ local function ended(err, culprit, q, qh, qt, descs, nxt, n, out)
 end
 
 -- Tells the session's on_event about each transaction's outcome (smtp.transaction counts them).
-local function outcomes(sess, descs, out, n)
+-- `idx` maps a limited run's slice back to the entries' numbers.
+local function outcomes(sess, descs, out, n, idx)
   local ev = sess.ev
   for i = 1, n do
     local r = out[i]
     if descs[i] then
       local failed = errors.is(r)
       local reply = failed and r or r.reply
-      observe.event(ev, "transaction", sess.id, { ok = not failed, index = i,
+      observe.event(ev, "transaction", sess.id, { ok = not failed, index = idx and idx[i] or i,
         accepted = failed and 0 or #r.accepted,
         rejected = (failed and (r.rejected and #r.rejected or 0)) or #r.rejected,
         code = reply.code, enhanced = reply.enhanced, text = reply.text,
@@ -224,7 +225,8 @@ local function worker(st, conn)
       until k >= room or not pending(st) or not lim:take(dest)
       local descs, out = {}, {}
       for j = 1, k do descs[j] = st.descs[idx[j]] end
-      run(conn, descs, out, k)
+      run_txs(conn, descs, out, k)
+      if conn.ev then outcomes(conn, descs, out, k, idx) end
       sent = sent + k
       local busy = false
       for j = 1, k do
@@ -232,7 +234,10 @@ local function worker(st, conn)
         if errors.is(r) then
           local oc = limits.outcome(r)
           if oc == "busy" then busy = true end
-          local again = r.attempted == false or oc == "busy" or r.kind == "closed"
+          -- a session that dropped (no reply) after a message's end may have delivered it:
+          -- that one is not sent again, the caller decides
+          local again = r.attempted == false or oc == "busy"
+            or (r.kind == "closed" and not (r.code == nil and r.phase == "data_end"))
           if again and (r.attempted == false or st.tries[i] < st.retries) then
             if r.attempted ~= false then st.tries[i] = st.tries[i] + 1 end
             st.rt = st.rt + 1
