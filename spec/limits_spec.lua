@@ -175,5 +175,7 @@ describe("smtp.limits", function()
       "bad argument #2 to 'wait' (\"connection\" or \"message\" expected)")
     -- no limits at all: everything is allowed at once
     for _ = 1, 100 do assert.is_true(lim:acquire("d")); assert.is_true(lim:take("d")) end
+    assert.equal("smtp.limits (1 destination)", tostring(lim))
+    assert.is_true(limits.is(lim)); assert.is_false(limits.is({}))
   end)
 end)

@@ -295,6 +295,12 @@ function Limiter:stats()
   return t
 end
 
+function Limiter:__tostring()
+  local n = 0
+  for _ in pairs(self.dests) do n = n + 1 end
+  return ("smtp.limits (%d destination%s)"):format(n, n == 1 and "" or "s")
+end
+
 function M.is(v) return getmetatable(v) == Limiter end
 
 return M
