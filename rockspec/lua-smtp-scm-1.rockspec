@@ -54,6 +54,7 @@ build = {
       ["smtp.session"] = "lua/smtp/session.lua",
       ["smtp.transaction"] = "lua/smtp/transaction.lua",
       ["smtp.batch"] = "lua/smtp/batch.lua",
+      ["smtp.limits"] = "lua/smtp/limits.lua",
       ["smtp.observe"] = "lua/smtp/observe.lua",
       ["smtp.wait"] = "lua/smtp/wait.lua",
       ["smtp.loop"] = "lua/smtp/loop.lua",

@@ -176,14 +176,19 @@ local function deliver_domain(job, results, ctx)
     else
       copts.verify = false
     end
+    -- opts.limits: a slot of the recipient domain for the session, a rate token for the message
+    local lim = ctx.limits
+    if lim then lim:wait(job.domain, "connection") end
     local conn, err = smtp.connect(copts)
     if conn then
       local rcpts = {}
       for k, i in ipairs(job.idx) do rcpts[k] = ctx.bare_to[i] end
       local res
+      if lim then lim:wait(job.domain, "message") end
       res, err = conn:send { message = ctx.message, from = ctx.from, to = rcpts, dsn = opts.dsn }
       if res then
         conn:close()
+        if lim then lim:release(job.domain, "ok") end
         local rejected, accepted = {}, {}
         for _, rj in ipairs(res.rejected or {}) do rejected[bare(rj.recipient)] = rj end
         for _, a in ipairs(res.accepted or {}) do accepted[bare(a)] = true end
@@ -206,6 +211,7 @@ local function deliver_domain(job, results, ctx)
       end
       conn:close()
     end
+    if lim then lim:release(job.domain, require("smtp.limits").outcome(err)) end
     last = { err = err, host = h.host, address = address }
     -- A 5xx (greeting, MAIL, DATA, every recipient refused) is final; the same goes for input
     -- the client refused to send. Anything else may work at the next address.
@@ -267,7 +273,8 @@ local function run_all(fns)
 end
 
 -- deliver{ message=, from=, to=, helo=, tls="opportunistic", nameservers=, port=25, timeout=30,
---          dns_timeout=, random=, verify=, cafile=, dsn=, destinations="remote", bind=, proxy= }
+--          dns_timeout=, random=, verify=, cafile=, dsn=, destinations="remote", bind=, proxy=,
+--          limits= }
 --   -> results | nil, err (invalid input)
 -- Recipient domains often come from users; `destinations` keeps their MX records and address
 -- literals from steering connections into this host or its networks (request forgery).
@@ -288,6 +295,9 @@ function M.deliver(opts)
     return errors.invalid("port out of range: " .. tostring(opts.port))
   end
   if opts.message == nil then error("bad argument #1 to 'deliver' (message: message expected)", 2) end
+  if opts.limits ~= nil and not require("smtp.limits").is(opts.limits) then
+    error("bad argument #1 to 'deliver' (limits: smtp.limits expected)", 2)
+  end
   observe.check(opts, "deliver")
   local message = replayable(opts.message)
   if message == nil then error("bad argument #1 to 'deliver' (message: string, smtp.message, file or function expected)", 2) end
@@ -336,7 +346,7 @@ function M.deliver(opts)
     opts = opts, smtp = smtp, message = message, from = bare(from), to = to, bare_to = bare_to,
     tls = tls, port = opts.port or 25, destinations = destinations, bind = cfg.bind, proxy = cfg.proxy,
     dns_timeout = opts.dns_timeout or (type(timeout) == "number" and timeout) or nil,
-    tr = opts.transcript, ev = opts.on_event,
+    tr = opts.transcript, ev = opts.on_event, limits = opts.limits,
   }
   local results = {}
   local fns = {}

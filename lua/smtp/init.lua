@@ -39,13 +39,27 @@ function M.send(opts)
   d, err = config.message(opts, "send")
   if not d then return nil, err end
   observe.check(opts, "send")
+  -- opts.limits (smtp.limits): a connection slot and a message of the server's "host:port"
+  local lim, dest = opts.limits, nil
+  if lim ~= nil then
+    local limits = require "smtp.limits"
+    if not limits.is(lim) then error("bad argument #1 to 'send' (limits: smtp.limits expected)", 2) end
+    dest = cfg.server .. ":" .. cfg.port
+    lim:wait(dest, "connection")
+    lim:wait(dest, "message")
+  end
   local conn = session.new(cfg, true, opts)
   local ok
   ok, err = conn:_open()
-  if not ok then conn:_abort(); return nil, err end
+  if not ok then
+    conn:_abort()
+    if lim then lim:release(dest, require("smtp.limits").outcome(err)) end
+    return nil, err
+  end
   local res
   res, err = batch.run_one(conn, d)
   if not conn:_release() then conn:close() end
+  if lim then lim:release(dest, require("smtp.limits").outcome(err)) end
   return res, err
 end
 

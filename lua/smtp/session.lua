@@ -520,9 +520,9 @@ function Conn:send(opts)
   return batch.send(self, opts)
 end
 
-function Conn:send_many(list)
+function Conn:send_many(list, opts)
   batch = batch or require "smtp.batch"
-  return batch.send_many(self, list)
+  return batch.send_many(self, list, opts)
 end
 
 function Conn:quit()

@@ -12,7 +12,8 @@ usage: lua-smtp send --server HOST[:PORT] [--tls starttls|implicit|opportunistic
                      --from ADDR --to ADDR [--to ADDR]... [--cc ADDR]... [--bcc ADDR]...
                      [--subject S] [--body TEXT | --body-file F] [--html-file F] [--attach FILE]...
                      [--raw FILE] [--helo NAME] [--cafile F] [--insecure] [--timeout SECONDS]
-                     [--to-file FILE [--concurrency N]] [--json] [--nameserver HOST[:PORT]]...
+                     [--to-file FILE [--concurrency N] [--rate N/SECONDS] [--max-connections N]
+                      [--messages-per-connection N]] [--json] [--nameserver HOST[:PORT]]...
                      [--destinations remote|public|any]
                      [--url URL] [--source ADDR] [--proxy URL]
                      [--message-id ID] [--in-reply-to ID] [--references ID]...
@@ -33,6 +34,11 @@ from a file (one final line end ignored), so it is not in the process's argument
 --to-file sends the message to each address in FILE (one a line, # comments) in its own
 transaction, over N sessions at once (--concurrency, default 1): a progress bar on a terminal, one
 line per recipient otherwise, then a summary "sent N, failed N, deferred N".
+--rate N/SECONDS (at most N messages in any SECONDS), --max-connections N and
+--messages-per-connection N keep --to-file within a provider's limits (smtp.limits), per server
+or, without --server, per recipient domain: a server that answers 421 or a "too many"-style 4xx
+is left alone for a while with fewer connections; through --server the messages it refused or
+never saw go again on a new session (up to 5 times each).
 --url smtps://USER:PASS@HOST:PORT?verify=false... names the server by URL (smtp://, smtp+starttls://,
 smtps://, and for LMTP lmtp://HOST:PORT or lmtp:///path/to/socket; the SMTP_URL environment variable is the default when neither --url nor --server is
 given); options also given as flags must agree with it.
@@ -55,6 +61,7 @@ local spec = {
     ["password-file"] = true, from = true, subject = true, body = true,
     ["body-file"] = true, ["html-file"] = true, raw = true, cafile = true, timeout = true, helo = true,
     ["to-file"] = true, concurrency = true, destinations = true,
+    rate = true, ["max-connections"] = true, ["messages-per-connection"] = true,
     url = true, source = true, proxy = true,
     -- what a composed message may carry besides its bodies (not with --raw)
     ["message-id"] = true, ["in-reply-to"] = true, ["list-id"] = true, calendar = true,
@@ -141,6 +148,31 @@ local function status_of(e)
   return e.temporary and "deferred" or "failed"
 end
 
+-- The same under smtp.limits (--rate, --max-connections, --messages-per-connection): entries
+-- the server refused for load or never saw go again on a later session.
+local function limited_bulk(lim, copts, message, from, rcpts, n, line)
+  local entries = {}
+  for i, rcpt in ipairs(rcpts) do entries[i] = { message = message, from = from, to = { rcpt } } end
+  local results, errors = {}, require "smtp.errors"
+  require("smtp.batch").bulk { connect = copts, entries = entries, limits = lim, concurrency = n,
+    on_result = function(i, res)
+      local r
+      if not errors.is(res) then
+        r = { recipient = rcpts[i], status = "sent", code = res.reply.code, enhanced = res.reply.enhanced,
+          text = res.reply.text }
+      else
+        local e = res
+        local rej = e.rejected and e.rejected[1]
+        r = { recipient = rcpts[i], status = status_of(rej or e), code = rej and rej.code or e.code,
+          enhanced = rej and rej.enhanced or e.enhanced, text = rej and rej.text or e.text or tostring(e) }
+        if rej then r.status = rej.code < 500 and "deferred" or "failed" end
+      end
+      results[i] = r
+      line(r)
+    end }
+  return results
+end
+
 -- One message to many recipients, one transaction each, over `n` sessions in smtp.loop.
 local function bulk(smtp, copts, message, from, rcpts, n, line)
   local results, nexti = {}, 1
@@ -208,6 +240,29 @@ function M.main(args, out, err)
       return usage_error("bad --concurrency '" .. o.concurrency .. "'")
     end
     if not o["to-file"] then return usage_error("--concurrency goes with --to-file") end
+  end
+  -- --rate, --max-connections, --messages-per-connection: a limiter for the bulk run
+  local lim
+  if o.rate or o["max-connections"] or o["messages-per-connection"] then
+    local limits = require "smtp.limits"
+    local lopts = {}
+    if o.rate then
+      lopts.rate = limits.parse_rate(o.rate)
+      if not lopts.rate then return usage_error("bad --rate '" .. o.rate .. "' (N/SECONDS, e.g. 100/60)") end
+    end
+    for _, k in ipairs { "max-connections", "messages-per-connection" } do
+      if o[k] then
+        local v = tonumber(o[k])
+        if not v or v < 1 or v % 1 ~= 0 then return usage_error("bad --" .. k .. " '" .. o[k] .. "'") end
+        lopts[k:gsub("%-", "_")] = v
+      end
+    end
+    if not o["to-file"] then
+      return usage_error("--rate, --max-connections and --messages-per-connection go with --to-file")
+    end
+    lim = limits.new(lopts)
+    -- without --concurrency, as many sessions as the limit allows
+    if not o.concurrency and lopts.max_connections then concurrency = lopts.max_connections end
   end
   if #o.to + #o.cc + #o.bcc + #listed == 0 then return usage_error("--to is required") end
   if o.body and o["body-file"] then return usage_error("--body and --body-file exclude each other") end
@@ -359,20 +414,25 @@ function M.main(args, out, err)
         -- the same bytes go out once per recipient
         local data = message:read("*a"); message:close(); message = data
       end
-      results = bulk(smtp, {
+      local copts = {
         url = o.url, server = host, port = port, tls = tls,
         auth = o.user and { user = o.user, password = o.password } or nil,
         helo = o.helo, cafile = o.cafile, verify = verify, timeout = timeout,
         allow_plaintext_auth = o["allow-plaintext-auth"] or nil, nameservers = nameservers,
         bind = o.source, proxy = o.proxy,
         transcript = transcript,
-      }, message, env_from, all, concurrency, line)
+      }
+      if lim then
+        results = limited_bulk(lim, copts, message, env_from, all, concurrency, line)
+      else
+        results = bulk(smtp, copts, message, env_from, all, concurrency, line)
+      end
     else
       local derr
       results, derr = smtp.deliver { message = message, from = env_from, to = all, helo = o.helo,
         tls = tls or "opportunistic", timeout = timeout, cafile = o.cafile, verify = not o.insecure,
         nameservers = nameservers, destinations = o.destinations, bind = o.source, proxy = o.proxy,
-        transcript = transcript }
+        transcript = transcript, limits = lim }
       if not results then
         err:write("lua-smtp send: not sent: ", tostring(derr), "\n")
         return 1
