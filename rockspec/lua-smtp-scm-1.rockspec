@@ -75,6 +75,7 @@ build = {
       ["smtp.received"] = "lua/smtp/received.lua",
       ["smtp.queue"] = "lua/smtp/queue.lua",
       ["smtp.serial"] = "lua/smtp/serial.lua",
+      ["smtp.json"] = "lua/smtp/json.lua",
       ["smtp.dsn"] = "lua/smtp/dsn.lua",
       ["smtp.transport.init"] = "lua/smtp/transport/init.lua",
       ["smtp.transport.native"] = "lua/smtp/transport/native.lua",

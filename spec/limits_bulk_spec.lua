@@ -220,20 +220,41 @@ describe("smtp.queue with smtp.limits", function()
     local q = assert(require("smtp.queue").open(helper.tmpdir(), { limits = lim }))
     local via = { server = "127.0.0.1", port = got.srv.port, tls = "none", timeout = 10 }
     for i = 1, 3 do assert(q:submit { message = MSG, from = "a@example.com", to = { ("q%d@example.org"):format(i) }, via = via }) end
-    -- the only slot is taken: the runner leaves the messages for later
-    assert.is_true(lim:acquire("127.0.0.1"))
+    -- the only slot is taken: the runner leaves the messages for later (a smarthost's key is
+    -- host:port, as smtp.send's)
+    local d = "127.0.0.1:" .. got.srv.port
+    assert.is_true(lim:acquire(d))
     local n1, n2
     with_server(got, function()
       n1 = q:run_once()
-      lim:release("127.0.0.1", "ok")
+      lim:release(d, "ok")
       for _, m in ipairs(q:list()) do assert(q:retry(m.id)) end
       n2 = q:run_once()
     end)
     assert.equal(3, n1.limited); assert.equal(0, n1.sent)
     assert.equal(3, n2.sent)
     assert.equal(3, #got.messages)
-    local st = lim:stats()["127.0.0.1"]
+    local st = lim:stats()[d]
     assert.equal(0, st.active); assert.equal(1, st.peak)
+  end)
+
+  it("the runner keeps a destination's rate, also from the command line (--rate)", function()
+    local got = sink {}
+    local dir = helper.tmpdir()
+    -- the limiter the command line makes of --rate 1/3600 --max-connections 1
+    local lim = assert(limits.from_flags { rate = "1/3600", ["max-connections"] = "1" })
+    local q = assert(require("smtp.queue").open(dir, { limits = lim }))
+    local via = { server = "127.0.0.1", port = got.srv.port, tls = "none", timeout = 10 }
+    for i = 1, 3 do assert(q:submit { message = MSG, from = "a@example.com", to = { ("r%d@example.org"):format(i) }, via = via }) end
+    local n
+    -- one message an hour: one goes now, the others wait for the window
+    with_server(got, function() n = q:run_once() end)
+    assert.equal(1, #got.messages)
+    assert.equal(1, n.sent); assert.equal(2, n.limited)
+    local bad = helper.sh(helper.lua .. " " .. helper.quote(helper.root .. "/bin/lua-smtp") .. " queue run "
+      .. helper.quote(dir) .. " --once --rate fast 2>&1; echo rc=$?")
+    assert.matches("bad --rate 'fast'", bad, 1, true)
+    assert.matches("rc=2", bad, 1, true)
   end)
 end)
 

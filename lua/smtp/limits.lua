@@ -61,6 +61,25 @@ function M.parse_rate(s)
   return { messages = n, per = p }
 end
 
+-- The command line's --rate N/SECONDS, --max-connections N and --messages-per-connection N (in
+-- o, as smtp.cli.args parses them) -> a limiter | nil when none is given | false, why.
+function M.from_flags(o)
+  if not (o.rate or o["max-connections"] or o["messages-per-connection"]) then return nil end
+  local lopts = {}
+  if o.rate then
+    lopts.rate = M.parse_rate(o.rate)
+    if not lopts.rate then return false, "bad --rate '" .. o.rate .. "' (N/SECONDS, e.g. 100/60)" end
+  end
+  for _, k in ipairs { "max-connections", "messages-per-connection" } do
+    if o[k] then
+      local v = tonumber(o[k])
+      if not v or v < 1 or v % 1 ~= 0 then return false, "bad --" .. k .. " '" .. o[k] .. "'" end
+      lopts[(k:gsub("%-", "_"))] = v
+    end
+  end
+  return M.new(lopts)
+end
+
 -- What a session's end or a reply means for its destination: "busy" (the server is shedding
 -- load: 421, a 450/451/452 about rates or connections, a refused connection), "error" (anything
 -- else that went wrong) or "ok".

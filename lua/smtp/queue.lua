@@ -265,7 +265,8 @@ end
 
 -- The destination a limiter counts: the MX domain, or the smarthost.
 local function smarthost_name(via)
-  if via.server then return tostring(via.server):lower() end
+  -- "host:port" as smtp.send keys its limits (a limiter's settings for "host" serve every port)
+  if via.server then return tostring(via.server):lower() .. (via.port and (":" .. via.port) or "") end
   if via.url then
     local ok, url = pcall(require, "smtp.url")
     if ok then
@@ -446,7 +447,17 @@ function Q:_process(id, counts)
   for _, dest in ipairs(order) do
     local group = groups[dest]
     local go, wait = true, nil
-    if self.limits then go, wait = self.limits:acquire(dest) end
+    if self.limits then
+      go, wait = self.limits:acquire(dest)
+      -- and the destination's message rate, when the limiter keeps one (smtp.limits does)
+      if go and self.limits.take then
+        local tok, twait = self.limits:take(dest)
+        if not tok then
+          self.limits:release(dest, "ok")
+          go, wait = nil, twait
+        end
+      end
+    end
     if not go then
       -- not an attempt: the destination is at its limit; come back when the limiter says
       local t = now + math.max(1, math.ceil(tonumber(wait) or 60))

@@ -6,7 +6,7 @@ local M = {}
 
 local usage = [==[
 usage: lua-smtp queue run DIR [--once] [--poll SECONDS] [--max-age SECONDS] [--warn-after SECONDS]
-                              [--hostname NAME] [--json]
+                              [--hostname NAME] [--rate N/SECONDS] [--max-connections N] [--json]
        lua-smtp queue list DIR [--json]
        lua-smtp queue show DIR ID [--json]
        lua-smtp queue retry DIR ID
@@ -15,58 +15,23 @@ run delivers what is due in the spool DIR (made by smtp.queue), then sleeps unti
 retry is due (at most --poll seconds, default 60) and goes on; with --once it makes one pass and
 exits (for cron), printing what it did. --max-age (default 432000, 5 days) is how long a message
 is retried before it bounces; --warn-after sends a delayed-delivery notice once a message has
-waited that long. Several runners may share one DIR: each message is locked while delivered.
+waited that long. --rate (at most N messages in any SECONDS) and --max-connections hold each
+destination (MX domain or smarthost) to a provider's limits (smtp.limits) within this runner.
+Several runners may share one DIR: each message is locked while delivered.
 list prints each message (id, age, sender, each recipient's state) and counts by state and by
 destination; show prints one message; retry makes its deferred recipients due now; delete removes
 it without a bounce. --json prints the same as JSON.
 Exit status: 0 done, 1 a message that is not there or is being delivered now, 2 usage error.]==]
 
 local spec = {
-  single = { poll = true, ["max-age"] = true, ["warn-after"] = true, hostname = true },
+  single = { poll = true, ["max-age"] = true, ["warn-after"] = true, hostname = true, rate = true,
+    ["max-connections"] = true },
   flags = { once = true, json = true },
 }
 
-local ARRAY = {}  -- metatable marking an empty table that is a JSON array
-
-local function json(v, out)
-  local t = type(v)
-  if t == "string" then
-    out[#out + 1] = '"' .. v:gsub('[%c"\\]', function(c)
-      local map = { ['"'] = '\\"', ["\\"] = "\\\\", ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t" }
-      return map[c] or ("\\u%04x"):format(c:byte())
-    end) .. '"'
-  elseif t == "number" then
-    out[#out + 1] = (v == math.floor(v) and v > -2^53 and v < 2^53) and ("%d"):format(v) or ("%.17g"):format(v)
-  elseif t == "boolean" then
-    out[#out + 1] = tostring(v)
-  elseif t == "table" then
-    if #v > 0 or (next(v) == nil and getmetatable(v) == ARRAY) then
-      out[#out + 1] = "["
-      for i, x in ipairs(v) do
-        if i > 1 then out[#out + 1] = "," end
-        json(x, out)
-      end
-      out[#out + 1] = "]"
-    else
-      local keys = {}
-      for k in pairs(v) do keys[#keys + 1] = tostring(k) end
-      table.sort(keys)
-      out[#out + 1] = "{"
-      for i, k in ipairs(keys) do
-        if i > 1 then out[#out + 1] = "," end
-        json(k, out); out[#out + 1] = ":"; json(v[k], out)
-      end
-      out[#out + 1] = "}"
-    end
-  else
-    out[#out + 1] = "null"
-  end
-end
-local function to_json(v)
-  local out = {}
-  json(v, out)
-  return table.concat(out)
-end
+local json = require "smtp.json"
+local ARRAY = json.ARRAY
+local to_json = json.encode
 M.to_json = to_json
 
 -- What is shown of a message: never the smarthost's credentials.
@@ -159,13 +124,20 @@ function M.main(argv, out, err)
       nums[k] = n
     end
   end
-  if sub ~= "run" and (o.once or o.poll or o["max-age"] or o["warn-after"] or o.hostname) then
-    err:write("lua-smtp queue ", sub, ": --once, --poll, --max-age, --warn-after and --hostname are for run\n")
+  if sub ~= "run" and (o.once or o.poll or o["max-age"] or o["warn-after"] or o.hostname or o.rate
+      or o["max-connections"]) then
+    err:write("lua-smtp queue ", sub, ": --once, --poll, --max-age, --warn-after, --hostname, --rate and ",
+      "--max-connections are for run\n")
+    return 2
+  end
+  local lim, why = require("smtp.limits").from_flags(o)
+  if lim == false then
+    err:write("lua-smtp queue: ", why, "\n", usage, "\n")
     return 2
   end
   local queue = require "smtp.queue"
   local q, qerr = queue.open(pos[1], { max_age = nums["max-age"], warn_after = nums["warn-after"],
-    hostname = o.hostname, poll = nums.poll,
+    hostname = o.hostname, poll = nums.poll, limits = lim or nil,
     log = function(s) err:write("lua-smtp queue: ", s, "\n") end })
   if not q then
     err:write("lua-smtp queue: ", tostring(qerr), "\n")

@@ -93,12 +93,7 @@ local function bare(a)
   return a:match("<([^>]*)>%s*$") or a
 end
 
-local function json_string(v)
-  return '"' .. tostring(v):gsub('[%c"\\]', function(c)
-    local map = { ['"'] = '\\"', ["\\"] = "\\\\", ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t" }
-    return map[c] or ("\\u%04x"):format(c:byte())
-  end) .. '"'
-end
+local json_string = require("smtp.json").string
 
 local function json_results(results)
   local items = {}
@@ -242,27 +237,14 @@ function M.main(args, out, err)
     if not o["to-file"] then return usage_error("--concurrency goes with --to-file") end
   end
   -- --rate, --max-connections, --messages-per-connection: a limiter for the bulk run
-  local lim
-  if o.rate or o["max-connections"] or o["messages-per-connection"] then
-    local limits = require "smtp.limits"
-    local lopts = {}
-    if o.rate then
-      lopts.rate = limits.parse_rate(o.rate)
-      if not lopts.rate then return usage_error("bad --rate '" .. o.rate .. "' (N/SECONDS, e.g. 100/60)") end
-    end
-    for _, k in ipairs { "max-connections", "messages-per-connection" } do
-      if o[k] then
-        local v = tonumber(o[k])
-        if not v or v < 1 or v % 1 ~= 0 then return usage_error("bad --" .. k .. " '" .. o[k] .. "'") end
-        lopts[k:gsub("%-", "_")] = v
-      end
-    end
+  local lim, why = require("smtp.limits").from_flags(o)
+  if lim == false then return usage_error(why) end
+  if lim then
     if not o["to-file"] then
       return usage_error("--rate, --max-connections and --messages-per-connection go with --to-file")
     end
-    lim = limits.new(lopts)
     -- without --concurrency, as many sessions as the limit allows
-    if not o.concurrency and lopts.max_connections then concurrency = lopts.max_connections end
+    if not o.concurrency and o["max-connections"] then concurrency = tonumber(o["max-connections"]) end
   end
   if #o.to + #o.cc + #o.bcc + #listed == 0 then return usage_error("--to is required") end
   if o.body and o["body-file"] then return usage_error("--body and --body-file exclude each other") end
