@@ -28,8 +28,14 @@ local function cmdlines(pid)
 end
 
 local function assert_hidden(pid, option)
-  local lines = cmdlines(pid)
-  local all = table.concat(lines, "\n")
+  -- the process tree appears as `timeout` forks and the interpreter starts: wait for it (a busy
+  -- machine may take a while), then look
+  local all = ""
+  for _ = 1, 200 do
+    all = table.concat(cmdlines(pid), "\n")
+    if all:find(BIN, 1, true) and all:find(option, 1, true) then break end
+    helper.sleep(0.05)
+  end
   -- the interpreter itself is among them, with the option that names where the secret is
   assert.truthy(all:find(option, 1, true), all)
   assert.truthy(all:find(BIN, 1, true), all)
