@@ -497,7 +497,7 @@ static int l_result(lua_State *L)
                 push_result(L, q);
             if (lua_istable(L, -2)) {
                 lua_pushboolean(L, ad);
-                lua_setfield(L, -2, "secure");
+                lua_setfield(L, -3, "secure");
             }
             unlink_query(&lr->r, q);
             return 2;
