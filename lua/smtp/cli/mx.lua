@@ -72,8 +72,7 @@ function M.main(args, out, err)
     local domain_name = require("smtp.dns").normalize(domain) or domain
     local policy = require("smtp.dane").domain(domain_name, res, { mode = "opportunistic",
       nameservers = servers, timeout = timeout })
-    for _, l in ipairs(policy:describe(res)) do out:write("dane: ", l, "
-") end
+    for _, l in ipairs(policy:describe(res)) do out:write("dane: ", l, "\n") end
   end
   return 0
 end
