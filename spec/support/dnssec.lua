@@ -24,8 +24,6 @@ local function run(cmd)
   return out
 end
 
-local clean = "/usr/bin/env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS "
-
 -- The zone file text for `origin` with `records` (lines relative to the origin), SOA and NS added.
 local function zone_text(origin, records)
   local lines = {
@@ -122,8 +120,6 @@ function M.start(o)
     nsd_conf[#nsd_conf + 1] = "  zonefile: " .. cq(dir .. "/" .. z[2])
   end
   helper.write(dir .. "/nsd.conf", table.concat(nsd_conf, "\n") .. "\n")
-  local out, code = sh("/usr/sbin/nsd-checkconf " .. cq(dir .. "/nsd.conf"))
-  assert(code == 0, "nsd.conf: " .. out)
   local nsd = helper.spawn({ "/usr/bin/env", "-u", "LD_PRELOAD", "-u", "ASAN_OPTIONS", "-u", "UBSAN_OPTIONS",
     "/usr/sbin/nsd", "-d", "-c", dir .. "/nsd.conf" }, { limit = 300, log = dir .. "/nsd.out" })
 
@@ -149,14 +145,30 @@ function M.start(o)
     ub[#ub + 1] = "  stub-addr: 127.0.0.1@" .. nport
   end
   helper.write(dir .. "/unbound.conf", table.concat(ub, "\n") .. "\n")
-  out, code = sh(clean .. "/usr/sbin/unbound-checkconf " .. q(dir .. "/unbound.conf"))
-  assert(code == 0, "unbound.conf: " .. out)
   local unbound = helper.spawn({ "/usr/bin/env", "-u", "LD_PRELOAD", "-u", "ASAN_OPTIONS", "-u", "UBSAN_OPTIONS",
     "/usr/sbin/unbound", "-d", "-c", dir .. "/unbound.conf" }, { limit = 300, log = dir .. "/unbound.out" })
 
-  assert(helper.wait_port("127.0.0.1", nport, 10), "nsd did not start: " .. nsd:output() ..
-    (helper.read(dir .. "/nsd.log") or ""))
-  assert(helper.wait_port("127.0.0.1", uport, 10), "unbound did not start: " .. unbound:output())
+  -- Ready when unbound gives a validated answer from the first signed zone (or any answer when
+  -- none is signed): both servers are up and the trust anchor works.
+  local core = require "smtp.core"
+  local probe = (next(o.signed or {})) or (next(o.unsigned or {}))
+  local ready, last = false, nil
+  local deadline = core.now() + 15
+  while not ready and core.now() < deadline do
+    local r = core.resolver { nameservers = { "127.0.0.1:" .. uport }, timeout = 0.3, tries = 1 }
+    local id = r:query("ns." .. probe, "A", "ad")
+    while r:process() > 0 do r:wait(0.3) end
+    local a, e = r:result(id)
+    r:close()
+    ready = a and #a > 0 and (a.secure or not (o.signed and next(o.signed)))
+    last = a and ("secure=" .. tostring(a.secure)) or e
+    if not ready then helper.sleep(0.05) end
+  end
+  if not ready then
+    local log = "nsd: " .. nsd:output() .. (helper.read(dir .. "/nsd.log") or "") .. "\nunbound: " .. unbound:output()
+    unbound:stop(); nsd:stop()
+    error("the DNSSEC bed did not answer (" .. tostring(last) .. "): " .. log)
+  end
   return {
     dir = dir, nameserver = "127.0.0.1:" .. uport, nsd = "127.0.0.1:" .. nport,
     log = function() return "nsd: " .. nsd:output() .. (helper.read(dir .. "/nsd.log") or "") ..
@@ -165,15 +177,45 @@ function M.start(o)
   }
 end
 
--- TLSA association data (hex) for a PEM certificate: selector 0 (the certificate) or 1 (its
--- SubjectPublicKeyInfo), matching 0 (exact), 1 (SHA-256) or 2 (SHA-512); computed by openssl.
-function M.tlsa_data(pem, selector, mtype)
-  local der = selector == 0 and ("openssl x509 -in " .. q(pem) .. " -outform DER")
-    or ("openssl x509 -in " .. q(pem) .. " -noout -pubkey | openssl pkey -pubin -outform DER")
-  if mtype == 0 then
-    return (run(der .. " | od -An -v -tx1 | tr -d ' \\n'"):gsub("%s", ""))
+-- A DER item at byte i of s: its tag, first content byte, the byte after it.
+local function der_item(s, i)
+  local tag, len, hdr = s:byte(i), s:byte(i + 1), 2
+  if len >= 0x80 then
+    local n = len - 0x80
+    len = 0
+    for k = 1, n do len = len * 256 + s:byte(i + 1 + k) end
+    hdr = 2 + n
   end
-  local out = run(der .. " | openssl dgst -" .. (mtype == 1 and "sha256" or "sha512") .. " -r")
+  return tag, i + hdr, i + hdr + len
+end
+
+-- The first certificate of a PEM file as DER, and its SubjectPublicKeyInfo (RFC 5280 §4.1:
+-- tbsCertificate's fields after [0] version, serial, signature, issuer, validity, subject).
+local function der_and_spki(pem)
+  local text = assert(helper.read(pem), pem)
+  local b64 = assert(text:match("%-%-%-%-%-BEGIN CERTIFICATE%-%-%-%-%-(.-)%-%-%-%-%-END"), pem)
+  local der = assert(require("smtp.core").b64decode((b64:gsub("%s", ""))))
+  local _, cert = der_item(der, 1)
+  local _, pos = der_item(der, cert)
+  local tag, _, nxt = der_item(der, pos)
+  if tag == 0xa0 then pos = nxt end
+  for _ = 1, 5 do pos = select(3, der_item(der, pos)) end
+  return der, der:sub(pos, select(3, der_item(der, pos)) - 1)
+end
+
+local function hex(s) return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end)) end
+
+-- TLSA association data (hex) for a PEM certificate: selector 0 (the certificate) or 1 (its
+-- SubjectPublicKeyInfo), matching 0 (exact), 1 (SHA-256) or 2 (SHA-512, by openssl: the core
+-- has SHA-256 only).
+function M.tlsa_data(pem, selector, mtype)
+  local der, spki = der_and_spki(pem)
+  local data = selector == 0 and der or spki
+  if mtype == 0 then return hex(data) end
+  if mtype == 1 then return hex(require("smtp.core").sha256(data)) end
+  local path = helper.tmpdir() .. "/data.der"
+  helper.write(path, data)
+  local out = run("openssl dgst -sha512 -r " .. q(path))
   return (assert(out:match("^(%x+)"), "openssl dgst: " .. out))
 end
 
