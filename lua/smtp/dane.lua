@@ -127,10 +127,10 @@ function M.domain(domain, hosts, opts)
         local use = {}
         for _, rec in ipairs(t) do if usable(rec) then use[#use + 1] = rec end end
         if #use == 0 then
-          d = { state = "unusable", reason = ("%d TLSA records for _25._tcp.%s, none usable (DANE-TA/EE with a known selector and matching type)"):format(#t, h.host) }
+          d = { state = "unusable", reason = ("%d TLSA record%s for _25._tcp.%s, none usable (DANE-TA/EE with a known selector and matching type)"):format(#t, #t == 1 and "" or "s", h.host) }
         else
           d = { state = "dane", tlsa = use, records = #t,
-                reason = ("%d usable TLSA records for _25._tcp.%s"):format(#use, h.host) }
+                reason = ("%d usable TLSA record%s for _25._tcp.%s"):format(#use, #use == 1 and "" or "s", h.host) }
         end
         for _, rec in ipairs(t) do self.lines[#self.lines + 1] = ("TLSA _25._tcp.%s: %s%s"):format(h.host, tlsa_line(rec), usable(rec) and "" or " (unusable)") end
       end
@@ -198,6 +198,23 @@ function Policy:apply(h, copts)
   return true
 end
 
+-- policy:connect(h, copts, connect) -> conn | nil, err: connect(copts) under this policy. A TLS
+-- failure at a DANE host (no STARTTLS, a refused STARTTLS, a chain matching no TLSA record) is a
+-- temporary error whose text starts "DANE:", so the next host is tried and the message deferred,
+-- never sent in plaintext nor failed for good.
+function Policy:connect(h, copts, connect)
+  local ok, err = self:apply(h, copts)
+  if not ok then return nil, err end
+  local conn
+  conn, err = connect(copts)
+  local d = self.hosts[h.host]
+  if not conn and d and d.state == "dane" and errors.is(err) and err.kind == "tls" then
+    err = errors.new { kind = "tls", phase = "tls", temporary = true,
+      text = ("DANE: %s (TLSA records of _25._tcp.%s)"):format(err.text or tostring(err), h.host) }
+  end
+  return conn, err
+end
+
 -- policy:fields(host, conn) -> fields for a delivery result: tls_policy = "dane" when DANE
 -- applied to the host, and dane = { state=, reason=, verified=, usage=, selector=, mtype=, depth= }.
 function Policy:fields(host, conn)
@@ -210,7 +227,9 @@ function Policy:fields(host, conn)
       info.verified, info.usage, info.selector, info.mtype, info.depth = true, m.usage, m.selector, m.mtype, m.depth
     end
   end
-  return { tls_policy = d.state == "dane" and "dane" or nil, dane = info }
+  -- DANE governed this host when it had usable records, or when its lookup (bogus, failed) or
+  -- dane = "required" kept us from using it.
+  return { tls_policy = (d.state == "dane" or d.err) and "dane" or nil, dane = info }
 end
 
 -- For the CLI and transcripts: "host: state (reason)" lines, TLSA records first.

@@ -185,8 +185,7 @@ local function deliver_domain(job, results, ctx)
       copts.verify = false
     end
     local conn, err
-    if dane then conn, err = dane:apply(h, copts) end
-    if conn ~= nil or not dane then conn, err = smtp.connect(copts) end
+    if dane then conn, err = dane:connect(h, copts, smtp.connect) else conn, err = smtp.connect(copts) end
     if conn then
       local rcpts = {}
       for k, i in ipairs(job.idx) do rcpts[k] = ctx.bare_to[i] end
