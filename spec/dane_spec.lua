@@ -147,6 +147,8 @@ describe("DANE (smtp.deliver, dane = true)", function()
         "_25._tcp.mx-unusable TLSA 3 1 1 " .. spki:sub(1, 62),
         "bogus MX 10 mx-bogus", "mx-bogus A 127.0.0.11", "_25._tcp.mx-bogus TLSA 3 1 1 " .. spki,
         "none MX 10 mx-none", "mx-none A 127.0.0.11",
+        -- the host's AAAA fails validation: its A answer alone must not make it "insecure"
+        "aaaa-bogus MX 10 mx-aaaa-bogus", "mx-aaaa-bogus A 127.0.0.11", "mx-aaaa-bogus AAAA ::1",
         "cli MX 10 mx-cli", "mx-cli A " .. plain25, "_25._tcp.mx-cli TLSA 3 1 1 " .. spki,
       } },
       unsigned = { ["plain.test"] = {
@@ -155,7 +157,8 @@ describe("DANE (smtp.deliver, dane = true)", function()
         -- an unsigned MX RRset pointing at a signed host whose TLSA would fail
         "insecure-mx MX 10 mx-ee-bad.dane.test.",
       } },
-      bogus = { { owner = "_25._tcp.mx-bogus.dane.test.", type = "TLSA" } },
+      bogus = { { owner = "_25._tcp.mx-bogus.dane.test.", type = "TLSA" },
+                { owner = "mx-aaaa-bogus.dane.test.", type = "AAAA" } },
     }
 
     for _ = 1, 300 do
@@ -298,6 +301,14 @@ describe("DANE (smtp.deliver, dane = true)", function()
     assert.is_nil(last_for(rcpt))
   end)
 
+  it("a failed address lookup is not an insecure one: the host is not used", function()
+    local r, rcpt = send("aaaa-bogus.dane.test")
+    assert.are.equal("deferred", r.status)
+    assert.are.equal("defer", r.dane.state)
+    assert.matches("^DANE: address lookup of mx%-aaaa%-bogus%.dane%.test", r.text)
+    assert.is_nil(last_for(rcpt))
+  end)
+
   it("no TLSA records (validated denial): opportunistic", function()
     local r, rcpt = send("none.dane.test")
     assert.are.equal("sent", r.status, r.text)
@@ -365,6 +376,11 @@ describe("DANE (smtp.deliver, dane = true)", function()
     r:close()
   end)
 
+  it("dane takes true, \"required\" or false", function()
+    assert.has_error(function() deliver { message = "x", from = "a@b.test", to = { "c@d.test" }, dane = "yes" } end,
+      "bad argument #1 to 'deliver' (dane: true, \"required\" or false expected)")
+  end)
+
   it("an AD bit from a resolver off loopback is not believed", function()
     local policy = require("smtp.dane").domain("ee.dane.test", { { host = "mx-ee.dane.test" } },
       { mode = "opportunistic", nameservers = { "192.0.2.1" }, timeout = 1 })
@@ -384,9 +400,12 @@ describe("DANE (smtp.deliver, dane = true)", function()
     local cmd = "%s %s/bin/lua-smtp send %s --from a@sender.test --to x@cli.dane.test --subject t " ..
       "--body hi --nameserver %s --destinations any --timeout 10 --helo client.test 2>&1; echo status=$?"
     local lua = os.getenv("SMTP_TEST_LUA") or "lua5.4"
-    local out = sh(cmd:format(lua, helper.root, "--dane", bed.nameserver))
+    local out = sh(cmd:format(lua, helper.root, "--dane -v", bed.nameserver))
     assert.matches("deferred", out)
-    assert.matches("STARTTLS", out)
+    assert.matches("DANE: the server does not offer STARTTLS, which its TLSA records require", out)
+    -- -v shows the TLSA records and the host's state before the connection
+    assert.matches("%* dane: TLSA _25%._tcp%.mx%-cli%.dane%.test: 3 1 1 %x+%.%.%.\n", out)
+    assert.matches("%* dane: mx%-cli%.dane%.test: dane %(1 usable TLSA record", out)
     assert.matches("dane: dane", out)
     assert.matches("status=1", out)
     local function count()

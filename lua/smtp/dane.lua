@@ -99,6 +99,9 @@ function M.domain(domain, hosts, opts)
   local mxa, mxerr, mxsec = r:result(qmx)
   if mxa == nil and mxerr == "pending" then r:cancel(qmx) end
   local mx_secure = (mxa and mxa.secure) or (mxa == nil and mxerr == "nxdomain" and mxsec) or false
+  -- A lookup that failed is not an insecure one: whoever can make the resolver fail must not
+  -- turn DANE off (RFC 7672 §2.1.1), so the host is not used.
+  local mx_failed = mxa == nil and mxerr ~= "nxdomain" and (mxerr == "pending" and "timeout" or mxerr)
   self.mx_secure = mx_secure
   local cd = {}
   for i, h in ipairs(hosts) do
@@ -113,9 +116,16 @@ function M.domain(domain, hosts, opts)
     local t, te, tsec = take(p.tlsa)
     local addr_secure = (a4 and a4.secure or (e4 == "nxdomain" and s4)) and
                         (a6 and a6.secure or (e6 == "nxdomain" and s6))
+    local addr_failed = (not a4 and e4 ~= "nxdomain" and e4) or (not a6 and e6 ~= "nxdomain" and e6)
     local d
-    if not mx_secure then
+    if mx_failed then
+      d = { state = "defer", reason = ("MX lookup of %s with DNSSEC failed: %s"):format(domain,
+        dnsutil.rcode_text[mx_failed] or tostring(mx_failed)) }
+    elseif not mx_secure then
       d = { state = "insecure", reason = ("MX RRset of %s not DNSSEC-validated"):format(domain) }
+    elseif addr_failed then
+      d = { state = "defer", reason = ("address lookup of %s with DNSSEC failed: %s"):format(h.host,
+        dnsutil.rcode_text[addr_failed] or tostring(addr_failed)) }
     elseif not addr_secure then
       d = { state = "insecure", reason = ("address records of %s not DNSSEC-validated"):format(h.host) }
     elseif t then
@@ -156,7 +166,7 @@ function M.domain(domain, hosts, opts)
   dns.close(r)
   for _, h in ipairs(hosts) do
     local d = self.hosts[h.host]
-    if d.state == "defer" then
+    if d.state == "defer" and not d.reason then
       d.reason = d.bogus
         and ("TLSA lookup for _25._tcp.%s failed DNSSEC validation (bogus answer)"):format(h.host)
         or ("TLSA lookup for _25._tcp.%s failed: %s"):format(h.host, dnsutil.rcode_text[d.rcode] or tostring(d.rcode))
@@ -209,8 +219,13 @@ function Policy:connect(h, copts, connect)
   conn, err = connect(copts)
   local d = self.hosts[h.host]
   if not conn and d and d.state == "dane" and errors.is(err) and err.kind == "tls" then
+    local text = err.text or tostring(err)
+    if text:find("does not offer STARTTLS", 1, true) then
+      -- (the session's own words name tls = "starttls", which here is DANE's doing, not the caller's)
+      text = "the server does not offer STARTTLS, which its TLSA records require"
+    end
     err = errors.new { kind = "tls", phase = "tls", temporary = true,
-      text = ("DANE: %s (TLSA records of _25._tcp.%s)"):format(err.text or tostring(err), h.host) }
+      text = ("DANE: %s (_25._tcp.%s)"):format(text, h.host) }
   end
   return conn, err
 end
