@@ -243,3 +243,78 @@ int dns_parse_ptr(const unsigned char *abuf, int alen, struct dns_ptr_answer *ou
     ares_free_hostent(h);
     return ARES_SUCCESS;
 }
+
+int dns_header_rcode(const unsigned char *abuf, int alen)
+{
+    return alen < 12 ? -1 : (abuf[3] & 0x0f);
+}
+
+int dns_header_ad(const unsigned char *abuf, int alen)
+{
+    return alen < 12 ? -1 : (abuf[3] & 0x20) != 0;
+}
+
+void dns_tlsa_free(struct dns_tlsa_answer *a)
+{
+    free(a->buf);
+    a->buf = NULL;
+    a->count = 0;
+}
+
+/* Steps over a (possibly compressed) name at *pos; 0 on success. */
+static int skip_name(const unsigned char *abuf, int alen, int *pos)
+{
+    char *name = NULL;
+    long enclen = 0;
+    if (ares_expand_name(abuf + *pos, abuf, alen, &name, &enclen) != ARES_SUCCESS)
+        return -1;
+    ares_free_string(name);
+    *pos += (int)enclen;
+    return *pos <= alen ? 0 : -1;
+}
+
+int dns_parse_tlsa(const unsigned char *abuf, int alen, struct dns_tlsa_answer *out)
+{
+    memset(out, 0, sizeof *out);
+    if (alen < 12)
+        return ARES_EBADRESP;
+    int qd = (abuf[4] << 8) | abuf[5], an = (abuf[6] << 8) | abuf[7];
+    int pos = 12;
+    for (int i = 0; i < qd; i++) {
+        if (skip_name(abuf, alen, &pos) < 0 || pos + 4 > alen)
+            return ARES_EBADRESP;
+        pos += 4;
+    }
+    /* One copy of the answer holds every record's data. */
+    out->buf = malloc((size_t)alen);
+    if (!out->buf)
+        return ARES_ENOMEM;
+    memcpy(out->buf, abuf, (size_t)alen);
+    for (int i = 0; i < an; i++) {
+        if (skip_name(abuf, alen, &pos) < 0 || pos + 10 > alen) {
+            dns_tlsa_free(out);
+            return ARES_EBADRESP;
+        }
+        int type = (abuf[pos] << 8) | abuf[pos + 1], cls = (abuf[pos + 2] << 8) | abuf[pos + 3];
+        int rdlen = (abuf[pos + 8] << 8) | abuf[pos + 9];
+        pos += 10;
+        if (pos + rdlen > alen) {
+            dns_tlsa_free(out);
+            return ARES_EBADRESP;
+        }
+        if (type == 52 && cls == C_IN) {
+            if (rdlen < 3 || out->count >= DNS_MAX_TLSA) {
+                out->dropped++;
+            } else {
+                int k = out->count++;
+                out->usage[k] = abuf[pos];
+                out->selector[k] = abuf[pos + 1];
+                out->mtype[k] = abuf[pos + 2];
+                out->data[k] = out->buf + pos + 3;
+                out->len[k] = (size_t)rdlen - 3;
+            }
+        }
+        pos += rdlen;
+    }
+    return ARES_SUCCESS;
+}

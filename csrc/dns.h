@@ -77,4 +77,27 @@ int dns_parse_ptr(const unsigned char *abuf, int alen, struct dns_ptr_answer *ou
  * bytes, an optional final dot. */
 int dns_valid_qname(const char *s);
 
+/* DANE (RFC 6698): the TLSA records of one answer, and the header bits a validating resolver sets.
+ * data[i] points into buf (len[i] bytes); dropped counts records past DNS_MAX_TLSA and records too
+ * short to hold the three fields. Free with dns_tlsa_free. */
+#define DNS_MAX_TLSA    32
+struct dns_tlsa_answer {
+    int count;
+    int dropped;
+    unsigned char *buf;
+    unsigned char usage[DNS_MAX_TLSA], selector[DNS_MAX_TLSA], mtype[DNS_MAX_TLSA];
+    const unsigned char *data[DNS_MAX_TLSA];
+    size_t len[DNS_MAX_TLSA];
+};
+
+/* Parses the TLSA records (type 52) of an answer section, whatever their owner (the resolver has
+ * followed any CNAME). Returns ARES_SUCCESS (count may be 0), or ARES_EBADRESP / ARES_ENOMEM. */
+int dns_parse_tlsa(const unsigned char *abuf, int alen, struct dns_tlsa_answer *out);
+void dns_tlsa_free(struct dns_tlsa_answer *a);
+
+/* The response code (0 NOERROR, 2 SERVFAIL, 3 NXDOMAIN, ...) and the AD bit of an answer's header,
+ * -1 when the answer is shorter than a header. */
+int dns_header_rcode(const unsigned char *abuf, int alen);
+int dns_header_ad(const unsigned char *abuf, int alen);
+
 #endif

@@ -19,13 +19,14 @@
  * ------------------------------------------------------------------------------------------- */
 
 #define DNS_MAX_QUERIES 256     /* queries alive at once on one resolver */
+enum { DNSSEC_AD = 1, DNSSEC_CD = 2 };
 
 enum query_state { Q_PENDING, Q_DONE, Q_ABANDONED };
 static const char *const query_state_name[] = { "pending", "done", "abandoned" };
 
-enum query_type { T_ADDR4, T_ADDR6, T_MXREC, T_TXTREC, T_PTRREC, T_COUNT };
-static const char *const query_type_name[] = { "A", "AAAA", "MX", "TXT", "PTR" };
-static const int query_type_ns[] = { ns_t_a, ns_t_aaaa, ns_t_mx, ns_t_txt, ns_t_ptr };
+enum query_type { T_ADDR4, T_ADDR6, T_MXREC, T_TXTREC, T_PTRREC, T_TLSAREC, T_COUNT };
+static const char *const query_type_name[] = { "A", "AAAA", "MX", "TXT", "PTR", "TLSA" };
+static const int query_type_ns[] = { ns_t_a, ns_t_aaaa, ns_t_mx, ns_t_txt, ns_t_ptr, 52 };
 
 struct dns_resolver;
 
@@ -36,6 +37,7 @@ struct dns_query {
     enum query_state state;
     enum query_type type;
     int status;                 /* ARES_* once done */
+    int dnssec;                 /* 0, or DNSSEC_AD / DNSSEC_CD: sent raw, header read by us */
     unsigned char *abuf;        /* copy of the answer once done with ARES_SUCCESS */
     int alen;
 };
@@ -273,7 +275,30 @@ static int l_resolver(lua_State *L)
     return 1;
 }
 
-/* r:query(name, "A"|"AAAA"|"MX"|"TXT"|"PTR") -> id | nil, msg */
+/* Sends a query we build ourselves, for DNSSEC: AD set asks a validating resolver to say whether
+ * it validated the answer (RFC 6840 §5.7), CD set asks for the answer without validation (to tell
+ * a bogus answer from an unreachable server). EDNS0 with a 1232-byte payload, as resolvers
+ * advise for UDP; a truncated answer is asked again over TCP by c-ares. 0 or an ARES_* status. */
+static int send_dnssec(struct dns_query *q, const char *name, int type, int mode)
+{
+    unsigned char *buf = NULL;
+    int len = 0;
+    int st = ares_create_query(name, ns_c_in, type, 0, 1, &buf, &len, 1232);
+    if (st != ARES_SUCCESS)
+        return st;
+    if (len < 12) {
+        ares_free_string(buf);
+        return ARES_EBADQUERY;
+    }
+    buf[3] |= 0x20;
+    if (mode == DNSSEC_CD)
+        buf[3] |= 0x10;
+    ares_send(q->res->channel, buf, len, answer_cb, q);
+    ares_free_string(buf);
+    return 0;
+}
+
+/* r:query(name, "A"|"AAAA"|"MX"|"TXT"|"PTR"|"TLSA"[, "ad"|"cd"]) -> id | nil, msg */
 static int l_query(lua_State *L)
 {
     struct lresolver *lr = check_resolver(L);
@@ -285,7 +310,19 @@ static int l_query(lua_State *L)
         if (strcmp(tname, query_type_name[i]) == 0)
             type = i;
     if (type < 0)
-        return luaL_argerror(L, 3, "\"A\", \"AAAA\", \"MX\", \"TXT\" or \"PTR\" expected");
+        return luaL_argerror(L, 3, "\"A\", \"AAAA\", \"MX\", \"TXT\", \"PTR\" or \"TLSA\" expected");
+    int dnssec = 0;
+    if (!lua_isnoneornil(L, 4)) {
+        const char *m = luaL_checkstring(L, 4);
+        if (strcmp(m, "ad") == 0)
+            dnssec = DNSSEC_AD;
+        else if (strcmp(m, "cd") == 0)
+            dnssec = DNSSEC_CD;
+        else
+            return luaL_argerror(L, 4, "\"ad\" or \"cd\" expected");
+    }
+    if (type == T_TLSAREC && !dnssec)
+        return luaL_argerror(L, 4, "TLSA is asked with \"ad\" or \"cd\" (DANE needs the AD bit)");
     if (len == 0 || len > DNS_HOST_MAX + 1 || strlen(name) != len || !dns_valid_qname(name)) {
         lua_pushnil(L);
         lua_pushliteral(L, "badname");
@@ -303,17 +340,53 @@ static int l_query(lua_State *L)
     q->id = ++lr->r.next_id;
     q->type = type;
     q->state = Q_PENDING;
+    q->dnssec = dnssec;
     q->next = lr->r.queries;
     lr->r.queries = q;
     lr->r.nqueries++;
     /* May call answer_cb at once (e.g. a bad name): the query is already linked. */
-    ares_query(lr->r.channel, name, ns_c_in, query_type_ns[type], answer_cb, q);
+    if (dnssec) {
+        int st = send_dnssec(q, name, query_type_ns[type], dnssec);
+        if (st) {
+            q->state = Q_DONE;
+            q->status = st;
+        }
+    } else {
+        ares_query(lr->r.channel, name, ns_c_in, query_type_ns[type], answer_cb, q);
+    }
     lua_pushinteger(L, q->id);
     return 1;
 }
 
 static void push_result(lua_State *L, struct dns_query *q)
 {
+    if (q->type == T_TLSAREC) {
+        struct dns_tlsa_answer a;
+        int st = dns_parse_tlsa(q->abuf, q->alen, &a);
+        if (st != ARES_SUCCESS) {
+            lua_pushnil(L);
+            lua_pushstring(L, status_name(st));
+            return;
+        }
+        lua_createtable(L, a.count, 2);
+        for (int i = 0; i < a.count; i++) {
+            lua_createtable(L, 0, 4);
+            lua_pushinteger(L, a.usage[i]);
+            lua_setfield(L, -2, "usage");
+            lua_pushinteger(L, a.selector[i]);
+            lua_setfield(L, -2, "selector");
+            lua_pushinteger(L, a.mtype[i]);
+            lua_setfield(L, -2, "mtype");
+            lua_pushlstring(L, (const char *)a.data[i], a.len[i]);
+            lua_setfield(L, -2, "data");
+            lua_rawseti(L, -2, i + 1);
+        }
+        lua_pushinteger(L, a.dropped);
+        lua_setfield(L, -2, "dropped");
+        dns_tlsa_free(&a);
+        lua_pushnil(L);
+        return;
+    }
     if (q->type == T_TXTREC || q->type == T_PTRREC) {
         /* Both are lists of strings with a count of records left out. */
         struct dns_txt_answer t;
@@ -391,6 +464,9 @@ static void push_result(lua_State *L, struct dns_query *q)
 }
 
 /* r:result(id) -> answer | nil, "pending" | nil, errname. A finished query is consumed.
+ * A query sent with "ad" or "cd" has `secure` (the AD bit) in its answer, and a failure by
+ * response code also gives it as a third value (a validated NXDOMAIN is a secure denial).
+ * TLSA: a list of {usage=, selector=, mtype=, data=} (data binary).
  * Answers: A/AAAA a list of address strings; MX a list of {host=, preference=} with fields
  * null (a null MX) and dropped (records left out); TXT a list of strings (each record's
  * character-strings joined); PTR a list of host names; TXT and PTR lists carry `dropped` too.
@@ -406,7 +482,32 @@ static int l_result(lua_State *L)
         lua_pushstring(L, query_state_name[Q_PENDING]);
         return 2;
     }
-    if (q->status == ARES_SUCCESS) {
+    if (q->dnssec && q->status == ARES_SUCCESS) {
+        /* Raw answer: the response code is ours to read, and the AD bit says whether the
+         * resolver validated it (secure) -- for a denial too (NXDOMAIN, NODATA). */
+        int rcode = dns_header_rcode(q->abuf, q->alen);
+        int ad = dns_header_ad(q->abuf, q->alen) == 1;
+        if (rcode == 0) {
+            int an = q->alen >= 12 ? ((q->abuf[6] << 8) | q->abuf[7]) : 0;
+            if (an == 0 && q->type != T_TLSAREC)
+                lua_newtable(L), lua_pushnil(L);
+            else
+                push_result(L, q);
+            if (lua_istable(L, -2)) {
+                lua_pushboolean(L, ad);
+                lua_setfield(L, -3, "secure");
+            }
+            unlink_query(&lr->r, q);
+            return 2;
+        }
+        lua_pushnil(L);
+        lua_pushstring(L, rcode < 0 ? "badresp" : rcode == 3 ? "nxdomain" : rcode == 2 ? "servfail"
+                          : rcode == 5 ? "refused" : rcode == 4 ? "notimp" : rcode == 1 ? "formerr"
+                          : "error");
+        lua_pushboolean(L, ad);
+        unlink_query(&lr->r, q);
+        return 3;
+    } else if (q->status == ARES_SUCCESS) {
         push_result(L, q);
     } else if (q->status == ARES_ENODATA) {
         /* NOERROR with nothing of that type: an empty answer, not a failure. */
@@ -432,6 +533,28 @@ static int l_cancel(lua_State *L)
             unlink_query(&lr->r, q);
     }
     return 0;
+}
+
+/* r:servers() -> { "ip", ... }: the servers the channel asks (the system's unless nameservers
+ * were given), so that a caller trusting the AD bit can check they are on loopback. */
+static int l_servers(lua_State *L)
+{
+    struct lresolver *lr = check_resolver(L);
+    struct ares_addr_port_node *list = NULL;
+    int n = 0;
+    lua_newtable(L);
+    if (ares_get_servers_ports(lr->r.channel, &list) != ARES_SUCCESS)
+        return 1;
+    for (struct ares_addr_port_node *p = list; p; p = p->next) {
+        char buf[INET6_ADDRSTRLEN];
+        if (inet_ntop(p->family, p->family == AF_INET ? (const void *)&p->addr.addr4
+                                                     : (const void *)&p->addr.addr6, buf, sizeof buf)) {
+            lua_pushstring(L, buf);
+            lua_rawseti(L, -2, ++n);
+        }
+    }
+    ares_free_data(list);
+    return 1;
 }
 
 static int l_fd(lua_State *L)
@@ -540,7 +663,8 @@ static const luaL_Reg methods[] = {
     { "query", l_query },   { "result", l_result }, { "cancel", l_cancel },
     { "fd", l_fd },         { "pollfd", l_fd },     { "events", l_events },
     { "timeout", l_timeout }, { "process", l_process }, { "wait", l_wait },
-    { "hosts", l_hosts },   { "close", l_close },   { NULL, NULL },
+    { "hosts", l_hosts },   { "close", l_close },   { "servers", l_servers },
+    { NULL, NULL },
 };
 
 static const luaL_Reg metamethods[] = {

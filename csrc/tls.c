@@ -517,6 +517,110 @@ static int l_tls_info(lua_State *L)
     return 1;
 }
 
+/* ---- DANE (RFC 7672): OpenSSL's own TLSA matching ---------------------------------------- */
+
+/* sock:tls_dane(base, { {usage=, selector=, mtype=, data=}, ... } [, { name, ... }])
+ *   -> usable count | nil, msg
+ * Between tls_start and tls_handshake: the handshake then succeeds only when the peer's chain
+ * matches one of the usable records, whatever the context's own verify setting. `base` is the
+ * TLSA base domain (the MX host name), the reference identifier for DANE-TA(2) together with the
+ * extra names; DANE-EE(3) checks neither names nor dates (RFC 7672 §3.1.1). PKIX usages (0, 1)
+ * are left out: SMTP has no agreed trust store to check them against (RFC 7672 §3.1.3). Records
+ * OpenSSL cannot use (unknown selector or matching type) are not counted; 0 usable is nil, msg. */
+static int l_tls_dane(lua_State *L)
+{
+    smtp_sock *s = smtp_check_sock(L, 1);
+    const char *base = luaL_checkstring(L, 2);
+    int usable = 0;
+    luaL_checktype(L, 3, LUA_TTABLE);
+    if (!lua_isnoneornil(L, 4))
+        luaL_checktype(L, 4, LUA_TTABLE);
+    if (!s->ssl || (s->flags & SOCK_F_HANDSHAKEN))
+        return luaL_error(L, "tls_dane: call it between tls_start() and tls_handshake()");
+    if (SSL_is_server(s->ssl))
+        return luaL_error(L, "tls_dane: client side only");
+    ERR_clear_error();
+    if (SSL_CTX_dane_enable(SSL_get_SSL_CTX(s->ssl)) <= 0 || SSL_dane_enable(s->ssl, base) <= 0) {
+        const char *r = ssl_reason();
+        ERR_clear_error();
+        return smtp_push_fail(L, r ? r : "cannot enable DANE", "TLS");
+    }
+    SSL_dane_set_flags(s->ssl, DANE_FLAG_NO_DANE_EE_NAMECHECKS);
+    if (!lua_isnoneornil(L, 4)) {
+        lua_Integer n = (lua_Integer)lua_rawlen(L, 4);
+        for (lua_Integer i = 1; i <= n; i++) {
+            lua_rawgeti(L, 4, i);
+            if (lua_type(L, -1) == LUA_TSTRING && !SSL_add1_host(s->ssl, lua_tostring(L, -1))) {
+                ERR_clear_error();
+                return smtp_push_fail(L, "cannot add a name to verify", "EINVAL");
+            }
+            lua_pop(L, 1);
+        }
+    }
+    lua_Integer n = (lua_Integer)lua_rawlen(L, 3);
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_Integer usage, selector, mtype;
+        size_t len = 0;
+        const char *data;
+        lua_rawgeti(L, 3, i);
+        if (!lua_istable(L, -1))
+            return luaL_argerror(L, 3, "TLSA records (tables) expected");
+        lua_getfield(L, -1, "usage");
+        lua_getfield(L, -2, "selector");
+        lua_getfield(L, -3, "mtype");
+        lua_getfield(L, -4, "data");
+        usage = lua_tointeger(L, -4);
+        selector = lua_tointeger(L, -3);
+        mtype = lua_tointeger(L, -2);
+        data = lua_tolstring(L, -1, &len);
+        if (data && (usage == 2 || usage == 3) && selector >= 0 && selector <= 255 &&
+            mtype >= 0 && mtype <= 255 &&
+            SSL_dane_tlsa_add(s->ssl, (uint8_t)usage, (uint8_t)selector, (uint8_t)mtype,
+                              (const unsigned char *)data, len) > 0)
+            usable++;
+        ERR_clear_error();
+        lua_pop(L, 5);
+    }
+    if (usable == 0)
+        return smtp_push_fail(L, "no usable TLSA record", "EINVAL");
+    SSL_set_verify(s->ssl, SSL_VERIFY_PEER, NULL);
+    lua_pushinteger(L, usable);
+    return 1;
+}
+
+/* sock:tls_dane_info() -> nil (no DANE, or not verified by it) |
+ *   { usage=, selector=, mtype=, depth= }: the TLSA record that matched and the chain depth of
+ *   the certificate it matched (0 the server's own). */
+static int l_tls_dane_info(lua_State *L)
+{
+    smtp_sock *s = smtp_check_sock(L, 1);
+    uint8_t usage, selector, mtype;
+    unsigned const char *data;
+    size_t dlen;
+    int depth;
+    if (!s->ssl || !(s->flags & SOCK_F_HANDSHAKEN) || SSL_get_verify_result(s->ssl) != X509_V_OK ||
+        (depth = SSL_get0_dane_tlsa(s->ssl, &usage, &selector, &mtype, &data, &dlen)) < 0) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_createtable(L, 0, 4);
+    lua_pushinteger(L, usage);
+    lua_setfield(L, -2, "usage");
+    lua_pushinteger(L, selector);
+    lua_setfield(L, -2, "selector");
+    lua_pushinteger(L, mtype);
+    lua_setfield(L, -2, "mtype");
+    lua_pushinteger(L, depth);
+    lua_setfield(L, -2, "depth");
+    return 1;
+}
+
+static const luaL_Reg sock_dane_methods[] = {
+    { "tls_dane", l_tls_dane },
+    { "tls_dane_info", l_tls_dane_info },
+    { NULL, NULL },
+};
+
 static const luaL_Reg sock_tls_methods[] = {
     { "tls_start", l_tls_start },
     { "tls_handshake", l_tls_handshake },
@@ -544,6 +648,7 @@ int smtp_open_tls(lua_State *L)
 {
     smtp_newclass(L, SMTP_TLS_CTX, ctx_methods, ctx_meta);
     smtp_net_add_methods(L, sock_tls_methods);
+    smtp_net_add_methods(L, sock_dane_methods);
     luaL_setfuncs(L, funcs, 0);
     return 0;
 }

@@ -62,6 +62,7 @@ build = {
       ["smtp.dnsutil"] = "lua/smtp/dnsutil.lua",
       ["smtp.mx"] = "lua/smtp/mx.lua",
       ["smtp.deliver"] = "lua/smtp/deliver.lua",
+      ["smtp.dane"] = "lua/smtp/dane.lua",
       ["smtp.background"] = "lua/smtp/background.lua",
       ["smtp.message"] = "lua/smtp/message.lua",
       ["smtp.parse"] = "lua/smtp/parse.lua",

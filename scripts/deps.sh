@@ -16,12 +16,13 @@ set -eu
 # tinyproxy (HTTP CONNECT; the -bin package: the binary without a system service); Dovecot's LMTP
 # server (dovecot-core, dovecot-lmtpd: a private instance the LMTP client delivers to); haproxy
 # (sends the PROXY protocol to the server). Fuzzing and the sanitizer
-# build: clang with its runtime. valgrind for `make test-valgrind`.
+# build: clang with its runtime. valgrind for `make test-valgrind`. DANE's DNSSEC test bed: NSD
+# (authoritative), unbound (the validating resolver), ldnsutils (ldns-keygen, ldns-signzone).
 PKGS="build-essential make pkg-config lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua-busted
 lua-compat53-dev libssl-dev libc-ares-dev libidn2-dev idn2 luarocks lua-cqueues openssl python3
 python3-aiosmtpd python3-dnspython python3-dkim python3-authres python3-idna python3-icalendar python3-spf lua-yaml publicsuffix postfix swaks libnet-ssleay-perl perl msmtp curl dnsmasq-base nginx
 libnginx-mod-http-lua lua-nginx-dns clang libclang-rt-14-dev valgrind microsocks tinyproxy-bin
-dovecot-core dovecot-lmtpd haproxy"
+dovecot-core dovecot-lmtpd haproxy nsd unbound ldnsutils"
 
 # What each capability needs: a shell test, and the package that provides it.
 check() {
@@ -37,6 +38,8 @@ check() {
   [ -x /usr/lib/postfix/sbin/master ] && command -v smtp-sink >/dev/null 2>&1 ||
     failed="$failed postfix(postfix)"
   [ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/lmtp ] || failed="$failed dovecot-lmtp(dovecot-core,dovecot-lmtpd)"
+  [ -x /usr/sbin/nsd ] && [ -x /usr/sbin/unbound ] && command -v ldns-signzone >/dev/null 2>&1 ||
+    failed="$failed dnssec-bed(nsd,unbound,ldnsutils)"
   ls /usr/share/nginx/modules-available/*http-lua*.conf >/dev/null 2>&1 ||
     failed="$failed nginx-lua(libnginx-mod-http-lua)"
   for c in cc make pkg-config lua5.4 luajit busted openssl curl msmtp nginx luarocks idn2 microsocks tinyproxy haproxy; do

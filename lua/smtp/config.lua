@@ -301,6 +301,8 @@ function M.connection(opts, fname)
     transport = opts.transport,
     pool = check_pool(opts.pool, fname),
     proxy = proxy, bind = bind, local_only = local_only,
+    -- smtp.deliver's DANE policy for this host ({ base=, tlsa=, names= } from smtp.dane)
+    dane = type(opts.dane) == "table" and opts.dane or nil,
   }, cfg_mt)
 end
 

@@ -118,6 +118,14 @@ local function deliver_domain(job, results, ctx)
     end
   end
 
+  -- DANE (smtp.dane): an active policy governs this domain, and MTA-STS is then not consulted
+  -- (RFC 8461 §2: DANE takes precedence).
+  local dane = ctx.dane and require("smtp.dane").domain(job.domain, hosts,
+    { mode = ctx.dane, nameservers = opts.nameservers, timeout = ctx.dns_timeout })
+  if dane and ctx.tr then
+    for _, l in ipairs(dane:describe(hosts)) do observe.line(ctx.tr, nil, "dns", "dane: " .. l) end
+  end
+
   -- Where the policy lets us connect, in delivery order. The address checked is the address
   -- connected to: `server` below is this numeric address, so nothing resolves it again between
   -- the check and the connect.
@@ -179,7 +187,8 @@ local function deliver_domain(job, results, ctx)
     -- opts.limits: a slot of the recipient domain for the session, a rate token for the message
     local lim = ctx.limits
     if lim then lim:wait(job.domain, "connection") end
-    local conn, err = smtp.connect(copts)
+    local conn, err
+    if dane then conn, err = dane:connect(h, copts, smtp.connect) else conn, err = smtp.connect(copts) end
     if conn then
       local rcpts = {}
       for k, i in ipairs(job.idx) do rcpts[k] = ctx.bare_to[i] end
@@ -205,6 +214,7 @@ local function deliver_domain(job, results, ctx)
             -- Only what the host named as accepted counts as sent.
             if r.status == "sent" and not accepted[rcpts[k]] then r.status = "deferred" end
           end
+          if dane then for k2, v in pairs(dane:fields(h.host, conn)) do r[k2] = v end end
           results[i] = r
         end
         return
@@ -240,6 +250,11 @@ local function deliver_domain(job, results, ctx)
     text = e and (errors.is(e) and e.text or tostring(e)) or "no MX host could be reached",
     host = last and last.host, address = last and last.address,
   }
+  if dane and last then
+    for _, i in ipairs(job.idx) do
+      for k, v in pairs(dane:fields(last.host)) do results[i][k] = v end
+    end
+  end
 end
 
 -- Runs fns concurrently in smtp.loop; one after the other inside a cqueues controller (each wait
@@ -274,7 +289,7 @@ end
 
 -- deliver{ message=, from=, to=, helo=, tls="opportunistic", nameservers=, port=25, timeout=30,
 --          dns_timeout=, random=, verify=, cafile=, dsn=, destinations="remote", bind=, proxy=,
---          limits= }
+--          limits=, dane=false }
 --   -> results | nil, err (invalid input)
 -- Recipient domains often come from users; `destinations` keeps their MX records and address
 -- literals from steering connections into this host or its networks (request forgery).
@@ -342,7 +357,9 @@ function M.deliver(opts)
   local tx, terr = config.message({ message = message, from = from, to = to, dsn = opts.dsn }, "deliver")
   if not tx then return nil, terr end
   local timeout = opts.timeout
+  local dane_mode = require("smtp.dane").mode(opts.dane, "deliver")
   local ctx = {
+    dane = dane_mode,
     opts = opts, smtp = smtp, message = message, from = bare(from), to = to, bare_to = bare_to,
     tls = tls, port = opts.port or 25, destinations = destinations, bind = cfg.bind, proxy = cfg.proxy,
     dns_timeout = opts.dns_timeout or (type(timeout) == "number" and timeout) or nil,

@@ -166,7 +166,7 @@ end
 function Conn:_handshake()
   local cfg = self.cfg
   local ok, terr = self.sock:starttls { servername = cfg.servername, verify = cfg.verify,
-    verify_name = cfg.verify_name, cafile = cfg.cafile, timeout = cfg.timeouts.tls }
+    verify_name = cfg.verify_name, cafile = cfg.cafile, timeout = cfg.timeouts.tls, dane = cfg.dane }
   if not ok then
     self:_abort()
     local text = type(terr) == "table" and terr.text or tostring(terr)
@@ -176,6 +176,7 @@ function Conn:_handshake()
     return nil, new_error { kind = "tls", phase = "tls", temporary = false, text = text }
   end
   self.tls = true
+  if cfg.dane then self.dane = self.sock.dane_info and self.sock:dane_info() end
   counters.tls = counters.tls + 1
   if self.tr or self.ev then
     local t = observe.tls_fields(self.sock:info(), cfg.verify)

@@ -1,18 +1,21 @@
--- `lua-smtp mx DOMAIN [--nameserver HOST[:PORT]]... [--timeout S]`: prints the MX hosts of a domain in
--- the order direct delivery would try them, one line each: preference, host, addresses.
+-- `lua-smtp mx DOMAIN [--nameserver HOST[:PORT]]... [--timeout S] [--tls]`: prints the MX hosts of a
+-- domain in the order direct delivery would try them, one line each: preference, host, addresses;
+-- with --tls also the policies that would secure delivery to them (lines "dane: ...").
 local args_mod = require "smtp.cli.args"
 
 local M = {}
 
 local usage = [==[
-usage: lua-smtp mx DOMAIN [--nameserver HOST[:PORT]]... [--timeout SECONDS]
+usage: lua-smtp mx DOMAIN [--nameserver HOST[:PORT]]... [--timeout SECONDS] [--tls]
 Prints the MX hosts of DOMAIN in delivery order: preference, host name, addresses.
+--tls adds lines "dane: ..." with each host's TLSA records and DANE state (the resolver must be
+a DNSSEC-validating one on loopback for any answer to count as validated).
 --nameserver asks that server (an IP address, port 53 unless given; repeat for more)
 instead of the system's resolver.]==]
 
 function M.main(args, out, err)
   out, err = out or io.stdout, err or io.stderr
-  local domain, servers, timeout = nil, nil, nil
+  local domain, servers, timeout, tls = nil, nil, nil, false
   local i = 1
   while i <= #args do
     local a = args[i]
@@ -20,7 +23,9 @@ function M.main(args, out, err)
     if a == "--nameserver" then v = args[i + 1]; i = i + 1 end
     local t = a:match("^%-%-timeout=(.*)$")
     if a == "--timeout" then t = args[i + 1]; i = i + 1 end
-    if a == "-h" or a == "--help" then
+    if a == "--tls" then
+      tls = true
+    elseif a == "-h" or a == "--help" then
       out:write(usage, "\n")
       return 0
     elseif v then
@@ -62,6 +67,12 @@ function M.main(args, out, err)
   for _, h in ipairs(res) do
     out:write(("%d %s%s %s\n"):format(h.preference, h.host, h.implicit and " (implicit)" or "",
       table.concat(h.addresses, " ")))
+  end
+  if tls then
+    local domain_name = require("smtp.dns").normalize(domain) or domain
+    local policy = require("smtp.dane").domain(domain_name, res, { mode = "opportunistic",
+      nameservers = servers, timeout = timeout })
+    for _, l in ipairs(policy:describe(res)) do out:write("dane: ", l, "\n") end
   end
   return 0
 end

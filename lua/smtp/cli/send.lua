@@ -14,7 +14,7 @@ usage: lua-smtp send --server HOST[:PORT] [--tls starttls|implicit|opportunistic
                      [--raw FILE] [--helo NAME] [--cafile F] [--insecure] [--timeout SECONDS]
                      [--to-file FILE [--concurrency N] [--rate N/SECONDS] [--max-connections N]
                       [--messages-per-connection N]] [--json] [--nameserver HOST[:PORT]]...
-                     [--destinations remote|public|any]
+                     [--destinations remote|public|any] [--dane | --dane-required]
                      [--url URL] [--source ADDR] [--proxy URL]
                      [--message-id ID] [--in-reply-to ID] [--references ID]...
                      [--list-id ID] [--list-unsubscribe URL]... [--calendar FILE] [-v | --verbose]
@@ -26,6 +26,9 @@ and connections), passwords and AUTH data replaced by [redacted], message data b
 Without --server the message goes straight to each recipient domain's MX hosts.
 --destinations says where that may connect: remote (default) refuses this host, link-local,
 multicast and reserved addresses; public allows public Internet addresses only; any allows all.
+--dane checks MX hosts against their DNSSEC-validated TLSA records (DANE, RFC 7672): the
+resolver (--nameserver or the system's) must be a validating one on loopback; --dane-required
+delivers only to hosts with usable TLSA records.
 --nameserver asks that DNS server (an IP address, port 53 unless given; repeat for more)
 instead of the system's resolver, for MX lookups and for the --server name.
 --password-env VAR and --password-file F take the password from an environment variable or
@@ -68,7 +71,8 @@ local spec = {
   },
   repeated = { to = true, cc = true, bcc = true, attach = true, nameserver = true,
     references = true, ["list-unsubscribe"] = true },
-  flags = { insecure = true, ["allow-plaintext-auth"] = true, json = true, verbose = true },
+  flags = { insecure = true, ["allow-plaintext-auth"] = true, json = true, verbose = true,
+    dane = true, ["dane-required"] = true },
   short = { v = "verbose" },
 }
 
@@ -103,6 +107,8 @@ local function json_results(results)
     if r.enhanced then f[#f + 1] = '"enhanced":' .. json_string(r.enhanced) end
     if r.text then f[#f + 1] = '"text":' .. json_string(r.text) end
     if r.host then f[#f + 1] = '"host":' .. json_string(r.host) end
+    if r.tls_policy then f[#f + 1] = '"tls_policy":' .. json_string(r.tls_policy) end
+    if r.dane then f[#f + 1] = '"dane":' .. json_string(r.dane.state) end
     items[i] = "{" .. table.concat(f, ",") .. "}"
   end
   return "[" .. table.concat(items, ",") .. "]\n"
@@ -288,6 +294,8 @@ function M.main(args, out, err)
     return usage_error("bad --destinations '" .. o.destinations .. "' (remote, public or any)")
   end
   if o.destinations and o.server then return usage_error("--destinations is for direct delivery (no --server)") end
+  local dane = o["dane-required"] and "required" or o.dane or nil
+  if dane and (o.server or o.url) then return usage_error("--dane is for direct delivery (no --server or --url)") end
   -- --url (or SMTP_URL) names the server; --source and --proxy are checked here, so a bad value
   -- is a usage error found before any connection.
   if o.url and o.server then return usage_error("--url and --server exclude each other") end
@@ -414,7 +422,7 @@ function M.main(args, out, err)
       results, derr = smtp.deliver { message = message, from = env_from, to = all, helo = o.helo,
         tls = tls or "opportunistic", timeout = timeout, cafile = o.cafile, verify = not o.insecure,
         nameservers = nameservers, destinations = o.destinations, bind = o.source, proxy = o.proxy,
-        transcript = transcript, limits = lim }
+        transcript = transcript, limits = lim, dane = dane }
       if not results then
         err:write("lua-smtp send: not sent: ", tostring(derr), "\n")
         return 1
@@ -486,6 +494,7 @@ function M.main(args, out, err)
     message = message, from = from, to = to, helo = o.helo, tls = tls or "opportunistic",
     timeout = timeout, cafile = o.cafile, verify = not o.insecure, nameservers = nameservers,
     destinations = o.destinations, bind = o.source, proxy = o.proxy, transcript = transcript,
+    dane = dane,
   }
   if io.type(message) == "file" then message:close() end
   if not results then
@@ -499,8 +508,9 @@ function M.main(args, out, err)
   end
   local status = 0
   for _, r in ipairs(results) do
-    local line = ("%s: %s %s %s %s%s"):format(r.recipient, r.status, tostring(r.code or ""), r.enhanced or "",
-      r.text or "", r.host and (" (" .. r.host .. ")") or "")
+    local line = ("%s: %s %s %s %s%s%s"):format(r.recipient, r.status, tostring(r.code or ""), r.enhanced or "",
+      r.text or "", r.host and (" (" .. r.host .. ")") or "",
+      r.dane and (" dane: " .. r.dane.state .. (r.dane.verified and " verified" or "")) or "")
     if r.status == "sent" then out:write(line, "\n") else err:write(line, "\n"); status = 1 end
   end
   return status

@@ -273,10 +273,11 @@ function M.tls_server_context(o)
   return ctx
 end
 
-local function handshake(self, ctx, name, verify_name, timeout, what)
+local function handshake(self, ctx, name, verify_name, timeout, what, dane)
   local deadline = deadline_of(timeout, self.default_timeout)
   self._tls = true
   local ok, e = self.sock:tls_start(ctx, name, verify_name)
+  if ok and dane then ok, e = self.sock:tls_dane(dane.base, dane.tlsa, dane.names) end
   if not ok then self:close(); return fail("tls", e, { phase = "tls" }) end
   while true do
     local done, msg, code = self.sock:tls_handshake()
@@ -322,7 +323,13 @@ function Conn:starttls(o)
     ctx, err = M.tls_client_context(o)
     if not ctx then self:close(); err.phase = "tls"; return nil, err end
   end
-  return handshake(self, ctx, name, o.verify_name ~= false, o.timeout, "TLS handshake")
+  -- o.dane (smtp.dane): the chain must match these TLSA records instead of a CA and a name.
+  return handshake(self, ctx, name, o.verify_name ~= false, o.timeout, "TLS handshake", o.dane)
+end
+
+-- s:dane_info() -> the TLSA record that authenticated the server (sock:tls_dane_info()) or nil
+function Conn:dane_info()
+  return self.sock and self.sock:tls_dane_info() or nil
 end
 
 -- s:tls_accept(ctx, timeout) -> true | nil, err: server side, with a ctx from tls_server_context.

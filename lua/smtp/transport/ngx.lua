@@ -501,6 +501,11 @@ function S:starttls(opts)
   optcheck(opts.timeout, "number", "starttls", "timeout")
   optcheck(opts.verify, "boolean", "starttls", "verify")
   optcheck(opts.verify_name, "boolean", "starttls", "verify_name")
+  -- cosockets cannot match TLSA records (and resty.dns cannot tell a validated answer): smtp.dane
+  -- never asks for it here, and a caller who does is told so rather than silently unprotected.
+  if opts.dane ~= nil then
+    return errors.invalid("DANE is not available inside nginx (native transport only)", { phase = "tls" })
+  end
   if opts.cafile ~= nil or opts.capath ~= nil then
     return errors.invalid("cafile/capath cannot be used inside nginx: cosockets check certificates "
       .. "against lua_ssl_trusted_certificate; put the CA there and leave cafile unset", { phase = "tls" })
