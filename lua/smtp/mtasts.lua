@@ -286,6 +286,13 @@ local function file_of(self, domain)
   return self.dir .. "/" .. domain .. ".sts"
 end
 
+-- new_cache{ dir = } -> a cache of its own (not the process's shared one).
+function M.new_cache(o)
+  local dir = o and o.dir
+  if dir ~= nil and type(dir) ~= "string" then error("bad argument #1 to 'new_cache' (dir: string expected)", 2) end
+  return setmetatable({ dir = dir, mem = {} }, Cache)
+end
+
 function Cache:get(domain)
   local e = self.mem[domain]
   if e or not self.dir then return e end
@@ -506,10 +513,11 @@ function Plan:after_connect(conn, err, h, address, smtp, relaxed)
   return nil, err
 end
 
--- The fields added to each result of the domain: mta_sts = { mode=, id=, source=, verified=,
+-- The fields added to each result of a domain that has a policy (or whose discovery failed): mta_sts = { mode=, id=, source=, verified=,
 -- failures = { { result_type=, host=, address=, text= }... }, error = why discovery failed }.
 function Plan:annotate(results, idx)
   local st = self.st
+  if not st.policy and not st.failure then return end   -- no policy: results as without MTA-STS
   local f = { mode = st.mode or "none", id = st.id, source = st.source, verified = self.verified,
     failures = self.failures, error = st.failure and st.failure.text or nil }
   for _, i in ipairs(idx) do
