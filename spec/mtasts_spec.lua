@@ -164,6 +164,13 @@ describe("MTA-STS delivery", function()
     assert.equal("testing", res[1].mta_sts.mode)
     assert.equal("certificate-host-mismatch", res[1].mta_sts.failures[1].result_type)
     local json = r:report(0, 86400)
+    -- the report of real sessions has the RFC's shape too (spec/support/tlsrpt_check.py)
+    local dir = helper.tmpdir()
+    helper.write(dir .. "/r.json", json)
+    local p = io.popen(helper.python .. " " .. helper.quote(helper.root .. "/spec/support/tlsrpt_check.py") ..
+      " < " .. helper.quote(dir .. "/r.json") .. " 2>&1")
+    assert.equal("ok\n", p:read("*a"))
+    p:close()
     assert.matches('"policy%-type":"sts"', json)
     assert.matches('"total%-failure%-session%-count":1', json)
     assert.matches('"receiving%-mx%-hostname":"mx.testing.test"', json)
@@ -203,6 +210,17 @@ describe("MTA-STS delivery", function()
     _, err = mtasts.fetch("big.test", { nameservers = { bed.nameserver }, port = bed.web_port,
       cafile = bed.cafile, destinations = "any" })
     assert.matches("limit", err.text)
+  end)
+
+  it("counts sessions without a policy and verified ones in the report", function()
+    local r = tlsrpt.new { organization_name = "t", contact_info = "t@t.test", report_id = "3" }
+    assert.equal("sent", assert(deliver(opts("x@nosts.test", { tlsrpt = r })))[1].status)
+    assert.equal("sent", assert(deliver(opts("x@enf.test", { tlsrpt = r })))[1].status)
+    local json = r:report(0, 1)
+    assert.matches('{"policy":{"policy%-type":"no%-policy%-found","policy%-domain":"nosts.test"},' ..
+      '"summary":{"total%-successful%-session%-count":1,"total%-failure%-session%-count":0}}', json)
+    assert.matches('"policy%-domain":"enf.test","mx%-host":%["mx.enf.test"%]},' ..
+      '"summary":{"total%-successful%-session%-count":1,"total%-failure%-session%-count":0}}', json)
   end)
 
   it("reads a chunked response", function()

@@ -499,6 +499,16 @@ end
 -- After smtp.connect under a tightened plan: records the outcome; under testing, a TLS failure
 -- is reported and the host tried again as without a policy (`relaxed` options).
 function Plan:after_connect(conn, err, h, address, smtp, relaxed)
+  if not self:strict() then
+    -- no policy (or mode none): the session is counted as one without a policy (RFC 8460 §4.4)
+    if conn and self.report then
+      local tls = conn:info().tls
+      self.report:record { policy_type = "no-policy-found", policy_domain = self.st.domain, mx_host = h.host,
+        receiving_ip = address, success = tls and true or nil,
+        result_type = not tls and "starttls-not-supported" or nil }
+    end
+    return conn, err
+  end
   if conn then
     self.verified = true
     if self.report then
