@@ -259,6 +259,40 @@ describe("MTA-STS delivery", function()
     assert.equal("sts-webpki-invalid", st.failure.result_type)
   end)
 
+  -- Runs the real bin/lua-smtp (bounded by timeout): exit status, stdout, stderr.
+  local function cli(argv)
+    local errf = helper.tmpdir() .. "/stderr"
+    local parts = { "timeout 60", helper.lua, helper.quote(helper.root .. "/bin/lua-smtp") }
+    for _, a in ipairs(argv) do parts[#parts + 1] = helper.quote(a) end
+    local p = io.popen(table.concat(parts, " ") .. " 2>" .. helper.quote(errf) .. "; echo \"rc=$?\"")
+    local out = p:read("*a")
+    p:close()
+    local body, rc = out:match("^(.-)rc=(%d+)%s*$")
+    return tonumber(rc), body, helper.read(errf) or ""
+  end
+
+  it("lua-smtp mx --tls prints the policy state", function()
+    local base = { "mx", "--nameserver", bed.nameserver, "--tls", "--cafile", bed.cafile,
+      "--destinations", "any", "--mta-sts-port", tostring(bed.web_port) }
+    local argv = { table.unpack(base) }
+    argv[#argv + 1] = "notin.test"
+    local rc, out = cli(argv)
+    assert.equal(0, rc)
+    assert.equal("10 other.notin.test 127.0.19.2\nmta-sts: policy mode=enforce id=1 max_age=86400\n" ..
+      "mta-sts: mx mx.enf.test\nmta-sts: other.notin.test not in the policy (not used)\n", out)
+    argv[#argv] = "nosts.test"
+    rc, out = cli(argv)
+    assert.equal(0, rc)
+    assert.matches("mta%-sts: none %(no _mta%-sts record%)", out)
+    argv[#argv] = "html.test"
+    rc, out = cli(argv)
+    assert.matches("mta%-sts: none %(sts%-policy%-invalid: .*text/html", out)
+    rc = cli { "mx", "--cafile", bed.cafile, "a.test" }
+    assert.equal(2, rc)
+    rc = cli { "send", "--server", "127.0.0.1:1", "--mta-sts", "--from", "a@b.test", "--to", "c@d.test" }
+    assert.equal(2, rc)
+  end)
+
   it("the policy host is subject to destinations", function()
     local st = mtasts.policy("enf.test", { nameservers = { bed.nameserver }, port = bed.web_port,
       cafile = bed.cafile, cache = mtasts.new_cache() })

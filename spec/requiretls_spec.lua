@@ -105,6 +105,33 @@ describe("REQUIRETLS from the client", function()
     assert.equal(1, count(with, "requiretls=false tls=false"))
   end)
 
+  -- Runs the real bin/lua-smtp (bounded by timeout): exit status, stdout, stderr.
+  local function cli(argv)
+    local errf = helper.tmpdir() .. "/stderr"
+    local parts = { "timeout 60", helper.lua, helper.quote(helper.root .. "/bin/lua-smtp") }
+    for _, a in ipairs(argv) do parts[#parts + 1] = helper.quote(a) end
+    local p = io.popen(table.concat(parts, " ") .. " 2>" .. helper.quote(errf) .. "; echo \"rc=$?\"")
+    local out = p:read("*a")
+    p:close()
+    local body, rc = out:match("^(.-)rc=(%d+)%s*$")
+    return tonumber(rc), body, helper.read(errf) or ""
+  end
+
+  it("lua-smtp send --requiretls", function()
+    local base = { "send", "--tls", "starttls", "--cafile", certs.ca, "--from", "a@sender.test",
+      "--to", "b@rcpt.test", "--subject", "rt", "--body", "x", "--requiretls", "--server" }
+    local argv = { table.unpack(base) }
+    argv[#argv + 1] = "127.0.0.1:" .. port_with
+    local before = count(with, "requiretls=true")
+    local rc, _, err = cli(argv)
+    assert.equal(0, rc, err)
+    assert.equal(before + 1, count(with, "requiretls=true"))
+    argv[#argv] = "127.0.0.1:" .. port_without
+    rc, _, err = cli(argv)
+    assert.equal(1, rc)
+    assert.matches("REQUIRETLS", err)
+  end)
+
   it("raises on a non-boolean requiretls", function()
     assert.has_error(function() send(port_with, { requiretls = "yes" }) end,
       "bad argument #1 to 'send' (requiretls: boolean expected)")

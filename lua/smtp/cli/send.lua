@@ -14,6 +14,7 @@ usage: lua-smtp send --server HOST[:PORT] [--tls starttls|implicit|opportunistic
                      [--raw FILE] [--helo NAME] [--cafile F] [--insecure] [--timeout SECONDS]
                      [--to-file FILE [--concurrency N]] [--json] [--nameserver HOST[:PORT]]...
                      [--destinations remote|public|any]
+                     [--mta-sts | --no-mta-sts] [--mta-sts-cache DIR] [--requiretls]
                      [--url URL] [--source ADDR] [--proxy URL]
                      [--message-id ID] [--in-reply-to ID] [--references ID]...
                      [--list-id ID] [--list-unsubscribe URL]... [--calendar FILE] [-v | --verbose]
@@ -25,6 +26,11 @@ and connections), passwords and AUTH data replaced by [redacted], message data b
 Without --server the message goes straight to each recipient domain's MX hosts.
 --destinations says where that may connect: remote (default) refuses this host, link-local,
 multicast and reserved addresses; public allows public Internet addresses only; any allows all.
+Direct delivery applies the recipient domains' MTA-STS policies (RFC 8461; --mta-sts, the
+default): under mode enforce only the policy's MX hosts, over STARTTLS with a verified certificate.
+--no-mta-sts turns that off; --mta-sts-cache DIR keeps fetched policies in DIR between runs.
+--requiretls (RFC 8689) sends only over TLS with a verified certificate to servers that offer
+REQUIRETLS, and asks each next hop to do the same; it is refused rather than sent otherwise.
 --nameserver asks that DNS server (an IP address, port 53 unless given; repeat for more)
 instead of the system's resolver, for MX lookups and for the --server name.
 --password-env VAR and --password-file F take the password from an environment variable or
@@ -54,14 +60,15 @@ local spec = {
     server = true, tls = true, user = true, password = true, ["password-env"] = true,
     ["password-file"] = true, from = true, subject = true, body = true,
     ["body-file"] = true, ["html-file"] = true, raw = true, cafile = true, timeout = true, helo = true,
-    ["to-file"] = true, concurrency = true, destinations = true,
+    ["to-file"] = true, concurrency = true, destinations = true, ["mta-sts-cache"] = true,
     url = true, source = true, proxy = true,
     -- what a composed message may carry besides its bodies (not with --raw)
     ["message-id"] = true, ["in-reply-to"] = true, ["list-id"] = true, calendar = true,
   },
   repeated = { to = true, cc = true, bcc = true, attach = true, nameserver = true,
     references = true, ["list-unsubscribe"] = true },
-  flags = { insecure = true, ["allow-plaintext-auth"] = true, json = true, verbose = true },
+  flags = { insecure = true, ["allow-plaintext-auth"] = true, json = true, verbose = true,
+    ["mta-sts"] = true, ["no-mta-sts"] = true, requiretls = true },
   short = { v = "verbose" },
 }
 
@@ -142,7 +149,7 @@ local function status_of(e)
 end
 
 -- One message to many recipients, one transaction each, over `n` sessions in smtp.loop.
-local function bulk(smtp, copts, message, from, rcpts, n, line)
+local function bulk(smtp, copts, message, from, rcpts, n, line, requiretls)
   local results, nexti = {}, 1
   local function worker()
     local conn
@@ -153,7 +160,7 @@ local function bulk(smtp, copts, message, from, rcpts, n, line)
       local res, e
       if not conn then conn, e = smtp.connect(copts) end
       if conn then
-        res, e = conn:send { message = message, from = from, to = { rcpt } }
+        res, e = conn:send { message = message, from = from, to = { rcpt }, requiretls = requiretls }
         if not res and (e.kind == "closed" or e.kind == "timeout" or e.kind == "protocol") then
           conn:close(); conn = nil
         end
@@ -251,6 +258,12 @@ function M.main(args, out, err)
     return usage_error("bad --destinations '" .. o.destinations .. "' (remote, public or any)")
   end
   if o.destinations and o.server then return usage_error("--destinations is for direct delivery (no --server)") end
+  if o["mta-sts"] and o["no-mta-sts"] then return usage_error("--mta-sts and --no-mta-sts exclude each other") end
+  if (o["mta-sts"] or o["no-mta-sts"] or o["mta-sts-cache"]) and (o.server or o.url) then
+    return usage_error("--mta-sts, --no-mta-sts and --mta-sts-cache are for direct delivery (no --server)")
+  end
+  local mta_sts = not o["no-mta-sts"] and { cache_dir = o["mta-sts-cache"] } or false
+  local requiretls = o.requiretls or nil
   -- --url (or SMTP_URL) names the server; --source and --proxy are checked here, so a bad value
   -- is a usage error found before any connection.
   if o.url and o.server then return usage_error("--url and --server exclude each other") end
@@ -366,13 +379,13 @@ function M.main(args, out, err)
         allow_plaintext_auth = o["allow-plaintext-auth"] or nil, nameservers = nameservers,
         bind = o.source, proxy = o.proxy,
         transcript = transcript,
-      }, message, env_from, all, concurrency, line)
+      }, message, env_from, all, concurrency, line, requiretls)
     else
       local derr
       results, derr = smtp.deliver { message = message, from = env_from, to = all, helo = o.helo,
         tls = tls or "opportunistic", timeout = timeout, cafile = o.cafile, verify = not o.insecure,
         nameservers = nameservers, destinations = o.destinations, bind = o.source, proxy = o.proxy,
-        transcript = transcript }
+        transcript = transcript, mta_sts = mta_sts, requiretls = requiretls }
       if not results then
         err:write("lua-smtp send: not sent: ", tostring(derr), "\n")
         return 1
@@ -392,7 +405,7 @@ function M.main(args, out, err)
       url = o.url, server = host, port = port, tls = tls, auth = auth, helo = o.helo, message = message,
       from = from, to = to, cafile = o.cafile, verify = verify, timeout = timeout,
       allow_plaintext_auth = o["allow-plaintext-auth"] or nil, nameservers = nameservers,
-      bind = o.source, proxy = o.proxy, transcript = transcript,
+      bind = o.source, proxy = o.proxy, transcript = transcript, requiretls = requiretls,
     }
     if io.type(message) == "file" then message:close() end
     if o.json then
@@ -444,6 +457,7 @@ function M.main(args, out, err)
     message = message, from = from, to = to, helo = o.helo, tls = tls or "opportunistic",
     timeout = timeout, cafile = o.cafile, verify = not o.insecure, nameservers = nameservers,
     destinations = o.destinations, bind = o.source, proxy = o.proxy, transcript = transcript,
+    mta_sts = mta_sts, requiretls = requiretls,
   }
   if io.type(message) == "file" then message:close() end
   if not results then
