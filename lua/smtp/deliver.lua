@@ -375,7 +375,8 @@ function M.deliver(opts)
     end
     sts_opts = { nameservers = opts.nameservers, timeout = m.timeout, dns_timeout = opts.dns_timeout,
       cafile = m.cafile or opts.cafile, port = m.port, cache_dir = m.cache_dir, cache = m.cache,
-      destinations = destinations, now = m.now, background = m.background }
+      destinations = destinations, now = m.now, background = m.background,
+      bind = cfg.bind, proxy = cfg.proxy }   -- the fetch leaves the way deliveries do
   end
   if opts.tlsrpt ~= nil and type(opts.tlsrpt) ~= "table" then
     error("bad argument #1 to 'deliver' (tlsrpt: smtp.tlsrpt report expected)", 2)

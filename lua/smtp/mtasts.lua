@@ -149,7 +149,7 @@ local function allowed_addresses(host, o)
   return ok
 end
 
--- fetch(domain, { nameservers=, timeout=, cafile=, port=443, destinations= }) -> policy text |
+-- fetch(domain, { nameservers=, timeout=, cafile=, port=443, destinations=, bind=, proxy= }) -> policy text |
 -- nil, err (err.result_type "sts-policy-fetch-error" or "sts-webpki-invalid"). One GET of
 -- https://mta-sts.<domain>/.well-known/mta-sts.txt, the certificate verified for that name.
 function M.fetch(domain, o)
@@ -165,7 +165,7 @@ function M.fetch(domain, o)
   for _, a in ipairs(addrs) do
     local left = deadline - now()
     if left <= 0 then break end
-    s, err = t.connect { host = a, port = o.port or 443, timeout = left,
+    s, err = t.connect { host = a, port = o.port or 443, timeout = left, bind = o.bind, proxy = o.proxy,
       tls = { servername = host, verify = true, cafile = o.cafile, timeout = left } }
     if s then break end
     if errors.is(err) and err.kind == "tls" then
