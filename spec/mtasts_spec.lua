@@ -293,6 +293,59 @@ describe("MTA-STS delivery", function()
     assert.equal(2, rc)
   end)
 
+  -- Inside nginx (its own LuaJIT; once, in the lua5.4 run): the TXT lookup over the nginx resolver,
+  -- the policy fetched over a cosocket checked against lua_ssl_trusted_certificate (the test CA),
+  -- the MX sessions over cosockets.
+  local asan = os.getenv("SMTP_BUILD") == "asan"
+  local in_nginx = helper.lua == "lua5.4" and not asan
+  local inside = in_nginx and it or pending
+  inside("applies policies inside nginx (cosockets, lua_ssl_trusted_certificate)", function()
+    local nginx_support = require "support.nginx"
+    assert(nginx_support.available(), "needs nginx with its Lua module (libnginx-mod-http-lua)")
+    local srv = nginx_support.start { locations = [[
+    location = /sts { content_by_lua_block {
+      local smtp = require "smtp"
+      local a = ngx.req.get_uri_args()
+      local res, err = smtp.deliver { message = "From: a@sender.test\r\nSubject: x\r\n\r\nx\r\n",
+        from = "a@sender.test", to = { a.to }, helo = "client.test", nameservers = { a.ns },
+        port = tonumber(a.port), timeout = 5, destinations = "any",
+        mta_sts = { port = tonumber(a.web), cache = require("smtp.mtasts").new_cache() } }
+      if not res then ngx.say("error ", tostring(err)) return end
+      local r, m = res[1], res[1].mta_sts or {}
+      ngx.say(r.status, " ", tostring(m.mode), " ", tostring(m.verified), " ",
+        tostring(m.failures and m.failures[1] and m.failures[1].result_type))
+    } }
+]] }
+    local function get(to)
+      local status, body = nginx_support.request(srv:url(("/sts?to=%s&ns=%s&port=%d&web=%d"):format(
+        to, bed.nameserver, bed.port, bed.web_port)), nil, 60)
+      return status, body
+    end
+    local n = #bed:messages()
+    local cases = {
+      { "x@enf.test", "sent enforce true nil\n" },
+      -- (validation-failure when Debian's lua-resty-core loses nginx's reason: see transport/ngx.lua)
+      { "x@badcert.test", "^deferred enforce false (%S+)\n$", { ["certificate-host-mismatch"] = true, ["validation-failure"] = true } },
+      { "x@strip.test", "deferred enforce false starttls-not-supported\n" },
+      { "x@testing.test", "^sent testing false (%S+)\n$", { ["certificate-host-mismatch"] = true, ["validation-failure"] = true } },
+      { "x@big.test", "sent none false nil\n" },
+    }
+    local ok, failure = pcall(function()
+      for _, c in ipairs(cases) do
+        local status, body = get(c[1])
+        assert.equal(200, status, c[1] .. ": " .. tostring(body) .. "\n" .. srv:error_log())
+        if c[3] then
+          assert.truthy(c[3][body:match(c[2]) or ""], c[1] .. ": " .. body .. "\n" .. srv:error_log())
+        else
+          assert.equal(c[2], body, c[1] .. "\n" .. srv:error_log())
+        end
+      end
+    end)
+    srv:stop()
+    assert(ok, failure)
+    assert.equal(n + 3, #bed:messages())   -- enf (verified), testing and big (opportunistic)
+  end)
+
   it("the policy host is subject to destinations", function()
     local st = mtasts.policy("enf.test", { nameservers = { bed.nameserver }, port = bed.web_port,
       cafile = bed.cafile, cache = mtasts.new_cache() })

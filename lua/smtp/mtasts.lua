@@ -437,11 +437,13 @@ end
 function M.result_type(err)
   local text = errors.is(err) and tostring(err.text or "") or tostring(err)
   if text:find("does not offer STARTTLS", 1, true) then return "starttls-not-supported" end
-  if text:find("hostname mismatch", 1, true) or text:find("is not for", 1, true) then
+  -- OpenSSL's words natively ("hostname mismatch"), lua-nginx-module's inside nginx ("certificate
+  -- host mismatch")
+  if text:find("host%s*name mismatch") or text:find("host mismatch", 1, true) or text:find("is not for", 1, true) then
     return "certificate-host-mismatch"
   end
   if text:find("expired", 1, true) then return "certificate-expired" end
-  if text:find("unknown CA", 1, true) or text:find("self%-signed") or text:find("issuer", 1, true) then
+  if text:find("unknown CA", 1, true) or text:find("self.signed") or text:find("issuer", 1, true) then
     return "certificate-not-trusted"
   end
   return "validation-failure"

@@ -21,7 +21,7 @@ function M.cert(dir, base, names, ca)
   local q = helper.quote
   helper.write(dir .. "/" .. base .. ".cnf", "[e]\nsubjectAltName = " .. table.concat(san, ", ") ..
     "\nbasicConstraints = CA:FALSE\nextendedKeyUsage = serverAuth\n")
-  run(("openssl req -newkey rsa:2048 -nodes -keyout %s -out %s -subj /CN=%s"):format(
+  run(("openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout %s -out %s -subj /CN=%s"):format(
     q(dir .. "/" .. base .. ".key"), q(dir .. "/" .. base .. ".csr"), names[1]))
   run(("openssl x509 -req -in %s -CA %s -CAkey %s -CAcreateserial -out %s -days 2 -extfile %s -extensions e"):format(
     q(dir .. "/" .. base .. ".csr"), q(ca.ca), q(ca.ca_key), q(dir .. "/" .. base .. ".pem"),
