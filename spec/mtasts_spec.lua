@@ -251,6 +251,27 @@ describe("MTA-STS delivery", function()
     assert.equal(before + 2, bed:gets(host))
   end)
 
+  it("refreshes a policy past half its max_age beside the caller, inside smtp.loop", function()
+    local c = mtasts.new_cache()
+    local old = assert(mtasts.parse(policy("testing", { "mx.enf.test" }, 100)))
+    c:put("enf.test", { id = "1", policy = old, fetched = 1000 })
+    local o = { nameservers = { bed.nameserver }, port = bed.web_port, cafile = bed.cafile,
+      destinations = "any", cache = c, now = function() return 1080 end }
+    local before = bed:gets("mta-sts.enf.test")
+    -- outside any loop there is nothing to run it beside: the cached policy, no fetch
+    local st = mtasts.policy("enf.test", o)
+    assert.equal("cache", st.source)
+    assert.equal(before, bed:gets("mta-sts.enf.test"))
+    local loop = require "smtp.loop"
+    loop.spawn(function() st = mtasts.policy("enf.test", o) end)
+    loop.run()
+    assert.equal("cache", st.source)
+    assert.equal("testing", st.mode)                      -- this delivery used the cached one
+    assert.equal(before + 1, bed:gets("mta-sts.enf.test"))
+    assert.equal(1080, c:get("enf.test").fetched)        -- the next one gets the fresh policy
+    assert.equal("enforce", c:get("enf.test").policy.mode)
+  end)
+
   it("a certificate the test CA did not sign makes the policy host invalid (sts-webpki-invalid)", function()
     local st = mtasts.policy("enf.test", { nameservers = { bed.nameserver }, port = bed.web_port,
       destinations = "any", cache = mtasts.new_cache(),
