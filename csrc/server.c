@@ -599,6 +599,14 @@ static int parse_params(smtp_server *s, const char *p, size_t n, int is_mail,
             if (v || out->smtputf8) goto bad;
             out->smtputf8 = 1;
             continue;
+        } else if (is_mail && s->cfg.requiretls && ieq(k, kl, "REQUIRETLS")) {
+            if (v || out->requiretls) goto bad;
+            if (!s->tls) {
+                *enh = "5.7.10"; *msg = "REQUIRETLS needs a TLS session";
+                return 530;
+            }
+            out->requiretls = 1;
+            continue;
         } else if (is_mail && ieq(k, kl, "BODY")) {
             if (!v || out->body || !(ieq(v, vl, "7BIT") || ieq(v, vl, "8BITMIME"))) goto bad;
             slot = &out->body;
@@ -800,6 +808,8 @@ static void ehlo_reply(smtp_server *s)
         out_add(s, "250-STARTTLS\r\n", 14);
     if (auth_offered(s) && !s->authed)
         out_add(s, "250-AUTH PLAIN LOGIN\r\n", 22);
+    if (s->cfg.requiretls && s->tls)
+        out_add(s, "250-REQUIRETLS\r\n", 16);
     if (s->cfg.xclient == 2) {
         static const char xc[] = "250-XCLIENT NAME REVERSE_NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT\r\n";
         out_add(s, xc, sizeof xc - 1);

@@ -29,6 +29,8 @@ typedef struct smtp_server_config {
                                     message's data decided once per accepted recipient (below) */
     int hook_helo;               /* report HELO/EHLO as an event needing a decision */
     int hook_rset;               /* report RSET (after its 250) as an event needing none */
+    int requiretls;              /* RFC 8689: advertise REQUIRETLS once TLS is on and take the
+                                    MAIL parameter then (the application honours it) */
     int xclient;                 /* 0: XCLIENT unknown; 1: refused (550 5.7.0, an untrusted
                                     peer); 2: advertised and reported for a decision */
     /* Every allocation goes through realloc_fn(alloc_ud, p, n) when set (else realloc); what it
@@ -71,6 +73,7 @@ struct smtp_server_params {
     long long size;              /* -1 when absent */
     const char *body, *ret, *envid, *notify, *orcpt;
     int smtputf8;
+    int requiretls;              /* MAIL ... REQUIRETLS (only accepted over TLS) */
 };
 
 extern const char *const smtp_server_event_names[];

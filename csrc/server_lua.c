@@ -35,7 +35,7 @@ static int opt_bool(lua_State *L, int t, const char *k)
 /* core.server_engine{ hostname=, max_line=, max_message_size=, max_recipients=, max_errors=,
  *   max_commands=, max_transactions=,
  *   out_cap=, tls=, tls_active=, auth=, auth_plaintext=, require_auth=, normalize=, hook_mail=,
- *   hook_rcpt=, hook_helo=, hook_rset=, xclient= (0, 1 refused, 2 trusted), lmtp= } -> engine
+ *   hook_rcpt=, hook_helo=, hook_rset=, xclient= (0, 1 refused, 2 trusted), lmtp=, requiretls= } -> engine
  *   (its greeting already queued) */
 static int l_engine_new(lua_State *L)
 {
@@ -62,6 +62,7 @@ static int l_engine_new(lua_State *L)
     c.lmtp = opt_bool(L, 1, "lmtp");
     c.hook_helo = opt_bool(L, 1, "hook_helo");
     c.hook_rset = opt_bool(L, 1, "hook_rset");
+    c.requiretls = opt_bool(L, 1, "requiretls");
     c.xclient = (int)opt_int(L, 1, "xclient", 0);
     if (c.xclient < 0 || c.xclient > 2)
         return luaL_argerror(L, 1, "xclient must be 0, 1 or 2");
@@ -119,6 +120,10 @@ static void push_params(lua_State *L, const smtp_server_params *p)
     if (p->smtputf8) {
         lua_pushboolean(L, 1);
         lua_setfield(L, -2, "SMTPUTF8");
+    }
+    if (p->requiretls) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "REQUIRETLS");
     }
     const char *names[] = { "BODY", "RET", "ENVID", "NOTIFY", "ORCPT" };
     const char *vals[] = { p->body, p->ret, p->envid, p->notify, p->orcpt };
@@ -266,6 +271,11 @@ static int l_envelope(lua_State *L)
     lua_setfield(L, -2, "from");
     push_params(L, p);
     lua_setfield(L, -2, "params");
+    if (p->requiretls) {
+        /* RFC 8689: the next hop must honour it, so it is a field of its own */
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "requiretls");
+    }
     lua_createtable(L, (int)n, 0);
     lua_createtable(L, (int)n, 0);
     for (unsigned i = 0; i < n; i++) {

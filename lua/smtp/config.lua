@@ -363,8 +363,9 @@ function M.message(opts, fname)
   end
   local dsn, err = check_dsn(opts.dsn, fname)
   if not dsn then return nil, err end
+  if opts.requiretls ~= nil and type(opts.requiretls) ~= "boolean" then misuse(fname, "requiretls: boolean expected") end
   return { message = m, from = from, to = to, given = given, dsn = opts.dsn and dsn or nil,
-    smtputf8 = needs_utf8, head = head }
+    smtputf8 = needs_utf8, head = head, requiretls = opts.requiretls or nil }
 end
 
 -- MAIL/RCPT parameters given as a table -> "KEY=value KEY2" in a stable order.

@@ -8,6 +8,7 @@ local dns = require("smtp.transport").dns()
 local mx = require "smtp.mx"
 local dnsutil = require "smtp.dnsutil"
 local observe = require "smtp.observe"
+local mtasts = require "smtp.mtasts"
 
 local M = {}
 
@@ -125,15 +126,28 @@ local function deliver_domain(job, results, ctx)
   if dane and ctx.tr then
     for _, l in ipairs(dane:describe(hosts)) do observe.line(ctx.tr, nil, "dns", "dane: " .. l) end
   end
+  -- Transport security policy (RFC 8461) where DANE does not govern the domain.
+  local sts = ctx.mta_sts and not lit and not (dane and dane.active)
+    and mtasts.plan(job.domain, ctx.mta_sts, ctx.tlsrpt) or nil
+  job.sts = sts
+  if ctx.requiretls and not ((sts and sts:strict()) or (dane and dane.active)) then
+    -- RFC 8689 §4.2.1: the MX hosts must be authenticated (MTA-STS or DANE) for REQUIRETLS
+    set_all { status = "failed", code = 550, enhanced = "5.7.10", text = ("REQUIRETLS: neither DANE "
+      .. "nor an MTA-STS policy authenticates the MX hosts of %s"):format(job.domain) }
+    return
+  end
 
   -- Where the policy lets us connect, in delivery order. The address checked is the address
   -- connected to: `server` below is this numeric address, so nothing resolves it again between
   -- the check and the connect.
-  local targets, refused = {}, nil
+  local targets, refused, refused_sts = {}, nil, nil
   for _, h in ipairs(hosts) do
     for _, address in ipairs(h.addresses) do
       local why = dnsutil.destination_refused(address, ctx.destinations)
-      if not why then
+      local sts_why = not why and sts and sts:refuses(h, address)
+      if sts_why then
+        refused_sts = refused_sts or sts_why
+      elseif not why then
         targets[#targets + 1] = { host = h, address = address }
       elseif not refused then
         refused = { host = h.host, address = address, why = why }
@@ -152,6 +166,10 @@ local function deliver_domain(job, results, ctx)
         refused.why, refused.host, ctx.destinations, ctx.destinations == "public"
           and "public addresses only" or "no loopback, link-local, multicast or reserved address"),
     }
+    return
+  end
+  if #targets == 0 and refused_sts then
+    set_all { status = "deferred", code = 451, enhanced = "4.7.5", text = refused_sts }
     return
   end
 
@@ -187,14 +205,27 @@ local function deliver_domain(job, results, ctx)
     -- opts.limits: a slot of the recipient domain for the session, a rate token for the message
     local lim = ctx.limits
     if lim then lim:wait(job.domain, "connection") end
+    local relaxed
+    if sts or ctx.requiretls then
+      relaxed = {}
+      for k, v in pairs(copts) do relaxed[k] = v end
+      if (sts and sts:tighten(copts, h)) or ctx.requiretls then
+        copts.tls, copts.verify, copts.servername = "starttls", true, h.host
+        copts.cafile = opts.cafile
+      end
+      if ctx.requiretls then relaxed = nil end   -- never a second, weaker try
+    end
+    -- a DANE host's options are DANE's (its TLSA records, not the CA store, authenticate it)
     local conn, err
     if dane then conn, err = dane:connect(h, copts, smtp.connect) else conn, err = smtp.connect(copts) end
+    if sts then conn, err = sts:after_connect(conn, err, h, address, smtp, relaxed) end
     if conn then
       local rcpts = {}
       for k, i in ipairs(job.idx) do rcpts[k] = ctx.bare_to[i] end
       local res
       if lim then lim:wait(job.domain, "message") end
-      res, err = conn:send { message = ctx.message, from = ctx.from, to = rcpts, dsn = opts.dsn }
+      res, err = conn:send { message = ctx.message, from = ctx.from, to = rcpts, dsn = opts.dsn,
+                             requiretls = ctx.requiretls }
       if res then
         conn:close()
         if lim then lim:release(job.domain, "ok") end
@@ -289,7 +320,7 @@ end
 
 -- deliver{ message=, from=, to=, helo=, tls="opportunistic", nameservers=, port=25, timeout=30,
 --          dns_timeout=, random=, verify=, cafile=, dsn=, destinations="remote", bind=, proxy=,
---          limits=, dane=false }
+--          limits=, dane=false, mta_sts=true, tlsrpt=, requiretls=false }
 --   -> results | nil, err (invalid input)
 -- Recipient domains often come from users; `destinations` keeps their MX records and address
 -- literals from steering connections into this host or its networks (request forgery).
@@ -358,17 +389,37 @@ function M.deliver(opts)
   if not tx then return nil, terr end
   local timeout = opts.timeout
   local dane_mode = require("smtp.dane").mode(opts.dane, "deliver")
+  -- MTA-STS is on unless turned off: discovery failures never block a delivery (RFC 8461 §5),
+  -- so it costs a TXT lookup per domain and makes STARTTLS stripping fail for published domains.
+  local sts_opts
+  if opts.mta_sts ~= false then
+    local m = type(opts.mta_sts) == "table" and opts.mta_sts or {}
+    if opts.mta_sts ~= nil and opts.mta_sts ~= true and type(opts.mta_sts) ~= "table" then
+      error("bad argument #1 to 'deliver' (mta_sts: boolean or table expected)", 2)
+    end
+    sts_opts = { nameservers = opts.nameservers, timeout = m.timeout, dns_timeout = opts.dns_timeout,
+      cafile = m.cafile or opts.cafile, port = m.port, cache_dir = m.cache_dir, cache = m.cache,
+      destinations = destinations, now = m.now, background = m.background,
+      bind = cfg.bind, proxy = cfg.proxy }   -- the fetch leaves the way deliveries do
+  end
+  if opts.tlsrpt ~= nil and type(opts.tlsrpt) ~= "table" then
+    error("bad argument #1 to 'deliver' (tlsrpt: smtp.tlsrpt report expected)", 2)
+  end
   local ctx = {
     dane = dane_mode,
     opts = opts, smtp = smtp, message = message, from = bare(from), to = to, bare_to = bare_to,
     tls = tls, port = opts.port or 25, destinations = destinations, bind = cfg.bind, proxy = cfg.proxy,
     dns_timeout = opts.dns_timeout or (type(timeout) == "number" and timeout) or nil,
     tr = opts.transcript, ev = opts.on_event, limits = opts.limits,
+    mta_sts = sts_opts, tlsrpt = opts.tlsrpt, requiretls = opts.requiretls == true,
   }
   local results = {}
   local fns = {}
   for _, job in ipairs(jobs) do
-    fns[#fns + 1] = function() deliver_domain(job, results, ctx) end
+    fns[#fns + 1] = function()
+      deliver_domain(job, results, ctx)
+      if job.sts then job.sts:annotate(results, job.idx) end
+    end
   end
   run_all(fns)
   local c, ev = observe.counters, opts.on_event

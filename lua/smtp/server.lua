@@ -88,6 +88,7 @@ local function check_opts(o)
     argerr("option 'hostname': a name without spaces expected")
   end
   if o.lmtp ~= nil and type(o.lmtp) ~= "boolean" then argerr("option 'lmtp': boolean expected") end
+  if o.requiretls ~= nil and type(o.requiretls) ~= "boolean" then argerr("option 'requiretls': boolean expected") end
   if o.path ~= nil and (type(o.path) ~= "string" or o.path == "") then argerr("option 'path': socket path expected") end
   if o.path ~= nil and (o.host ~= nil or o.port ~= nil) then argerr("option 'path': give path or host and port, not both") end
 end
@@ -324,6 +325,7 @@ local function new_engine(srv, cl, ip, conn)
     normalize = o.normalize_newlines, hook_mail = o.on_mail ~= nil or (cl and o.max_client_messages and true),
     hook_rcpt = o.on_rcpt ~= nil or (cl and o.max_client_recipients and true), lmtp = o.lmtp,
     hook_helo = o.on_helo ~= nil, hook_rset = o.on_rset ~= nil, xclient = xc,
+    requiretls = o.requiretls == true,
   })
   if not ok then return str(eng) end
   local p = srv.proxy_trusted and proxied[conn]

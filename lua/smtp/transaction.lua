@@ -63,7 +63,20 @@ end
 -- what the server cannot take (SMTPUTF8 missing, over its SIZE): refused before any byte.
 local function mail_params(sess, d, size)
   local ext = sess.ext
-  if not d.smtputf8 and not d.dsn then
+  if d.requiretls then
+    -- RFC 8689 §4.2.1: only over TLS whose certificate was verified for the name dialled, to a
+    -- server that takes the duty on; otherwise the message is not sent (no downgrade).
+    local cfg = sess.cfg
+    if not (sess.tls and cfg.verify and cfg.verify_name ~= false) then
+      return nil, new_error { kind = "tls", phase = "mail", temporary = false, enhanced = "5.7.10",
+        text = "REQUIRETLS: the session is not TLS with a verified certificate" }
+    end
+    if not ext.REQUIRETLS then
+      return nil, new_error { kind = "tls", phase = "mail", temporary = false, enhanced = "5.7.10",
+        text = "REQUIRETLS: the server does not offer REQUIRETLS" }
+    end
+  end
+  if not d.smtputf8 and not d.dsn and not d.requiretls then
     -- the common case, once per message in send_many: the limit parsed once per EHLO
     if sess._mp_ext ~= ext then
       sess._mp_ext = ext
@@ -89,6 +102,7 @@ local function mail_params(sess, d, size)
   end
   if ext["8BITMIME"] then mp[#mp + 1] = "BODY=8BITMIME" end
   if d.smtputf8 then mp[#mp + 1] = "SMTPUTF8" end
+  if d.requiretls then mp[#mp + 1] = "REQUIRETLS" end
   local dsn = d.dsn and ext.DSN and d.dsn
   if dsn then
     if dsn.ret then mp[#mp + 1] = "RET=" .. dsn.ret end

@@ -15,6 +15,7 @@ usage: lua-smtp send --server HOST[:PORT] [--tls starttls|implicit|opportunistic
                      [--to-file FILE [--concurrency N] [--rate N/SECONDS] [--max-connections N]
                       [--messages-per-connection N]] [--json] [--nameserver HOST[:PORT]]...
                      [--destinations remote|public|any] [--dane | --dane-required]
+                     [--mta-sts | --no-mta-sts] [--mta-sts-cache DIR] [--requiretls]
                      [--url URL] [--source ADDR] [--proxy URL]
                      [--message-id ID] [--in-reply-to ID] [--references ID]...
                      [--list-id ID] [--list-unsubscribe URL]... [--calendar FILE] [-v | --verbose]
@@ -29,6 +30,11 @@ multicast and reserved addresses; public allows public Internet addresses only; 
 --dane checks MX hosts against their DNSSEC-validated TLSA records (DANE, RFC 7672): the
 resolver (--nameserver or the system's) must be a validating one on loopback; --dane-required
 delivers only to hosts with usable TLSA records.
+Direct delivery applies the recipient domains' MTA-STS policies (RFC 8461; --mta-sts, the
+default): under mode enforce only the policy's MX hosts, over STARTTLS with a verified certificate.
+--no-mta-sts turns that off; --mta-sts-cache DIR keeps fetched policies in DIR between runs.
+--requiretls (RFC 8689) sends only over TLS with a verified certificate to servers that offer
+REQUIRETLS, and asks each next hop to do the same; it is refused rather than sent otherwise.
 --nameserver asks that DNS server (an IP address, port 53 unless given; repeat for more)
 instead of the system's resolver, for MX lookups and for the --server name.
 --password-env VAR and --password-file F take the password from an environment variable or
@@ -63,7 +69,7 @@ local spec = {
     server = true, tls = true, user = true, password = true, ["password-env"] = true,
     ["password-file"] = true, from = true, subject = true, body = true,
     ["body-file"] = true, ["html-file"] = true, raw = true, cafile = true, timeout = true, helo = true,
-    ["to-file"] = true, concurrency = true, destinations = true,
+    ["to-file"] = true, concurrency = true, destinations = true, ["mta-sts-cache"] = true,
     rate = true, ["max-connections"] = true, ["messages-per-connection"] = true,
     url = true, source = true, proxy = true,
     -- what a composed message may carry besides its bodies (not with --raw)
@@ -72,7 +78,8 @@ local spec = {
   repeated = { to = true, cc = true, bcc = true, attach = true, nameserver = true,
     references = true, ["list-unsubscribe"] = true },
   flags = { insecure = true, ["allow-plaintext-auth"] = true, json = true, verbose = true,
-    dane = true, ["dane-required"] = true },
+    dane = true, ["dane-required"] = true,
+    ["mta-sts"] = true, ["no-mta-sts"] = true, requiretls = true },
   short = { v = "verbose" },
 }
 
@@ -151,23 +158,28 @@ end
 
 -- The same under smtp.limits (--rate, --max-connections, --messages-per-connection): entries
 -- the server refused for load or never saw go again on a later session.
-local function limited_bulk(lim, copts, message, from, rcpts, n, line)
+-- One recipient's line of the bulk results, from its send's result or error.
+local function bulk_result(rcpt, res, e)
+  if res then
+    return { recipient = rcpt, status = "sent", code = res.reply.code, enhanced = res.reply.enhanced,
+      text = res.reply.text }
+  end
+  local rej = e.rejected and e.rejected[1]
+  local r = { recipient = rcpt, status = status_of(rej or e), code = rej and rej.code or e.code,
+    enhanced = rej and rej.enhanced or e.enhanced, text = rej and rej.text or e.text or tostring(e) }
+  if rej then r.status = rej.code < 500 and "deferred" or "failed" end
+  return r
+end
+
+local function limited_bulk(lim, copts, message, from, rcpts, n, line, requiretls)
   local entries = {}
-  for i, rcpt in ipairs(rcpts) do entries[i] = { message = message, from = from, to = { rcpt } } end
+  for i, rcpt in ipairs(rcpts) do
+    entries[i] = { message = message, from = from, to = { rcpt }, requiretls = requiretls }
+  end
   local results, errors = {}, require "smtp.errors"
   require("smtp.batch").bulk { connect = copts, entries = entries, limits = lim, concurrency = n,
     on_result = function(i, res)
-      local r
-      if not errors.is(res) then
-        r = { recipient = rcpts[i], status = "sent", code = res.reply.code, enhanced = res.reply.enhanced,
-          text = res.reply.text }
-      else
-        local e = res
-        local rej = e.rejected and e.rejected[1]
-        r = { recipient = rcpts[i], status = status_of(rej or e), code = rej and rej.code or e.code,
-          enhanced = rej and rej.enhanced or e.enhanced, text = rej and rej.text or e.text or tostring(e) }
-        if rej then r.status = rej.code < 500 and "deferred" or "failed" end
-      end
+      local r = errors.is(res) and bulk_result(rcpts[i], nil, res) or bulk_result(rcpts[i], res)
       results[i] = r
       line(r)
     end }
@@ -175,7 +187,7 @@ local function limited_bulk(lim, copts, message, from, rcpts, n, line)
 end
 
 -- One message to many recipients, one transaction each, over `n` sessions in smtp.loop.
-local function bulk(smtp, copts, message, from, rcpts, n, line)
+local function bulk(smtp, copts, message, from, rcpts, n, line, requiretls)
   local results, nexti = {}, 1
   local function worker()
     local conn
@@ -186,20 +198,12 @@ local function bulk(smtp, copts, message, from, rcpts, n, line)
       local res, e
       if not conn then conn, e = smtp.connect(copts) end
       if conn then
-        res, e = conn:send { message = message, from = from, to = { rcpt } }
+        res, e = conn:send { message = message, from = from, to = { rcpt }, requiretls = requiretls }
         if not res and (e.kind == "closed" or e.kind == "timeout" or e.kind == "protocol") then
           conn:close(); conn = nil
         end
       end
-      local r
-      if res then
-        r = { recipient = rcpt, status = "sent", code = res.reply.code, enhanced = res.reply.enhanced, text = res.reply.text }
-      else
-        local rej = e.rejected and e.rejected[1]
-        r = { recipient = rcpt, status = status_of(rej or e), code = rej and rej.code or e.code,
-          enhanced = rej and rej.enhanced or e.enhanced, text = rej and rej.text or e.text or tostring(e) }
-        if rej then r.status = rej.code < 500 and "deferred" or "failed" end
-      end
+      local r = bulk_result(rcpt, res, e)
       results[i] = r
       line(r)
     end
@@ -296,6 +300,12 @@ function M.main(args, out, err)
   if o.destinations and o.server then return usage_error("--destinations is for direct delivery (no --server)") end
   local dane = o["dane-required"] and "required" or o.dane or nil
   if dane and (o.server or o.url) then return usage_error("--dane is for direct delivery (no --server or --url)") end
+  if o["mta-sts"] and o["no-mta-sts"] then return usage_error("--mta-sts and --no-mta-sts exclude each other") end
+  if (o["mta-sts"] or o["no-mta-sts"] or o["mta-sts-cache"]) and (o.server or o.url) then
+    return usage_error("--mta-sts, --no-mta-sts and --mta-sts-cache are for direct delivery (no --server)")
+  end
+  local mta_sts = not o["no-mta-sts"] and { cache_dir = o["mta-sts-cache"] } or false
+  local requiretls = o.requiretls or nil
   -- --url (or SMTP_URL) names the server; --source and --proxy are checked here, so a bad value
   -- is a usage error found before any connection.
   if o.url and o.server then return usage_error("--url and --server exclude each other") end
@@ -413,16 +423,16 @@ function M.main(args, out, err)
         transcript = transcript,
       }
       if lim then
-        results = limited_bulk(lim, copts, message, env_from, all, concurrency, line)
+        results = limited_bulk(lim, copts, message, env_from, all, concurrency, line, requiretls)
       else
-        results = bulk(smtp, copts, message, env_from, all, concurrency, line)
+        results = bulk(smtp, copts, message, env_from, all, concurrency, line, requiretls)
       end
     else
       local derr
       results, derr = smtp.deliver { message = message, from = env_from, to = all, helo = o.helo,
         tls = tls or "opportunistic", timeout = timeout, cafile = o.cafile, verify = not o.insecure,
         nameservers = nameservers, destinations = o.destinations, bind = o.source, proxy = o.proxy,
-        transcript = transcript, limits = lim, dane = dane }
+        transcript = transcript, limits = lim, dane = dane, mta_sts = mta_sts, requiretls = requiretls }
       if not results then
         err:write("lua-smtp send: not sent: ", tostring(derr), "\n")
         return 1
@@ -442,7 +452,7 @@ function M.main(args, out, err)
       url = o.url, server = host, port = port, tls = tls, auth = auth, helo = o.helo, message = message,
       from = from, to = to, cafile = o.cafile, verify = verify, timeout = timeout,
       allow_plaintext_auth = o["allow-plaintext-auth"] or nil, nameservers = nameservers,
-      bind = o.source, proxy = o.proxy, transcript = transcript,
+      bind = o.source, proxy = o.proxy, transcript = transcript, requiretls = requiretls,
     }
     if io.type(message) == "file" then message:close() end
     if o.json then
@@ -495,6 +505,7 @@ function M.main(args, out, err)
     timeout = timeout, cafile = o.cafile, verify = not o.insecure, nameservers = nameservers,
     destinations = o.destinations, bind = o.source, proxy = o.proxy, transcript = transcript,
     dane = dane,
+    mta_sts = mta_sts, requiretls = requiretls,
   }
   if io.type(message) == "file" then message:close() end
   if not results then

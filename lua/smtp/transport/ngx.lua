@@ -531,7 +531,12 @@ function S:starttls(opts)
   if verify and not verify_name then sni = nil end
   local t = ms(opts.timeout, self.default_timeout)
   self.sock:settimeouts(t, t, t)
-  local sess, err = self.sock:sslhandshake(nil, sni, verify)
+  local okc, sess, err = pcall(self.sock.sslhandshake, self.sock, nil, sni, verify)
+  if not okc then
+    -- Debian's lua-resty-core asserts (instead of returning the error) when a handshake that
+    -- finished at once failed its certificate check: the check failed, but nginx's reason is lost.
+    sess, err = nil, "certificate verify failed (nginx gave no reason: " .. tostring(sess) .. ")"
+  end
   if not sess then
     local text = "TLS handshake with " .. tostring(name) .. " failed: " .. tostring(err)
     -- nginx reports a failed chain check as "<X509 code>: <reason>".
