@@ -1840,6 +1840,12 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 return ev->kind;
             }
         }
+        if (s->tls_pending && s->mode != M_CLOSED) {
+            /* a STARTTLS accepted through smtp_server_decide (hook_starttls) */
+            s->tls_pending = 0;
+            ev->kind = SMTP_SRV_STARTTLS;
+            return ev->kind;
+        }
         if (s->mode == M_CLOSED) {
             if (!s->close_reported) {
                 s->close_reported = 1;

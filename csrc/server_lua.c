@@ -230,7 +230,8 @@ static int l_decide(lua_State *L)
         return luaL_argerror(L, 5, "CR or LF in reply text");
     if (enh && !enh_valid(enh))
         return luaL_argerror(L, 4, "bad enhanced status code");
-    if (smtp_server_decide(s, ok, code, enh, text) < 0)
+    /* once the session is shut down (a dropped connection) a decision changes nothing */
+    if (smtp_server_decide(s, ok, code, enh, text) < 0 && !smtp_server_closed(s))
         return luaL_error(L, "no decision pending");
     return 0;
 }

@@ -626,11 +626,16 @@ local Session = { __name = "smtp.server.session" }
 Session.__index = Session
 Session.received = received_header
 -- session:drop(): closes the connection at once, without a reply (smtp.faults drops a client
--- at a chosen step). The session ends at its next write or read.
+-- at a chosen step); what the hook returns then changes nothing, and the session ends.
 function Session:drop()
   local srv = self.server
   for rec in pairs(srv.sessions) do
-    if rec.session == self then rec.conn:close(); return true end
+    if rec.session == self then
+      -- the engine takes nothing more the client pipelined; its last reply is never written
+      rec.eng:shutdown(421, "4.3.2", "Connection dropped")
+      rec.conn:close()
+      return true
+    end
   end
   return false
 end
