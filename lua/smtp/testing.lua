@@ -421,7 +421,7 @@ function M.register_luassert()
     local msg, why = sink:check(query)
     state.failure_message = why or ("a message matching " .. describe_query(query) .. " arrived")
     arguments[1], arguments[2] = describe_query(query), nil
-    arguments.n = 1
+    arguments.n, arguments.nofmt = 1, { true }
     return msg ~= nil
   end, "assertion.received.positive", "assertion.received.negative")
   return true
