@@ -24,13 +24,13 @@ static const char *const mode_names[] = { "command", "skipline", "data", "bdat",
 enum dstate { D_BOL, D_NBOL, D_MID, D_CR, D_DOT, D_DOTCR };
 
 /* What the pending decision is for. */
-enum await { A_NONE, A_MAIL, A_RCPT, A_END, A_AUTH, A_HELO, A_XCLIENT };
+enum await { A_NONE, A_MAIL, A_RCPT, A_END, A_AUTH, A_HELO, A_XCLIENT, A_DATA, A_STARTTLS };
 
 enum authstep { AU_PLAIN, AU_LOGIN_USER, AU_LOGIN_PASS };
 
 const char *const smtp_server_event_names[] = {
     "none", "mail", "rcpt", "begin", "data", "end", "auth", "starttls", "close",
-    "helo", "rset", "xclient"
+    "helo", "rset", "xclient", "data_command", "starttls_command"
 };
 
 struct addr {
@@ -970,9 +970,8 @@ static int check_data(smtp_server *s, const char *arg, size_t alen)
     return 1;
 }
 
-static void do_data(smtp_server *s, const char *arg, size_t alen)
+static void data_go(smtp_server *s)
 {
-    (void)arg; (void)alen;
     reply(s, 354, NULL, "End data with <CR><LF>.<CR><LF>");
     set_mode(s, M_DATA);
     s->ds = D_BOL;
@@ -981,6 +980,16 @@ static void do_data(smtp_server *s, const char *arg, size_t alen)
     s->begin_pending = 1;
     s->msg_size = 0;
     s->msg_bad = s->msg_over = s->bdat_cr = 0;
+}
+
+/* With hook_data the DATA command waits for a decision (A_DATA) before its 354. */
+static void do_data(smtp_server *s, const char *arg, size_t alen)
+{
+    (void)arg; (void)alen;
+    if (s->cfg.hook_data)
+        s->await = A_DATA;
+    else
+        data_go(s);
 }
 
 /* BDAT refusals must still swallow the chunk (RFC 3030), so the size is parsed first. */
@@ -1122,9 +1131,8 @@ static int check_starttls(smtp_server *s, const char *arg, size_t alen)
     return 1;
 }
 
-static void do_starttls(smtp_server *s, const char *arg, size_t alen)
+static void starttls_go(smtp_server *s)
 {
-    (void)arg; (void)alen;
     reply(s, 220, "2.0.0", "Ready to start TLS");
     s->tls_pending = 1;
     /* Everything the client sent after STARTTLS in clear is dropped (CVE-2011-0411), and wiped:
@@ -1137,6 +1145,17 @@ static void do_starttls(smtp_server *s, const char *arg, size_t alen)
     s->authed = 0;
     s->user[0] = 0;
     reset_tx(s);
+}
+
+/* With hook_starttls the command waits for a decision (A_STARTTLS); what the client pipelined
+ * behind it stays unread until then, and is dropped if TLS goes ahead. */
+static void do_starttls(smtp_server *s, const char *arg, size_t alen)
+{
+    (void)arg; (void)alen;
+    if (s->cfg.hook_starttls)
+        s->await = A_STARTTLS;
+    else
+        starttls_go(s);
 }
 
 static int check_auth(smtp_server *s, const char *arg, size_t alen)
@@ -1831,6 +1850,12 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 return ev->kind;
             }
         }
+        if (s->tls_pending && s->mode != M_CLOSED) {
+            /* a STARTTLS accepted through smtp_server_decide (hook_starttls) */
+            s->tls_pending = 0;
+            ev->kind = SMTP_SRV_STARTTLS;
+            return ev->kind;
+        }
         if (s->mode == M_CLOSED) {
             if (!s->close_reported) {
                 s->close_reported = 1;
@@ -2021,6 +2046,10 @@ int smtp_server_next(smtp_server *s, smtp_server_event *ev)
                 ev->blen = 4;
                 return ev->kind;
             }
+            if (s->await == A_DATA || s->await == A_STARTTLS) {
+                ev->kind = s->await == A_DATA ? SMTP_SRV_DATA_CMD : SMTP_SRV_STARTTLS_CMD;
+                return ev->kind;
+            }
             if (s->await == A_XCLIENT) {
                 ev->kind = SMTP_SRV_XCLIENT;
                 ev->a = s->xc;
@@ -2112,6 +2141,19 @@ int smtp_server_decide(smtp_server *s, int accept, int code, const char *enh, co
         else
             fail(s, code ? code : 550, enh ? enh : "5.7.0", text ? text : "XCLIENT rejected");
         xclient_clear(s);
+        break;
+    case A_DATA:
+        if (accept)
+            data_go(s);
+        else
+            fail(s, code ? code : 554, enh ? enh : "5.7.1", text ? text : "Transaction refused");
+        break;
+    case A_STARTTLS:
+        if (accept)
+            starttls_go(s);
+        else
+            reply(s, code ? code : 454, enh ? enh : "4.7.0", "%s",
+                  text ? text : "TLS not available due to temporary reason");
         break;
     default:
         break;

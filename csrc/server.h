@@ -31,6 +31,8 @@ typedef struct smtp_server_config {
     int hook_rset;               /* report RSET (after its 250) as an event needing none */
     int requiretls;              /* RFC 8689: advertise REQUIRETLS once TLS is on and take the
                                     MAIL parameter then (the application honours it) */
+    int hook_data;               /* report a valid DATA command for a decision before its 354 */
+    int hook_starttls;           /* report a valid STARTTLS for a decision before its 220 */
     int xclient;                 /* 0: XCLIENT unknown; 1: refused (550 5.7.0, an untrusted
                                     peer); 2: advertised and reported for a decision */
     /* Every allocation goes through realloc_fn(alloc_ud, p, n) when set (else realloc); what it
@@ -53,9 +55,13 @@ enum smtp_server_event_kind {
     SMTP_SRV_CLOSE,      /* final reply queued: write the output, then close */
     SMTP_SRV_HELO,       /* a = the name, b = "HELO", "EHLO" or "LHLO"; decide (hook_helo) */
     SMTP_SRV_RSET,       /* RSET answered; nothing to decide (hook_rset) */
-    SMTP_SRV_XCLIENT     /* a = NAME NUL value NUL ... (values xtext-decoded, names upper
+    SMTP_SRV_XCLIENT,    /* a = NAME NUL value NUL ... (values xtext-decoded, names upper
                             case), alen its length; decide: accepted, the session starts over
                             with a new 220 greeting */
+    SMTP_SRV_DATA_CMD,   /* DATA (hook_data); decide: accepted, its 354 and the data follow;
+                            refused, the transaction stays as it was */
+    SMTP_SRV_STARTTLS_CMD /* STARTTLS (hook_starttls); decide: accepted, SMTP_SRV_STARTTLS
+                            follows; refused (default 454 4.7.0), the session goes on in clear */
 };
 
 typedef struct smtp_server_params smtp_server_params;

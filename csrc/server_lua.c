@@ -35,7 +35,8 @@ static int opt_bool(lua_State *L, int t, const char *k)
 /* core.server_engine{ hostname=, max_line=, max_message_size=, max_recipients=, max_errors=,
  *   max_commands=, max_transactions=,
  *   out_cap=, tls=, tls_active=, auth=, auth_plaintext=, require_auth=, normalize=, hook_mail=,
- *   hook_rcpt=, hook_helo=, hook_rset=, xclient= (0, 1 refused, 2 trusted), lmtp=, requiretls= } -> engine
+ *   hook_rcpt=, hook_helo=, hook_rset=, hook_data=, hook_starttls=, xclient= (0, 1 refused, 2
+ *   trusted), lmtp=, requiretls= } -> engine
  *   (its greeting already queued) */
 static int l_engine_new(lua_State *L)
 {
@@ -63,6 +64,8 @@ static int l_engine_new(lua_State *L)
     c.hook_helo = opt_bool(L, 1, "hook_helo");
     c.hook_rset = opt_bool(L, 1, "hook_rset");
     c.requiretls = opt_bool(L, 1, "requiretls");
+    c.hook_data = opt_bool(L, 1, "hook_data");
+    c.hook_starttls = opt_bool(L, 1, "hook_starttls");
     c.xclient = (int)opt_int(L, 1, "xclient", 0);
     if (c.xclient < 0 || c.xclient > 2)
         return luaL_argerror(L, 1, "xclient must be 0, 1 or 2");
@@ -137,7 +140,8 @@ static void push_params(lua_State *L, const smtp_server_params *p)
 
 /* e:next() -> nil (needs input) | nil, "write" (write the output first) | "mail", addr, params | "rcpt", addr, params | "begin" | "data", chunk |
  *   "end", code|nil, text | "auth", mechanism, user, secret | "starttls" | "close" |
- *   "helo", name, "HELO"|"EHLO" | "rset" | "xclient", { NAME = value, ... } */
+ *   "helo", name, "HELO"|"EHLO" | "rset" | "xclient", { NAME = value, ... } | "data_command" |
+ *   "starttls_command" */
 static int l_next(lua_State *L)
 {
     smtp_server *s = check_engine(L);
@@ -231,7 +235,8 @@ static int l_decide(lua_State *L)
         return luaL_argerror(L, 5, "CR or LF in reply text");
     if (enh && !enh_valid(enh))
         return luaL_argerror(L, 4, "bad enhanced status code");
-    if (smtp_server_decide(s, ok, code, enh, text) < 0)
+    /* once the session is shut down (a dropped connection) a decision changes nothing */
+    if (smtp_server_decide(s, ok, code, enh, text) < 0 && !smtp_server_closed(s))
         return luaL_error(L, "no decision pending");
     return 0;
 }

@@ -48,7 +48,7 @@ local function argerr(msg) error("bad argument #1 to 'listen' (" .. msg .. ")", 
 local function check_opts(o)
   if type(o) ~= "table" then argerr("table expected, got " .. type(o)) end
   for _, k in ipairs { "on_mail", "on_rcpt", "on_message", "auth", "log", "transcript", "on_event",
-    "on_connect", "on_helo", "on_auth", "on_rset", "on_close" } do
+    "on_connect", "on_helo", "on_auth", "on_rset", "on_close", "on_data", "on_starttls" } do
     if o[k] ~= nil and type(o[k]) ~= "function" then argerr("option '" .. k .. "': function expected") end
   end
   for k, r in pairs(NUMERIC) do
@@ -326,6 +326,7 @@ local function new_engine(srv, cl, ip, conn)
     hook_rcpt = o.on_rcpt ~= nil or (cl and o.max_client_recipients and true), lmtp = o.lmtp,
     hook_helo = o.on_helo ~= nil, hook_rset = o.on_rset ~= nil, xclient = xc,
     requiretls = o.requiretls == true,
+    hook_data = o.on_data ~= nil, hook_starttls = o.on_starttls ~= nil,
   })
   if not ok then return str(eng) end
   local p = srv.proxy_trusted and proxied[conn]
@@ -595,11 +596,51 @@ local function received_header(session, envelope, opts)
   }
 end
 
+-- An EHLO reply (the tail of `out`, from its "250-<hostname>" line) with on_helo's changes:
+-- `hide`, extension keywords left out; `advertise`, lines added before the last. For tests
+-- (smtp.faults): a client that never sees STARTTLS, AUTH, CHUNKING, ... or sees more.
+local function ehlo_edit(out, edit)
+  local lines = {}
+  for line in out:gmatch("([^\r\n]*)\r\n") do lines[#lines + 1] = line end
+  local last = #lines
+  if last == 0 or not lines[last]:match("^250 ") then return out end
+  local first = last
+  while first > 1 and lines[first - 1]:match("^250%-") do first = first - 1 end
+  local hide = {}
+  for _, k in ipairs(type(edit.hide) == "table" and edit.hide or {}) do hide[tostring(k):upper()] = true end
+  local kept = { lines[first]:sub(5) }
+  for i = first + 1, last do
+    local ext = lines[i]:sub(5)
+    if not hide[(ext:match("^(%S+)") or ""):upper()] then kept[#kept + 1] = ext end
+  end
+  for _, v in ipairs(type(edit.advertise) == "table" and edit.advertise or {}) do
+    kept[#kept + 1] = (tostring(v):gsub("%c", " "))
+  end
+  local r = {}
+  for i = 1, first - 1 do r[i] = lines[i] .. "\r\n" end
+  for i, k in ipairs(kept) do r[#r + 1] = (i < #kept and "250-" or "250 ") .. k .. "\r\n" end
+  return table.concat(r)
+end
+
 -- Session -----------------------------------------------------------------------------------
 
 local Session = { __name = "smtp.server.session" }
 Session.__index = Session
 Session.received = received_header
+-- session:drop(): closes the connection at once, without a reply (smtp.faults drops a client
+-- at a chosen step); what the hook returns then changes nothing, and the session ends.
+function Session:drop()
+  local srv = self.server
+  for rec in pairs(srv.sessions) do
+    if rec.session == self then
+      -- the engine takes nothing more the client pipelined; its last reply is never written
+      rec.eng:shutdown(421, "4.3.2", "Connection dropped")
+      rec.conn:close()
+      return true
+    end
+  end
+  return false
+end
 function Session:__tostring()
   return ("smtp.server.session (%s port %s)"):format(tostring(self.address), tostring(self.port))
 end
@@ -831,6 +872,7 @@ local function run_session(srv, conn, ip, port, cl)
       eng:decide(yes, code, enh, text)
       -- the wait counts against no deadline of the client's next command
       if not yes and tarpit(srv, eng, rec.t_end) then rec.cmd_t = false end
+      return yes and r2   -- on_helo's changes to the EHLO reply
     end
   end
 
@@ -875,7 +917,20 @@ local function run_session(srv, conn, ip, port, cl)
           eng:decide(true)
         end
       elseif kind == "helo" then
-        hook(o.on_helo, 550, "5.7.1", a, b)
+        local edit = hook(o.on_helo, 550, "5.7.1", a, b)
+        -- the EHLO reply is the tail of what waits to be written: edited, then written here
+        if type(edit) == "table" and b ~= "HELO" then
+          local out = eng:output()
+          if out then
+            out = ehlo_edit(out, edit)
+            if o._trace then o._trace(o, eng, out) end
+            if not dead and not conn:write(out, o.timeout) then dead = true end
+          end
+        end
+      elseif kind == "data_command" then
+        hook(o.on_data, 554, "5.7.1", eng:envelope())
+      elseif kind == "starttls_command" then
+        hook(o.on_starttls, 454, "4.7.0")
       elseif kind == "rset" then
         srv:_notify("on_rset", session, eng)
       elseif kind == "xclient" then
@@ -1163,7 +1218,8 @@ function M.listen(opts)
     or o.max_client_recipients) or o.path then
     exempt = function() return true end
   end
-  o._front = (o.on_connect or o.on_helo or o.on_auth or o.on_rset or o.on_close or o.received) and true or nil
+  o._front = (o.on_connect or o.on_helo or o.on_auth or o.on_rset or o.on_close or o.received
+    or o.on_data or o.on_starttls) and true or nil
   -- the envelope is read once decided only for someone who uses it
   o._env = (o.on_event or o._front) and true or nil
   local pp, xc = o.proxy_protocol or nil, o.xclient or nil

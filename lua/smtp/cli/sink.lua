@@ -28,6 +28,11 @@ usage: lua-smtp sink --listen HOST:PORT [--maildir DIR | --mbox FILE] [options]
   --reject-rcpt PATTERN  answer 550 5.1.1 to recipients matching PATTERN (a glob: * and ?,
                          case-insensitive), to test bounces; may be given more than once
   --timeout SECONDS      idle timeout per session (default 300)
+  --fail AT[:ITEM]...    a fault on demand (smtp.faults; repeatable): AT is connect, ehlo,
+                         mail, rcpt, data, data_end, starttls or auth; items: a code (452), an
+                         enhanced code, a glob on the address (full@*), drop, refuse, delay=S,
+                         times=N, hide=K1,K2, advertise=K1,K2, text=... (e.g. rcpt:452:full@*,
+                         data_end:451, connect:drop, ehlo:hide=STARTTLS, mail:delay=5)
   --no-received          store the data without the Received header the sink adds
   --proxy-trusted NET    read a PROXY protocol header (v1 or v2: HAProxy's send-proxy) from
                          peers in NET (an address or CIDR network; repeatable); the client it
@@ -79,6 +84,12 @@ local function parse(args)
     elseif a == "--hostname" then o.hostname = val(a)
     elseif a == "--reject-rcpt" then o.reject[#o.reject + 1] = glob_to_pattern(val(a))
     elseif a == "--no-received" then o.no_received = true
+    elseif a == "--fail" then
+      local faults = require "smtp.faults"
+      o.faults = o.faults or faults.new()
+      local rule, ferr = faults.parse(val(a))
+      if not rule then error({ usage = "--fail: " .. ferr.text }) end
+      o.faults:add(rule)
     elseif a == "--proxy-trusted" then o.proxy[#o.proxy + 1] = val(a)
     elseif a == "--xclient-trusted" then o.xclient[#o.xclient + 1] = val(a)
     elseif a == "--timeout" then o.timeout = tonumber(val(a)) or error({ usage = "--timeout: number expected" })
@@ -357,7 +368,7 @@ function M.main(args)
     end
   end
 
-  local srv, err = server.listen {
+  local lopts = {
     host = o.host, port = o.port, path = o.path, lmtp = o.lmtp, hostname = o.hostname or "localhost",
     tls = o.cert and { cert = o.cert, key = o.key, implicit = o.implicit } or nil,
     auth = user and function(_, _, u, p) return u == user and p == pass end or nil,
@@ -369,6 +380,7 @@ function M.main(args)
     log = function(msg) io.stderr:write("lua-smtp sink: ", msg, "\n") end,
     transcript = o.verbose and args_mod.transcript_printer(io.stderr, "server") or nil,
   }
+  local srv, err = server.listen(o.faults and o.faults:hooks(lopts) or lopts)
   if not srv then
     io.stderr:write("lua-smtp sink: ", tostring(err), "\n")
     return 1
