@@ -380,6 +380,11 @@ void smtp_tls_free(smtp_sock *s)
         ERR_clear_error();
         SSL_shutdown(s->ssl);
     }
+    /* A TCP close without close_notify is how SMTP sessions often end; without this SSL_free
+     * would take that for a broken session and mark it not resumable, and with it the session
+     * the client cache shares. Fatal alerts have already dropped their session. */
+    if (s->flags & SOCK_F_HANDSHAKEN)
+        SSL_set_shutdown(s->ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
     SSL_free(s->ssl);
     ERR_clear_error();
     s->ssl = NULL;
