@@ -16,7 +16,9 @@ if [ "$hard" -lt $((N + 100)) ]; then
   N=$((hard - 100))
   echo "note: the hard limit on open files is $hard; measuring $N connections"
 fi
-ulimit -n $((N + 100)) || { echo "cannot raise RLIMIT_NOFILE to $((N + 100))"; exit 1; }
+[ "$hard" -lt $((TLS_N + 100)) ] && TLS_N=$((hard - 100))
+M=$N; [ "$TLS_N" -gt "$M" ] && M=$TLS_N
+ulimit -n $((M + 100)) || { echo "cannot raise RLIMIT_NOFILE to $((M + 100))"; exit 1; }
 export LUA_PATH="$top/lua/?.lua;$top/lua/?/init.lua;$top/spec/?.lua;;"
 script=spec/support/transport_load.lua
 status=0

@@ -2,6 +2,7 @@
 -- same calls block, yield to smtp.loop or poll under cqueues. Engines talk to this shape only.
 local core = require "smtp.core"
 local wait = require "smtp.wait"
+local loop = require "smtp.loop"
 local errors = require "smtp.errors"
 local argcheck_mod = require "smtp.argcheck"
 local url = require "smtp.url"
@@ -283,7 +284,10 @@ local function handshake(self, ctx, name, verify_name, timeout, what, skey)
   if not ok then self:close(); return fail("tls", e, { phase = "tls" }) end
   while true do
     local done, msg, code = self.sock:tls_handshake()
-    if done then return true end
+    if done then
+      loop.release_memory_later()
+      return true
+    end
     if msg == "wantread" or msg == "wantwrite" then
       local w, werr = await(self, msg, deadline, what)
       if not w then werr.phase = "tls"; return nil, werr end
