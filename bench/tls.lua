@@ -11,7 +11,7 @@ local smtp = require "smtp"
 local what = arg[1] or "server"
 local SESSIONS = tonumber(os.getenv("TLS_SESSIONS") or "400")
 local MESSAGES = tonumber(os.getenv("TLS_MESSAGES") or "2000")
-local CONC = 20
+local CONC = tonumber(os.getenv("TLS_CONCURRENCY") or "20")
 local TICK = 100   -- clock ticks per second (getconf CLK_TCK on Linux)
 local certs = helper.certs()
 local tmp = helper.tmpdir()
@@ -23,7 +23,8 @@ local function stat(pid)
   local f = io.open("/proc/" .. pid .. "/stat")
   if not f then return nil end
   local s = f:read("a"); f:close()
-  local rest = s:match("%) (.*)$")
+  local rest = s and s:match("%) (.*)$")
+  if not rest then return nil end   -- it ended meanwhile
   local v = {}
   for x in rest:gmatch("%S+") do v[#v + 1] = x end
   -- fields from 3 on: state=1 ppid=2 ... utime=12 stime=13 cutime=14 cstime=15
@@ -200,7 +201,12 @@ local function report(name, n, unit, wall, gcpu, scpu)
   return n / scpu
 end
 
-if what == "server" then
+if what == "resume-check" then
+  -- how many sessions resume against smtp.server, for checking the client cache under concurrency
+  local pid, port = ours("lua5.4")
+  local w, g, s = drive(pid, port, SESSIONS, true, 1)
+  report("smtp.server (Lua 5.4)", SESSIONS, "session", w, g, s)
+elseif what == "server" then
   print(("load at start: %s"):format(load()))
   local postfix = require "support.postfix"
   local pf = assert(postfix.start { main = "default_transport = discard\nrelay_transport = discard\n" ..

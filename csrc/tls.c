@@ -71,32 +71,38 @@ static void sess_drop(sess_entry *e)
 }
 
 /* OpenSSL hands over every new client session here: TLS 1.2's at the end of the handshake,
- * TLS 1.3 tickets whenever they arrive after it. Returns 1 when the cache took a reference. */
-static int sess_new_cb(SSL *ssl, SSL_SESSION *sess)
+ * TLS 1.3 tickets whenever they arrive after it. The cache keeps a copy (the connection goes on
+ * using, and may spoil, the one given) and never takes OpenSSL's reference: returns 0. */
+static int sess_new_cb(SSL *ssl, SSL_SESSION *given)
 {
+    SSL_SESSION *sess;
     tls_ctx *c = (tls_ctx *)SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
     const char *key = sess_key_idx >= 0 ? (const char *)SSL_get_ex_data(ssl, sess_key_idx) : NULL;
     sess_entry *e;
-    if (!c || !key || !SSL_SESSION_is_resumable(sess))
+    if (!c || !key || !SSL_SESSION_is_resumable(given))
         return 0;
     /* Only what passed the checks this context asks for may skip them next time. */
     if (SSL_get_verify_mode(ssl) != SSL_VERIFY_NONE && SSL_get_verify_result(ssl) != X509_V_OK)
+        return 0;
+    if (!(sess = SSL_SESSION_dup(given)))
         return 0;
     e = sess_find(c, key);
     if (e) {
         SSL_SESSION_free(e->sess);
         e->sess = sess;
-        return 1;
+        return 0;
     }
     e = &c->cache[c->cache_next];
     c->cache_next = (c->cache_next + 1) % SESS_CACHE_MAX;
     if (e->key)
         sess_drop(e);
     e->key = strdup(key);
-    if (!e->key)
+    if (!e->key) {
+        SSL_SESSION_free(sess);
         return 0;
+    }
     e->sess = sess;
-    return 1;
+    return 0;
 }
 
 static int ticket_key_new(ticket_key *k)
@@ -381,11 +387,6 @@ void smtp_tls_free(smtp_sock *s)
         ERR_clear_error();
         SSL_shutdown(s->ssl);
     }
-    /* A TCP close without close_notify is how SMTP sessions often end; without this SSL_free
-     * would take that for a broken session and mark it not resumable, and with it the session
-     * the client cache shares. Fatal alerts have already dropped their session. */
-    if (s->flags & SOCK_F_HANDSHAKEN)
-        SSL_set_shutdown(s->ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
     SSL_free(s->ssl);
     ERR_clear_error();
     s->ssl = NULL;
@@ -654,8 +655,12 @@ static int l_tls_start(lua_State *L)
                 SSL_SESSION *ss = e->sess;
                 if ((time_t)SSL_SESSION_get_time(ss) + SSL_SESSION_get_timeout(ss) <= time(NULL))
                     sess_drop(e);
-                else
+                else if ((ss = SSL_SESSION_dup(ss)) != NULL) {
+                    /* a copy per connection: OpenSSL marks the session a connection uses
+                     * (not resumable, when it ends badly), and others may be using ours */
                     SSL_set_session(ssl, ss);
+                    SSL_SESSION_free(ss);
+                }
             }
         }
     }
