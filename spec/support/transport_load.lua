@@ -131,6 +131,8 @@ elseif mode == "idle" or mode == "server" or mode == "client" then
       loop.sleep(0.05)
       if core.now() - t0 > 120 then error("only " .. parked .. " of " .. want .. " connections parked") end
     end
+    -- idle means idle: the loop hands back what the handshakes freed within a second of the last
+    if sctx or cctx then loop.sleep(1.5) end
     settle()
     local rss, lua = rss_kb(), collectgarbage("count")
     print(("mode=%s%s connections=%d seconds=%s rss_kb=%d kb_per_connection=%s lua_kb_per_connection=%s"):format(
