@@ -1,21 +1,172 @@
 /* TLS for the native transport: OpenSSL 3 contexts (client and server) and TLS over an existing
  * smtp.socket, for implicit TLS and for the STARTTLS upgrade. */
 #include <errno.h>
+#include <malloc.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <arpa/inet.h>
+#include <time.h>
+#include <openssl/core_names.h>
 #include <openssl/err.h>
+#include <openssl/rand.h>
 #include <openssl/x509v3.h>
 #include "net.h"
 
 /* ---- plain C: contexts, a socket BIO, error text ---------------------------------------- */
 
+/* Client sessions kept for resumption, per context (so per set of verification settings) and
+ * per key (server name, port and name check, built by the caller): a resumed handshake skips the
+ * certificate check, so a session must never be offered to any other server or name. */
+#define SESS_CACHE_MAX 128
+
+typedef struct sess_entry {
+    char *key;
+    SSL_SESSION *sess;
+} sess_entry;
+
+/* Server ticket keys: the newest encrypts, the one before still decrypts (its tickets get
+ * renewed), anything older is gone, so a ticket outlives at most two rotation periods. */
+typedef struct ticket_key {
+    unsigned char name[16], aes[32], hmac[32];
+} ticket_key;
+
 typedef struct tls_ctx {
     SSL_CTX *ctx;
     int server;
+    sess_entry cache[SESS_CACHE_MAX];
+    int cache_next;
+    ticket_key keys[2];   /* [0] current, [1] previous */
+    int nkeys;
+    time_t rotated;       /* when keys[0] was made */
+    long rotate_every;    /* seconds; 0: only on ctx:rotate_ticket_key() */
 } tls_ctx;
+
+/* The cache key of the client session being handshaken, owned by the SSL (freed with it). */
+static int sess_key_idx = -1;
+
+static void sess_key_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+                          void *argp)
+{
+    (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+    free(ptr);
+}
+
+static sess_entry *sess_find(tls_ctx *c, const char *key)
+{
+    int i;
+    for (i = 0; i < SESS_CACHE_MAX; i++)
+        if (c->cache[i].key && strcmp(c->cache[i].key, key) == 0)
+            return &c->cache[i];
+    return NULL;
+}
+
+static void sess_drop(sess_entry *e)
+{
+    free(e->key);
+    SSL_SESSION_free(e->sess);
+    e->key = NULL;
+    e->sess = NULL;
+}
+
+/* OpenSSL hands over every new client session here: TLS 1.2's at the end of the handshake,
+ * TLS 1.3 tickets whenever they arrive after it. The cache keeps a copy (the connection goes on
+ * using, and may spoil, the one given) and never takes OpenSSL's reference: returns 0. */
+static int sess_new_cb(SSL *ssl, SSL_SESSION *given)
+{
+    SSL_SESSION *sess;
+    tls_ctx *c = (tls_ctx *)SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
+    const char *key = sess_key_idx >= 0 ? (const char *)SSL_get_ex_data(ssl, sess_key_idx) : NULL;
+    sess_entry *e;
+    if (!c || !key || !SSL_SESSION_is_resumable(given))
+        return 0;
+    /* Only what passed the checks this context asks for may skip them next time. */
+    if (SSL_get_verify_mode(ssl) != SSL_VERIFY_NONE && SSL_get_verify_result(ssl) != X509_V_OK)
+        return 0;
+    if (!(sess = SSL_SESSION_dup(given)))
+        return 0;
+    e = sess_find(c, key);
+    if (e) {
+        SSL_SESSION_free(e->sess);
+        e->sess = sess;
+        return 0;
+    }
+    e = &c->cache[c->cache_next];
+    c->cache_next = (c->cache_next + 1) % SESS_CACHE_MAX;
+    if (e->key)
+        sess_drop(e);
+    e->key = strdup(key);
+    if (!e->key) {
+        SSL_SESSION_free(sess);
+        return 0;
+    }
+    e->sess = sess;
+    return 0;
+}
+
+static int ticket_key_new(ticket_key *k)
+{
+    return RAND_bytes(k->name, sizeof k->name) == 1 && RAND_bytes(k->aes, sizeof k->aes) == 1 &&
+           RAND_bytes(k->hmac, sizeof k->hmac) == 1;
+}
+
+static int ticket_rotate(tls_ctx *c)
+{
+    ticket_key k;
+    if (!ticket_key_new(&k))
+        return 0;
+    c->keys[1] = c->keys[0];
+    c->keys[0] = k;
+    OPENSSL_cleanse(&k, sizeof k);
+    if (c->nkeys < 2)
+        c->nkeys++;
+    c->rotated = time(NULL);
+    return 1;
+}
+
+static int ticket_mac_init(EVP_MAC_CTX *hctx, ticket_key *k)
+{
+    OSSL_PARAM params[3];
+    params[0] = OSSL_PARAM_construct_octet_string(OSSL_MAC_PARAM_KEY, k->hmac, sizeof k->hmac);
+    params[1] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA256", 0);
+    params[2] = OSSL_PARAM_construct_end();
+    return EVP_MAC_CTX_set_params(hctx, params);
+}
+
+/* Sealing and opening session tickets with this context's own keys (OpenSSL's default key
+ * never rotates). Returns 1: sealed; 2: opened, issue a fresh ticket; 0: not our key (a full
+ * handshake); -1: failure. */
+static int ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv, EVP_CIPHER_CTX *ectx,
+                     EVP_MAC_CTX *hctx, int enc)
+{
+    tls_ctx *c = (tls_ctx *)SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
+    int i;
+    if (!c || c->nkeys == 0)
+        return enc ? -1 : 0;
+    if (c->rotate_every > 0 && time(NULL) - c->rotated >= c->rotate_every && !ticket_rotate(c))
+        return enc ? -1 : 0;
+    if (enc) {
+        ticket_key *k = &c->keys[0];
+        if (RAND_bytes(iv, 16) != 1)
+            return -1;
+        memcpy(name, k->name, sizeof k->name);
+        if (!EVP_EncryptInit_ex(ectx, EVP_aes_256_cbc(), NULL, k->aes, iv) || !ticket_mac_init(hctx, k))
+            return -1;
+        return 1;
+    }
+    for (i = 0; i < c->nkeys; i++) {
+        ticket_key *k = &c->keys[i];
+        if (memcmp(name, k->name, sizeof k->name) != 0)
+            continue;
+        if (!ticket_mac_init(hctx, k) || !EVP_DecryptInit_ex(ectx, EVP_aes_256_cbc(), NULL, k->aes, iv))
+            return -1;
+        /* 2 also with the current key: the client gets a fresh ticket on every resumption, so
+         * none is offered twice (TLS 1.3 clients should not reuse one, RFC 8446 §C.4). */
+        return 2;
+    }
+    return 0;
+}
 
 /* OpenSSL's own socket BIO writes with write(2), which raises SIGPIPE when the peer has gone;
  * this one sends with MSG_NOSIGNAL so a vanished peer is an error, never a dead process. */
@@ -278,11 +429,12 @@ static int ctx_fail(lua_State *L, SSL_CTX *ctx, const char *what, const char *ar
 }
 
 /* core.tls_context{ mode="client"|"server", verify=, cafile=, capath=, cert=, key=, ciphers=,
- *                   min_version="TLSv1.2", max_version= } -> ctx | nil, msg */
+ *                   min_version="TLSv1.2", max_version=, ticket_rotation=3600 } -> ctx | nil, msg */
 static int l_tls_context(lua_State *L)
 {
     const char *mode, *cafile, *capath, *cert, *key, *minv, *maxv, *ciphers;
     int server, verify, vmin, vmax = 0;
+    long rotate = 3600;
     SSL_CTX *ctx;
     tls_ctx *c;
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -299,6 +451,13 @@ static int l_tls_context(lua_State *L)
     if (mode && strcmp(mode, "client") != 0 && strcmp(mode, "server") != 0)
         return luaL_error(L, "bad argument #1 to 'tls_context' (option 'mode': \"client\" or \"server\" expected)");
     server = mode && strcmp(mode, "server") == 0;
+    lua_getfield(L, 1, "ticket_rotation");
+    if (!lua_isnil(L, -1)) {
+        if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 0)
+            return luaL_error(L, "bad argument #1 to 'tls_context' (option 'ticket_rotation': seconds expected)");
+        rotate = (long)lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
     lua_getfield(L, 1, "verify");
     /* Clients verify unless told not to; servers do not ask for client certificates. */
     verify = lua_isnil(L, -1) ? !server : lua_toboolean(L, -1);
@@ -346,19 +505,70 @@ static int l_tls_context(lua_State *L)
         return ctx_fail(L, ctx, "certificate and key do not match:", cert);
 
     c = (tls_ctx *)lua_newuserdata(L, sizeof *c);
+    memset(c, 0, sizeof *c);
     c->ctx = ctx;
     c->server = server;
     luaL_setmetatable(L, SMTP_TLS_CTX);
+    /* Full userdata never move, so OpenSSL's callbacks can find the cache and keys through it;
+     * __gc clears the pointer before anything it points to goes. */
+    SSL_CTX_set_app_data(ctx, c);
+    if (server) {
+        /* Tickets only: the server keeps no session state per client. One ticket per handshake
+         * is enough for a client that resumes one connection at a time. */
+        c->rotate_every = rotate;
+        SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+        SSL_CTX_set_num_tickets(ctx, 1);
+        if (rotate > 0)
+            SSL_CTX_set_timeout(ctx, rotate * 2);
+        if (!ticket_rotate(c) || !SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb))
+            return luaL_error(L, "tls_context: cannot make session ticket keys");
+    } else {
+        if (sess_key_idx < 0)
+            sess_key_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL, sess_key_free);
+        SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+        SSL_CTX_sess_set_new_cb(ctx, sess_new_cb);
+    }
     return 1;
 }
 
 static int l_ctx_gc(lua_State *L)
 {
     tls_ctx *c = (tls_ctx *)luaL_checkudata(L, 1, SMTP_TLS_CTX);
+    int i;
     if (c->ctx) {
+        SSL_CTX_set_app_data(c->ctx, NULL);
         SSL_CTX_free(c->ctx);
         c->ctx = NULL;
     }
+    for (i = 0; i < SESS_CACHE_MAX; i++)
+        if (c->cache[i].key)
+            sess_drop(&c->cache[i]);
+    OPENSSL_cleanse(c->keys, sizeof c->keys);
+    c->nkeys = 0;
+    return 0;
+}
+
+/* ctx:rotate_ticket_key(): a new key seals tickets from now on; the one before still opens
+ * them, older ones no longer do. The server rotates by itself every ticket_rotation seconds. */
+static int l_ctx_rotate(lua_State *L)
+{
+    tls_ctx *c = check_ctx(L, 1);
+    if (!c->server)
+        return luaL_error(L, "rotate_ticket_key: not a server context");
+    if (!ticket_rotate(c))
+        return smtp_push_fail(L, "cannot make a session ticket key", "TLS");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* ctx:forget_sessions(): a client context drops every session it kept for resumption. */
+static int l_ctx_forget(lua_State *L)
+{
+    tls_ctx *c = check_ctx(L, 1);
+    int i;
+    for (i = 0; i < SESS_CACHE_MAX; i++)
+        if (c->cache[i].key)
+            sess_drop(&c->cache[i]);
     return 0;
 }
 
@@ -388,6 +598,7 @@ static int l_tls_start(lua_State *L)
     size_t namelen = 0;
     const char *name = luaL_optlstring(L, 3, NULL, &namelen);
     int verify_name = lua_isnoneornil(L, 4) || lua_toboolean(L, 4);
+    const char *skey = luaL_optstring(L, 5, NULL);
     BIO_METHOD *m;
     BIO *b;
     SSL *ssl;
@@ -430,6 +641,26 @@ static int l_tls_start(lua_State *L)
                     return smtp_push_fail(L, "cannot set the name to verify", "EINVAL");
                 }
                 SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+            }
+        }
+        if (skey && sess_key_idx >= 0) {
+            sess_entry *e = sess_find(c, skey);
+            char *k = strdup(skey);
+            if (!k || !SSL_set_ex_data(ssl, sess_key_idx, k)) {
+                free(k);
+                SSL_free(ssl);
+                return smtp_push_fail(L, "out of memory", "ENOMEM");
+            }
+            if (e) {
+                SSL_SESSION *ss = e->sess;
+                if ((time_t)SSL_SESSION_get_time(ss) + SSL_SESSION_get_timeout(ss) <= time(NULL))
+                    sess_drop(e);
+                else if ((ss = SSL_SESSION_dup(ss)) != NULL) {
+                    /* a copy per connection: OpenSSL marks the session a connection uses
+                     * (not resumable, when it ends badly), and others may be using ours */
+                    SSL_set_session(ssl, ss);
+                    SSL_SESSION_free(ss);
+                }
             }
         }
     }
@@ -488,7 +719,8 @@ static void set_name(lua_State *L, X509_NAME *n, const char *field)
 }
 
 /* sock:tls_info() -> nil | { version=, cipher=, bits=, peer_subject=, peer_issuer=,
- *                            verify_result= ("ok" or why the peer certificate fails) } */
+ *                            verify_result= ("ok" or why the peer certificate fails),
+ *                            resumed= (an earlier session was resumed: no certificate this time) } */
 static int l_tls_info(lua_State *L)
 {
     smtp_sock *s = smtp_check_sock(L, 1);
@@ -504,6 +736,8 @@ static int l_tls_info(lua_State *L)
     lua_setfield(L, -2, "cipher");
     lua_pushinteger(L, SSL_get_cipher_bits(s->ssl, NULL));
     lua_setfield(L, -2, "bits");
+    lua_pushboolean(L, SSL_session_reused(s->ssl));
+    lua_setfield(L, -2, "resumed");
     peer = SSL_get1_peer_certificate(s->ssl);
     if (peer) {
         set_name(L, X509_get_subject_name(peer), "peer_subject");
@@ -630,6 +864,8 @@ static const luaL_Reg sock_tls_methods[] = {
 
 static const luaL_Reg ctx_methods[] = {
     { "mode", l_ctx_mode },
+    { "rotate_ticket_key", l_ctx_rotate },
+    { "forget_sessions", l_ctx_forget },
     { NULL, NULL },
 };
 
@@ -639,8 +875,19 @@ static const luaL_Reg ctx_meta[] = {
     { NULL, NULL },
 };
 
+/* core.release_memory(): hands the heap's free pages back to the system. A TLS handshake
+ * allocates some 60 KB for a moment and keeps a third of it; after a burst of handshakes glibc
+ * would hold the rest, doubling what each idle TLS connection costs in RSS. */
+static int l_release_memory(lua_State *L)
+{
+    (void)L;
+    malloc_trim(0);
+    return 0;
+}
+
 static const luaL_Reg funcs[] = {
     { "tls_context", l_tls_context },
+    { "release_memory", l_release_memory },
     { NULL, NULL },
 };
 

@@ -262,6 +262,7 @@ function M.connection(opts, fname)
   end
   if opts.verify_name ~= nil and type(opts.verify_name) ~= "boolean" then misuse(fname, "verify_name: boolean expected") end
   if opts.cafile ~= nil and type(opts.cafile) ~= "string" then misuse(fname, "cafile: string expected") end
+  if opts.session_cache ~= nil and type(opts.session_cache) ~= "boolean" then misuse(fname, "session_cache: boolean expected") end
   local proxy, bind
   if opts.proxy ~= nil then
     if type(opts.proxy) == "string" then
@@ -291,6 +292,7 @@ function M.connection(opts, fname)
   return setmetatable({
     server = server, port = port, tls = tls, helo = helo, auth = opts.auth,
     verify = opts.verify ~= false, verify_name = opts.verify_name ~= false, cafile = opts.cafile,
+    session_cache = opts.session_cache ~= false,
     servername = servername or (path and "localhost") or (server:gsub("^%[(.*)%]$", "%1")),
     path = path, lmtp = lmtp,
     timeouts = check_timeouts(opts.timeout, fname),

@@ -29,6 +29,10 @@ local poller
 local running = false
 local fds, evs = {}, {}   -- reused by poller:wait
 
+-- TLS handshakes free much of what they allocate at once; the loop hands those pages back to
+-- the system when it is about to wait, at most once a second (see release_memory_later).
+local trim_due, last_trim = false, -1
+
 local EV = { r = 1, w = 2 }
 local EVNAME = { "r", "w", "rw" }
 
@@ -236,6 +240,10 @@ end
 
 function M.now() return now() end
 
+-- Asks for the heap's free pages to go back to the system before the loop next waits (called
+-- after each TLS handshake; done at most once a second, and within a second of the last ask).
+function M.release_memory_later() trim_due = true end
+
 -- Counts for tests and diagnostics: live tasks, tasks parked on fds, timer entries held.
 function M.stats()
   return { tasks = ntasks, waiting = nwaiting, timers = #heap, cancelled_timers = ncancelled }
@@ -339,6 +347,15 @@ function M.run()
         if timeout < 0 then timeout = 0 end
       elseif nwaiting == 0 then
         error("smtp.loop: " .. ntasks .. " task(s) suspended with nothing to wait for", 0)
+      end
+      if trim_due then
+        local left = last_trim + 1 - now()
+        if left <= 0 then
+          trim_due, last_trim = false, now()
+          core.release_memory()
+        elseif timeout == nil or timeout > left then
+          timeout = left
+        end
       end
       local n = poller:wait(timeout, fds, evs)
       for i = 1, n do

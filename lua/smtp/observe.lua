@@ -113,11 +113,13 @@ function M.tls_fields(info, verify)
     version = info.version or (type(info.tls) == "string" and info.tls) or nil, cipher = info.cipher,
     bits = info.bits, peer_subject = info.peer_subject, peer_issuer = info.peer_issuer,
     verify_result = vr, verified = verify and (vr == nil or vr == "ok") or false,
+    resumed = info.resumed or nil,
   }
 end
 
 function M.tls_line(t)
   local parts = { "TLS " .. tostring(t.version), tostring(t.cipher) }
+  if t.resumed then parts[#parts + 1] = "resumed" end
   if t.peer_subject then parts[#parts + 1] = "peer " .. t.peer_subject end
   if t.verify_result then
     parts[#parts + 1] = "verify " .. t.verify_result .. (t.verified and "" or " (not enforced)")

@@ -1202,7 +1202,8 @@ function M.listen(opts)
   local tls_ctx
   if o.tls then
     local err
-    tls_ctx, err = t.tls_server_context { cert = o.tls.cert, key = o.tls.key }
+    tls_ctx, err = t.tls_server_context { cert = o.tls.cert, key = o.tls.key,
+      ticket_rotation = o.tls.ticket_rotation }
     if not tls_ctx then
       return nil, errors.new { kind = "tls", text = "server certificate: " .. tostring(err and err.text), temporary = false }
     end

@@ -166,7 +166,8 @@ end
 function Conn:_handshake()
   local cfg = self.cfg
   local ok, terr = self.sock:starttls { servername = cfg.servername, verify = cfg.verify,
-    verify_name = cfg.verify_name, cafile = cfg.cafile, timeout = cfg.timeouts.tls, dane = cfg.dane }
+    verify_name = cfg.verify_name, cafile = cfg.cafile, timeout = cfg.timeouts.tls, dane = cfg.dane,
+    session_cache = cfg.session_cache }
   if not ok then
     self:_abort()
     local text = type(terr) == "table" and terr.text or tostring(terr)

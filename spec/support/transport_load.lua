@@ -5,6 +5,7 @@
 --                                          (with "tls": each one TLS, handshake done)
 --   transport_load.lua server N DIR        accept N idle connections (port in DIR/port)
 --   transport_load.lua client N PORT DIR   open N idle connections to PORT
+--                                          (IDLE_TLS=1 for TLS at both, IDLE_TLS_CERTS=dir)
 --   transport_load.lua cqserver N DIR      the same as server, written with cqueues (the peer)
 -- Each prints one line of "key=value" figures.
 local native = require "smtp.transport.native"
@@ -64,9 +65,13 @@ elseif mode == "idle" or mode == "server" or mode == "client" then
   local both = mode == "idle"
   local dir = arg[3]
   local sctx, cctx
-  if both and arg[3] == "tls" then
-    dir = nil
-    local certs = require("helper").certs()
+  -- "idle N tls", or IDLE_TLS=1 for the server and client modes (each end in its own process)
+  if (both and arg[3] == "tls") or (not both and os.getenv("IDLE_TLS") == "1") then
+    if both then dir = nil end
+    -- IDLE_TLS_CERTS: a directory scripts/make-certs.sh filled, shared by both processes
+    local cd = os.getenv("IDLE_TLS_CERTS")
+    local certs = cd and { server = cd .. "/server.pem", server_key = cd .. "/server.key", ca = cd .. "/ca.pem" }
+      or require("helper").certs()
     sctx = assert(native.tls_server_context { cert = certs.server, key = certs.server_key })
     cctx = assert(native.tls_client_context { cafile = certs.ca })
   end
@@ -126,6 +131,8 @@ elseif mode == "idle" or mode == "server" or mode == "client" then
       loop.sleep(0.05)
       if core.now() - t0 > 120 then error("only " .. parked .. " of " .. want .. " connections parked") end
     end
+    -- idle means idle: the loop hands back what the handshakes freed within a second of the last
+    if sctx or cctx then loop.sleep(1.5) end
     settle()
     local rss, lua = rss_kb(), collectgarbage("count")
     print(("mode=%s%s connections=%d seconds=%s rss_kb=%d kb_per_connection=%s lua_kb_per_connection=%s"):format(

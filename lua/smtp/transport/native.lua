@@ -2,6 +2,7 @@
 -- same calls block, yield to smtp.loop or poll under cqueues. Engines talk to this shape only.
 local core = require "smtp.core"
 local wait = require "smtp.wait"
+local loop = require "smtp.loop"
 local errors = require "smtp.errors"
 local argcheck_mod = require "smtp.argcheck"
 local url = require "smtp.url"
@@ -260,28 +261,34 @@ function M.tls_client_context(o)
   return ctx
 end
 
--- t.tls_server_context{ cert=, key=, min_version=, max_version=, ciphers= } -> ctx | nil, err
+-- t.tls_server_context{ cert=, key=, min_version=, max_version=, ciphers=, ticket_rotation=3600 }
+-- -> ctx | nil, err. Session tickets are sealed with keys of this context that rotate every
+-- ticket_rotation seconds (0: only on ctx:rotate_ticket_key()), the previous key still opening.
 function M.tls_server_context(o)
   argcheck(type(o) == "table", 1, "tls_server_context", "table expected, got " .. type(o))
   ctx_options_check(o, "tls_server_context")
   argcheck(type(o.cert) == "string", 1, "tls_server_context", "option 'cert': string expected, got " .. type(o.cert))
   argcheck(type(o.key) == "string", 1, "tls_server_context", "option 'key': string expected, got " .. type(o.key))
+  optcheck(o.ticket_rotation, "number", "tls_server_context", "ticket_rotation")
   local ctx, err = core.tls_context { mode = "server", verify = o.verify, cafile = o.cafile,
     capath = o.capath, cert = o.cert, key = o.key, min_version = o.min_version,
-    max_version = o.max_version, ciphers = o.ciphers }
+    max_version = o.max_version, ciphers = o.ciphers, ticket_rotation = o.ticket_rotation }
   if not ctx then return fail("tls", err) end
   return ctx
 end
 
-local function handshake(self, ctx, name, verify_name, timeout, what, dane)
+local function handshake(self, ctx, name, verify_name, timeout, what, dane, skey)
   local deadline = deadline_of(timeout, self.default_timeout)
   self._tls = true
-  local ok, e = self.sock:tls_start(ctx, name, verify_name)
+  local ok, e = self.sock:tls_start(ctx, name, verify_name, skey)
   if ok and dane then ok, e = self.sock:tls_dane(dane.base, dane.tlsa, dane.names) end
   if not ok then self:close(); return fail("tls", e, { phase = "tls" }) end
   while true do
     local done, msg, code = self.sock:tls_handshake()
-    if done then return true end
+    if done then
+      loop.release_memory_later()
+      return true
+    end
     if msg == "wantread" or msg == "wantwrite" then
       local w, werr = await(self, msg, deadline, what)
       if not w then werr.phase = "tls"; return nil, werr end
@@ -293,7 +300,7 @@ local function handshake(self, ctx, name, verify_name, timeout, what, dane)
 end
 
 -- s:starttls{ servername=, verify=true, verify_name=true, cafile=, capath=, timeout=,
--- min_version=, ctx= }
+-- min_version=, ctx=, session_cache=true }
 -- Client side of implicit TLS and of STARTTLS. The certificate is checked against servername,
 -- else the host connected to (an IP address as an IP address); verify_name = false checks the
 -- chain only. This transport keeps no read buffer, so there is nothing to drop here; the engine
@@ -305,6 +312,7 @@ function Conn:starttls(o)
   optcheck(o.timeout, "number", "starttls", "timeout")
   optcheck(o.verify, "boolean", "starttls", "verify")
   optcheck(o.verify_name, "boolean", "starttls", "verify_name")
+  optcheck(o.session_cache, "boolean", "starttls", "session_cache")
   local ok, err = check_conn(self, "starttls")
   if not ok then return nil, err end
   if self._tls then error("starttls: TLS is already on for this connection", 2) end
@@ -323,8 +331,16 @@ function Conn:starttls(o)
     ctx, err = M.tls_client_context(o)
     if not ctx then self:close(); err.phase = "tls"; return nil, err end
   end
+  -- Sessions are resumed only with the server they came from: the context holds the
+  -- verification settings, this key the name, port and name check. Never under DANE: its TLSA
+  -- match is made on every handshake, and a resumed one would skip it.
+  local skey
+  if o.session_cache ~= false and not o.dane then
+    skey = (name or self.address or "") .. " " .. tostring(self.port) .. " " ..
+      (o.verify_name ~= false and "name" or "chain")
+  end
   -- o.dane (smtp.dane): the chain must match these TLSA records instead of a CA and a name.
-  return handshake(self, ctx, name, o.verify_name ~= false, o.timeout, "TLS handshake", o.dane)
+  return handshake(self, ctx, name, o.verify_name ~= false, o.timeout, "TLS handshake", o.dane, skey)
 end
 
 -- s:dane_info() -> the TLSA record that authenticated the server (sock:tls_dane_info()) or nil
@@ -349,13 +365,14 @@ function Conn:shutdown()
 end
 
 -- s:info() -> { address=, port=, tls = false | "TLSv1.3", version = nil | "TLSv1.3", cipher=,
---              bits=, peer_subject=, peer_issuer=, verify_result=, reused = 0 }
+--              bits=, peer_subject=, peer_issuer=, verify_result=, resumed=, reused = 0 }
 function Conn:info()
   local t = { address = self.address, port = self.port, tls = false, reused = 0, proxy = self.proxy }
   local ti = self._tls and self.sock and self.sock:tls_info()
   if ti then
     t.tls, t.version, t.cipher, t.bits = ti.version, ti.version, ti.cipher, ti.bits
     t.peer_subject, t.peer_issuer, t.verify_result = ti.peer_subject, ti.peer_issuer, ti.verify_result
+    t.resumed = ti.resumed
   end
   return t
 end
