@@ -226,6 +226,18 @@ describe("DANE (smtp.deliver, dane = true)", function()
     assert.are.equal(0, r.dane.depth)
   end)
 
+  it("never resumes a TLS session with a DANE host: the TLSA match is made on every handshake", function()
+    local lines = {}
+    for _ = 1, 2 do
+      local r = send("ee.dane.test", nil, {
+        transcript = function(l) if l.dir == "tls" then lines[#lines + 1] = l.line end end })
+      assert.are.equal("sent", r.status, r.text)
+      assert.is_true(r.dane.verified)
+    end
+    assert.is_true(#lines >= 2, table.concat(lines, "\n"))
+    for _, l in ipairs(lines) do assert.is_nil(l:find("resumed", 1, true), l) end
+  end)
+
   it("DANE-EE(3) with selector 0 (full certificate), SHA-512 and exact matching", function()
     assert.are.equal(0, sent_verified("ee-cert.dane.test", 3, "127.0.0.11").dane.selector)
     assert.are.equal(2, sent_verified("ee-512.dane.test", 3, "127.0.0.11").dane.mtype)
