@@ -50,7 +50,12 @@ function M.new(store, faults)
   local api = { store = store, faults = faults }
 
   local function message(id)
-    local e = store:get(id)
+    -- "latest", as Mailpit's clients default to
+    if id == "latest" then
+      local l = store.list[#store.list]
+      id = l and l.id
+    end
+    local e = id and store:get(id)
     if not e then return nil end
     local msg = store:parse(e)
     return e, msg
@@ -113,6 +118,7 @@ function M.new(store, faults)
                     ["content-disposition"] = 'attachment; filename="' .. fn .. '"' }, p.content
     end
     if sub then return err(404, "not found") end
+    id = e.id
     local s = store:summary(e)
     local text, html, att, inline = store_mod.bodies(msg)
     local m = summary_json(s)
@@ -127,6 +133,11 @@ function M.new(store, faults)
     m.Tree = tree(msg)
     m.Defects = arr(msg.defects)
     return reply(200, m)
+  end
+
+  routes["GET info"] = function()
+    return reply(200, { Version = "lua-smtp", Messages = store:count(), Unread = 0, Tags = obj(),
+                        RuntimeStats = obj() })
   end
 
   -- faults through smtp.faults: GET list, POST add (JSON rule), DELETE all or /faults/{id}

@@ -56,12 +56,13 @@ function M.start(o)
     changed:signal()
   end)
 
+  -- body nil: the headers only, the stream left open (server-sent events)
   local function respond(stream, status, h, body)
     local out = headers.new()
     out:append(":status", tostring(status))
     for k, v in pairs(h or {}) do out:append(k, v) end
     out:append("cache-control", "no-store")
-    stream:write_headers(out, body == nil)
+    stream:write_headers(out, false)
     if body ~= nil then stream:write_chunk(body, true) end
   end
 
