@@ -26,8 +26,10 @@ main { flex:1; display:flex; min-height:0; }
 #list .from { font-weight:600; } #list .date { float:right; color:var(--mute); font-size:.85em; }
 #list .subj { white-space:nowrap; overflow:hidden; text-overflow:ellipsis; }
 #list .snip { color:var(--mute); font-size:.9em; white-space:nowrap; overflow:hidden; text-overflow:ellipsis; }
+#list .att { color:var(--mute); font-size:.85em; }
 #count { color:var(--mute); font-size:.9em; }
 #view { flex:1; display:flex; flex-direction:column; min-width:0; }
+#message { flex:1; display:flex; flex-direction:column; min-height:0; }
 #meta { padding:.75rem; border-bottom:1px solid var(--line); }
 #meta h2 { margin:0 0 .4rem; font-size:1.15rem; }
 #meta dl { margin:0; display:grid; grid-template-columns:auto 1fr; gap:.1rem .6rem; }
@@ -105,7 +107,7 @@ function render() {
     li.id = "msg-" + m.ID; li.setAttribute("role", "option"); li.dataset.id = m.ID;
     li.setAttribute("aria-selected", current && current.ID === m.ID ? "true" : "false");
     li.innerHTML = '<span class="date">' + esc(when(m.Created)) + '</span><div class="from">' + esc(addr(m.From)) +
-      '</div><div class="subj">' + esc(m.Subject || "(no subject)") + (m.Attachments ? " 📎" : "") + '</div><div class="snip">' + esc(m.Snippet) + '</div>';
+      '</div><div class="subj">' + esc(m.Subject || "(no subject)") + (m.Attachments ? ' <span class="att">· ' + m.Attachments + (m.Attachments > 1 ? " attachments" : " attachment") + "</span>" : "") + '</div><div class="snip">' + esc(m.Snippet) + '</div>';
     li.addEventListener("click", () => { sel = i; open(m.ID); });
     ul.appendChild(li);
   });
