@@ -46,13 +46,13 @@ function M.start(o)
   local page = require "smtp.inbox.page"
   local cq = cqueues.new()
   local changed = condition.new()
-  local events = {}   -- the change log the streams read: { seq, what, x }
+  local events = {}   -- the change log the streams read: seq -> { what, x }, the last 1000
   local eseq = 0
 
   store:watch(function(what, x)
     eseq = eseq + 1
-    events[#events + 1] = { seq = eseq, what = what, x = x }
-    if #events > 1000 then table.remove(events, 1) end
+    events[eseq] = { what = what, x = x }
+    events[eseq - 1000] = nil   -- a stream further behind than that has lost them anyway
     changed:signal()
   end)
 
@@ -66,7 +66,8 @@ function M.start(o)
     if body ~= nil then stream:write_chunk(body, true) end
   end
 
-  -- The stream of changes as server-sent events: "new" with the summary, "delete" with the ids.
+  -- The stream of changes as server-sent events: "new" with the id and envelope, "delete" with the
+-- ids; the changes that come while one write is under way go together in the next.
   local function sse(stream)
     respond(stream, 200, { ["content-type"] = "text/event-stream" })
     local last = eseq
@@ -74,15 +75,19 @@ function M.start(o)
     while ok do
       changed:wait(15)
       local buf = {}
-      for _, ev in ipairs(events) do
-        if ev.seq > last then
-          last = ev.seq
-          if ev.what == "new" then
-            local s = store:get(ev.x.id) and store:summary(ev.x)
-            if s then buf[#buf + 1] = "event: new\ndata: " .. api.json.encode(api.summary_json(s)) .. "\n\n" end
-          else
-            buf[#buf + 1] = "event: delete\ndata: " .. api.json.encode(setmetatable(ev.x, { __jsontype = "array" })) .. "\n\n"
-          end
+      for n = math.max(last + 1, eseq - 999), eseq do
+        local ev = events[n]
+        last = n
+        if ev.what == "new" then
+          -- the envelope only: parsing each message here would slow the SMTP side while a page
+          -- is open; the page asks the API for the summaries it shows
+          local e = ev.x
+          local to = setmetatable({}, { __jsontype = "array" })
+          for i, r in ipairs(e.to or {}) do to[i] = r end
+          buf[#buf + 1] = "event: new\ndata: " .. api.json.encode({ ID = e.id, Size = e.size or 0,
+            From = e.from or "", To = to }) .. "\n\n"
+        else
+          buf[#buf + 1] = "event: delete\ndata: " .. api.json.encode(setmetatable(ev.x, { __jsontype = "array" })) .. "\n\n"
         end
       end
       ok = stream:write_chunk(#buf > 0 and table.concat(buf) or ": ping\n\n", false)

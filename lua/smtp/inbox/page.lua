@@ -183,8 +183,11 @@ document.addEventListener("keydown", (e) => {
   else if ("12345".includes(e.key) && current) { show(["html", "text", "headers", "raw", "mime"][+e.key - 1]); }
 });
 const es = new EventSource("/api/v1/events");
-es.addEventListener("new", () => load());
-es.addEventListener("delete", () => load());
+// a burst of mail reloads the list once
+let pending = null;
+const later = () => { if (!pending) pending = setTimeout(() => { pending = null; load(); }, 150); };
+es.addEventListener("new", later);
+es.addEventListener("delete", later);
 load();
 </script>
 </body>
