@@ -68,12 +68,15 @@ function M.start(o)
 
   -- The stream of changes as server-sent events: "new" with the id and envelope, "delete" with the
 -- ids; the changes that come while one write is under way go together in the next.
+  local quote = api.json.quotestring
   local function sse(stream)
     respond(stream, 200, { ["content-type"] = "text/event-stream" })
     local last = eseq
     local ok = stream:write_chunk(": hello\n\n", false)
     while ok do
-      changed:wait(15)
+      if eseq == last then changed:wait(15) end
+      -- a burst of mail goes out in one write, not one write per message
+      if eseq > last then cqueues.sleep(0.05) end
       local buf = {}
       for n = math.max(last + 1, eseq - 999), eseq do
         local ev = events[n]
@@ -82,10 +85,10 @@ function M.start(o)
           -- the envelope only: parsing each message here would slow the SMTP side while a page
           -- is open; the page asks the API for the summaries it shows
           local e = ev.x
-          local to = setmetatable({}, { __jsontype = "array" })
-          for i, r in ipairs(e.to or {}) do to[i] = r end
-          buf[#buf + 1] = "event: new\ndata: " .. api.json.encode({ ID = e.id, Size = e.size or 0,
-            From = e.from or "", To = to }) .. "\n\n"
+          local to = {}
+          for i, r in ipairs(e.to or {}) do to[i] = quote(r) end
+          buf[#buf + 1] = ('event: new\ndata: {"ID":%s,"Size":%d,"From":%s,"To":[%s]}\n\n'):format(
+            quote(e.id), e.size or 0, quote(e.from or ""), table.concat(to, ","))
         else
           buf[#buf + 1] = "event: delete\ndata: " .. api.json.encode(setmetatable(ev.x, { __jsontype = "array" })) .. "\n\n"
         end
