@@ -58,7 +58,8 @@ best() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b) ? a : b }'; }
 least() { awk -v a="$1" -v b="$2" 'BEGIN { print (a == "" || b < a) ? b : a }'; }
 
 # --http: instead, `lua-smtp sink` without and with its web inbox (--http, a browser's event stream
-# connected so every message is announced), to a Maildir and in memory, rounds interleaved.
+# connected so every message is announced; EVENTS=0: none), to a Maildir and in memory, rounds
+# interleaved.
 if [ "${1:-}" = "--http" ]; then
   ROUNDS=${ROUNDS:-3}
   # the sink keeps smtp.server's 1,000 transactions per session: 20 sessions carry fewer than 20,000
@@ -74,15 +75,15 @@ if [ "${1:-}" = "--http" ]; then
         $LUA "$top/bin/lua-smtp" sink --listen "127.0.0.1:$port" $st $extra >/dev/null 2>&1 & p=$!; pids="$pids $p"
         wait_port "$port"
         ev=""
-        if [ $mode = web ]; then
+        if [ $mode = web ] && [ "${EVENTS:-1}" = 1 ]; then
           wait_port "$hport"
           curl -s -N "http://127.0.0.1:$hport/api/v1/events" >"$tmp/events" 2>/dev/null & ev=$!; pids="$pids $ev"
         fi
         run "$store-$mode"
         if [ $mode = web ]; then
           web=$(best "$web" "$rate"); web_cpu=$(least "$web_cpu" "$cpu")
-          kill $ev 2>/dev/null
-          [ "$(grep -c '^event: new' "$tmp/events")" -gt 0 ] || echo "  (no events reached the stream)"
+          [ -z "$ev" ] || kill $ev 2>/dev/null
+          [ -z "$ev" ] || [ "$(grep -c '^event: new' "$tmp/events")" -gt 0 ] || echo "  (no events reached the stream)"
         else
           plain=$(best "$plain" "$rate"); plain_cpu=$(least "$plain_cpu" "$cpu")
         fi

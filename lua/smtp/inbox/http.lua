@@ -48,12 +48,21 @@ function M.start(o)
   local changed = condition.new()
   local events = {}   -- the change log the streams read: seq -> { what, x }, the last 1000
   local eseq = 0
+  local waiting = 0   -- coroutines in changed:wait
+  local function wait_change(t)
+    waiting = waiting + 1
+    changed:wait(t)
+    waiting = waiting - 1
+  end
 
   store:watch(function(what, x)
     eseq = eseq + 1
+    -- the envelope, not the entry: the ring must not keep dropped messages' bytes alive
+    if what == "new" then x = { id = x.id, size = x.size, from = x.from, to = x.to } end
     events[eseq] = { what = what, x = x }
     events[eseq - 1000] = nil   -- a stream further behind than that has lost them anyway
-    changed:signal()
+    -- a signal wakes the controller (a step, syscalls): only when someone waits
+    if waiting > 0 then changed:signal() end
   end)
 
   -- body nil: the headers only, the stream left open (server-sent events)
@@ -74,7 +83,7 @@ function M.start(o)
     local last = eseq
     local ok = stream:write_chunk(": hello\n\n", false)
     while ok do
-      if eseq == last then changed:wait(15) end
+      if eseq == last then wait_change(15) end
       -- a burst of mail goes out in one write, not one write per message
       if eseq > last then cqueues.sleep(0.05) end
       local buf = {}
@@ -116,7 +125,7 @@ function M.start(o)
       if left <= 0 then
         return respond(stream, 408, { ["content-type"] = "text/plain" }, "no matching message before the timeout\n")
       end
-      changed:wait(left)
+      wait_change(left)
     end
   end
 
