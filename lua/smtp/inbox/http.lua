@@ -57,8 +57,8 @@ function M.start(o)
 
   store:watch(function(what, x)
     eseq = eseq + 1
-    -- the envelope, not the entry: the ring must not keep dropped messages' bytes alive
-    if what == "new" then x = { id = x.id, size = x.size, from = x.from, to = x.to } end
+    -- not the entry: the ring must not keep dropped messages' bytes alive
+    if what == "new" then x = { id = x.id, size = x.size } end
     events[eseq] = { what = what, x = x }
     events[eseq - 1000] = nil   -- a stream further behind than that has lost them anyway
     -- a signal wakes the controller (a step, syscalls): only when someone waits
@@ -75,9 +75,8 @@ function M.start(o)
     if body ~= nil then stream:write_chunk(body, true) end
   end
 
-  -- The stream of changes as server-sent events: "new" with the id and envelope, "delete" with the
+  -- The stream of changes as server-sent events: "new" with the id and size, "delete" with the
 -- ids; the changes that come while one write is under way go together in the next.
-  local quote = api.json.quotestring
   local function sse(stream)
     respond(stream, 200, { ["content-type"] = "text/event-stream" })
     local last = eseq
@@ -91,13 +90,9 @@ function M.start(o)
         local ev = events[n]
         last = n
         if ev.what == "new" then
-          -- the envelope only: parsing each message here would slow the SMTP side while a page
+          -- the id and size only: the SMTP side pays for every byte formatted here while a page
           -- is open; the page asks the API for the summaries it shows
-          local e = ev.x
-          local to = {}
-          for i, r in ipairs(e.to or {}) do to[i] = quote(r) end
-          buf[#buf + 1] = ('event: new\ndata: {"ID":%s,"Size":%d,"From":%s,"To":[%s]}\n\n'):format(
-            quote(e.id), e.size or 0, quote(e.from or ""), table.concat(to, ","))
+          buf[#buf + 1] = ('event: new\ndata: {"ID":"%s","Size":%d}\n\n'):format(ev.x.id, ev.x.size or 0)
         else
           buf[#buf + 1] = "event: delete\ndata: " .. api.json.encode(setmetatable(ev.x, { __jsontype = "array" })) .. "\n\n"
         end
