@@ -102,9 +102,9 @@ local function parse(args)
   end
   if o.maildir and o.mbox then error({ usage = "--maildir and --mbox exclude each other" }) end
   if o.memory and (o.maildir or o.mbox) then error({ usage = "--memory excludes --maildir and --mbox" }) end
-  if o.max_messages and not o.memory then error({ usage = "--max-messages goes with --memory" }) end
   -- the inbox needs the messages: without a Maildir or mbox they are kept in memory
   if o.http and not (o.maildir or o.mbox) then o.memory = true end
+  if o.max_messages and not o.memory then error({ usage = "--max-messages goes with --memory" }) end
   if o.http_public and not o.http then error({ usage = "--http-public goes with --http" }) end
   if o.http then
     local h, p = o.http:match("^%[(.+)%]:(%d+)$")
