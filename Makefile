@@ -67,10 +67,11 @@ demo: deps build/lua5.4/smtp/core.so
 	@lua5.4 examples/demo.lua
 
 install: build/lua5.4/smtp/core.so
-	install -d $(DESTDIR)$(LUA_LMOD)/smtp/transport $(DESTDIR)$(LUA_LMOD)/smtp/cli $(DESTDIR)$(LUA_CMOD)/smtp $(DESTDIR)$(PREFIX)/bin
+	install -d $(DESTDIR)$(LUA_LMOD)/smtp/transport $(DESTDIR)$(LUA_LMOD)/smtp/cli $(DESTDIR)$(LUA_LMOD)/smtp/inbox $(DESTDIR)$(LUA_CMOD)/smtp $(DESTDIR)$(PREFIX)/bin
 	install -m 644 lua/smtp/*.lua $(DESTDIR)$(LUA_LMOD)/smtp/
 	install -m 644 lua/smtp/transport/*.lua $(DESTDIR)$(LUA_LMOD)/smtp/transport/
 	install -m 644 lua/smtp/cli/*.lua $(DESTDIR)$(LUA_LMOD)/smtp/cli/
+	install -m 644 lua/smtp/inbox/*.lua $(DESTDIR)$(LUA_LMOD)/smtp/inbox/
 	install -m 755 build/lua5.4/smtp/core.so $(DESTDIR)$(LUA_CMOD)/smtp/core.so
 	install -m 755 bin/lua-smtp $(DESTDIR)$(PREFIX)/bin/lua-smtp
 

@@ -3,6 +3,7 @@
 # against smtp.server with a counting on_message, Postfix smtp-sink, aiosmtpd's Sink and our
 # `lua-smtp sink` writing a Maildir, in the same run; then 5,000 idle connections held by
 # smtp.server and its memory per connection. ROUNDS (default 3) interleaved rounds, best counts.
+# `bench/server.sh --http`: the sink without and with its web inbox instead (see below).
 set -u
 cd "$(dirname "$0")/.."
 top=$(pwd)
@@ -55,6 +56,46 @@ run() {
 show() { printf '  %-34s %6s msgs/s, server CPU %4s us/msg  (best of %d rounds of %d messages)\n' "$1" "$2" "$3" "$ROUNDS" "$MSGS"; }
 best() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b) ? a : b }'; }
 least() { awk -v a="$1" -v b="$2" 'BEGIN { print (a == "" || b < a) ? b : a }'; }
+
+# --http: instead, `lua-smtp sink` without and with its web inbox (--http, a browser's event stream
+# connected so every message is announced; EVENTS=0: none), to a Maildir and in memory, rounds
+# interleaved.
+if [ "${1:-}" = "--http" ]; then
+  ROUNDS=${ROUNDS:-3}
+  # the sink keeps smtp.server's 1,000 transactions per session: 20 sessions carry fewer than 20,000
+  [ "$MSGS" -lt 20000 ] || MSGS=10000
+  echo "smtp-source -s 20 -d -m $MSGS -l 4096 ($LUA), lua-smtp sink without and with --http:"
+  for store in ${STORES:-maildir memory}; do
+    plain=0; web=0; plain_cpu=; web_cpu=
+    for r in $(seq "$ROUNDS"); do
+      for mode in plain web; do
+        port=$(free_port); hport=$(free_port); rm -rf "$tmp/Maildir"
+        if [ $store = maildir ]; then st="--maildir $tmp/Maildir"; else st="--memory --max-messages 1000"; fi
+        if [ $mode = web ]; then extra="--http 127.0.0.1:$hport"; else extra=""; fi
+        $LUA "$top/bin/lua-smtp" sink --listen "127.0.0.1:$port" $st $extra >/dev/null 2>&1 & p=$!; pids="$pids $p"
+        wait_port "$port"
+        ev=""
+        if [ $mode = web ] && [ "${EVENTS:-1}" = 1 ]; then
+          wait_port "$hport"
+          curl -s -N "http://127.0.0.1:$hport/api/v1/events" >"$tmp/events" 2>/dev/null & ev=$!; pids="$pids $ev"
+        fi
+        run "$store-$mode"
+        if [ $mode = web ]; then
+          web=$(best "$web" "$rate"); web_cpu=$(least "$web_cpu" "$cpu")
+          [ -z "$ev" ] || kill $ev 2>/dev/null
+          [ -z "$ev" ] || [ "$(grep -c '^event: new' "$tmp/events")" -gt 0 ] || echo "  (no events reached the stream)"
+        else
+          plain=$(best "$plain" "$rate"); plain_cpu=$(least "$plain_cpu" "$cpu")
+        fi
+        kill $p; wait $p 2>/dev/null
+      done
+    done
+    show "sink --$store" "$plain" "$plain_cpu"
+    show "sink --$store --http" "$web" "$web_cpu"
+    echo "$web $plain" | awk -v s="$store" '{ printf "ratio: --%s with --http / without = %.2fx (target >= 0.9x)\n", s, $1/$2 }'
+  done
+  exit 0
+fi
 
 # Each server runs ROUNDS times, interleaved, and its best round counts: on a shared machine a
 # background burst then hurts nobody's figure more than another's.

@@ -15,14 +15,18 @@ set -eu
 # its DNS resolver; openssl (test certificates); luarocks (the rockspec); microsocks (SOCKS5) and
 # tinyproxy (HTTP CONNECT; the -bin package: the binary without a system service); Dovecot's LMTP
 # server (dovecot-core, dovecot-lmtpd: a private instance the LMTP client delivers to); haproxy
-# (sends the PROXY protocol to the server). Fuzzing and the sanitizer
+# (sends the PROXY protocol to the server); lua-http and lua-dkjson (the sink's web inbox), headless
+# Chromium with chromium-driver and python3-selenium (the inbox in a browser), nodejs (runs Mailpit's
+# API client, fetched from the npm registry at test time with npm, which the spec fetches too when
+# the system has none). Fuzzing and the sanitizer
 # build: clang with its runtime. valgrind for `make test-valgrind`. DANE's DNSSEC test bed: NSD
 # (authoritative), unbound (the validating resolver), ldnsutils (ldns-keygen, ldns-signzone).
 PKGS="build-essential make pkg-config lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua-busted
 lua-compat53-dev libssl-dev libc-ares-dev libidn2-dev idn2 luarocks lua-cqueues openssl python3
 python3-aiosmtpd python3-dnspython python3-dkim python3-authres python3-idna python3-icalendar python3-spf lua-yaml publicsuffix postfix swaks libnet-ssleay-perl perl msmtp curl dnsmasq-base nginx
 libnginx-mod-http-lua lua-nginx-dns clang libclang-rt-14-dev valgrind microsocks tinyproxy-bin
-dovecot-core dovecot-lmtpd haproxy nsd unbound ldnsutils"
+dovecot-core dovecot-lmtpd haproxy nsd unbound ldnsutils lua-http lua-dkjson chromium chromium-driver
+python3-selenium nodejs"
 
 # What each capability needs: a shell test, and the package that provides it.
 check() {
@@ -35,6 +39,8 @@ check() {
   lua5.4 -e 'require "lyaml"' 2>/dev/null || failed="$failed lyaml(lua-yaml)"
   [ -s /usr/share/publicsuffix/public_suffix_list.dat ] || failed="$failed public-suffix-list(publicsuffix)"
   [ -x /usr/sbin/dnsmasq ] || failed="$failed dnsmasq(dnsmasq-base)"
+  /usr/bin/python3 -c 'import selenium' 2>/dev/null || failed="$failed selenium(python3-selenium)"
+  [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || failed="$failed chromium(chromium,chromium-driver)"
   [ -x /usr/lib/postfix/sbin/master ] && command -v smtp-sink >/dev/null 2>&1 ||
     failed="$failed postfix(postfix)"
   [ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/lmtp ] || failed="$failed dovecot-lmtp(dovecot-core,dovecot-lmtpd)"
@@ -42,7 +48,7 @@ check() {
     failed="$failed dnssec-bed(nsd,unbound,ldnsutils)"
   ls /usr/share/nginx/modules-available/*http-lua*.conf >/dev/null 2>&1 ||
     failed="$failed nginx-lua(libnginx-mod-http-lua)"
-  for c in cc make pkg-config lua5.4 luajit busted openssl curl msmtp nginx luarocks idn2 microsocks tinyproxy haproxy; do
+  for c in cc make pkg-config lua5.4 luajit busted openssl curl msmtp nginx luarocks idn2 microsocks tinyproxy haproxy node; do
     command -v "$c" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin" command -v "$c" >/dev/null 2>&1 ||
       failed="$failed $c"
   done

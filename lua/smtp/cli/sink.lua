@@ -38,10 +38,15 @@ usage: lua-smtp sink --listen HOST:PORT [--maildir DIR | --mbox FILE] [options]
                          peers in NET (an address or CIDR network; repeatable); the client it
                          names is the one logged and written in Received. Other peers are closed
   --xclient-trusted NET  accept XCLIENT (Postfix's) from peers in NET (repeatable)
+  --http HOST:PORT       serve the web inbox and its JSON API (/api/v1, Mailpit's shape) there;
+                         loopback addresses only unless --http-public (needs lua-http)
+  --http-public          let --http listen on an address other hosts can reach
+  --memory               keep messages in memory only (with or without --http)
+  --max-messages N       with --memory: keep the newest N, the oldest dropped (default 1000)
   -v, --verbose          print each session's conversation on stderr ("<-" from the client,
                          "->" the replies, "*" connections and TLS), prefixed by its connection
                          id; AUTH data shown as [redacted], message data by its size
-Without --maildir or --mbox messages are counted and printed, not stored.
+Without --maildir, --mbox or --memory messages are counted and printed, not stored.
 Each stored message is the data as received (CRLF line ends) after a `Return-Path: <sender>` line,
 one `Delivered-To: <recipient>` line per recipient and a `Received:` header in Postfix's form. In
 the printed line each envelope address is written <addr> with space, ", \, <, >, comma and
@@ -67,6 +72,12 @@ local function parse(args)
     if a == "--help" or a == "-h" then o.help = true
     elseif a == "-v" or a == "--verbose" then o.verbose = true
     elseif a == "--lmtp" then o.lmtp = true
+    elseif a == "--http" then o.http = val(a)
+    elseif a == "--http-public" then o.http_public = true
+    elseif a == "--memory" then o.memory = true
+    elseif a == "--max-messages" then
+      o.max_messages = tonumber(val(a))
+      if not o.max_messages or o.max_messages < 1 then error({ usage = "--max-messages: a positive number expected" }) end
     elseif a == "--listen" then o.listen = val(a)
     elseif a == "--maildir" then o.maildir = val(a)
     elseif a == "--mbox" then o.mbox = val(a)
@@ -101,6 +112,21 @@ local function parse(args)
     if why then error({ usage = "--" .. k .. "-trusted: " .. why }) end
   end
   if o.maildir and o.mbox then error({ usage = "--maildir and --mbox exclude each other" }) end
+  if o.memory and (o.maildir or o.mbox) then error({ usage = "--memory excludes --maildir and --mbox" }) end
+  -- the inbox needs the messages: without a Maildir or mbox they are kept in memory
+  if o.http and not (o.maildir or o.mbox) then o.memory = true end
+  if o.max_messages and not o.memory then error({ usage = "--max-messages goes with --memory" }) end
+  if o.http_public and not o.http then error({ usage = "--http-public goes with --http" }) end
+  if o.http then
+    local h, p = o.http:match("^%[(.+)%]:(%d+)$")
+    if not h then h, p = o.http:match("^(.+):(%d+)$") end
+    if not h and o.http:match("^%d+$") then h, p = "127.0.0.1", o.http end
+    if not h then error({ usage = "--http HOST:PORT" }) end
+    if not o.http_public and not require("smtp.inbox.http").is_loopback(h) then
+      error({ usage = "--http " .. o.http .. " is not a loopback address: add --http-public to serve other hosts" })
+    end
+    o.http_host, o.http_port = h, tonumber(p)
+  end
   if (o.cert == nil) ~= (o.key == nil) then error({ usage = "--tls-cert and --tls-key go together" }) end
   if o.implicit and not o.cert then error({ usage = "--tls-implicit needs --tls-cert and --tls-key" }) end
   if o.auth_from == "--auth-env" then
@@ -237,6 +263,14 @@ function M.main(args)
     store_dir = (o.mbox:match("^(.*)/[^/]*$") or ".")
   end
 
+  -- the index the web inbox reads (--http), or the memory store alone (--memory)
+  local inbox
+  if o.http or o.memory then
+    inbox = require("smtp.inbox.store").new {
+      kind = o.memory and "memory" or o.maildir and "maildir" or o.mbox and "mbox" or "none",
+      max = o.memory and (o.max_messages or 1000) or nil }
+  end
+
   local user, pass
   if o.auth then user, pass = o.auth:match("^([^:]*):(.*)$") end
 
@@ -259,6 +293,7 @@ function M.main(args)
     local wok, werr = true, nil
     if f then wok, werr = f:write(table.concat(head)) end
     local size, hbuf, hlen = 0, {}, 0
+    local all = o.memory and { table.concat(head) } or nil
     while true do
       local chunk, rerr = reader:read(65536)
       if not chunk then
@@ -271,6 +306,7 @@ function M.main(args)
       size = size + #chunk
       if hlen < 65536 then hbuf[#hbuf + 1] = chunk; hlen = hlen + #chunk end
       if f and wok then wok, werr = f:write(chunk) end
+      if all then all[#all + 1] = chunk end
     end
     if f then
       if wok then wok, werr = f:sync() end
@@ -278,7 +314,7 @@ function M.main(args)
       if not wok then os.remove(tmp); return nil, werr end
     end
     -- without a store there is no file, but the message arrived whole: "" (true) for on_message
-    return tmp or "", size, subject_of(table.concat(hbuf))
+    return tmp or "", size, subject_of(table.concat(hbuf)), all and table.concat(all)
   end
 
   -- The mbox under its lock. Waiting must not stop the loop (other sessions, other messages):
@@ -304,7 +340,8 @@ function M.main(args)
     if not mb then return nil, err end
     local start = mb:size()
     local okw, werr = true, nil
-    local function w(s) if okw then okw, werr = mb:write(s) end end
+    local written = 0
+    local function w(s) if okw then okw, werr = mb:write(s); written = written + #s end end
     local sender = env.from ~= "" and env.from or "MAILER-DAEMON"
     w("From " .. sender:gsub("%s", "_") .. " " .. os.date("!%a %b %e %H:%M:%S %Y") .. "\r\n")
     local q = from_quoter(w)
@@ -324,16 +361,17 @@ function M.main(args)
     mb:close()
     os.remove(tmp)
     if not okw then return nil, werr end
-    return o.mbox
+    return o.mbox, start, start + written
   end
 
   local function on_message(session, env, reader)
-    local tmp, size, subject = receive(session, env, reader)
+    local tmp, size, subject, raw = receive(session, env, reader)
     if not tmp then
       if size then return false, 451, "4.3.0 " .. tostring(size) end
       return false
     end
     local file
+    local entry = inbox and { size = size, from = env.from, to = env.to, raw = raw }
     if o.maildir then
       local name = tmp:match("([^/]+)$")
       file = o.maildir .. "/new/" .. name
@@ -342,10 +380,14 @@ function M.main(args)
       -- the rename is only durable once the directory is: no 250 before that
       local sok, serr = core.fsync_dir(o.maildir .. "/new")
       if not sok then os.remove(file); return false, 451, "4.3.0 " .. tostring(serr) end
+      if entry then entry.file = file end
     elseif o.mbox then
-      local mok, merr = deliver_mbox(tmp, env)
+      local mok, merr, stop = deliver_mbox(tmp, env)
       if not mok then os.remove(tmp); return false, 451, "4.3.0 " .. tostring(merr) end
       file = o.mbox
+      if entry then entry.mbox = { path = o.mbox, start = merr, stop = stop } end
+    elseif o.memory then
+      file = "memory"
     else
       file = "-"
     end
@@ -354,6 +396,7 @@ function M.main(args)
     io.stdout:write(("from=%s to=%s size=%d subject=%q file=%s client=[%s]\n"):format(
       logaddr(env.from), table.concat(to, ","), size, (subject:gsub("[%c]", " ")), file,
       tostring(session.address)))
+    if entry then inbox:add(entry) end
     return true
   end
 
@@ -380,13 +423,34 @@ function M.main(args)
     log = function(msg) io.stderr:write("lua-smtp sink: ", msg, "\n") end,
     transcript = o.verbose and args_mod.transcript_printer(io.stderr, "server") or nil,
   }
-  local srv, err = server.listen(o.faults and o.faults:hooks(lopts) or lopts)
+  -- faults on demand (smtp.faults): the --fail rules, and with --http the ones its API sets
+  local faults = o.faults
+  if not faults and o.http then faults = require("smtp.faults").new() end
+  local srv, err = server.listen(faults and faults:hooks(lopts) or lopts)
   if not srv then
     io.stderr:write("lua-smtp sink: ", tostring(err), "\n")
     return 1
   end
   if o.path then io.stderr:write(("lua-smtp sink: listening on %s\n"):format(o.path))
   else io.stderr:write(("lua-smtp sink: listening on %s port %d\n"):format(o.host, srv.port)) end
+  local web
+  if o.http then
+    -- the index and lua-http's modules are a heap that lives as long as the process: Lua 5.4's
+    -- generational collector leaves it alone in its minor cycles, where the incremental one
+    -- would mark all of it again every cycle, for each message's few short-lived strings
+    if _VERSION == "Lua 5.4" then collectgarbage("generational") end
+    local werr
+    web, werr = require("smtp.inbox.http").start {
+      host = o.http_host, port = o.http_port, store = inbox, faults = faults, public = o.http_public,
+      log = function(msg) io.stderr:write("lua-smtp sink: ", msg, "\n") end }
+    if not web then
+      io.stderr:write("lua-smtp sink: --http: ", tostring(werr), "\n")
+      srv:close()
+      return 1
+    end
+    io.stderr:write(("lua-smtp sink: web inbox on http://%s:%d/\n"):format(
+      o.http_host:find(":", 1, true) and "[" .. o.http_host .. "]" or o.http_host, web.port))
+  end
   io.stderr:flush()
   srv:serve()
   return 0
