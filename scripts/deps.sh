@@ -18,7 +18,7 @@ set -eu
 # (sends the PROXY protocol to the server); lua-http and lua-dkjson (the sink's web inbox), headless
 # Chromium with chromium-driver and python3-selenium (the inbox in a browser), nodejs (runs Mailpit's
 # API client, fetched from the npm registry at test time with npm, which the spec fetches too when
-# the system has none). Fuzzing and the sanitizer
+# the system has none; ca-certificates lets curl and npm verify the registry). Fuzzing and the sanitizer
 # build: clang with its runtime. valgrind for `make test-valgrind`. DANE's DNSSEC test bed: NSD
 # (authoritative), unbound (the validating resolver), ldnsutils (ldns-keygen, ldns-signzone).
 PKGS="build-essential make pkg-config lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua-busted
@@ -26,7 +26,7 @@ lua-compat53-dev libssl-dev libc-ares-dev libidn2-dev idn2 luarocks lua-cqueues 
 python3-aiosmtpd python3-dnspython python3-dkim python3-authres python3-idna python3-icalendar python3-spf lua-yaml publicsuffix postfix swaks libnet-ssleay-perl perl msmtp curl dnsmasq-base nginx
 libnginx-mod-http-lua lua-nginx-dns clang libclang-rt-14-dev valgrind microsocks tinyproxy-bin
 dovecot-core dovecot-lmtpd haproxy nsd unbound ldnsutils lua-http lua-dkjson chromium chromium-driver
-python3-selenium nodejs"
+python3-selenium nodejs ca-certificates"
 
 # What each capability needs: a shell test, and the package that provides it.
 check() {
@@ -39,6 +39,7 @@ check() {
   lua5.4 -e 'require "lyaml"' 2>/dev/null || failed="$failed lyaml(lua-yaml)"
   [ -s /usr/share/publicsuffix/public_suffix_list.dat ] || failed="$failed public-suffix-list(publicsuffix)"
   [ -x /usr/sbin/dnsmasq ] || failed="$failed dnsmasq(dnsmasq-base)"
+  [ -s /etc/ssl/certs/ca-certificates.crt ] || failed="$failed ca-certificates(ca-certificates)"
   /usr/bin/python3 -c 'import selenium' 2>/dev/null || failed="$failed selenium(python3-selenium)"
   [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || failed="$failed chromium(chromium,chromium-driver)"
   [ -x /usr/lib/postfix/sbin/master ] && command -v smtp-sink >/dev/null 2>&1 ||

@@ -221,8 +221,8 @@ describe("lua-smtp sink --http (web inbox API)", function()
     -- comes without it)
     local npm = "npm"
     if helper.sh("command -v npm") == "" then
-      local got = helper.sh("cd " .. helper.quote(dir) .. " && curl -fsSL --max-time 120 "
-        .. "https://registry.npmjs.org/npm/-/npm-10.9.2.tgz | tar xz 2>&1; echo EXIT:$?")
+      local got = helper.sh("cd " .. helper.quote(dir) .. " && curl -fsSL --retry 3 --max-time 120 -o npm.tgz "
+        .. "https://registry.npmjs.org/npm/-/npm-10.9.2.tgz 2>&1 && tar xzf npm.tgz 2>&1; echo EXIT:$?")
       assert(got:match("EXIT:0"), "fetching npm from the registry failed: " .. got)
       npm = "node " .. helper.quote(dir .. "/package/bin/npm-cli.js")
     end
