@@ -26,6 +26,7 @@ int smtp_open_sink(lua_State *L);
 /* sink.c: a file object owning fd (:write :sync :size :truncate :close), and an exclusive flock
  * that does not wait; shared with the spool (spool.c). */
 void smtp_push_file(lua_State *L, int fd);
+int smtp_push_locked_file(lua_State *L, int fd, const char *path);
 int smtp_flock_nb(int fd);
 int smtp_open_codec(lua_State *L);
 int smtp_open_idna(lua_State *L);

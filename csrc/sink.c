@@ -47,6 +47,24 @@ void smtp_push_file(lua_State *L, int fd)
     luaL_setmetatable(L, FILE_MT);
 }
 
+/* Takes fd's exclusive flock without waiting and pushes it as a file object -> 1; when another
+ * process holds the lock: fd closed, nil, "path: ...", "locked" -> 3; another failure -> 2. */
+int smtp_push_locked_file(lua_State *L, int fd, const char *path)
+{
+    if (smtp_flock_nb(fd) < 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        push_errno(L, path);
+        if (e != EWOULDBLOCK)
+            return 2;
+        lua_pushliteral(L, "locked");
+        return 3;
+    }
+    smtp_push_file(L, fd);
+    return 1;
+}
+
 /* core.sink_file(path, "create" | "append") -> file | nil, msg [, "locked"]
  * "create" fails if the file exists (Maildir tmp/); "append" takes an exclusive flock (mbox)
  * without waiting: when another process holds it, nil, msg, "locked". */
@@ -59,18 +77,8 @@ static int l_sink_file(lua_State *L)
     int fd = open(path, flags, 0600);
     if (fd < 0)
         return push_errno(L, path);
-    if (m == 1) {
-        if (smtp_flock_nb(fd) < 0) {
-            int e = errno;
-            close(fd);
-            errno = e;
-            push_errno(L, path);
-            if (e != EWOULDBLOCK)
-                return 2;
-            lua_pushliteral(L, "locked");
-            return 3;
-        }
-    }
+    if (m == 1)
+        return smtp_push_locked_file(L, fd, path);
     smtp_push_file(L, fd);
     return 1;
 }

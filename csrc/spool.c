@@ -57,17 +57,7 @@ static int l_spool_lock(lua_State *L)
         lua_pushliteral(L, "missing");
         return 3;
     }
-    if (smtp_flock_nb(fd) < 0) {
-        int e = errno;
-        close(fd);
-        push_err(L, e, path);
-        if (e != EWOULDBLOCK)
-            return 2;
-        lua_pushliteral(L, "locked");
-        return 3;
-    }
-    smtp_push_file(L, fd);
-    return 1;
+    return smtp_push_locked_file(L, fd, path);
 }
 
 /* core.spool_list(dir) -> { names } | nil, msg: every entry but "." and "..", unsorted. */

@@ -1,11 +1,16 @@
 -- JSON text for the command line's --json output and reports: strings (control bytes, quotes
 -- and backslashes escaped), finite numbers, booleans, nil as null, and tables: a sequence is an
 -- array, anything else an object with its keys sorted (so output is stable); an empty table is
--- an object unless it has the ARRAY metatable.
+-- an object unless it has the ARRAY metatable; json.object keeps a given key order.
 local M = {}
 
 local ARRAY = {}
 M.ARRAY = ARRAY
+
+-- json.object{ { key, value }, ... }: an object whose keys are written in this order (a pair whose
+-- value is nil is left out), for formats whose readers expect their documents' order.
+local ORDERED = {}
+function M.object(list) return setmetatable({ list = list }, ORDERED) end
 
 local ESCAPES = { ['"'] = '\\"', ["\\"] = "\\\\", ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t" }
 
@@ -26,6 +31,19 @@ local function put(v, out)
     end
   elseif t == "boolean" then
     out[#out + 1] = tostring(v)
+  elseif t == "table" and getmetatable(v) == ORDERED then
+    out[#out + 1] = "{"
+    local first = true
+    for _, kv in ipairs(v.list) do
+      if kv[2] ~= nil then
+        if not first then out[#out + 1] = "," end
+        first = false
+        out[#out + 1] = M.string(kv[1])
+        out[#out + 1] = ":"
+        put(kv[2], out)
+      end
+    end
+    out[#out + 1] = "}"
   elseif t == "table" then
     if #v > 0 or (next(v) == nil and getmetatable(v) == ARRAY) then
       out[#out + 1] = "["

@@ -88,45 +88,11 @@ function Report:record(o)
   return true
 end
 
--- JSON -------------------------------------------------------------------------------------
--- Objects are lists of { key, value } pairs so that the output's order is fixed.
-
-local escapes = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f", ["\n"] = "\\n",
-  ["\r"] = "\\r", ["\t"] = "\\t" }
-local function jstring(s)
-  return '"' .. s:gsub('[%c"\\]', function(c)
-    return escapes[c] or ("\\u%04x"):format(c:byte())
-  end) .. '"'
-end
-
-local encode
-local function obj(pairs_list) return { obj = pairs_list } end
-function encode(v, out)
-  local t = type(v)
-  if t == "string" then out[#out + 1] = jstring(v)
-  elseif t == "number" then out[#out + 1] = ("%d"):format(v)
-  elseif t == "boolean" then out[#out + 1] = tostring(v)
-  elseif v.obj then
-    out[#out + 1] = "{"
-    local first = true
-    for _, kv in ipairs(v.obj) do
-      if kv[2] ~= nil then
-        if not first then out[#out + 1] = "," end
-        first = false
-        out[#out + 1] = jstring(kv[1]) .. ":"
-        encode(kv[2], out)
-      end
-    end
-    out[#out + 1] = "}"
-  else
-    out[#out + 1] = "["
-    for i, x in ipairs(v) do
-      if i > 1 then out[#out + 1] = "," end
-      encode(x, out)
-    end
-    out[#out + 1] = "]"
-  end
-end
+-- JSON through smtp.json; objects keep RFC 8460's order (json.object), lists are arrays even
+-- when empty.
+local json = require "smtp.json"
+local obj = json.object
+local function list(t) return t and setmetatable(t, json.ARRAY) end
 
 -- RFC 3339 date-time in UTC from seconds since the epoch (or a string given as is).
 local function datetime(t, what)
@@ -156,8 +122,8 @@ function Report:report(start, stop)
     end
     policies[#policies + 1] = obj {
       { "policy", obj {
-        { "policy-type", e.ptype }, { "policy-string", e.strings }, { "policy-domain", e.domain },
-        { "mx-host", e.mx },
+        { "policy-type", e.ptype }, { "policy-string", list(e.strings) }, { "policy-domain", e.domain },
+        { "mx-host", list(e.mx) },
       } },
       { "summary", obj { { "total-successful-session-count", e.ok }, { "total-failure-session-count", e.failed } } },
       { "failure-details", #details > 0 and details or nil },
@@ -168,11 +134,9 @@ function Report:report(start, stop)
     { "date-range", obj { { "start-datetime", datetime(start, 2) }, { "end-datetime", datetime(stop, 3) } } },
     { "contact-info", self.contact },
     { "report-id", self.id },
-    { "policies", policies },
+    { "policies", list(policies) },
   }
-  local out = {}
-  encode(doc, out)
-  return table.concat(out)
+  return json.encode(doc)
 end
 
 -- r:reset(): forgets every recorded session (after a report was written for them).
