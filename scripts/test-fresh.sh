@@ -64,6 +64,13 @@ echo "test-fresh: building a minimal Debian 12 root in $root"
 rmdir "$root"
 mmdebstrap --quiet --variant=apt --mode=root bookworm "$root" "$sources"
 cp /etc/hosts "$root/etc/hosts"
+# The certificate authorities this machine adds to Debian's (a network that inspects TLS has its
+# own): the root trusts what this machine trusts once ca-certificates is installed, as it uses
+# this machine's package sources.
+if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+  mkdir -p "$root/usr/local/share/ca-certificates"
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+fi
 # Daemons a package would start on install (nginx, postfix) would run in this machine's network
 # namespace, outside any spec's control: a container has no init to start them either.
 printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"

@@ -226,6 +226,9 @@ describe("lua-smtp sink --http (web inbox API)", function()
       assert(got:match("EXIT:0"), "fetching npm from the registry failed: " .. got)
       npm = "node " .. helper.quote(dir .. "/package/bin/npm-cli.js")
     end
+    -- node trusts the system's certificate authorities too, as curl does
+    local bundle = "/etc/ssl/certs/ca-certificates.crt"
+    if helper.read(bundle) then npm = "NODE_EXTRA_CA_CERTS=" .. bundle .. " " .. npm end
     local out = helper.sh("cd " .. helper.quote(dir) .. " && " .. npm .. " init -y >/dev/null 2>&1 && " .. npm
       .. " install --no-audit --no-fund mailpit-api@2 2>&1; echo EXIT:$?")
     assert(out:match("EXIT:0"), "npm install mailpit-api failed: " .. out)
