@@ -633,7 +633,7 @@ end, { key = function() return record end }))
 print(rs[1].result, math.floor(peak))
 ]])
     local record = "v=DKIM1; k=ed25519; p=" .. k.ed_p
-    local out = helper.sh(helper.lua .. " " .. helper.quote(dir .. "/big.lua") .. " " .. helper.quote(k.ed_path)
+    local out = helper.sh(helper.lua_cmd() .. " " .. helper.quote(dir .. "/big.lua") .. " " .. helper.quote(k.ed_path)
       .. " " .. helper.quote(record) .. " 2>&1")
     local result, peak = out:match("^(%a+)\t(%d+)\n$")
     assert.equal("pass", result, out)

@@ -30,6 +30,15 @@ do
   helper.root = dir or os.getenv("PWD") or "."
 end
 helper.lua = os.getenv("SMTP_TEST_LUA") or "lua5.4"
+
+-- The interpreter as a shell command word for helper.sh (which strips the sanitizer runtime from
+-- what it runs): our own Lua gets it back, as helper.spawn gives it.
+function helper.lua_cmd()
+  local env = {}
+  for k, v in pairs(helper.preload) do env[#env + 1] = k .. "=" .. helper.quote(v) end
+  if #env == 0 then return helper.lua end
+  return "env " .. table.concat(env, " ") .. " " .. helper.lua
+end
 helper.python = "/usr/bin/python3"
 
 -- A fresh directory removed at exit of the process (best effort).

@@ -58,7 +58,7 @@ describe("message.parse streams a big attachment in bounded memory (issue 17)", 
   it("200 MB of base64 through a function source, heap < 20 MB", function()
     local dir = helper.tmpdir()
     helper.write(dir .. "/big.lua", script)
-    local out = helper.sh(helper.lua .. " " .. helper.quote(dir .. "/big.lua") .. " " .. MB .. " 2>&1")
+    local out = helper.sh(helper.lua_cmd() .. " " .. helper.quote(dir .. "/big.lua") .. " " .. MB .. " 2>&1")
     local bad, size, want, partsize, text, ndefects, peak, base =
       out:match("^(%d+)\t(%d+)\t(%d+)\t(%d+)\t([^\t]*)\t(%d+)\t(%d+)\t(%d+)\n$")
     assert.truthy(bad, out)

@@ -41,7 +41,7 @@ describe("relaying through a real Postfix", function()
     local mark = pf.mark()
     local out, ok = helper.sh(("cd %s && env RELAY_HOST=127.0.0.1 RELAY_PORT=%d RELAY_CAFILE=%s COUNT=%d "
       .. "MAIL_FROM=app@example.com MAIL_TO=you@example.org timeout 60 %s examples/postfix-relay/send.lua 2>&1")
-      :format(q(helper.root), pf.port, q(pf.ca), N, helper.lua))
+      :format(q(helper.root), pf.port, q(pf.ca), N, helper.lua_cmd()))
     assert(ok, out)
     local qids, mids = {}, {}
     for mid, qid in out:gmatch("queued (<[^>]+>) (%w+)\n") do qids[#qids + 1] = qid; mids[#mids + 1] = mid end
