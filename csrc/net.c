@@ -207,6 +207,24 @@ static int bind_local(int fd, const sockaddr_any *b, socklen_t blen, int bport)
     return bind(fd, &b->sa, blen);
 }
 
+/* Starts a non-blocking connect on fd and pushes the socket (connecting, or connected at once;
+ * connect_finish completes it) -> 1, or closes fd -> nil, msg, code. */
+static int connect_push(lua_State *L, int fd, const sockaddr_any *a, socklen_t alen)
+{
+    int flags = 0;
+    if (connect(fd, &a->sa, alen) < 0) {
+        if (errno == EINPROGRESS || errno == EINTR) {
+            flags = SOCK_F_CONNECTING;
+        } else {
+            int e = errno;
+            close(fd);
+            return push_errno(L, e);
+        }
+    }
+    new_sock(L, fd, flags);
+    return 1;
+}
+
 /* core.connect_start(ip, port [, bind_ip [, bind_port]]) -> sock | nil, msg, code
  * A bind address of another family than ip fails with code "EAFNOSUPPORT"; one this host does
  * not hold with "EADDRNOTAVAIL" (the message then starts with "bind"). */
@@ -218,7 +236,7 @@ static int l_connect_start(lua_State *L)
     int bport = (int)luaL_optinteger(L, 4, 0);
     sockaddr_any a, b;
     socklen_t alen, blen = 0;
-    int fd, flags = 0;
+    int fd;
     if (bport < 0 || bport > 65535)
         return luaL_argerror(L, 4, "port out of range");
     if (!addr_parse(ip, port, &a, &alen))
@@ -241,17 +259,7 @@ static int l_connect_start(lua_State *L)
         snprintf(msg, sizeof msg, "bind %s: %s", bip, strerror(e));
         return smtp_push_fail(L, msg, errno_name(e));
     }
-    if (connect(fd, &a.sa, alen) < 0) {
-        if (errno == EINPROGRESS || errno == EINTR) {
-            flags = SOCK_F_CONNECTING;
-        } else {
-            int e = errno;
-            close(fd);
-            return push_errno(L, e);
-        }
-    }
-    new_sock(L, fd, flags);
-    return 1;
+    return connect_push(L, fd, &a, alen);
 }
 
 /* core.connect_unix(path) -> sock | nil, msg, code: a stream connection to a Unix socket (an
@@ -263,23 +271,13 @@ static int l_connect_unix(lua_State *L)
     const char *path = luaL_checklstring(L, 1, &n);
     sockaddr_any a;
     socklen_t alen;
-    int fd, flags = 0;
+    int fd;
     if (!unix_addr(path, n, &a, &alen))
         return smtp_push_fail(L, "not a usable socket path (empty, a NUL, or too long)", "EINVAL");
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return push_errno(L, errno);
-    if (connect(fd, &a.sa, alen) < 0) {
-        if (errno == EINPROGRESS || errno == EINTR) {
-            flags = SOCK_F_CONNECTING;
-        } else {
-            int e = errno;
-            close(fd);
-            return push_errno(L, e);
-        }
-    }
-    new_sock(L, fd, flags);
-    return 1;
+    return connect_push(L, fd, &a, alen);
 }
 
 /* sock:connect_finish() -> true | nil,"wantwrite" | nil,msg,code */
