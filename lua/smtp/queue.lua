@@ -41,7 +41,6 @@ local function serialize(v)
   if not text then error(why .. (path ~= "" and (" at " .. path) or ""), 0) end
   return text
 end
-M._serialize = serialize
 
 local function read_all(path)
   local f = io.open(path, "rb")
