@@ -1729,6 +1729,14 @@ void smtp_server_free(smtp_server *s)
 
 void smtp_server_set_trace(smtp_server *s, int on) { s->trace = on; }
 
+void smtp_server_set_hooks(smtp_server *s, int mail, int rcpt, int data, int starttls)
+{
+    s->cfg.hook_mail = mail;
+    s->cfg.hook_rcpt = rcpt;
+    s->cfg.hook_data = data;
+    s->cfg.hook_starttls = starttls;
+}
+
 const char *smtp_server_trace(const smtp_server *s, size_t *n)
 {
     *n = s->tr_len;

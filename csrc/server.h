@@ -135,6 +135,9 @@ void smtp_server_get_usage(const smtp_server *s, smtp_server_usage *u);
  * records not taken yet; smtp_server_trace_taken() drops them. */
 #define SMTP_SERVER_TRACE_MARKER "[redacted]"
 void smtp_server_set_trace(smtp_server *s, int on);
+/* Turns the MAIL, RCPT, DATA and STARTTLS decisions (hook_mail ... hook_starttls) on or off for
+ * the commands that come from now on; a decision already asked for is still awaited. */
+void smtp_server_set_hooks(smtp_server *s, int mail, int rcpt, int data, int starttls);
 const char *smtp_server_trace(const smtp_server *s, size_t *n);
 void smtp_server_trace_taken(smtp_server *s);
 /* Envelope of the current transaction. */

@@ -367,6 +367,15 @@ static int l_trace_take(lua_State *L)
     return 1;
 }
 
+/* e:hooks(mail, rcpt, data, starttls): which of those commands wait for a decision from now on */
+static int l_hooks(lua_State *L)
+{
+    smtp_server *s = check_engine(L);
+    smtp_server_set_hooks(s, lua_toboolean(L, 2), lua_toboolean(L, 3), lua_toboolean(L, 4),
+                          lua_toboolean(L, 5));
+    return 0;
+}
+
 static int l_engine_tostring(lua_State *L)
 {
     lengine *e = luaL_checkudata(L, 1, ENGINE_MT);
@@ -383,7 +392,8 @@ int smtp_open_server(lua_State *L)
         { "rcpt_count", l_rcpt_count },
         { "user", l_user },
         { "tls", l_tls }, { "usage", l_usage }, { "trace", l_trace },
-        { "trace_take", l_trace_take }, { "lmtp_due", l_lmtp_due }, { NULL, NULL }
+        { "trace_take", l_trace_take }, { "lmtp_due", l_lmtp_due },
+        { "hooks", l_hooks }, { NULL, NULL }
     };
     static const luaL_Reg meta[] = {
         { "__gc", l_engine_gc }, { "__tostring", l_engine_tostring }, { NULL, NULL }

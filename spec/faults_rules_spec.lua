@@ -122,6 +122,29 @@ describe("smtp.faults against smtp.send (in-process server)", function()
     assert.equal(2, f:list()[1].hits)
   end)
 
+  it("a rule added while a session is open applies to its next command, and removed, no longer", function()
+    local f = faults.new()
+    with_server(f, nil, function(port)
+      local conn = assert(smtp.connect { server = "127.0.0.1", port = port, tls = "none", helo = "client.test",
+        timeout = 5 })
+      -- the session began with no rule: its MAIL and RCPT were answered without a hook
+      assert(conn:send { from = "a@example.com", to = { "b@example.org" }, message = MSG })
+      local id = assert(f:add { at = "rcpt", code = 452, enhanced = "4.2.2", match = "full@*" })
+      assert(f:add { at = "mail", code = 451, match = "late@*", times = 1 })
+      local res = assert(conn:send { from = "a@example.com", to = { "b@example.org", "full@example.org" },
+        message = MSG })
+      assert.same({ "b@example.org" }, res.accepted)
+      assert.equal(452, res.rejected[1].code)
+      local _, err = conn:send { from = "late@example.com", to = { "b@example.org" }, message = MSG }
+      assert.equal("mail", err.phase)
+      assert.equal(451, err.code)
+      assert(f:remove(id))
+      res = assert(conn:send { from = "a@example.com", to = { "full@example.org" }, message = MSG })
+      assert.same({ "full@example.org" }, res.accepted)
+      conn:close()
+    end)
+  end)
+
   it("refuses the end of data with 554, storing nothing, and a 'full@' match means any domain", function()
     local f = faults.new()
     assert(f:add { at = "data_end", code = 554, match = "full@" })

@@ -135,7 +135,7 @@ Faults.__index = Faults
 
 -- faults.new() -> f: an empty set of rules.
 function M.new()
-  return setmetatable({ rules = {}, next_id = 1 }, Faults)
+  return setmetatable({ rules = {}, next_id = 1, servers = setmetatable({}, { __mode = "k" }) }, Faults)
 end
 
 -- f:add(rule) -> id | nil, err
@@ -147,6 +147,7 @@ function Faults:add(r)
   c.hits = 0
   self.next_id = self.next_id + 1
   self.rules[#self.rules + 1] = c
+  self:_changed()
   return c.id
 end
 
@@ -171,6 +172,7 @@ function Faults:remove(id)
   for i, c in ipairs(self.rules) do
     if c.id == id or tostring(c.id) == tostring(id) then
       table.remove(self.rules, i)
+      self:_changed()
       return true
     end
   end
@@ -180,6 +182,7 @@ end
 -- f:clear() -> true
 function Faults:clear()
   self.rules = {}
+  self:_changed()
   return true
 end
 
@@ -206,7 +209,7 @@ function Faults:_take(at, subject)
     if c.at == at and matches(c, subject) then
       c.hits = c.hits + 1
       if c.times then c.times = c.times - 1 end
-      if c.times == 0 then table.remove(rules, i) else i = i + 1 end
+      if c.times == 0 then table.remove(rules, i); self:_changed() else i = i + 1 end
       delay = delay + (c.delay or 0)
       if c.hide then
         hide = hide or {}
@@ -225,6 +228,12 @@ function Faults:_take(at, subject)
     end
   end
   return delay, decide, hide, adv
+end
+
+-- The servers whose hooks these rules drive (f:hooks' opts._gate) ask their live sessions again
+-- which commands must wait for a hook.
+function Faults:_changed()
+  for srv in pairs(self.servers) do srv:_regate() end
 end
 
 function Faults:_has(at)
@@ -268,6 +277,10 @@ local function drain(reader)
   while reader:read(65536) do end
 end
 
+-- The phases whose commands need a round through Lua only while a rule (or a hook of the
+-- application's) is there to decide them, with that hook's name.
+local GATED = { mail = "on_mail", rcpt = "on_rcpt", data = "on_data", starttls = "on_starttls" }
+
 -- f:hooks(opts) -> a copy of server.listen's opts whose hooks apply the rules first, then call
 -- the ones opts had (or accept).
 function Faults:hooks(opts)
@@ -278,6 +291,14 @@ function Faults:hooks(opts)
   local f = self
   local o = {}
   for k, v in pairs(opts) do o[k] = v end
+  -- MAIL, RCPT, DATA and STARTTLS go through Lua only while a rule for them exists (or the
+  -- opts had a hook of their own): smtp.server asks the gate per session and again on changes
+  o._gate = {
+    has = function(at)
+      return f:_has(at) or opts[GATED[at]] ~= nil
+    end,
+    watch = function(srv) f.servers[srv] = true end,
+  }
   local on = {}
   for _, k in ipairs { "on_connect", "on_helo", "on_mail", "on_rcpt", "on_data", "on_message", "on_starttls",
     "on_auth" } do on[k] = opts[k] end

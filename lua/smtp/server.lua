@@ -310,10 +310,30 @@ local function left(rec, timeout) return min(timeout, rec.t_end - now()) end
 
 local proxied
 
+-- Whether MAIL, RCPT, DATA and STARTTLS wait for a decision in a session: their hook is set and
+-- its gate (o._gate, smtp.faults' rules) says it may have something to decide, or a per-client
+-- limit counts them. A hook that has nothing to decide costs no round through Lua per command.
+local function hook_flags(o, cl)
+  local g = o._gate
+  local function on(hook, at) return o[hook] ~= nil and (g == nil or g.has(at)) end
+  return on("on_mail", "mail") or (cl and o.max_client_messages and true) or false,
+    on("on_rcpt", "rcpt") or (cl and o.max_client_recipients and true) or false,
+    on("on_data", "data"), on("on_starttls", "starttls")
+end
+
+-- The gate's rules changed: every live session's engine asks for the decisions it now needs.
+local function regate(srv)
+  local o = srv.opts
+  for rec in pairs(srv.sessions) do
+    if type(rec.eng) == "userdata" then rec.eng:hooks(hook_flags(o, rec.cl)) end
+  end
+end
+
 -- The session's engine, or why it could not be made (a string). Behind a proxy it is fed what
 -- the client sent after the PROXY header (nothing, unless it did not wait for the greeting).
 local function new_engine(srv, cl, ip, conn)
   local o = srv.opts
+  local hmail, hrcpt, hdata, hstarttls = hook_flags(o, cl)
   local xc = srv.xclient_trusted
   if xc then xc = xc(ip) and 2 or 1 end
   local ok, eng = pcall(core.server_engine, {
@@ -322,11 +342,10 @@ local function new_engine(srv, cl, ip, conn)
     max_commands = o.max_commands or nil, max_transactions = o.max_transactions or nil,
     tls = srv.tls_ctx ~= nil and not srv.implicit, tls_active = srv.implicit,
     auth = o.auth ~= nil, auth_plaintext = srv.auth_plaintext, require_auth = o.require_auth,
-    normalize = o.normalize_newlines, hook_mail = o.on_mail ~= nil or (cl and o.max_client_messages and true),
-    hook_rcpt = o.on_rcpt ~= nil or (cl and o.max_client_recipients and true), lmtp = o.lmtp,
+    normalize = o.normalize_newlines, hook_mail = hmail, hook_rcpt = hrcpt, lmtp = o.lmtp,
     hook_helo = o.on_helo ~= nil, hook_rset = o.on_rset ~= nil, xclient = xc,
     requiretls = o.requiretls == true,
-    hook_data = o.on_data ~= nil, hook_starttls = o.on_starttls ~= nil,
+    hook_data = hdata, hook_starttls = hstarttls,
   })
   if not ok then return str(eng) end
   local p = srv.proxy_trusted and proxied[conn]
@@ -681,7 +700,7 @@ local function run_session(srv, conn, ip, port, cl)
   -- (bytes): its data may take data_timeout plus one second per data_rate bytes.
   local rec = { conn = conn, eng = eng, session = session, idle = false, full = false,
     t_end = now() + (o.max_session_time or huge), cap = 0, cmd_t = false, cmd_n = 0, msg_t = false,
-    bytes = 0 }
+    bytes = 0, cl = cl or false }
   srv.sessions[rec] = true
   local dead = false       -- the connection is gone (closed, reset, timed out)
   local stash              -- an event the reader pulled that belongs to the main loop
@@ -1098,6 +1117,7 @@ end
 -- The front door's steps, as methods: a session's closures reach them through `srv`, so none
 -- of them holds one more upvalue per session.
 Server._connect_hook, Server._auth_hook, Server._notify, Server._xclient = connect_hook, auth_hook, notify, xclient
+Server._regate = regate
 
 function Server:_log(msg)
   if self.opts.log then pcall(self.opts.log, msg) end
@@ -1232,6 +1252,7 @@ function M.listen(opts)
     proxy_trusted = pp and cidr.list(pp.trusted), proxy_timeout = pp and pp.timeout or 5,
     xclient_trusted = xc and cidr.list(xc.trusted),
   }, Server)
+  if o._gate then o._gate.watch(srv) end
   return srv
 end
 
