@@ -268,7 +268,10 @@ function M.main(args)
   if o.http or o.memory then
     inbox = require("smtp.inbox.store").new {
       kind = o.memory and "memory" or o.maildir and "maildir" or o.mbox and "mbox" or "none",
-      max = o.memory and (o.max_messages or 1000) or nil }
+      max = o.memory and (o.max_messages or 1000) or nil, maildir = o.maildir, mbox = o.mbox,
+      lock_wait = o.lock_wait }
+    -- the mail there already is listed too, oldest first
+    inbox:load()
   end
 
   local user, pass
