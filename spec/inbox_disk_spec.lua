@@ -14,9 +14,9 @@ local function raw_of(hport, id)
   return body
 end
 
-local function ls(dir)
+local function ls(dir)   -- dot files too
   local out = {}
-  for name in helper.sh("ls " .. helper.quote(dir)):gmatch("[^\n]+") do out[#out + 1] = name end
+  for name in helper.sh("ls -A " .. helper.quote(dir)):gmatch("[^\n]+") do out[#out + 1] = name end
   return out
 end
 
@@ -224,5 +224,18 @@ describe("lua-smtp sink --http over mail stored before it started", function()
     assert.equal(200, (http(hport, "DELETE", "/api/v1/messages", json.encode { IDs = { l.messages[2].ID } })))
     assert.same({ "two" }, python_subjects(mbox))
     assert.same({ "two" }, subjects(get_json(hport, "/api/v1/messages")))
+    -- a second sink appending to the same mbox writes to the rewritten file; what it stored is
+    -- not this inbox's, and deleting all this inbox lists keeps it
+    local port2 = helper.free_port()
+    local other = helper.spawn({ helper.lua, helper.root .. "/bin/lua-smtp", "sink", "--listen",
+      "127.0.0.1:" .. port2, "--mbox", mbox }, { limit = 60 })
+    assert(helper.wait_port("127.0.0.1", port2, 10), "second sink did not start: " .. other:output())
+    swaks(port2, { "--to", "bob@y.test", "--header", "Subject: from the other sink" })
+    swaks(port, { "--to", "bob@y.test", "--header", "Subject: three" })
+    assert.same({ "two", "from the other sink", "three" }, python_subjects(mbox))
+    assert.same({ "three", "two" }, subjects(get_json(hport, "/api/v1/messages")))
+    assert.equal(200, (http(hport, "DELETE", "/api/v1/messages")))
+    assert.same({ "from the other sink" }, python_subjects(mbox))
+    assert.same({ "mbox" }, ls(dir))
   end)
 end)

@@ -21,7 +21,8 @@ usage: lua-smtp sink --listen HOST:PORT [--maildir DIR | --mbox FILE] [options]
   --auth-file FILE       the same, USER:PASS taken from FILE (one final line end ignored),
                          so the password is not in the process's arguments
   --lock-wait SECONDS    how long a message waits for an mbox locked by another process
-                         (default 10; other sessions go on meanwhile), then 451 4.3.0
+                         (default 10; other sessions go on meanwhile), then 451 4.3.0; a
+                         delete in the web inbox waits as long
   --max-size BYTES       largest message accepted (552 beyond)
   --max-recipients N     recipients per message (452 beyond)
   --hostname NAME        name in the greeting and EHLO reply

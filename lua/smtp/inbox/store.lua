@@ -27,17 +27,13 @@ function M.new(opts)
                         mbox = opts.mbox, lock_wait = opts.lock_wait or 10 }, Store)
 end
 
-local function rand_hex(n)
-  local t = {}
-  for i = 1, n do t[i] = ("%x"):format(math.random(0, 15)) end
-  return table.concat(t)
-end
 
 -- Adds a message: e = { raw = data (memory), file = path (maildir), mbox = { path, start, stop }
 -- (mbox), head = its header block, size, from, to = { ... } (the envelope) }. Returns its id.
 function Store:add(e)
   self.seq = self.seq + 1
-  e.id = e.id or ("%08x%04x%s"):format(os.time(), self.seq % 0x10000, rand_hex(8))
+  e.id = e.id or ("%08x%04x%04x%04x"):format(os.time(), self.seq % 0x10000, math.random(0, 0xffff),
+                                              math.random(0, 0xffff))
   e.created = e.created or os.time()
   e.seq = self.seq
   local l = self.list
@@ -148,12 +144,13 @@ function Store:load()
     for _, sub in ipairs { "new", "cur" } do
       local dir = self.maildir .. "/" .. sub
       for _, f in ipairs(core.sink_list(dir) or {}) do
-        f.path, f.key = dir .. "/" .. f.name, name_key(f.name)
+        f.path = dir .. "/" .. f.name
         files[#files + 1] = f
       end
     end
     table.sort(files, function(a, b)
       if a.mtime ~= b.mtime then return a.mtime < b.mtime end
+      a.key, b.key = a.key or name_key(a.name), b.key or name_key(b.name)   -- seldom needed
       return a.key < b.key
     end)
     for _, f in ipairs(files) do self:add { file = f.path, created = math.floor(f.mtime) } end
@@ -557,10 +554,14 @@ function Store:page(match, start, limit)
   local out, total = {}, 0
   for i = #self.list, 1, -1 do
     local e = self.list[i]
-    local s = not e.gone and self:summary(e)
-    if s and not e.gone and (not match or match(s)) then
+    -- without a query only the page's own messages are read (a summary may find a file gone)
+    local s = match and not e.gone and self:summary(e)
+    if not e.gone and (not match or match(s)) then
       total = total + 1
-      if total > start and #out < limit then out[#out + 1] = s end
+      if total > start and #out < limit then
+        s = s or self:summary(e)
+        if e.gone then total = total - 1 else out[#out + 1] = s end
+      end
     end
   end
   self:compact()
