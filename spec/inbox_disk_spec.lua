@@ -61,16 +61,23 @@ describe("lua-smtp sink --http over mail stored before it started", function()
 
     local new = ls(md .. "/new")
     assert.equal(2, #new)
-    -- the same mtime for both: their names (seconds, microseconds, pid, counter) order them
+    -- the same mtime for both: their names (seconds, pid, counter) order them
     for _, n in ipairs(new) do touch(md .. "/new/" .. n, 1700000100) end
     local hand = md .. "/cur/1600000000.M5P7.other:2,S"
     helper.write(hand, HAND)
     touch(hand, 1700000000)
+    -- two of the sink's names with one mtime, whose microseconds (a monotonic clock's) disagree
+    -- with their counter: the counter orders them
+    for i, n in ipairs { "1700000050.M999999P42Q1.h", "1700000050.M7P42Q2.h" } do
+      helper.write(md .. "/new/" .. n, "Return-Path: <tie@x.test>\r\nDelivered-To: t@y.test\r\nSubject: tie "
+        .. i .. "\r\n\r\nx\r\n")
+      touch(md .. "/new/" .. n, 1700000050)
+    end
 
     local _, port2, hport2 = sink({ "--maildir", md })
     local l = get_json(hport2, "/api/v1/messages")
-    assert.equal(3, l.total)
-    assert.same({ "second from sink", "first from sink", "written by hand" }, subjects(l))
+    assert.equal(5, l.total)
+    assert.same({ "second from sink", "first from sink", "tie 2", "tie 1", "written by hand" }, subjects(l))
     -- the sink's messages as the earlier run listed them: envelope, size, headers
     for i = 1, 2 do
       local a, b = l.messages[i], before[i]
@@ -80,7 +87,9 @@ describe("lua-smtp sink --http over mail stored before it started", function()
     end
     assert.same({ { Name = "", Address = "hidden@y.test" } }, l.messages[1].Bcc)
     assert.equal("2023-11-14T22:15:00Z", l.messages[1].Created)
-    local h = l.messages[3]
+    assert.same({ { Name = "", Address = "t@y.test" } }, l.messages[4].Bcc)
+    assert.same({ Name = "", Address = "tie@x.test" }, l.messages[4].From)
+    local h = l.messages[5]
     assert.same({ Name = "Hand Writer", Address = "hand@other.test" }, h.From)
     assert.same({ { Name = "Reader", Address = "reader@other.test" } }, h.To)
     assert.same({ { Name = "", Address = "copy@other.test" } }, h.Cc)
@@ -101,7 +110,7 @@ describe("lua-smtp sink --http over mail stored before it started", function()
     -- new mail on top
     swaks(port2, { "--to", "dave@y.test", "--header", "Subject: after start" })
     l = get_json(hport2, "/api/v1/messages")
-    assert.same({ "after start", "second from sink", "first from sink", "written by hand" }, subjects(l))
+    assert.same({ "after start", "second from sink", "first from sink", "tie 2", "tie 1", "written by hand" }, subjects(l))
 
     -- the hand-written one in cur/ is deleted with its file
     assert.equal(200, (http(hport2, "DELETE", "/api/v1/messages", json.encode { IDs = { h.ID } })))
@@ -115,8 +124,8 @@ describe("lua-smtp sink --http over mail stored before it started", function()
     assert.equal(404, (http(hport2, "GET", "/api/v1/message/" .. first.ID)))
     assert.equal(404, (http(hport2, "GET", "/api/v1/message/" .. first.ID .. "/raw")))
     l = get_json(hport2, "/api/v1/messages")
-    assert.same({ "after start", "second from sink" }, subjects(l))
-    assert.equal(2, l.total)
+    assert.same({ "after start", "second from sink", "tie 2", "tie 1" }, subjects(l))
+    assert.equal(4, l.total)
   end)
 
   it("indexes an mbox in file order, deletes bytes from it, and empties it", function()

@@ -27,9 +27,9 @@ function M.new(opts)
                         mbox = opts.mbox, lock_wait = opts.lock_wait or 10 }, Store)
 end
 
-
 -- Adds a message: e = { raw = data (memory), file = path (maildir), mbox = { path, start, stop }
--- (mbox), head = its header block, size, from, to = { ... } (the envelope) }. Returns its id.
+-- (mbox), head = its header block, size, from, to = { ... } (the envelope; left out for mail
+-- indexed at start, see envelope()), created, sender (an mbox From_ line's) }. Returns its id.
 function Store:add(e)
   self.seq = self.seq + 1
   e.id = e.id or ("%08x%04x%04x%04x"):format(os.time(), self.seq % 0x10000, math.random(0, 0xffff),
@@ -41,6 +41,7 @@ function Store:add(e)
   self.by_id[e.id] = e
   if self.max and #l > self.max then
     local old = table.remove(l, 1)   -- oldest first in the list: the list is in arrival order
+    if old.gone then self.ngone = self.ngone - 1 end
     self.by_id[old.id] = nil
     self:notify("delete", { old.id })
   end
@@ -78,10 +79,15 @@ end
 
 -- Loading what is on disk at start ---------------------------------------------------------------
 
--- A name's sort key with its digit runs compared as numbers: the sink's names are
--- SECONDS.M<microseconds>P<pid>Q<counter>.host, whose parts are not zero-padded.
+-- A name's sort key, for files with the same mtime. The sink's names are
+-- SECONDS.M<microseconds>P<pid>Q<counter>.host, but its microseconds come from the monotonic
+-- clock, not the wall clock's second: one process's files order by seconds then counter. Other
+-- names: digit runs compared as numbers.
+local function pad(d) return ("0"):rep(24 - #d) .. d end
 local function name_key(name)
-  return (name:gsub("%d+", function(d) return ("0"):rep(24 - #d) .. d end))
+  local sec, pid, n = name:match("^(%d+)%.M%d+P(%d+)Q(%d+)%.")
+  if sec then return pad(sec) .. "P" .. pad(pid) .. "Q" .. pad(n) end
+  return (name:gsub("%d+", pad))
 end
 
 -- Seconds since the epoch of a civil UTC date (no time zone of this machine involved).
