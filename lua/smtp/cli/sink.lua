@@ -21,7 +21,8 @@ usage: lua-smtp sink --listen HOST:PORT [--maildir DIR | --mbox FILE] [options]
   --auth-file FILE       the same, USER:PASS taken from FILE (one final line end ignored),
                          so the password is not in the process's arguments
   --lock-wait SECONDS    how long a message waits for an mbox locked by another process
-                         (default 10; other sessions go on meanwhile), then 451 4.3.0
+                         (default 10; other sessions go on meanwhile), then 451 4.3.0; a
+                         delete in the web inbox waits as long
   --max-size BYTES       largest message accepted (552 beyond)
   --max-recipients N     recipients per message (452 beyond)
   --hostname NAME        name in the greeting and EHLO reply
@@ -268,7 +269,10 @@ function M.main(args)
   if o.http or o.memory then
     inbox = require("smtp.inbox.store").new {
       kind = o.memory and "memory" or o.maildir and "maildir" or o.mbox and "mbox" or "none",
-      max = o.memory and (o.max_messages or 1000) or nil }
+      max = o.memory and (o.max_messages or 1000) or nil, maildir = o.maildir, mbox = o.mbox,
+      lock_wait = o.lock_wait }
+    -- the mail there already is listed too, oldest first
+    inbox:load()
   end
 
   local user, pass

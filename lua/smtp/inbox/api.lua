@@ -58,6 +58,7 @@ function M.new(store, faults)
     local e = id and store:get(id)
     if not e then return nil end
     local msg = store:parse(e)
+    if e.gone then return nil end   -- its file went away: forgotten, as if deleted
     return e, msg
   end
 
@@ -91,14 +92,16 @@ function M.new(store, faults)
       if type(b) ~= "table" then return err(400, "invalid JSON body") end
       if type(b.IDs) == "table" and #b.IDs > 0 then ids = b.IDs end
     end
-    store:delete(ids)
+    local n, derr = store:delete(ids)
+    if not n then return err(500, tostring(derr)) end
     return 200, TEXT, "ok"
   end
   routes["DELETE search"] = function(r)
     local match = store_mod.query(r.query.query or "")
     local ids = {}
     for _, e in ipairs(store.list) do if match(store:summary(e)) then ids[#ids + 1] = e.id end end
-    store:delete(ids)
+    local n, derr = store:delete(ids)
+    if not n then return err(500, tostring(derr)) end
     return 200, TEXT, "ok"
   end
   -- PUT /api/v1/messages (read status): accepted, nothing is tracked
