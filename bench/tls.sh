@@ -2,7 +2,8 @@
 # TLS benchmarks (bench/tls.lua): smtp.server on Lua 5.4 and LuaJIT beside a private Postfix
 # smtpd and aiosmtpd, full and resumed handshakes, a bare OpenSSL handshake as the floor, long-lived
 # TLS sessions; then our client beside Python smtplib. Figures per CPU-second of each process tree.
-# TLS_SESSIONS (default 400) and TLS_MESSAGES (default 2000) set the sizes.
+# TLS_SESSIONS (default 400), TLS_ROUNDS (default 3: the servers take turns, medians are printed)
+# and TLS_MESSAGES (default 2000) set the sizes.
 set -u
 cd "$(dirname "$0")/.."
 top=$(pwd)

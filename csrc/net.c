@@ -467,6 +467,9 @@ static int l_listen(lua_State *L)
     if (fd < 0)
         return push_errno(L, errno);
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    /* Accepted sockets inherit it from here (Linux copies the listener's TCP options), which
+     * saves a setsockopt per connection. */
+    set_nodelay(fd);
     if (a.sa.sa_family == AF_INET6)
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
     if (backlog < 1 || backlog > 65535)
@@ -555,7 +558,6 @@ static int l_accept(lua_State *L)
             return smtp_push_fail(L, "wantread", NULL);
         return push_errno(L, errno);
     }
-    set_nodelay(fd);
     new_sock(L, fd, 0);
     addr_format(&a, buf, sizeof buf, &port);
     lua_pushstring(L, buf);

@@ -341,8 +341,16 @@ enum io_result smtp_tls_read(smtp_sock *s, char *buf, size_t len, size_t *got,
     ERR_clear_error();
     errno = 0;
     r = SSL_read_ex(s->ssl, buf, len, got);
-    if (r == 1)
+    if (r == 1) {
+        /* A server reads ahead, so whole records can wait in OpenSSL's buffer where no
+         * readiness event announces them: take them too, so a short read leaves none behind. */
+        size_t more;
+        while (*got < len && SSL_has_pending(s->ssl) &&
+               SSL_read_ex(s->ssl, buf + *got, len - *got, &more) == 1)
+            *got += more;
+        ERR_clear_error();
         return IO_OK;
+    }
     e = SSL_get_error(s->ssl, r);
     if (e == SSL_ERROR_WANT_READ) {
         /* About to idle: hand back the empty record buffers (SSL_MODE_RELEASE_BUFFERS does not
@@ -518,6 +526,9 @@ static int l_tls_context(lua_State *L)
         c->rotate_every = rotate;
         SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
         SSL_CTX_set_num_tickets(ctx, 1);
+        /* Read ahead: one recv takes what has arrived (a record's header and body, the
+         * client's Finished and its first command) instead of a header, then a body. */
+        SSL_CTX_set_read_ahead(ctx, 1);
         if (rotate > 0)
             SSL_CTX_set_timeout(ctx, rotate * 2);
         if (!ticket_rotate(c) || !SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb))

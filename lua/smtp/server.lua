@@ -899,6 +899,7 @@ local function run_session(srv, conn, ip, port, cl)
     if srv.implicit then
       local tok, terr = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
       if not srv:_tls_done(session, conn, tok, terr) then return end
+      rec.full = true   -- read first: the handshake may have read ahead into the client's data
     end
     if o.on_connect then srv:_connect_hook(session, eng) end
     while true do
@@ -982,6 +983,7 @@ local function run_session(srv, conn, ip, port, cl)
         local tok, terr = conn:tls_accept(srv.tls_ctx, left(rec, o.timeout))
         if not srv:_tls_done(session, conn, tok, terr) then break end
         session.tls = true
+        rec.full = true   -- read first: the handshake may have read ahead into the client's data
       elseif kind == "close" then
         count_engine_limit(srv, eng)
         flush()
