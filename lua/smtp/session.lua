@@ -391,6 +391,8 @@ function Conn:_open()
     local ok, aerr = self:_auth()
     if not ok then return nil, aerr end
   end
+  -- open and idle until the first message: the engine's buffers go back to the heap
+  self.engine:shrink()
   return true
 end
 
@@ -517,14 +519,21 @@ end
 
 -- smtp.batch builds on this module: looked up once, on the first send.
 local batch
+-- Between messages a session is idle: its engine hands its empty buffers back.
+local function idle(self, ...)
+  local e = not self.dead and self.engine
+  if e then e:shrink() end
+  return ...
+end
+
 function Conn:send(opts)
   batch = batch or require "smtp.batch"
-  return batch.send(self, opts)
+  return idle(self, batch.send(self, opts))
 end
 
 function Conn:send_many(list, opts)
   batch = batch or require "smtp.batch"
-  return batch.send_many(self, list, opts)
+  return idle(self, batch.send_many(self, list, opts))
 end
 
 function Conn:quit()
