@@ -270,6 +270,25 @@ void smtp_client_free(smtp_client *c)
     free(c);
 }
 
+/* An idle session keeps its engine for hours between messages: its empty buffers (input, output,
+ * the parser's line and reply, the ring of pending commands; some 1.5 KB) go back to the heap
+ * while nothing is queued, unread or awaited, and grow again with the next command. */
+void smtp_client_shrink(smtp_client *c)
+{
+    if (c->pcount || c->out.len || c->in_pos < c->in.len || c->parser.line.len ||
+        (c->parser.reply_bytes && !c->parser.done))
+        return;
+    smtp_buf_free(&c->in);
+    c->in_pos = 0;
+    smtp_buf_free(&c->out);
+    smtp_reply_parser_free(&c->parser);
+    free(c->pending);
+    c->pending = NULL;
+    c->pcap = c->phead = 0;
+    if (c->tr.len == 0)
+        smtp_buf_free(&c->tr);
+}
+
 smtp_client_state smtp_client_get_state(const smtp_client *c) { return c->state; }
 const char *smtp_client_error(const smtp_client *c) { return c->error; }
 smtp_buf *smtp_client_output(smtp_client *c) { return &c->out; }

@@ -52,6 +52,8 @@ typedef struct smtp_client smtp_client;
 smtp_client *smtp_client_new(void);
 void smtp_client_free(smtp_client *c);
 smtp_client_state smtp_client_get_state(const smtp_client *c);
+/* Frees the empty buffers of an engine with nothing queued, unread or awaited (an idle session). */
+void smtp_client_shrink(smtp_client *c);
 const char *smtp_client_error(const smtp_client *c);
 /* Server bytes in. -1 when the engine holds too many unparsed bytes (protocol error). */
 int smtp_client_feed(smtp_client *c, const char *data, size_t n);

@@ -260,6 +260,13 @@ ENGINE_NUMBER(upgrade, smtp_client_upgrade)
 ENGINE_NUMBER(pending, smtp_client_pending)
 ENGINE_NUMBER(mark, smtp_client_mark_now)
 
+/* e:shrink(): an idle session hands its engine's empty buffers back (smtp_client_shrink). */
+static int l_shrink(lua_State *L)
+{
+    smtp_client_shrink(check_engine(L));
+    return 0;
+}
+
 static int l_state(lua_State *L)
 {
     smtp_client *c = check_engine(L);
@@ -449,7 +456,7 @@ int smtp_open_client(lua_State *L)
         {"auth", l_auth}, {"body", l_body}, {"body_end", l_body_end}, {"bdat", l_bdat},
         {"bdat_last", l_bdat_last}, {"bdat_from", l_bdat_from}, {"take", l_take},
         {"write_to", l_write_to}, {"outlen", l_outlen}, {"upgrade", l_upgrade}, {"state", l_state},
-        {"pending", l_pending}, {"mark", l_mark}, {"rollback", l_rollback},
+        {"shrink", l_shrink}, {"pending", l_pending}, {"mark", l_mark}, {"rollback", l_rollback},
         {"trace", l_trace}, {"trace_take", l_trace_take}, {"lmtp", l_lmtp}, {NULL, NULL},
     };
     static const luaL_Reg engine_meta[] = {

@@ -68,6 +68,8 @@ static void run(const uint8_t *data, size_t size, size_t step, outcome *o)
                 smtp_client_body(c, "x\r\n.\r\n", 6, &why);
                 smtp_client_body_end(c, &why);
             }
+            /* frees buffers only when idle, and must never change what follows */
+            smtp_client_shrink(c);
         }
         if (o->failed)
             break;
@@ -88,6 +90,7 @@ static void run(const uint8_t *data, size_t size, size_t step, outcome *o)
             smtp_client_taken(c, smtp_client_output(c)->len);
         }
         smtp_client_taken(c, smtp_client_output(c)->len);
+        smtp_client_shrink(c);
     }
     o->state = smtp_client_get_state(c);
     smtp_client_free(c);

@@ -61,6 +61,28 @@ describe("client engine", function()
     assert.same(seen[1], seen[3])
   end)
 
+  it("shrinks only when idle, and works on after it", function()
+    local e = core.client_engine()
+    e:shrink()   -- the greeting is awaited: nothing is freed under it
+    assert(e:ehlo("me"))
+    e:shrink()   -- EHLO not written yet: kept
+    assert.equal("EHLO me\r\n", e:take())
+    assert.same({ "GREETING 220 - hi" }, replies(e, "220 hi\r\n250-mx\r\n250 PIPE"))
+    e:shrink()   -- half an EHLO reply held: kept
+    assert.same({ "EHLO 250 - mx\nPIPELINING" }, replies(e, "LINING\r\n"))
+    e:shrink()   -- idle: the buffers go
+    assert.equal("ready", e:state())
+    assert(e:mail("a@example.com"))
+    assert(e:rcpt("b@example.org"))
+    assert.equal("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n", e:take())
+    assert.same({ "MAIL 250 2.1.0 ok", "RCPT 250 2.1.5 ok" },
+      replies(e, "250 2.1.0 ok\r\n250 2.1.5 ok\r\n", 3))
+    e:shrink()
+    assert(e:quit())
+    assert.equal("QUIT\r\n", e:take())
+    assert.same({ "QUIT 221 - bye" }, replies(e, "221 bye\r\n"))
+  end)
+
   it("reports the capabilities of an EHLO reply", function()
     local e = core.client_engine()
     e:ehlo("me")

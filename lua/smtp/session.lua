@@ -391,6 +391,8 @@ function Conn:_open()
     local ok, aerr = self:_auth()
     if not ok then return nil, aerr end
   end
+  -- open and idle until the first message: the engine's buffers go back to the heap
+  self.engine:shrink()
   return true
 end
 
@@ -403,6 +405,18 @@ local function collect(self)
   if s then pcall(s.close, s) end
 end
 local newproxy = newproxy   -- LuaJIT (and 5.1) only
+-- One metatable for every sentinel, whose environment is its session: LuaJIT marks what a
+-- userdata awaiting its finalizer references, so the session is still there when it runs. A
+-- metatable and a closure per session cost 370 bytes more on LuaJIT.
+local sentinel
+if newproxy and debug and debug.setfenv and debug.getfenv then
+  sentinel = newproxy(true)
+  local getfenv_ud = debug.getfenv
+  getmetatable(sentinel).__gc = function(p)
+    local self = getfenv_ud(p)
+    if getmetatable(self) == Conn then collect(self) end
+  end
+end
 
 function Conn:_connect_failed(err)
   counters.connect_failures = counters.connect_failures + 1
@@ -431,7 +445,11 @@ function M.new(cfg, pooling, obs)
     self.tr, self.tr_body, self.ev = obs.transcript, obs.transcript_body, obs.on_event
   end
   self.engine = self:_engine()
-  if newproxy then
+  if sentinel then
+    local p = newproxy(sentinel)
+    debug.setfenv(p, self)
+    self._sentinel = p
+  elseif newproxy then
     local p = newproxy(true)
     getmetatable(p).__gc = function() collect(self) end
     self._sentinel = p
@@ -517,14 +535,21 @@ end
 
 -- smtp.batch builds on this module: looked up once, on the first send.
 local batch
+-- Between messages a session is idle: its engine hands its empty buffers back.
+local function idle(self, ...)
+  local e = not self.dead and self.engine
+  if e then e:shrink() end
+  return ...
+end
+
 function Conn:send(opts)
   batch = batch or require "smtp.batch"
-  return batch.send(self, opts)
+  return idle(self, batch.send(self, opts))
 end
 
 function Conn:send_many(list, opts)
   batch = batch or require "smtp.batch"
-  return batch.send_many(self, list, opts)
+  return idle(self, batch.send_many(self, list, opts))
 end
 
 function Conn:quit()

@@ -7,6 +7,12 @@
 --   transport_load.lua client N PORT DIR   open N idle connections to PORT
 --                                          (IDLE_TLS=1 for TLS at both, IDLE_TLS_CERTS=dir)
 --   transport_load.lua cqserver N DIR      the same as server, written with cqueues (the peer)
+--   transport_load.lua smtpclient N PORT DIR
+--                                          N idle smtp.connect sessions over implicit TLS, EHLO done,
+--                                          held as a user holds them (the server: IDLE_SMTP=1, which
+--                                          answers the greeting and EHLO); IDLE_RESUME=0 for full
+--                                          handshakes, else one warm-up session seeds the cache and
+--                                          every one of the N resumes
 -- Each prints one line of "key=value" figures.
 local native = require "smtp.transport.native"
 local loop = require "smtp.loop"
@@ -27,6 +33,17 @@ local function settle()
 end
 
 local function fmt(x) return string.format("%.2f", x) end
+
+-- What an idle server answers (IDLE_SMTP=1): a greeting and a Postfix-sized EHLO reply, so the
+-- client holds the extensions a real server gives it.
+local EHLO_REPLY = table.concat({ "250-localhost", "250-PIPELINING", "250-SIZE 10240000",
+  "250-ENHANCEDSTATUSCODES", "250-8BITMIME", "250-DSN", "250-SMTPUTF8", "250-CHUNKING",
+  "250 AUTH PLAIN LOGIN", "" }, "\r\n")
+local function smtp_greet(c)
+  assert(c:write("220 localhost ESMTP\r\n", 60))
+  assert(c:read(60))
+  assert(c:write(EHLO_REPLY, 60))
+end
 
 if mode == "many" then
   local l = assert(native.listen { port = 0, backlog = 4096 })
@@ -108,7 +125,11 @@ elseif mode == "idle" or mode == "server" or mode == "client" then
       for _ = 1, n do
         local c = assert(l:accept(120))
         if sctx then
-          loop.spawn(function() assert(c:tls_accept(sctx, 60)); hold(c) end)
+          loop.spawn(function()
+            assert(c:tls_accept(sctx, 60))
+            if os.getenv("IDLE_SMTP") == "1" then smtp_greet(c) end
+            hold(c)
+          end)
         else
           loop.spawn(hold, c)
         end
@@ -151,6 +172,54 @@ elseif mode == "idle" or mode == "server" or mode == "client" then
     end
   end)
   loop.run()
+elseif mode == "smtpclient" then
+  -- What a user holds: smtp.connect's session after EHLO over implicit TLS (port 465's shape),
+  -- one per coroutine that opened it and has finished, the session kept in a table.
+  local smtp = require "smtp"
+  local port, dir = tonumber(arg[3]), arg[4]
+  local cd = assert(os.getenv("IDLE_TLS_CERTS"), "IDLE_TLS_CERTS: a directory scripts/make-certs.sh filled")
+  local resume = os.getenv("IDLE_RESUME") ~= "0"
+  local function open()
+    return assert(smtp.connect { server = "127.0.0.1", port = port, tls = "implicit", servername = "localhost",
+      cafile = cd .. "/ca.pem", helo = "client.example", session_cache = resume })
+  end
+  -- Warm up every code path (and the TLS context) with one session, kept open: the server counts
+  -- it among its N + 1. It leaves a session to resume in the context's cache.
+  local warm
+  loop.spawn(function() warm = open() end)
+  loop.run()
+  settle()
+  local base_rss, base_lua = rss_kb(), collectgarbage("count")
+  local conns, opened, t0 = {}, 0, core.now()
+  for _ = 1, n do
+    loop.spawn(function()
+      local c = open()   -- (not conns[#conns + 1] = open(): the index would be taken before it yields)
+      conns[#conns + 1] = c
+      opened = opened + 1
+    end)
+  end
+  loop.spawn(function()
+    while opened < n do
+      loop.sleep(0.05)
+      if core.now() - t0 > 120 then error("only " .. opened .. " of " .. n .. " sessions opened") end
+    end
+    loop.sleep(1.5)
+    settle()
+    local rss, lua = rss_kb(), collectgarbage("count")
+    local resumed = 0
+    for _, c in ipairs(conns) do
+      assert(c:info().tls == "TLSv1.3")
+      if c.sock:info().resumed then resumed = resumed + 1 end
+    end
+    print(("mode=%s connections=%d resumed=%d seconds=%s rss_kb=%d kb_per_connection=%s lua_kb_per_connection=%s"):format(
+      mode, n, resumed, fmt(core.now() - t0), rss - base_rss, fmt((rss - base_rss) / n), fmt((lua - base_lua) / n)))
+    io.stdout:flush()
+    local f = assert(io.open(dir .. "/client.done", "w")); f:close()
+    -- the server closes every connection; nothing is left to say to it
+    for _, c in ipairs(conns) do c.sock:close() end
+    warm.sock:close()
+  end)
+  loop.run()
 elseif mode == "cqserver" then
   -- The comparison: a cqueues server holding the same idle connections, a coroutine each.
   local cqueues = require "cqueues"
@@ -189,6 +258,6 @@ elseif mode == "cqserver" then
   end)
   assert(cq:loop())
 else
-  io.stderr:write("usage: transport_load.lua many|idle|server|client N ...\n")
+  io.stderr:write("usage: transport_load.lua many|idle|server|client|smtpclient|cqserver N ...\n")
   os.exit(2)
 end
