@@ -692,7 +692,7 @@ local function run_session(srv, conn, ip, port, cl)
     local out = eng:output()
     if o._trace then o._trace(o, eng, out) end
     if out and not dead then
-      local ok = conn:write(out, o.timeout)
+      local ok = conn:write_idle(out, o.timeout)
       if not ok then dead = true end
     end
     return not dead

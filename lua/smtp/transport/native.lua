@@ -141,6 +141,20 @@ function Conn:write(data, timeout)
   return true
 end
 
+-- s:write_idle(data, timeout) -> true | nil, err: write() for a server's replies, with no argument
+-- checks (as read_idle: the server's hot path, one call per reply). The usual reply goes out in one
+-- call of the socket; anything else (a short write, the kernel making us wait, a failure) is
+-- left to write(), which picks up where this one stopped.
+function Conn:write_idle(data, timeout)
+  local sock = self.sock
+  if sock then
+    local put = sock:write(data)
+    if put == #data then return true end
+    if put and put > 0 then data = data:sub(put + 1) end
+  end
+  return self:write(data, timeout)
+end
+
 -- s:write_engine(engine, timeout) -> true | nil, err: everything a client engine has to send,
 -- written from the engine's own buffer (no string is made of it); otherwise as write().
 function Conn:write_engine(e, timeout)
