@@ -2,7 +2,8 @@
 # Server benchmark: Postfix smtp-source (20 sessions, 20,000 messages of 4 KB, sessions reused)
 # against smtp.server with a counting on_message, Postfix smtp-sink, aiosmtpd's Sink and our
 # `lua-smtp sink` writing a Maildir, in the same run; then 5,000 idle connections held by
-# smtp.server and its memory per connection. ROUNDS (default 3) interleaved rounds, best counts.
+# smtp.server and its memory per connection (IDLE=0: not). ROUNDS (default 3) interleaved rounds,
+# best counts.
 # `bench/server.sh --http`: the sink without and with its web inbox instead (see below).
 set -u
 cd "$(dirname "$0")/.."
@@ -127,6 +128,11 @@ files=$(ls "$tmp/Maildir/new" | wc -l)
 echo "  Maildir holds $files files for $MSGS messages"
 
 echo "$ours $sink $aio $md" | awk '{ printf "ratios: smtp.server / smtp-sink = %.2fx (target >= 0.6x), smtp.server / aiosmtpd = %.2fx (target >= 3x), sink to Maildir / smtp-sink = %.2fx\n", $1/$2, $1/$3, $4/$2 }'
+# per CPU-second of each server (issue 21's targets): messages per CPU-second are 1 / (us per message)
+echo "$ours_cpu $sink_cpu $aio_cpu" | awk '{ printf "per CPU-second: smtp.server / smtp-sink = %.2fx (target >= 1.5x), smtp.server / aiosmtpd = %.2fx (target >= 5x)\n", $2/$1, $3/$1 }'
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+# IDLE=0: without the 5,000 idle connections
+[ "${IDLE:-1}" = 1 ] || exit 0
 
 # 5,000 idle connections
 port=$(free_port)

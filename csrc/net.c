@@ -164,9 +164,19 @@ static int push_errno(lua_State *L, int e)
     return smtp_push_fail(L, strerror(e), errno_name(e));
 }
 
+/* read and write, and the server engine's recv, carry the socket metatable as upvalue 1:
+ * comparing with it is a few API calls, where luaL_checkudata interns and hashes the class name
+ * on every call (see check_engine in server_lua.c). Any other caller, or anything else at idx,
+ * takes luaL_checkudata's path and message. */
 smtp_sock *smtp_check_sock(lua_State *L, int idx)
 {
-    return (smtp_sock *)luaL_checkudata(L, idx, SMTP_SOCKET);
+    smtp_sock *s = lua_touserdata(L, idx);
+    int ok = 0;
+    if (s && lua_getmetatable(L, idx)) {
+        ok = lua_rawequal(L, -1, lua_upvalueindex(1));
+        lua_pop(L, 1);
+    }
+    return ok ? s : (smtp_sock *)luaL_checkudata(L, idx, SMTP_SOCKET);
 }
 
 static smtp_sock *check_open(lua_State *L, int idx)
@@ -321,33 +331,43 @@ static int push_io_fail(lua_State *L, const smtp_sock *s, enum io_result r, cons
     }
 }
 
+int smtp_sock_read(lua_State *L, int idx, char *buf, size_t max, size_t *got)
+{
+    smtp_sock *s = check_open(L, idx);
+    char err[256];
+    int e = 0;
+    enum io_result r;
+    *got = 0;
+    if (s->ssl) {
+        err[0] = '\0';
+        r = smtp_tls_read(s, buf, max, got, err, sizeof err, &e);
+    } else {
+        r = plain_read(s, buf, max, got, &e);
+    }
+    if (r == IO_OK)
+        return 0;
+    *got = 0;
+    if (r == IO_CLOSED)
+        s->flags |= SOCK_F_EOF;
+    return push_io_fail(L, s, r, err, e);
+}
+
 /* sock:read(max) -> string | nil,"wantread"/"wantwrite" | nil,"closed" | nil,msg,code */
 static int l_read(lua_State *L)
 {
-    smtp_sock *s = check_open(L, 1);
+    check_open(L, 1);
     lua_Integer max = luaL_optinteger(L, 2, SMTP_READ_MAX);
     char buf[SMTP_READ_MAX];
-    char err[256];
-    size_t got = 0;
-    int e = 0;
-    enum io_result r;
+    size_t got;
+    int n;
     if (max < 1)
         return luaL_argerror(L, 2, "max must be positive");
     if (max > SMTP_READ_MAX)
         max = SMTP_READ_MAX;
-    if (s->ssl) {
-        err[0] = '\0';
-        r = smtp_tls_read(s, buf, (size_t)max, &got, err, sizeof err, &e);
-    } else {
-        r = plain_read(s, buf, (size_t)max, &got, &e);
-    }
-    if (r == IO_OK) {
-        lua_pushlstring(L, buf, got);
-        return 1;
-    }
-    if (r == IO_CLOSED)
-        s->flags |= SOCK_F_EOF;
-    return push_io_fail(L, s, r, err, e);
+    if ((n = smtp_sock_read(L, 1, buf, (size_t)max, &got)) != 0)
+        return n;
+    lua_pushlstring(L, buf, got);
+    return 1;
 }
 
 /* One write of len bytes from buf through the socket at idx (TLS once started): pushes the
@@ -647,6 +667,16 @@ void smtp_net_add_methods(lua_State *L, const luaL_Reg *methods)
 int smtp_open_net(lua_State *L)
 {
     smtp_newclass(L, SMTP_SOCKET, sock_methods, sock_meta);
+    /* read and write again, as closures over the metatable (smtp_check_sock) */
+    luaL_getmetatable(L, SMTP_SOCKET);
+    lua_getfield(L, -1, "__index");
+    lua_pushvalue(L, -2);
+    lua_pushcclosure(L, l_read, 1);
+    lua_setfield(L, -2, "read");
+    lua_pushvalue(L, -2);
+    lua_pushcclosure(L, l_write, 1);
+    lua_setfield(L, -2, "write");
+    lua_pop(L, 2);
     smtp_newclass(L, SMTP_LISTENER, listener_methods, listener_meta);
     luaL_setfuncs(L, funcs, 0);
     return 0;

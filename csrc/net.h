@@ -44,6 +44,9 @@ smtp_sock *smtp_check_sock(lua_State *L, int idx);
 /* One write through the socket at idx (TLS once started); pushes what sock:write returns and
  * sets *put to the bytes written (0 on failure). */
 int smtp_sock_write(lua_State *L, int idx, const char *buf, size_t len, size_t *put);
+/* One read of up to max bytes into buf through the socket at idx (TLS once started): 0 with *got
+ * set, or the failure pushed (nil, want | nil, "closed" | nil, msg, code) and its count. */
+int smtp_sock_read(lua_State *L, int idx, char *buf, size_t max, size_t *got);
 
 /* Pushes nil, msg, code and returns 3: the failure shape of every socket method. */
 int smtp_push_fail(lua_State *L, const char *msg, const char *code);

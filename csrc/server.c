@@ -1752,15 +1752,16 @@ size_t smtp_server_space(const smtp_server *s)
     return s->in_cap - (s->in_len - s->in_pos);
 }
 
-size_t smtp_server_feed(smtp_server *s, const char *data, size_t len)
+char *smtp_server_feed_buf(smtp_server *s, size_t *room)
 {
+    *room = 0;
     if (s->mode == M_CLOSED)
-        return len; /* nothing more is read after the end: swallow */
+        return NULL;
     if (!s->in) {
         s->in = xrealloc(s, NULL, s->in_cap);
         if (!s->in) {
             oom(s);
-            return len;
+            return NULL;
         }
     }
     if (s->in_pos) {
@@ -1774,8 +1775,30 @@ size_t smtp_server_feed(smtp_server *s, const char *data, size_t len)
         s->in_len = rest;
         s->in_pos = 0;
     }
-    size_t n = len < s->in_cap - s->in_len ? len : s->in_cap - s->in_len;
-    memcpy(s->in + s->in_len, data, n);
+    *room = s->in_cap - s->in_len;
+    return s->in + s->in_len;
+}
+
+void smtp_server_fed(smtp_server *s, size_t n)
+{
+    if (s->in && n <= s->in_cap - s->in_len)
+        s->in_len += n;
+    if (s->in && s->in_len == 0) {
+        /* the read brought nothing: an idle connection keeps no buffer (see idle_trim) */
+        free(s->in);
+        s->in = NULL;
+        s->in_pos = 0;
+    }
+}
+
+size_t smtp_server_feed(smtp_server *s, const char *data, size_t len)
+{
+    size_t room;
+    char *p = smtp_server_feed_buf(s, &room);
+    if (!p)
+        return len; /* nothing more is read after the end (or without memory): swallow */
+    size_t n = len < room ? len : room;
+    memcpy(p, data, n);
     s->in_len += n;
     return n;
 }

@@ -88,6 +88,11 @@ smtp_server *smtp_server_new(const smtp_server_config *cfg);
 void smtp_server_free(smtp_server *s);
 size_t smtp_server_space(const smtp_server *s);
 size_t smtp_server_feed(smtp_server *s, const char *data, size_t len);
+/* Input without a copy: the free tail of the input buffer (*room bytes, allocated and compacted
+ * as feed would), or NULL when the engine takes no more input (closed, out of memory); after
+ * writing n <= *room bytes there, smtp_server_fed(s, n) takes them as smtp_server_feed would. */
+char *smtp_server_feed_buf(smtp_server *s, size_t *room);
+void smtp_server_fed(smtp_server *s, size_t n);
 int smtp_server_next(smtp_server *s, smtp_server_event *ev);
 /* Events and output stay valid until the next call on the engine. Output may come in two pieces
  * (after running out of memory): take what smtp_server_output gives, then ask again. */

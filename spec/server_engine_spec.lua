@@ -102,6 +102,57 @@ describe("server engine", function()
       r.msgs[1].env)
   end)
 
+  it("e:recv reads a socket straight into its input; e:next(true) gives data as true, not strings", function()
+    local l = assert(core.listen("127.0.0.1", 0, 1))
+    local c = assert(core.connect_start("127.0.0.1", l:port()))
+    local s
+    for _ = 1, 200 do
+      s = l:accept()
+      if s then break end
+      core.wait(l:fd(), "r", 0.05)
+    end
+    assert.truthy(s)
+    local e = core.server_engine {}
+    assert.equal("220 localhost ESMTP lua-smtp\r\n", e:output())
+    local nothing, want = e:recv(s)
+    assert.is_nil(nothing)
+    assert.equal("wantread", want)
+    local input = "HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"
+    for _ = 1, 100 do
+      if c:connect_finish() then break end
+      core.wait(c:fd(), "w", 0.1)
+    end
+    assert.equal(#input, c:write(input))
+    assert(core.wait(s:fd(), "r", 5))
+    assert.equal(3, e:recv(s, 3))     -- at most max bytes
+    assert.equal(#input - 3, e:recv(s))
+    local kinds = {}
+    while true do
+      local kind = e:next()
+      if not kind then break end
+      kinds[#kinds + 1] = kind
+    end
+    assert.same({ "begin" }, kinds)
+    local body = "line\r\n..dot\r\n.\r\n"
+    assert.equal(#body, c:write(body))
+    assert(core.wait(s:fd(), "r", 5))
+    assert.equal(#body, e:recv(s))
+    local kind, a = e:next(true)
+    assert.equal("data", kind)
+    assert.equal(true, a)
+    assert.equal("end", e:next(true))
+    e:decide(true)
+    assert.matches("250 2%.0%.0 Ok: queued\r\n$", e:output())
+    c:close()
+    assert(core.wait(s:fd(), "r", 5))
+    local gone, why = e:recv(s)
+    assert.is_nil(gone)
+    assert.equal("closed", why)
+    assert.has_error(function() e:recv(e) end)
+    assert.has_error(function() e.recv(s, s) end)
+    s:close(); l:close()
+  end)
+
   it("unstuffs leading dots", function()
     local r = run(HELLO .. "..one\r\n..\r\n...\r\n.x\r\n\r\n.\r\n")
     assert.equal(".one\r\n.\r\n..\r\nx\r\n\r\n", r.msgs[1].data)

@@ -216,6 +216,25 @@ describe("smtp.server against misbehaving clients", function()
     assert.matches("501 5%.5%.2 Invalid base64 data\r\n334 VXNlcm5hbWU6\r\n501 5%.7%.0 Authentication cancelled\r\n250 2%.0%.0 Ok\r\n221 ", out)
   end)
 
+  it("answers pipelined commands with one write (RFC 2920): the client's first read has every reply", function()
+    local srv = recording()
+    local dir = helper.tmpdir()
+    -- one send of four commands, then one recv: had the server written a reply per command, that
+    -- recv would return the first reply alone
+    helper.write(dir .. "/one.py", [[
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), 10)
+buf = b""
+while not buf.endswith(b"\r\n"): buf += s.recv(1000)
+s.sendall(b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nNOOP\r\n")
+sys.stdout.write(s.recv(65536).decode())
+s.sendall(b"QUIT\r\n")
+s.recv(1000)
+]])
+    local out = peers.run(srv, { helper.python, dir .. "/one.py", tostring(srv.port) }, 20)
+    assert.matches("^250%-mx%.test[^\n]*\r\n.*250 DSN\r\n250 2%.1%.0 Ok\r\n250 2%.1%.5 Ok\r\n250 2%.0%.0 Ok\r\n$", out)
+  end)
+
   it("answers 20,000 pipelined commands sent at once, all in order", function()
     local srv = recording()
     local out = peers.raw(srv, { { "send", ("NOOP\r\n"):rep(20000) .. "QUIT\r\n" }, { "eof" } })

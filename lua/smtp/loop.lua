@@ -12,6 +12,9 @@ local traceback = debug.traceback
 
 -- What a task yields when it waits through this module; any other yield just gives way.
 local TOKEN = setmetatable({}, { __name = "smtp.loop.token" })
+-- What a task's function returns at its end: step() then knows it died without asking
+-- coroutine.status on every resume.
+local DONE = setmetatable({}, { __name = "smtp.loop.done" })
 
 local tasks = {}          -- co -> true while the task lives
 local ntasks = 0
@@ -252,7 +255,7 @@ end
 function M.spawn(fn, ...)
   if type(fn) ~= "function" then error("bad argument #1 to 'spawn' (function expected)", 2) end
   local args, n = { ... }, select("#", ...)
-  local co = cocreate(function() return fn(unpack(args, 1, n)) end)
+  local co = cocreate(function() fn(unpack(args, 1, n)) return DONE end)
   tasks[co] = true
   ntasks = ntasks + 1
   push_ready(co, true)
@@ -261,13 +264,12 @@ end
 
 -- Parks the running task until fd is ready for "r" or "w", or until deadline (absolute now()).
 -- Returns true, or nil, "timeout" / "closed" (another task closed the fd).
-function M.wait_fd(fd, what, deadline)
-  local co = M.current()
-  if not co then error("smtp.loop.wait_fd called outside a loop task", 2) end
-  if what ~= "r" and what ~= "w" then error("bad argument #2 to 'wait_fd' (\"r\" or \"w\" expected)", 2) end
+local function waiters_of(what) return what == "r" and readers or writers end
+
+-- Parks task co (the running one, checked by the callers) until fd is ready or deadline.
+local function wait_fd(co, fd, what, deadline)
   if deadline and deadline <= now() then return nil, "timeout" end
   local waiters = what == "r" and readers or writers
-  if waiters[fd] then error("two tasks wait to " .. (what == "r" and "read" or "write") .. " fd " .. fd, 2) end
   local m = interest[fd] or 0
   local bit = EV[what]
   if (bit == 1 and m % 2 == 0) or (bit == 2 and m < 2) then
@@ -281,6 +283,26 @@ function M.wait_fd(fd, what, deadline)
   if deadline then add_timer(co, deadline) end
   local ok, err = coyield(TOKEN)
   return ok, err
+end
+
+function M.wait_fd(fd, what, deadline)
+  local co = M.current()
+  if not co then error("smtp.loop.wait_fd called outside a loop task", 2) end
+  if what ~= "r" and what ~= "w" then error("bad argument #2 to 'wait_fd' (\"r\" or \"w\" expected)", 2) end
+  if waiters_of(what)[fd] then error("two tasks wait to " .. (what == "r" and "read" or "write") .. " fd " .. fd, 2) end
+  return wait_fd(co, fd, what, deadline)
+end
+
+-- smtp.wait's way in: wait_fd for the running task, or false outside a loop task (one lookup
+-- of the running coroutine per wait, not two). Misuse raises as wait_fd does.
+function M.wait_fd_if_task(fd, what, deadline)
+  local co = corunning()
+  if not co or not tasks[co] then return false end
+  if what ~= "r" and what ~= "w" then error("bad argument #2 to 'wait_fd' (\"r\" or \"w\" expected)", 3) end
+  if (what == "r" and readers or writers)[fd] then
+    error("two tasks wait to " .. (what == "r" and "read" or "write") .. " fd " .. fd, 3)
+  end
+  return wait_fd(co, fd, what, deadline)
 end
 
 function M.sleep(seconds)
@@ -314,11 +336,12 @@ local function step(co, v)
     drop_timer(co)
     error(traceback(co, tostring(res)), 0)
   end
-  if costatus(co) == "dead" then
+  if res == TOKEN then return end
+  if res == DONE and costatus(co) == "dead" then
     tasks[co] = nil
     ntasks = ntasks - 1
     drop_timer(co)
-  elseif res ~= TOKEN then
+  else
     push_ready(co, true)   -- a bare coroutine.yield(): run again after the others
   end
 end
@@ -358,18 +381,31 @@ function M.run()
         end
       end
       local n = poller:wait(timeout, fds, evs)
+      -- The wake-up of each task is written out here (cancel_timer, unhook, push_ready): this
+      -- runs for every read a server makes.
       for i = 1, n do
         local fd, e = fds[i], evs[i]
-        if e % 2 == 1 then
-          local co = readers[fd]
-          if co then cancel_timer(co); unhook(co); push_ready(co, true) end
+        local r, w = readers[fd], writers[fd]
+        if r and e % 2 == 1 then
+          local te = timer_of[r]
+          if te then te.due = nil end
+          readers[fd], waiting_fd[r], waiting_dir[r] = nil, nil, nil
+          nwaiting = nwaiting - 1
+          rtail = rtail + 1
+          ready[rtail], ready_v[rtail] = r, true
         end
-        if e >= 2 then
-          local co = writers[fd]
-          if co then cancel_timer(co); unhook(co); push_ready(co, true) end
+        if w and e >= 2 then
+          local te = timer_of[w]
+          if te then te.due = nil end
+          writers[fd], waiting_fd[w], waiting_dir[w] = nil, nil, nil
+          nwaiting = nwaiting - 1
+          rtail = rtail + 1
+          ready[rtail], ready_v[rtail] = w, true
         end
-        -- Level-triggered: an event nobody waits for must not be reported again and again.
-        if not readers[fd] and not writers[fd] and interest[fd] then unsettle(fd) end
+        -- Level-triggered: an event nobody waits for must not be reported again and again, so
+        -- the fd's interest is settled before the next wait (once, however many woke).
+        nunsettled = nunsettled + 1
+        unsettled[nunsettled] = fd
       end
       local t = now()
       while heap[1] and heap[1].t <= t do

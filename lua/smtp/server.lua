@@ -711,7 +711,7 @@ local function run_session(srv, conn, ip, port, cl)
     local out = eng:output()
     if o._trace then o._trace(o, eng, out) end
     if out and not dead then
-      local ok = conn:write(out, o.timeout)
+      local ok = conn:write_idle(out, o.timeout)
       if not ok then dead = true end
     end
     return not dead
@@ -753,16 +753,16 @@ local function run_session(srv, conn, ip, port, cl)
     end
     -- The transport's read_idle leaves the connection open on a timeout, so 421 can still go out.
     rec.idle = true
-    local chunk, err = conn:read_idle(o.timeout, space, rec.full, rec.cap)
+    -- the bytes go straight into the engine: `got` is their count
+    local got, err = conn:read_idle(o.timeout, space, rec.full, rec.cap, eng)
     rec.idle = false
-    rec.full = chunk ~= nil and #chunk >= space
-    if not chunk then
+    rec.full = got ~= nil and got >= space
+    if not got then
       if err.kind == "timeout" then expire(srv, rec, rec.cap) end
       dead = true
       return false
     end
-    if rec.msg_t then rec.bytes = rec.bytes + #chunk end
-    eng:feed(chunk)
+    if rec.msg_t then rec.bytes = rec.bytes + got end
     return true
   end
 
@@ -776,10 +776,11 @@ local function run_session(srv, conn, ip, port, cl)
   -- costs one reader table. `cur` is that reader; a reader kept past its message reads nothing.
   local cur, buf, ended, endcode, endtext, rerr
 
-  -- Next data chunk of the current message from the engine, or nil at its end.
-  local function pull()
+  -- Next data chunk of the current message from the engine, or nil at its end; with `skip`
+  -- (the hook read no further) true instead of each chunk, which is never made into a string.
+  local function pull(skip)
     while not ended do
-      local kind, a, b = eng:next()
+      local kind, a, b = eng:next(skip)
       if kind == "data" then return a end
       if kind == "end" then
         ended, endcode, endtext = true, a, b
@@ -855,7 +856,7 @@ local function run_session(srv, conn, ip, port, cl)
     end
     -- whatever the hook left: take the whole message in before replying
     buf = nil
-    while not ended do pull() end
+    while not ended do pull(true) end
     rec.msg_t = false
     if rerr or dead then return false end
     if endcode then return true end -- the engine refused it and replied already

@@ -25,7 +25,8 @@ end
 -- no limit). Returns true, or nil, "timeout" (or nil, "closed" if another loop task closed it).
 -- `true` can come early (a spurious wakeup): callers just retry their non-blocking call.
 function M.fd(fd, what, deadline)
-  if loop.current() then return loop.wait_fd(fd, what, deadline) end
+  local ok, err = loop.wait_fd_if_task(fd, what, deadline)
+  if ok ~= false then return ok, err end
   local timeout
   if deadline then
     timeout = deadline - now()

@@ -141,6 +141,20 @@ function Conn:write(data, timeout)
   return true
 end
 
+-- s:write_idle(data, timeout) -> true | nil, err: write() for a server's replies, with no argument
+-- checks (as read_idle: the server's hot path, one call per reply). The usual reply goes out in one
+-- call of the socket; anything else (a short write, the kernel making us wait, a failure) is
+-- left to write(), which picks up where this one stopped.
+function Conn:write_idle(data, timeout)
+  local sock = self.sock
+  if sock then
+    local put = sock:write(data)
+    if put == #data then return true end
+    if put and put > 0 then data = data:sub(put + 1) end
+  end
+  return self:write(data, timeout)
+end
+
 -- s:write_engine(engine, timeout) -> true | nil, err: everything a client engine has to send,
 -- written from the engine's own buffer (no string is made of it); otherwise as write().
 function Conn:write_engine(e, timeout)
@@ -195,7 +209,7 @@ local function idle_fail(werr)
   return fail("closed", "read: connection closed")
 end
 
--- s:read_idle(timeout [, max [, read_first [, cap]]]) -> chunk | nil, err: read() for a server waiting on
+-- s:read_idle(timeout [, max [, read_first [, cap [, engine]]]]) -> chunk | nil, err: read() for a server waiting on
 -- its client. A timeout leaves the connection open, so the server can still say 421 before it
 -- closes. After a reply the client has usually sent nothing yet, so it waits for readability
 -- first and saves a read that would only say EAGAIN; `read_first` reads at once instead (after
@@ -204,8 +218,10 @@ end
 -- checks no arguments: three type checks here cost 4% of the server's instructions per message
 -- (callgrind, smtp-source with 4 KB messages). Nor does it keep the _events/_deadline of cqueues polling: a server
 -- connection is never handed to cqueues.poll. `cap` (on smtp.core.now's clock) ends the wait
--- sooner than the timeout would: the server's session, command and data deadlines.
-function Conn:read_idle(timeout, max, read_first, cap)
+-- sooner than the timeout would: the server's session, command and data deadlines. With `engine`
+-- (a server engine) the bytes go straight into it (engine:recv) and their count is returned
+-- instead of a string.
+function Conn:read_idle(timeout, max, read_first, cap, engine)
   local sock, fd = self.sock, self.fd
   if not sock then return fail("closed", "read_idle on a closed connection") end
   -- `timeout` becomes the deadline: no local more (a slot in every idle session's stack)
@@ -219,7 +235,8 @@ function Conn:read_idle(timeout, max, read_first, cap)
   end
   max = max or READ_MAX
   while true do
-    local chunk, e, code = sock:read(max)
+    local chunk, e, code
+    if engine then chunk, e, code = engine:recv(sock, max) else chunk, e, code = sock:read(max) end
     if chunk then return chunk end
     if e == "wantread" or e == "wantwrite" then
       local ok, werr = wait.fd(fd, e == "wantread" and "r" or "w", timeout)
