@@ -129,11 +129,15 @@ show "Postfix smtp-sink" "$sink" "$sink_cpu"
 show "aiosmtpd Sink" "$aio" "$aio_cpu"
 
 port=$(free_port)
+# the sink keeps smtp.server's 1,000 transactions per session, which 20 sessions of smtp-source
+# share unevenly: half the messages, so no session reaches it
+all=$MSGS; MSGS=$((MSGS / 2))
 $LUA "$top/bin/lua-smtp" sink --listen "127.0.0.1:$port" --maildir "$tmp/Maildir" >/dev/null 2>&1 & p=$!; pids="$pids $p"
 wait_port "$port"; run maildir; md=$rate; kill $p
 printf '  %-34s %6s msgs/s  (one round of %d messages)\n' "lua-smtp sink --maildir (fsync)" "$md" "$MSGS"
 files=$(ls "$tmp/Maildir/new" | wc -l)
 echo "  Maildir holds $files files for $MSGS messages"
+MSGS=$all
 
 echo "$ours $sink $aio $md" | awk '{ printf "ratios: smtp.server / smtp-sink = %.2fx (target >= 0.6x), smtp.server / aiosmtpd = %.2fx (target >= 3x), sink to Maildir / smtp-sink = %.2fx\n", $1/$2, $1/$3, $4/$2 }'
 # per CPU-second of each server (issue 21's targets): messages per CPU-second are 1 / (us per message)
