@@ -291,7 +291,9 @@ local function close_session(srv, session, eng, err)
 end
 
 -- A session's wait timed out: 421 4.4.2 and the end. `cap` was the earliest deadline other than
--- the idle timeout (rec.t_end, the message's or the command line's).
+-- the idle timeout (rec.t_end, the message's or the command line's). True when the reply went out
+-- (the session then lingers before closing: a byte the client dripped meanwhile must not turn
+-- the close into a reset that destroys the 421).
 local function expire(srv, rec, cap)
   local why = "idle_timeout"
   if now() >= cap then
@@ -302,7 +304,7 @@ local function expire(srv, rec, cap)
   eng:shutdown(421, "4.4.2", EXPIRED[why])
   local out = eng:output()
   if srv.opts.transcript then trace(srv.opts, eng, out) end
-  if out then rec.conn:write(out, min(srv.opts.timeout, 5)) end
+  return not out or rec.conn:write(out, min(srv.opts.timeout, 5)) ~= nil
 end
 
 -- The timeout, or less when the session's end comes first.
@@ -758,8 +760,7 @@ local function run_session(srv, conn, ip, port, cl)
     rec.idle = false
     rec.full = got ~= nil and got >= space
     if not got then
-      if err.kind == "timeout" then expire(srv, rec, rec.cap) end
-      dead = true
+      dead = err.kind ~= "timeout" or not expire(srv, rec, rec.cap)
       return false
     end
     if rec.msg_t then rec.bytes = rec.bytes + got end
