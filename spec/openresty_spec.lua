@@ -108,8 +108,13 @@ describe_or_skip("smtp inside nginx", function()
     local status, body = nginx_support.request(bare:url("/transport?port=" .. smtpd.port))
     bare.stop()
     assert.are.equal(500, status)
-    assert.are.equal("starttls: tls (tls): TLS handshake with localhost failed: 20: unable to get local "
-      .. "issuer certificate (inside nginx certificates are checked against lua_ssl_trusted_certificate)\n", body)
+    -- Debian's lua-resty-core asserts inside sslhandshake (instead of returning nginx's reason)
+    -- when the failed handshake finished without waiting: the transport says so, still a TLS error
+    local why = body:match("^starttls: tls %(tls%): TLS handshake with localhost failed: (.-) %(inside nginx "
+      .. "certificates are checked against lua_ssl_trusted_certificate%)\n$")
+    assert.truthy(why, body)
+    assert.truthy(why == "20: unable to get local issuer certificate"
+      or why:find("^certificate verify failed %(nginx gave no reason: .*assertion failed!%)$"), body)
   end)
 
   it("speaks implicit TLS, and connects over IPv6 with a literal and through localhost's addresses", function()
