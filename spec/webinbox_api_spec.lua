@@ -96,7 +96,7 @@ describe("lua-smtp sink --http (web inbox API)", function()
     -- started in the background, then the message: the wait and the stream both see it
     helper.sh("(curl -s -m 20 'http://127.0.0.1:" .. hport .. "/api/v1/wait?new=1&timeout=15&query=to%3Alate' > "
       .. dir .. "/wait.json; echo done > " .. dir .. "/wait.done) >/dev/null 2>&1 &")
-    helper.sh("(curl -s -N -m 4 http://127.0.0.1:" .. hport .. "/api/v1/events > " .. dir .. "/events.txt) >/dev/null 2>&1 &")
+    helper.sh("(curl -s -N -m 10 http://127.0.0.1:" .. hport .. "/api/v1/events > " .. dir .. "/events.txt) >/dev/null 2>&1 &")
     helper.sleep(0.5)
     assert.is_nil(helper.read(dir .. "/wait.done"))   -- still waiting
     send_rich(port, "not this one", "other@y.test")
@@ -111,6 +111,16 @@ describe("lua-smtp sink --http (web inbox API)", function()
     end
     local ev = helper.read(dir .. "/events.txt") or ""
     assert.matches('event: new\ndata: {"ID":"' .. w.ID .. '","Size":%d+}\n\n', ev)
+    -- a delete is announced with the ids, a JSON array
+    assert.equal(200, (http(hport, "DELETE", "/api/v1/messages", json.encode { IDs = { w.ID } })))
+    local want = 'event: delete\ndata: ["' .. w.ID .. '"]\n\n'
+    for _ = 1, 20 do
+      if (helper.read(dir .. "/events.txt") or ""):find(want, 1, true) then break end
+      helper.sleep(0.1)
+    end
+    ev = helper.read(dir .. "/events.txt") or ""
+    assert.truthy(ev:find(want, 1, true), ev)
+    assert.same({ w.ID }, json.decode(ev:match('event: delete\ndata: (%[[^\n]*%])')))
   end)
 
   it("adds, lists and removes faults through smtp.faults, which the SMTP side obeys", function()

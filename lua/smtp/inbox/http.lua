@@ -94,7 +94,12 @@ function M.start(o)
           -- is open; the page asks the API for the summaries it shows
           buf[#buf + 1] = ('event: new\ndata: {"ID":"%s","Size":%d}\n\n'):format(ev.x.id, ev.x.size or 0)
         else
-          buf[#buf + 1] = "event: delete\ndata: " .. api.json.encode(setmetatable(ev.x, { __jsontype = "array" })) .. "\n\n"
+          -- the store's ids (hex) are written as they are: the JSON encoder cost ~23,000
+          -- instructions a message (callgrind; 5 % of the sink's work) when a full memory store
+          -- drops one message for each new one
+          buf[#buf + 1] = table.concat(ev.x, ","):find("[^%w%-_.:,=+]") and
+            "event: delete\ndata: " .. api.json.encode(setmetatable(ev.x, { __jsontype = "array" })) .. "\n\n"
+            or ('event: delete\ndata: ["%s"]\n\n'):format(table.concat(ev.x, '","'))
         end
       end
       ok = stream:write_chunk(#buf > 0 and table.concat(buf) or ": ping\n\n", false)
