@@ -133,7 +133,9 @@ try:
     # delete it with the Delete key: gone from the list and from the API
     d.find_element(By.TAG_NAME, "body").send_keys(Keys.DELETE)
     wait(lambda: len(d.find_elements(By.CSS_SELECTOR, "#list li")) == 2, what="the list after the delete")
-    titles = [li.text for li in d.find_elements(By.CSS_SELECTOR, "#list li")]
+    # read in one script: the list may be drawn again (the delete's own answer, then its
+    # server-sent event) between finding the items and reading them
+    titles = d.execute_script("return Array.from(document.querySelectorAll('#list li'), li => li.textContent)")
     out["deleted"] = not any("Invoice" in t for t in titles)
     total = json.load(urllib.request.urlopen(base + "api/v1/messages", timeout=10))["total"]
     out["api_total"] = total
