@@ -17,6 +17,29 @@ void smtp_newclass(lua_State *L, const char *name, const luaL_Reg *methods,
     lua_pop(L, 1);
 }
 
+void smtp_class_closures(lua_State *L, const char *name, const luaL_Reg *fns)
+{
+    luaL_getmetatable(L, name);
+    lua_getfield(L, -1, "__index");
+    for (; fns->name; fns++) {
+        lua_pushvalue(L, -2);
+        lua_pushcclosure(L, fns->func, 1);
+        lua_setfield(L, -2, fns->name);
+    }
+    lua_pop(L, 2);
+}
+
+void *smtp_check_class(lua_State *L, int idx, int up, const char *name)
+{
+    void *p = lua_touserdata(L, idx);
+    int ok = 0;
+    if (p && lua_getmetatable(L, idx)) {
+        ok = lua_rawequal(L, -1, lua_upvalueindex(up));
+        lua_pop(L, 1);
+    }
+    return ok ? p : luaL_checkudata(L, idx, name);
+}
+
 SMTP_API int luaopen_smtp_core(lua_State *L)
 {
     lua_newtable(L);

@@ -39,11 +39,18 @@ int smtp_open_spool(lua_State *L);
 struct smtp_reply;
 void smtp_reply_push(lua_State *L, const struct smtp_reply *r, int caps);
 
-/* Creates a metatable named `name` with __name, __index = methods, and the metamethods. */
 /* Pushes transcript records (the client engine's format, client.h) as a Lua list, or nil;
  * client_lua.c holds it, server_lua.c uses it too. */
 void smtp_push_trace(lua_State *L, const char *p, size_t n);
+/* Creates a metatable named `name` with __name, __index = methods, and the metamethods. */
 void smtp_newclass(lua_State *L, const char *name, const luaL_Reg *methods,
                    const luaL_Reg *metamethods);
+/* The hot methods of a class are closures over its metatable: smtp_class_closures puts fns into
+ * the class's __index that way, and smtp_check_class(L, idx, up, name) then compares the
+ * userdata's metatable with upvalue `up` (a few API calls, where luaL_checkudata interns and
+ * hashes the class name on every call: 8% of a server's instructions per message). A function
+ * without that upvalue, or anything else at idx, takes luaL_checkudata's path and message. */
+void smtp_class_closures(lua_State *L, const char *name, const luaL_Reg *fns);
+void *smtp_check_class(lua_State *L, int idx, int up, const char *name);
 
 #endif

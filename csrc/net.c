@@ -164,19 +164,11 @@ static int push_errno(lua_State *L, int e)
     return smtp_push_fail(L, strerror(e), errno_name(e));
 }
 
-/* read and write, and the server engine's recv, carry the socket metatable as upvalue 1:
- * comparing with it is a few API calls, where luaL_checkudata interns and hashes the class name
- * on every call (see check_engine in server_lua.c). Any other caller, or anything else at idx,
- * takes luaL_checkudata's path and message. */
+/* read and write, and the server engine's recv, carry the socket metatable as upvalue 1
+ * (smtp_check_class). */
 smtp_sock *smtp_check_sock(lua_State *L, int idx)
 {
-    smtp_sock *s = lua_touserdata(L, idx);
-    int ok = 0;
-    if (s && lua_getmetatable(L, idx)) {
-        ok = lua_rawequal(L, -1, lua_upvalueindex(1));
-        lua_pop(L, 1);
-    }
-    return ok ? s : (smtp_sock *)luaL_checkudata(L, idx, SMTP_SOCKET);
+    return smtp_check_class(L, idx, 1, SMTP_SOCKET);
 }
 
 static smtp_sock *check_open(lua_State *L, int idx)
@@ -668,15 +660,8 @@ int smtp_open_net(lua_State *L)
 {
     smtp_newclass(L, SMTP_SOCKET, sock_methods, sock_meta);
     /* read and write again, as closures over the metatable (smtp_check_sock) */
-    luaL_getmetatable(L, SMTP_SOCKET);
-    lua_getfield(L, -1, "__index");
-    lua_pushvalue(L, -2);
-    lua_pushcclosure(L, l_read, 1);
-    lua_setfield(L, -2, "read");
-    lua_pushvalue(L, -2);
-    lua_pushcclosure(L, l_write, 1);
-    lua_setfield(L, -2, "write");
-    lua_pop(L, 2);
+    static const luaL_Reg hot[] = { { "read", l_read }, { "write", l_write }, { NULL, NULL } };
+    smtp_class_closures(L, SMTP_SOCKET, hot);
     smtp_newclass(L, SMTP_LISTENER, listener_methods, listener_meta);
     luaL_setfuncs(L, funcs, 0);
     return 0;

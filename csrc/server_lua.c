@@ -9,21 +9,11 @@
 
 typedef struct { smtp_server *s; } lengine;
 
-/* The hot methods (see smtp_open_server) carry the engine's metatable as upvalue `up`: comparing
- * with it is a few API calls, where luaL_checkudata interns and hashes the class name on every
- * call (a server makes ~27 engine calls per message, and that lookup was 8% of its user
- * instructions: callgrind, smtp-source with 4 KB messages). Methods without the upvalue, and
- * anything else at index 1, take luaL_checkudata's path and message. */
+/* The hot methods (see smtp_open_server) carry the engine's metatable as upvalue `up`
+ * (smtp_check_class: a server makes ~27 engine calls per message). */
 static smtp_server *check_engine_up(lua_State *L, int up)
 {
-    lengine *e = lua_touserdata(L, 1);
-    int ok = 0;
-    if (e && lua_getmetatable(L, 1)) {
-        ok = lua_rawequal(L, -1, lua_upvalueindex(up));
-        lua_pop(L, 1);
-    }
-    if (!ok)
-        e = luaL_checkudata(L, 1, ENGINE_MT);
+    lengine *e = smtp_check_class(L, 1, up, ENGINE_MT);
     if (!e->s)
         luaL_error(L, "server engine already freed");
     return e->s;
@@ -455,13 +445,9 @@ int smtp_open_server(lua_State *L)
         { "closed", l_closed }, { NULL, NULL }
     };
     smtp_newclass(L, ENGINE_MT, methods, meta);
+    smtp_class_closures(L, ENGINE_MT, hot);
     luaL_getmetatable(L, ENGINE_MT);
     lua_getfield(L, -1, "__index");
-    for (const luaL_Reg *r = hot; r->name; r++) {
-        lua_pushvalue(L, -2);
-        lua_pushcclosure(L, r->func, 1);
-        lua_setfield(L, -2, r->name);
-    }
     /* e:recv(sock): the socket's metatable first (smtp_check_sock), then the engine's */
     luaL_getmetatable(L, SMTP_SOCKET);
     lua_pushvalue(L, -3);
