@@ -285,11 +285,20 @@ local function wait_fd(co, fd, what, deadline)
   return ok, err
 end
 
+-- The misuse both ways in refuse; `level` is error()'s, counted from their caller.
+local function check_wait(fd, what, level)
+  if what ~= "r" and what ~= "w" then
+    error("bad argument #2 to 'wait_fd' (\"r\" or \"w\" expected)", level + 1)
+  end
+  if waiters_of(what)[fd] then
+    error("two tasks wait to " .. (what == "r" and "read" or "write") .. " fd " .. fd, level + 1)
+  end
+end
+
 function M.wait_fd(fd, what, deadline)
   local co = M.current()
   if not co then error("smtp.loop.wait_fd called outside a loop task", 2) end
-  if what ~= "r" and what ~= "w" then error("bad argument #2 to 'wait_fd' (\"r\" or \"w\" expected)", 2) end
-  if waiters_of(what)[fd] then error("two tasks wait to " .. (what == "r" and "read" or "write") .. " fd " .. fd, 2) end
+  check_wait(fd, what, 2)
   return wait_fd(co, fd, what, deadline)
 end
 
@@ -298,10 +307,7 @@ end
 function M.wait_fd_if_task(fd, what, deadline)
   local co = corunning()
   if not co or not tasks[co] then return false end
-  if what ~= "r" and what ~= "w" then error("bad argument #2 to 'wait_fd' (\"r\" or \"w\" expected)", 3) end
-  if (what == "r" and readers or writers)[fd] then
-    error("two tasks wait to " .. (what == "r" and "read" or "write") .. " fd " .. fd, 3)
-  end
+  check_wait(fd, what, 3)
   return wait_fd(co, fd, what, deadline)
 end
 
