@@ -46,6 +46,7 @@ SMTP_API int luaopen_smtp_core(lua_State *L)
     smtp_open_net(L);
     smtp_open_tls(L);
     smtp_open_poll(L);
+    smtp_open_sched(L);
     smtp_open_dns(L);
     smtp_open_reply(L);
     smtp_open_client(L);

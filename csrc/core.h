@@ -18,6 +18,11 @@
 int smtp_open_net(lua_State *L);
 int smtp_open_tls(lua_State *L);
 int smtp_open_poll(lua_State *L);
+int smtp_open_sched(lua_State *L);
+/* poll.c: the monotonic clock in seconds, and seconds (negative or NaN = forever) as a poll
+ * timeout in milliseconds, rounded up; sched.c waits with them too. */
+double smtp_mono_now(void);
+int smtp_poll_ms(double s);
 int smtp_open_dns(lua_State *L);
 int smtp_open_reply(lua_State *L);
 int smtp_open_client(lua_State *L);

@@ -16,7 +16,7 @@ enum { EV_R = 1, EV_W = 2 };
 
 /* ---- plain C --------------------------------------------------------------------------- */
 
-static double mono_now(void)
+double smtp_mono_now(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -24,7 +24,7 @@ static double mono_now(void)
 }
 
 /* Seconds (negative or NaN = forever) -> poll milliseconds, rounded up so we never wake early. */
-static int to_ms(double s)
+int smtp_poll_ms(double s)
 {
     if (s != s || s < 0)
         return -1;
@@ -60,7 +60,7 @@ static unsigned epoll_bits(int m)
 
 static int l_now(lua_State *L)
 {
-    lua_pushnumber(L, mono_now());
+    lua_pushnumber(L, smtp_mono_now());
     return 1;
 }
 
@@ -78,10 +78,10 @@ static int l_wait(lua_State *L)
     int fd = (int)luaL_checkinteger(L, 1);
     int m = check_events(L, 2);
     double timeout = luaL_optnumber(L, 3, -1);
-    double deadline = mono_now() + timeout;
+    double deadline = smtp_mono_now() + timeout;
     struct pollfd p = { .fd = fd, .events = (short)((m & EV_R ? POLLIN : 0) | (m & EV_W ? POLLOUT : 0)) };
     for (;;) {
-        int n = poll(&p, 1, timeout < 0 ? -1 : to_ms(deadline - mono_now()));
+        int n = poll(&p, 1, timeout < 0 ? -1 : smtp_poll_ms(deadline - smtp_mono_now()));
         if (n > 0) {
             lua_pushboolean(L, 1);
             return 1;
@@ -158,7 +158,7 @@ static int l_poller_wait(lua_State *L)
     int n, i;
     luaL_checktype(L, 3, LUA_TTABLE);
     luaL_checktype(L, 4, LUA_TTABLE);
-    n = epoll_wait(p->fd, evs, POLLER_BATCH, to_ms(timeout));
+    n = epoll_wait(p->fd, evs, POLLER_BATCH, smtp_poll_ms(timeout));
     /* A signal only cuts the wait short: the loop recomputes its timers and calls again. */
     if (n < 0 && errno == EINTR)
         n = 0;

@@ -6,6 +6,7 @@ local loop = require "smtp.loop"
 local M = {}
 
 local now, cwait = core.now, core.wait
+local park_fd, coyield = loop.park_fd, coroutine.yield
 
 -- A throwaway object cqueues.poll can wait on (it asks pollfd/events/timeout by method call).
 local pollable = { __name = "smtp.wait.pollable" }
@@ -25,7 +26,8 @@ end
 -- no limit). Returns true, or nil, "timeout" (or nil, "closed" if another loop task closed it).
 -- `true` can come early (a spurious wakeup): callers just retry their non-blocking call.
 function M.fd(fd, what, deadline)
-  local ok, err = loop.wait_fd_if_task(fd, what, deadline)
+  local ok, err = park_fd(fd, what, deadline)   -- not a tail call: misuse is raised at our caller
+  if ok == 0 then return coyield() end          -- parked in the running loop task
   if ok ~= false then return ok, err end
   local timeout
   if deadline then
