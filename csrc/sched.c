@@ -152,20 +152,16 @@ static void add_timer(lua_State *L, sched *s, int id, double deadline)
     sift_up(s, s->nheap);
 }
 
-/* The earliest armed timer, its key its deadline, or 0. Disarmed entries (waits that ended
- * early) leave the heap here, moved deadlines are re-keyed. */
+/* The earliest armed timer entry, or 0; disarmed entries (waits that ended early) leave the heap
+ * here. Its key may be earlier than its deadline (moved lazily, see task): the loop then wakes
+ * early once and re-keys it, so an entry is re-keyed once per timeout period, not per read. */
 static int top_timer(sched *s)
 {
     while (s->nheap) {
         int id = s->heap[1];
-        task *k = &s->t[id];
-        if (!k->armed)
-            heap_remove(s, id);
-        else if (k->due > k->key) {
-            k->key = k->due;
-            sift_down(s, 1);
-        } else
+        if (s->t[id].armed)
             return id;
+        heap_remove(s, id);
     }
     return 0;
 }
@@ -549,6 +545,11 @@ static int l_run(lua_State *L)
         }
         t = smtp_mono_now();
         while ((id = top_timer(s)) && s->t[id].key <= t) {
+            if (s->t[id].due > s->t[id].key) {
+                s->t[id].key = s->t[id].due;
+                sift_down(s, 1);
+                continue;
+            }
             heap_remove(s, id);
             if (s->t[id].fd >= 0)
                 wake(L, s, id, WAKE_TIMEOUT);
