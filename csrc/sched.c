@@ -543,8 +543,14 @@ static int l_run(lua_State *L)
             /* level-triggered: an fd nobody waits for any more is settled before the next wait */
             unsettle(L, s, fd);
         }
+        /* Only entries whose key came due are looked at: the tasks woken above have disarmed
+         * theirs, but most wait again before the next epoll_wait and re-arm them in place. */
         t = smtp_mono_now();
-        while ((id = top_timer(s)) && s->t[id].key <= t) {
+        while (s->nheap && s->t[id = s->heap[1]].key <= t) {
+            if (!s->t[id].armed) {
+                heap_remove(s, id);
+                continue;
+            }
             if (s->t[id].due > s->t[id].key) {
                 s->t[id].key = s->t[id].due;
                 sift_down(s, 1);

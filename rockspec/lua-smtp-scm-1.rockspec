@@ -24,9 +24,9 @@ external_dependencies = {
 -- built by one command over LuaRocks's own variables, and the files are installed by the
 -- build.install tables, which every build type honours.
 -- The C sources: the plain C engines (text, reply, client, server, codec, dns, proxyproto, mime)
--- and the Lua parts (core, net, tls, poll, sink, spool, idna and each engine's *_lua.c binding).
+-- and the Lua parts (core, net, tls, poll, sched, sink, spool, idna and each engine's *_lua.c binding).
 local sources = "csrc/core.c" .. " " .. "csrc/net.c" .. " " .. "csrc/tls.c"
-  .. " " .. "csrc/poll.c" .. " " .. "csrc/sink.c" .. " " .. "csrc/text.c"
+  .. " " .. "csrc/poll.c" .. " " .. "csrc/sched.c" .. " " .. "csrc/sink.c" .. " " .. "csrc/text.c"
   .. " " .. "csrc/reply.c" .. " " .. "csrc/reply_lua.c"
   .. " " .. "csrc/client.c" .. " " .. "csrc/client_lua.c"
   .. " " .. "csrc/server.c" .. " " .. "csrc/server_lua.c"

@@ -158,6 +158,102 @@ describe("smtp.loop", function()
     assert.same({ tasks = 0, waiting = 0 }, { tasks = loop.stats().tasks, waiting = loop.stats().waiting })
   end)
 
+  -- The edges of the scheduler's C core (csrc/sched.c).
+  describe("its C core", function()
+    local native = require "smtp.transport.native"
+
+    it("wakes a task that is both readable and past its deadline once, as ready", function()
+      local l = assert(native.listen { port = 0 })
+      local a = assert(native.connect { host = "127.0.0.1", port = l.port })
+      local b = assert(l:accept(5))
+      local first, second, dt
+      loop.spawn(function()
+        first = { wait.fd(b.fd, "r", core.now() + 0.05) }
+        assert.equal("x", b:read(1))
+        -- a second wake-up from the first wait would end this one early
+        local t0 = core.now()
+        second = { wait.fd(b.fd, "r", t0 + 0.2) }
+        dt = core.now() - t0
+      end)
+      loop.spawn(function()
+        assert(a:write("x"))
+        core.wait(-1, "r", 0.15)   -- blocks the loop past the first deadline
+      end)
+      loop.run()
+      a:close(); b:close(); l:close()
+      assert.same({ true }, first)
+      assert.same({ nil, "timeout" }, second)
+      assert.is_true(dt >= 0.2, "waited " .. dt)
+      assert.same({ tasks = 0, waiting = 0 }, { tasks = loop.stats().tasks, waiting = loop.stats().waiting })
+    end)
+
+    it("raises a task's error from run() with its traceback, and goes on with the others next run", function()
+      local l = assert(native.listen { port = 0 })
+      local res
+      loop.spawn(function() res = { wait.fd(l.fd, "r", core.now() + 0.1) } end)
+      loop.spawn(function()
+        local function inner() error(setmetatable({}, { __tostring = function() return "a table error" end })) end
+        inner()
+      end)
+      local ok, err = pcall(loop.run)
+      assert.is_false(ok)
+      assert.matches("^a table error\nstack traceback:", err)
+      assert.matches("inner", err)
+      assert.same({ tasks = 1, waiting = 1 }, { tasks = loop.stats().tasks, waiting = loop.stats().waiting })
+      loop.run()   -- the parked task is still there and times out
+      l:close()
+      assert.same({ nil, "timeout" }, res)
+    end)
+
+    it("wakes a reader and a writer of an fd forgotten while they wait", function()
+      local l = assert(native.listen { port = 0 })   -- a listening socket is never writable
+      local r, w
+      loop.spawn(function() r = { wait.fd(l.fd, "r", core.now() + 30) } end)
+      loop.spawn(function() w = { wait.fd(l.fd, "w", core.now() + 30) } end)
+      loop.spawn(function()
+        loop.sleep(0.01)
+        assert.equal(2, loop.stats().waiting)
+        loop.forget(l.fd)
+      end)
+      loop.run()
+      l:close()
+      assert.same({ nil, "closed" }, r)
+      assert.same({ nil, "closed" }, w)
+      assert.same({ tasks = 0, waiting = 0 }, { tasks = loop.stats().tasks, waiting = loop.stats().waiting })
+    end)
+
+    it("raises misuse at the waiting code's line", function()
+      local l = assert(native.listen { port = 0 })
+      loop.spawn(function() wait.fd(l.fd, "r", core.now() + 0.2) end)
+      loop.spawn(function() wait.fd(l.fd, "r", core.now() + 0.2) end)
+      local ok, err = pcall(loop.run)
+      assert.is_false(ok)
+      assert.matches("loop_spec%.lua:%d+: two tasks wait to read fd " .. l.fd, err)
+      loop.spawn(function() loop.wait_fd(l.fd, "x") end)
+      ok, err = pcall(loop.run)
+      assert.is_false(ok)
+      assert.matches("loop_spec%.lua:%d+: bad argument #2 to 'wait_fd'", err)
+      loop.run()   -- the first waiter times out
+      l:close()
+      assert.has_error(function() loop.wait_fd(0, "r") end, "smtp.loop.wait_fd called outside a loop task")
+      assert.same({ tasks = 0, waiting = 0 }, { tasks = loop.stats().tasks, waiting = loop.stats().waiting })
+    end)
+
+    it("treats a coroutine a task resumes itself as no task", function()
+      local inner, outer
+      loop.spawn(function()
+        outer = loop.current()
+        local co = coroutine.create(function() inner = loop.current() or false end)
+        assert(coroutine.resume(co))
+        loop.spawn(function() loop.sleep(0) end)   -- a task spawned by a task
+      end)
+      loop.run()
+      assert.equal("thread", type(outer))
+      assert.is_false(inner)
+      assert.equal(0, loop.stats().tasks)
+    end)
+  end)
+
   it("sleeps on the main thread by blocking", function()
     local t0 = core.now()
     wait.sleep(0.03)
