@@ -239,6 +239,35 @@ describe("smtp.loop", function()
       assert.same({ tasks = 0, waiting = 0 }, { tasks = loop.stats().tasks, waiting = loop.stats().waiting })
     end)
 
+    -- The timer heap's moves: entries pushed, moved up by an earlier deadline, re-keyed later
+    -- in place, disarmed, and taken out from the middle when their task ends.
+    it("wakes many sleepers in deadline order, each at or after its deadline", function()
+      local order, late, n = {}, {}, 0
+      local seed = 7
+      local function rand(m) seed = (seed * 1103515245 + 12345) % 2147483648 return seed % m end
+      local t0 = core.now()
+      for i = 1, 300 do
+        -- distinct deadlines 0.3 ms apart (7 and 300 are coprime), in no order of i
+        local first, d = rand(60) / 1000, (i * 7 % 300) * 0.0003
+        loop.spawn(function()
+          if i % 4 == 0 then return end                  -- ends at once
+          if i % 5 == 0 then loop.sleep(first) end       -- a first, unrelated deadline
+          local due = t0 + d
+          loop.sleep(due - core.now())
+          if core.now() < due then late[#late + 1] = i end
+          if i % 5 ~= 0 then   -- the others may have slept past their deadline already
+            n = n + 1
+            order[n] = due
+          end
+        end)
+      end
+      loop.run()
+      assert.same({}, late)
+      for i = 2, n do assert.is_true(order[i - 1] <= order[i], "woken out of order at " .. i) end
+      assert.same({ tasks = 0, waiting = 0, timers = 0 },
+        { tasks = loop.stats().tasks, waiting = loop.stats().waiting, timers = loop.stats().timers })
+    end)
+
     it("treats a coroutine a task resumes itself as no task", function()
       local inner, outer
       loop.spawn(function()
