@@ -20,7 +20,7 @@ enum { WAKE_OK, WAKE_TIMEOUT, WAKE_CLOSED };
 
 /* One task. Its timer is one entry in the heap, reused from wait to wait: `key` orders the heap,
  * `due` is the deadline in force while `armed`. A later deadline only moves `due` (a server
- * renews its idle deadline before every read); the entry is re-keyed when it reaches the top. */
+ * renews its idle deadline before every read); the entry is re-keyed when its key comes due. */
 typedef struct task {
     lua_State *co;   /* NULL: a free slot (next_free chains them) */
     double key, due;
