@@ -174,7 +174,7 @@ static int ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv, EVP_CIPHE
 /* OpenSSL's own socket BIO writes with write(2), which raises SIGPIPE when the peer has gone;
  * this one sends with MSG_NOSIGNAL so a vanished peer is an error, never a dead process.
  *
- * It also saves a server system calls (each send on a busy server costs more than the bytes:
+ * It also saves the server system calls (a send on a busy server costs more than its bytes:
  * the kernel delivers them and wakes the peer). During a server's handshake step the records
  * OpenSSL writes are gathered in `out` and sent when the step returns (l_tls_handshake), and a
  * read asked for while they wait is not tried: the client cannot have answered records it has
