@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <arpa/inet.h>
 #include <time.h>
 #include <openssl/core_names.h>
@@ -41,6 +42,8 @@ typedef struct tls_ctx {
     int nkeys;
     time_t rotated;       /* when keys[0] was made */
     long rotate_every;    /* seconds; 0: only on ctx:rotate_ticket_key() */
+    EVP_CIPHER *ticket_cipher; /* AES-256-CBC, fetched once: EVP_aes_256_cbc() is looked up
+                                  by name again on every ticket sealed or opened */
 } tls_ctx;
 
 /* The cache key of the client session being handshaken, owned by the SSL (freed with it). */
@@ -151,7 +154,7 @@ static int ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv, EVP_CIPHE
         if (RAND_bytes(iv, 16) != 1)
             return -1;
         memcpy(name, k->name, sizeof k->name);
-        if (!EVP_EncryptInit_ex(ectx, EVP_aes_256_cbc(), NULL, k->aes, iv) || !ticket_mac_init(hctx, k))
+        if (!EVP_EncryptInit_ex(ectx, c->ticket_cipher, NULL, k->aes, iv) || !ticket_mac_init(hctx, k))
             return -1;
         return 1;
     }
@@ -159,7 +162,7 @@ static int ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv, EVP_CIPHE
         ticket_key *k = &c->keys[i];
         if (memcmp(name, k->name, sizeof k->name) != 0)
             continue;
-        if (!ticket_mac_init(hctx, k) || !EVP_DecryptInit_ex(ectx, EVP_aes_256_cbc(), NULL, k->aes, iv))
+        if (!ticket_mac_init(hctx, k) || !EVP_DecryptInit_ex(ectx, c->ticket_cipher, NULL, k->aes, iv))
             return -1;
         /* 2 also with the current key: the client gets a fresh ticket on every resumption, so
          * none is offered twice (TLS 1.3 clients should not reuse one, RFC 8446 §C.4). */
@@ -169,20 +172,110 @@ static int ticket_cb(SSL *ssl, unsigned char *name, unsigned char *iv, EVP_CIPHE
 }
 
 /* OpenSSL's own socket BIO writes with write(2), which raises SIGPIPE when the peer has gone;
- * this one sends with MSG_NOSIGNAL so a vanished peer is an error, never a dead process. */
+ * this one sends with MSG_NOSIGNAL so a vanished peer is an error, never a dead process.
+ *
+ * It also saves the server system calls (a send on a busy server costs more than its bytes:
+ * the kernel delivers them and wakes the peer). During a server's handshake step the records
+ * OpenSSL writes are gathered in `out` and sent when the step returns (l_tls_handshake), and a
+ * read asked for while they wait is not tried: the client cannot have answered records it has
+ * not been sent (OpenSSL reads for the client's answer right after writing its flight, which
+ * always failed with EAGAIN). The TLS 1.3 session ticket, which OpenSSL writes in the step that
+ * ends the handshake, is held (`hold`) and leaves with the next record written, in one send:
+ * the client speaks first after the handshake and needs no ticket to go on, and records keep
+ * their order because every later record goes through here behind it. */
+typedef struct sock_bio {
+    int fd;
+    int gather;           /* a server handshake step is running: writes collect in out */
+    int hold;             /* out may wait for the next record written (the TLS 1.3 ticket) */
+    size_t outlen, outcap;
+    char *out;
+} sock_bio;
+
 static BIO_METHOD *sock_bio_method;
 
-static int bio_fd(BIO *b)
+static sock_bio *bio_state(BIO *b)
 {
-    return (int)(intptr_t)BIO_get_data(b);
+    return (sock_bio *)BIO_get_data(b);
+}
+
+static void out_drop(sock_bio *sb, size_t n)
+{
+    if (n >= sb->outlen) {
+        /* emptied: an idle connection keeps no buffer */
+        free(sb->out);
+        sb->out = NULL;
+        sb->outlen = sb->outcap = 0;
+        sb->hold = 0;
+        return;
+    }
+    memmove(sb->out, sb->out + n, sb->outlen - n);
+    sb->outlen -= n;
+}
+
+/* Sends what waits in out: 1 all sent, 0 the kernel would block (the rest still waits),
+ * -1 failure (errno set). */
+static int out_send(sock_bio *sb)
+{
+    while (sb->outlen > 0) {
+        ssize_t n = send(sb->fd, sb->out, sb->outlen, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+        }
+        out_drop(sb, (size_t)n);
+    }
+    return 1;
 }
 
 static int bio_write(BIO *b, const char *buf, int len)
 {
+    sock_bio *sb = bio_state(b);
     ssize_t n;
     BIO_clear_retry_flags(b);
+    if (sb->gather) {
+        if (sb->outcap - sb->outlen < (size_t)len) {
+            size_t cap = sb->outlen + (size_t)len + 1024;
+            char *p = (char *)realloc(sb->out, cap);
+            if (!p)
+                return -1;
+            sb->out = p;
+            sb->outcap = cap;
+        }
+        memcpy(sb->out + sb->outlen, buf, (size_t)len);
+        sb->outlen += (size_t)len;
+        return len;
+    }
+    if (sb->outlen > 0) {
+        /* the held ticket first, this record behind it, in one system call */
+        struct iovec iov[2];
+        struct msghdr msg;
+        size_t held = sb->outlen;
+        memset(&msg, 0, sizeof msg);
+        iov[0].iov_base = sb->out;
+        iov[0].iov_len = held;
+        iov[1].iov_base = (void *)buf;
+        iov[1].iov_len = (size_t)len;
+        msg.msg_iov = iov;
+        msg.msg_iovlen = 2;
+        do
+            n = sendmsg(sb->fd, &msg, MSG_NOSIGNAL);
+        while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                BIO_set_retry_write(b);
+            return -1;
+        }
+        out_drop(sb, (size_t)n);
+        if ((size_t)n <= held) {
+            /* none of this record left yet: OpenSSL offers it again */
+            BIO_set_retry_write(b);
+            return -1;
+        }
+        return (int)((size_t)n - held);
+    }
     do
-        n = send(bio_fd(b), buf, (size_t)len, MSG_NOSIGNAL);
+        n = send(sb->fd, buf, (size_t)len, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
         BIO_set_retry_write(b);
@@ -191,10 +284,16 @@ static int bio_write(BIO *b, const char *buf, int len)
 
 static int bio_read(BIO *b, char *buf, int len)
 {
+    sock_bio *sb = bio_state(b);
     ssize_t n;
     BIO_clear_retry_flags(b);
+    if (sb->outlen > 0 && !sb->hold) {
+        /* our flight has not left: nothing to read can be its answer yet */
+        BIO_set_retry_read(b);
+        return -1;
+    }
     do
-        n = recv(bio_fd(b), buf, (size_t)len, 0);
+        n = recv(sb->fd, buf, (size_t)len, 0);
     while (n < 0 && errno == EINTR);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
         BIO_set_retry_read(b);
@@ -214,7 +313,23 @@ static long bio_ctrl(BIO *b, int cmd, long num, void *ptr)
 
 static int bio_create(BIO *b)
 {
+    sock_bio *sb = (sock_bio *)calloc(1, sizeof *sb);
+    if (!sb)
+        return 0;
+    sb->fd = -1;
+    BIO_set_data(b, sb);
     BIO_set_init(b, 1);
+    return 1;
+}
+
+static int bio_destroy(BIO *b)
+{
+    sock_bio *sb = b ? bio_state(b) : NULL;
+    if (sb) {
+        free(sb->out);
+        free(sb);
+        BIO_set_data(b, NULL);
+    }
     return 1;
 }
 
@@ -229,6 +344,7 @@ static BIO_METHOD *bio_method(void)
         BIO_meth_set_puts(m, bio_puts);
         BIO_meth_set_ctrl(m, bio_ctrl);
         BIO_meth_set_create(m, bio_create);
+        BIO_meth_set_destroy(m, bio_destroy);
         sock_bio_method = m;
     }
     return sock_bio_method;
@@ -334,11 +450,21 @@ static const char *tls_failure(SSL *ssl, int ret, int handshake, char *buf, size
     }
 }
 
+/* SSL_get_error reads the thread's error queue, so it must hold nothing stale when an I/O call
+ * fails. ERR_clear_error walks all 16 of its slots (~840 instructions in OpenSSL 3.0) and the
+ * record path called it twice per record; a look (ERR_peek_error) is enough when it is empty,
+ * as it nearly always is. */
+static void err_clean(void)
+{
+    if (ERR_peek_error() != 0)
+        ERR_clear_error();
+}
+
 enum io_result smtp_tls_read(smtp_sock *s, char *buf, size_t len, size_t *got,
                              char *err, size_t errlen, int *errnum)
 {
     int r, e;
-    ERR_clear_error();
+    err_clean();
     errno = 0;
     r = SSL_read_ex(s->ssl, buf, len, got);
     if (r == 1) {
@@ -348,7 +474,7 @@ enum io_result smtp_tls_read(smtp_sock *s, char *buf, size_t len, size_t *got,
         while (*got < len && SSL_has_pending(s->ssl) &&
                SSL_read_ex(s->ssl, buf + *got, len - *got, &more) == 1)
             *got += more;
-        ERR_clear_error();
+        err_clean();
         return IO_OK;
     }
     e = SSL_get_error(s->ssl, r);
@@ -370,7 +496,7 @@ enum io_result smtp_tls_write(smtp_sock *s, const char *buf, size_t len, size_t 
                               char *err, size_t errlen, int *errnum)
 {
     int r, e;
-    ERR_clear_error();
+    err_clean();
     errno = 0;
     r = SSL_write_ex(s->ssl, buf, len, put);
     if (r == 1)
@@ -392,11 +518,11 @@ void smtp_tls_free(smtp_sock *s)
         return;
     /* One non-blocking close_notify, best effort: SMTP's QUIT already ended the session. */
     if ((s->flags & SOCK_F_HANDSHAKEN) && !(s->flags & SOCK_F_EOF) && s->fd >= 0) {
-        ERR_clear_error();
+        err_clean();
         SSL_shutdown(s->ssl);
     }
     SSL_free(s->ssl);
-    ERR_clear_error();
+    err_clean();
     s->ssl = NULL;
     s->flags &= ~SOCK_F_HANDSHAKEN;
 }
@@ -531,7 +657,8 @@ static int l_tls_context(lua_State *L)
         SSL_CTX_set_read_ahead(ctx, 1);
         if (rotate > 0)
             SSL_CTX_set_timeout(ctx, rotate * 2);
-        if (!ticket_rotate(c) || !SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb))
+        c->ticket_cipher = EVP_CIPHER_fetch(NULL, "AES-256-CBC", NULL);
+        if (!c->ticket_cipher || !ticket_rotate(c) || !SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb))
             return luaL_error(L, "tls_context: cannot make session ticket keys");
     } else {
         if (sess_key_idx < 0)
@@ -556,6 +683,8 @@ static int l_ctx_gc(lua_State *L)
             sess_drop(&c->cache[i]);
     OPENSSL_cleanse(c->keys, sizeof c->keys);
     c->nkeys = 0;
+    EVP_CIPHER_free(c->ticket_cipher);
+    c->ticket_cipher = NULL;
     return 0;
 }
 
@@ -622,7 +751,7 @@ static int l_tls_start(lua_State *L)
     if (!c->server && verify_name && !name && SSL_CTX_get_verify_mode(c->ctx) != SSL_VERIFY_NONE)
         return smtp_push_fail(L, "no server name to check the certificate against (give one, or "
                               "turn the name check off explicitly)", "EINVAL");
-    ERR_clear_error();
+    err_clean();
     m = bio_method();
     ssl = SSL_new(c->ctx);
     b = m ? BIO_new(m) : NULL;
@@ -631,7 +760,7 @@ static int l_tls_start(lua_State *L)
         BIO_free(b);
         return smtp_push_fail(L, "out of memory", "ENOMEM");
     }
-    BIO_set_data(b, (void *)(intptr_t)s->fd);
+    bio_state(b)->fd = s->fd;
     SSL_set_bio(ssl, b, b);
     if (c->server) {
         SSL_set_accept_state(ssl);
@@ -687,23 +816,55 @@ static int l_tls_handshake(lua_State *L)
     smtp_sock *s = smtp_check_sock(L, 1);
     char msg[512];
     const char *code;
-    int r, e, errnum;
+    int r, e, errnum, sent;
+    sock_bio *sb;
     if (s->fd < 0 || !s->ssl)
         return luaL_error(L, s->fd < 0 ? "attempt to use a closed socket" : "tls_start() first");
     if (s->flags & SOCK_F_HANDSHAKEN) {
         lua_pushboolean(L, 1);
         return 1;
     }
-    ERR_clear_error();
+    /* A server's records of this step are gathered and sent as one (see sock_bio). */
+    sb = SSL_is_server(s->ssl) ? bio_state(SSL_get_rbio(s->ssl)) : NULL;
+    if (sb && sb->outlen > 0 && (sent = out_send(sb)) <= 0) {
+        /* the rest of a flight the kernel did not take at once */
+        if (sent == 0)
+            return smtp_push_fail(L, "wantwrite", NULL);
+        errnum = errno;
+        snprintf(msg, sizeof msg, "TLS handshake failed: %s", strerror(errnum));
+        return smtp_push_fail(L, msg, strerrorname_np(errnum));
+    }
+    err_clean();
     errno = 0;
+    if (sb)
+        sb->gather = 1;
     r = SSL_do_handshake(s->ssl);
+    e = r == 1 ? SSL_ERROR_NONE : SSL_get_error(s->ssl, r);
+    if (sb) {
+        sb->gather = 0;
+        if (r == 1 && SSL_version(s->ssl) == TLS1_3_VERSION) {
+            /* only the session ticket was written: it leaves with the first reply */
+            sb->hold = sb->outlen > 0;
+        } else if (sb->outlen > 0) {
+            int saved = errno;
+            sent = out_send(sb);
+            if (sent == 0 && (r == 1 || e == SSL_ERROR_WANT_READ))
+                return smtp_push_fail(L, "wantwrite", NULL);
+            if (sent < 0 && (r == 1 || e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)) {
+                errnum = errno;
+                snprintf(msg, sizeof msg, "TLS handshake failed: %s", strerror(errnum));
+                return smtp_push_fail(L, msg, strerrorname_np(errnum));
+            }
+            /* a failure's alert went out as far as it could; report the failure itself */
+            errno = saved;
+        }
+    }
     if (r == 1) {
         s->flags |= SOCK_F_HANDSHAKEN;
         SSL_free_buffers(s->ssl);
         lua_pushboolean(L, 1);
         return 1;
     }
-    e = SSL_get_error(s->ssl, r);
     if (e == SSL_ERROR_WANT_READ)
         return smtp_push_fail(L, "wantread", NULL);
     if (e == SSL_ERROR_WANT_WRITE)

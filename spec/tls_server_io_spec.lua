@@ -1,7 +1,8 @@
 -- The TLS server's reading and its tickets, against peers that control their own records: the
 -- server reads ahead, so whatever arrives together (the client's Finished and its first command,
--- pipelined commands each in its own record) must be answered without waiting for more; and it
--- issues one session ticket per handshake, a fresh one on each resumption (openssl s_client).
+-- pipelined commands each in its own record) must be answered without waiting for more; it
+-- issues one session ticket per handshake, a fresh one on each resumption (openssl s_client),
+-- and sends it with the first reply after the handshake.
 local helper = require "helper"
 local loop = require "smtp.loop"
 local server = require "smtp.server"
@@ -72,6 +73,61 @@ send(b'Subject: x\r\n\r\nhi\r\n.\r\n', b'QUIT\r\n')
 replies(2, 'end')
 ]]
 
+-- The client's Finished goes alone; then nothing may come before the client's first command
+-- (the ticket waits for the first reply: a bug sending it at once shows within microseconds,
+-- the client listens for half a second), and the ticket has come once that reply is read.
+local TICKET_CLIENT = [[
+import socket, ssl, sys
+port, ca = int(sys.argv[1]), sys.argv[2]
+s = socket.create_connection(('127.0.0.1', port), 5)
+s.settimeout(3)
+buf = b''
+def plain_reply():
+    global buf
+    while True:
+        lines = buf.split(b'\r\n')
+        for n, l in enumerate(lines[:-1]):
+            if l[3:4] == b' ':
+                buf = b'\r\n'.join(lines[n + 1:])
+                return l[:3]
+        buf += s.recv(65536)
+plain_reply()
+s.sendall(b'EHLO client.test\r\n'); plain_reply()
+s.sendall(b'STARTTLS\r\n')
+if plain_reply() != b'220': sys.exit('STARTTLS refused')
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+o = ssl.create_default_context(cafile=ca).wrap_bio(inc, out, server_hostname='localhost')
+while True:
+    try:
+        o.do_handshake(); break
+    except ssl.SSLWantReadError:
+        d = out.read()
+        if d: s.sendall(d)
+        d = s.recv(65536)
+        if not d: sys.exit('closed during the handshake')
+        inc.write(d)
+s.sendall(out.read())             # the Finished, alone
+s.settimeout(0.5)
+try:
+    d = s.recv(65536)
+    sys.exit('%d bytes came before the first command' % len(d))
+except socket.timeout:
+    pass
+s.settimeout(3)
+o.write(b'EHLO client.test\r\n'); s.sendall(out.read())
+tbuf = b''
+while not b'250 ' in tbuf:
+    try:
+        tbuf += o.read(65536); continue
+    except ssl.SSLWantReadError:
+        pass
+    d = s.recv(65536)
+    if not d: sys.exit('closed before the EHLO reply')
+    inc.write(d)
+print('reply', 'ticket' if o.session is not None and o.session.has_ticket else 'no ticket')
+o.write(b'QUIT\r\n'); s.sendall(out.read())
+]]
+
 -- Runs smtp.server (STARTTLS) in this process while each command of the list runs, one after
 -- another (one server object: one set of ticket keys); returns their outputs.
 local function against_server(argvs_of)
@@ -102,6 +158,16 @@ describe("TLS server I/O", function()
       return { { helper.python, dir .. "/client.py", tostring(port), certs.ca } }
     end)[1]
     assert.equal("with-finished 250\npipelined 250 250 354\nend 250 221\n", out)
+  end)
+
+  it("sends the TLS 1.3 session ticket with its first reply, not before the client speaks", function()
+    helper.need("python3")
+    local dir = helper.tmpdir()
+    helper.write(dir .. "/client.py", TICKET_CLIENT)
+    local out = against_server(function(port)
+      return { { helper.python, dir .. "/client.py", tostring(port), certs.ca } }
+    end)[1]
+    assert.equal("reply ticket\n", out)
   end)
 
   it("issues one session ticket per handshake and a fresh one on each resumption", function()
