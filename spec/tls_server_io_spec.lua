@@ -9,9 +9,9 @@ local server = require "smtp.server"
 
 local certs = helper.certs()
 
--- A Python client doing STARTTLS through memory BIOs, so it decides what shares a segment.
--- Each wait for a reply gives up after 3 s and says what it still waited for.
-local CLIENT = [[
+-- Python: the plaintext greeting, EHLO and STARTTLS, then a TLS handshake through memory BIOs
+-- (`o` the TLS object, `inc`/`out` its BIOs, `s` the socket), which the clients below go on from.
+local HANDSHAKE = [[
 import socket, ssl, sys
 port, ca = int(sys.argv[1]), sys.argv[2]
 s = socket.create_connection(('127.0.0.1', port), 5)
@@ -41,6 +41,11 @@ while True:
         d = s.recv(65536)
         if not d: sys.exit('closed during the handshake')
         inc.write(d)
+]]
+
+-- A Python client doing STARTTLS through memory BIOs, so it decides what shares a segment.
+-- Each wait for a reply gives up after 3 s and says what it still waited for.
+local CLIENT = HANDSHAKE .. [[
 tbuf = b''
 def replies(n, what):
     global tbuf
@@ -76,36 +81,7 @@ replies(2, 'end')
 -- The client's Finished goes alone; then nothing may come before the client's first command
 -- (the ticket waits for the first reply: a bug sending it at once shows within microseconds,
 -- the client listens for half a second), and the ticket has come once that reply is read.
-local TICKET_CLIENT = [[
-import socket, ssl, sys
-port, ca = int(sys.argv[1]), sys.argv[2]
-s = socket.create_connection(('127.0.0.1', port), 5)
-s.settimeout(3)
-buf = b''
-def plain_reply():
-    global buf
-    while True:
-        lines = buf.split(b'\r\n')
-        for n, l in enumerate(lines[:-1]):
-            if l[3:4] == b' ':
-                buf = b'\r\n'.join(lines[n + 1:])
-                return l[:3]
-        buf += s.recv(65536)
-plain_reply()
-s.sendall(b'EHLO client.test\r\n'); plain_reply()
-s.sendall(b'STARTTLS\r\n')
-if plain_reply() != b'220': sys.exit('STARTTLS refused')
-inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-o = ssl.create_default_context(cafile=ca).wrap_bio(inc, out, server_hostname='localhost')
-while True:
-    try:
-        o.do_handshake(); break
-    except ssl.SSLWantReadError:
-        d = out.read()
-        if d: s.sendall(d)
-        d = s.recv(65536)
-        if not d: sys.exit('closed during the handshake')
-        inc.write(d)
+local TICKET_CLIENT = HANDSHAKE .. [[
 s.sendall(out.read())             # the Finished, alone
 s.settimeout(0.5)
 try:
@@ -149,25 +125,23 @@ local function against_server(argvs_of)
   return outs
 end
 
+-- One of the Python clients above against the server; what it printed.
+local function run_python(script)
+  helper.need("python3")
+  local dir = helper.tmpdir()
+  helper.write(dir .. "/client.py", script)
+  return against_server(function(port)
+    return { { helper.python, dir .. "/client.py", tostring(port), certs.ca } }
+  end)[1]
+end
+
 describe("TLS server I/O", function()
   it("answers a command that came with the client's Finished, and pipelined records in one segment", function()
-    helper.need("python3")
-    local dir = helper.tmpdir()
-    helper.write(dir .. "/client.py", CLIENT)
-    local out = against_server(function(port)
-      return { { helper.python, dir .. "/client.py", tostring(port), certs.ca } }
-    end)[1]
-    assert.equal("with-finished 250\npipelined 250 250 354\nend 250 221\n", out)
+    assert.equal("with-finished 250\npipelined 250 250 354\nend 250 221\n", run_python(CLIENT))
   end)
 
   it("sends the TLS 1.3 session ticket with its first reply, not before the client speaks", function()
-    helper.need("python3")
-    local dir = helper.tmpdir()
-    helper.write(dir .. "/client.py", TICKET_CLIENT)
-    local out = against_server(function(port)
-      return { { helper.python, dir .. "/client.py", tostring(port), certs.ca } }
-    end)[1]
-    assert.equal("reply ticket\n", out)
+    assert.equal("reply ticket\n", run_python(TICKET_CLIENT))
   end)
 
   it("issues one session ticket per handshake and a fresh one on each resumption", function()
