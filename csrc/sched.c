@@ -514,6 +514,9 @@ static int l_run(lua_State *L)
             lua_pushfstring(L, "smtp.loop: %d task(s) suspended with nothing to wait for", s->ntasks);
             return lua_error(L);
         }
+        /* A TLS handshake allocates some 60 KB for a moment and keeps a third of it; after a
+         * burst glibc would hold the rest, doubling an idle TLS connection's RSS: the free
+         * pages go back once the burst has passed, at most once a second. */
         if (s->trim_due) {
             double left = s->last_trim + 1 - smtp_mono_now();
             if (left <= 0) {

@@ -1,7 +1,6 @@
 /* TLS for the native transport: OpenSSL 3 contexts (client and server) and TLS over an existing
  * smtp.socket, for implicit TLS and for the STARTTLS upgrade. */
 #include <errno.h>
-#include <malloc.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -1047,19 +1046,8 @@ static const luaL_Reg ctx_meta[] = {
     { NULL, NULL },
 };
 
-/* core.release_memory(): hands the heap's free pages back to the system. A TLS handshake
- * allocates some 60 KB for a moment and keeps a third of it; after a burst of handshakes glibc
- * would hold the rest, doubling what each idle TLS connection costs in RSS. */
-static int l_release_memory(lua_State *L)
-{
-    (void)L;
-    malloc_trim(0);
-    return 0;
-}
-
 static const luaL_Reg funcs[] = {
     { "tls_context", l_tls_context },
-    { "release_memory", l_release_memory },
     { NULL, NULL },
 };
 
